@@ -1,0 +1,432 @@
+//! The partition actor: one per assigned partition.
+//!
+//! Its loop: wait for records on the partition's own queue, take what is ready (up to
+//! `max_batch_records`), dead-letter the records that are not events, hand the events to
+//! the topic's domain actor with `send().await` and wait for its answer, retry transient
+//! failures in place (the fixed policy of [`RetryPolicy`]), dead-letter what cannot
+//! succeed, then store and commit the offset after the batch. One batch is in flight at a
+//! time, so a slow domain actor holds back only this partition, and records are settled in
+//! offset order.
+//!
+//! [`Drain`] stops the loop: the batch in flight finishes, the actor reports the next
+//! offset to commit and stops.
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use serde::Serialize;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::actors::domain::{EventOutcome, ProcessBatch};
+use crate::events::EventEnvelope;
+use crate::kafka::TopicPartition;
+use crate::kafka::consumer::{ConsumedRecord, OffsetCommitter, PartitionRecords};
+use crate::kafka::dead_letter::{DeadLetter, DeadLetters};
+use crate::retry::RetryPolicy;
+
+/// Stop taking records, finish the batch in flight, report and stop.
+#[derive(Message)]
+#[rtype(result = "DrainReport")]
+pub struct Drain;
+
+/// Asks for the observable state.
+#[derive(Message)]
+#[rtype(result = "PartitionActorState")]
+pub struct ObservePartition;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DrainReport {
+    pub source: TopicPartition,
+    /// The offset to commit (the next record to consume), if this actor made progress.
+    pub next_offset: Option<i64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PartitionPhase {
+    Running,
+    Draining,
+}
+
+/// What the admin view shows of a partition actor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionActorState {
+    pub topic: String,
+    pub partition: i32,
+    pub phase: PartitionPhase,
+    /// The offset stored for commit: the next record to consume (Kafka's convention).
+    pub last_stored_offset: Option<i64>,
+    /// Records of the batch being processed.
+    pub in_flight: usize,
+    pub processed: u64,
+    pub duplicates: u64,
+    pub dead_lettered: u64,
+    /// Further attempts made for transient failures.
+    pub retries: u64,
+}
+
+/// What a partition actor needs besides its queue; shared by all partitions of a group.
+#[derive(Clone)]
+pub struct PartitionWiring {
+    pub domain: Recipient<ProcessBatch>,
+    pub dead_letters: DeadLetters,
+    pub retry: RetryPolicy,
+    pub max_batch_records: usize,
+    pub max_record_bytes: usize,
+}
+
+pub struct PartitionActor {
+    source: TopicPartition,
+    records: Arc<PartitionRecords>,
+    offsets: OffsetCommitter,
+    wiring: PartitionWiring,
+    stop: CancellationToken,
+    drain_waiters: Vec<oneshot::Sender<()>>,
+    state: PartitionActorState,
+}
+
+impl PartitionActor {
+    pub fn new(
+        source: TopicPartition,
+        records: PartitionRecords,
+        offsets: OffsetCommitter,
+        wiring: PartitionWiring,
+    ) -> Self {
+        let state = PartitionActorState {
+            topic: source.topic.clone(),
+            partition: source.partition,
+            phase: PartitionPhase::Running,
+            last_stored_offset: None,
+            in_flight: 0,
+            processed: 0,
+            duplicates: 0,
+            dead_lettered: 0,
+            retries: 0,
+        };
+        Self {
+            source,
+            records: Arc::new(records),
+            offsets,
+            wiring,
+            stop: CancellationToken::new(),
+            drain_waiters: Vec::new(),
+            state,
+        }
+    }
+
+    /// One turn of the loop: fetch a batch, process it, apply the result, go again.
+    fn run_next_batch(&mut self, ctx: &mut Context<Self>) {
+        if self.state.phase == PartitionPhase::Draining {
+            for waiter in self.drain_waiters.drain(..) {
+                let _ = waiter.send(());
+            }
+            return;
+        }
+        let records = self.records.clone();
+        let stop = self.stop.clone();
+        let max_records = self.wiring.max_batch_records;
+        let max_bytes = self.wiring.max_record_bytes;
+        let fetch = async move {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => None,
+                batch = records.next_batch(max_records, max_bytes) => Some(batch),
+            }
+        };
+        let turn = actix::fut::wrap_future::<_, Self>(fetch)
+            .then(|batch, actor, _ctx| {
+                let work = batch.map(|batch| {
+                    actor.state.in_flight = batch.len();
+                    let job = BatchJob {
+                        source: actor.source.clone(),
+                        wiring: actor.wiring.clone(),
+                        stop: actor.stop.clone(),
+                    };
+                    job.run(batch)
+                });
+                actix::fut::wrap_future(async move {
+                    match work {
+                        Some(work) => Some(work.await),
+                        None => None,
+                    }
+                })
+            })
+            .map(|report, actor: &mut Self, ctx| {
+                if let Some(report) = report {
+                    actor.apply(report);
+                }
+                actor.run_next_batch(ctx);
+            });
+        ctx.spawn(turn);
+    }
+
+    fn apply(&mut self, report: BatchReport) {
+        self.state.in_flight = 0;
+        self.state.processed += report.processed;
+        self.state.duplicates += report.duplicates;
+        self.state.dead_lettered += report.dead_lettered;
+        self.state.retries += report.retries;
+        let Some(next_offset) = report.next_offset else {
+            return;
+        };
+        match self.offsets.store_and_commit(&self.source, next_offset) {
+            Ok(()) => self.state.last_stored_offset = Some(next_offset),
+            // After a revoke the partition is no longer ours; the next owner starts from
+            // the last commit and deduplicates.
+            Err(error) => warn!(source = %self.source, next_offset, %error, "cannot store offset"),
+        }
+    }
+}
+
+impl Actor for PartitionActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        debug!(source = %self.source, "partition actor started");
+        self.run_next_batch(ctx);
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        debug!(source = %self.source, "partition actor stopped");
+    }
+}
+
+impl Handler<Drain> for PartitionActor {
+    type Result = ResponseActFuture<Self, DrainReport>;
+
+    fn handle(&mut self, _: Drain, _ctx: &mut Self::Context) -> Self::Result {
+        self.state.phase = PartitionPhase::Draining;
+        self.stop.cancel();
+        let (idle_sender, idle) = oneshot::channel();
+        self.drain_waiters.push(idle_sender);
+        Box::pin(
+            actix::fut::wrap_future(idle).map(|_, actor: &mut Self, ctx| {
+                ctx.stop();
+                DrainReport {
+                    source: actor.source.clone(),
+                    next_offset: actor.state.last_stored_offset,
+                }
+            }),
+        )
+    }
+}
+
+impl Handler<ObservePartition> for PartitionActor {
+    type Result = MessageResult<ObservePartition>;
+
+    fn handle(&mut self, _: ObservePartition, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(self.state.clone())
+    }
+}
+
+/// The result of one batch.
+#[derive(Debug, Default)]
+struct BatchReport {
+    /// Set when every record of the batch is settled (processed or dead-lettered).
+    next_offset: Option<i64>,
+    processed: u64,
+    duplicates: u64,
+    dead_lettered: u64,
+    retries: u64,
+}
+
+/// Everything one batch needs, detached from the actor so it can run as a future.
+struct BatchJob {
+    source: TopicPartition,
+    wiring: PartitionWiring,
+    stop: CancellationToken,
+}
+
+/// The batch could not be settled because the partition is stopping; it is left
+/// uncommitted for the next owner.
+struct Abandoned;
+
+impl BatchJob {
+    async fn run(self, records: Vec<ConsumedRecord>) -> BatchReport {
+        let mut report = BatchReport::default();
+        let Some(last_offset) = records.last().map(|record| record.offset) else {
+            return report;
+        };
+        match self.settle(records, &mut report).await {
+            Ok(()) => report.next_offset = Some(last_offset + 1),
+            Err(Abandoned) => {
+                warn!(source = %self.source, last_offset, "batch abandoned while stopping; it will be redelivered");
+            }
+        }
+        report
+    }
+
+    async fn settle(
+        &self,
+        records: Vec<ConsumedRecord>,
+        report: &mut BatchReport,
+    ) -> Result<(), Abandoned> {
+        let mut events = Vec::with_capacity(records.len());
+        let mut event_offsets = Vec::with_capacity(records.len());
+        for record in records {
+            match record.decoded {
+                Ok(envelope) => {
+                    events.push(envelope);
+                    event_offsets.push(record.offset);
+                }
+                Err(undecodable) => {
+                    let error = undecodable.error.to_string();
+                    self.dead_letter(DeadLetter {
+                        source: &self.source,
+                        offset: record.offset,
+                        key: undecodable.key.as_deref(),
+                        value: undecodable.value.as_deref(),
+                        event_id: crate::events::EventEnvelope::salvage_event_id(
+                            undecodable.value.as_deref(),
+                        ),
+                        error_kind: undecodable.error.kind(),
+                        error: &error,
+                    })
+                    .await?;
+                    report.dead_lettered += 1;
+                }
+            }
+        }
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.process_events(events.into(), &event_offsets, report)
+            .await
+    }
+
+    /// Sends the events to the domain actor; from the first transient failure on, the rest
+    /// is sent again after the policy's delay, until it succeeds or attempts run out.
+    async fn process_events(
+        &self,
+        mut events: Arc<[EventEnvelope]>,
+        offsets: &[i64],
+        report: &mut BatchReport,
+    ) -> Result<(), Abandoned> {
+        let mut offsets = offsets;
+        let mut delays = self.wiring.retry.delays();
+        loop {
+            let outcomes = self.send_to_domain(events.clone()).await;
+            let first_transient = outcomes.iter().position(EventOutcome::is_transient);
+            let settled_until = first_transient.unwrap_or(outcomes.len());
+            for position in 0..settled_until {
+                self.settle_outcome(
+                    &events[position],
+                    offsets[position],
+                    &outcomes[position],
+                    false,
+                    report,
+                )
+                .await?;
+            }
+            let Some(first_transient) = first_transient else {
+                return Ok(());
+            };
+            match delays.next() {
+                Some(delay) => {
+                    report.retries += 1;
+                    tokio::select! {
+                        biased;
+                        _ = self.stop.cancelled() => return Err(Abandoned),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    events = events[first_transient..].iter().cloned().collect();
+                    offsets = &offsets[first_transient..];
+                }
+                None => {
+                    for position in first_transient..outcomes.len() {
+                        self.settle_outcome(
+                            &events[position],
+                            offsets[position],
+                            &outcomes[position],
+                            true,
+                            report,
+                        )
+                        .await?;
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn send_to_domain(&self, events: Arc<[EventEnvelope]>) -> Vec<EventOutcome> {
+        let count = events.len();
+        let batch = ProcessBatch {
+            source: self.source.clone(),
+            events,
+        };
+        match self.wiring.domain.send(batch).await {
+            Ok(outcomes) => outcomes,
+            // The domain actor is restarting or gone: nothing was acknowledged.
+            Err(mailbox_error) => {
+                vec![
+                    EventOutcome::Failed(crate::actors::domain::HandlerError::fatal(format!(
+                        "domain actor unavailable: {mailbox_error}"
+                    )));
+                    count
+                ]
+            }
+        }
+    }
+
+    async fn settle_outcome(
+        &self,
+        event: &EventEnvelope,
+        offset: i64,
+        outcome: &EventOutcome,
+        attempts_exhausted: bool,
+        report: &mut BatchReport,
+    ) -> Result<(), Abandoned> {
+        match outcome {
+            EventOutcome::Done => report.processed += 1,
+            EventOutcome::Duplicate => report.duplicates += 1,
+            EventOutcome::Failed(error) => {
+                let (error_kind, message) = if attempts_exhausted && outcome.is_transient() {
+                    (
+                        "retries-exhausted",
+                        format!(
+                            "{} (after {} further attempts)",
+                            error.message, self.wiring.retry.attempts
+                        ),
+                    )
+                } else {
+                    (error.class.as_str(), error.message.clone())
+                };
+                let value = event.encode();
+                self.dead_letter(DeadLetter {
+                    source: &self.source,
+                    offset,
+                    key: Some(event.key.as_bytes()),
+                    value: Some(&value),
+                    event_id: Some(event.event_id),
+                    error_kind,
+                    error: &message,
+                })
+                .await?;
+                report.dead_lettered += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishing a dead letter must succeed before the offset moves past the record, so
+    /// it is retried until it does or the partition stops.
+    async fn dead_letter(&self, letter: DeadLetter<'_>) -> Result<(), Abandoned> {
+        loop {
+            match self.wiring.dead_letters.send(letter).await {
+                Ok(_) => return Ok(()),
+                Err(error) => {
+                    warn!(source = %self.source, offset = letter.offset, %error, "dead-letter publish failed; retrying");
+                    tokio::select! {
+                        biased;
+                        _ = self.stop.cancelled() => return Err(Abandoned),
+                        _ = tokio::time::sleep(self.wiring.retry.delay) => {}
+                    }
+                }
+            }
+        }
+    }
+}

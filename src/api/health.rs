@@ -1,0 +1,106 @@
+//! Liveness and readiness.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use actix_web::{HttpResponse, web};
+use serde_json::json;
+
+use crate::api::AppState;
+use crate::api::error::ApiError;
+
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The process is alive and serving HTTP.
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// Ready when MySQL, Redis and Kafka answer and every consumer group has been given its
+/// partitions; otherwise 503 naming the checks that failed.
+pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let (mysql, redis, kafka) = futures::join!(
+        check_mysql(&state),
+        check_redis(&state),
+        check_kafka(&state)
+    );
+    let partitions = check_partitions(&state);
+    let checks: BTreeMap<&str, Result<(), String>> = BTreeMap::from([
+        ("mysql", mysql),
+        ("redis", redis),
+        ("kafka", kafka),
+        ("partitions", partitions),
+    ]);
+    let failed: Vec<&str> = checks
+        .iter()
+        .filter(|(_, result)| result.is_err())
+        .map(|(name, _)| *name)
+        .collect();
+    let details: BTreeMap<&str, String> = checks
+        .iter()
+        .map(|(name, result)| (*name, result.clone().err().unwrap_or_else(|| "ok".into())))
+        .collect();
+    if failed.is_empty() {
+        return Ok(HttpResponse::Ok().json(json!({"status": "ready", "checks": details})));
+    }
+    Err(ApiError::Unavailable {
+        code: "NOT_READY",
+        message: format!("not ready: {}", failed.join(", ")),
+        details: json!({ "checks": details }),
+    })
+}
+
+async fn with_timeout<F, E>(check: F) -> Result<(), String>
+where
+    F: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    match tokio::time::timeout(CHECK_TIMEOUT, check).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err(format!("no answer within {CHECK_TIMEOUT:?}")),
+    }
+}
+
+async fn check_mysql(state: &AppState) -> Result<(), String> {
+    with_timeout(async {
+        sqlx::query("SELECT 1")
+            .execute(state.event_log.pool())
+            .await
+            .map(|_| ())
+    })
+    .await
+}
+
+async fn check_redis(state: &AppState) -> Result<(), String> {
+    with_timeout(state.redis.ping()).await
+}
+
+async fn check_kafka(state: &AppState) -> Result<(), String> {
+    let publisher = state.publisher.clone();
+    let metadata =
+        tokio::task::spawn_blocking(move || publisher.check_cluster_blocking(CHECK_TIMEOUT));
+    match metadata.await {
+        Ok(Ok(_brokers)) => Ok(()),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+fn check_partitions(state: &AppState) -> Result<(), String> {
+    let waiting: Vec<&str> = state
+        .actors
+        .consumer_groups
+        .iter()
+        .filter(|group| !group.health().joined())
+        .map(|group| group.group_id())
+        .collect();
+    if waiting.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "no partitions assigned yet to {}",
+            waiting.join(", ")
+        ))
+    }
+}

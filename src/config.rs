@@ -1,0 +1,394 @@
+//! The typed settings tree.
+//!
+//! Layers, later ones winning: the defaults written here → an optional TOML file
+//! (`APP_CONFIG_FILE`, default `commerce-events.toml` in the working directory, skipped when
+//! absent) → environment variables `APP_<SECTION>__<KEY>` (for example `APP_HTTP__PORT=9090`,
+//! `APP_KAFKA__BROKERS=host1:9092,host2:9092`). Every struct carries `#[serde(default)]`, so
+//! a file or the environment only has to name what it changes.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// Name of the environment variable that points at the optional settings file.
+pub const CONFIG_FILE_VARIABLE: &str = "APP_CONFIG_FILE";
+const DEFAULT_CONFIG_FILE: &str = "commerce-events.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read settings: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid setting {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+pub struct Settings {
+    pub http: HttpSettings,
+    pub database: DatabaseSettings,
+    pub redis: RedisSettings,
+    pub kafka: KafkaSettings,
+    pub retry: RetrySettings,
+    pub outbox: OutboxSettings,
+    pub log: LogSettings,
+}
+
+impl Settings {
+    /// Loads defaults, then the optional file, then `APP_` environment variables.
+    pub fn load() -> Result<Self, SettingsError> {
+        let file = std::env::var_os(CONFIG_FILE_VARIABLE)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_FILE));
+        let layered = config::Config::builder()
+            .add_source(config::File::from(file).required(false))
+            .add_source(
+                config::Environment::with_prefix("APP")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()?;
+        let settings: Settings = layered.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks relations between settings that serde cannot express.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let consumer = &self.kafka.consumer;
+        if consumer.drain_timeout_ms >= consumer.session_timeout_ms {
+            return Err(SettingsError::Invalid {
+                key: "kafka.consumer.drain_timeout_ms",
+                reason: format!(
+                    "must be shorter than kafka.consumer.session_timeout_ms ({} ms)",
+                    consumer.session_timeout_ms
+                ),
+            });
+        }
+        if consumer.max_batch_records == 0 {
+            return Err(SettingsError::Invalid {
+                key: "kafka.consumer.max_batch_records",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.kafka.partitions < 1 {
+            return Err(SettingsError::Invalid {
+                key: "kafka.partitions",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The HTTP and WebSocket listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct HttpSettings {
+    pub host: String,
+    /// `0` binds an ephemeral port (tests).
+    pub port: u16,
+    /// actix-web worker threads.
+    pub workers: usize,
+    /// How long in-flight requests may take to finish on shutdown.
+    pub shutdown_timeout_secs: u64,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            workers: 2,
+            shutdown_timeout_secs: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct DatabaseSettings {
+    /// `mysql://user:password@host:port/database`; the database is created when missing.
+    pub url: SecretString,
+    pub max_connections: u32,
+    pub acquire_timeout_ms: u64,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: SecretString::from("mysql://root@127.0.0.1:3306/commerce_events"),
+            max_connections: 16,
+            acquire_timeout_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct RedisSettings {
+    pub url: SecretString,
+    /// Prepended to every key this process writes, so several deployments (or tests) can
+    /// share one Redis.
+    pub key_prefix: String,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: SecretString::from("redis://127.0.0.1:6379"),
+            key_prefix: String::new(),
+        }
+    }
+}
+
+/// Where Kafka comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KafkaBrokers {
+    /// Start an in-process librdkafka mock cluster (real Kafka protocol on loopback ports).
+    Embedded,
+    /// A real cluster: `host:port,host:port`.
+    External(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct KafkaSettings {
+    /// `embedded` (default) or a bootstrap list `host:port,...`.
+    pub brokers: String,
+    /// Broker count of the embedded cluster.
+    pub embedded_brokers: i32,
+    pub client_id: String,
+    /// Partitions of every topic this process creates.
+    pub partitions: i32,
+    /// Replication factor used when creating missing topics on a real cluster.
+    pub replication_factor: i32,
+    /// Prefix of every consumer group id (lets two deployments share a cluster).
+    pub group_prefix: String,
+    pub producer: ProducerSettings,
+    pub consumer: ConsumerSettings,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        Self {
+            brokers: "embedded".into(),
+            embedded_brokers: 3,
+            client_id: "commerce-events".into(),
+            partitions: 3,
+            replication_factor: 1,
+            group_prefix: String::new(),
+            producer: ProducerSettings::default(),
+            consumer: ConsumerSettings::default(),
+        }
+    }
+}
+
+impl KafkaSettings {
+    pub fn brokers(&self) -> KafkaBrokers {
+        let trimmed = self.brokers.trim();
+        if trimmed.is_empty() || trimmed.eq_ignore_ascii_case("embedded") {
+            KafkaBrokers::Embedded
+        } else {
+            KafkaBrokers::External(trimmed.to_string())
+        }
+    }
+
+    pub fn group_id(&self, group: &str) -> String {
+        format!("{}{}", self.group_prefix, group)
+    }
+}
+
+/// Producer settings; defaults are the design document's.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ProducerSettings {
+    pub acks: String,
+    pub enable_idempotence: bool,
+    pub compression_type: String,
+    pub linger_ms: u64,
+    pub batch_size: u64,
+    /// Local send buffer (Spring's `buffer-memory`), in bytes.
+    pub buffer_memory: u64,
+    pub max_in_flight: u32,
+    pub retries: u32,
+    pub delivery_timeout_ms: u64,
+    pub request_timeout_ms: u64,
+    /// Any further librdkafka producer property, passed through unchanged
+    /// (for example `security.protocol`).
+    pub extra: BTreeMap<String, String>,
+}
+
+impl Default for ProducerSettings {
+    fn default() -> Self {
+        Self {
+            acks: "all".into(),
+            enable_idempotence: true,
+            compression_type: "snappy".into(),
+            linger_ms: 10,
+            batch_size: 16_384,
+            buffer_memory: 33_554_432,
+            max_in_flight: 5,
+            retries: 3,
+            delivery_timeout_ms: 120_000,
+            request_timeout_ms: 30_000,
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
+/// Consumer settings; defaults are the design document's.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ConsumerSettings {
+    pub auto_offset_reset: String,
+    pub session_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    pub fetch_min_bytes: u32,
+    pub fetch_wait_max_ms: u64,
+    /// Records a partition actor takes from its queue in one batch (Spring's
+    /// `max-poll-records`; librdkafka has no equivalent, the batch is formed here).
+    pub max_batch_records: usize,
+    /// A record larger than this is a poison pill.
+    pub max_record_bytes: usize,
+    /// How long a revoked or stopping partition may take to finish its in-flight batch;
+    /// must be shorter than the session timeout.
+    pub drain_timeout_ms: u64,
+    /// Arbiter threads the partition actors are spread over.
+    pub partition_threads: usize,
+    /// Any further librdkafka consumer property, passed through unchanged.
+    pub extra: BTreeMap<String, String>,
+}
+
+impl Default for ConsumerSettings {
+    fn default() -> Self {
+        Self {
+            auto_offset_reset: "earliest".into(),
+            session_timeout_ms: 10_000,
+            heartbeat_interval_ms: 3_000,
+            fetch_min_bytes: 1_024,
+            fetch_wait_max_ms: 500,
+            max_batch_records: 500,
+            max_record_bytes: 1_048_576,
+            drain_timeout_ms: 5_000,
+            partition_threads: 2,
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
+impl ConsumerSettings {
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+/// The in-line retry of a batch whose domain actor failed with a retryable or fatal error
+/// (the design document's fixed back-off: 1 s, 3 attempts). It holds the partition while it
+/// waits, so it is meant for short, transient failures (a database fail-over, a restart of
+/// the domain actor).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct RetrySettings {
+    pub attempts: usize,
+    pub delay_ms: u64,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        Self {
+            attempts: 3,
+            delay_ms: 1_000,
+        }
+    }
+}
+
+/// The outbox relay that republishes event-log rows left unpublished.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct OutboxSettings {
+    /// A PENDING row older than this is considered lost by its request and republished.
+    pub republish_after_ms: u64,
+    pub poll_interval_ms: u64,
+    pub batch_size: u32,
+}
+
+impl Default for OutboxSettings {
+    fn default() -> Self {
+        Self {
+            republish_after_ms: 5_000,
+            poll_interval_ms: 1_000,
+            batch_size: 500,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct LogSettings {
+    /// A `tracing` filter; `RUST_LOG` wins when set.
+    pub filter: String,
+    /// `pretty` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            filter: "info".into(),
+            format: LogFormat::Pretty,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// The database URL with its secret exposed, for the one place that connects.
+pub fn database_url(settings: &DatabaseSettings) -> &str {
+    settings.url.expose_secret()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_design_document() {
+        let settings = Settings::default();
+        assert_eq!(settings.kafka.producer.acks, "all");
+        assert_eq!(settings.kafka.producer.linger_ms, 10);
+        assert_eq!(settings.kafka.consumer.max_batch_records, 500);
+        assert_eq!(settings.kafka.consumer.session_timeout_ms, 10_000);
+        assert_eq!(settings.kafka.brokers(), KafkaBrokers::Embedded);
+        settings.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn a_bootstrap_list_selects_an_external_cluster() {
+        let kafka = KafkaSettings {
+            brokers: " kafka-1:9092,kafka-2:9092 ".into(),
+            ..KafkaSettings::default()
+        };
+        assert_eq!(
+            kafka.brokers(),
+            KafkaBrokers::External("kafka-1:9092,kafka-2:9092".into())
+        );
+    }
+
+    #[test]
+    fn a_drain_timeout_longer_than_the_session_is_rejected() {
+        let mut settings = Settings::default();
+        settings.kafka.consumer.drain_timeout_ms = 20_000;
+        let error = settings.validate().unwrap_err();
+        assert!(error.to_string().contains("drain_timeout_ms"), "{error}");
+    }
+}

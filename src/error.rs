@@ -1,0 +1,76 @@
+//! How a failure is treated, shared by every module's error type.
+//!
+//! | class       | meaning                                        | what the partition actor does            |
+//! |-------------|------------------------------------------------|------------------------------------------|
+//! | `Retryable` | transient (a dropped connection, a deadlock)   | retries the event after the fixed delay   |
+//! | `Permanent` | this event can never succeed (bad data)        | dead-letters the event at once            |
+//! | `Fatal`     | the domain actor's own state is broken         | the actor is restarted, the event retried |
+//!
+//! An event still failing after the configured attempts is dead-lettered, whatever its class.
+
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ErrorClass {
+    Retryable,
+    Permanent,
+    Fatal,
+}
+
+impl ErrorClass {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ErrorClass::Retryable => "retryable",
+            ErrorClass::Permanent => "permanent",
+            ErrorClass::Fatal => "fatal",
+        }
+    }
+}
+
+/// Implemented by every error type a domain actor can meet.
+pub trait Classify {
+    fn class(&self) -> ErrorClass;
+}
+
+impl Classify for sqlx::Error {
+    fn class(&self) -> ErrorClass {
+        // MySQL/MariaDB error numbers that a second attempt can clear.
+        const DEADLOCK: u16 = 1213;
+        const LOCK_WAIT_TIMEOUT: u16 = 1205;
+        const SERVER_GONE: u16 = 2006;
+        const LOST_CONNECTION: u16 = 2013;
+        const TOO_MANY_CONNECTIONS: u16 = 1040;
+        match self {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::Tls(_) => ErrorClass::Retryable,
+            sqlx::Error::Database(database_error) => {
+                let number = database_error
+                    .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                    .map(|mysql| mysql.number());
+                match number {
+                    Some(
+                        DEADLOCK | LOCK_WAIT_TIMEOUT | SERVER_GONE | LOST_CONNECTION
+                        | TOO_MANY_CONNECTIONS,
+                    ) => ErrorClass::Retryable,
+                    _ => ErrorClass::Permanent,
+                }
+            }
+            _ => ErrorClass::Permanent,
+        }
+    }
+}
+
+impl Classify for redis::RedisError {
+    fn class(&self) -> ErrorClass {
+        if self.is_io_error() || self.is_timeout() || self.is_connection_dropped() {
+            ErrorClass::Retryable
+        } else {
+            ErrorClass::Permanent
+        }
+    }
+}

@@ -1,0 +1,421 @@
+//! The event log: the state of every business event, and the only module that changes it.
+//!
+//! ```text
+//!             ┌──────────────► DEAD_LETTER ◄──────────────┐
+//!             │                    │ (replay)              │
+//!  PENDING ──►PUBLISHED ──► IN_PROGRESS ──► COMPLETED ──► NOTIFIED
+//!     │  ▲          │            ▲    │                     ▲
+//!     │  └──────────┼────────────┼────┴──► FAILED ──────────┘
+//!     └─────────────┴────────────┘          │  ▲
+//!                                           └──┘ (retry: FAILED ► IN_PROGRESS)
+//! ```
+//!
+//! A row is written PENDING inside the business transaction that causes the event (the
+//! outbox). A consumer may see the event before its publisher marks it PUBLISHED, so every
+//! consumer-side state is also reachable from PENDING. Every change is a conditional
+//! `UPDATE … WHERE status IN (allowed predecessors)`: a redelivered event finds its row
+//! already moved on and changes nothing, which is how consumers deduplicate by event id.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{MySqlConnection, MySqlPool, Row};
+
+use crate::error::{Classify, ErrorClass};
+use crate::events::{DecodeError, EventEnvelope, EventId};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum EventStatus {
+    Pending,
+    Published,
+    InProgress,
+    Completed,
+    Failed,
+    Notified,
+    DeadLetter,
+}
+
+impl EventStatus {
+    pub const ALL: [EventStatus; 7] = [
+        EventStatus::Pending,
+        EventStatus::Published,
+        EventStatus::InProgress,
+        EventStatus::Completed,
+        EventStatus::Failed,
+        EventStatus::Notified,
+        EventStatus::DeadLetter,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            EventStatus::Pending => "PENDING",
+            EventStatus::Published => "PUBLISHED",
+            EventStatus::InProgress => "IN_PROGRESS",
+            EventStatus::Completed => "COMPLETED",
+            EventStatus::Failed => "FAILED",
+            EventStatus::Notified => "NOTIFIED",
+            EventStatus::DeadLetter => "DEAD_LETTER",
+        }
+    }
+
+    /// The transition table. Everything not listed is refused.
+    pub fn can_become(self, next: EventStatus) -> bool {
+        use EventStatus::*;
+        matches!(
+            (self, next),
+            (
+                Pending,
+                Published | InProgress | Completed | Failed | DeadLetter
+            ) | (Published, InProgress | Completed | Failed | DeadLetter)
+                | (InProgress, Completed | Failed | DeadLetter)
+                | (Failed, InProgress | Completed | Notified | DeadLetter)
+                | (Completed, Notified)
+                | (DeadLetter, Pending)
+        )
+    }
+
+    /// The states a row may be in for `self` to be reached.
+    pub fn predecessors(self) -> Vec<EventStatus> {
+        EventStatus::ALL
+            .into_iter()
+            .filter(|from| from.can_become(self))
+            .collect()
+    }
+}
+
+impl fmt::Display for EventStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for EventStatus {
+    type Err = EventLogError;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        EventStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == value)
+            .ok_or_else(|| EventLogError::CorruptRow(format!("unknown status {value:?}")))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventLogError {
+    #[error("event log query failed: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("event log row is corrupt: {0}")]
+    CorruptRow(String),
+}
+
+impl Classify for EventLogError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            EventLogError::Database(error) => error.class(),
+            EventLogError::CorruptRow(_) => ErrorClass::Permanent,
+        }
+    }
+}
+
+/// An event on its way out through the outbox.
+#[derive(Clone, Debug)]
+pub struct OutboxEvent {
+    pub topic: String,
+    pub envelope: EventEnvelope,
+}
+
+/// A row as read back.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventRecord {
+    pub event_id: String,
+    pub event_type: String,
+    pub topic: String,
+    pub key: String,
+    pub payload: serde_json::Value,
+    pub status: EventStatus,
+    pub retry_count: i32,
+    pub last_error: Option<String>,
+    pub occurred_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub published_at: Option<DateTime<Utc>>,
+}
+
+/// Whether a conditional status change took place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transition {
+    Applied,
+    /// The row is missing or already in a state the change may not start from (typically:
+    /// a redelivered event whose row has moved on).
+    Skipped,
+}
+
+/// A status change request.
+#[derive(Clone, Debug)]
+pub struct StatusChange<'a> {
+    pub to: EventStatus,
+    /// Recorded as `last_error` when set.
+    pub error: Option<&'a str>,
+    /// Counts one more delivery attempt in `retry_count`.
+    pub count_attempt: bool,
+}
+
+impl<'a> StatusChange<'a> {
+    pub fn to(status: EventStatus) -> Self {
+        Self {
+            to: status,
+            error: None,
+            count_attempt: false,
+        }
+    }
+
+    pub fn with_error(mut self, error: &'a str) -> Self {
+        self.error = Some(error);
+        self
+    }
+
+    pub fn counting_attempt(mut self) -> Self {
+        self.count_attempt = true;
+        self
+    }
+}
+
+/// The columns every read selects, as a literal so queries stay static strings.
+macro_rules! select_event_columns {
+    () => {
+        "SELECT event_id, event_type, topic, event_key, CAST(payload AS CHAR) AS payload, \
+         status, retry_count, last_error, occurred_at, created_at, updated_at, published_at \
+         FROM event_log "
+    };
+}
+
+/// Handle on the `event_log` table.
+#[derive(Clone, Debug)]
+pub struct EventLog {
+    pool: MySqlPool,
+}
+
+impl EventLog {
+    pub fn new(pool: MySqlPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &MySqlPool {
+        &self.pool
+    }
+
+    /// Writes PENDING rows inside the caller's transaction (one multi-row INSERT).
+    pub async fn insert_pending(
+        connection: &mut MySqlConnection,
+        events: &[OutboxEvent],
+    ) -> Result<(), EventLogError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut insert = sqlx::QueryBuilder::new(
+            "INSERT INTO event_log (event_id, event_type, topic, event_key, payload, status, occurred_at) ",
+        );
+        insert.push_values(events, |mut row, event| {
+            let envelope = &event.envelope;
+            row.push_bind(envelope.event_id.to_string())
+                .push_bind(envelope.event_type().as_str())
+                .push_bind(event.topic.as_str())
+                .push_bind(envelope.key.as_str())
+                .push_bind(envelope.payload_json().to_string())
+                .push_bind(EventStatus::Pending.as_str())
+                .push_bind(envelope.occurred_at);
+        });
+        insert.build().execute(connection).await?;
+        Ok(())
+    }
+
+    /// Marks rows PUBLISHED after the broker acknowledged them; rows a consumer already moved
+    /// on are left alone.
+    pub async fn mark_published(&self, ids: &[EventId]) -> Result<u64, EventLogError> {
+        let mut connection = self.pool.acquire().await?;
+        Self::mark_published_in(&mut connection, ids).await
+    }
+
+    /// [`EventLog::mark_published`] on the caller's connection or transaction.
+    pub async fn mark_published_in(
+        connection: &mut MySqlConnection,
+        ids: &[EventId],
+    ) -> Result<u64, EventLogError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut update = sqlx::QueryBuilder::new(
+            "UPDATE event_log SET status = 'PUBLISHED', published_at = NOW(6) \
+             WHERE status = 'PENDING' AND event_id IN (",
+        );
+        let mut separated = update.separated(", ");
+        for id in ids {
+            separated.push_bind(id.to_string());
+        }
+        update.push(")");
+        let result = update.build().execute(connection).await?;
+        Ok(result.rows_affected())
+    }
+
+    /// Applies a conditional status change.
+    pub async fn change_status(
+        &self,
+        id: EventId,
+        change: StatusChange<'_>,
+    ) -> Result<Transition, EventLogError> {
+        let mut connection = self.pool.acquire().await?;
+        Self::change_status_in(&mut connection, id, change).await
+    }
+
+    /// Applies a conditional status change on the caller's connection or transaction, so it
+    /// can commit together with the effect it records.
+    pub async fn change_status_in(
+        connection: &mut MySqlConnection,
+        id: EventId,
+        change: StatusChange<'_>,
+    ) -> Result<Transition, EventLogError> {
+        let predecessors = change.to.predecessors();
+        let mut update = sqlx::QueryBuilder::new("UPDATE event_log SET status = ");
+        update.push_bind(change.to.as_str());
+        if let Some(error) = change.error {
+            update.push(", last_error = ").push_bind(error);
+        }
+        if change.count_attempt {
+            update.push(", retry_count = retry_count + 1");
+        }
+        update.push(" WHERE event_id = ").push_bind(id.to_string());
+        update.push(" AND status IN (");
+        let mut separated = update.separated(", ");
+        for from in predecessors {
+            separated.push_bind(from.as_str());
+        }
+        update.push(")");
+        let result = update.build().execute(connection).await?;
+        Ok(if result.rows_affected() == 1 {
+            Transition::Applied
+        } else {
+            Transition::Skipped
+        })
+    }
+
+    pub async fn find(&self, id: EventId) -> Result<Option<EventRecord>, EventLogError> {
+        let row = sqlx::query(concat!(select_event_columns!(), "WHERE event_id = ?"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| record_from_row(&row)).transpose()
+    }
+
+    /// Locks up to `limit` rows that stayed PENDING for longer than `older_than`, skipping
+    /// rows another relay instance holds. The caller publishes them and marks them
+    /// PUBLISHED before committing.
+    pub async fn lock_unpublished(
+        connection: &mut MySqlConnection,
+        older_than: Duration,
+        limit: u32,
+    ) -> Result<Vec<UnpublishedEvent>, EventLogError> {
+        let rows = sqlx::query(concat!(
+            select_event_columns!(),
+            "WHERE status = 'PENDING' AND created_at < NOW(6) - INTERVAL ? MICROSECOND \
+             ORDER BY created_at LIMIT ? FOR UPDATE SKIP LOCKED"
+        ))
+        .bind(older_than.as_micros() as u64)
+        .bind(limit)
+        .fetch_all(connection)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let record = record_from_row(row)?;
+                let event_id: EventId = record.event_id.parse().map_err(|_| {
+                    EventLogError::CorruptRow(format!("event id {:?}", record.event_id))
+                })?;
+                let envelope = EventEnvelope::from_parts(
+                    event_id,
+                    &record.event_type,
+                    record.key,
+                    record.occurred_at,
+                    &record.payload.to_string(),
+                );
+                Ok(UnpublishedEvent {
+                    event_id,
+                    topic: record.topic,
+                    envelope,
+                })
+            })
+            .collect()
+    }
+}
+
+/// A PENDING row the relay found; `envelope` fails when the row no longer decodes (an event
+/// type this version does not know).
+#[derive(Debug)]
+pub struct UnpublishedEvent {
+    pub event_id: EventId,
+    pub topic: String,
+    pub envelope: Result<EventEnvelope, DecodeError>,
+}
+
+fn record_from_row(row: &sqlx::mysql::MySqlRow) -> Result<EventRecord, EventLogError> {
+    let payload: String = row.try_get("payload")?;
+    let status: String = row.try_get("status")?;
+    Ok(EventRecord {
+        event_id: row.try_get("event_id")?,
+        event_type: row.try_get("event_type")?,
+        topic: row.try_get("topic")?,
+        key: row.try_get("event_key")?,
+        payload: serde_json::from_str(&payload)
+            .map_err(|error| EventLogError::CorruptRow(format!("payload: {error}")))?,
+        status: status.parse()?,
+        retry_count: row.try_get("retry_count")?,
+        last_error: row.try_get("last_error")?,
+        occurred_at: row.try_get("occurred_at")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        published_at: row.try_get("published_at")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_redelivered_event_cannot_move_a_finished_row_back() {
+        use EventStatus::*;
+        for finished in [Completed, Notified, DeadLetter] {
+            assert!(!finished.can_become(InProgress), "{finished} → IN_PROGRESS");
+        }
+        assert!(!Notified.can_become(Completed));
+        assert!(!Completed.can_become(Completed));
+    }
+
+    #[test]
+    fn a_consumer_may_finish_an_event_before_it_is_marked_published() {
+        assert!(EventStatus::Pending.can_become(EventStatus::Completed));
+        assert!(!EventStatus::Completed.can_become(EventStatus::Published));
+    }
+
+    #[test]
+    fn predecessors_follow_the_transition_table() {
+        use EventStatus::*;
+        assert_eq!(Published.predecessors(), vec![Pending]);
+        assert_eq!(Notified.predecessors(), vec![Completed, Failed]);
+        assert_eq!(
+            Completed.predecessors(),
+            vec![Pending, Published, InProgress, Failed]
+        );
+    }
+
+    #[test]
+    fn statuses_round_trip_through_their_column_text() {
+        for status in EventStatus::ALL {
+            assert_eq!(status.as_str().parse::<EventStatus>().unwrap(), status);
+        }
+        assert!("DONE".parse::<EventStatus>().is_err());
+    }
+}

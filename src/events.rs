@@ -1,0 +1,355 @@
+//! The event envelope every Kafka record carries, and its decoding.
+//!
+//! On the wire a record's value is one JSON object:
+//!
+//! ```json
+//! {"eventId": "0193…", "eventType": "PipelineProbe", "key": "probe:0193…",
+//!  "occurredAt": "2026-11-24T06:00:00.123456Z", "payload": {"note": "hello"}}
+//! ```
+//!
+//! Decoding is strict: a record that is too large, not JSON, missing a field, of an unknown
+//! event type or with a payload that does not fit its type is a [`DecodeError`], and the
+//! partition actor dead-letters it instead of handing it to a domain actor.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+/// Identifies one business event across the event log, Kafka and every consumer; consumers
+/// deduplicate by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct EventId(Uuid);
+
+impl EventId {
+    /// A new, time-ordered (UUIDv7) id.
+    pub fn generate() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    pub fn as_uuid(&self) -> Uuid {
+        self.0
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+impl FromStr for EventId {
+    type Err = uuid::Error;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(value).map(Self)
+    }
+}
+
+/// Every event type this system knows. A record naming any other type is a poison pill.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum EventType {
+    /// A synthetic event that checks one topic's whole pipeline end to end.
+    PipelineProbe,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 1] = [EventType::PipelineProbe];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            EventType::PipelineProbe => "PipelineProbe",
+        }
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for EventType {
+    type Err = DecodeError;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        EventType::ALL
+            .into_iter()
+            .find(|known| known.as_str() == value)
+            .ok_or_else(|| DecodeError::UnknownEventType(value.to_string()))
+    }
+}
+
+/// Payload of [`EventType::PipelineProbe`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PipelineProbe {
+    /// Free text the requester attached, echoed in the event log.
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// A typed payload; its variant always matches the envelope's event type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventPayload {
+    PipelineProbe(PipelineProbe),
+}
+
+impl EventPayload {
+    pub fn event_type(&self) -> EventType {
+        match self {
+            EventPayload::PipelineProbe(_) => EventType::PipelineProbe,
+        }
+    }
+
+    fn decode(event_type: EventType, raw: &RawValue) -> Result<Self, DecodeError> {
+        let invalid = |error: serde_json::Error| DecodeError::InvalidPayload {
+            event_type,
+            reason: error.to_string(),
+        };
+        match event_type {
+            EventType::PipelineProbe => serde_json::from_str(raw.get())
+                .map(EventPayload::PipelineProbe)
+                .map_err(invalid),
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        let encoded = match self {
+            EventPayload::PipelineProbe(probe) => serde_json::to_value(probe),
+        };
+        encoded.expect("payload structs serialize to JSON without fallible fields")
+    }
+}
+
+/// One decoded event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventEnvelope {
+    pub event_id: EventId,
+    /// The Kafka record key (for example `user:123`); records with one key stay in order.
+    pub key: String,
+    pub occurred_at: DateTime<Utc>,
+    pub payload: EventPayload,
+}
+
+impl EventEnvelope {
+    pub fn new(key: impl Into<String>, payload: EventPayload) -> Self {
+        Self {
+            event_id: EventId::generate(),
+            key: key.into(),
+            occurred_at: Utc::now(),
+            payload,
+        }
+    }
+
+    pub fn event_type(&self) -> EventType {
+        self.payload.event_type()
+    }
+
+    /// The JSON record value.
+    pub fn encode(&self) -> Vec<u8> {
+        let wire = WireEnvelopeOut {
+            event_id: self.event_id,
+            event_type: self.event_type(),
+            key: &self.key,
+            occurred_at: self.occurred_at,
+            payload: self.payload.to_json(),
+        };
+        serde_json::to_vec(&wire).expect("an envelope always serializes")
+    }
+
+    /// The payload alone, as stored in the event log.
+    pub fn payload_json(&self) -> serde_json::Value {
+        self.payload.to_json()
+    }
+
+    /// Decodes a record value, refusing anything over `max_bytes`.
+    pub fn decode(value: Option<&[u8]>, max_bytes: usize) -> Result<Self, DecodeError> {
+        let bytes = value.ok_or(DecodeError::MissingValue)?;
+        if bytes.len() > max_bytes {
+            return Err(DecodeError::Oversized {
+                size: bytes.len(),
+                limit: max_bytes,
+            });
+        }
+        let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::NotUtf8)?;
+        let wire: WireEnvelopeIn<'_> =
+            serde_json::from_str(text).map_err(|error| match error.classify() {
+                serde_json::error::Category::Data => {
+                    DecodeError::InvalidEnvelope(error.to_string())
+                }
+                _ => DecodeError::InvalidJson(error.to_string()),
+            })?;
+        let event_type: EventType = wire.event_type.parse()?;
+        let event_id = wire.event_id.parse().map_err(|_| {
+            DecodeError::InvalidEnvelope(format!("eventId {:?} is not a UUID", wire.event_id))
+        })?;
+        if wire.key.is_empty() {
+            return Err(DecodeError::InvalidEnvelope("key is empty".into()));
+        }
+        Ok(Self {
+            event_id,
+            key: wire.key.into_owned(),
+            occurred_at: wire.occurred_at,
+            payload: EventPayload::decode(event_type, wire.payload)?,
+        })
+    }
+
+    /// Rebuilds an envelope from its stored parts (the event log's columns).
+    pub fn from_parts(
+        event_id: EventId,
+        event_type: &str,
+        key: String,
+        occurred_at: DateTime<Utc>,
+        payload_json: &str,
+    ) -> Result<Self, DecodeError> {
+        let event_type: EventType = event_type.parse()?;
+        let payload: &RawValue = serde_json::from_str(payload_json)
+            .map_err(|error| DecodeError::InvalidJson(error.to_string()))?;
+        Ok(Self {
+            event_id,
+            key,
+            occurred_at,
+            payload: EventPayload::decode(event_type, payload)?,
+        })
+    }
+
+    /// Best effort: the event id of a record that failed to decode, so its event-log row
+    /// can be marked as dead-lettered.
+    pub fn salvage_event_id(value: Option<&[u8]>) -> Option<EventId> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct JustTheId {
+            event_id: String,
+        }
+        let parsed: JustTheId = serde_json::from_slice(value?).ok()?;
+        parsed.event_id.parse().ok()
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WireEnvelopeOut<'a> {
+    event_id: EventId,
+    event_type: EventType,
+    key: &'a str,
+    occurred_at: DateTime<Utc>,
+    payload: serde_json::Value,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct WireEnvelopeIn<'a> {
+    #[serde(borrow)]
+    event_id: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    event_type: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    key: std::borrow::Cow<'a, str>,
+    occurred_at: DateTime<Utc>,
+    #[serde(borrow)]
+    payload: &'a RawValue,
+}
+
+/// Why a record is a poison pill.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record has no value")]
+    MissingValue,
+    #[error("record of {size} bytes exceeds the limit of {limit} bytes")]
+    Oversized { size: usize, limit: usize },
+    #[error("record value is not UTF-8")]
+    NotUtf8,
+    #[error("record value is not JSON: {0}")]
+    InvalidJson(String),
+    #[error("record is not an event envelope: {0}")]
+    InvalidEnvelope(String),
+    #[error("unknown event type {0:?}")]
+    UnknownEventType(String),
+    #[error("payload does not fit {event_type}: {reason}")]
+    InvalidPayload {
+        event_type: EventType,
+        reason: String,
+    },
+}
+
+impl DecodeError {
+    /// A stable, short name for headers and counters.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DecodeError::MissingValue => "missing-value",
+            DecodeError::Oversized { .. } => "oversized",
+            DecodeError::NotUtf8 => "not-utf8",
+            DecodeError::InvalidJson(_) => "invalid-json",
+            DecodeError::InvalidEnvelope(_) => "invalid-envelope",
+            DecodeError::UnknownEventType(_) => "unknown-event-type",
+            DecodeError::InvalidPayload { .. } => "invalid-payload",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probe(note: &str) -> EventEnvelope {
+        EventEnvelope::new(
+            "probe:1",
+            EventPayload::PipelineProbe(PipelineProbe {
+                note: Some(note.into()),
+            }),
+        )
+    }
+
+    #[test]
+    fn an_encoded_envelope_decodes_to_itself() {
+        let envelope = probe("round trip");
+        let decoded = EventEnvelope::decode(Some(&envelope.encode()), 1024).unwrap();
+        assert_eq!(decoded, envelope);
+    }
+
+    #[test]
+    fn each_kind_of_bad_record_is_named() {
+        let valid = String::from_utf8(probe("x").encode()).unwrap();
+        let cases: Vec<(Option<Vec<u8>>, &str)> = vec![
+            (None, "missing-value"),
+            (Some(vec![b'x'; 2048]), "oversized"),
+            (Some(vec![0xff, 0xfe]), "not-utf8"),
+            (Some(b"{not json".to_vec()), "invalid-json"),
+            (Some(br#"{"eventId": "x"}"#.to_vec()), "invalid-envelope"),
+            (
+                Some(valid.replace("PipelineProbe", "Teleported").into_bytes()),
+                "unknown-event-type",
+            ),
+            (
+                Some(valid.replace(r#""note""#, r#""colour""#).into_bytes()),
+                "invalid-payload",
+            ),
+            (
+                Some(valid.replace("probe:1", "").into_bytes()),
+                "invalid-envelope",
+            ),
+        ];
+        for (value, expected_kind) in cases {
+            let error = EventEnvelope::decode(value.as_deref(), 1024).unwrap_err();
+            assert_eq!(error.kind(), expected_kind, "{error}");
+        }
+    }
+
+    #[test]
+    fn the_event_id_of_an_undecodable_record_can_often_be_salvaged() {
+        let envelope = probe("x");
+        let broken = String::from_utf8(envelope.encode())
+            .unwrap()
+            .replace("PipelineProbe", "Teleported");
+        assert_eq!(
+            EventEnvelope::salvage_event_id(Some(broken.as_bytes())),
+            Some(envelope.event_id)
+        );
+        assert_eq!(EventEnvelope::salvage_event_id(Some(b"junk")), None);
+    }
+}

@@ -1,0 +1,497 @@
+//! Consumer groups at the librdkafka level.
+//!
+//! One [`GroupConsumer`] per consumer group owns a `BaseConsumer` and a dedicated thread
+//! that keeps polling its main queue: group membership, heartbeats' results, rebalance and
+//! commit callbacks are only served while that queue is polled (rust-rdkafka issue 738).
+//!
+//! When partitions are assigned, the rebalance callback (on that thread) splits each
+//! partition off into its own queue and hands the queues to a [`RebalanceListener`] (the
+//! consumer-group actor), which starts one partition actor per queue. Splitting there, after
+//! the assignment, is deliberate: splitting before `subscribe` made group joins stall for
+//! many seconds on the mock cluster, and an application-level split is never undone by
+//! librdkafka's own fetch start.
+//!
+//! When partitions are revoked (a rebalance, or closing the consumer on shutdown) the
+//! callback asks the listener to drain them and commits the offsets it reports,
+//! synchronously, before librdkafka hands the partitions to another member. The thread is
+//! not an actix arbiter, so blocking here stalls nothing else.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::base_consumer::PartitionQueue;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio::sync::Notify;
+use tracing::{debug, error, info, warn};
+
+use crate::config::KafkaSettings;
+use crate::events::{DecodeError, EventEnvelope};
+use crate::kafka::TopicPartition;
+
+/// Routes librdkafka's own log lines and errors into `tracing`.
+pub struct TracingContext {
+    client: &'static str,
+}
+
+impl TracingContext {
+    pub fn new(client: &'static str) -> Self {
+        Self { client }
+    }
+}
+
+impl ClientContext for TracingContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        log_librdkafka(self.client, level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        warn!(client = self.client, %error, reason, "librdkafka error");
+    }
+}
+
+fn log_librdkafka(client: &str, level: RDKafkaLogLevel, facility: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => error!(client, facility, message, "librdkafka"),
+        RDKafkaLogLevel::Warning => warn!(client, facility, message, "librdkafka"),
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            info!(client, facility, message, "librdkafka")
+        }
+        RDKafkaLogLevel::Debug => debug!(client, facility, message, "librdkafka"),
+    }
+}
+
+/// What a consumer group does when librdkafka changes its assignment. Both methods run on
+/// the group's polling thread and may block.
+pub trait RebalanceListener: Send + Sync + 'static {
+    /// Newly assigned partitions, each with its own queue, and the handle that stores and
+    /// commits their offsets.
+    fn assigned(
+        &self,
+        partitions: Vec<(TopicPartition, PartitionRecords)>,
+        offsets: OffsetCommitter,
+    );
+
+    /// Partitions about to be taken away: stop them, let in-flight work finish within the
+    /// drain deadline, and return the next offset to commit for each one that made
+    /// progress.
+    fn revoking(&self, partitions: Vec<TopicPartition>) -> Vec<(TopicPartition, i64)>;
+}
+
+/// Counters of one group's client, shared with readiness and the admin view.
+#[derive(Debug, Default)]
+pub struct GroupHealth {
+    assignments: AtomicU64,
+    assigned_partitions: AtomicU64,
+    commits_failed: AtomicU64,
+    records_on_main_queue: AtomicU64,
+}
+
+impl GroupHealth {
+    /// Whether the group has been given an assignment (possibly empty, when there are more
+    /// members than partitions).
+    pub fn joined(&self) -> bool {
+        self.assignments.load(Ordering::Acquire) > 0
+    }
+
+    pub fn assigned_partitions(&self) -> u64 {
+        self.assigned_partitions.load(Ordering::Acquire)
+    }
+
+    pub fn commits_failed(&self) -> u64 {
+        self.commits_failed.load(Ordering::Relaxed)
+    }
+
+    pub fn records_on_group_queue(&self) -> u64 {
+        self.records_on_main_queue.load(Ordering::Relaxed)
+    }
+}
+
+/// The librdkafka context of a group consumer.
+pub struct GroupContext {
+    group_id: String,
+    consumer: OnceLock<Weak<BaseConsumer<GroupContext>>>,
+    listener: Arc<dyn RebalanceListener>,
+    health: Arc<GroupHealth>,
+}
+
+impl ClientContext for GroupContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        log_librdkafka(&self.group_id, level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        warn!(group = %self.group_id, %error, reason, "librdkafka consumer error");
+    }
+}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(list) = rebalance else {
+            return;
+        };
+        let partitions = partitions_of(list);
+        info!(group = %self.group_id, partitions = ?partitions, "partitions revoked: draining");
+        let offsets = self.listener.revoking(partitions);
+        if offsets.is_empty() || consumer.assignment_lost() {
+            return;
+        }
+        let mut commit = TopicPartitionList::new();
+        for (partition, next_offset) in &offsets {
+            if let Err(error) = commit.add_partition_offset(
+                &partition.topic,
+                partition.partition,
+                Offset::Offset(*next_offset),
+            ) {
+                warn!(group = %self.group_id, %partition, %error, "cannot list offset to commit");
+            }
+        }
+        match consumer.commit(&commit, CommitMode::Sync) {
+            Ok(()) => {
+                info!(group = %self.group_id, offsets = ?offsets, "offsets committed on revoke")
+            }
+            Err(error) => {
+                self.health.commits_failed.fetch_add(1, Ordering::Relaxed);
+                warn!(group = %self.group_id, %error, "commit on revoke failed; the next owner may see records again");
+            }
+        }
+        self.health.assigned_partitions.store(0, Ordering::Release);
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(list) => {
+                let partitions = partitions_of(list);
+                info!(group = %self.group_id, partitions = ?partitions, "partitions assigned");
+                let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
+                    error!(group = %self.group_id, "assignment after the consumer was dropped");
+                    return;
+                };
+                let queues: Vec<_> = partitions
+                    .into_iter()
+                    .filter_map(|partition| {
+                        let queue =
+                            consumer.split_partition_queue(&partition.topic, partition.partition);
+                        if queue.is_none() {
+                            error!(group = %self.group_id, %partition, "cannot split partition queue");
+                        }
+                        queue.map(|queue| (partition, PartitionRecords::new(queue)))
+                    })
+                    .collect();
+                self.health
+                    .assigned_partitions
+                    .store(queues.len() as u64, Ordering::Release);
+                self.listener.assigned(queues, OffsetCommitter { consumer });
+                self.health.assignments.fetch_add(1, Ordering::AcqRel);
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(error) => {
+                warn!(group = %self.group_id, %error, "rebalance error");
+            }
+        }
+    }
+
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        if let Err(error) = result {
+            self.health.commits_failed.fetch_add(1, Ordering::Relaxed);
+            warn!(group = %self.group_id, %error, offsets = ?partitions_of(offsets), "offset commit failed");
+        }
+    }
+}
+
+fn partitions_of(list: &TopicPartitionList) -> Vec<TopicPartition> {
+    let mut partitions: Vec<_> = list
+        .elements()
+        .iter()
+        .map(|element| TopicPartition::new(element.topic(), element.partition()))
+        .collect();
+    partitions.sort();
+    partitions
+}
+
+/// The librdkafka settings of a group consumer, from the design document's values.
+pub fn consumer_config(
+    bootstrap_servers: &str,
+    settings: &KafkaSettings,
+    group_id: &str,
+) -> ClientConfig {
+    let consumer = &settings.consumer;
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap_servers)
+        .set("group.id", group_id)
+        .set("client.id", &settings.client_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", &consumer.auto_offset_reset)
+        .set(
+            "session.timeout.ms",
+            consumer.session_timeout_ms.to_string(),
+        )
+        .set(
+            "heartbeat.interval.ms",
+            consumer.heartbeat_interval_ms.to_string(),
+        )
+        .set("fetch.min.bytes", consumer.fetch_min_bytes.to_string())
+        .set("fetch.wait.max.ms", consumer.fetch_wait_max_ms.to_string());
+    for (key, value) in &consumer.extra {
+        config.set(key, value);
+    }
+    config
+}
+
+/// A running consumer group member and its polling thread.
+pub struct GroupConsumer {
+    group_id: String,
+    health: Arc<GroupHealth>,
+    stop: Arc<AtomicBool>,
+    poller: Option<JoinHandle<()>>,
+}
+
+impl GroupConsumer {
+    /// Creates the consumer, subscribes and starts polling.
+    pub fn start(
+        config: &ClientConfig,
+        group_id: &str,
+        topics: &[&str],
+        listener: Arc<dyn RebalanceListener>,
+    ) -> Result<Self, KafkaError> {
+        let health = Arc::new(GroupHealth::default());
+        let context = GroupContext {
+            group_id: group_id.to_string(),
+            consumer: OnceLock::new(),
+            listener,
+            health: health.clone(),
+        };
+        let consumer: Arc<BaseConsumer<GroupContext>> =
+            Arc::new(config.create_with_context(context)?);
+        consumer
+            .context()
+            .consumer
+            .set(Arc::downgrade(&consumer))
+            .expect("the consumer handle is set once, right after creation");
+        consumer.subscribe(topics)?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let poller = std::thread::Builder::new()
+            .name(format!("kafka-{group_id}"))
+            .spawn({
+                let stop = stop.clone();
+                let health = health.clone();
+                let group_id = group_id.to_string();
+                move || poll_until_stopped(&group_id, consumer, &stop, &health)
+            })
+            .map_err(|error| {
+                KafkaError::ClientCreation(format!("cannot start poller thread: {error}"))
+            })?;
+        Ok(Self {
+            group_id: group_id.to_string(),
+            health,
+            stop,
+            poller: Some(poller),
+        })
+    }
+
+    pub fn group_id(&self) -> &str {
+        &self.group_id
+    }
+
+    pub fn health(&self) -> Arc<GroupHealth> {
+        self.health.clone()
+    }
+
+    /// Leaves the group: the consumer is closed on its own thread, which revokes (drains and
+    /// commits) every assigned partition through the listener. Blocks until done.
+    pub fn shutdown_blocking(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(poller) = self.poller.take()
+            && poller.join().is_err()
+        {
+            error!(group = %self.group_id, "consumer poller thread panicked");
+        }
+    }
+}
+
+impl Drop for GroupConsumer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+fn poll_until_stopped(
+    group_id: &str,
+    consumer: Arc<BaseConsumer<GroupContext>>,
+    stop: &AtomicBool,
+    health: &GroupHealth,
+) {
+    while !stop.load(Ordering::Acquire) {
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Ok(message)) => {
+                // Every assigned partition is split off in the assignment callback, before
+                // its first fetch can complete, so this is not expected to happen. Should it,
+                // it is counted and shown in the admin view (`recordsOnGroupQueue`) rather
+                // than processed out of order here.
+                health.records_on_main_queue.fetch_add(1, Ordering::Relaxed);
+                error!(
+                    group = group_id,
+                    topic = message.topic(),
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    "record arrived on the group queue instead of its partition queue"
+                );
+            }
+            Some(Err(error)) => warn!(group = group_id, %error, "consumer error"),
+        }
+    }
+    info!(group = group_id, "leaving consumer group");
+    // Unsubscribing revokes the assignment through the rebalance callback (drain, commit)
+    // on this thread; the partition actors then stop and release their queues.
+    consumer.unsubscribe();
+    let deadline = Instant::now() + REVOKE_TIMEOUT;
+    while Instant::now() < deadline
+        && (Arc::strong_count(&consumer) > 1
+            || consumer
+                .assignment()
+                .is_ok_and(|assignment| assignment.count() > 0))
+    {
+        consumer.poll(Duration::from_millis(20));
+    }
+    if Arc::strong_count(&consumer) > 1 {
+        warn!(
+            group = group_id,
+            "partition queues still held after revoke; closing anyway"
+        );
+    }
+    // Dropping the last handle closes the consumer and leaves the group; it blocks, which is
+    // why it happens here and not on an arbiter.
+    drop(consumer);
+    info!(group = group_id, "consumer closed");
+}
+
+/// How long leaving the group may wait for the revoke to complete.
+const REVOKE_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// Stores and commits the offsets of one group's partitions.
+#[derive(Clone)]
+pub struct OffsetCommitter {
+    consumer: Arc<BaseConsumer<GroupContext>>,
+}
+
+impl OffsetCommitter {
+    /// Records that everything before `next_offset` is processed and commits it
+    /// asynchronously (never blocks; failures are reported by the commit callback).
+    pub fn store_and_commit(
+        &self,
+        partition: &TopicPartition,
+        next_offset: i64,
+    ) -> Result<(), KafkaError> {
+        let mut list = TopicPartitionList::with_capacity(1);
+        list.add_partition_offset(
+            &partition.topic,
+            partition.partition,
+            Offset::Offset(next_offset),
+        )?;
+        self.consumer.store_offsets(&list)?;
+        self.consumer.commit(&list, CommitMode::Async)
+    }
+}
+
+/// A consumed record, decoded or not.
+#[derive(Debug)]
+pub struct ConsumedRecord {
+    pub offset: i64,
+    pub decoded: Result<EventEnvelope, Undecodable>,
+}
+
+/// A record that is not an event: its original bytes, kept for the dead-letter topic.
+#[derive(Debug)]
+pub struct Undecodable {
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub error: DecodeError,
+}
+
+impl ConsumedRecord {
+    fn decode<M: Message>(message: &M, max_record_bytes: usize) -> Self {
+        let decoded = EventEnvelope::decode(message.payload(), max_record_bytes).map_err(|error| {
+            Undecodable {
+                key: message.key().map(<[u8]>::to_vec),
+                // An oversized value is not copied; its metadata is enough to find it.
+                value: match error {
+                    DecodeError::Oversized { .. } => None,
+                    _ => message.payload().map(<[u8]>::to_vec),
+                },
+                error,
+            }
+        });
+        Self {
+            offset: message.offset(),
+            decoded,
+        }
+    }
+}
+
+/// One partition's own queue, read asynchronously.
+pub struct PartitionRecords {
+    queue: PartitionQueue<GroupContext>,
+    ready: Arc<Notify>,
+}
+
+/// Upper bound on how long a partition waits without re-checking its queue. librdkafka
+/// signals only the empty → non-empty edge, so this guards against a missed edge.
+const QUEUE_RECHECK: Duration = Duration::from_millis(100);
+
+impl PartitionRecords {
+    fn new(mut queue: PartitionQueue<GroupContext>) -> Self {
+        let ready = Arc::new(Notify::new());
+        let signal = ready.clone();
+        queue.set_nonempty_callback(move || signal.notify_one());
+        Self { queue, ready }
+    }
+
+    /// Waits until at least one record is there, then takes up to `max_records` of those
+    /// already fetched. Cancel-safe: records are only taken in the final, synchronous poll.
+    pub async fn next_batch(
+        &self,
+        max_records: usize,
+        max_record_bytes: usize,
+    ) -> Vec<ConsumedRecord> {
+        loop {
+            let batch = self.take_ready(max_records, max_record_bytes);
+            if !batch.is_empty() {
+                return batch;
+            }
+            let _ = tokio::time::timeout(QUEUE_RECHECK, self.ready.notified()).await;
+        }
+    }
+
+    fn take_ready(&self, max_records: usize, max_record_bytes: usize) -> Vec<ConsumedRecord> {
+        let mut batch = Vec::new();
+        while batch.len() < max_records {
+            match self.queue.poll(Duration::ZERO) {
+                None => break,
+                Some(Ok(message)) => batch.push(ConsumedRecord::decode(&message, max_record_bytes)),
+                Some(Err(error)) => {
+                    warn!(%error, "partition queue error");
+                    break;
+                }
+            }
+        }
+        batch
+    }
+}

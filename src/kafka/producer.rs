@@ -1,0 +1,192 @@
+//! The one producer of the process, configured as the design document says.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+
+use crate::config::KafkaSettings;
+use crate::error::{Classify, ErrorClass};
+use crate::events::EventEnvelope;
+use crate::kafka::consumer::TracingContext;
+
+/// Header carrying the event id, so tools can see it without decoding the value.
+pub const EVENT_ID_HEADER: &str = "event-id";
+/// Header carrying the event type.
+pub const EVENT_TYPE_HEADER: &str = "event-type";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("cannot create the Kafka producer: {0}")]
+    Create(KafkaError),
+    #[error("publishing to {topic} failed: {source}")]
+    Delivery { topic: String, source: KafkaError },
+}
+
+impl Classify for PublishError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            PublishError::Create(_) => ErrorClass::Fatal,
+            PublishError::Delivery { .. } => ErrorClass::Retryable,
+        }
+    }
+}
+
+/// Where a record landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Delivered {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// A record to publish as it is (dead letters keep the original bytes).
+pub struct RawRecord<'a> {
+    pub topic: &'a str,
+    pub partition: Option<i32>,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    pub headers: Vec<(&'a str, String)>,
+}
+
+/// Cheap to clone; every clone shares one librdkafka producer.
+#[derive(Clone)]
+pub struct EventPublisher {
+    producer: Arc<FutureProducer<TracingContext>>,
+}
+
+impl EventPublisher {
+    pub fn new(bootstrap_servers: &str, settings: &KafkaSettings) -> Result<Self, PublishError> {
+        let producer: FutureProducer<TracingContext> = producer_config(bootstrap_servers, settings)
+            .create_with_context(TracingContext::new("producer"))
+            .map_err(PublishError::Create)?;
+        Ok(Self {
+            producer: Arc::new(producer),
+        })
+    }
+
+    /// Publishes an event with its key; resolves once the broker acknowledged it
+    /// (acks=all).
+    pub async fn publish(
+        &self,
+        topic: &str,
+        envelope: &EventEnvelope,
+    ) -> Result<Delivered, PublishError> {
+        let value = envelope.encode();
+        let event_id = envelope.event_id.to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: EVENT_ID_HEADER,
+                value: Some(event_id.as_str()),
+            })
+            .insert(Header {
+                key: EVENT_TYPE_HEADER,
+                value: Some(envelope.event_type().as_str()),
+            });
+        let record = FutureRecord::to(topic)
+            .key(envelope.key.as_bytes())
+            .payload(&value)
+            .headers(headers);
+        self.send(topic, record).await
+    }
+
+    /// Publishes bytes as they are.
+    pub async fn publish_raw(&self, raw: RawRecord<'_>) -> Result<Delivered, PublishError> {
+        let mut headers = OwnedHeaders::new_with_capacity(raw.headers.len());
+        for (key, value) in &raw.headers {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_str()),
+            });
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(raw.topic).headers(headers);
+        if let Some(partition) = raw.partition {
+            record = record.partition(partition);
+        }
+        if let Some(key) = raw.key {
+            record = record.key(key);
+        }
+        if let Some(value) = raw.value {
+            record = record.payload(value);
+        }
+        self.send(raw.topic, record).await
+    }
+
+    async fn send<K, P>(
+        &self,
+        topic: &str,
+        record: FutureRecord<'_, K, P>,
+    ) -> Result<Delivered, PublishError>
+    where
+        K: rdkafka::message::ToBytes + ?Sized,
+        P: rdkafka::message::ToBytes + ?Sized,
+    {
+        // A full local queue is waited out (the delivery timeout bounds the wait).
+        match self.producer.send(record, Timeout::Never).await {
+            Ok(delivery) => Ok(Delivered {
+                partition: delivery.partition,
+                offset: delivery.offset,
+            }),
+            Err((source, _message)) => Err(PublishError::Delivery {
+                topic: topic.to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Waits for every queued record to be delivered. Blocks: call from a blocking thread.
+    pub fn flush_blocking(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.producer.flush(timeout)
+    }
+
+    /// Records queued or awaiting acknowledgement.
+    pub fn in_flight(&self) -> i32 {
+        self.producer.in_flight_count()
+    }
+
+    /// Blocks for up to `timeout` asking the cluster for its metadata; used by readiness.
+    pub fn check_cluster_blocking(&self, timeout: Duration) -> Result<usize, KafkaError> {
+        let metadata = self.producer.client().fetch_metadata(None, timeout)?;
+        Ok(metadata.brokers().len())
+    }
+}
+
+fn producer_config(bootstrap_servers: &str, settings: &KafkaSettings) -> ClientConfig {
+    let producer = &settings.producer;
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap_servers)
+        .set("client.id", &settings.client_id)
+        .set("acks", &producer.acks)
+        .set(
+            "enable.idempotence",
+            producer.enable_idempotence.to_string(),
+        )
+        .set("compression.type", &producer.compression_type)
+        .set("linger.ms", producer.linger_ms.to_string())
+        .set("batch.size", producer.batch_size.to_string())
+        .set(
+            "queue.buffering.max.kbytes",
+            (producer.buffer_memory / 1024).max(1).to_string(),
+        )
+        .set(
+            "max.in.flight.requests.per.connection",
+            producer.max_in_flight.to_string(),
+        )
+        .set("retries", producer.retries.to_string())
+        .set(
+            "delivery.timeout.ms",
+            producer.delivery_timeout_ms.to_string(),
+        )
+        .set(
+            "request.timeout.ms",
+            producer.request_timeout_ms.to_string(),
+        );
+    for (key, value) in &producer.extra {
+        config.set(key, value);
+    }
+    config
+}

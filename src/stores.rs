@@ -1,0 +1,161 @@
+//! Connections to MySQL and Redis.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use secrecy::ExposeSecret;
+use sqlx::MySqlPool;
+use sqlx::migrate::{MigrateDatabase, Migrator};
+use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
+use std::sync::Arc;
+
+use tokio::sync::OnceCell;
+use tracing::{info, warn};
+
+use crate::config::{DatabaseSettings, RedisSettings};
+
+/// The schema, embedded in the binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid database url: {0}")]
+    InvalidUrl(sqlx::Error),
+    #[error("cannot create database {database}: {source}")]
+    CreateDatabase {
+        database: String,
+        source: sqlx::Error,
+    },
+    #[error("cannot connect to MySQL at {host}:{port}: {source}")]
+    Connect {
+        host: String,
+        port: u16,
+        source: sqlx::Error,
+    },
+    #[error("migrations failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("invalid redis url: {0}")]
+    RedisUrl(redis::RedisError),
+}
+
+/// Creates the configured database when it does not exist yet.
+pub async fn create_database_if_missing(settings: &DatabaseSettings) -> Result<(), StoreError> {
+    let url = settings.url.expose_secret();
+    let options = MySqlConnectOptions::from_str(url).map_err(StoreError::InvalidUrl)?;
+    let database = options.get_database().unwrap_or_default().to_string();
+    let exists =
+        sqlx::MySql::database_exists(url)
+            .await
+            .map_err(|source| StoreError::CreateDatabase {
+                database: database.clone(),
+                source,
+            })?;
+    if !exists {
+        sqlx::MySql::create_database(url)
+            .await
+            .map_err(|source| StoreError::CreateDatabase {
+                database: database.clone(),
+                source,
+            })?;
+        info!(database, "database created");
+    }
+    Ok(())
+}
+
+/// A connection pool. Use one pool per group of threads that outlive each other equally
+/// (HTTP workers, actor arbiters): a connection belongs to the runtime that opened it.
+pub async fn connect_mysql(
+    settings: &DatabaseSettings,
+    max_connections: u32,
+) -> Result<MySqlPool, StoreError> {
+    let options = MySqlConnectOptions::from_str(settings.url.expose_secret())
+        .map_err(StoreError::InvalidUrl)?;
+    let (host, port) = (options.get_host().to_string(), options.get_port());
+    MySqlPoolOptions::new()
+        .max_connections(max_connections.max(1))
+        .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+        .connect_with(options)
+        .await
+        .map_err(|source| StoreError::Connect { host, port, source })
+}
+
+pub async fn migrate(pool: &MySqlPool) -> Result<(), StoreError> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// Redis through one multiplexed connection that the connection manager keeps alive.
+#[derive(Clone)]
+pub struct RedisStore {
+    client: redis::Client,
+    connection: Arc<OnceCell<ConnectionManager>>,
+    key_prefix: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisStoreError {
+    #[error("redis is not connected yet")]
+    NotConnected,
+    #[error("redis command failed: {0}")]
+    Command(#[from] redis::RedisError),
+}
+
+impl RedisStore {
+    pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
+        let client =
+            redis::Client::open(settings.url.expose_secret()).map_err(StoreError::RedisUrl)?;
+        Ok(Self {
+            client,
+            connection: Arc::default(),
+            key_prefix: settings.key_prefix.clone(),
+        })
+    }
+
+    /// Connects on the current arbiter, which must live as long as the process: the
+    /// connection's driver task runs there. When Redis is down, keeps trying in the
+    /// background every second (readiness reports it meanwhile).
+    pub async fn connect(&self) {
+        if let Err(error) = self.try_connect().await {
+            warn!(%error, "redis unavailable; retrying in the background");
+            let store = self.clone();
+            actix_rt::spawn(async move {
+                while store.try_connect().await.is_err() {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                info!("redis connected");
+            });
+        }
+    }
+
+    async fn try_connect(&self) -> Result<(), redis::RedisError> {
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)));
+        self.connection
+            .get_or_try_init(|| self.client.get_connection_manager_with_config(config))
+            .await?;
+        Ok(())
+    }
+
+    /// The shared connection (cheap to clone).
+    pub fn connection(&self) -> Result<ConnectionManager, RedisStoreError> {
+        self.connection
+            .get()
+            .cloned()
+            .ok_or(RedisStoreError::NotConnected)
+    }
+
+    /// `key` with this deployment's prefix.
+    pub fn key(&self, key: &str) -> String {
+        format!("{}{}", self.key_prefix, key)
+    }
+
+    pub async fn ping(&self) -> Result<(), RedisStoreError> {
+        let mut connection = self.connection()?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await?;
+        Ok(())
+    }
+}
