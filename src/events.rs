@@ -55,14 +55,18 @@ impl FromStr for EventId {
 pub enum EventType {
     /// A synthetic event that checks one topic's whole pipeline end to end.
     PipelineProbe,
+    /// A user asked for a coupon (the design document's `CouponRequestEvent`); the event id
+    /// is the request id.
+    CouponRequested,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 1] = [EventType::PipelineProbe];
+    pub const ALL: [EventType; 2] = [EventType::PipelineProbe, EventType::CouponRequested];
 
     pub fn as_str(&self) -> &'static str {
         match self {
             EventType::PipelineProbe => "PipelineProbe",
+            EventType::CouponRequested => "CouponRequested",
         }
     }
 }
@@ -93,16 +97,26 @@ pub struct PipelineProbe {
     pub note: Option<String>,
 }
 
+/// Payload of [`EventType::CouponRequested`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CouponRequested {
+    pub user_id: u64,
+    pub coupon_id: u64,
+}
+
 /// A typed payload; its variant always matches the envelope's event type.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EventPayload {
     PipelineProbe(PipelineProbe),
+    CouponRequested(CouponRequested),
 }
 
 impl EventPayload {
     pub fn event_type(&self) -> EventType {
         match self {
             EventPayload::PipelineProbe(_) => EventType::PipelineProbe,
+            EventPayload::CouponRequested(_) => EventType::CouponRequested,
         }
     }
 
@@ -115,12 +129,16 @@ impl EventPayload {
             EventType::PipelineProbe => serde_json::from_str(raw.get())
                 .map(EventPayload::PipelineProbe)
                 .map_err(invalid),
+            EventType::CouponRequested => serde_json::from_str(raw.get())
+                .map(EventPayload::CouponRequested)
+                .map_err(invalid),
         }
     }
 
     fn to_json(&self) -> serde_json::Value {
         let encoded = match self {
             EventPayload::PipelineProbe(probe) => serde_json::to_value(probe),
+            EventPayload::CouponRequested(request) => serde_json::to_value(request),
         };
         encoded.expect("payload structs serialize to JSON without fallible fields")
     }

@@ -102,6 +102,7 @@ pub trait DomainHandler: Unpin + 'static {
     /// failure on, and everything must be idempotent by event id.
     fn handle(
         &mut self,
+        source: &TopicPartition,
         events: Arc<[EventEnvelope]>,
     ) -> LocalBoxFuture<'static, Vec<EventOutcome>>;
 
@@ -162,12 +163,13 @@ impl<H: DomainHandler> DomainActor<H> {
     /// outcomes in event order.
     fn dispatch(
         &mut self,
+        source: &TopicPartition,
         events: Arc<[EventEnvelope]>,
     ) -> LocalBoxFuture<'static, Vec<EventOutcome>> {
         let is_probe =
             |event: &EventEnvelope| matches!(event.payload, EventPayload::PipelineProbe(_));
         if !events.iter().any(is_probe) {
-            return self.guarded_handle(events);
+            return self.guarded_handle(source, events);
         }
         let (probes, domain): (Vec<_>, Vec<_>) = events
             .iter()
@@ -180,7 +182,7 @@ impl<H: DomainHandler> DomainActor<H> {
         let domain_outcomes = if domain_events.is_empty() {
             FutureExt::boxed_local(futures::future::ready(Vec::new()))
         } else {
-            self.guarded_handle(domain_events)
+            self.guarded_handle(source, domain_events)
         };
         let event_log = self.event_log.clone();
         let total = events.len();
@@ -201,11 +203,13 @@ impl<H: DomainHandler> DomainActor<H> {
     /// number of outcomes into fatal failures.
     fn guarded_handle(
         &mut self,
+        source: &TopicPartition,
         events: Arc<[EventEnvelope]>,
     ) -> LocalBoxFuture<'static, Vec<EventOutcome>> {
         let count = events.len();
         let name = self.handler.name();
-        let started = std::panic::catch_unwind(AssertUnwindSafe(|| self.handler.handle(events)));
+        let started =
+            std::panic::catch_unwind(AssertUnwindSafe(|| self.handler.handle(source, events)));
         let future = match started {
             Ok(future) => future,
             Err(panic) => {
@@ -279,7 +283,7 @@ impl<H: DomainHandler> Handler<ProcessBatch> for DomainActor<H> {
     type Result = ResponseActFuture<Self, Vec<EventOutcome>>;
 
     fn handle(&mut self, batch: ProcessBatch, _ctx: &mut Self::Context) -> Self::Result {
-        let work = self.dispatch(batch.events);
+        let work = self.dispatch(&batch.source, batch.events);
         Box::pin(actix::fut::wrap_future(work).map(move |outcomes: Vec<EventOutcome>, actor: &mut Self, ctx| {
             actor.record(&outcomes);
             let fatal = outcomes.iter().any(|outcome| {

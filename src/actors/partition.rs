@@ -139,6 +139,7 @@ impl PartitionActor {
         let turn = actix::fut::wrap_future::<_, Self>(fetch)
             .then(|batch, actor, _ctx| {
                 let work = batch.map(|batch| {
+                    debug!(source = %actor.source, records = batch.len(), "batch taken");
                     actor.state.in_flight = batch.len();
                     let job = BatchJob {
                         source: actor.source.clone(),
@@ -164,6 +165,7 @@ impl PartitionActor {
     }
 
     fn apply(&mut self, report: BatchReport) {
+        debug!(source = %self.source, ?report, "batch settled");
         self.state.in_flight = 0;
         self.state.processed += report.processed;
         self.state.duplicates += report.duplicates;

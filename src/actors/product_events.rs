@@ -12,6 +12,7 @@ use futures::future::LocalBoxFuture;
 
 use crate::actors::domain::{DomainHandler, EventOutcome, HandlerError};
 use crate::events::EventEnvelope;
+use crate::kafka::TopicPartition;
 
 #[derive(Debug, Default)]
 pub struct ProductEventProcessor;
@@ -23,6 +24,7 @@ impl DomainHandler for ProductEventProcessor {
 
     fn handle(
         &mut self,
+        _source: &TopicPartition,
         events: Arc<[EventEnvelope]>,
     ) -> LocalBoxFuture<'static, Vec<EventOutcome>> {
         let outcomes = events

@@ -8,12 +8,15 @@
 
 use std::time::Duration;
 
+use std::ffi::{CStr, CString};
+
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
+use rdkafka::producer::{BaseProducer, Producer};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use rdkafka_sys as rdsys;
 use tracing::info;
 
 use crate::config::{KafkaBrokers, KafkaSettings};
@@ -26,20 +29,102 @@ pub enum ClusterError {
     CreateTopic { topic: String, source: KafkaError },
 }
 
-/// The embedded mock cluster. Its handle is a raw pointer into librdkafka, hence the wrapper.
-pub struct EmbeddedCluster(MockCluster<'static, DefaultProducerContext>);
+/// The embedded librdkafka mock cluster, owned through its C handle (rust-rdkafka's
+/// wrapper does not expose the group settings used here).
+pub struct EmbeddedCluster {
+    handle: *mut rdsys::rd_kafka_mock_cluster_t,
+    bootstrap_servers: String,
+    /// The client the cluster lives in; released after the cluster.
+    _owner: BaseProducer,
+}
 
 // SAFETY: librdkafka's mock-cluster API is thread-safe: every call on the handle enqueues an
 // operation for the cluster's own thread and waits for its reply. The handle stays valid
-// until this wrapper is dropped.
+// until this value is dropped.
 unsafe impl Send for EmbeddedCluster {}
 // SAFETY: as above; no method mutates Rust-side state.
 unsafe impl Sync for EmbeddedCluster {}
 
 impl EmbeddedCluster {
-    /// The mock cluster itself, for fault injection in tests.
-    pub fn mock(&self) -> &MockCluster<'static, DefaultProducerContext> {
-        &self.0
+    /// Starts `brokers` mock brokers on loopback ports. Group joins are answered at once
+    /// (no initial rebalance delay), which suits one process and tests.
+    pub fn start(brokers: i32) -> Result<Self, KafkaError> {
+        let owner: BaseProducer = ClientConfig::new().create()?;
+        // SAFETY: the owner's handle is valid for the call; the cluster it creates is
+        // destroyed in `Drop` before the owner is released.
+        let handle = unsafe {
+            rdsys::rd_kafka_mock_cluster_new(owner.client().native_ptr(), brokers.max(1))
+        };
+        if handle.is_null() {
+            return Err(KafkaError::MockCluster(RDKafkaErrorCode::Fail));
+        }
+        // SAFETY: `handle` is a live cluster; the returned string is owned by it and copied.
+        let bootstrap_servers =
+            unsafe { CStr::from_ptr(rdsys::rd_kafka_mock_cluster_bootstraps(handle)) }
+                .to_string_lossy()
+                .into_owned();
+        // SAFETY: `handle` is a live cluster.
+        unsafe { rdsys::rd_kafka_mock_group_initial_rebalance_delay_ms(handle, 0) };
+        Ok(Self {
+            handle,
+            bootstrap_servers,
+            _owner: owner,
+        })
+    }
+
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap_servers
+    }
+
+    pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), KafkaError> {
+        let name = CString::new(topic)
+            .map_err(|_| KafkaError::MockCluster(RDKafkaErrorCode::InvalidTopic))?;
+        // SAFETY: `handle` is a live cluster and `name` outlives the call.
+        let code =
+            unsafe { rdsys::rd_kafka_mock_topic_create(self.handle, name.as_ptr(), partitions, 1) };
+        mock_result(code)
+    }
+
+    /// Makes the next `errors.len()` requests of `api_key` fail with these errors, in order
+    /// (fault injection).
+    pub fn fail_requests(&self, api_key: RDKafkaApiKey, errors: &[RDKafkaRespErr]) {
+        // SAFETY: `handle` is a live cluster; the array outlives the call.
+        unsafe {
+            rdsys::rd_kafka_mock_push_request_errors_array(
+                self.handle,
+                api_key.into(),
+                errors.len(),
+                errors.as_ptr(),
+            )
+        }
+    }
+
+    /// Takes a broker down (`false`) or brings it back (`true`).
+    pub fn set_broker_up(&self, broker_id: i32, up: bool) -> Result<(), KafkaError> {
+        // SAFETY: `handle` is a live cluster.
+        let code = unsafe {
+            if up {
+                rdsys::rd_kafka_mock_broker_set_up(self.handle, broker_id)
+            } else {
+                rdsys::rd_kafka_mock_broker_set_down(self.handle, broker_id)
+            }
+        };
+        mock_result(code)
+    }
+}
+
+fn mock_result(code: RDKafkaRespErr) -> Result<(), KafkaError> {
+    if code == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR {
+        Ok(())
+    } else {
+        Err(KafkaError::MockCluster(code.into()))
+    }
+}
+
+impl Drop for EmbeddedCluster {
+    fn drop(&mut self) {
+        // SAFETY: created in `start`, destroyed exactly once, before its owner client.
+        unsafe { rdsys::rd_kafka_mock_cluster_destroy(self.handle) };
     }
 }
 
@@ -59,16 +144,16 @@ impl KafkaCluster {
     pub fn connect(settings: &KafkaSettings) -> Result<Self, ClusterError> {
         match settings.brokers() {
             KafkaBrokers::Embedded => {
-                let mock = MockCluster::new(settings.embedded_brokers.max(1))
+                let cluster = EmbeddedCluster::start(settings.embedded_brokers)
                     .map_err(ClusterError::Embedded)?;
-                let bootstrap_servers = mock.bootstrap_servers();
+                let bootstrap_servers = cluster.bootstrap_servers().to_string();
                 info!(
                     bootstrap_servers = %bootstrap_servers,
                     brokers = settings.embedded_brokers,
                     "embedded Kafka cluster started (kcat -b {bootstrap_servers} -L)"
                 );
                 Ok(KafkaCluster::Embedded {
-                    cluster: EmbeddedCluster(mock),
+                    cluster,
                     bootstrap_servers,
                 })
             }
@@ -105,8 +190,7 @@ impl KafkaCluster {
             KafkaCluster::Embedded { cluster, .. } => {
                 for topic in topics {
                     cluster
-                        .mock()
-                        .create_topic(topic, settings.partitions, 1)
+                        .create_topic(topic, settings.partitions)
                         .map_err(|source| ClusterError::CreateTopic {
                             topic: topic.clone(),
                             source,

@@ -1,0 +1,12 @@
+//! Consumer groups, partition actors and domain actors against an embedded Kafka cluster
+//! and the real MariaDB.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod failures;
+mod flow;
+mod helpers;
+mod rebalance;
+mod shutdown;
+mod snapshots;
