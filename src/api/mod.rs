@@ -46,14 +46,12 @@ pub fn configure(config: &mut web::ServiceConfig) {
             web::QueryConfig::default()
                 .error_handler(|error, _| error::extractor_error("INVALID_QUERY", error)),
         )
-        .route("/healthz", web::get().to(health::healthz))
-        .route("/readyz", web::get().to(health::readyz))
-        .service(
-            web::scope("/admin")
-                .route("/actors", web::get().to(admin::actors))
-                .route("/events/{event_id}", web::get().to(admin::event))
-                .route("/probes", web::post().to(admin::send_probe)),
-        );
+        // Resources (not bare routes) so a known path with the wrong method is a 405.
+        .service(web::resource("/healthz").get(health::healthz))
+        .service(web::resource("/readyz").get(health::readyz))
+        .service(web::resource("/admin/actors").get(admin::actors))
+        .service(web::resource("/admin/events/{event_id}").get(admin::event))
+        .service(web::resource("/admin/probes").post(admin::send_probe));
 }
 
 /// The middleware that gives actix-web's own error responses the common JSON shape.

@@ -1,0 +1,83 @@
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use commerce_events::event_log::EventStatus;
+use commerce_events::events::{EventEnvelope, EventId};
+use commerce_events::kafka::topics;
+use serde_json::json;
+
+use crate::helpers::spawn_app;
+use crate::support::eventually;
+
+#[actix_web::test]
+async fn a_probe_travels_the_pipeline_and_is_completed() {
+    let app = spawn_app().await;
+    let (status, accepted) = app.post("/admin/probes", r#"{"note": "hello"}"#).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(accepted["topic"], topics::PRODUCT_EVENTS);
+    assert_eq!(accepted["status"], "PUBLISHED");
+    let event_id: EventId = accepted["eventId"].as_str().unwrap().parse().unwrap();
+
+    eventually("the probe completed", Duration::from_secs(20), || async {
+        app.get(&format!("/admin/events/{event_id}")).await.1["status"] == "COMPLETED"
+    })
+    .await;
+    let (_, record) = app.get(&format!("/admin/events/{event_id}")).await;
+    assert_eq!(record["eventType"], "PipelineProbe");
+    assert_eq!(record["payload"], json!({"note": "hello"}));
+    assert!(record["publishedAt"].is_string());
+
+    let (_, tree) = app.get("/admin/actors").await;
+    let processed: u64 = tree["consumerGroups"][0]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|partition| partition["processed"].as_u64().unwrap())
+        .sum();
+    assert_eq!(processed, 1);
+}
+
+#[actix_web::test]
+async fn a_redelivered_probe_changes_nothing() {
+    let app = spawn_app().await;
+    let (_, accepted) = app.post("/admin/probes", "").await;
+    let event_id: EventId = accepted["eventId"].as_str().unwrap().parse().unwrap();
+    eventually("the probe completed", Duration::from_secs(20), || async {
+        app.event(event_id)
+            .await
+            .is_some_and(|row| row.status == EventStatus::Completed)
+    })
+    .await;
+    let completed = app.event(event_id).await.unwrap();
+
+    // Deliver the very same event again, as a producer retry or the relay might.
+    let envelope = EventEnvelope::from_parts(
+        event_id,
+        &completed.event_type,
+        completed.key.clone(),
+        completed.occurred_at,
+        &completed.payload.to_string(),
+    )
+    .unwrap();
+    app.publisher
+        .publish(topics::PRODUCT_EVENTS, &envelope)
+        .await
+        .unwrap();
+
+    eventually(
+        "the redelivery counted as a duplicate",
+        Duration::from_secs(20),
+        || async { app.get("/admin/actors").await.1["domainActors"][0]["duplicates"] == 1 },
+    )
+    .await;
+    let after = app.event(event_id).await.unwrap();
+    assert_eq!(after.status, EventStatus::Completed);
+    assert_eq!(
+        after.updated_at, completed.updated_at,
+        "the row was not touched"
+    );
+    assert_eq!(
+        app.get("/admin/actors").await.1["domainActors"][0]["processed"],
+        1
+    );
+}

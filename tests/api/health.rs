@@ -1,0 +1,55 @@
+use actix_web::http::StatusCode;
+use insta::assert_json_snapshot;
+use secrecy::SecretString;
+use serde_json::json;
+
+use crate::helpers::{spawn_app, start_app};
+
+#[actix_web::test]
+async fn the_liveness_check_answers_200() {
+    let app = spawn_app().await;
+    assert_eq!(
+        app.get("/healthz").await,
+        (StatusCode::OK, json!({"status": "ok"}))
+    );
+}
+
+#[actix_web::test]
+async fn readiness_reports_every_dependency_and_the_partition_assignment() {
+    let app = spawn_app().await;
+    let (status, body) = app.get("/readyz").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        json!({
+            "status": "ready",
+            "checks": {"kafka": "ok", "mysql": "ok", "partitions": "ok", "redis": "ok"}
+        })
+    );
+}
+
+#[actix_web::test]
+async fn readiness_is_503_naming_redis_when_redis_is_unreachable() {
+    let app = start_app(|settings| {
+        // Nothing listens on port 1.
+        settings.redis.url = SecretString::from("redis://127.0.0.1:1");
+    })
+    .await;
+    let (status, body) = app.get("/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["error"]["code"], "NOT_READY");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("redis"),
+        "{body}"
+    );
+    assert_ne!(body["error"]["details"]["checks"]["redis"], "ok");
+    assert_eq!(body["error"]["details"]["checks"]["mysql"], "ok");
+}
+
+#[actix_web::test]
+async fn the_actor_tree_lists_three_partition_actors_per_consumed_topic() {
+    let app = spawn_app().await;
+    let (status, tree) = app.get("/admin/actors").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_json_snapshot!("actor_tree_when_ready", tree);
+}

@@ -1,0 +1,131 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use commerce_events::config::Settings;
+use commerce_events::event_log::{EventLog, EventRecord};
+use commerce_events::events::EventId;
+use commerce_events::kafka::cluster::KafkaCluster;
+use commerce_events::kafka::producer::EventPublisher;
+use commerce_events::startup::Application;
+use commerce_events::stores;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::support::{TestDatabase, eventually, init_tracing};
+
+pub struct TestApp {
+    pub address: String,
+    pub kafka: Arc<KafkaCluster>,
+    pub publisher: EventPublisher,
+    /// The test's own view of the event log (its own pool).
+    pub event_log: EventLog,
+    shutdown: Option<oneshot::Sender<()>>,
+    running: Option<actix_rt::task::JoinHandle<anyhow::Result<()>>>,
+    _database: TestDatabase,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// Starts the daemon with test settings adjusted by `customize`, and waits until it is ready.
+pub async fn spawn_app_with(customize: impl FnOnce(&mut Settings)) -> TestApp {
+    let app = start_app(customize).await;
+    eventually("the daemon is ready", Duration::from_secs(30), || async {
+        app.get("/readyz").await.0 == StatusCode::OK
+    })
+    .await;
+    app
+}
+
+/// Starts the daemon without waiting for readiness.
+pub async fn start_app(customize: impl FnOnce(&mut Settings)) -> TestApp {
+    init_tracing();
+    let database = TestDatabase::new();
+    let mut settings = database.settings();
+    customize(&mut settings);
+    let application = Application::build(settings.clone())
+        .await
+        .expect("the daemon starts");
+    let address = format!("http://127.0.0.1:{}", application.port());
+    let kafka = application.kafka();
+    let publisher = application.publisher();
+    let pool = stores::connect_mysql(&settings.database, 2)
+        .await
+        .expect("test pool");
+    let (shutdown, shutdown_signal) = oneshot::channel::<()>();
+    let running = actix_rt::spawn(application.run_until_stopped(async move {
+        let _ = shutdown_signal.await;
+    }));
+    TestApp {
+        address,
+        kafka,
+        publisher,
+        event_log: EventLog::new(pool),
+        shutdown: Some(shutdown),
+        running: Some(running),
+        _database: database,
+    }
+}
+
+impl TestApp {
+    pub fn bootstrap_servers(&self) -> String {
+        self.kafka.bootstrap_servers().to_string()
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let mut response = awc::Client::default()
+            .get(format!("{}{path}", self.address))
+            .send()
+            .await
+            .expect("request sent");
+        let body = response.body().await.expect("body read");
+        (response.status(), parse(&body))
+    }
+
+    pub async fn post(&self, path: &str, body: &str) -> (StatusCode, Value) {
+        let mut response = awc::Client::default()
+            .post(format!("{}{path}", self.address))
+            .insert_header(("content-type", "application/json"))
+            .send_body(body.to_string())
+            .await
+            .expect("request sent");
+        let body = response.body().await.expect("body read");
+        (response.status(), parse(&body))
+    }
+
+    pub async fn request(&self, method: awc::http::Method, path: &str) -> (StatusCode, Value) {
+        let mut response = awc::Client::default()
+            .request(method, format!("{}{path}", self.address))
+            .send()
+            .await
+            .expect("request sent");
+        let body = response.body().await.expect("body read");
+        (response.status(), parse(&body))
+    }
+
+    pub async fn event(&self, id: EventId) -> Option<EventRecord> {
+        self.event_log.find(id).await.expect("event log readable")
+    }
+
+    /// Sends SIGTERM's equivalent and waits for the daemon to finish.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        match self.running.take() {
+            Some(running) => running.await.expect("the daemon task does not panic"),
+            None => Ok(()),
+        }
+    }
+}
+
+fn parse(body: &[u8]) -> Value {
+    if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
+    }
+}

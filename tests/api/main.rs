@@ -1,0 +1,12 @@
+//! The whole daemon, started on an ephemeral port with its own database, Redis key prefix
+//! and embedded Kafka cluster.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod admin;
+mod errors;
+mod health;
+mod helpers;
+mod outbox;
+mod shutdown;

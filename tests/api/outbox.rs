@@ -1,0 +1,89 @@
+use std::time::Duration;
+
+use commerce_events::event_log::{EventLog, EventStatus, OutboxEvent};
+use commerce_events::events::{EventEnvelope, EventPayload, PipelineProbe};
+use commerce_events::kafka::topics;
+use commerce_events::outbox::Outbox;
+
+use crate::helpers::spawn_app;
+use crate::support::eventually;
+
+#[actix_web::test]
+async fn an_event_committed_but_never_published_is_relayed_and_processed() {
+    let app = spawn_app().await;
+    // A request that died right after its commit: the row is PENDING, nothing was sent.
+    let envelope = EventEnvelope::new(
+        "probe:crash-window",
+        EventPayload::PipelineProbe(PipelineProbe {
+            note: Some("crash window".into()),
+        }),
+    );
+    let event_id = envelope.event_id;
+    let mut transaction = app.event_log.pool().begin().await.unwrap();
+    Outbox::record(
+        &mut transaction,
+        &[OutboxEvent {
+            topic: topics::PRODUCT_EVENTS.into(),
+            envelope,
+        }],
+    )
+    .await
+    .unwrap();
+    transaction.commit().await.unwrap();
+    assert_eq!(
+        app.event(event_id).await.unwrap().status,
+        EventStatus::Pending
+    );
+
+    eventually(
+        "the relay published it and the consumer completed it",
+        Duration::from_secs(30),
+        || async {
+            app.event(event_id)
+                .await
+                .is_some_and(|row| row.status == EventStatus::Completed)
+        },
+    )
+    .await;
+    let (_, tree) = app.get("/admin/actors").await;
+    assert_eq!(tree["outboxRelay"]["republished"], 1);
+}
+
+#[actix_web::test]
+async fn the_relay_leaves_fresh_pending_rows_to_their_request() {
+    let app = spawn_app_with_slow_relay().await;
+    let envelope = EventEnvelope::new(
+        "probe:fresh",
+        EventPayload::PipelineProbe(PipelineProbe { note: None }),
+    );
+    let event_id = envelope.event_id;
+    let mut transaction = app.event_log.pool().begin().await.unwrap();
+    EventLog::insert_pending(
+        &mut transaction,
+        &[OutboxEvent {
+            topic: topics::PRODUCT_EVENTS.into(),
+            envelope,
+        }],
+    )
+    .await
+    .unwrap();
+    transaction.commit().await.unwrap();
+
+    // Several relay passes run (every 100 ms) while the row is younger than the 60 s
+    // threshold; none may publish it.
+    let mut connection = app.event_log.pool().acquire().await.unwrap();
+    let unpublished = EventLog::lock_unpublished(&mut connection, Duration::ZERO, 10)
+        .await
+        .unwrap();
+    assert_eq!(unpublished.len(), 1);
+    drop(connection);
+    eventually("a few relay passes", Duration::from_secs(10), || async {
+        app.get("/admin/actors").await.1["outboxRelay"]["republished"] == 0
+            && app.event(event_id).await.unwrap().status == EventStatus::Pending
+    })
+    .await;
+}
+
+async fn spawn_app_with_slow_relay() -> crate::helpers::TestApp {
+    crate::helpers::spawn_app_with(|settings| settings.outbox.republish_after_ms = 60_000).await
+}
