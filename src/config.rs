@@ -6,8 +6,8 @@
 //! `APP_KAFKA__BROKERS=host1:9092,host2:9092`). Every struct carries `#[serde(default)]`, so
 //! a file or the environment only has to name what it changes.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -43,13 +43,23 @@ impl Settings {
         let file = std::env::var_os(CONFIG_FILE_VARIABLE)
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_FILE));
+        Self::load_from(&file, None)
+    }
+
+    /// [`Settings::load`] with an explicit file and, when given, these variables instead of
+    /// the process environment.
+    pub fn load_from(
+        file: &Path,
+        environment: Option<HashMap<String, String>>,
+    ) -> Result<Self, SettingsError> {
         let layered = config::Config::builder()
             .add_source(config::File::from(file).required(false))
             .add_source(
                 config::Environment::with_prefix("APP")
                     .prefix_separator("_")
                     .separator("__")
-                    .try_parsing(true),
+                    .try_parsing(true)
+                    .source(environment),
             )
             .build()?;
         let settings: Settings = layered.try_deserialize()?;
@@ -382,6 +392,70 @@ mod tests {
             kafka.brokers(),
             KafkaBrokers::External("kafka-1:9092,kafka-2:9092".into())
         );
+    }
+
+    #[test]
+    fn a_file_overrides_the_defaults_and_the_environment_overrides_the_file() {
+        let file =
+            std::env::temp_dir().join(format!("commerce-events-{}.toml", std::process::id()));
+        std::fs::write(
+            &file,
+            "[http]\nport = 9000\nhost = \"0.0.0.0\"\n[kafka.consumer]\nmax_batch_records = 50\n",
+        )
+        .unwrap();
+        let environment = HashMap::from([
+            ("APP_HTTP__PORT".to_string(), "9090".to_string()),
+            (
+                "APP_KAFKA__BROKERS".to_string(),
+                "kafka-1:9092,kafka-2:9092".to_string(),
+            ),
+            (
+                "APP_DATABASE__URL".to_string(),
+                "mysql://app:secret@db:3306/shop".to_string(),
+            ),
+            ("APP_RETRY__DELAY_MS".to_string(), "250".to_string()),
+        ]);
+        let settings = Settings::load_from(&file, Some(environment)).unwrap();
+        std::fs::remove_file(&file).unwrap();
+
+        assert_eq!(settings.http.port, 9090, "environment over file");
+        assert_eq!(settings.http.host, "0.0.0.0", "file over default");
+        assert_eq!(settings.kafka.consumer.max_batch_records, 50);
+        assert_eq!(
+            settings.kafka.consumer.session_timeout_ms, 10_000,
+            "untouched default"
+        );
+        assert_eq!(
+            settings.kafka.brokers(),
+            KafkaBrokers::External("kafka-1:9092,kafka-2:9092".into())
+        );
+        assert_eq!(
+            database_url(&settings.database),
+            "mysql://app:secret@db:3306/shop"
+        );
+        assert_eq!(settings.retry.delay_ms, 250);
+        assert!(
+            !format!("{settings:?}").contains("secret"),
+            "secrets stay out of debug output"
+        );
+    }
+
+    #[test]
+    fn a_missing_file_leaves_the_defaults() {
+        let settings = Settings::load_from(
+            Path::new("/nonexistent/commerce-events.toml"),
+            Some(HashMap::new()),
+        )
+        .unwrap();
+        assert_eq!(settings.http.port, 8080);
+    }
+
+    #[test]
+    fn a_malformed_value_is_reported() {
+        let environment = HashMap::from([("APP_HTTP__PORT".to_string(), "eighty".to_string())]);
+        let error =
+            Settings::load_from(Path::new("/nonexistent.toml"), Some(environment)).unwrap_err();
+        assert!(error.to_string().contains("port"), "{error}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 mod support;
 
 mod admin;
+mod daemon;
 mod errors;
 mod health;
 mod helpers;

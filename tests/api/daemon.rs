@@ -1,0 +1,151 @@
+//! The built binary, as an operator runs it.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use actix_web::http::StatusCode;
+use sqlx::Connection;
+
+use crate::support::{TestDatabase, eventually};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_commerce-events");
+
+fn daemon_command(database: &TestDatabase) -> Command {
+    let mut command = Command::new(BINARY);
+    command
+        .env_remove("RUST_LOG")
+        .env("APP_CONFIG_FILE", "/nonexistent/commerce-events.toml")
+        .env("APP_HTTP__PORT", "0")
+        .env("APP_DATABASE__URL", database.url())
+        .env("APP_REDIS__KEY_PREFIX", format!("{}:", database.name))
+        .env("APP_KAFKA__EMBEDDED_BROKERS", "1")
+        .env("APP_LOG__FORMAT", "json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    command
+}
+
+/// Reads the daemon's JSON log lines on a thread; sends each parsed line.
+fn follow_logs(child: &mut Child) -> mpsc::Receiver<serde_json::Value> {
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (sender, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) {
+                let _ = sender.send(entry);
+            }
+        }
+    });
+    receiver
+}
+
+fn wait_for_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("child status") {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[actix_web::test]
+async fn the_daemon_serves_until_sigterm_and_then_exits_0_within_10_seconds() {
+    let database = TestDatabase::new();
+    let mut child = daemon_command(&database)
+        .spawn()
+        .expect("the daemon starts");
+    let logs = follow_logs(&mut child);
+    let address = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(entry) = logs.recv_timeout(Duration::from_millis(100))
+                && entry["message"] == "HTTP listening"
+            {
+                return entry["address"].as_str().map(str::to_string);
+            }
+        }
+        None
+    })
+    .await
+    .unwrap()
+    .expect("the daemon logs its address");
+
+    let client = awc::Client::default();
+    eventually("the daemon is ready", Duration::from_secs(30), || async {
+        match client.get(format!("{address}/readyz")).send().await {
+            Ok(response) => response.status() == StatusCode::OK,
+            Err(_) => false,
+        }
+    })
+    .await;
+    let tree: serde_json::Value = client
+        .get(format!("{address}/admin/actors"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        tree["consumerGroups"][0]["partitions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+
+    let terminated = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(terminated.success());
+    let status =
+        tokio::task::spawn_blocking(move || wait_for_exit(&mut child, Duration::from_secs(10)))
+            .await
+            .unwrap()
+            .expect("the daemon exits within 10 s of SIGTERM");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[actix_web::test]
+async fn migrate_applies_the_schema_and_exits() {
+    let database = TestDatabase::new();
+    let status = tokio::task::spawn_blocking({
+        let mut command = daemon_command(&database);
+        move || command.arg("migrate").stdout(Stdio::null()).status()
+    })
+    .await
+    .unwrap()
+    .expect("migrate runs");
+    assert!(status.success());
+
+    let mut connection = sqlx::MySqlConnection::connect(&database.url())
+        .await
+        .expect("database exists");
+    let tables: Vec<(String,)> = sqlx::query_as("SHOW TABLES")
+        .fetch_all(&mut connection)
+        .await
+        .unwrap();
+    assert!(
+        tables.iter().any(|(name,)| name == "event_log"),
+        "{tables:?}"
+    );
+}
+
+#[actix_web::test]
+async fn an_unknown_command_is_refused() {
+    let database = TestDatabase::new();
+    let mut command = daemon_command(&database);
+    let output = tokio::task::spawn_blocking(move || {
+        command.arg("frobnicate").stderr(Stdio::piped()).output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown command"));
+}
