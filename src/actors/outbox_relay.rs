@@ -25,6 +25,8 @@ pub struct StopRelay;
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OutboxRelayState {
+    /// Passes completed (successful or not): shows the relay is alive.
+    pub passes: u64,
     pub republished: u64,
     pub failed: u64,
     pub undecodable: u64,
@@ -63,6 +65,7 @@ impl OutboxRelay {
             actix::fut::wrap_future(async move { outbox.relay_once(older_than, limit).await }).map(
                 |result, relay: &mut Self, _ctx| {
                     relay.busy = false;
+                    relay.state.passes += 1;
                     match result {
                         Ok(publication) => {
                             relay.state.republished += publication.published;

@@ -69,19 +69,34 @@ async fn the_relay_leaves_fresh_pending_rows_to_their_request() {
     .unwrap();
     transaction.commit().await.unwrap();
 
-    // Several relay passes run (every 100 ms) while the row is younger than the 60 s
-    // threshold; none may publish it.
+    // The row is what the relay looks for, only younger than its 60 s threshold.
     let mut connection = app.event_log.pool().acquire().await.unwrap();
     let unpublished = EventLog::lock_unpublished(&mut connection, Duration::ZERO, 10)
         .await
         .unwrap();
     assert_eq!(unpublished.len(), 1);
     drop(connection);
-    eventually("a few relay passes", Duration::from_secs(10), || async {
-        app.get("/admin/actors").await.1["outboxRelay"]["republished"] == 0
-            && app.event(event_id).await.unwrap().status == EventStatus::Pending
-    })
+
+    let relay_passes = || async {
+        app.get("/admin/actors").await.1["outboxRelay"]["passes"]
+            .as_u64()
+            .unwrap()
+    };
+    let passes_before = relay_passes().await;
+    eventually(
+        "three more relay passes",
+        Duration::from_secs(10),
+        || async { relay_passes().await >= passes_before + 3 },
+    )
     .await;
+    assert_eq!(
+        app.get("/admin/actors").await.1["outboxRelay"]["republished"],
+        0
+    );
+    assert_eq!(
+        app.event(event_id).await.unwrap().status,
+        EventStatus::Pending
+    );
 }
 
 async fn spawn_app_with_slow_relay() -> crate::helpers::TestApp {
