@@ -268,6 +268,9 @@ pub struct ConsumerSettings {
     /// How long a revoked or stopping partition may take to finish its in-flight batch;
     /// must be shorter than the session timeout.
     pub drain_timeout_ms: u64,
+    /// A partition stores its offset after every batch and commits it at most this often
+    /// (and always when it is revoked or stopped).
+    pub commit_interval_ms: u64,
     /// Arbiter threads the partition actors are spread over.
     pub partition_threads: usize,
     /// Any further librdkafka consumer property, passed through unchanged.
@@ -285,6 +288,7 @@ impl Default for ConsumerSettings {
             max_batch_records: 500,
             max_record_bytes: 1_048_576,
             drain_timeout_ms: 5_000,
+            commit_interval_ms: 100,
             partition_threads: 2,
             extra: BTreeMap::new(),
         }
@@ -294,6 +298,10 @@ impl Default for ConsumerSettings {
 impl ConsumerSettings {
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
+    }
+
+    pub fn commit_interval(&self) -> Duration {
+        Duration::from_millis(self.commit_interval_ms)
     }
 }
 

@@ -68,6 +68,7 @@ pub struct ConsumerGroupActor {
     retry: RetryPolicy,
     max_batch_records: usize,
     max_record_bytes: usize,
+    commit_interval: Duration,
     drain_timeout: Duration,
     arbiters: Arc<ArbiterPool>,
     partitions: BTreeMap<TopicPartition, Addr<PartitionActor>>,
@@ -92,6 +93,7 @@ impl Handler<PartitionsAssigned> for ConsumerGroupActor {
                 retry: self.retry,
                 max_batch_records: self.max_batch_records,
                 max_record_bytes: self.max_record_bytes,
+                commit_interval: self.commit_interval,
             };
             let offsets = message.offsets.clone();
             let actor_source = source.clone();
@@ -207,6 +209,7 @@ pub struct ConsumerGroupSpec {
     pub retry: RetryPolicy,
     pub max_batch_records: usize,
     pub max_record_bytes: usize,
+    pub commit_interval: Duration,
     pub drain_timeout: Duration,
 }
 
@@ -231,6 +234,7 @@ impl ConsumerGroupSpec {
             retry: RetryPolicy::from_settings(&settings.retry),
             max_batch_records: consumer.max_batch_records,
             max_record_bytes: consumer.max_record_bytes,
+            commit_interval: consumer.commit_interval(),
             drain_timeout: consumer.drain_timeout(),
         }
     }
@@ -269,6 +273,7 @@ impl ConsumerGroup {
             retry: spec.retry,
             max_batch_records: spec.max_batch_records,
             max_record_bytes: spec.max_record_bytes,
+            commit_interval: spec.commit_interval,
             drain_timeout: spec.drain_timeout,
             arbiters,
             partitions: BTreeMap::new(),

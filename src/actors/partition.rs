@@ -4,16 +4,19 @@
 //! `max_batch_records`), dead-letter the records that are not events, hand the events to
 //! the topic's domain actor with `send().await` and wait for its answer, retry transient
 //! failures in place (the fixed policy of [`RetryPolicy`]), dead-letter what cannot
-//! succeed, then store and commit the offset after the batch. One batch is in flight at a
-//! time, so a slow domain actor holds back only this partition, and records are settled in
-//! offset order.
+//! succeed, then store the offset after the batch and commit it (at most once per
+//! `commit_interval`; a revoke commits the last stored offset in any case). One batch is in
+//! flight at a time, so a slow domain actor holds back only this partition, and records are
+//! settled in offset order.
 //!
 //! [`Drain`] stops the loop: the batch in flight finishes, the actor reports the next
 //! offset to commit and stops.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use futures::future::OptionFuture;
 use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -76,6 +79,7 @@ pub struct PartitionWiring {
     pub retry: RetryPolicy,
     pub max_batch_records: usize,
     pub max_record_bytes: usize,
+    pub commit_interval: Duration,
 }
 
 pub struct PartitionActor {
@@ -85,6 +89,9 @@ pub struct PartitionActor {
     wiring: PartitionWiring,
     stop: CancellationToken,
     drain_waiters: Vec<oneshot::Sender<()>>,
+    /// When the offset was last committed, and whether a later commit is scheduled.
+    last_commit: Option<Instant>,
+    commit_scheduled: bool,
     state: PartitionActorState,
 }
 
@@ -113,6 +120,8 @@ impl PartitionActor {
             wiring,
             stop: CancellationToken::new(),
             drain_waiters: Vec::new(),
+            last_commit: None,
+            commit_scheduled: false,
             state,
         }
     }
@@ -138,33 +147,34 @@ impl PartitionActor {
         };
         let turn = actix::fut::wrap_future::<_, Self>(fetch)
             .then(|batch, actor, _ctx| {
-                let work = batch.map(|batch| {
-                    debug!(source = %actor.source, records = batch.len(), "batch taken");
-                    actor.state.in_flight = batch.len();
-                    let job = BatchJob {
-                        source: actor.source.clone(),
-                        wiring: actor.wiring.clone(),
-                        stop: actor.stop.clone(),
-                    };
-                    job.run(batch)
-                });
-                actix::fut::wrap_future(async move {
-                    match work {
-                        Some(work) => Some(work.await),
-                        None => None,
-                    }
-                })
+                // `None` when the partition is stopping: nothing was taken.
+                let work = batch.map(|batch| actor.start_batch(batch));
+                actix::fut::wrap_future(OptionFuture::from(work))
             })
             .map(|report, actor: &mut Self, ctx| {
                 if let Some(report) = report {
-                    actor.apply(report);
+                    actor.apply(report, ctx);
                 }
                 actor.run_next_batch(ctx);
             });
         ctx.spawn(turn);
     }
 
-    fn apply(&mut self, report: BatchReport) {
+    fn start_batch(
+        &mut self,
+        batch: Vec<ConsumedRecord>,
+    ) -> impl Future<Output = BatchReport> + use<> {
+        debug!(source = %self.source, records = batch.len(), "batch taken");
+        self.state.in_flight = batch.len();
+        let job = BatchJob {
+            source: self.source.clone(),
+            wiring: self.wiring.clone(),
+            stop: self.stop.clone(),
+        };
+        job.run(batch)
+    }
+
+    fn apply(&mut self, report: BatchReport, ctx: &mut Context<Self>) {
         debug!(source = %self.source, ?report, "batch settled");
         self.state.in_flight = 0;
         self.state.processed += report.processed;
@@ -174,11 +184,45 @@ impl PartitionActor {
         let Some(next_offset) = report.next_offset else {
             return;
         };
-        match self.offsets.store_and_commit(&self.source, next_offset) {
-            Ok(()) => self.state.last_stored_offset = Some(next_offset),
+        match self.offsets.store(&self.source, next_offset) {
+            Ok(()) => {
+                self.state.last_stored_offset = Some(next_offset);
+                self.commit_soon(ctx);
+            }
             // After a revoke the partition is no longer ours; the next owner starts from
             // the last commit and deduplicates.
             Err(error) => warn!(source = %self.source, next_offset, %error, "cannot store offset"),
+        }
+    }
+
+    /// Commits the stored offset now, or once `commit_interval` has passed since the last
+    /// commit, so a busy partition does not send a commit per batch.
+    fn commit_soon(&mut self, ctx: &mut Context<Self>) {
+        if self.commit_scheduled {
+            return;
+        }
+        let wait = self
+            .last_commit
+            .map(|at| self.wiring.commit_interval.saturating_sub(at.elapsed()))
+            .unwrap_or_default();
+        if wait.is_zero() {
+            self.commit_stored();
+        } else {
+            self.commit_scheduled = true;
+            ctx.run_later(wait, |actor, _ctx| {
+                actor.commit_scheduled = false;
+                actor.commit_stored();
+            });
+        }
+    }
+
+    fn commit_stored(&mut self) {
+        let Some(next_offset) = self.state.last_stored_offset else {
+            return;
+        };
+        self.last_commit = Some(Instant::now());
+        if let Err(error) = self.offsets.commit(&self.source, next_offset) {
+            warn!(source = %self.source, next_offset, %error, "cannot commit offset");
         }
     }
 }

@@ -393,22 +393,33 @@ pub struct OffsetCommitter {
 }
 
 impl OffsetCommitter {
-    /// Records that everything before `next_offset` is processed and commits it
-    /// asynchronously (never blocks; failures are reported by the commit callback).
-    pub fn store_and_commit(
-        &self,
-        partition: &TopicPartition,
-        next_offset: i64,
-    ) -> Result<(), KafkaError> {
-        let mut list = TopicPartitionList::with_capacity(1);
-        list.add_partition_offset(
-            &partition.topic,
-            partition.partition,
-            Offset::Offset(next_offset),
-        )?;
-        self.consumer.store_offsets(&list)?;
-        self.consumer.commit(&list, CommitMode::Async)
+    /// Records that everything before `next_offset` is processed (local, cheap). A
+    /// rebalance or shutdown commits stored offsets; [`OffsetCommitter::commit`] does it
+    /// sooner.
+    pub fn store(&self, partition: &TopicPartition, next_offset: i64) -> Result<(), KafkaError> {
+        self.consumer
+            .store_offsets(&offset_list(partition, next_offset)?)
     }
+
+    /// Commits `next_offset` asynchronously: never blocks; failures are reported by the
+    /// commit callback.
+    pub fn commit(&self, partition: &TopicPartition, next_offset: i64) -> Result<(), KafkaError> {
+        self.consumer
+            .commit(&offset_list(partition, next_offset)?, CommitMode::Async)
+    }
+}
+
+fn offset_list(
+    partition: &TopicPartition,
+    next_offset: i64,
+) -> Result<TopicPartitionList, KafkaError> {
+    let mut list = TopicPartitionList::with_capacity(1);
+    list.add_partition_offset(
+        &partition.topic,
+        partition.partition,
+        Offset::Offset(next_offset),
+    )?;
+    Ok(list)
 }
 
 /// A consumed record, decoded or not.
