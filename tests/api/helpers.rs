@@ -3,10 +3,12 @@ use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use commerce_events::config::Settings;
-use commerce_events::event_log::{EventLog, EventRecord};
-use commerce_events::events::EventId;
+use commerce_events::event_log::{EventLog, EventRecord, OutboxEvent};
+use commerce_events::events::{EventEnvelope, EventId, EventPayload, PipelineProbe};
 use commerce_events::kafka::cluster::KafkaCluster;
 use commerce_events::kafka::producer::EventPublisher;
+use commerce_events::kafka::topics;
+use commerce_events::outbox::Outbox;
 use commerce_events::startup::Application;
 use commerce_events::stores;
 use serde_json::Value;
@@ -107,6 +109,26 @@ impl TestApp {
 
     pub async fn event(&self, id: EventId) -> Option<EventRecord> {
         self.event_log.find(id).await.expect("event log readable")
+    }
+
+    /// Commits a PENDING probe row without publishing it, as a request that died right
+    /// after its commit would leave it.
+    pub async fn commit_unpublished_probe(&self, note: &str) -> EventId {
+        let envelope = EventEnvelope::new(
+            format!("probe:{note}"),
+            EventPayload::PipelineProbe(PipelineProbe {
+                note: Some(note.to_string()),
+            }),
+        );
+        let event_id = envelope.event_id;
+        let mut transaction = self.event_log.pool().begin().await.unwrap();
+        let event = OutboxEvent {
+            topic: topics::PRODUCT_EVENTS.into(),
+            envelope,
+        };
+        Outbox::record(&mut transaction, &[event]).await.unwrap();
+        transaction.commit().await.unwrap();
+        event_id
     }
 
     /// Sends SIGTERM's equivalent and waits for the daemon to finish.

@@ -1,9 +1,6 @@
 use std::time::Duration;
 
-use commerce_events::event_log::{EventLog, EventStatus, OutboxEvent};
-use commerce_events::events::{EventEnvelope, EventPayload, PipelineProbe};
-use commerce_events::kafka::topics;
-use commerce_events::outbox::Outbox;
+use commerce_events::event_log::{EventLog, EventStatus};
 
 use crate::helpers::spawn_app;
 use crate::support::eventually;
@@ -11,25 +8,7 @@ use crate::support::eventually;
 #[actix_web::test]
 async fn an_event_committed_but_never_published_is_relayed_and_processed() {
     let app = spawn_app().await;
-    // A request that died right after its commit: the row is PENDING, nothing was sent.
-    let envelope = EventEnvelope::new(
-        "probe:crash-window",
-        EventPayload::PipelineProbe(PipelineProbe {
-            note: Some("crash window".into()),
-        }),
-    );
-    let event_id = envelope.event_id;
-    let mut transaction = app.event_log.pool().begin().await.unwrap();
-    Outbox::record(
-        &mut transaction,
-        &[OutboxEvent {
-            topic: topics::PRODUCT_EVENTS.into(),
-            envelope,
-        }],
-    )
-    .await
-    .unwrap();
-    transaction.commit().await.unwrap();
+    let event_id = app.commit_unpublished_probe("crash window").await;
     assert_eq!(
         app.event(event_id).await.unwrap().status,
         EventStatus::Pending
@@ -52,22 +31,7 @@ async fn an_event_committed_but_never_published_is_relayed_and_processed() {
 #[actix_web::test]
 async fn the_relay_leaves_fresh_pending_rows_to_their_request() {
     let app = spawn_app_with_slow_relay().await;
-    let envelope = EventEnvelope::new(
-        "probe:fresh",
-        EventPayload::PipelineProbe(PipelineProbe { note: None }),
-    );
-    let event_id = envelope.event_id;
-    let mut transaction = app.event_log.pool().begin().await.unwrap();
-    EventLog::insert_pending(
-        &mut transaction,
-        &[OutboxEvent {
-            topic: topics::PRODUCT_EVENTS.into(),
-            envelope,
-        }],
-    )
-    .await
-    .unwrap();
-    transaction.commit().await.unwrap();
+    let event_id = app.commit_unpublished_probe("fresh").await;
 
     // The row is what the relay looks for, only younger than its 60 s threshold.
     let mut connection = app.event_log.pool().acquire().await.unwrap();
