@@ -7,6 +7,7 @@ mod support;
 mod admin;
 mod daemon;
 mod errors;
+mod external_kafka;
 mod health;
 mod helpers;
 mod outbox;

@@ -1,0 +1,109 @@
+//! The daemon against a separate Kafka-protocol broker process (tansu), configured only
+//! through `kafka.brokers`, as it would run against a real cluster.
+
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use commerce_events::events::EventId;
+use commerce_events::kafka::topics;
+use commerce_events::startup::PRODUCT_EVENT_GROUP;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use crate::helpers::spawn_app_with;
+use crate::support::{committed_offsets, eventually};
+
+/// A tansu broker on a free loopback port, killed when dropped.
+struct Broker {
+    process: Child,
+    address: String,
+}
+
+impl Broker {
+    async fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let address = format!("127.0.0.1:{port}");
+        let url = format!("tcp://{address}");
+        let process = Command::new("tansu")
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu is installed (scripts/test installs it: cargo install tansu --version 0.6.0 --locked --features dynostore)");
+        eventually("the broker listens", Duration::from_secs(20), || async {
+            TcpStream::connect(&address).is_ok()
+        })
+        .await;
+        Self { process, address }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+#[actix_web::test]
+async fn against_an_external_broker_the_daemon_creates_its_topics_and_runs_the_pipeline() {
+    let broker = Broker::start().await;
+    let brokers = broker.address.clone();
+    let mut app = spawn_app_with(|settings| settings.kafka.brokers = brokers).await;
+    assert_eq!(app.bootstrap_servers(), broker.address);
+
+    let metadata_address = broker.address.clone();
+    let partitions_by_topic = tokio::task::spawn_blocking(move || {
+        let client: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &metadata_address)
+            .create()
+            .unwrap();
+        let metadata = client
+            .fetch_metadata(None, Duration::from_secs(10))
+            .unwrap();
+        metadata
+            .topics()
+            .iter()
+            .map(|topic| (topic.name().to_string(), topic.partitions().len()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    })
+    .await
+    .unwrap();
+    for topic in topics::all_with_dead_letters() {
+        assert_eq!(
+            partitions_by_topic.get(&topic),
+            Some(&3),
+            "{topic}: {partitions_by_topic:?}"
+        );
+    }
+
+    let (_, accepted) = app.post("/admin/probes", r#"{"note": "external"}"#).await;
+    let event_id: EventId = accepted["eventId"].as_str().unwrap().parse().unwrap();
+    eventually("the probe completed", Duration::from_secs(30), || async {
+        app.get(&format!("/admin/events/{event_id}")).await.1["status"] == "COMPLETED"
+    })
+    .await;
+
+    app.stop().await.expect("clean shutdown");
+    let committed = committed_offsets(
+        &broker.address,
+        PRODUCT_EVENT_GROUP,
+        topics::PRODUCT_EVENTS,
+        3,
+    )
+    .await;
+    assert_eq!(
+        committed
+            .iter()
+            .map(|offset| offset.unwrap_or(0))
+            .sum::<i64>(),
+        1,
+        "{committed:?}"
+    );
+}
