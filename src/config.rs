@@ -34,6 +34,8 @@ pub struct Settings {
     pub kafka: KafkaSettings,
     pub retry: RetrySettings,
     pub outbox: OutboxSettings,
+    pub coupons: CouponSettings,
+    pub instance: InstanceSettings,
     pub log: LogSettings,
 }
 
@@ -341,6 +343,53 @@ impl Default for OutboxSettings {
             republish_after_ms: 5_000,
             poll_interval_ms: 1_000,
             batch_size: 500,
+        }
+    }
+}
+
+/// First-come-first-served coupons.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct CouponSettings {
+    /// Tasks writing batches of accepted requests (group commit).
+    pub intake_writers: usize,
+    /// Requests one intake commit may carry.
+    pub intake_max_batch: usize,
+    /// Expiry of the advisory `coupon:{couponId}:user:{userId}` Redis locks.
+    pub lock_ttl_ms: u64,
+    /// Largest stock a coupon may be created with.
+    pub max_total_quantity: u32,
+}
+
+impl Default for CouponSettings {
+    fn default() -> Self {
+        Self {
+            intake_writers: 2,
+            intake_max_batch: 500,
+            lock_ttl_ms: 5_000,
+            max_total_quantity: 10_000_000,
+        }
+    }
+}
+
+/// This daemon instance among several.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct InstanceSettings {
+    /// Names the instance's own consumer groups (the result notifier consumes every result
+    /// on every instance). Defaults to the host name.
+    pub id: String,
+}
+
+impl Default for InstanceSettings {
+    fn default() -> Self {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|name| name.trim().to_string())
+            .filter(|name| !name.is_empty());
+        Self {
+            id: host.unwrap_or_else(|| "local".into()),
         }
     }
 }

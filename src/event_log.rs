@@ -16,6 +16,7 @@
 //! `UPDATE … WHERE status IN (allowed predecessors)`: a redelivered event finds its row
 //! already moved on and changes nothing, which is how consumers deduplicate by event id.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
@@ -140,6 +141,8 @@ pub struct EventRecord {
     pub status: EventStatus,
     pub retry_count: i32,
     pub last_error: Option<String>,
+    /// What the consumer decided, when it records more than a status.
+    pub result: Option<serde_json::Value>,
     pub occurred_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -189,7 +192,8 @@ impl<'a> StatusChange<'a> {
 macro_rules! select_event_columns {
     () => {
         "SELECT event_id, event_type, topic, event_key, CAST(payload AS CHAR) AS payload, \
-         status, retry_count, last_error, occurred_at, created_at, updated_at, published_at \
+         status, retry_count, last_error, CAST(result AS CHAR) AS result, occurred_at, \
+         created_at, updated_at, published_at \
          FROM event_log "
     };
 }
@@ -279,7 +283,6 @@ impl EventLog {
         id: EventId,
         change: StatusChange<'_>,
     ) -> Result<Transition, EventLogError> {
-        let predecessors = change.to.predecessors();
         let mut update = sqlx::QueryBuilder::new("UPDATE event_log SET status = ");
         update.push_bind(change.to.as_str());
         if let Some(error) = change.error {
@@ -289,18 +292,109 @@ impl EventLog {
             update.push(", retry_count = retry_count + 1");
         }
         update.push(" WHERE event_id = ").push_bind(id.to_string());
-        update.push(" AND status IN (");
-        let mut separated = update.separated(", ");
-        for from in predecessors {
-            separated.push_bind(from.as_str());
-        }
-        update.push(")");
+        push_status_guard(&mut update, "status", change.to);
         let result = update.build().execute(connection).await?;
         Ok(if result.rows_affected() == 1 {
             Transition::Applied
         } else {
             Transition::Skipped
         })
+    }
+
+    /// Moves every row of `ids` that may become `to` there, in one statement; returns how
+    /// many moved (the others had moved on already).
+    pub async fn change_status_of_many_in(
+        connection: &mut MySqlConnection,
+        ids: &[EventId],
+        to: EventStatus,
+    ) -> Result<u64, EventLogError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut update = sqlx::QueryBuilder::new("UPDATE event_log SET status = ");
+        update.push_bind(to.as_str()).push(" WHERE event_id IN (");
+        let mut separated = update.separated(", ");
+        for id in ids {
+            separated.push_bind(id.to_string());
+        }
+        update.push(")");
+        push_status_guard(&mut update, "status", to);
+        Ok(update.build().execute(connection).await?.rows_affected())
+    }
+
+    /// Locks the rows of `ids` for the caller's transaction and returns their statuses
+    /// (missing rows are absent). A consumer decides which events are new with this, in
+    /// the same transaction as their effects.
+    pub async fn lock_statuses_in(
+        connection: &mut MySqlConnection,
+        ids: &[EventId],
+    ) -> Result<BTreeMap<EventId, EventStatus>, EventLogError> {
+        if ids.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let mut select =
+            sqlx::QueryBuilder::new("SELECT event_id, status FROM event_log WHERE event_id IN (");
+        let mut separated = select.separated(", ");
+        for id in ids {
+            separated.push_bind(id.to_string());
+        }
+        select.push(") FOR UPDATE");
+        let rows = select.build().fetch_all(connection).await?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("event_id")?;
+                let status: String = row.try_get("status")?;
+                let id = id
+                    .parse()
+                    .map_err(|_| EventLogError::CorruptRow(format!("event id {id:?}")))?;
+                Ok((id, status.parse()?))
+            })
+            .collect()
+    }
+
+    /// Records final statuses with their results, one statement for the whole batch. Each
+    /// row moves only if the transition table allows it; returns how many moved.
+    pub async fn record_outcomes_in(
+        connection: &mut MySqlConnection,
+        outcomes: &[RecordedOutcome],
+    ) -> Result<u64, EventLogError> {
+        if outcomes.is_empty() {
+            return Ok(0);
+        }
+        let mut update = sqlx::QueryBuilder::new("UPDATE event_log JOIN (");
+        for (index, outcome) in outcomes.iter().enumerate() {
+            update.push(if index == 0 {
+                "SELECT "
+            } else {
+                " UNION ALL SELECT "
+            });
+            update
+                .push_bind(outcome.event_id.to_string())
+                .push(" AS id, ");
+            update
+                .push_bind(outcome.status.as_str())
+                .push(" AS new_status, ");
+            update
+                .push_bind(outcome.result.as_ref().map(|result| result.to_string()))
+                .push(" AS new_result");
+        }
+        update.push(
+            ") AS decided ON event_log.event_id = decided.id \
+             SET event_log.status = decided.new_status, event_log.result = decided.new_result \
+             WHERE (FALSE",
+        );
+        let mut targets: Vec<EventStatus> = outcomes.iter().map(|outcome| outcome.status).collect();
+        targets.sort();
+        targets.dedup();
+        for target in targets {
+            update
+                .push(" OR (decided.new_status = ")
+                .push_bind(target.as_str());
+            push_status_guard(&mut update, "event_log.status", target);
+            update.push(")");
+        }
+        update.push(")");
+        Ok(update.build().execute(connection).await?.rows_affected())
     }
 
     pub async fn find(&self, id: EventId) -> Result<Option<EventRecord>, EventLogError> {
@@ -360,9 +454,28 @@ pub struct UnpublishedEvent {
     pub envelope: Result<EventEnvelope, DecodeError>,
 }
 
+/// Appends ` AND <column> IN (<states that may become `to`>)`.
+fn push_status_guard(query: &mut sqlx::QueryBuilder<sqlx::MySql>, column: &str, to: EventStatus) {
+    query.push(format_args!(" AND {column} IN ("));
+    let mut separated = query.separated(", ");
+    for from in to.predecessors() {
+        separated.push_bind(from.as_str());
+    }
+    query.push(")");
+}
+
+/// A final status and what the consumer decided, for [`EventLog::record_outcomes_in`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct RecordedOutcome {
+    pub event_id: EventId,
+    pub status: EventStatus,
+    pub result: Option<serde_json::Value>,
+}
+
 fn record_from_row(row: &sqlx::mysql::MySqlRow) -> Result<EventRecord, EventLogError> {
     let payload: String = row.try_get("payload")?;
     let status: String = row.try_get("status")?;
+    let result: Option<String> = row.try_get("result")?;
     Ok(EventRecord {
         event_id: row.try_get("event_id")?,
         event_type: row.try_get("event_type")?,
@@ -373,6 +486,10 @@ fn record_from_row(row: &sqlx::mysql::MySqlRow) -> Result<EventRecord, EventLogE
         status: status.parse()?,
         retry_count: row.try_get("retry_count")?,
         last_error: row.try_get("last_error")?,
+        result: result
+            .map(|text| serde_json::from_str(&text))
+            .transpose()
+            .map_err(|error| EventLogError::CorruptRow(format!("result: {error}")))?,
         occurred_at: row.try_get("occurred_at")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,

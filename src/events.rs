@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
+use crate::coupons::RefusalReason;
+
 /// Identifies one business event across the event log, Kafka and every consumer; consumers
 /// deduplicate by it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -58,15 +60,22 @@ pub enum EventType {
     /// A user asked for a coupon (the design document's `CouponRequestEvent`); the event id
     /// is the request id.
     CouponRequested,
+    /// The decision on a coupon request (the design document's `CouponResultEvent`).
+    CouponResult,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 2] = [EventType::PipelineProbe, EventType::CouponRequested];
+    pub const ALL: [EventType; 3] = [
+        EventType::PipelineProbe,
+        EventType::CouponRequested,
+        EventType::CouponResult,
+    ];
 
     pub fn as_str(&self) -> &'static str {
         match self {
             EventType::PipelineProbe => "PipelineProbe",
             EventType::CouponRequested => "CouponRequested",
+            EventType::CouponResult => "CouponResult",
         }
     }
 }
@@ -105,11 +114,27 @@ pub struct CouponRequested {
     pub coupon_id: u64,
 }
 
+/// Payload of [`EventType::CouponResult`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CouponResult {
+    /// The request this decides (the event id of its `CouponRequested`).
+    pub request_id: EventId,
+    pub user_id: u64,
+    pub coupon_id: u64,
+    pub success: bool,
+    #[serde(default)]
+    pub coupon_history_id: Option<u64>,
+    #[serde(default)]
+    pub reason: Option<RefusalReason>,
+}
+
 /// A typed payload; its variant always matches the envelope's event type.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EventPayload {
     PipelineProbe(PipelineProbe),
     CouponRequested(CouponRequested),
+    CouponResult(CouponResult),
 }
 
 impl EventPayload {
@@ -117,6 +142,7 @@ impl EventPayload {
         match self {
             EventPayload::PipelineProbe(_) => EventType::PipelineProbe,
             EventPayload::CouponRequested(_) => EventType::CouponRequested,
+            EventPayload::CouponResult(_) => EventType::CouponResult,
         }
     }
 
@@ -132,6 +158,9 @@ impl EventPayload {
             EventType::CouponRequested => serde_json::from_str(raw.get())
                 .map(EventPayload::CouponRequested)
                 .map_err(invalid),
+            EventType::CouponResult => serde_json::from_str(raw.get())
+                .map(EventPayload::CouponResult)
+                .map_err(invalid),
         }
     }
 
@@ -139,6 +168,7 @@ impl EventPayload {
         let encoded = match self {
             EventPayload::PipelineProbe(probe) => serde_json::to_value(probe),
             EventPayload::CouponRequested(request) => serde_json::to_value(request),
+            EventPayload::CouponResult(result) => serde_json::to_value(result),
         };
         encoded.expect("payload structs serialize to JSON without fallible fields")
     }

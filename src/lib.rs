@@ -23,21 +23,26 @@
 //! - [`config`]: the typed settings tree (defaults → file → `APP_` environment).
 //! - [`startup`]: builds, runs and shuts down the whole daemon ([`startup::Application`]).
 //! - [`events`]: the event envelope on the wire and its strict decoding.
+//! - [`coupons`]: first-come-first-served coupons: decisions (pure) and their store.
 //! - [`event_log`]: the `event_log` table and its status transitions (the only writer).
 //! - [`outbox`]: publish-after-commit and the relay's republishing.
 //! - [`kafka`]: cluster (embedded mock or real), producer, consumer groups, dead letters.
 //! - [`actors`]: consumer-group managers, partition actors, domain actors, outbox relay.
 //! - [`api`]: the HTTP API and its common JSON error body.
-//! - [`stores`]: MySQL pools and migrations, Redis.
+//! - [`stores`]: MySQL pools and migrations, Redis; [`locks`]: Redis locks (advisory).
+//! - [`notifications`]: WebSocket / SSE sessions of this instance, by user.
 //! - [`retry`]: the in-line retry policy; [`error`]: how failures are classed.
 
 pub mod actors;
 pub mod api;
 pub mod config;
+pub mod coupons;
 pub mod error;
 pub mod event_log;
 pub mod events;
 pub mod kafka;
+pub mod locks;
+pub mod notifications;
 pub mod outbox;
 pub mod retry;
 pub mod startup;

@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::Actor;
+use actix::{Actor, Recipient};
 use actix_web::dev::Server;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context as _;
@@ -16,16 +16,22 @@ use tracing_actix_web::TracingLogger;
 
 use crate::actors::ArbiterPool;
 use crate::actors::consumer_group::{ConsumerGroup, ConsumerGroupSpec};
-use crate::actors::domain::DomainActor;
+use crate::actors::coupon_issuer::CouponIssuer;
+use crate::actors::domain::{DomainActor, ProcessBatch};
 use crate::actors::outbox_relay::{OutboxRelay, StopRelay};
 use crate::actors::product_events::ProductEventProcessor;
+use crate::actors::result_notifier::ResultNotifier;
 use crate::actors::tree::ActorTree;
 use crate::api::{self, AppState};
 use crate::config::Settings;
+use crate::coupons::intake::CouponIntake;
+use crate::coupons::store::CouponStore;
 use crate::event_log::EventLog;
 use crate::kafka::cluster::KafkaCluster;
 use crate::kafka::producer::EventPublisher;
 use crate::kafka::topics;
+use crate::locks::RedisLocks;
+use crate::notifications::Sessions;
 use crate::outbox::Outbox;
 use crate::stores::{self, RedisStore};
 
@@ -34,6 +40,41 @@ const PRODUCER_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The consumer group of `product-events`.
 pub const PRODUCT_EVENT_GROUP: &str = "product-event-group";
+/// The consumer group of `coupon-requests` (the CouponIssuer).
+pub const COUPON_REQUEST_GROUP: &str = "coupon-request-group";
+/// Each instance's consumer group of `coupon-results` is this prefix and the instance id.
+pub const RESULT_NOTIFIER_GROUP_PREFIX: &str = "coupon-result-notifier-";
+
+/// Starts consumer groups with the shared settings.
+struct GroupFactory<'a> {
+    settings: &'a Settings,
+    bootstrap_servers: &'a str,
+    publisher: &'a EventPublisher,
+    event_log: &'a EventLog,
+    arbiters: &'a Arc<ArbiterPool>,
+}
+
+impl GroupFactory<'_> {
+    fn start(
+        &self,
+        group: &str,
+        topic: &str,
+        domain: Recipient<ProcessBatch>,
+        customize: impl FnOnce(&mut ConsumerGroupSpec),
+    ) -> anyhow::Result<ConsumerGroup> {
+        let mut spec = ConsumerGroupSpec::from_settings(
+            self.settings,
+            self.bootstrap_servers,
+            group,
+            BTreeMap::from([(topic.to_string(), domain)]),
+            self.publisher.clone(),
+            self.event_log.clone(),
+        );
+        customize(&mut spec);
+        ConsumerGroup::start(spec, self.arbiters.clone())
+            .with_context(|| format!("cannot start consumer group {group} on {topic}"))
+    }
+}
 
 /// Applies the migrations to the configured database (creating it if missing) and returns.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
@@ -53,6 +94,7 @@ pub struct Application {
     actors: ActorTree,
     arbiters: Arc<ArbiterPool>,
     redis: RedisStore,
+    sessions: Sessions,
 }
 
 impl Application {
@@ -76,46 +118,94 @@ impl Application {
         let bootstrap_servers = kafka.bootstrap_servers().to_string();
         let publisher = EventPublisher::new(&bootstrap_servers, &settings.kafka)?;
 
-        let worker_event_log = EventLog::new(worker_pool);
+        let worker_event_log = EventLog::new(worker_pool.clone());
+        let worker_outbox = Outbox::new(worker_event_log.clone(), publisher.clone());
         let arbiters = Arc::new(ArbiterPool::new(settings.kafka.consumer.partition_threads));
+        let sessions = Sessions::default();
+        let groups = GroupFactory {
+            settings: &settings,
+            bootstrap_servers: &bootstrap_servers,
+            publisher: &publisher,
+            event_log: &worker_event_log,
+            arbiters: &arbiters,
+        };
 
         let product_events = DomainActor::new(ProductEventProcessor, worker_event_log.clone())
             .start_supervised(&arbiters.next());
-        let product_event_group = ConsumerGroup::start(
-            ConsumerGroupSpec::from_settings(
-                &settings,
-                &bootstrap_servers,
-                PRODUCT_EVENT_GROUP,
-                BTreeMap::from([(
-                    topics::PRODUCT_EVENTS.to_string(),
-                    product_events.clone().recipient(),
-                )]),
-                publisher.clone(),
-                worker_event_log.clone(),
-            ),
-            arbiters.clone(),
-        )
-        .context("cannot start the product-events consumer group")?;
+        let product_event_group = groups.start(
+            PRODUCT_EVENT_GROUP,
+            topics::PRODUCT_EVENTS,
+            product_events.clone().recipient(),
+            |_| {},
+        )?;
 
-        let outbox_relay = OutboxRelay::new(
-            Outbox::new(worker_event_log, publisher.clone()),
-            &settings.outbox,
+        let coupon_issuer = DomainActor::new(
+            CouponIssuer::new(
+                CouponStore::new(worker_pool),
+                worker_outbox.clone(),
+                RedisLocks::new(
+                    redis.clone(),
+                    Duration::from_millis(settings.coupons.lock_ttl_ms),
+                ),
+            ),
+            worker_event_log.clone(),
         )
-        .start();
+        .start_supervised(&arbiters.next());
+        let coupon_request_group = groups.start(
+            COUPON_REQUEST_GROUP,
+            topics::COUPON_REQUESTS,
+            coupon_issuer.clone().recipient(),
+            |_| {},
+        )?;
+
+        let result_notifier = DomainActor::new(
+            ResultNotifier::new(sessions.clone(), worker_event_log.clone()),
+            worker_event_log.clone(),
+        )
+        .start_supervised(&arbiters.next());
+        let result_notifier_group = groups.start(
+            &format!("{RESULT_NOTIFIER_GROUP_PREFIX}{}", settings.instance.id),
+            topics::COUPON_RESULTS,
+            result_notifier.clone().recipient(),
+            // An instance's own group only serves its live sessions: a new instance starts
+            // from the latest results, not from the history of every result.
+            |spec| {
+                spec.client_config.set("auto.offset.reset", "latest");
+            },
+        )?;
+
+        let outbox_relay = OutboxRelay::new(worker_outbox.clone(), &settings.outbox).start();
+        let intake = CouponIntake::start(
+            worker_outbox,
+            settings.coupons.intake_writers,
+            settings.coupons.intake_max_batch,
+        );
 
         let actors = ActorTree {
-            consumer_groups: vec![Arc::new(product_event_group)],
-            domain_actors: vec![product_events.recipient()],
+            consumer_groups: vec![
+                Arc::new(coupon_request_group),
+                Arc::new(result_notifier_group),
+                Arc::new(product_event_group),
+            ],
+            domain_actors: vec![
+                coupon_issuer.recipient(),
+                result_notifier.recipient(),
+                product_events.recipient(),
+            ],
             outbox_relay: Some(outbox_relay),
         };
 
-        let http_event_log = EventLog::new(http_pool);
+        let http_event_log = EventLog::new(http_pool.clone());
         let state = web::Data::new(AppState {
             outbox: Outbox::new(http_event_log.clone(), publisher.clone()),
             event_log: http_event_log,
             redis: redis.clone(),
             publisher: publisher.clone(),
             actors: actors.clone(),
+            coupons: CouponStore::new(http_pool),
+            intake,
+            sessions: sessions.clone(),
+            max_total_quantity: settings.coupons.max_total_quantity,
         });
         let listener = TcpListener::bind((settings.http.host.as_str(), settings.http.port))
             .with_context(|| {
@@ -147,6 +237,7 @@ impl Application {
             actors,
             arbiters,
             redis,
+            sessions,
         })
     }
 
@@ -171,8 +262,8 @@ impl Application {
     }
 
     /// Serves until `shutdown` resolves, then stops in order: HTTP intake, partitions
-    /// (drain and commit), the outbox relay, the producer (flush), and finally the HTTP
-    /// server's remaining connections and the arbiters.
+    /// (drain and commit), the outbox relay, the producer (flush), WebSocket and SSE
+    /// sessions with the HTTP server's remaining connections, and the arbiters.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let server_handle = self.server.handle();
         let mut server = actix_rt::spawn(self.server);
@@ -212,7 +303,8 @@ impl Application {
             Err(error) => warn!(%error, "producer flush failed"),
         }
 
-        info!("shutdown: closing connections");
+        info!("shutdown: closing WebSocket and SSE sessions and remaining connections");
+        self.sessions.close_all();
         let _ = http_stopped.await;
         let _ = server.await;
 

@@ -108,6 +108,11 @@ pub trait DomainHandler: Unpin + 'static {
 
     /// Called when the actor is restarted after a fatal error, to rebuild state.
     fn restarted(&mut self) {}
+
+    /// The handler's own counters for the admin view (serializable, deterministic order).
+    fn details(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// Counters of a domain actor.
@@ -119,6 +124,8 @@ pub struct DomainActorState {
     pub duplicates: u64,
     pub failed: u64,
     pub restarts: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
 }
 
 /// A supervised domain actor; start it with [`DomainActor::start_supervised`].
@@ -302,6 +309,9 @@ impl<H: DomainHandler> Handler<ObserveDomain> for DomainActor<H> {
     type Result = MessageResult<ObserveDomain>;
 
     fn handle(&mut self, _: ObserveDomain, _ctx: &mut Self::Context) -> Self::Result {
-        MessageResult(self.state.clone())
+        MessageResult(DomainActorState {
+            details: self.handler.details(),
+            ..self.state.clone()
+        })
     }
 }

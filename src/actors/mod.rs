@@ -11,10 +11,12 @@
 //! observable state, gathered by [`tree::ActorTree`] for the admin API and snapshot tests.
 
 pub mod consumer_group;
+pub mod coupon_issuer;
 pub mod domain;
 pub mod outbox_relay;
 pub mod partition;
 pub mod product_events;
+pub mod result_notifier;
 pub mod tree;
 
 use std::sync::Mutex;

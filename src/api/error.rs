@@ -147,3 +147,32 @@ pub fn into_json_error<B: MessageBody + 'static>(
 pub fn extractor_error(code: &'static str, error: impl std::fmt::Display) -> actix_web::Error {
     ApiError::bad_request(code, error.to_string()).into()
 }
+
+/// A JSON object body. Unlike `web::Json`, it refuses arrays that serde would read as
+/// structs (`[1, 2]` for `{"userId": 1, "couponId": 2}`): every body of this API is an
+/// object with named fields.
+pub struct JsonObject<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned + 'static> actix_web::FromRequest for JsonObject<T> {
+    type Error = actix_web::Error;
+    type Future = futures::future::LocalBoxFuture<'static, Result<Self, Self::Error>>;
+
+    fn from_request(
+        request: &actix_web::HttpRequest,
+        payload: &mut actix_web::dev::Payload,
+    ) -> Self::Future {
+        let value = actix_web::web::Json::<serde_json::Value>::from_request(request, payload);
+        Box::pin(async move {
+            let value = value.await?.into_inner();
+            if !value.is_object() {
+                return Err(extractor_error(
+                    "INVALID_JSON",
+                    "the body must be a JSON object",
+                ));
+            }
+            serde_json::from_value(value)
+                .map(JsonObject)
+                .map_err(|error| extractor_error("INVALID_JSON", error))
+        })
+    }
+}

@@ -7,18 +7,31 @@
 //! | `GET /admin/actors`          | observable state of the whole actor tree                  |
 //! | `GET /admin/events/{id}`     | one event-log row                                         |
 //! | `POST /admin/probes`         | sends a pipeline probe through a consumed topic           |
+//! | `POST /coupons`              | creates a coupon                                          |
+//! | `GET /coupons/{id}`          | one coupon with its remaining stock                       |
+//! | `POST /coupons/issue`        | accepts an issue request (202), decided asynchronously    |
+//! | `GET /coupons/requests/{id}` | the state of an issue request                             |
+//! | `GET /users/{id}/coupons`    | the coupons a user holds                                  |
+//! | `GET /ws?userId=`            | WebSocket pushing the user's coupon results               |
+//! | `GET /users/{id}/events`     | the same as Server-Sent Events                            |
 
 pub mod admin;
+pub mod coupons;
 pub mod error;
 pub mod health;
+pub mod identity;
+pub mod push;
 
 use actix_web::http::StatusCode;
 use actix_web::middleware::ErrorHandlers;
 use actix_web::web;
 
 use crate::actors::tree::ActorTree;
+use crate::coupons::intake::CouponIntake;
+use crate::coupons::store::CouponStore;
 use crate::event_log::EventLog;
 use crate::kafka::producer::EventPublisher;
+use crate::notifications::Sessions;
 use crate::outbox::Outbox;
 use crate::stores::RedisStore;
 
@@ -29,6 +42,10 @@ pub struct AppState {
     pub redis: RedisStore,
     pub publisher: EventPublisher,
     pub actors: ActorTree,
+    pub coupons: CouponStore,
+    pub intake: CouponIntake,
+    pub sessions: Sessions,
+    pub max_total_quantity: u32,
 }
 
 /// Registers every route and the common error handling.
@@ -51,7 +68,14 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(web::resource("/readyz").get(health::readyz))
         .service(web::resource("/admin/actors").get(admin::actors))
         .service(web::resource("/admin/events/{event_id}").get(admin::event))
-        .service(web::resource("/admin/probes").post(admin::send_probe));
+        .service(web::resource("/admin/probes").post(admin::send_probe))
+        .service(web::resource("/coupons").post(coupons::create))
+        .service(web::resource("/coupons/issue").post(coupons::issue))
+        .service(web::resource("/coupons/requests/{request_id}").get(coupons::request))
+        .service(web::resource("/coupons/{coupon_id}").get(coupons::find))
+        .service(web::resource("/users/{user_id}/coupons").get(coupons::held))
+        .service(web::resource("/users/{user_id}/events").get(push::server_sent_events))
+        .service(web::resource("/ws").get(push::websocket));
 }
 
 /// The middleware that gives actix-web's own error responses the common JSON shape.

@@ -6,7 +6,9 @@ use commerce_events::events::{EventEnvelope, EventId};
 use commerce_events::kafka::topics;
 use serde_json::json;
 
-use crate::helpers::spawn_app;
+use commerce_events::startup::PRODUCT_EVENT_GROUP;
+
+use crate::helpers::{domain_actor, group, spawn_app};
 use crate::support::eventually;
 
 #[actix_web::test]
@@ -28,7 +30,7 @@ async fn a_probe_travels_the_pipeline_and_is_completed() {
     assert!(record["publishedAt"].is_string());
 
     let (_, tree) = app.get("/admin/actors").await;
-    let processed: u64 = tree["consumerGroups"][0]["partitions"]
+    let processed: u64 = group(&tree, PRODUCT_EVENT_GROUP)["partitions"]
         .as_array()
         .unwrap()
         .iter()
@@ -67,7 +69,10 @@ async fn a_redelivered_probe_changes_nothing() {
     eventually(
         "the redelivery counted as a duplicate",
         Duration::from_secs(20),
-        || async { app.get("/admin/actors").await.1["domainActors"][0]["duplicates"] == 1 },
+        || async {
+            domain_actor(&app.get("/admin/actors").await.1, "ProductEventProcessor")["duplicates"]
+                == 1
+        },
     )
     .await;
     let after = app.event(event_id).await.unwrap();
@@ -77,7 +82,7 @@ async fn a_redelivered_probe_changes_nothing() {
         "the row was not touched"
     );
     assert_eq!(
-        app.get("/admin/actors").await.1["domainActors"][0]["processed"],
+        domain_actor(&app.get("/admin/actors").await.1, "ProductEventProcessor")["processed"],
         1
     );
 }

@@ -91,7 +91,7 @@ async fn the_daemon_serves_until_sigterm_and_then_exits_0_within_10_seconds() {
         .await
         .unwrap();
     assert_eq!(
-        tree["consumerGroups"][0]["partitions"]
+        crate::helpers::group(&tree, commerce_events::startup::PRODUCT_EVENT_GROUP)["partitions"]
             .as_array()
             .unwrap()
             .len(),

@@ -131,6 +131,83 @@ impl TestApp {
         event_id
     }
 
+    /// Creates a coupon valid from `valid_from` to `valid_until`; returns its id.
+    pub async fn create_coupon_between(
+        &self,
+        total_quantity: u32,
+        valid_from: chrono::DateTime<chrono::Utc>,
+        valid_until: chrono::DateTime<chrono::Utc>,
+    ) -> u64 {
+        let body = serde_json::json!({
+            "name": "Black Friday",
+            "discountAmount": 5000,
+            "totalQuantity": total_quantity,
+            "validFrom": valid_from,
+            "validUntil": valid_until,
+        });
+        let (status, coupon) = self.post("/coupons", &body.to_string()).await;
+        assert_eq!(status, StatusCode::CREATED, "{coupon}");
+        coupon["couponId"].as_u64().expect("a coupon id")
+    }
+
+    /// Creates a coupon valid from an hour ago for a day.
+    pub async fn create_coupon(&self, total_quantity: u32) -> u64 {
+        let now = chrono::Utc::now();
+        self.create_coupon_between(
+            total_quantity,
+            now - chrono::Duration::hours(1),
+            now + chrono::Duration::days(1),
+        )
+        .await
+    }
+
+    /// Asks for a coupon; returns the request id of the 202.
+    pub async fn issue(&self, user_id: u64, coupon_id: u64) -> String {
+        let (status, accepted) = self
+            .post(
+                "/coupons/issue",
+                &format!(r#"{{"userId": {user_id}, "couponId": {coupon_id}}}"#),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+        assert_eq!(accepted["status"], "PENDING");
+        accepted["requestId"]
+            .as_str()
+            .expect("a request id")
+            .to_string()
+    }
+
+    /// Waits until the request is decided and notified; returns its view.
+    pub async fn wait_until_notified(&self, request_id: &str) -> Value {
+        let path = format!("/coupons/requests/{request_id}");
+        eventually("the request notified", Duration::from_secs(30), || async {
+            self.get(&path).await.1["status"] == "NOTIFIED"
+        })
+        .await;
+        self.get(&path).await.1
+    }
+
+    /// Commits a PENDING coupon request without publishing it (a request that died right
+    /// after its commit).
+    pub async fn commit_unpublished_coupon_request(&self, user_id: u64, coupon_id: u64) -> EventId {
+        let envelope = EventEnvelope::new(
+            format!("user:{user_id}"),
+            EventPayload::CouponRequested(commerce_events::events::CouponRequested {
+                user_id,
+                coupon_id,
+            }),
+        );
+        let event_id = envelope.event_id;
+        let mut transaction = self.event_log.pool().begin().await.unwrap();
+        let event = OutboxEvent {
+            topic: topics::COUPON_REQUESTS.into(),
+            envelope,
+        };
+        Outbox::record(&mut transaction, &[event]).await.unwrap();
+        transaction.commit().await.unwrap();
+        event_id
+    }
+
     /// Sends SIGTERM's equivalent and waits for the daemon to finish.
     pub async fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(shutdown) = self.shutdown.take() {
@@ -141,6 +218,22 @@ impl TestApp {
             None => Ok(()),
         }
     }
+}
+
+/// The consumer group named `group_id` in an `/admin/actors` answer.
+pub fn group<'a>(tree: &'a Value, group_id: &str) -> &'a Value {
+    tree["consumerGroups"]
+        .as_array()
+        .and_then(|groups| groups.iter().find(|group| group["groupId"] == group_id))
+        .unwrap_or_else(|| panic!("no group {group_id} in {tree}"))
+}
+
+/// The domain actor named `name` in an `/admin/actors` answer.
+pub fn domain_actor<'a>(tree: &'a Value, name: &str) -> &'a Value {
+    tree["domainActors"]
+        .as_array()
+        .and_then(|actors| actors.iter().find(|actor| actor["name"] == name))
+        .unwrap_or_else(|| panic!("no domain actor {name} in {tree}"))
 }
 
 fn parse(body: &[u8]) -> Value {

@@ -5,6 +5,7 @@
 mod support;
 
 mod admin;
+mod coupons;
 mod daemon;
 mod errors;
 mod external_kafka;

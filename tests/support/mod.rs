@@ -72,6 +72,7 @@ impl TestDatabase {
         settings.retry.delay_ms = 50;
         settings.outbox.poll_interval_ms = 100;
         settings.outbox.republish_after_ms = 2_000;
+        settings.instance.id = "test".into();
         settings
     }
 }

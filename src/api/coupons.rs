@@ -1,0 +1,348 @@
+//! Coupons: creation, reading, the issue intake and the state of a request.
+
+use actix_web::http::header;
+use actix_web::{HttpResponse, web};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::api::AppState;
+use crate::api::error::{ApiError, JsonObject};
+use crate::coupons::intake::IntakeError;
+use crate::coupons::store::NewCoupon;
+use crate::coupons::{CouponId, RefusalReason, UserId};
+use crate::event_log::{EventRecord, EventStatus};
+use crate::events::{EventId, EventType};
+
+const MAX_NAME_CHARS: usize = 100;
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateCoupon {
+    pub name: String,
+    pub discount_amount: i64,
+    pub total_quantity: i64,
+    pub valid_from: DateTime<Utc>,
+    pub valid_until: DateTime<Utc>,
+}
+
+/// `POST /coupons`
+pub async fn create(
+    state: web::Data<AppState>,
+    body: JsonObject<CreateCoupon>,
+) -> Result<HttpResponse, ApiError> {
+    let coupon = validate_new_coupon(body.0, state.max_total_quantity)?;
+    let created = state
+        .coupons
+        .create(&coupon)
+        .await
+        .map_err(anyhow::Error::from)?;
+    Ok(HttpResponse::Created()
+        .insert_header((header::LOCATION, format!("/coupons/{}", created.coupon_id)))
+        .json(created))
+}
+
+fn validate_new_coupon(
+    request: CreateCoupon,
+    max_total_quantity: u32,
+) -> Result<NewCoupon, ApiError> {
+    let name = request.name.trim().to_string();
+    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
+        return Err(ApiError::bad_request(
+            "INVALID_NAME",
+            format!("name must have 1 to {MAX_NAME_CHARS} characters"),
+        ));
+    }
+    let discount_amount = u64::try_from(request.discount_amount)
+        .ok()
+        .filter(|amount| *amount > 0)
+        .ok_or_else(|| {
+            ApiError::bad_request("INVALID_DISCOUNT_AMOUNT", "discountAmount must be positive")
+        })?;
+    let total_quantity = u32::try_from(request.total_quantity)
+        .ok()
+        .filter(|quantity| (1..=max_total_quantity).contains(quantity))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "INVALID_TOTAL_QUANTITY",
+                format!("totalQuantity must be between 1 and {max_total_quantity}"),
+            )
+        })?;
+    if request.valid_from >= request.valid_until {
+        return Err(ApiError::bad_request(
+            "INVALID_VALIDITY",
+            "validFrom must be before validUntil",
+        ));
+    }
+    Ok(NewCoupon {
+        name,
+        discount_amount,
+        total_quantity,
+        valid_from: request.valid_from,
+        valid_until: request.valid_until,
+    })
+}
+
+fn coupon_id(raw: &str) -> Result<CouponId, ApiError> {
+    let number: i64 = raw.parse().map_err(|_| {
+        ApiError::bad_request("INVALID_COUPON_ID", format!("{raw:?} is not a coupon id"))
+    })?;
+    CouponId::parse(number)
+        .map_err(|error| ApiError::bad_request("INVALID_COUPON_ID", error.to_string()))
+}
+
+/// `GET /coupons/{couponId}`
+pub async fn find(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let coupon_id = coupon_id(&path)?;
+    let coupon = state
+        .coupons
+        .find(coupon_id)
+        .await
+        .map_err(anyhow::Error::from)?
+        .ok_or_else(|| ApiError::not_found(format!("coupon {coupon_id}")))?;
+    Ok(HttpResponse::Ok().json(coupon))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IssueBody {
+    pub user_id: i64,
+    pub coupon_id: i64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Accepted {
+    request_id: EventId,
+    status: &'static str,
+}
+
+/// `POST /coupons/issue`: accepted (202) once recorded; the decision comes asynchronously,
+/// whether or not the coupon exists or has stock.
+pub async fn issue(
+    state: web::Data<AppState>,
+    JsonObject(body): JsonObject<IssueBody>,
+) -> Result<HttpResponse, ApiError> {
+    let user = UserId::parse(body.user_id)
+        .map_err(|error| ApiError::bad_request("INVALID_USER_ID", error.to_string()))?;
+    let coupon = CouponId::parse(body.coupon_id)
+        .map_err(|error| ApiError::bad_request("INVALID_COUPON_ID", error.to_string()))?;
+    let request_id = state
+        .intake
+        .submit(user, coupon)
+        .await
+        .map_err(|error| match error {
+            IntakeError::Closed => ApiError::Unavailable {
+                code: "SHUTTING_DOWN",
+                message: error.to_string(),
+                details: serde_json::Value::Null,
+            },
+            IntakeError::NotRecorded(_) => ApiError::Internal(anyhow::Error::from(error)),
+        })?;
+    Ok(HttpResponse::Accepted().json(Accepted {
+        request_id,
+        status: "PENDING",
+    }))
+}
+
+/// The state of a request as clients see it.
+#[derive(Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestView {
+    pub request_id: String,
+    pub user_id: u64,
+    pub coupon_id: u64,
+    pub status: &'static str,
+    pub reason: Option<RefusalReason>,
+    pub coupon_history_id: Option<u64>,
+}
+
+/// Maps an event-log row of a `CouponRequested` event to what clients see: the publishing
+/// and processing steps are all still `PENDING` to them.
+pub fn request_view(record: &EventRecord) -> Option<RequestView> {
+    if record.event_type != EventType::CouponRequested.as_str() {
+        return None;
+    }
+    let status = match record.status {
+        EventStatus::Pending | EventStatus::Published | EventStatus::InProgress => "PENDING",
+        EventStatus::Completed => "COMPLETED",
+        EventStatus::Failed => "FAILED",
+        EventStatus::Notified => "NOTIFIED",
+        EventStatus::DeadLetter => "DEAD_LETTER",
+    };
+    let result = record.result.as_ref();
+    Some(RequestView {
+        request_id: record.event_id.clone(),
+        user_id: record.payload["userId"].as_u64()?,
+        coupon_id: record.payload["couponId"].as_u64()?,
+        status,
+        reason: result
+            .and_then(|result| result.get("reason"))
+            .and_then(|reason| serde_json::from_value(reason.clone()).ok()),
+        coupon_history_id: result
+            .and_then(|result| result.get("couponHistoryId"))
+            .and_then(serde_json::Value::as_u64),
+    })
+}
+
+/// `GET /coupons/requests/{requestId}`
+pub async fn request(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let request_id: EventId = path.parse().map_err(|_| {
+        ApiError::bad_request(
+            "INVALID_REQUEST_ID",
+            format!("{:?} is not a request id (a UUID)", path.as_str()),
+        )
+    })?;
+    let record = state
+        .event_log
+        .find(request_id)
+        .await
+        .map_err(anyhow::Error::from)?;
+    let view = record
+        .as_ref()
+        .and_then(request_view)
+        .ok_or_else(|| ApiError::not_found(format!("coupon request {request_id}")))?;
+    Ok(HttpResponse::Ok().json(view))
+}
+
+/// `GET /users/{userId}/coupons`
+pub async fn held(
+    state: web::Data<AppState>,
+    path: web::Path<i64>,
+) -> Result<HttpResponse, ApiError> {
+    let user = UserId::parse(*path)
+        .map_err(|error| ApiError::bad_request("INVALID_USER_ID", error.to_string()))?;
+    let coupons = state
+        .coupons
+        .held_by(user)
+        .await
+        .map_err(anyhow::Error::from)?;
+    Ok(HttpResponse::Ok().json(coupons))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn record(status: EventStatus, result: Option<serde_json::Value>) -> EventRecord {
+        EventRecord {
+            event_id: "01a20c4d-9946-77b8-9ac2-9e7b856b2318".into(),
+            event_type: "CouponRequested".into(),
+            topic: "coupon-requests".into(),
+            key: "user:5".into(),
+            payload: json!({"userId": 5, "couponId": 9}),
+            status,
+            retry_count: 0,
+            last_error: None,
+            result,
+            occurred_at: Utc::now(),
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+            published_at: None,
+        }
+    }
+
+    #[test]
+    fn publishing_steps_look_pending_to_clients() {
+        for status in [
+            EventStatus::Pending,
+            EventStatus::Published,
+            EventStatus::InProgress,
+        ] {
+            assert_eq!(
+                request_view(&record(status, None)).unwrap().status,
+                "PENDING"
+            );
+        }
+    }
+
+    #[test]
+    fn a_refusal_carries_its_reason_and_a_success_its_history() {
+        let refused = request_view(&record(
+            EventStatus::Failed,
+            Some(json!({"reason": "OUT_OF_STOCK"})),
+        ))
+        .unwrap();
+        assert_eq!(
+            (refused.status, refused.reason),
+            ("FAILED", Some(RefusalReason::OutOfStock))
+        );
+        let issued = request_view(&record(
+            EventStatus::Notified,
+            Some(json!({"couponHistoryId": 77})),
+        ))
+        .unwrap();
+        assert_eq!(
+            (issued.status, issued.coupon_history_id, issued.reason),
+            ("NOTIFIED", Some(77), None)
+        );
+    }
+
+    #[test]
+    fn other_events_are_not_coupon_requests() {
+        let mut probe = record(EventStatus::Completed, None);
+        probe.event_type = "PipelineProbe".into();
+        assert_eq!(request_view(&probe), None);
+    }
+
+    #[test]
+    fn a_coupon_needs_a_name_a_discount_a_stock_and_a_period() {
+        let valid = || CreateCoupon {
+            name: "Welcome".into(),
+            discount_amount: 1000,
+            total_quantity: 100,
+            valid_from: Utc::now(),
+            valid_until: Utc::now() + chrono::Duration::days(1),
+        };
+        assert!(validate_new_coupon(valid(), 1_000).is_ok());
+        let cases: Vec<(CreateCoupon, &str)> = vec![
+            (
+                CreateCoupon {
+                    name: "  ".into(),
+                    ..valid()
+                },
+                "INVALID_NAME",
+            ),
+            (
+                CreateCoupon {
+                    discount_amount: 0,
+                    ..valid()
+                },
+                "INVALID_DISCOUNT_AMOUNT",
+            ),
+            (
+                CreateCoupon {
+                    total_quantity: -1,
+                    ..valid()
+                },
+                "INVALID_TOTAL_QUANTITY",
+            ),
+            (
+                CreateCoupon {
+                    total_quantity: 1_001,
+                    ..valid()
+                },
+                "INVALID_TOTAL_QUANTITY",
+            ),
+            (
+                CreateCoupon {
+                    valid_until: Utc::now() - chrono::Duration::days(1),
+                    ..valid()
+                },
+                "INVALID_VALIDITY",
+            ),
+        ];
+        for (request, code) in cases {
+            match validate_new_coupon(request, 1_000) {
+                Err(ApiError::BadRequest { code: actual, .. }) => assert_eq!(actual, code),
+                other => panic!("expected {code}, got {other:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! First-come-first-served coupons: the identifiers, the coupon's state and the pure
+//! decision of who gets one.
+//!
+//! Every decision is made by [`decide_issues`] over plain data; the CouponIssuer actor only
+//! reads the state, calls it and writes the effects in one transaction
+//! ([`store::CouponStore::issue`]).
+
+pub mod intake;
+pub mod store;
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::events::EventId;
+
+/// A positive identifier; built only through [`PositiveId::parse`].
+macro_rules! positive_id {
+    ($name:ident, $what:literal) => {
+        #[derive(
+            Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+        )]
+        #[serde(transparent)]
+        pub struct $name(u64);
+
+        impl $name {
+            /// Accepts positive integers only.
+            pub fn parse(value: i64) -> Result<Self, InvalidId> {
+                u64::try_from(value)
+                    .ok()
+                    .filter(|value| *value > 0)
+                    .map(Self)
+                    .ok_or(InvalidId {
+                        what: $what,
+                        value: value.into(),
+                    })
+            }
+
+            /// Accepts anything but zero (ids read back from events).
+            pub fn from_u64(value: u64) -> Result<Self, InvalidId> {
+                (value > 0).then_some(Self(value)).ok_or(InvalidId {
+                    what: $what,
+                    value: value.into(),
+                })
+            }
+
+            pub fn get(&self) -> u64 {
+                self.0
+            }
+        }
+
+        impl From<$name> for u64 {
+            fn from(id: $name) -> u64 {
+                id.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+positive_id!(CouponId, "couponId");
+positive_id!(UserId, "userId");
+
+impl UserId {
+    /// The Kafka key that keeps one user's requests in order on one partition.
+    pub fn partition_key(&self) -> String {
+        format!("user:{}", self.0)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{what} must be a positive integer, got {value}")]
+pub struct InvalidId {
+    pub what: &'static str,
+    pub value: i128,
+}
+
+/// Why a request got no coupon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RefusalReason {
+    OutOfStock,
+    AlreadyIssued,
+    CouponNotFound,
+    NotStarted,
+    Expired,
+}
+
+impl RefusalReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RefusalReason::OutOfStock => "OUT_OF_STOCK",
+            RefusalReason::AlreadyIssued => "ALREADY_ISSUED",
+            RefusalReason::CouponNotFound => "COUPON_NOT_FOUND",
+            RefusalReason::NotStarted => "NOT_STARTED",
+            RefusalReason::Expired => "EXPIRED",
+        }
+    }
+}
+
+/// What the issuer knows of a coupon when it decides.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CouponState {
+    pub coupon_id: CouponId,
+    pub total_quantity: u32,
+    pub issued_quantity: u32,
+    pub valid_from: DateTime<Utc>,
+    pub valid_until: DateTime<Utc>,
+}
+
+impl CouponState {
+    pub fn remaining(&self) -> u32 {
+        self.total_quantity.saturating_sub(self.issued_quantity)
+    }
+}
+
+/// One request to decide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IssueRequest {
+    pub request_id: EventId,
+    pub user_id: UserId,
+    /// When the request was accepted; validity is judged at this instant, so a request
+    /// accepted in time is not refused because it waited in a queue.
+    pub requested_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(
+    tag = "decision",
+    content = "reason",
+    rename_all = "SCREAMING_SNAKE_CASE"
+)]
+pub enum IssueDecision {
+    Issue,
+    Refuse(RefusalReason),
+}
+
+/// Decides, in order, the requests for one coupon. `coupon` is `None` when it does not
+/// exist; `holders` are the users who already hold it. First come, first served: stock goes
+/// to the earliest requests, and a user's second request in the same batch is a duplicate.
+pub fn decide_issues(
+    coupon: Option<&CouponState>,
+    holders: &BTreeSet<UserId>,
+    requests: &[IssueRequest],
+) -> Vec<IssueDecision> {
+    let Some(coupon) = coupon else {
+        return vec![IssueDecision::Refuse(RefusalReason::CouponNotFound); requests.len()];
+    };
+    let mut remaining = coupon.remaining();
+    let mut issued_now = BTreeSet::new();
+    requests
+        .iter()
+        .map(|request| {
+            let refusal = if request.requested_at < coupon.valid_from {
+                Some(RefusalReason::NotStarted)
+            } else if request.requested_at >= coupon.valid_until {
+                Some(RefusalReason::Expired)
+            } else if holders.contains(&request.user_id) || issued_now.contains(&request.user_id) {
+                Some(RefusalReason::AlreadyIssued)
+            } else if remaining == 0 {
+                Some(RefusalReason::OutOfStock)
+            } else {
+                None
+            };
+            match refusal {
+                Some(reason) => IssueDecision::Refuse(reason),
+                None => {
+                    remaining -= 1;
+                    issued_now.insert(request.user_id);
+                    IssueDecision::Issue
+                }
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(hour: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 24, hour, 0, 0).unwrap()
+    }
+
+    fn coupon(total: u32, issued: u32) -> CouponState {
+        CouponState {
+            coupon_id: CouponId::parse(7).unwrap(),
+            total_quantity: total,
+            issued_quantity: issued,
+            valid_from: at(9),
+            valid_until: at(18),
+        }
+    }
+
+    fn request(user: i64, hour: u32) -> IssueRequest {
+        IssueRequest {
+            request_id: EventId::generate(),
+            user_id: UserId::parse(user).unwrap(),
+            requested_at: at(hour),
+        }
+    }
+
+    use IssueDecision::{Issue, Refuse};
+    use RefusalReason::*;
+
+    #[test]
+    fn stock_goes_to_the_earliest_requests() {
+        let decisions = decide_issues(
+            Some(&coupon(3, 1)),
+            &BTreeSet::new(),
+            &[request(1, 10), request(2, 10), request(3, 10)],
+        );
+        assert_eq!(decisions, vec![Issue, Issue, Refuse(OutOfStock)]);
+    }
+
+    #[test]
+    fn a_user_gets_one_coupon_whatever_the_number_of_requests() {
+        let holders = BTreeSet::from([UserId::parse(1).unwrap()]);
+        let decisions = decide_issues(
+            Some(&coupon(10, 1)),
+            &holders,
+            &[request(1, 10), request(2, 10), request(2, 11)],
+        );
+        assert_eq!(
+            decisions,
+            vec![Refuse(AlreadyIssued), Issue, Refuse(AlreadyIssued)]
+        );
+    }
+
+    #[test]
+    fn validity_is_judged_when_the_request_was_made() {
+        let decisions = decide_issues(
+            Some(&coupon(10, 0)),
+            &BTreeSet::new(),
+            &[request(1, 8), request(2, 9), request(3, 17), request(4, 18)],
+        );
+        assert_eq!(
+            decisions,
+            vec![Refuse(NotStarted), Issue, Issue, Refuse(Expired)]
+        );
+    }
+
+    #[test]
+    fn an_unknown_coupon_refuses_everything() {
+        let decisions = decide_issues(None, &BTreeSet::new(), &[request(1, 10), request(2, 10)]);
+        assert_eq!(decisions, vec![Refuse(CouponNotFound); 2]);
+    }
+
+    #[test]
+    fn a_sold_out_coupon_still_reports_duplicates_as_duplicates() {
+        let holders = BTreeSet::from([UserId::parse(1).unwrap()]);
+        let decisions = decide_issues(
+            Some(&coupon(1, 1)),
+            &holders,
+            &[request(1, 10), request(2, 10)],
+        );
+        assert_eq!(decisions, vec![Refuse(AlreadyIssued), Refuse(OutOfStock)]);
+    }
+
+    #[test]
+    fn ids_must_be_positive() {
+        assert!(UserId::parse(0).is_err());
+        assert_eq!(
+            CouponId::parse(-4).unwrap_err().to_string(),
+            "couponId must be a positive integer, got -4"
+        );
+        assert_eq!(UserId::parse(42).unwrap().partition_key(), "user:42");
+    }
+}

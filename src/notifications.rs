@@ -1,0 +1,187 @@
+//! Open WebSocket and Server-Sent-Events sessions of this instance, by user, and pushing
+//! messages to them.
+//!
+//! A session subscribes with [`Sessions::subscribe`] and gets a bounded queue of messages;
+//! dropping the [`Subscription`] unregisters it. A session that does not keep up loses
+//! messages rather than slowing the push for everyone (counted); every pushed message is
+//! also readable later through the API.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::coupons::UserId;
+
+/// Messages a session may have queued before it starts losing them.
+const SESSION_QUEUE: usize = 256;
+
+#[derive(Clone, Default)]
+pub struct Sessions {
+    inner: Arc<SessionsInner>,
+}
+
+#[derive(Default)]
+struct SessionsInner {
+    by_user: DashMap<UserId, Vec<Subscriber>>,
+    next_id: AtomicU64,
+    dropped: AtomicU64,
+    closing: CancellationToken,
+}
+
+struct Subscriber {
+    id: u64,
+    sender: mpsc::Sender<Arc<str>>,
+}
+
+/// Counters for the admin view.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionsState {
+    pub users: usize,
+    pub sessions: usize,
+    /// Messages lost by sessions that did not keep up.
+    pub dropped_messages: u64,
+}
+
+/// One session's queue; unregisters itself when dropped.
+pub struct Subscription {
+    user: UserId,
+    id: u64,
+    receiver: mpsc::Receiver<Arc<str>>,
+    sessions: Sessions,
+}
+
+impl Subscription {
+    /// The next message, or `None` once the instance is shutting down.
+    pub async fn next(&mut self) -> Option<Arc<str>> {
+        tokio::select! {
+            biased;
+            _ = self.sessions.inner.closing.cancelled() => None,
+            message = self.receiver.recv() => message,
+        }
+    }
+
+    pub fn user(&self) -> UserId {
+        self.user
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let user = self.user;
+        let id = self.id;
+        self.sessions
+            .inner
+            .by_user
+            .remove_if_mut(&user, |_, subscribers| {
+                subscribers.retain(|subscriber| subscriber.id != id);
+                subscribers.is_empty()
+            });
+    }
+}
+
+impl Sessions {
+    pub fn subscribe(&self, user: UserId) -> Subscription {
+        let (sender, receiver) = mpsc::channel(SESSION_QUEUE);
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .by_user
+            .entry(user)
+            .or_default()
+            .push(Subscriber { id, sender });
+        Subscription {
+            user,
+            id,
+            receiver,
+            sessions: self.clone(),
+        }
+    }
+
+    /// Queues `message` for every session of `user`; returns how many sessions got it.
+    pub fn push(&self, user: UserId, message: Arc<str>) -> usize {
+        let Some(subscribers) = self.inner.by_user.get(&user) else {
+            return 0;
+        };
+        let mut delivered = 0;
+        for subscriber in subscribers.iter() {
+            match subscriber.sender.try_send(message.clone()) {
+                Ok(()) => delivered += 1,
+                Err(_) => {
+                    self.inner.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        delivered
+    }
+
+    /// Ends every session (shutdown): their [`Subscription::next`] returns `None`.
+    pub fn close_all(&self) {
+        self.inner.closing.cancel();
+    }
+
+    pub fn state(&self) -> SessionsState {
+        SessionsState {
+            users: self.inner.by_user.len(),
+            sessions: self
+                .inner
+                .by_user
+                .iter()
+                .map(|entry| entry.value().len())
+                .sum(),
+            dropped_messages: self.inner.dropped.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(id: i64) -> UserId {
+        UserId::parse(id).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_message_reaches_every_session_of_its_user_and_no_other() {
+        let sessions = Sessions::default();
+        let mut first = sessions.subscribe(user(1));
+        let mut second = sessions.subscribe(user(1));
+        let mut other = sessions.subscribe(user(2));
+        assert_eq!(sessions.push(user(1), Arc::from("hello")), 2);
+        assert_eq!(first.next().await.as_deref(), Some("hello"));
+        assert_eq!(second.next().await.as_deref(), Some("hello"));
+        assert!(other.receiver.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_dropped_session_is_unregistered() {
+        let sessions = Sessions::default();
+        let subscription = sessions.subscribe(user(1));
+        assert_eq!(sessions.state().sessions, 1);
+        drop(subscription);
+        assert_eq!(sessions.state().users, 0);
+        assert_eq!(sessions.push(user(1), Arc::from("lost")), 0);
+    }
+
+    #[tokio::test]
+    async fn closing_ends_every_session() {
+        let sessions = Sessions::default();
+        let mut subscription = sessions.subscribe(user(1));
+        sessions.close_all();
+        assert_eq!(subscription.next().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_session_that_does_not_keep_up_loses_messages_without_blocking() {
+        let sessions = Sessions::default();
+        let _slow = sessions.subscribe(user(1));
+        for _ in 0..SESSION_QUEUE + 5 {
+            sessions.push(user(1), Arc::from("x"));
+        }
+        assert_eq!(sessions.state().dropped_messages, 5);
+    }
+}

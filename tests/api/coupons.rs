@@ -1,0 +1,242 @@
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use chrono::{Duration as Span, Utc};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, domain_actor, spawn_app};
+use crate::support::eventually;
+
+#[actix_web::test]
+async fn a_coupon_is_created_and_read_back() {
+    let app = spawn_app().await;
+    let valid_from = Utc::now();
+    let valid_until = valid_from + Span::days(7);
+    let body = json!({
+        "name": "Welcome",
+        "discountAmount": 3000,
+        "totalQuantity": 50,
+        "validFrom": valid_from,
+        "validUntil": valid_until,
+    });
+    let (status, created) = app.post("/coupons", &body.to_string()).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let coupon_id = created["couponId"].as_u64().unwrap();
+    assert_eq!(
+        created,
+        json!({
+            "couponId": coupon_id,
+            "name": "Welcome",
+            "discountAmount": 3000,
+            "totalQuantity": 50,
+            "issuedQuantity": 0,
+            "remaining": 50,
+            "validFrom": created["validFrom"],
+            "validUntil": created["validUntil"],
+        })
+    );
+    let (status, read) = app.get(&format!("/coupons/{coupon_id}")).await;
+    assert_eq!((status, &read), (StatusCode::OK, &created));
+    assert_eq!(app.get("/coupons/999999").await.0, StatusCode::NOT_FOUND);
+}
+
+#[actix_web::test]
+async fn an_issued_coupon_is_committed_notified_and_held_by_its_user() {
+    let app = spawn_app().await;
+    let coupon_id = app.create_coupon(10).await;
+    let request_id = app.issue(42, coupon_id).await;
+
+    let view = app.wait_until_notified(&request_id).await;
+    let history_id = view["couponHistoryId"].as_u64().expect("a coupon history");
+    assert_eq!(
+        view,
+        json!({
+            "requestId": request_id,
+            "userId": 42,
+            "couponId": coupon_id,
+            "status": "NOTIFIED",
+            "reason": null,
+            "couponHistoryId": history_id,
+        })
+    );
+    let (_, held) = app.get("/users/42/coupons").await;
+    assert_eq!(held.as_array().unwrap().len(), 1);
+    assert_eq!(held[0]["couponHistoryId"], history_id);
+    assert_eq!(held[0]["couponId"], coupon_id);
+    assert_eq!(held[0]["name"], "Black Friday");
+    assert_eq!(held[0]["status"], "ISSUED");
+    assert_eq!(
+        app.get(&format!("/coupons/{coupon_id}")).await.1["remaining"],
+        9
+    );
+    assert_eq!(app.get("/users/43/coupons").await.1, json!([]));
+}
+
+async fn refusal_of(app: &TestApp, user_id: u64, coupon_id: u64) -> Value {
+    let request_id = app.issue(user_id, coupon_id).await;
+    let view = app.wait_until_notified(&request_id).await;
+    assert_eq!(view["couponHistoryId"], Value::Null, "{view}");
+    view["reason"].clone()
+}
+
+#[actix_web::test]
+async fn each_refusal_reason_is_reported() {
+    let app = spawn_app().await;
+    let now = Utc::now();
+    let single = app.create_coupon(1).await;
+    let future = app
+        .create_coupon_between(10, now + Span::days(1), now + Span::days(2))
+        .await;
+    let past = app
+        .create_coupon_between(10, now - Span::days(2), now - Span::days(1))
+        .await;
+
+    let first = app.issue(1, single).await;
+    assert!(app.wait_until_notified(&first).await["couponHistoryId"].is_u64());
+    assert_eq!(refusal_of(&app, 1, single).await, "ALREADY_ISSUED");
+    assert_eq!(refusal_of(&app, 2, single).await, "OUT_OF_STOCK");
+    assert_eq!(refusal_of(&app, 3, 987_654).await, "COUPON_NOT_FOUND");
+    assert_eq!(refusal_of(&app, 4, future).await, "NOT_STARTED");
+    assert_eq!(refusal_of(&app, 5, past).await, "EXPIRED");
+
+    let (_, tree) = app.get("/admin/actors").await;
+    assert_eq!(
+        domain_actor(&tree, "CouponIssuer")["details"]["refused"],
+        json!({"ALREADY_ISSUED": 1, "COUPON_NOT_FOUND": 1, "EXPIRED": 1, "NOT_STARTED": 1, "OUT_OF_STOCK": 1})
+    );
+}
+
+#[actix_web::test]
+async fn malformed_requests_are_refused_with_400() {
+    let app = spawn_app().await;
+    let cases = [
+        (r#"{"couponId": 1}"#, "INVALID_JSON"),
+        (r#"{"userId": 1}"#, "INVALID_JSON"),
+        (r#"{"userId": "one", "couponId": 1}"#, "INVALID_JSON"),
+        (r#"{"userId": 1.5, "couponId": 1}"#, "INVALID_JSON"),
+        (r#"{"userId": -3, "couponId": 1}"#, "INVALID_USER_ID"),
+        (r#"{"userId": 0, "couponId": 1}"#, "INVALID_USER_ID"),
+        (r#"{"userId": 1, "couponId": -1}"#, "INVALID_COUPON_ID"),
+        (r#"[1, 2]"#, "INVALID_JSON"),
+    ];
+    for (body, code) in cases {
+        let (status, error) = app.post("/coupons/issue", body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(error["error"]["code"], code, "{body}: {error}");
+    }
+    let bad_coupon = json!({"name": "x", "discountAmount": 1, "totalQuantity": 0, "validFrom": Utc::now(), "validUntil": Utc::now()});
+    let (status, error) = app.post("/coupons", &bad_coupon.to_string()).await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("INVALID_TOTAL_QUANTITY"))
+    );
+    assert_eq!(
+        app.get("/coupons/requests/nope").await.1["error"]["code"],
+        "INVALID_REQUEST_ID"
+    );
+    assert_eq!(
+        app.get("/coupons/abc").await.1["error"]["code"],
+        "INVALID_COUPON_ID"
+    );
+    assert_eq!(
+        app.get("/users/-1/coupons").await.1["error"]["code"],
+        "INVALID_USER_ID"
+    );
+    let unknown = "/coupons/requests/01a20c4d-9946-77b8-9ac2-9e7b856b2318";
+    assert_eq!(app.get(unknown).await.0, StatusCode::NOT_FOUND);
+}
+
+#[actix_web::test]
+async fn a_request_committed_but_never_published_is_relayed_and_decided() {
+    let app = spawn_app().await;
+    let coupon_id = app.create_coupon(5).await;
+    let request_id = app.commit_unpublished_coupon_request(77, coupon_id).await;
+    assert_eq!(
+        app.get(&format!("/coupons/requests/{request_id}")).await.1["status"],
+        "PENDING"
+    );
+    let view = app.wait_until_notified(&request_id.to_string()).await;
+    assert!(view["couponHistoryId"].is_u64(), "{view}");
+}
+
+#[actix_web::test]
+async fn thousands_of_concurrent_requests_never_over_issue_or_double_issue() {
+    let app = spawn_app().await;
+    let coupon_id = app.create_coupon(100).await;
+    // 2,500 users, 5,500 requests: every user once, 3,000 of them again.
+    let users: Vec<u64> = (1..=2_500)
+        .chain((1..=3_000).map(|n| n % 2_500 + 1))
+        .collect();
+    let requests: Vec<(u64, String)> = futures::stream::iter(users)
+        .map(|user| {
+            let app = &app;
+            async move { (user, app.issue(user, coupon_id).await) }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    assert_eq!(requests.len(), 5_500);
+
+    eventually(
+        "every request decided",
+        Duration::from_secs(120),
+        || async {
+            let (decided,): (i64,) = sqlx::query_as(
+                "SELECT COUNT(*) FROM event_log WHERE event_type = 'CouponRequested' \
+             AND status IN ('COMPLETED', 'FAILED', 'NOTIFIED')",
+            )
+            .fetch_one(app.event_log.pool())
+            .await
+            .unwrap();
+            decided == 5_500
+        },
+    )
+    .await;
+
+    let histories: Vec<(u64, u64)> =
+        sqlx::query_as("SELECT user_id, coupon_history_id FROM coupon_history WHERE coupon_id = ?")
+            .bind(coupon_id)
+            .fetch_all(app.event_log.pool())
+            .await
+            .unwrap();
+    assert_eq!(histories.len(), 100, "exactly the stock was issued");
+    let holders: BTreeSet<u64> = histories.iter().map(|(user, _)| *user).collect();
+    assert_eq!(holders.len(), 100, "no user holds two");
+
+    let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
+    let mut successes_by_user: BTreeMap<u64, usize> = BTreeMap::new();
+    for (user, request_id) in &requests {
+        let view = app.get(&format!("/coupons/requests/{request_id}")).await.1;
+        let outcome = match view["reason"].as_str() {
+            None => {
+                assert!(view["couponHistoryId"].is_u64(), "{view}");
+                *successes_by_user.entry(*user).or_default() += 1;
+                "SUCCESS".to_string()
+            }
+            Some(reason) => reason.to_string(),
+        };
+        *outcomes.entry(outcome).or_default() += 1;
+    }
+    assert_eq!(outcomes["SUCCESS"], 100, "{outcomes:?}");
+    assert!(successes_by_user.values().all(|count| *count == 1));
+    assert_eq!(
+        successes_by_user.keys().copied().collect::<BTreeSet<_>>(),
+        holders
+    );
+    assert_eq!(outcomes.values().sum::<usize>(), 5_500);
+    assert!(
+        outcomes.keys().all(
+            |outcome| ["SUCCESS", "OUT_OF_STOCK", "ALREADY_ISSUED"].contains(&outcome.as_str())
+        )
+    );
+    let coupon = app.get(&format!("/coupons/{coupon_id}")).await.1;
+    assert_eq!(
+        (
+            coupon["issuedQuantity"].as_u64(),
+            coupon["remaining"].as_u64()
+        ),
+        (Some(100), Some(0))
+    );
+}
