@@ -118,20 +118,22 @@ impl DomainHandler for ResultNotifier {
                 outcomes.push(EventOutcome::Done);
             }
             let requests: Vec<EventId> = requests.into_iter().collect();
+            // One transaction: a request seen NOTIFIED has its result event COMPLETED too.
             let marked = async {
-                let mut connection = event_log.pool().acquire().await?;
+                let mut transaction = event_log.pool().begin().await?;
                 let marked = EventLog::change_status_of_many_in(
-                    &mut connection,
+                    &mut transaction,
                     &requests,
                     EventStatus::Notified,
                 )
                 .await?;
                 EventLog::change_status_of_many_in(
-                    &mut connection,
+                    &mut transaction,
                     &result_events,
                     EventStatus::Completed,
                 )
                 .await?;
+                transaction.commit().await?;
                 Ok::<_, crate::event_log::EventLogError>(marked)
             }
             .await;

@@ -240,3 +240,143 @@ async fn thousands_of_concurrent_requests_never_over_issue_or_double_issue() {
         (Some(100), Some(0))
     );
 }
+
+/// Everything the issuer writes, to compare before and after a replay.
+async fn written_state(app: &TestApp) -> Vec<String> {
+    let histories: Vec<(u64, u64, u64, String)> = sqlx::query_as(
+        "SELECT coupon_history_id, coupon_id, user_id, request_id FROM coupon_history ORDER BY 1",
+    )
+    .fetch_all(app.event_log.pool())
+    .await
+    .unwrap();
+    let coupons: Vec<(u64, u32)> =
+        sqlx::query_as("SELECT coupon_id, issued_quantity FROM coupon ORDER BY 1")
+            .fetch_all(app.event_log.pool())
+            .await
+            .unwrap();
+    type EventRow = (
+        String,
+        String,
+        String,
+        Option<String>,
+        chrono::DateTime<Utc>,
+    );
+    let events: Vec<EventRow> = sqlx::query_as(
+        "SELECT event_id, event_type, status, CAST(result AS CHAR), updated_at FROM event_log ORDER BY 1",
+    )
+    .fetch_all(app.event_log.pool())
+    .await
+    .unwrap();
+    vec![
+        format!("{histories:?}"),
+        format!("{coupons:?}"),
+        format!("{events:?}"),
+    ]
+}
+
+/// Produces every record of `topic` again, from offset 0; returns how many.
+async fn replay_from_offset_zero(app: &TestApp, topic: &'static str) -> usize {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+    let bootstrap = app.bootstrap_servers();
+    let records = tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", "replayer")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut assignment = TopicPartitionList::new();
+        let mut expected = 0;
+        for partition in 0..3 {
+            assignment
+                .add_partition_offset(topic, partition, Offset::Beginning)
+                .unwrap();
+            let (low, high) = consumer
+                .fetch_watermarks(topic, partition, Duration::from_secs(5))
+                .unwrap();
+            expected += (high - low) as usize;
+        }
+        consumer.assign(&assignment).unwrap();
+        let mut records = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while records.len() < expected && std::time::Instant::now() < deadline {
+            if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+                records.push((
+                    message.partition(),
+                    message.key().map(<[u8]>::to_vec),
+                    message.payload().map(<[u8]>::to_vec),
+                ));
+            }
+        }
+        assert_eq!(records.len(), expected, "the whole topic was read");
+        records
+    })
+    .await
+    .unwrap();
+    for (partition, key, value) in &records {
+        app.publisher
+            .publish_raw(commerce_events::kafka::producer::RawRecord {
+                topic,
+                partition: Some(*partition),
+                key: key.as_deref(),
+                value: value.as_deref(),
+                headers: Vec::new(),
+            })
+            .await
+            .unwrap();
+    }
+    records.len()
+}
+
+async fn records_in(app: &TestApp, topic: &'static str) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let bootstrap = app.bootstrap_servers();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()
+            .unwrap();
+        (0..3)
+            .map(|partition| {
+                let (low, high) = consumer
+                    .fetch_watermarks(topic, partition, Duration::from_secs(5))
+                    .unwrap();
+                high - low
+            })
+            .sum()
+    })
+    .await
+    .unwrap()
+}
+
+#[actix_web::test]
+async fn replaying_the_requests_from_offset_zero_changes_nothing_and_sends_no_second_result() {
+    let app = spawn_app().await;
+    let coupon_id = app.create_coupon(2).await;
+    let mut requests = Vec::new();
+    for user in [1, 2, 3, 1] {
+        requests.push(app.issue(user, coupon_id).await);
+    }
+    for request in &requests {
+        app.wait_until_notified(request).await;
+    }
+    let before = written_state(&app).await;
+    let results_before = records_in(&app, commerce_events::kafka::topics::COUPON_RESULTS).await;
+    assert_eq!(results_before, 4, "one result per request");
+
+    let replayed =
+        replay_from_offset_zero(&app, commerce_events::kafka::topics::COUPON_REQUESTS).await;
+    assert_eq!(replayed, 4);
+    eventually("the replay was processed", Duration::from_secs(30), || async {
+        domain_actor(&app.get("/admin/actors").await.1, "CouponIssuer")["details"]["redelivered"] == 4
+    })
+    .await;
+
+    assert_eq!(written_state(&app).await, before, "no row changed");
+    assert_eq!(
+        records_in(&app, commerce_events::kafka::topics::COUPON_RESULTS).await,
+        results_before,
+        "no second result"
+    );
+}

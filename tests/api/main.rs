@@ -12,4 +12,5 @@ mod external_kafka;
 mod health;
 mod helpers;
 mod outbox;
+mod push;
 mod shutdown;

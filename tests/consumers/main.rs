@@ -4,6 +4,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod coupon_issuer;
 mod failures;
 mod flow;
 mod helpers;

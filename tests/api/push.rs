@@ -1,0 +1,198 @@
+//! Results pushed over WebSocket and Server-Sent Events reach their own user only.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use actix_web::web::Bytes;
+use awc::ws::Frame;
+use futures::StreamExt;
+use serde_json::Value;
+
+use crate::helpers::{TestApp, spawn_app};
+
+/// Reads text frames until `count` results arrived (or the deadline passes).
+async fn receive_results<S>(socket: &mut S, count: usize) -> Vec<Value>
+where
+    S: futures::Stream<Item = Result<Frame, awc::error::WsProtocolError>> + Unpin,
+{
+    let mut results = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while results.len() < count {
+        let frame = tokio::time::timeout_at(deadline, socket.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "only {} of {count} results arrived: {results:?}",
+                    results.len()
+                )
+            });
+        if let Some(Ok(Frame::Text(text))) = frame {
+            results.push(serde_json::from_slice(&text).expect("a JSON message"));
+        }
+    }
+    results
+}
+
+fn request_ids(results: &[Value]) -> BTreeSet<String> {
+    results
+        .iter()
+        .map(|result| result["requestId"].as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn all_notified(app: &TestApp, requests: &[&String]) {
+    for request in requests {
+        app.wait_until_notified(request).await;
+    }
+}
+
+#[actix_web::test]
+async fn a_websocket_receives_its_users_results_and_never_another_users() {
+    let app = spawn_app().await;
+    let ws_url = app.address.replace("http://", "ws://");
+    let (_, mut alice) = awc::Client::new()
+        .ws(format!("{ws_url}/ws?userId=1"))
+        .connect()
+        .await
+        .unwrap();
+    let (_, mut bob) = awc::Client::new()
+        .ws(format!("{ws_url}/ws?userId=2"))
+        .connect()
+        .await
+        .unwrap();
+    let coupon_id = app.create_coupon(10).await;
+
+    let alice_first = app.issue(1, coupon_id).await;
+    let bob_request = app.issue(2, coupon_id).await;
+    let alice_second = app.issue(1, coupon_id).await;
+
+    let alice_results = receive_results(&mut alice, 2).await;
+    assert_eq!(
+        request_ids(&alice_results),
+        BTreeSet::from([alice_first.clone(), alice_second.clone()])
+    );
+    let bob_results = receive_results(&mut bob, 1).await;
+    assert_eq!(
+        request_ids(&bob_results),
+        BTreeSet::from([bob_request.clone()])
+    );
+    let first = alice_results
+        .iter()
+        .find(|result| result["requestId"] == alice_first.as_str())
+        .unwrap();
+    assert_eq!(first["type"], "COUPON_RESULT");
+    assert_eq!(first["couponId"], coupon_id);
+    assert_eq!(first["success"], true);
+    assert!(first["couponHistoryId"].is_u64());
+    let second = alice_results
+        .iter()
+        .find(|result| result["requestId"] == alice_second.as_str())
+        .unwrap();
+    assert_eq!(
+        (second["success"].as_bool(), second["reason"].as_str()),
+        (Some(false), Some("ALREADY_ISSUED"))
+    );
+
+    // Every result is out; nothing more may reach either socket.
+    all_notified(&app, &[&alice_first, &bob_request, &alice_second]).await;
+    for socket in [&mut alice, &mut bob] {
+        let extra = tokio::time::timeout(Duration::from_millis(300), async {
+            loop {
+                match socket.next().await {
+                    Some(Ok(Frame::Text(text))) => return Some(text),
+                    Some(Ok(_)) => continue,
+                    _ => return None,
+                }
+            }
+        })
+        .await;
+        assert!(
+            matches!(extra, Err(_) | Ok(None)),
+            "unexpected message {extra:?}"
+        );
+    }
+}
+
+/// Reads an SSE body until `count` `data:` events arrived.
+async fn receive_events<S>(body: &mut S, count: usize) -> Vec<Value>
+where
+    S: futures::Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin,
+{
+    let mut buffer = String::new();
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while events.len() < count {
+        let chunk = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {count} events arrived", events.len()))
+            .expect("the stream stays open")
+            .expect("a chunk");
+        buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+        while let Some(end) = buffer.find("\n\n") {
+            let event: String = buffer.drain(..end + 2).collect();
+            if let Some(data) = event.strip_prefix("data: ") {
+                events.push(serde_json::from_str(data.trim_end()).expect("a JSON event"));
+            }
+        }
+    }
+    events
+}
+
+#[actix_web::test]
+async fn server_sent_events_carry_the_users_results_only() {
+    let app = spawn_app().await;
+    let client = awc::Client::default();
+    let mut carol = client
+        .get(format!("{}/users/3/events", app.address))
+        .send()
+        .await
+        .unwrap();
+    let mut dave = client
+        .get(format!("{}/users/4/events", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        carol.headers().get("content-type").unwrap(),
+        "text/event-stream"
+    );
+    // The opening comment shows the subscription is registered.
+    for response in [&mut carol, &mut dave] {
+        let opening = response.next().await.unwrap().unwrap();
+        assert_eq!(&opening[..], b": connected\n\n");
+    }
+    let coupon_id = app.create_coupon(1).await;
+    let carol_request = app.issue(3, coupon_id).await;
+    let dave_request = app.issue(4, coupon_id).await;
+
+    let carol_events = receive_events(&mut carol, 1).await;
+    let dave_events = receive_events(&mut dave, 1).await;
+    assert_eq!(request_ids(&carol_events), BTreeSet::from([carol_request]));
+    assert_eq!(request_ids(&dave_events), BTreeSet::from([dave_request]));
+    let outcomes: BTreeSet<(bool, Option<&str>)> = carol_events
+        .iter()
+        .chain(&dave_events)
+        .map(|event| {
+            (
+                event["success"].as_bool().unwrap(),
+                event["reason"].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        BTreeSet::from([(true, None), (false, Some("OUT_OF_STOCK"))])
+    );
+}
+
+#[actix_web::test]
+async fn a_push_channel_needs_a_valid_user() {
+    let app = spawn_app().await;
+    let (status, body) = app.get("/users/0/events").await;
+    assert_eq!(status, actix_web::http::StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"]["code"], "INVALID_USER_ID");
+    let (status, body) = app.get("/ws?userId=-5").await;
+    assert_eq!(status, actix_web::http::StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"]["code"], "INVALID_USER_ID");
+    assert_eq!(app.get("/ws").await.1["error"]["code"], "INVALID_QUERY");
+}

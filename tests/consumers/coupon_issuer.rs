@@ -1,0 +1,180 @@
+//! The CouponIssuer actor through a scripted sequence: its decisions, the result events it
+//! emits and its observable state after each step.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{Duration as Span, Utc};
+use commerce_events::actors::coupon_issuer::CouponIssuer;
+use commerce_events::actors::domain::{DomainActor, ObserveDomain, ProcessBatch};
+use commerce_events::coupons::store::{CouponStore, NewCoupon};
+use commerce_events::event_log::{EventLog, OutboxEvent};
+use commerce_events::events::{CouponRequested, EventEnvelope, EventId, EventPayload};
+use commerce_events::kafka::{TopicPartition, topics};
+use commerce_events::locks::RedisLocks;
+use commerce_events::outbox::Outbox;
+use commerce_events::stores::RedisStore;
+use insta::assert_json_snapshot;
+use serde_json::{Value, json};
+
+use crate::helpers::Pipeline;
+
+struct Script {
+    names: BTreeMap<EventId, String>,
+    requests: BTreeMap<&'static str, EventEnvelope>,
+}
+
+impl Script {
+    /// Replaces request ids by their names, so snapshots are stable.
+    fn named(&self, value: Value) -> Value {
+        let mut text = value.to_string();
+        for (id, name) in &self.names {
+            text = text.replace(&id.to_string(), name);
+        }
+        serde_json::from_str(&text).unwrap()
+    }
+}
+
+async fn emitted_results(event_log: &EventLog, script: &Script, already: usize) -> Vec<Value> {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT CAST(payload AS CHAR) FROM event_log WHERE event_type = 'CouponResult' ORDER BY created_at, event_id",
+    )
+    .fetch_all(event_log.pool())
+    .await
+    .unwrap();
+    let mut results: Vec<Value> = rows
+        .into_iter()
+        .skip(already)
+        .map(|(payload,)| script.named(serde_json::from_str(&payload).unwrap()))
+        .collect();
+    results.sort_by_key(|result| result["requestId"].as_str().unwrap().to_string());
+    results
+}
+
+#[actix_web::test]
+async fn the_coupon_issuer_through_success_duplicate_sold_out_expired_and_redelivery() {
+    let pipeline = Pipeline::start().await;
+    pipeline
+        .cluster
+        .create_topic(topics::COUPON_RESULTS, 3)
+        .unwrap();
+    let event_log = pipeline.event_log.clone();
+    let store = CouponStore::new(event_log.pool().clone());
+    let now = Utc::now();
+    let open = store
+        .create(&NewCoupon {
+            name: "Two left".into(),
+            discount_amount: 1000,
+            total_quantity: 2,
+            valid_from: now - Span::hours(1),
+            valid_until: now + Span::hours(1),
+        })
+        .await
+        .unwrap();
+    let expired = store
+        .create(&NewCoupon {
+            name: "Yesterday".into(),
+            discount_amount: 1000,
+            total_quantity: 10,
+            valid_from: now - Span::days(2),
+            valid_until: now - Span::days(1),
+        })
+        .await
+        .unwrap();
+
+    let mut script = Script {
+        names: BTreeMap::new(),
+        requests: BTreeMap::new(),
+    };
+    let plan = [
+        ("r1-user1-open", 1, open.coupon_id.get()),
+        ("r2-user1-open-again", 1, open.coupon_id.get()),
+        ("r3-user2-open", 2, open.coupon_id.get()),
+        ("r4-user3-open", 3, open.coupon_id.get()),
+        ("r5-user4-expired", 4, expired.coupon_id.get()),
+    ];
+    let mut rows = Vec::new();
+    for (name, user_id, coupon_id) in plan {
+        let envelope = EventEnvelope::new(
+            format!("user:{user_id}"),
+            EventPayload::CouponRequested(CouponRequested { user_id, coupon_id }),
+        );
+        script.names.insert(envelope.event_id, name.to_string());
+        script.requests.insert(name, envelope.clone());
+        rows.push(OutboxEvent {
+            topic: topics::COUPON_REQUESTS.into(),
+            envelope,
+        });
+    }
+    // As the intake leaves them: PENDING rows.
+    let mut transaction = event_log.pool().begin().await.unwrap();
+    Outbox::record(&mut transaction, &rows).await.unwrap();
+    transaction.commit().await.unwrap();
+
+    let redis = RedisStore::new(&pipeline.settings.redis).unwrap();
+    redis.connect().await;
+    let issuer = DomainActor::new(
+        CouponIssuer::new(
+            store.clone(),
+            Outbox::new(event_log.clone(), pipeline.publisher.clone()),
+            RedisLocks::new(redis, Duration::from_secs(5)),
+        ),
+        event_log.clone(),
+    )
+    .start_supervised(&pipeline.arbiters.next());
+
+    let steps: [(&str, Vec<&str>); 3] = [
+        (
+            "1_success_then_duplicate",
+            vec!["r1-user1-open", "r2-user1-open-again"],
+        ),
+        (
+            "2_success_sold_out_expired",
+            vec!["r3-user2-open", "r4-user3-open", "r5-user4-expired"],
+        ),
+        ("3_redelivered", vec!["r1-user1-open", "r4-user3-open"]),
+    ];
+    let mut emitted_so_far = 0;
+    for (step, names) in steps {
+        let events: Arc<[EventEnvelope]> = names
+            .iter()
+            .map(|name| script.requests[name].clone())
+            .collect();
+        let outcomes = issuer
+            .send(ProcessBatch {
+                source: TopicPartition::new(topics::COUPON_REQUESTS, 0),
+                events,
+            })
+            .await
+            .unwrap();
+        let emitted = emitted_results(&event_log, &script, emitted_so_far).await;
+        emitted_so_far += emitted.len();
+        let state = issuer.send(ObserveDomain).await.unwrap();
+        let decisions: BTreeMap<&str, Value> = names
+            .iter()
+            .zip(&outcomes)
+            .map(|(name, outcome)| (*name, serde_json::to_value(outcome).unwrap()))
+            .collect();
+        let mut requests = BTreeMap::new();
+        for name in &names {
+            let row = event_log
+                .find(script.requests[name].event_id)
+                .await
+                .unwrap()
+                .unwrap();
+            requests.insert(*name, json!({"status": row.status, "result": row.result}));
+        }
+        let coupon = store.find(open.coupon_id).await.unwrap().unwrap();
+        assert_json_snapshot!(
+            step,
+            json!({
+                "outcomes": decisions,
+                "requestRows": requests,
+                "emittedResults": emitted,
+                "coupon": {"issuedQuantity": coupon.issued_quantity, "remaining": coupon.remaining},
+                "actor": state,
+            })
+        );
+    }
+}
