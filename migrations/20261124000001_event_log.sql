@@ -15,5 +15,8 @@ CREATE TABLE IF NOT EXISTS event_log (
     updated_at   DATETIME(6)  NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
     published_at DATETIME(6)  NULL,
     PRIMARY KEY (event_id),
-    KEY event_log_status_created (status, created_at)
+    -- The relay's search for rows never published. Keyed on published_at, which is set once,
+    -- rather than on status, which changes several times in a row's life: an index on
+    -- status would be rewritten by every transition.
+    KEY event_log_unpublished (published_at, created_at)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;

@@ -174,6 +174,10 @@ pub struct KafkaSettings {
     pub brokers: String,
     /// Broker count of the embedded cluster.
     pub embedded_brokers: i32,
+    /// `fetch.wait.max.ms` against the embedded cluster. Its mock broker holds a fetch that
+    /// finds no records for the whole wait and does not answer early when records arrive,
+    /// so the design document's 500 ms would add up to half a second to every hop.
+    pub embedded_fetch_wait_max_ms: u64,
     pub client_id: String,
     /// Partitions of every topic this process creates.
     pub partitions: i32,
@@ -190,6 +194,7 @@ impl Default for KafkaSettings {
         Self {
             brokers: "embedded".into(),
             embedded_brokers: 3,
+            embedded_fetch_wait_max_ms: 10,
             client_id: "commerce-events".into(),
             partitions: 3,
             replication_factor: 1,
@@ -207,6 +212,14 @@ impl KafkaSettings {
             KafkaBrokers::Embedded
         } else {
             KafkaBrokers::External(trimmed.to_string())
+        }
+    }
+
+    /// The fetch wait to use with the configured cluster.
+    pub fn fetch_wait_max_ms(&self) -> u64 {
+        match self.brokers() {
+            KafkaBrokers::Embedded => self.embedded_fetch_wait_max_ms,
+            KafkaBrokers::External(_) => self.consumer.fetch_wait_max_ms,
         }
     }
 

@@ -12,7 +12,9 @@
 //!
 //! A row is written PENDING inside the business transaction that causes the event (the
 //! outbox). A consumer may see the event before its publisher marks it PUBLISHED, so every
-//! consumer-side state is also reachable from PENDING. Every change is a conditional
+//! consumer-side state is also reachable from PENDING; any state but PENDING sets
+//! `published_at` (a consumer saw the event, so it was published), which is what the relay
+//! looks at. Every change is a conditional
 //! `UPDATE … WHERE status IN (allowed predecessors)`: a redelivered event finds its row
 //! already moved on and changes nothing, which is how consumers deduplicate by event id.
 
@@ -291,6 +293,7 @@ impl EventLog {
         if change.count_attempt {
             update.push(", retry_count = retry_count + 1");
         }
+        push_published_at(&mut update, change.to);
         update.push(" WHERE event_id = ").push_bind(id.to_string());
         push_status_guard(&mut update, "status", change.to);
         let result = update.build().execute(connection).await?;
@@ -301,18 +304,24 @@ impl EventLog {
         })
     }
 
-    /// Moves every row of `ids` that may become `to` there, in one statement; returns how
-    /// many moved (the others had moved on already).
+    /// Moves every row of `ids` that may become `to` there, in one statement, recording
+    /// `result` with it when given; returns how many moved (the others had moved on).
     pub async fn change_status_of_many_in(
         connection: &mut MySqlConnection,
         ids: &[EventId],
         to: EventStatus,
+        result: Option<&serde_json::Value>,
     ) -> Result<u64, EventLogError> {
         if ids.is_empty() {
             return Ok(0);
         }
         let mut update = sqlx::QueryBuilder::new("UPDATE event_log SET status = ");
-        update.push_bind(to.as_str()).push(" WHERE event_id IN (");
+        update.push_bind(to.as_str());
+        if let Some(result) = result {
+            update.push(", result = ").push_bind(result.to_string());
+        }
+        push_published_at(&mut update, to);
+        update.push(" WHERE event_id IN (");
         let mut separated = update.separated(", ");
         for id in ids {
             separated.push_bind(id.to_string());
@@ -352,51 +361,6 @@ impl EventLog {
             .collect()
     }
 
-    /// Records final statuses with their results, one statement for the whole batch. Each
-    /// row moves only if the transition table allows it; returns how many moved.
-    pub async fn record_outcomes_in(
-        connection: &mut MySqlConnection,
-        outcomes: &[RecordedOutcome],
-    ) -> Result<u64, EventLogError> {
-        if outcomes.is_empty() {
-            return Ok(0);
-        }
-        let mut update = sqlx::QueryBuilder::new("UPDATE event_log JOIN (");
-        for (index, outcome) in outcomes.iter().enumerate() {
-            update.push(if index == 0 {
-                "SELECT "
-            } else {
-                " UNION ALL SELECT "
-            });
-            update
-                .push_bind(outcome.event_id.to_string())
-                .push(" AS id, ");
-            update
-                .push_bind(outcome.status.as_str())
-                .push(" AS new_status, ");
-            update
-                .push_bind(outcome.result.as_ref().map(|result| result.to_string()))
-                .push(" AS new_result");
-        }
-        update.push(
-            ") AS decided ON event_log.event_id = decided.id \
-             SET event_log.status = decided.new_status, event_log.result = decided.new_result \
-             WHERE (FALSE",
-        );
-        let mut targets: Vec<EventStatus> = outcomes.iter().map(|outcome| outcome.status).collect();
-        targets.sort();
-        targets.dedup();
-        for target in targets {
-            update
-                .push(" OR (decided.new_status = ")
-                .push_bind(target.as_str());
-            push_status_guard(&mut update, "event_log.status", target);
-            update.push(")");
-        }
-        update.push(")");
-        Ok(update.build().execute(connection).await?.rows_affected())
-    }
-
     pub async fn find(&self, id: EventId) -> Result<Option<EventRecord>, EventLogError> {
         let row = sqlx::query(concat!(select_event_columns!(), "WHERE event_id = ?"))
             .bind(id.to_string())
@@ -415,7 +379,8 @@ impl EventLog {
     ) -> Result<Vec<UnpublishedEvent>, EventLogError> {
         let rows = sqlx::query(concat!(
             select_event_columns!(),
-            "WHERE status = 'PENDING' AND created_at < NOW(6) - INTERVAL ? MICROSECOND \
+            "WHERE published_at IS NULL AND status = 'PENDING' \
+             AND created_at < NOW(6) - INTERVAL ? MICROSECOND \
              ORDER BY created_at LIMIT ? FOR UPDATE SKIP LOCKED"
         ))
         .bind(older_than.as_micros() as u64)
@@ -454,6 +419,16 @@ pub struct UnpublishedEvent {
     pub envelope: Result<EventEnvelope, DecodeError>,
 }
 
+/// Appends the `published_at` that goes with moving to `to`: cleared by a return to
+/// PENDING (a replay), otherwise set if it was not.
+fn push_published_at(query: &mut sqlx::QueryBuilder<sqlx::MySql>, to: EventStatus) {
+    query.push(if to == EventStatus::Pending {
+        ", published_at = NULL"
+    } else {
+        ", published_at = COALESCE(published_at, NOW(6))"
+    });
+}
+
 /// Appends ` AND <column> IN (<states that may become `to`>)`.
 fn push_status_guard(query: &mut sqlx::QueryBuilder<sqlx::MySql>, column: &str, to: EventStatus) {
     query.push(format_args!(" AND {column} IN ("));
@@ -462,14 +437,6 @@ fn push_status_guard(query: &mut sqlx::QueryBuilder<sqlx::MySql>, column: &str, 
         separated.push_bind(from.as_str());
     }
     query.push(")");
-}
-
-/// A final status and what the consumer decided, for [`EventLog::record_outcomes_in`].
-#[derive(Clone, Debug, PartialEq)]
-pub struct RecordedOutcome {
-    pub event_id: EventId,
-    pub status: EventStatus,
-    pub result: Option<serde_json::Value>,
 }
 
 fn record_from_row(row: &sqlx::mysql::MySqlRow) -> Result<EventRecord, EventLogError> {

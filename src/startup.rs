@@ -118,6 +118,12 @@ impl Application {
         let bootstrap_servers = kafka.bootstrap_servers().to_string();
         let publisher = EventPublisher::new(&bootstrap_servers, &settings.kafka)?;
 
+        // The CouponIssuer and the ResultNotifier run on their own arbiters; each gets a pool
+        // whose connections are opened (and their I/O driven) there.
+        let issuer_pool =
+            stores::connect_mysql(&settings.database, settings.database.max_connections).await?;
+        let notifier_pool =
+            stores::connect_mysql(&settings.database, settings.database.max_connections).await?;
         let worker_event_log = EventLog::new(worker_pool.clone());
         let worker_outbox = Outbox::new(worker_event_log.clone(), publisher.clone());
         let arbiters = Arc::new(ArbiterPool::new(settings.kafka.consumer.partition_threads));
@@ -141,8 +147,8 @@ impl Application {
 
         let coupon_issuer = DomainActor::new(
             CouponIssuer::new(
-                CouponStore::new(worker_pool),
-                worker_outbox.clone(),
+                CouponStore::new(issuer_pool.clone()),
+                Outbox::new(EventLog::new(issuer_pool), publisher.clone()),
                 RedisLocks::new(
                     redis.clone(),
                     Duration::from_millis(settings.coupons.lock_ttl_ms),
@@ -159,7 +165,7 @@ impl Application {
         )?;
 
         let result_notifier = DomainActor::new(
-            ResultNotifier::new(sessions.clone(), worker_event_log.clone()),
+            ResultNotifier::new(sessions.clone(), EventLog::new(notifier_pool)),
             worker_event_log.clone(),
         )
         .start_supervised(&arbiters.next());

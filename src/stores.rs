@@ -65,6 +65,11 @@ pub async fn create_database_if_missing(settings: &DatabaseSettings) -> Result<(
 
 /// A connection pool. Use one pool per group of threads that outlive each other equally
 /// (HTTP workers, actor arbiters): a connection belongs to the runtime that opened it.
+///
+/// Sessions run at READ COMMITTED. Correctness rests on locking reads of known rows,
+/// conditional updates and unique keys, none of which needs REPEATABLE READ; what that level
+/// adds, gap locks on every range an UPDATE scans, made the concurrent event-log inserts of
+/// the intake deadlock with batch status updates.
 pub async fn connect_mysql(
     settings: &DatabaseSettings,
     max_connections: u32,
@@ -75,6 +80,14 @@ pub async fn connect_mysql(
     MySqlPoolOptions::new()
         .max_connections(max_connections.max(1))
         .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+        .after_connect(|connection, _| {
+            Box::pin(async move {
+                sqlx::query("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                    .execute(connection)
+                    .await
+                    .map(|_| ())
+            })
+        })
         .connect_with(options)
         .await
         .map_err(|source| StoreError::Connect { host, port, source })

@@ -248,6 +248,8 @@ pub struct ConsumerGroupState {
     pub topics: Vec<String>,
     /// Whether the group has been given an assignment.
     pub joined: bool,
+    /// Fetching stopped by an operator.
+    pub paused: bool,
     pub commits_failed: u64,
     pub records_on_group_queue: u64,
     pub partitions: Vec<PartitionActorState>,
@@ -313,9 +315,23 @@ impl ConsumerGroup {
             group_id: self.group_id.clone(),
             topics: self.topics.clone(),
             joined: self.health.joined(),
+            paused: self.health.paused(),
             commits_failed: self.health.commits_failed(),
             records_on_group_queue: self.health.records_on_group_queue(),
             partitions,
+        }
+    }
+
+    /// Stops or resumes fetching (the partitions stay assigned; what was fetched is still
+    /// processed).
+    pub fn set_paused(&self, paused: bool) {
+        if let Some(consumer) = self
+            .consumer
+            .lock()
+            .expect("consumer lock poisoned")
+            .as_ref()
+        {
+            consumer.set_paused(paused);
         }
     }
 

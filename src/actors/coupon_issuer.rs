@@ -2,10 +2,12 @@
 //!
 //! For each batch from a partition it takes the design document's Redis locks
 //! (`coupon:{couponId}:user:{userId}`, advisory), decides and applies the whole batch in one
-//! MySQL transaction ([`CouponStore::issue`]), releases the locks, and publishes the result
-//! events that the transaction wrote to the outbox — so a success is never announced before
-//! it is committed, and a result lost between the commit and the send is republished by the
-//! relay. A redelivered request finds its event-log row decided and changes nothing.
+//! MySQL transaction ([`CouponStore::issue`]), releases the locks, answers the partition
+//! actor and publishes the result events that the transaction wrote to the outbox — so a
+//! success is never announced before it is committed, and a result lost between the commit
+//! and the send is republished by the relay. Publishing runs beside the next batch rather
+//! than before it: the results are durable in the outbox once committed. A redelivered
+//! request finds its event-log row decided and changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -105,13 +107,20 @@ impl DomainHandler for CouponIssuer {
 
             let outcomes = match issued {
                 Ok(batch) => {
-                    let publication = outbox.publish_committed(&batch.results).await;
-                    let mut stats = stats.lock().expect("stats lock");
-                    stats.locks_contended += contended;
-                    stats.results_published += publication.published;
-                    stats.results_left_to_relay += publication.failed;
-                    record(&mut stats, &batch);
-                    batch.outcomes.iter().map(outcome_of).collect()
+                    {
+                        let mut stats = stats.lock().expect("stats lock");
+                        stats.locks_contended += contended;
+                        record(&mut stats, &batch);
+                    }
+                    let outcomes = batch.outcomes.iter().map(outcome_of).collect();
+                    let stats = stats.clone();
+                    actix_rt::spawn(async move {
+                        let publication = outbox.publish_committed(&batch.results).await;
+                        let mut stats = stats.lock().expect("stats lock");
+                        stats.results_published += publication.published;
+                        stats.results_left_to_relay += publication.failed;
+                    });
+                    outcomes
                 }
                 Err(error) => {
                     vec![EventOutcome::Failed(HandlerError::from_error(&error)); requests.len()]

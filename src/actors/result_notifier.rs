@@ -3,9 +3,10 @@
 //! Every daemon instance consumes the results with a consumer group of its own, so a user
 //! connected to any instance gets the push. For each result it pushes
 //! `{"type": "COUPON_RESULT", ...}` to the user's open sessions on this instance, then marks
-//! the request NOTIFIED (once, whichever instance is first: a conditional update) and the
-//! result event itself COMPLETED. A result redelivered to the same instance is pushed again;
-//! clients recognise it by its `requestId`.
+//! the request NOTIFIED (once, whichever instance is first: a conditional update). The result
+//! events themselves are broadcast to every instance, so their rows stay PUBLISHED; the
+//! request's row carries the outcome. A result redelivered to the same instance is pushed
+//! again; clients recognise it by its `requestId`.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -90,7 +91,6 @@ impl DomainHandler for ResultNotifier {
         async move {
             let mut outcomes = Vec::with_capacity(events.len());
             let mut requests = BTreeSet::new();
-            let mut result_events = Vec::new();
             let (mut pushed, mut without_session) = (0, 0);
             for event in events.iter() {
                 let EventPayload::CouponResult(result) = &event.payload else {
@@ -114,27 +114,18 @@ impl DomainHandler for ResultNotifier {
                     without_session += 1;
                 }
                 requests.insert(result.request_id);
-                result_events.push(event.event_id);
                 outcomes.push(EventOutcome::Done);
             }
             let requests: Vec<EventId> = requests.into_iter().collect();
-            // One transaction: a request seen NOTIFIED has its result event COMPLETED too.
             let marked = async {
-                let mut transaction = event_log.pool().begin().await?;
-                let marked = EventLog::change_status_of_many_in(
-                    &mut transaction,
+                let mut connection = event_log.pool().acquire().await?;
+                EventLog::change_status_of_many_in(
+                    &mut connection,
                     &requests,
                     EventStatus::Notified,
+                    None,
                 )
-                .await?;
-                EventLog::change_status_of_many_in(
-                    &mut transaction,
-                    &result_events,
-                    EventStatus::Completed,
-                )
-                .await?;
-                transaction.commit().await?;
-                Ok::<_, crate::event_log::EventLogError>(marked)
+                .await
             }
             .await;
             match marked {

@@ -15,6 +15,36 @@ pub async fn actors(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().json(state.actors.observe().await)
 }
 
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GroupFetching {
+    group_id: String,
+    paused: bool,
+}
+
+/// `POST /admin/consumer-groups/{group_id}/pause` and `.../resume`: stops or resumes
+/// fetching for one consumer group of this instance (its partitions stay assigned; a
+/// rebalance keeps the choice).
+pub async fn set_group_paused(
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (group_id, action) = path.into_inner();
+    let paused = match action.as_str() {
+        "pause" => true,
+        "resume" => false,
+        other => return Err(ApiError::not_found(format!("action {other:?}"))),
+    };
+    let group = state
+        .actors
+        .consumer_groups
+        .iter()
+        .find(|group| group.group_id() == group_id)
+        .ok_or_else(|| ApiError::not_found(format!("consumer group {group_id:?}")))?;
+    group.set_paused(paused);
+    Ok(HttpResponse::Ok().json(GroupFetching { group_id, paused }))
+}
+
 /// `GET /admin/events/{event_id}`
 pub async fn event(
     state: web::Data<AppState>,

@@ -160,8 +160,9 @@ pub struct RequestView {
 }
 
 /// Maps an event-log row of a `CouponRequested` event to what clients see: the publishing
-/// and processing steps are all still `PENDING` to them.
-pub fn request_view(record: &EventRecord) -> Option<RequestView> {
+/// and processing steps are all still `PENDING` to them. `coupon_history_id` is the history
+/// the request created, if any.
+pub fn request_view(record: &EventRecord, coupon_history_id: Option<u64>) -> Option<RequestView> {
     if record.event_type != EventType::CouponRequested.as_str() {
         return None;
     }
@@ -181,9 +182,7 @@ pub fn request_view(record: &EventRecord) -> Option<RequestView> {
         reason: result
             .and_then(|result| result.get("reason"))
             .and_then(|reason| serde_json::from_value(reason.clone()).ok()),
-        coupon_history_id: result
-            .and_then(|result| result.get("couponHistoryId"))
-            .and_then(serde_json::Value::as_u64),
+        coupon_history_id,
     })
 }
 
@@ -203,9 +202,24 @@ pub async fn request(
         .find(request_id)
         .await
         .map_err(anyhow::Error::from)?;
+    let decided = record.as_ref().is_some_and(|record| {
+        matches!(
+            record.status,
+            EventStatus::Completed | EventStatus::Notified
+        )
+    });
+    let coupon_history_id = if decided {
+        state
+            .coupons
+            .history_of_request(request_id)
+            .await
+            .map_err(anyhow::Error::from)?
+    } else {
+        None
+    };
     let view = record
         .as_ref()
-        .and_then(request_view)
+        .and_then(|record| request_view(record, coupon_history_id))
         .ok_or_else(|| ApiError::not_found(format!("coupon request {request_id}")))?;
     Ok(HttpResponse::Ok().json(view))
 }
@@ -256,7 +270,7 @@ mod tests {
             EventStatus::InProgress,
         ] {
             assert_eq!(
-                request_view(&record(status, None)).unwrap().status,
+                request_view(&record(status, None), None).unwrap().status,
                 "PENDING"
             );
         }
@@ -264,20 +278,16 @@ mod tests {
 
     #[test]
     fn a_refusal_carries_its_reason_and_a_success_its_history() {
-        let refused = request_view(&record(
-            EventStatus::Failed,
-            Some(json!({"reason": "OUT_OF_STOCK"})),
-        ))
+        let refused = request_view(
+            &record(EventStatus::Failed, Some(json!({"reason": "OUT_OF_STOCK"}))),
+            None,
+        )
         .unwrap();
         assert_eq!(
             (refused.status, refused.reason),
             ("FAILED", Some(RefusalReason::OutOfStock))
         );
-        let issued = request_view(&record(
-            EventStatus::Notified,
-            Some(json!({"couponHistoryId": 77})),
-        ))
-        .unwrap();
+        let issued = request_view(&record(EventStatus::Notified, None), Some(77)).unwrap();
         assert_eq!(
             (issued.status, issued.coupon_history_id, issued.reason),
             ("NOTIFIED", Some(77), None)
@@ -288,7 +298,7 @@ mod tests {
     fn other_events_are_not_coupon_requests() {
         let mut probe = record(EventStatus::Completed, None);
         probe.event_type = "PipelineProbe".into();
-        assert_eq!(request_view(&probe), None);
+        assert_eq!(request_view(&probe, None), None);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! | `GET /admin/actors`          | observable state of the whole actor tree                  |
 //! | `GET /admin/events/{id}`     | one event-log row                                         |
 //! | `POST /admin/probes`         | sends a pipeline probe through a consumed topic           |
+//! | `POST /admin/consumer-groups/{id}/pause` / `resume` | stops / resumes fetching      |
 //! | `POST /coupons`              | creates a coupon                                          |
 //! | `GET /coupons/{id}`          | one coupon with its remaining stock                       |
 //! | `POST /coupons/issue`        | accepts an issue request (202), decided asynchronously    |
@@ -69,6 +70,10 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(web::resource("/admin/actors").get(admin::actors))
         .service(web::resource("/admin/events/{event_id}").get(admin::event))
         .service(web::resource("/admin/probes").post(admin::send_probe))
+        .service(
+            web::resource("/admin/consumer-groups/{group_id}/{action}")
+                .post(admin::set_group_paused),
+        )
         .service(web::resource("/coupons").post(coupons::create))
         .service(web::resource("/coupons/issue").post(coupons::issue))
         .service(web::resource("/coupons/requests/{request_id}").get(coupons::request))

@@ -13,6 +13,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tracing::warn;
 
 use crate::coupons::{CouponId, UserId};
+use crate::error::{Classify, ErrorClass};
 use crate::event_log::{EventLog, EventLogError, OutboxEvent};
 use crate::events::{CouponRequested, EventEnvelope, EventId, EventPayload};
 use crate::kafka::topics;
@@ -124,9 +125,25 @@ async fn write_batches(
     }
 }
 
+/// Writes the rows in one transaction, trying again at once when the database reports a
+/// transient failure (a deadlock victim, a dropped connection).
 async fn record(event_log: &EventLog, events: &[OutboxEvent]) -> Result<(), EventLogError> {
-    let mut transaction = event_log.pool().begin().await?;
-    Outbox::record(&mut transaction, events).await?;
-    transaction.commit().await?;
-    Ok(())
+    const ATTEMPTS: usize = 3;
+    let mut attempt = 1;
+    loop {
+        let written = async {
+            let mut transaction = event_log.pool().begin().await?;
+            Outbox::record(&mut transaction, events).await?;
+            transaction.commit().await?;
+            Ok::<_, EventLogError>(())
+        }
+        .await;
+        match written {
+            Err(error) if attempt < ATTEMPTS && error.class() == ErrorClass::Retryable => {
+                warn!(%error, attempt, "recording coupon requests failed; trying again");
+                attempt += 1;
+            }
+            written => return written,
+        }
+    }
 }

@@ -8,9 +8,11 @@ use serde::Serialize;
 use serde_json::json;
 use sqlx::{MySqlConnection, MySqlPool, QueryBuilder, Row};
 
-use crate::coupons::{CouponId, CouponState, IssueDecision, IssueRequest, UserId, decide_issues};
+use crate::coupons::{
+    CouponId, CouponState, IssueDecision, IssueRequest, RefusalReason, UserId, decide_issues,
+};
 use crate::error::{Classify, ErrorClass};
-use crate::event_log::{EventLog, EventLogError, EventStatus, OutboxEvent, RecordedOutcome};
+use crate::event_log::{EventLog, EventLogError, EventStatus, OutboxEvent};
 use crate::events::{CouponResult, EventEnvelope, EventId, EventPayload};
 use crate::kafka::topics;
 
@@ -22,6 +24,10 @@ pub enum CouponStoreError {
     EventLog(#[from] EventLogError),
     #[error("coupon {0} could not take the stock decided for it")]
     StockInvariant(CouponId),
+    /// Read without locks, the batch was decided on state that changed before its commit
+    /// (another batch took the stock, or issued to the same user first).
+    #[error("the decision was made on stale coupon state")]
+    StaleDecision,
 }
 
 impl Classify for CouponStoreError {
@@ -32,6 +38,7 @@ impl Classify for CouponStoreError {
             // The coupon row is locked while deciding, so this means the decision logic is
             // wrong: stop and restart rather than guess.
             CouponStoreError::StockInvariant(_) => ErrorClass::Fatal,
+            CouponStoreError::StaleDecision => ErrorClass::Retryable,
         }
     }
 }
@@ -155,6 +162,19 @@ impl CouponStore {
         .transpose()
     }
 
+    /// The coupon history a request created, if it was issued.
+    pub async fn history_of_request(
+        &self,
+        request_id: EventId,
+    ) -> Result<Option<u64>, CouponStoreError> {
+        let row: Option<(u64,)> =
+            sqlx::query_as("SELECT coupon_history_id FROM coupon_history WHERE request_id = ?")
+                .bind(request_id.to_string())
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|(id,)| id))
+    }
+
     /// The coupons `user` holds, newest first.
     pub async fn held_by(&self, user: UserId) -> Result<Vec<HeldCoupon>, CouponStoreError> {
         let rows = sqlx::query(
@@ -181,21 +201,51 @@ impl CouponStore {
 
     /// Decides and applies a batch of requests (in offset order) in one transaction:
     /// requests already decided are skipped (their event-log rows are locked and read
-    /// first), each coupon row is locked, [`decide_issues`] decides, the stock moves with a
-    /// conditional update, histories are inserted (unique per coupon and user, and per
-    /// request), the requests' event-log rows become COMPLETED or FAILED with their result,
-    /// and the result events go into the outbox.
+    /// first), [`decide_issues`] decides each coupon's requests, histories are inserted
+    /// (unique per coupon and user, and per request), the requests' event-log rows become
+    /// COMPLETED or FAILED, the result events go into the outbox, and last the stock moves
+    /// with a conditional update.
+    ///
+    /// The first attempt reads the coupons without locking them, so batches of different
+    /// partitions for one popular coupon only meet at that final update: the coupon row is
+    /// locked from there to the commit, not for the whole transaction. If the update finds
+    /// the stock gone (or a history was inserted first by another batch), the attempt rolls
+    /// back and the batch is decided again with the coupon rows locked from the start.
     pub async fn issue(&self, batch: &[CouponRequest]) -> Result<IssuedBatch, CouponStoreError> {
+        match self.issue_with(batch, Locking::Optimistic).await {
+            Err(CouponStoreError::StaleDecision) => {
+                self.issue_with(batch, Locking::Pessimistic).await
+            }
+            decided => decided,
+        }
+    }
+
+    async fn issue_with(
+        &self,
+        batch: &[CouponRequest],
+        locking: Locking,
+    ) -> Result<IssuedBatch, CouponStoreError> {
         let mut transaction = self.pool.begin().await?;
-        let issued = issue_in(&mut transaction, batch).await?;
+        // On error the transaction is dropped, which rolls it back.
+        let issued = issue_in(&mut transaction, batch, locking).await?;
         transaction.commit().await?;
         Ok(issued)
     }
 }
 
+/// How a batch reads the coupon rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Locking {
+    /// Without locks; the conditional stock update at the end verifies the decision.
+    Optimistic,
+    /// `FOR UPDATE` before deciding.
+    Pessimistic,
+}
+
 async fn issue_in(
     connection: &mut MySqlConnection,
     batch: &[CouponRequest],
+    locking: Locking,
 ) -> Result<IssuedBatch, CouponStoreError> {
     let request_ids: Vec<EventId> = batch.iter().map(|item| item.request.request_id).collect();
     let statuses = EventLog::lock_statuses_in(connection, &request_ids).await?;
@@ -225,8 +275,9 @@ async fn issue_in(
         });
     }
 
-    let coupons = lock_coupons(connection, pending.keys().copied().collect()).await?;
+    let coupons = read_coupons(connection, pending.keys().copied().collect(), locking).await?;
     let mut issued_rows: Vec<(CouponId, IssueRequest)> = Vec::new();
+    let mut stock_taken: Vec<(CouponId, u32)> = Vec::new();
     for (coupon_id, requests) in &pending {
         let coupon = coupons.get(coupon_id);
         let users: Vec<UserId> = requests
@@ -244,7 +295,7 @@ async fn issue_in(
             .filter(|decision| **decision == IssueDecision::Issue)
             .count() as u32;
         if issued_now > 0 {
-            take_stock(connection, *coupon_id, issued_now).await?;
+            stock_taken.push((*coupon_id, issued_now));
         }
         for ((position, request), decision) in requests.iter().zip(decisions) {
             outcomes[*position] = RequestOutcome::Decided {
@@ -256,9 +307,15 @@ async fn issue_in(
             }
         }
     }
-    let history_ids = insert_histories(connection, &issued_rows).await?;
+    let history_ids = match insert_histories(connection, &issued_rows).await {
+        Err(CouponStoreError::Database(error)) if is_duplicate_key(&error) => {
+            return Err(CouponStoreError::StaleDecision);
+        }
+        inserted => inserted?,
+    };
 
-    let mut recorded = Vec::new();
+    let mut issued_requests = Vec::new();
+    let mut refused_requests: BTreeMap<RefusalReason, Vec<EventId>> = BTreeMap::new();
     let mut results = Vec::new();
     for (position, item) in batch.iter().enumerate() {
         let RequestOutcome::Decided { decision, .. } = outcomes[position] else {
@@ -270,23 +327,19 @@ async fn issue_in(
             decision,
             coupon_history_id,
         };
-        let (status, result, reason) = match decision {
-            IssueDecision::Issue => (
-                EventStatus::Completed,
-                json!({ "couponHistoryId": coupon_history_id }),
-                None,
-            ),
-            IssueDecision::Refuse(reason) => (
-                EventStatus::Failed,
-                json!({ "reason": reason }),
-                Some(reason),
-            ),
+        let reason = match decision {
+            IssueDecision::Issue => {
+                issued_requests.push(request.request_id);
+                None
+            }
+            IssueDecision::Refuse(reason) => {
+                refused_requests
+                    .entry(reason)
+                    .or_default()
+                    .push(request.request_id);
+                Some(reason)
+            }
         };
-        recorded.push(RecordedOutcome {
-            event_id: request.request_id,
-            status,
-            result: Some(result),
-        });
         results.push(OutboxEvent {
             topic: topics::COUPON_RESULTS.to_string(),
             envelope: EventEnvelope::new(
@@ -302,15 +355,47 @@ async fn issue_in(
             ),
         });
     }
-    EventLog::record_outcomes_in(connection, &recorded).await?;
+    // A success's coupon history is found by its request id; a refusal records its reason.
+    EventLog::change_status_of_many_in(connection, &issued_requests, EventStatus::Completed, None)
+        .await?;
+    for (reason, requests) in &refused_requests {
+        let result = json!({ "reason": reason });
+        EventLog::change_status_of_many_in(
+            connection,
+            requests,
+            EventStatus::Failed,
+            Some(&result),
+        )
+        .await?;
+    }
     EventLog::insert_pending(connection, &results).await?;
+
+    // Last, in coupon order: from here to the commit the coupon rows are locked.
+    for (coupon_id, count) in stock_taken {
+        if !take_stock(connection, coupon_id, count).await? {
+            return Err(match locking {
+                Locking::Optimistic => CouponStoreError::StaleDecision,
+                Locking::Pessimistic => CouponStoreError::StockInvariant(coupon_id),
+            });
+        }
+    }
     Ok(IssuedBatch { outcomes, results })
 }
 
-/// Locks the coupon rows (in key order, so concurrent batches cannot deadlock on them).
-async fn lock_coupons(
+fn is_duplicate_key(error: &sqlx::Error) -> bool {
+    const DUPLICATE_ENTRY: u16 = 1062;
+    error
+        .as_database_error()
+        .and_then(|error| error.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+        .is_some_and(|error| error.number() == DUPLICATE_ENTRY)
+}
+
+/// Reads the coupon rows, locking them (in key order, so concurrent batches cannot deadlock
+/// on them) when pessimistic.
+async fn read_coupons(
     connection: &mut MySqlConnection,
     coupon_ids: Vec<CouponId>,
+    locking: Locking,
 ) -> Result<BTreeMap<CouponId, CouponState>, CouponStoreError> {
     let mut select = QueryBuilder::new(
         "SELECT coupon_id, total_quantity, issued_quantity, valid_from, valid_until \
@@ -320,7 +405,10 @@ async fn lock_coupons(
     for coupon_id in &coupon_ids {
         separated.push_bind(coupon_id.get());
     }
-    select.push(") ORDER BY coupon_id FOR UPDATE");
+    select.push(") ORDER BY coupon_id");
+    if locking == Locking::Pessimistic {
+        select.push(" FOR UPDATE");
+    }
     let rows = select.build().fetch_all(&mut *connection).await?;
     rows.iter()
         .map(|row| {
@@ -358,13 +446,13 @@ async fn holders_among(
         .collect()
 }
 
-/// Moves `count` units of stock; the condition makes over-issuing impossible even if the
-/// decision were wrong.
+/// Moves `count` units of stock if that many are left; the condition makes over-issuing
+/// impossible whatever was decided. Returns whether it moved.
 async fn take_stock(
     connection: &mut MySqlConnection,
     coupon_id: CouponId,
     count: u32,
-) -> Result<(), CouponStoreError> {
+) -> Result<bool, CouponStoreError> {
     let updated = sqlx::query(
         "UPDATE coupon SET issued_quantity = issued_quantity + ? \
          WHERE coupon_id = ? AND issued_quantity + ? <= total_quantity",
@@ -374,11 +462,7 @@ async fn take_stock(
     .bind(count)
     .execute(&mut *connection)
     .await?;
-    if updated.rows_affected() == 1 {
-        Ok(())
-    } else {
-        Err(CouponStoreError::StockInvariant(coupon_id))
-    }
+    Ok(updated.rows_affected() == 1)
 }
 
 /// Inserts the histories and returns their ids by request.

@@ -94,6 +94,8 @@ pub struct GroupHealth {
     assigned_partitions: AtomicU64,
     commits_failed: AtomicU64,
     records_on_main_queue: AtomicU64,
+    /// Whether fetching is meant to be paused (an operator's request).
+    paused: AtomicBool,
 }
 
 impl GroupHealth {
@@ -113,6 +115,10 @@ impl GroupHealth {
 
     pub fn records_on_group_queue(&self) -> u64 {
         self.records_on_main_queue.load(Ordering::Relaxed)
+    }
+
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
     }
 }
 
@@ -190,6 +196,11 @@ impl ConsumerContext for GroupContext {
                 self.health
                     .assigned_partitions
                     .store(queues.len() as u64, Ordering::Release);
+                if self.health.paused()
+                    && let Err(error) = consumer.pause(list)
+                {
+                    warn!(group = %self.group_id, %error, "cannot keep newly assigned partitions paused");
+                }
                 self.listener.assigned(queues, OffsetCommitter { consumer });
                 self.health.assignments.fetch_add(1, Ordering::AcqRel);
             }
@@ -247,7 +258,10 @@ pub fn consumer_config(
             consumer.heartbeat_interval_ms.to_string(),
         )
         .set("fetch.min.bytes", consumer.fetch_min_bytes.to_string())
-        .set("fetch.wait.max.ms", consumer.fetch_wait_max_ms.to_string());
+        .set(
+            "fetch.wait.max.ms",
+            settings.fetch_wait_max_ms().to_string(),
+        );
     for (key, value) in &consumer.extra {
         config.set(key, value);
     }
@@ -314,6 +328,12 @@ impl GroupConsumer {
         self.health.clone()
     }
 
+    /// Stops (`true`) or resumes (`false`) fetching for every assigned partition, and for
+    /// partitions assigned later. Records already fetched are still processed.
+    pub fn set_paused(&self, paused: bool) {
+        self.health.paused.store(paused, Ordering::Release);
+    }
+
     /// Leaves the group: the consumer is closed on its own thread, which revokes (drains and
     /// commits) every assigned partition through the listener. Blocks until done.
     pub fn shutdown_blocking(mut self) {
@@ -338,7 +358,13 @@ fn poll_until_stopped(
     stop: &AtomicBool,
     health: &GroupHealth,
 ) {
+    let mut pause_applied = false;
     while !stop.load(Ordering::Acquire) {
+        let pause_wanted = health.paused();
+        if pause_wanted != pause_applied {
+            apply_pause(group_id, &consumer, pause_wanted);
+            pause_applied = pause_wanted;
+        }
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
             Some(Ok(message)) => {
@@ -381,6 +407,22 @@ fn poll_until_stopped(
     // why it happens here and not on an arbiter.
     drop(consumer);
     info!(group = group_id, "consumer closed");
+}
+
+fn apply_pause(group_id: &str, consumer: &BaseConsumer<GroupContext>, paused: bool) {
+    let applied = consumer.assignment().and_then(|assignment| {
+        if paused {
+            consumer.pause(&assignment)
+        } else {
+            consumer.resume(&assignment)
+        }
+    });
+    match applied {
+        Ok(()) => info!(group = group_id, paused, "consumer group fetching changed"),
+        Err(error) => {
+            warn!(group = group_id, paused, %error, "cannot change consumer group fetching")
+        }
+    }
 }
 
 /// How long leaving the group may wait for the revoke to complete.

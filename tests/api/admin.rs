@@ -86,3 +86,62 @@ async fn a_redelivered_probe_changes_nothing() {
         1
     );
 }
+
+#[actix_web::test]
+async fn a_paused_consumer_group_holds_records_until_it_is_resumed() {
+    let app = spawn_app().await;
+    let (status, paused) = app
+        .post(
+            &format!("/admin/consumer-groups/{PRODUCT_EVENT_GROUP}/pause"),
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        paused,
+        json!({"groupId": PRODUCT_EVENT_GROUP, "paused": true})
+    );
+    assert_eq!(
+        group(&app.get("/admin/actors").await.1, PRODUCT_EVENT_GROUP)["paused"],
+        true
+    );
+
+    let (_, accepted) = app.post("/admin/probes", "").await;
+    let path = format!("/admin/events/{}", accepted["eventId"].as_str().unwrap());
+    // The relay passes serve as a clock: several go by while the probe waits.
+    let relay_passes = || async {
+        app.get("/admin/actors").await.1["outboxRelay"]["passes"]
+            .as_u64()
+            .unwrap()
+    };
+    let passes_before = relay_passes().await;
+    eventually("five relay passes", Duration::from_secs(10), || async {
+        relay_passes().await >= passes_before + 5
+    })
+    .await;
+    assert_eq!(
+        app.get(&path).await.1["status"],
+        "PUBLISHED",
+        "not consumed while paused"
+    );
+
+    let (status, _) = app
+        .post(
+            &format!("/admin/consumer-groups/{PRODUCT_EVENT_GROUP}/resume"),
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    eventually(
+        "the probe completed after the resume",
+        Duration::from_secs(20),
+        || async { app.get(&path).await.1["status"] == "COMPLETED" },
+    )
+    .await;
+    assert_eq!(
+        app.post("/admin/consumer-groups/no-such-group/pause", "")
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+}

@@ -361,6 +361,18 @@ async fn replaying_the_requests_from_offset_zero_changes_nothing_and_sends_no_se
     for request in &requests {
         app.wait_until_notified(request).await;
     }
+    // The issuer marks its result events published after the broker's acknowledgement,
+    // which may come after the push.
+    eventually("every result marked published", Duration::from_secs(30), || async {
+        let (pending,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM event_log WHERE event_type = 'CouponResult' AND status = 'PENDING'",
+        )
+        .fetch_one(app.event_log.pool())
+        .await
+        .unwrap();
+        pending == 0
+    })
+    .await;
     let before = written_state(&app).await;
     let results_before = records_in(&app, commerce_events::kafka::topics::COUPON_RESULTS).await;
     assert_eq!(results_before, 4, "one result per request");

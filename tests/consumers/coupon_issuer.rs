@@ -19,6 +19,7 @@ use insta::assert_json_snapshot;
 use serde_json::{Value, json};
 
 use crate::helpers::Pipeline;
+use crate::support::eventually;
 
 struct Script {
     names: BTreeMap<EventId, String>,
@@ -150,6 +151,17 @@ async fn the_coupon_issuer_through_success_duplicate_sold_out_expired_and_redeli
             .unwrap();
         let emitted = emitted_results(&event_log, &script, emitted_so_far).await;
         emitted_so_far += emitted.len();
+        // Results are published beside the next batch; wait for this step's.
+        let published_so_far = emitted_so_far as u64;
+        eventually(
+            "the step's results published",
+            Duration::from_secs(20),
+            || async {
+                let state = issuer.send(ObserveDomain).await.unwrap();
+                state.details.unwrap()["resultsPublished"] == published_so_far
+            },
+        )
+        .await;
         let state = issuer.send(ObserveDomain).await.unwrap();
         let decisions: BTreeMap<&str, Value> = names
             .iter()
