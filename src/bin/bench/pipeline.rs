@@ -1,10 +1,7 @@
-//! Benchmarks. `cargo run --release --bin bench -- <scenario> [options]`
-//!
-//! Scenarios:
-//! - `pipeline [--records N] [--runs R] [--threads T]`: N records on one embedded cluster,
-//!   consumed (a) by a raw rdkafka consumer and (b) through the partition actors (on T
-//!   arbiter threads) by a domain actor that does nothing. Prints records/s of each and the
-//!   ratio (b)/(a). Every run must see exactly N records, or the scenario fails.
+//! Scenario `pipeline`: N records on one embedded cluster, consumed (a) by a raw rdkafka
+//! consumer and (b) through the partition actors (on T arbiter threads) by a domain actor
+//! that does nothing. Prints records/s of each and the ratios. Every run must see exactly
+//! N records, or the scenario fails.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -12,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use commerce_events::actors::ArbiterPool;
 use commerce_events::actors::consumer_group::{ConsumerGroup, ConsumerGroupSpec};
 use commerce_events::actors::domain::{DomainActor, DomainHandler, EventOutcome};
@@ -33,38 +30,6 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 
 const TOPIC: &str = "bench-events";
 const PARTITIONS: i32 = 3;
-
-fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let scenario = args.next().unwrap_or_else(|| "pipeline".into());
-    let options: Vec<String> = args.collect();
-    match scenario.as_str() {
-        "pipeline" => actix_rt::System::new().block_on(pipeline(
-            option(&options, "--records", 200_000)?,
-            option(&options, "--runs", 5)?,
-            option(
-                &options,
-                "--threads",
-                Settings::default().kafka.consumer.partition_threads,
-            )?,
-        )),
-        other => bail!("unknown scenario {other:?}; known: pipeline"),
-    }
-}
-
-fn option<T: FromStr>(options: &[String], name: &str, default: T) -> anyhow::Result<T> {
-    match options.iter().position(|option| option == name) {
-        None => Ok(default),
-        Some(index) => {
-            let value = options
-                .get(index + 1)
-                .with_context(|| format!("{name} needs a value"))?;
-            value
-                .parse()
-                .map_err(|_| anyhow::anyhow!("{name}: cannot parse {value:?}"))
-        }
-    }
-}
 
 /// Counts what reaches it and answers at once.
 #[derive(Clone)]
@@ -106,7 +71,7 @@ impl Measurement {
     }
 }
 
-async fn pipeline(records: usize, runs: usize, threads: usize) -> anyhow::Result<()> {
+pub async fn run(records: usize, runs: usize, threads: usize) -> anyhow::Result<()> {
     let mut settings = Settings::default();
     // Throughput on the embedded cluster: no minimum fetch size to wait for.
     settings.kafka.consumer.fetch_min_bytes = 1;
