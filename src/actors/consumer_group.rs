@@ -323,16 +323,25 @@ impl ConsumerGroup {
     }
 
     /// Stops or resumes fetching (the partitions stay assigned; what was fetched is still
-    /// processed).
-    pub fn set_paused(&self, paused: bool) {
-        if let Some(consumer) = self
+    /// processed); returns once the polling thread applied it, or `false` after `timeout`.
+    pub async fn set_paused(&self, paused: bool, timeout: Duration) -> bool {
+        match self
             .consumer
             .lock()
             .expect("consumer lock poisoned")
             .as_ref()
         {
-            consumer.set_paused(paused);
+            Some(consumer) => consumer.set_paused(paused),
+            None => return false,
         }
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.health.pause_in_effect() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
     }
 
     /// Leaves the group: every partition is drained and its offset committed. Safe to call

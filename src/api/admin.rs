@@ -24,7 +24,8 @@ struct GroupFetching {
 
 /// `POST /admin/consumer-groups/{group_id}/pause` and `.../resume`: stops or resumes
 /// fetching for one consumer group of this instance (its partitions stay assigned; a
-/// rebalance keeps the choice).
+/// rebalance keeps the choice). Answers once the change is in effect; records fetched
+/// before a pause are still processed.
 pub async fn set_group_paused(
     state: web::Data<AppState>,
     path: web::Path<(String, String)>,
@@ -41,7 +42,16 @@ pub async fn set_group_paused(
         .iter()
         .find(|group| group.group_id() == group_id)
         .ok_or_else(|| ApiError::not_found(format!("consumer group {group_id:?}")))?;
-    group.set_paused(paused);
+    if !group
+        .set_paused(paused, std::time::Duration::from_secs(5))
+        .await
+    {
+        return Err(ApiError::Unavailable {
+            code: "NOT_APPLIED",
+            message: format!("consumer group {group_id:?} did not apply the change in time"),
+            details: serde_json::Value::Null,
+        });
+    }
     Ok(HttpResponse::Ok().json(GroupFetching { group_id, paused }))
 }
 

@@ -96,6 +96,8 @@ pub struct GroupHealth {
     records_on_main_queue: AtomicU64,
     /// Whether fetching is meant to be paused (an operator's request).
     paused: AtomicBool,
+    /// Whether the polling thread has applied `paused` to the assignment.
+    pause_applied: AtomicBool,
 }
 
 impl GroupHealth {
@@ -119,6 +121,11 @@ impl GroupHealth {
 
     pub fn paused(&self) -> bool {
         self.paused.load(Ordering::Acquire)
+    }
+
+    /// Whether the requested pause (or resume) is in effect.
+    pub fn pause_in_effect(&self) -> bool {
+        self.pause_applied.load(Ordering::Acquire) == self.paused()
     }
 }
 
@@ -329,7 +336,8 @@ impl GroupConsumer {
     }
 
     /// Stops (`true`) or resumes (`false`) fetching for every assigned partition, and for
-    /// partitions assigned later. Records already fetched are still processed.
+    /// partitions assigned later; the polling thread applies it within one poll
+    /// ([`GroupHealth::pause_in_effect`]). Records already fetched are still processed.
     pub fn set_paused(&self, paused: bool) {
         self.health.paused.store(paused, Ordering::Release);
     }
@@ -364,6 +372,7 @@ fn poll_until_stopped(
         if pause_wanted != pause_applied {
             apply_pause(group_id, &consumer, pause_wanted);
             pause_applied = pause_wanted;
+            health.pause_applied.store(pause_applied, Ordering::Release);
         }
         match consumer.poll(Duration::from_millis(100)) {
             None => {}

@@ -31,7 +31,7 @@ fn main() -> anyhow::Result<()> {
         "coupons" => actix_rt::System::new().block_on(coupons::run(coupons::Options {
             seconds: option(&options, "--seconds", 60)?,
             backlog: option(&options, "--backlog", 150_000)?,
-            clients: option(&options, "--clients", 256)?,
+            clients: option(&options, "--clients", 1024)?,
             latency_rate: option(&options, "--latency-rate", 2_000)?,
             latency_seconds: option(&options, "--latency-seconds", 20)?,
             baseline_seconds: option(&options, "--baseline-seconds", 10)?,
