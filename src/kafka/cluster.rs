@@ -207,7 +207,28 @@ impl KafkaCluster {
                         topic: topics.join(","),
                         source,
                     })?;
-                let new_topics: Vec<NewTopic<'_>> = topics
+                // Only what is missing is created: clusters often refuse CreateTopics to
+                // applications, and there is nothing to ask for when the topics exist.
+                let existing: Vec<String> = admin
+                    .inner()
+                    .fetch_metadata(None, Duration::from_secs(30))
+                    .map_err(|source| ClusterError::CreateTopic {
+                        topic: topics.join(","),
+                        source,
+                    })?
+                    .topics()
+                    .iter()
+                    .map(|topic| topic.name().to_string())
+                    .collect();
+                let missing: Vec<&str> = topics
+                    .iter()
+                    .filter(|topic| !existing.contains(topic))
+                    .map(String::as_str)
+                    .collect();
+                if missing.is_empty() {
+                    return Ok(());
+                }
+                let new_topics: Vec<NewTopic<'_>> = missing
                     .iter()
                     .map(|topic| {
                         NewTopic::new(
@@ -223,7 +244,7 @@ impl KafkaCluster {
                         .create_topics(&new_topics, &options)
                         .await
                         .map_err(|source| ClusterError::CreateTopic {
-                            topic: topics.join(","),
+                            topic: missing.join(","),
                             source,
                         })?;
                 for result in results {

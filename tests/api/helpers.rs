@@ -72,6 +72,10 @@ pub async fn start_app(customize: impl FnOnce(&mut Settings)) -> TestApp {
 }
 
 impl TestApp {
+    pub fn database_url(&self) -> String {
+        self._database.url()
+    }
+
     pub fn bootstrap_servers(&self) -> String {
         self.kafka.bootstrap_servers().to_string()
     }
