@@ -28,6 +28,7 @@ use crate::coupons::intake::CouponIntake;
 use crate::coupons::store::CouponStore;
 use crate::event_log::EventLog;
 use crate::kafka::cluster::KafkaCluster;
+use crate::kafka::consumer::UncommittedStart;
 use crate::kafka::producer::EventPublisher;
 use crate::kafka::topics;
 use crate::locks::RedisLocks;
@@ -174,10 +175,8 @@ impl Application {
             topics::COUPON_RESULTS,
             result_notifier.clone().recipient(),
             // An instance's own group only serves its live sessions: a new instance starts
-            // from the latest results, not from the history of every result.
-            |spec| {
-                spec.client_config.set("auto.offset.reset", "latest");
-            },
+            // at the end of the results, not with the history of every result.
+            |spec| spec.uncommitted_start = UncommittedStart::End,
         )?;
 
         let outbox_relay = OutboxRelay::new(worker_outbox.clone(), &settings.outbox).start();

@@ -26,6 +26,7 @@ use crate::actors::partition::{
 use crate::config::Settings;
 use crate::event_log::EventLog;
 use crate::kafka::TopicPartition;
+use crate::kafka::consumer::UncommittedStart;
 use crate::kafka::consumer::{
     GroupConsumer, GroupHealth, OffsetCommitter, PartitionRecords, RebalanceListener,
     consumer_config,
@@ -211,6 +212,8 @@ pub struct ConsumerGroupSpec {
     pub max_record_bytes: usize,
     pub commit_interval: Duration,
     pub drain_timeout: Duration,
+    /// Where partitions without a committed offset start.
+    pub uncommitted_start: UncommittedStart,
 }
 
 impl ConsumerGroupSpec {
@@ -236,6 +239,7 @@ impl ConsumerGroupSpec {
             max_record_bytes: consumer.max_record_bytes,
             commit_interval: consumer.commit_interval(),
             drain_timeout: consumer.drain_timeout(),
+            uncommitted_start: UncommittedStart::Configured,
         }
     }
 }
@@ -286,8 +290,13 @@ impl ConsumerGroup {
             group_id: spec.group_id.clone(),
         });
         let topic_names: Vec<&str> = topics.iter().map(String::as_str).collect();
-        let consumer =
-            GroupConsumer::start(&spec.client_config, &spec.group_id, &topic_names, listener)?;
+        let consumer = GroupConsumer::start(
+            &spec.client_config,
+            &spec.group_id,
+            &topic_names,
+            spec.uncommitted_start,
+            listener,
+        )?;
         Ok(Self {
             group_id: spec.group_id,
             topics,

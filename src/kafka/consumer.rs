@@ -24,9 +24,12 @@ use std::time::{Duration, Instant};
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::base_consumer::PartitionQueue;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
@@ -135,6 +138,19 @@ pub struct GroupContext {
     consumer: OnceLock<Weak<BaseConsumer<GroupContext>>>,
     listener: Arc<dyn RebalanceListener>,
     health: Arc<GroupHealth>,
+    uncommitted_start: UncommittedStart,
+}
+
+/// Where a partition with no committed offset starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UncommittedStart {
+    /// As `auto.offset.reset` says (earliest, by default).
+    #[default]
+    Configured,
+    /// At the end, fixed in the assignment itself. A group that only serves live sessions
+    /// starts here; `auto.offset.reset=latest` would resolve the end only after the group
+    /// reports itself joined, and records produced in between would be skipped.
+    End,
 }
 
 impl ClientContext for GroupContext {
@@ -147,7 +163,87 @@ impl ClientContext for GroupContext {
     }
 }
 
+impl GroupContext {
+    /// Sets, in `assignment`, the end offset of each partition that has no committed
+    /// offset. Blocks (broker requests); runs on the polling thread.
+    fn start_uncommitted_at_end(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        assignment: &mut TopicPartitionList,
+    ) {
+        const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+        let committed = match consumer.committed_offsets(assignment.clone(), REQUEST_TIMEOUT) {
+            Ok(committed) => committed,
+            Err(error) => {
+                warn!(group = %self.group_id, %error, "cannot read committed offsets; starting as configured");
+                return;
+            }
+        };
+        for element in committed.elements() {
+            if element.offset() != Offset::Invalid {
+                continue;
+            }
+            let (topic, partition) = (element.topic(), element.partition());
+            let positioned = consumer
+                .fetch_watermarks(topic, partition, REQUEST_TIMEOUT)
+                .and_then(|(_, high)| {
+                    assignment.set_partition_offset(topic, partition, Offset::Offset(high))
+                });
+            if let Err(error) = positioned {
+                warn!(group = %self.group_id, topic, partition, %error, "cannot start at the end; starting as configured");
+            }
+        }
+    }
+}
+
 impl ConsumerContext for GroupContext {
+    /// librdkafka's default (assign or unassign, eager or cooperative) with the start of
+    /// uncommitted partitions fixed first when the group asks for it.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        error: RDKafkaRespErr,
+        list: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let applied = match error {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                if self.uncommitted_start == UncommittedStart::End {
+                    self.start_uncommitted_at_end(consumer, list);
+                }
+                self.pre_rebalance(consumer, &Rebalance::Assign(list));
+                let assigned = if cooperative {
+                    consumer.incremental_assign(list)
+                } else {
+                    consumer.assign(list)
+                };
+                self.post_rebalance(consumer, &Rebalance::Assign(list));
+                assigned
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.pre_rebalance(consumer, &Rebalance::Revoke(list));
+                let unassigned = if cooperative {
+                    consumer.incremental_unassign(list)
+                } else {
+                    consumer.unassign()
+                };
+                self.post_rebalance(consumer, &Rebalance::Revoke(list));
+                unassigned
+            }
+            other => {
+                let error = KafkaError::Rebalance(other.into());
+                self.post_rebalance(consumer, &Rebalance::Error(error.clone()));
+                Err(error)
+            }
+        };
+        if let Err(error) = applied {
+            warn!(group = %self.group_id, %error, "applying the rebalance failed");
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(list) = rebalance else {
             return;
@@ -289,6 +385,7 @@ impl GroupConsumer {
         config: &ClientConfig,
         group_id: &str,
         topics: &[&str],
+        uncommitted_start: UncommittedStart,
         listener: Arc<dyn RebalanceListener>,
     ) -> Result<Self, KafkaError> {
         let health = Arc::new(GroupHealth::default());
@@ -297,6 +394,7 @@ impl GroupConsumer {
             consumer: OnceLock::new(),
             listener,
             health: health.clone(),
+            uncommitted_start,
         };
         let consumer: Arc<BaseConsumer<GroupContext>> =
             Arc::new(config.create_with_context(context)?);
