@@ -35,6 +35,7 @@ pub struct Settings {
     pub retry: RetrySettings,
     pub outbox: OutboxSettings,
     pub coupons: CouponSettings,
+    pub external: ExternalSettings,
     pub instance: InstanceSettings,
     pub log: LogSettings,
 }
@@ -385,6 +386,72 @@ impl Default for CouponSettings {
     }
 }
 
+/// Delivery of events to an external system (webhooks) and its retry schedule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ExternalSettings {
+    /// Where webhooks go (`http://host:port`); empty leaves `external-events` unconsumed.
+    pub base_url: String,
+    /// The path per event type, appended to `base_url`.
+    pub routes: BTreeMap<String, String>,
+    /// How long one delivery attempt may take.
+    pub timeout_ms: u64,
+    /// Signs deliveries (`webhook-signature`) when set; `whsec_<base64>` or plain text.
+    pub signing_secret: SecretString,
+    /// An administrator alert is POSTed here when an event is dead-lettered (optional).
+    pub alert_url: String,
+    /// How long an attempt in progress holds its event before another instance may take it.
+    pub lease_ms: u64,
+    /// How often the retry scheduler looks for due attempts.
+    pub poll_interval_ms: u64,
+    /// Attempts the scheduler starts per look.
+    pub claim_batch: u32,
+    pub backoff: BackoffSettings,
+}
+
+impl Default for ExternalSettings {
+    fn default() -> Self {
+        Self {
+            base_url: String::new(),
+            routes: BTreeMap::from([(
+                "PaymentCompleted".to_string(),
+                "/webhooks/payment-completed".to_string(),
+            )]),
+            timeout_ms: 5_000,
+            signing_secret: SecretString::from(""),
+            alert_url: String::new(),
+            lease_ms: 30_000,
+            poll_interval_ms: 100,
+            claim_batch: 100,
+            backoff: BackoffSettings::default(),
+        }
+    }
+}
+
+/// Exponential back-off between attempts (the design document's 1 s → 2 s → 4 s → 8 s).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct BackoffSettings {
+    pub base_ms: u64,
+    pub factor: f32,
+    /// Attempts in all, the first included.
+    pub attempts: u32,
+    pub max_delay_ms: u64,
+    pub jitter: bool,
+}
+
+impl Default for BackoffSettings {
+    fn default() -> Self {
+        Self {
+            base_ms: 1_000,
+            factor: 2.0,
+            attempts: 5,
+            max_delay_ms: 60_000,
+            jitter: false,
+        }
+    }
+}
+
 /// This daemon instance among several.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -481,7 +548,7 @@ mod tests {
             ),
             (
                 "APP_DATABASE__URL".to_string(),
-                "mysql://app:secret@db:3306/shop".to_string(),
+                "mysql://app:pa55w0rd@db:3306/shop".to_string(),
             ),
             ("APP_RETRY__DELAY_MS".to_string(), "250".to_string()),
         ]);
@@ -501,11 +568,11 @@ mod tests {
         );
         assert_eq!(
             database_url(&settings.database),
-            "mysql://app:secret@db:3306/shop"
+            "mysql://app:pa55w0rd@db:3306/shop"
         );
         assert_eq!(settings.retry.delay_ms, 250);
         assert!(
-            !format!("{settings:?}").contains("secret"),
+            !format!("{settings:?}").contains("pa55w0rd"),
             "secrets stay out of debug output"
         );
     }

@@ -28,7 +28,7 @@ use serde::Serialize;
 use sqlx::{MySqlConnection, MySqlPool, Row};
 
 use crate::error::{Classify, ErrorClass};
-use crate::events::{DecodeError, EventEnvelope, EventId};
+use crate::events::{DecodeError, EventEnvelope, EventId, EventType};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -77,7 +77,7 @@ impl EventStatus {
                 | (InProgress, Completed | Failed | DeadLetter)
                 | (Failed, InProgress | Completed | Notified | DeadLetter)
                 | (Completed, Notified)
-                | (DeadLetter, Pending)
+                | (DeadLetter, Pending | Failed)
         )
     }
 
@@ -149,6 +149,10 @@ pub struct EventRecord {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub published_at: Option<DateTime<Utc>>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub source_partition: Option<i32>,
+    pub source_offset: Option<i64>,
+    pub dead_lettered_at: Option<DateTime<Utc>>,
 }
 
 /// Whether a conditional status change took place.
@@ -168,6 +172,13 @@ pub struct StatusChange<'a> {
     pub error: Option<&'a str>,
     /// Counts one more delivery attempt in `retry_count`.
     pub count_attempt: bool,
+    /// Starts counting attempts afresh (a replay).
+    pub reset_attempts: bool,
+    /// When the next attempt is due (FAILED) or the lease of an attempt in progress ends
+    /// (IN_PROGRESS); any change without one clears it.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// The partition and offset the event was read from.
+    pub source: Option<(i32, i64)>,
 }
 
 impl<'a> StatusChange<'a> {
@@ -176,7 +187,25 @@ impl<'a> StatusChange<'a> {
             to: status,
             error: None,
             count_attempt: false,
+            reset_attempts: false,
+            next_attempt_at: None,
+            source: None,
         }
+    }
+
+    pub fn due_at(mut self, at: DateTime<Utc>) -> Self {
+        self.next_attempt_at = Some(at);
+        self
+    }
+
+    pub fn read_from(mut self, partition: i32, offset: i64) -> Self {
+        self.source = Some((partition, offset));
+        self
+    }
+
+    pub fn resetting_attempts(mut self) -> Self {
+        self.reset_attempts = true;
+        self
     }
 
     pub fn with_error(mut self, error: &'a str) -> Self {
@@ -195,7 +224,8 @@ macro_rules! select_event_columns {
     () => {
         "SELECT event_id, event_type, topic, event_key, CAST(payload AS CHAR) AS payload, \
          status, retry_count, last_error, CAST(result AS CHAR) AS result, occurred_at, \
-         created_at, updated_at, published_at \
+         created_at, updated_at, published_at, next_attempt_at, source_partition, \
+         source_offset, dead_lettered_at \
          FROM event_log "
     };
 }
@@ -290,8 +320,17 @@ impl EventLog {
         if let Some(error) = change.error {
             update.push(", last_error = ").push_bind(error);
         }
-        if change.count_attempt {
+        if change.reset_attempts {
+            update.push(", retry_count = 0");
+        } else if change.count_attempt {
             update.push(", retry_count = retry_count + 1");
+        }
+        update
+            .push(", next_attempt_at = ")
+            .push_bind(change.next_attempt_at);
+        if let Some((partition, offset)) = change.source {
+            update.push(", source_partition = ").push_bind(partition);
+            update.push(", source_offset = ").push_bind(offset);
         }
         push_published_at(&mut update, change.to);
         update.push(" WHERE event_id = ").push_bind(id.to_string());
@@ -320,6 +359,7 @@ impl EventLog {
         if let Some(result) = result {
             update.push(", result = ").push_bind(result.to_string());
         }
+        update.push(", next_attempt_at = NULL");
         push_published_at(&mut update, to);
         update.push(" WHERE event_id IN (");
         let mut separated = update.separated(", ");
@@ -359,6 +399,74 @@ impl EventLog {
                 Ok((id, status.parse()?))
             })
             .collect()
+    }
+
+    /// Takes up to `limit` events of `event_types` whose next attempt is due at `now` (FAILED)
+    /// or whose attempt lease ran out (IN_PROGRESS, its instance gone): under row locks that
+    /// other instances skip, they become IN_PROGRESS with a lease until `lease_until`, so
+    /// one attempt runs at a time whatever the number of instances.
+    pub async fn claim_due(
+        &self,
+        event_types: &[EventType],
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, EventLogError> {
+        if event_types.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut transaction = self.pool.begin().await?;
+        let mut select = sqlx::QueryBuilder::new(select_event_columns!());
+        select.push("WHERE next_attempt_at <= ").push_bind(now);
+        select.push(" AND status IN ('FAILED', 'IN_PROGRESS') AND event_type IN (");
+        let mut separated = select.separated(", ");
+        for event_type in event_types {
+            separated.push_bind(event_type.as_str());
+        }
+        select
+            .push(") ORDER BY next_attempt_at LIMIT ")
+            .push_bind(limit);
+        select.push(" FOR UPDATE SKIP LOCKED");
+        let rows = select.build().fetch_all(&mut *transaction).await?;
+        let records: Vec<EventRecord> =
+            rows.iter().map(record_from_row).collect::<Result<_, _>>()?;
+        if !records.is_empty() {
+            let mut claim = sqlx::QueryBuilder::new(
+                "UPDATE event_log SET status = 'IN_PROGRESS', next_attempt_at = ",
+            );
+            claim.push_bind(lease_until).push(" WHERE event_id IN (");
+            let mut separated = claim.separated(", ");
+            for record in &records {
+                separated.push_bind(&record.event_id);
+            }
+            claim.push(")");
+            claim.build().execute(&mut *transaction).await?;
+        }
+        transaction.commit().await?;
+        Ok(records)
+    }
+
+    /// Dead letters, oldest first, after the cursor (from the previous page's last row).
+    pub async fn dead_letters(
+        &self,
+        after: Option<&DeadLetterCursor>,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, EventLogError> {
+        let mut select = sqlx::QueryBuilder::new(select_event_columns!());
+        select.push("WHERE dead_lettered_at IS NOT NULL");
+        if let Some(cursor) = after {
+            select
+                .push(" AND (dead_lettered_at, event_id) > (")
+                .push_bind(cursor.dead_lettered_at)
+                .push(", ")
+                .push_bind(cursor.event_id.to_string())
+                .push(")");
+        }
+        select
+            .push(" ORDER BY dead_lettered_at, event_id LIMIT ")
+            .push_bind(limit);
+        let rows = select.build().fetch_all(&self.pool).await?;
+        rows.iter().map(record_from_row).collect()
     }
 
     pub async fn find(&self, id: EventId) -> Result<Option<EventRecord>, EventLogError> {
@@ -410,6 +518,32 @@ impl EventLog {
     }
 }
 
+/// Where a page of dead letters ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetterCursor {
+    pub dead_lettered_at: DateTime<Utc>,
+    pub event_id: EventId,
+}
+
+impl DeadLetterCursor {
+    /// `{microseconds since the epoch}-{event id}`, opaque to clients.
+    pub fn encode(&self) -> String {
+        format!(
+            "{}_{}",
+            self.dead_lettered_at.timestamp_micros(),
+            self.event_id
+        )
+    }
+
+    pub fn decode(text: &str) -> Option<Self> {
+        let (micros, id) = text.split_once('_')?;
+        Some(Self {
+            dead_lettered_at: DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+            event_id: id.parse().ok()?,
+        })
+    }
+}
+
 /// A PENDING row the relay found; `envelope` fails when the row no longer decodes (an event
 /// type this version does not know).
 #[derive(Debug)]
@@ -419,13 +553,19 @@ pub struct UnpublishedEvent {
     pub envelope: Result<EventEnvelope, DecodeError>,
 }
 
-/// Appends the `published_at` that goes with moving to `to`: cleared by a return to
-/// PENDING (a replay), otherwise set if it was not.
+/// Appends the `published_at` and `dead_lettered_at` that go with moving to `to`:
+/// `published_at` is cleared by a return to PENDING (a replay), otherwise set if it was not;
+/// `dead_lettered_at` is set exactly while the row is DEAD_LETTER.
 fn push_published_at(query: &mut sqlx::QueryBuilder<sqlx::MySql>, to: EventStatus) {
     query.push(if to == EventStatus::Pending {
         ", published_at = NULL"
     } else {
         ", published_at = COALESCE(published_at, NOW(6))"
+    });
+    query.push(if to == EventStatus::DeadLetter {
+        ", dead_lettered_at = COALESCE(dead_lettered_at, NOW(6))"
+    } else {
+        ", dead_lettered_at = NULL"
     });
 }
 
@@ -461,6 +601,10 @@ fn record_from_row(row: &sqlx::mysql::MySqlRow) -> Result<EventRecord, EventLogE
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         published_at: row.try_get("published_at")?,
+        next_attempt_at: row.try_get("next_attempt_at")?,
+        source_partition: row.try_get("source_partition")?,
+        source_offset: row.try_get("source_offset")?,
+        dead_lettered_at: row.try_get("dead_lettered_at")?,
     })
 }
 

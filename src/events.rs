@@ -62,13 +62,17 @@ pub enum EventType {
     CouponRequested,
     /// The decision on a coupon request (the design document's `CouponResultEvent`).
     CouponResult,
+    /// A payment went through (the design document's `PaymentCompletedEvent`); forwarded to
+    /// external systems.
+    PaymentCompleted,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 3] = [
+    pub const ALL: [EventType; 4] = [
         EventType::PipelineProbe,
         EventType::CouponRequested,
         EventType::CouponResult,
+        EventType::PaymentCompleted,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -76,6 +80,7 @@ impl EventType {
             EventType::PipelineProbe => "PipelineProbe",
             EventType::CouponRequested => "CouponRequested",
             EventType::CouponResult => "CouponResult",
+            EventType::PaymentCompleted => "PaymentCompleted",
         }
     }
 }
@@ -129,12 +134,24 @@ pub struct CouponResult {
     pub reason: Option<RefusalReason>,
 }
 
+/// Payload of [`EventType::PaymentCompleted`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PaymentCompleted {
+    pub payment_id: u64,
+    pub order_id: u64,
+    pub user_id: u64,
+    pub amount: u64,
+    pub timestamp: DateTime<Utc>,
+}
+
 /// A typed payload; its variant always matches the envelope's event type.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EventPayload {
     PipelineProbe(PipelineProbe),
     CouponRequested(CouponRequested),
     CouponResult(CouponResult),
+    PaymentCompleted(PaymentCompleted),
 }
 
 impl EventPayload {
@@ -143,6 +160,7 @@ impl EventPayload {
             EventPayload::PipelineProbe(_) => EventType::PipelineProbe,
             EventPayload::CouponRequested(_) => EventType::CouponRequested,
             EventPayload::CouponResult(_) => EventType::CouponResult,
+            EventPayload::PaymentCompleted(_) => EventType::PaymentCompleted,
         }
     }
 
@@ -161,6 +179,9 @@ impl EventPayload {
             EventType::CouponResult => serde_json::from_str(raw.get())
                 .map(EventPayload::CouponResult)
                 .map_err(invalid),
+            EventType::PaymentCompleted => serde_json::from_str(raw.get())
+                .map(EventPayload::PaymentCompleted)
+                .map_err(invalid),
         }
     }
 
@@ -169,6 +190,7 @@ impl EventPayload {
             EventPayload::PipelineProbe(probe) => serde_json::to_value(probe),
             EventPayload::CouponRequested(request) => serde_json::to_value(request),
             EventPayload::CouponResult(result) => serde_json::to_value(result),
+            EventPayload::PaymentCompleted(payment) => serde_json::to_value(payment),
         };
         encoded.expect("payload structs serialize to JSON without fallible fields")
     }

@@ -31,10 +31,13 @@
 //! - [`api`]: the HTTP API and its common JSON error body.
 //! - [`stores`]: MySQL pools and migrations, Redis; [`locks`]: Redis locks (advisory).
 //! - [`notifications`]: WebSocket / SSE sessions of this instance, by user.
-//! - [`retry`]: the in-line retry policy; [`error`]: how failures are classed.
+//! - [`webhooks`]: delivering events to external systems (Standard Webhooks).
+//! - [`retry`]: the in-place and scheduled retry policies; [`error`]: how failures are classed;
+//!   [`clock`]: time as a dependency.
 
 pub mod actors;
 pub mod api;
+pub mod clock;
 pub mod config;
 pub mod coupons;
 pub mod error;
@@ -48,3 +51,4 @@ pub mod retry;
 pub mod startup;
 pub mod stores;
 pub mod telemetry;
+pub mod webhooks;

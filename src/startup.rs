@@ -18,23 +18,29 @@ use crate::actors::ArbiterPool;
 use crate::actors::consumer_group::{ConsumerGroup, ConsumerGroupSpec};
 use crate::actors::coupon_issuer::CouponIssuer;
 use crate::actors::domain::{DomainActor, ProcessBatch};
+use crate::actors::external_forwarder::ExternalForwarder;
 use crate::actors::outbox_relay::{OutboxRelay, StopRelay};
 use crate::actors::product_events::ProductEventProcessor;
 use crate::actors::result_notifier::ResultNotifier;
+use crate::actors::retry_scheduler::{RetryScheduler, RetrySchedulerWiring, StopScheduler};
 use crate::actors::tree::ActorTree;
 use crate::api::{self, AppState};
+use crate::clock::{SharedClock, SystemClock};
 use crate::config::Settings;
 use crate::coupons::intake::CouponIntake;
 use crate::coupons::store::CouponStore;
 use crate::event_log::EventLog;
 use crate::kafka::cluster::KafkaCluster;
 use crate::kafka::consumer::UncommittedStart;
+use crate::kafka::dead_letter::DeadLetters;
 use crate::kafka::producer::EventPublisher;
 use crate::kafka::topics;
 use crate::locks::RedisLocks;
 use crate::notifications::Sessions;
 use crate::outbox::Outbox;
+use crate::retry::BackoffPolicy;
 use crate::stores::{self, RedisStore};
+use crate::webhooks::WebhookDeliverer;
 
 /// How long the producer may take to deliver what is queued at shutdown.
 const PRODUCER_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,6 +51,10 @@ pub const PRODUCT_EVENT_GROUP: &str = "product-event-group";
 pub const COUPON_REQUEST_GROUP: &str = "coupon-request-group";
 /// Each instance's consumer group of `coupon-results` is this prefix and the instance id.
 pub const RESULT_NOTIFIER_GROUP_PREFIX: &str = "coupon-result-notifier-";
+/// The consumer group of `external-events` (the ExternalForwarder).
+pub const EXTERNAL_EVENT_GROUP: &str = "external-event-group";
+/// How long shutdown waits for the retry scheduler's running attempts.
+const SCHEDULER_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Starts consumer groups with the shared settings.
 struct GroupFactory<'a> {
@@ -102,6 +112,17 @@ impl Application {
     /// Connects the stores, applies migrations, starts Kafka (embedded or external), the
     /// actors and the HTTP listener. Must run inside an actix system.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        Self::build_with_clock(settings, Arc::new(SystemClock)).await
+    }
+
+    /// [`Application::build`] with the clock the retry schedule reads (tests move it).
+    pub async fn build_with_clock(settings: Settings, clock: SharedClock) -> anyhow::Result<Self> {
+        // Bad external settings fail the start, before anything is running.
+        let deliverer = if settings.external.base_url.is_empty() {
+            None
+        } else {
+            Some(WebhookDeliverer::from_settings(&settings.external)?)
+        };
         stores::create_database_if_missing(&settings.database).await?;
         let worker_pool =
             stores::connect_mysql(&settings.database, settings.database.max_connections).await?;
@@ -179,6 +200,54 @@ impl Application {
             |spec| spec.uncommitted_start = UncommittedStart::End,
         )?;
 
+        let external = match deliverer {
+            None => {
+                info!("external.base_url is empty: external-events is not consumed");
+                None
+            }
+            Some(deliverer) => {
+                let external = &settings.external;
+                let lease = Duration::from_millis(external.lease_ms);
+                let wiring = RetrySchedulerWiring {
+                    event_log: worker_event_log.clone(),
+                    event_types: deliverer.event_types(),
+                    deliverer: deliverer.clone(),
+                    dead_letters: DeadLetters::new(
+                        publisher.clone(),
+                        worker_event_log.clone(),
+                        EXTERNAL_EVENT_GROUP,
+                    ),
+                    policy: BackoffPolicy::from_settings(&external.backoff),
+                    clock: clock.clone(),
+                    lease,
+                    poll_interval: Duration::from_millis(external.poll_interval_ms.max(1)),
+                    claim_batch: external.claim_batch.max(1),
+                    alert_url: Some(external.alert_url.clone()).filter(|url| !url.is_empty()),
+                };
+                let scheduler = RetryScheduler::start_in_arbiter(&arbiters.next(), |_| {
+                    RetryScheduler::new(wiring)
+                });
+                let forwarder = DomainActor::new(
+                    ExternalForwarder::new(
+                        deliverer,
+                        worker_event_log.clone(),
+                        scheduler.clone(),
+                        clock.clone(),
+                        lease,
+                    ),
+                    worker_event_log.clone(),
+                )
+                .start_supervised(&arbiters.next());
+                let group = groups.start(
+                    EXTERNAL_EVENT_GROUP,
+                    topics::EXTERNAL_EVENTS,
+                    forwarder.clone().recipient(),
+                    |_| {},
+                )?;
+                Some((scheduler, forwarder, group))
+            }
+        };
+
         let outbox_relay = OutboxRelay::new(worker_outbox.clone(), &settings.outbox).start();
         let intake = CouponIntake::start(
             worker_outbox,
@@ -186,7 +255,7 @@ impl Application {
             settings.coupons.intake_max_batch,
         );
 
-        let actors = ActorTree {
+        let mut actors = ActorTree {
             consumer_groups: vec![
                 Arc::new(coupon_request_group),
                 Arc::new(result_notifier_group),
@@ -198,7 +267,13 @@ impl Application {
                 product_events.recipient(),
             ],
             outbox_relay: Some(outbox_relay),
+            retry_scheduler: None,
         };
+        if let Some((scheduler, forwarder, group)) = external {
+            actors.consumer_groups.push(Arc::new(group));
+            actors.domain_actors.push(forwarder.recipient());
+            actors.retry_scheduler = Some(scheduler);
+        }
 
         let http_event_log = EventLog::new(http_pool.clone());
         let state = web::Data::new(AppState {
@@ -294,6 +369,13 @@ impl Application {
 
         if let Some(relay) = &self.actors.outbox_relay {
             let _ = relay.send(StopRelay).await;
+        }
+        if let Some(scheduler) = &self.actors.retry_scheduler {
+            let _ = scheduler
+                .send(StopScheduler {
+                    timeout: SCHEDULER_STOP_TIMEOUT,
+                })
+                .await;
         }
 
         info!("shutdown: flushing the producer");

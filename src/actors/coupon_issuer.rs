@@ -17,11 +17,11 @@ use futures::future::LocalBoxFuture;
 use serde::Serialize;
 use tracing::warn;
 
-use crate::actors::domain::{DomainHandler, EventOutcome, HandlerError};
+use crate::actors::domain::{BatchOrigin, DomainHandler, EventOutcome, HandlerError};
 use crate::coupons::store::{CouponRequest, CouponStore, IssuedBatch, RequestOutcome};
 use crate::coupons::{CouponId, IssueDecision, IssueRequest, UserId};
 use crate::events::{EventEnvelope, EventPayload};
-use crate::kafka::TopicPartition;
+
 use crate::locks::RedisLocks;
 use crate::outbox::Outbox;
 
@@ -68,7 +68,7 @@ impl DomainHandler for CouponIssuer {
 
     fn handle(
         &mut self,
-        _source: &TopicPartition,
+        _origin: &BatchOrigin,
         events: Arc<[EventEnvelope]>,
     ) -> LocalBoxFuture<'static, Vec<EventOutcome>> {
         let store = self.store.clone();

@@ -29,8 +29,29 @@ use crate::kafka::TopicPartition;
 #[derive(Message)]
 #[rtype(result = "Vec<EventOutcome>")]
 pub struct ProcessBatch {
-    pub source: TopicPartition,
+    pub origin: BatchOrigin,
     pub events: Arc<[EventEnvelope]>,
+}
+
+/// Where a batch's events were read from: the partition, and each event's offset (in the
+/// events' order).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchOrigin {
+    pub source: TopicPartition,
+    pub offsets: Arc<[i64]>,
+}
+
+impl BatchOrigin {
+    /// The origin of the events at `positions` of this batch.
+    fn select(&self, positions: &[usize]) -> Self {
+        Self {
+            source: self.source.clone(),
+            offsets: positions
+                .iter()
+                .map(|position| self.offsets[*position])
+                .collect(),
+        }
+    }
 }
 
 /// Asks a domain actor for its observable state.
@@ -102,7 +123,7 @@ pub trait DomainHandler: Unpin + 'static {
     /// failure on, and everything must be idempotent by event id.
     fn handle(
         &mut self,
-        source: &TopicPartition,
+        origin: &BatchOrigin,
         events: Arc<[EventEnvelope]>,
     ) -> LocalBoxFuture<'static, Vec<EventOutcome>>;
 
@@ -170,13 +191,13 @@ impl<H: DomainHandler> DomainActor<H> {
     /// outcomes in event order.
     fn dispatch(
         &mut self,
-        source: &TopicPartition,
+        origin: &BatchOrigin,
         events: Arc<[EventEnvelope]>,
     ) -> LocalBoxFuture<'static, Vec<EventOutcome>> {
         let is_probe =
             |event: &EventEnvelope| matches!(event.payload, EventPayload::PipelineProbe(_));
         if !events.iter().any(is_probe) {
-            return self.guarded_handle(source, events);
+            return self.guarded_handle(origin, events);
         }
         let (probes, domain): (Vec<_>, Vec<_>) = events
             .iter()
@@ -189,7 +210,7 @@ impl<H: DomainHandler> DomainActor<H> {
         let domain_outcomes = if domain_events.is_empty() {
             FutureExt::boxed_local(futures::future::ready(Vec::new()))
         } else {
-            self.guarded_handle(source, domain_events)
+            self.guarded_handle(&origin.select(&domain_positions), domain_events)
         };
         let event_log = self.event_log.clone();
         let total = events.len();
@@ -210,13 +231,13 @@ impl<H: DomainHandler> DomainActor<H> {
     /// number of outcomes into fatal failures.
     fn guarded_handle(
         &mut self,
-        source: &TopicPartition,
+        origin: &BatchOrigin,
         events: Arc<[EventEnvelope]>,
     ) -> LocalBoxFuture<'static, Vec<EventOutcome>> {
         let count = events.len();
         let name = self.handler.name();
         let started =
-            std::panic::catch_unwind(AssertUnwindSafe(|| self.handler.handle(source, events)));
+            std::panic::catch_unwind(AssertUnwindSafe(|| self.handler.handle(origin, events)));
         let future = match started {
             Ok(future) => future,
             Err(panic) => {
@@ -290,14 +311,14 @@ impl<H: DomainHandler> Handler<ProcessBatch> for DomainActor<H> {
     type Result = ResponseActFuture<Self, Vec<EventOutcome>>;
 
     fn handle(&mut self, batch: ProcessBatch, _ctx: &mut Self::Context) -> Self::Result {
-        let work = self.dispatch(&batch.source, batch.events);
+        let work = self.dispatch(&batch.origin, batch.events);
         Box::pin(actix::fut::wrap_future(work).map(move |outcomes: Vec<EventOutcome>, actor: &mut Self, ctx| {
             actor.record(&outcomes);
             let fatal = outcomes.iter().any(|outcome| {
                 matches!(outcome, EventOutcome::Failed(error) if error.class == ErrorClass::Fatal)
             });
             if fatal {
-                warn!(actor = actor.state.name, source = %batch.source, "fatal failure: stopping for restart");
+                warn!(actor = actor.state.name, source = %batch.origin.source, "fatal failure: stopping for restart");
                 ctx.stop();
             }
             outcomes

@@ -13,10 +13,12 @@
 pub mod consumer_group;
 pub mod coupon_issuer;
 pub mod domain;
+pub mod external_forwarder;
 pub mod outbox_relay;
 pub mod partition;
 pub mod product_events;
 pub mod result_notifier;
+pub mod retry_scheduler;
 pub mod tree;
 
 use std::sync::Mutex;

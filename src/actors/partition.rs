@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::actors::domain::{EventOutcome, ProcessBatch};
+use crate::actors::domain::{BatchOrigin, EventOutcome, ProcessBatch};
 use crate::events::EventEnvelope;
 use crate::kafka::TopicPartition;
 use crate::kafka::consumer::{ConsumedRecord, OffsetCommitter, PartitionRecords};
@@ -354,7 +354,7 @@ impl BatchJob {
         let mut offsets = offsets;
         let mut delays = self.wiring.retry.delays();
         loop {
-            let outcomes = self.send_to_domain(events.clone()).await;
+            let outcomes = self.send_to_domain(events.clone(), offsets).await;
             let first_transient = outcomes.iter().position(EventOutcome::is_transient);
             let settled_until = first_transient.unwrap_or(outcomes.len());
             for position in 0..settled_until {
@@ -398,10 +398,17 @@ impl BatchJob {
         }
     }
 
-    async fn send_to_domain(&self, events: Arc<[EventEnvelope]>) -> Vec<EventOutcome> {
+    async fn send_to_domain(
+        &self,
+        events: Arc<[EventEnvelope]>,
+        offsets: &[i64],
+    ) -> Vec<EventOutcome> {
         let count = events.len();
         let batch = ProcessBatch {
-            source: self.source.clone(),
+            origin: BatchOrigin {
+                source: self.source.clone(),
+                offsets: offsets.into(),
+            },
             events,
         };
         match self.wiring.domain.send(batch).await {

@@ -10,9 +10,8 @@ use std::sync::Arc;
 use futures::FutureExt;
 use futures::future::LocalBoxFuture;
 
-use crate::actors::domain::{DomainHandler, EventOutcome, HandlerError};
+use crate::actors::domain::{BatchOrigin, DomainHandler, EventOutcome, HandlerError};
 use crate::events::EventEnvelope;
-use crate::kafka::TopicPartition;
 
 #[derive(Debug, Default)]
 pub struct ProductEventProcessor;
@@ -24,7 +23,7 @@ impl DomainHandler for ProductEventProcessor {
 
     fn handle(
         &mut self,
-        _source: &TopicPartition,
+        _origin: &BatchOrigin,
         events: Arc<[EventEnvelope]>,
     ) -> LocalBoxFuture<'static, Vec<EventOutcome>> {
         let outcomes = events

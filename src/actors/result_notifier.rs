@@ -15,11 +15,11 @@ use futures::FutureExt;
 use futures::future::LocalBoxFuture;
 use serde::Serialize;
 
-use crate::actors::domain::{DomainHandler, EventOutcome, HandlerError};
+use crate::actors::domain::{BatchOrigin, DomainHandler, EventOutcome, HandlerError};
 use crate::coupons::UserId;
 use crate::event_log::{EventLog, EventStatus};
 use crate::events::{CouponResult, EventEnvelope, EventId, EventPayload};
-use crate::kafka::TopicPartition;
+
 use crate::notifications::Sessions;
 
 /// What a session receives for a coupon result.
@@ -82,7 +82,7 @@ impl DomainHandler for ResultNotifier {
 
     fn handle(
         &mut self,
-        _source: &TopicPartition,
+        _origin: &BatchOrigin,
         events: Arc<[EventEnvelope]>,
     ) -> LocalBoxFuture<'static, Vec<EventOutcome>> {
         let sessions = self.sessions.clone();

@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::actors::consumer_group::{ConsumerGroup, ConsumerGroupState};
 use crate::actors::domain::{DomainActorState, ObserveDomain};
 use crate::actors::outbox_relay::{ObserveRelay, OutboxRelay, OutboxRelayState};
+use crate::actors::retry_scheduler::{ObserveScheduler, RetryScheduler, RetrySchedulerState};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -17,6 +18,9 @@ pub struct ActorTreeState {
     pub consumer_groups: Vec<ConsumerGroupState>,
     pub domain_actors: Vec<DomainActorState>,
     pub outbox_relay: Option<OutboxRelayState>,
+    /// Present when deliveries to an external system are configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_scheduler: Option<RetrySchedulerState>,
 }
 
 /// Handles on every long-lived actor.
@@ -25,6 +29,7 @@ pub struct ActorTree {
     pub consumer_groups: Vec<Arc<ConsumerGroup>>,
     pub domain_actors: Vec<Recipient<ObserveDomain>>,
     pub outbox_relay: Option<Addr<OutboxRelay>>,
+    pub retry_scheduler: Option<Addr<RetryScheduler>>,
 }
 
 impl ActorTree {
@@ -46,10 +51,15 @@ impl ActorTree {
             Some(relay) => relay.send(ObserveRelay).await.ok(),
             None => None,
         };
+        let retry_scheduler = match &self.retry_scheduler {
+            Some(scheduler) => scheduler.send(ObserveScheduler).await.ok(),
+            None => None,
+        };
         ActorTreeState {
             consumer_groups,
             domain_actors,
             outbox_relay,
+            retry_scheduler,
         }
     }
 

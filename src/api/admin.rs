@@ -1,11 +1,15 @@
-//! Operator endpoints: the actor tree, event-log rows and pipeline probes.
+//! Operator endpoints: the actor tree, event-log rows, dead letters and their replay, and
+//! pipeline probes.
 
 use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
 
+use crate::actors::retry_scheduler::{Replay, Replayed};
 use crate::api::AppState;
 use crate::api::error::ApiError;
-use crate::event_log::{EventStatus, OutboxEvent};
+use crate::event_log::{
+    DeadLetterCursor, EventRecord, EventStatus, OutboxEvent, StatusChange, Transition,
+};
 use crate::events::{EventEnvelope, EventId, EventPayload, PipelineProbe};
 use crate::kafka::topics;
 use crate::outbox::Outbox;
@@ -60,12 +64,7 @@ pub async fn event(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let event_id: EventId = path.parse().map_err(|_| {
-        ApiError::bad_request(
-            "INVALID_EVENT_ID",
-            format!("{:?} is not an event id (a UUID)", path.as_str()),
-        )
-    })?;
+    let event_id = parse_event_id(&path)?;
     let record = state
         .event_log
         .find(event_id)
@@ -160,4 +159,173 @@ pub async fn send_probe(
         topic: event.topic,
         status,
     }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EventQuery {
+    pub status: String,
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EventPage {
+    events: Vec<EventRecord>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<String>,
+}
+
+const DEFAULT_PAGE_SIZE: u32 = 50;
+const MAX_PAGE_SIZE: u32 = 500;
+
+/// `GET /admin/events?status=DEAD_LETTER&limit=&cursor=`: dead letters, oldest first, each
+/// with its attempts (`retryCount`) and `lastError`.
+pub async fn events(
+    state: web::Data<AppState>,
+    query: web::Query<EventQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let query = query.into_inner();
+    if query.status != "DEAD_LETTER" {
+        return Err(ApiError::bad_request(
+            "STATUS_NOT_LISTABLE",
+            format!(
+                "status {:?} cannot be listed; only DEAD_LETTER can",
+                query.status
+            ),
+        ));
+    }
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE_SIZE);
+    if !(1..=MAX_PAGE_SIZE).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "INVALID_LIMIT",
+            format!("limit must be between 1 and {MAX_PAGE_SIZE}"),
+        ));
+    }
+    let cursor = match &query.cursor {
+        None => None,
+        Some(text) => Some(DeadLetterCursor::decode(text).ok_or_else(|| {
+            ApiError::bad_request(
+                "INVALID_CURSOR",
+                format!("{text:?} is not a cursor this endpoint gave out"),
+            )
+        })?),
+    };
+    let events = state
+        .event_log
+        .dead_letters(cursor.as_ref(), limit)
+        .await
+        .map_err(anyhow::Error::from)?;
+    let next_cursor = if events.len() == limit as usize {
+        events.last().and_then(|last| {
+            Some(
+                DeadLetterCursor {
+                    dead_lettered_at: last.dead_lettered_at?,
+                    event_id: last.event_id.parse().ok()?,
+                }
+                .encode(),
+            )
+        })
+    } else {
+        None
+    };
+    Ok(HttpResponse::Ok().json(EventPage {
+        events,
+        next_cursor,
+    }))
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReplayAccepted {
+    event_id: EventId,
+    status: EventStatus,
+    /// When the retry scheduler makes the attempt (events delivered to external systems).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_attempt_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// `POST /admin/events/{event_id}/replay`: puts a dead letter back on its way. An event
+/// delivered to an external system goes back to the retry scheduler (due now, attempts
+/// counted afresh); any other event returns to PENDING and the outbox relay publishes it
+/// again. 409 for an event that completed or is not dead-lettered.
+pub async fn replay(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let event_id = parse_event_id(&path)?;
+    let record = state
+        .event_log
+        .find(event_id)
+        .await
+        .map_err(anyhow::Error::from)?
+        .ok_or_else(|| ApiError::not_found(format!("event {event_id}")))?;
+    refuse_unless_dead_lettered(event_id, record.status)?;
+    if let Some(scheduler) = state
+        .actors
+        .retry_scheduler
+        .as_ref()
+        .filter(|_| record.topic == topics::EXTERNAL_EVENTS)
+    {
+        let replayed = scheduler
+            .send(Replay { event_id })
+            .await
+            .map_err(anyhow::Error::from)?
+            .map_err(anyhow::Error::from)?;
+        return match replayed {
+            Replayed::Scheduled { at } => Ok(HttpResponse::Accepted().json(ReplayAccepted {
+                event_id,
+                status: EventStatus::Failed,
+                next_attempt_at: Some(at),
+            })),
+            Replayed::NotFound => Err(ApiError::not_found(format!("event {event_id}"))),
+            Replayed::NotDeadLettered { status } => {
+                refuse_unless_dead_lettered(event_id, status)?;
+                unreachable!("a dead letter is replayable")
+            }
+        };
+    }
+    let change = StatusChange::to(EventStatus::Pending).resetting_attempts();
+    match state
+        .event_log
+        .change_status(event_id, change)
+        .await
+        .map_err(anyhow::Error::from)?
+    {
+        Transition::Applied => Ok(HttpResponse::Accepted().json(ReplayAccepted {
+            event_id,
+            status: EventStatus::Pending,
+            next_attempt_at: None,
+        })),
+        // Replayed by someone else meanwhile.
+        Transition::Skipped => Err(ApiError::conflict(
+            "NOT_DEAD_LETTERED",
+            format!("event {event_id} is no longer dead-lettered"),
+        )),
+    }
+}
+
+fn refuse_unless_dead_lettered(event_id: EventId, status: EventStatus) -> Result<(), ApiError> {
+    match status {
+        EventStatus::DeadLetter => Ok(()),
+        EventStatus::Completed | EventStatus::Notified => Err(ApiError::conflict(
+            "ALREADY_COMPLETED",
+            format!("event {event_id} completed; replaying it would deliver it twice"),
+        )),
+        other => Err(ApiError::conflict(
+            "NOT_DEAD_LETTERED",
+            format!("event {event_id} is {other}; only dead letters can be replayed"),
+        )),
+    }
+}
+
+fn parse_event_id(text: &str) -> Result<EventId, ApiError> {
+    text.parse().map_err(|_| {
+        ApiError::bad_request(
+            "INVALID_EVENT_ID",
+            format!("{text:?} is not an event id (a UUID)"),
+        )
+    })
 }

@@ -259,6 +259,10 @@ mod tests {
             created_at: Utc::now(),
             updated_at: Utc::now(),
             published_at: None,
+            next_attempt_at: None,
+            source_partition: None,
+            source_offset: None,
+            dead_lettered_at: None,
         }
     }
 

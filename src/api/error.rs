@@ -17,6 +17,9 @@ pub enum ApiError {
     BadRequest { code: &'static str, message: String },
     #[error("{what} not found")]
     NotFound { what: String },
+    /// The request is valid but the resource's state refuses it.
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
     #[error("{message}")]
     Unavailable {
         code: &'static str,
@@ -35,13 +38,22 @@ impl ApiError {
         }
     }
 
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::Conflict {
+            code,
+            message: message.into(),
+        }
+    }
+
     pub fn not_found(what: impl Into<String>) -> Self {
         ApiError::NotFound { what: what.into() }
     }
 
     fn code(&self) -> &'static str {
         match self {
-            ApiError::BadRequest { code, .. } | ApiError::Unavailable { code, .. } => code,
+            ApiError::BadRequest { code, .. }
+            | ApiError::Conflict { code, .. }
+            | ApiError::Unavailable { code, .. } => code,
             ApiError::NotFound { .. } => "NOT_FOUND",
             ApiError::Internal(_) => "INTERNAL",
         }
@@ -82,6 +94,7 @@ impl ResponseError for ApiError {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -68,7 +68,9 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(web::resource("/healthz").get(health::healthz))
         .service(web::resource("/readyz").get(health::readyz))
         .service(web::resource("/admin/actors").get(admin::actors))
+        .service(web::resource("/admin/events").get(admin::events))
         .service(web::resource("/admin/events/{event_id}").get(admin::event))
+        .service(web::resource("/admin/events/{event_id}/replay").post(admin::replay))
         .service(web::resource("/admin/probes").post(admin::send_probe))
         .service(
             web::resource("/admin/consumer-groups/{group_id}/{action}")

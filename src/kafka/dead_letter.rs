@@ -57,6 +57,18 @@ impl DeadLetters {
     /// order) and, when the record was an event, marks it DEAD_LETTER. The caller must not
     /// commit the record's offset unless this succeeded.
     pub async fn send(&self, letter: DeadLetter<'_>) -> Result<Delivered, PublishError> {
+        let delivered = self.publish(letter).await?;
+        if let Some(event_id) = letter.event_id {
+            let change = StatusChange::to(EventStatus::DeadLetter).with_error(letter.error);
+            if let Err(error) = self.event_log.change_status(event_id, change).await {
+                warn!(event_id = %event_id, %error, "cannot mark dead-lettered event in the event log");
+            }
+        }
+        Ok(delivered)
+    }
+
+    /// Publishes to `<topic>.DLT` only; the caller records the event's state.
+    pub async fn publish(&self, letter: DeadLetter<'_>) -> Result<Delivered, PublishError> {
         let topic = dead_letter_topic(&letter.source.topic);
         let delivered = self
             .publisher
@@ -89,12 +101,6 @@ impl DeadLetters {
             dead_letter_offset = delivered.offset,
             "record dead-lettered"
         );
-        if let Some(event_id) = letter.event_id {
-            let change = StatusChange::to(EventStatus::DeadLetter).with_error(letter.error);
-            if let Err(error) = self.event_log.change_status(event_id, change).await {
-                warn!(event_id = %event_id, %error, "cannot mark dead-lettered event in the event log");
-            }
-        }
         Ok(delivered)
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::{Duration as Span, Utc};
 use commerce_events::actors::coupon_issuer::CouponIssuer;
-use commerce_events::actors::domain::{DomainActor, ObserveDomain, ProcessBatch};
+use commerce_events::actors::domain::{BatchOrigin, DomainActor, ObserveDomain, ProcessBatch};
 use commerce_events::coupons::store::{CouponStore, NewCoupon};
 use commerce_events::event_log::{EventLog, OutboxEvent};
 use commerce_events::events::{CouponRequested, EventEnvelope, EventId, EventPayload};
@@ -142,9 +142,13 @@ async fn the_coupon_issuer_through_success_duplicate_sold_out_expired_and_redeli
             .iter()
             .map(|name| script.requests[name].clone())
             .collect();
+        let offsets: Arc<[i64]> = (0..names.len() as i64).collect();
         let outcomes = issuer
             .send(ProcessBatch {
-                source: TopicPartition::new(topics::COUPON_REQUESTS, 0),
+                origin: BatchOrigin {
+                    source: TopicPartition::new(topics::COUPON_REQUESTS, 0),
+                    offsets,
+                },
                 events,
             })
             .await

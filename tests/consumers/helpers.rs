@@ -1,6 +1,6 @@
 //! A consumer group on its own embedded cluster and database, with scripted domain actors.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,11 +17,11 @@ use commerce_events::kafka::cluster::EmbeddedCluster;
 use commerce_events::kafka::producer::{EventPublisher, RawRecord};
 use commerce_events::kafka::topics::dead_letter_topic;
 use commerce_events::stores;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use crate::support::{ScriptedHandler, TestDatabase, committed_offsets, eventually, init_tracing};
+use crate::support::{
+    ReadRecord, ScriptedHandler, TestDatabase, committed_offsets, eventually, init_tracing,
+    read_records,
+};
 
 pub const TOPIC: &str = "test-events";
 pub const GROUP: &str = "test-group";
@@ -141,11 +141,18 @@ impl Pipeline {
     }
 
     /// Reads `count` records from the dead-letter topic.
-    pub async fn dead_letters(&self, count: usize) -> Vec<DeadLetterRecord> {
+    pub async fn dead_letters(&self, count: usize) -> Vec<ReadRecord> {
         let bootstrap_servers = self.bootstrap_servers().to_string();
-        tokio::task::spawn_blocking(move || read_dead_letters(&bootstrap_servers, count))
-            .await
-            .expect("dead-letter reader")
+        tokio::task::spawn_blocking(move || {
+            read_records(
+                &bootstrap_servers,
+                &dead_letter_topic(TOPIC),
+                PARTITIONS,
+                count,
+            )
+        })
+        .await
+        .expect("dead-letter reader")
     }
 }
 
@@ -175,64 +182,4 @@ impl Member {
             .map(|partition| partition.partition)
             .collect()
     }
-}
-
-/// A record read back from `test-events.DLT`.
-#[derive(Debug)]
-pub struct DeadLetterRecord {
-    pub partition: i32,
-    pub key: Option<Vec<u8>>,
-    pub value: Option<Vec<u8>>,
-    pub headers: HashMap<String, String>,
-}
-
-fn read_dead_letters(bootstrap_servers: &str, count: usize) -> Vec<DeadLetterRecord> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap_servers)
-        .set("group.id", "dead-letter-reader")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("dead-letter reader");
-    let topic = dead_letter_topic(TOPIC);
-    let mut assignment = TopicPartitionList::new();
-    for partition in 0..PARTITIONS {
-        assignment
-            .add_partition_offset(&topic, partition, Offset::Beginning)
-            .expect("valid partition");
-    }
-    consumer
-        .assign(&assignment)
-        .expect("assign dead-letter partitions");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let mut records = Vec::new();
-    while records.len() < count && std::time::Instant::now() < deadline {
-        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
-            let headers = message
-                .headers()
-                .map(|headers| {
-                    headers
-                        .iter()
-                        .map(|header| {
-                            let value = header
-                                .value
-                                .map(|value| String::from_utf8_lossy(value).into_owned());
-                            (header.key.to_string(), value.unwrap_or_default())
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            records.push(DeadLetterRecord {
-                partition: message.partition(),
-                key: message.key().map(<[u8]>::to_vec),
-                value: message.payload().map(<[u8]>::to_vec),
-                headers,
-            });
-        }
-    }
-    assert_eq!(
-        records.len(),
-        count,
-        "dead letters read before the deadline"
-    );
-    records
 }

@@ -2,21 +2,22 @@
 //! domain handler, and reading committed offsets.
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
-use commerce_events::actors::domain::{DomainHandler, EventOutcome, HandlerError};
+use commerce_events::actors::domain::{BatchOrigin, DomainHandler, EventOutcome, HandlerError};
 use commerce_events::config::{LogFormat, LogSettings, Settings};
 use commerce_events::events::{
     CouponRequested, EventEnvelope, EventId, EventPayload, PipelineProbe,
 };
-use commerce_events::kafka::TopicPartition;
+
 use commerce_events::telemetry;
 use futures::FutureExt;
 use futures::future::LocalBoxFuture;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use secrecy::SecretString;
 use sqlx::Connection;
@@ -88,15 +89,42 @@ impl Drop for TestDatabase {
             if let Ok(runtime) = runtime {
                 runtime.block_on(async move {
                     if let Ok(mut connection) = sqlx::MySqlConnection::connect(MYSQL_SERVER).await {
-                        let statement = format!("DROP DATABASE IF EXISTS `{name}`");
-                        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
-                            .execute(&mut connection)
-                            .await;
+                        drop_database(&mut connection, &name).await;
                     }
                 });
             }
         })
         .join();
+    }
+}
+
+/// Drops the database of a test whose daemon may still run. The daemon's connections are
+/// killed first: the test's thread, now blocked here, may drive one of them in the middle of
+/// a transaction, whose metadata lock would hold `DROP DATABASE` forever.
+async fn drop_database(connection: &mut sqlx::MySqlConnection, name: &str) {
+    let _ = sqlx::query("SET SESSION lock_wait_timeout = 5")
+        .execute(&mut *connection)
+        .await;
+    for _ in 0..5 {
+        let sessions: Vec<u64> =
+            sqlx::query_scalar("SELECT id FROM information_schema.processlist WHERE db = ?")
+                .bind(name)
+                .fetch_all(&mut *connection)
+                .await
+                .unwrap_or_default();
+        for session in sessions {
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("KILL CONNECTION {session}")))
+                .execute(&mut *connection)
+                .await;
+        }
+        let statement = format!("DROP DATABASE IF EXISTS `{name}`");
+        if sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+            .execute(&mut *connection)
+            .await
+            .is_ok()
+        {
+            return;
+        }
     }
 }
 
@@ -274,10 +302,10 @@ impl DomainHandler for ScriptedHandler {
 
     fn handle(
         &mut self,
-        source: &TopicPartition,
+        origin: &BatchOrigin,
         events: Arc<[EventEnvelope]>,
     ) -> LocalBoxFuture<'static, Vec<EventOutcome>> {
-        let partition = source.partition;
+        let partition = origin.source.partition;
         let gate = self.gates.lock().unwrap().get(&partition).cloned();
         let script = self.script.clone();
         let recorder = self.recorder.clone();
@@ -314,4 +342,70 @@ impl DomainHandler for ScriptedHandler {
         }
         .boxed_local()
     }
+}
+
+/// A record read back from a topic.
+#[derive(Debug)]
+pub struct ReadRecord {
+    pub partition: i32,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: HashMap<String, String>,
+}
+
+/// Reads `count` records of `topic` from the beginning (blocking; call from a blocking
+/// thread). Panics when fewer arrive within 20 s.
+pub fn read_records(
+    bootstrap_servers: &str,
+    topic: &str,
+    partitions: i32,
+    count: usize,
+) -> Vec<ReadRecord> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap_servers)
+        .set("group.id", "test-record-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("dead-letter reader");
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..partitions {
+        assignment
+            .add_partition_offset(topic, partition, Offset::Beginning)
+            .expect("valid partition");
+    }
+    consumer
+        .assign(&assignment)
+        .expect("assign the topic's partitions");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut records = Vec::new();
+    while records.len() < count && std::time::Instant::now() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+            let headers = message
+                .headers()
+                .map(|headers| {
+                    headers
+                        .iter()
+                        .map(|header| {
+                            let value = header
+                                .value
+                                .map(|value| String::from_utf8_lossy(value).into_owned());
+                            (header.key.to_string(), value.unwrap_or_default())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            records.push(ReadRecord {
+                partition: message.partition(),
+                key: message.key().map(<[u8]>::to_vec),
+                value: message.payload().map(<[u8]>::to_vec),
+                headers,
+            });
+        }
+    }
+    assert_eq!(
+        records.len(),
+        count,
+        "records of {topic} read before the deadline"
+    );
+    records
 }

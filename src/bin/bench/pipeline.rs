@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use commerce_events::actors::ArbiterPool;
 use commerce_events::actors::consumer_group::{ConsumerGroup, ConsumerGroupSpec};
-use commerce_events::actors::domain::{DomainActor, DomainHandler, EventOutcome};
+use commerce_events::actors::domain::{BatchOrigin, DomainActor, DomainHandler, EventOutcome};
 use commerce_events::config::Settings;
 use commerce_events::event_log::EventLog;
 use commerce_events::events::{CouponRequested, EventEnvelope, EventPayload};
-use commerce_events::kafka::TopicPartition;
+
 use commerce_events::kafka::cluster::EmbeddedCluster;
 use commerce_events::kafka::consumer::consumer_config;
 use commerce_events::kafka::producer::{EventPublisher, RawRecord};
@@ -46,7 +46,7 @@ impl DomainHandler for NoOpHandler {
 
     fn handle(
         &mut self,
-        _source: &TopicPartition,
+        _origin: &BatchOrigin,
         events: Arc<[EventEnvelope]>,
     ) -> LocalBoxFuture<'static, Vec<EventOutcome>> {
         self.first_at

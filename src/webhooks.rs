@@ -1,0 +1,336 @@
+//! Delivering events to an external system as webhooks, with the Standard Webhooks headers.
+//!
+//! Each delivery is a `POST {base_url}{route}` with the body
+//! `{"type", "eventId", "timestamp", "data"}` and the headers
+//!
+//! - `webhook-id`: the event id, the same on every retry, so the receiver can deduplicate;
+//! - `webhook-timestamp`: seconds since the epoch when the attempt was made;
+//! - `webhook-signature`: `v1,` + base64(HMAC-SHA256(secret, "{id}.{timestamp}.{body}")),
+//!   when a signing secret is configured. A secret written `whsec_<base64>` is the base64
+//!   of the key, as the standard has it; any other value is used as the key's bytes.
+//!
+//! How an answer is classed ([`classify`]): 2xx delivered; connection errors, timeouts, 5xx,
+//! 408 and 429 retried later (honouring `Retry-After`); any other answer is a rejection,
+//! dead-lettered at once.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use sha2::Sha256;
+
+use crate::config::ExternalSettings;
+use crate::events::{EventEnvelope, EventType};
+
+pub const ID_HEADER: &str = "webhook-id";
+pub const TIMESTAMP_HEADER: &str = "webhook-timestamp";
+pub const SIGNATURE_HEADER: &str = "webhook-signature";
+
+/// The key webhook signatures are made with.
+#[derive(Clone)]
+pub struct SigningKey(Vec<u8>);
+
+impl SigningKey {
+    /// `whsec_<base64>` is decoded; anything else is taken as the key's bytes.
+    pub fn parse(secret: &str) -> Result<Self, base64::DecodeError> {
+        match secret.strip_prefix("whsec_") {
+            Some(encoded) => Ok(Self(BASE64.decode(encoded)?)),
+            None => Ok(Self(secret.as_bytes().to_vec())),
+        }
+    }
+
+    /// `v1,<base64 signature>` over `{id}.{timestamp}.{body}`.
+    pub fn sign(&self, id: &str, timestamp: i64, body: &[u8]) -> String {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
+        mac.update(id.as_bytes());
+        mac.update(b".");
+        mac.update(timestamp.to_string().as_bytes());
+        mac.update(b".");
+        mac.update(body);
+        format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()))
+    }
+}
+
+/// The body of a webhook.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WebhookBody<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    event_id: String,
+    timestamp: DateTime<Utc>,
+    data: serde_json::Value,
+}
+
+/// What an attempt came to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    Delivered,
+    /// Worth another attempt; `after` is what the receiver asked for (`Retry-After`).
+    Retry {
+        error: String,
+        after: Option<Duration>,
+    },
+    /// The receiver refused it; another attempt would be refused too.
+    Rejected {
+        error: String,
+    },
+}
+
+/// What came back from one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    Status {
+        code: u16,
+        retry_after: Option<String>,
+    },
+    /// No answer: connection refused or reset, timeout.
+    NoAnswer(String),
+}
+
+/// Classes an answer (see the module documentation).
+pub fn classify(answer: &Answer, now: DateTime<Utc>) -> DeliveryOutcome {
+    match answer {
+        Answer::NoAnswer(error) => DeliveryOutcome::Retry {
+            error: error.clone(),
+            after: None,
+        },
+        Answer::Status { code, .. } if (200..300).contains(code) => DeliveryOutcome::Delivered,
+        Answer::Status { code, retry_after } if *code == 408 || *code == 429 || *code >= 500 => {
+            DeliveryOutcome::Retry {
+                error: format!("HTTP {code}"),
+                after: retry_after
+                    .as_deref()
+                    .and_then(|value| parse_retry_after(value, now)),
+            }
+        }
+        Answer::Status { code, .. } => DeliveryOutcome::Rejected {
+            error: format!("HTTP {code}"),
+        },
+    }
+}
+
+/// `Retry-After` is either seconds or an HTTP date.
+pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = DateTime::parse_from_rfc2822(value)
+        .ok()?
+        .with_timezone(&Utc);
+    Some((at - now).to_std().unwrap_or_default())
+}
+
+/// Delivers events over HTTP.
+#[derive(Clone)]
+pub struct WebhookDeliverer {
+    base_url: String,
+    routes: BTreeMap<EventType, String>,
+    key: Option<SigningKey>,
+    timeout: Duration,
+}
+
+thread_local! {
+    /// One HTTP client (and connection pool) per arbiter thread: awc's client is bound to
+    /// the thread that made it.
+    static CLIENT: awc::Client = awc::Client::builder().disable_redirects().finish();
+}
+
+impl WebhookDeliverer {
+    /// The deliverer `external.*` describes. Route keys are event type names, matched
+    /// without regard to case (environment variables arrive lower-cased).
+    pub fn from_settings(settings: &ExternalSettings) -> anyhow::Result<Self> {
+        let mut routes = BTreeMap::new();
+        for (name, path) in &settings.routes {
+            let event_type = EventType::ALL
+                .into_iter()
+                .find(|known| known.as_str().eq_ignore_ascii_case(name))
+                .ok_or_else(|| anyhow::anyhow!("external.routes: unknown event type {name:?}"))?;
+            if !path.starts_with('/') {
+                anyhow::bail!("external.routes.{name}: {path:?} must start with '/'");
+            }
+            routes.insert(event_type, path.clone());
+        }
+        Self::new(
+            &settings.base_url,
+            routes,
+            Some(&settings.signing_secret),
+            Duration::from_millis(settings.timeout_ms),
+        )
+        .map_err(|error| {
+            anyhow::anyhow!("external.signing_secret: not valid whsec_ base64: {error}")
+        })
+    }
+
+    /// The event types that have a route.
+    pub fn event_types(&self) -> Vec<EventType> {
+        self.routes.keys().copied().collect()
+    }
+
+    pub fn new(
+        base_url: &str,
+        routes: BTreeMap<EventType, String>,
+        secret: Option<&SecretString>,
+        timeout: Duration,
+    ) -> Result<Self, base64::DecodeError> {
+        let key = secret
+            .map(|secret| secret.expose_secret())
+            .filter(|secret| !secret.is_empty())
+            .map(SigningKey::parse)
+            .transpose()?;
+        Ok(Self {
+            base_url: base_url.trim_end_matches('/').to_string(),
+            routes,
+            key,
+            timeout,
+        })
+    }
+
+    /// Whether events of this type have somewhere to go.
+    pub fn routes(&self, event_type: EventType) -> bool {
+        self.routes.contains_key(&event_type)
+    }
+
+    /// One attempt at delivering `event`, made at `now`.
+    pub async fn deliver(&self, event: &EventEnvelope, now: DateTime<Utc>) -> DeliveryOutcome {
+        let Some(route) = self.routes.get(&event.event_type()) else {
+            return DeliveryOutcome::Rejected {
+                error: format!("no webhook route for {}", event.event_type()),
+            };
+        };
+        let id = event.event_id.to_string();
+        let body = serde_json::to_vec(&WebhookBody {
+            kind: event.event_type().as_str(),
+            event_id: id.clone(),
+            timestamp: event.occurred_at,
+            data: event.payload_json(),
+        })
+        .expect("a webhook body serializes");
+        let timestamp = now.timestamp();
+        let mut request = CLIENT
+            .with(|client| client.post(format!("{}{route}", self.base_url)))
+            .timeout(self.timeout)
+            .insert_header(("content-type", "application/json"))
+            .insert_header((ID_HEADER, id.as_str()))
+            .insert_header((TIMESTAMP_HEADER, timestamp.to_string()));
+        if let Some(key) = &self.key {
+            request = request.insert_header((SIGNATURE_HEADER, key.sign(&id, timestamp, &body)));
+        }
+        let answer = match request.send_body(body).await {
+            Ok(mut response) => {
+                // Read the body so the connection can be reused.
+                let _ = response.body().limit(64 * 1024).await;
+                Answer::Status {
+                    code: response.status().as_u16(),
+                    retry_after: response
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|value| value.to_str().ok())
+                        .map(str::to_string),
+                }
+            }
+            Err(error) => Answer::NoAnswer(error.to_string()),
+        };
+        classify(&answer, now)
+    }
+
+    /// Posts an alert (a JSON document) to `url`; failures are only logged by the caller.
+    pub async fn post_alert(
+        url: &str,
+        alert: &serde_json::Value,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let response = CLIENT
+            .with(|client| client.post(url))
+            .timeout(timeout)
+            .send_json(alert)
+            .await
+            .map_err(|error| error.to_string())?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("HTTP {}", response.status().as_u16()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 24, 10, 0, 0).unwrap()
+    }
+
+    fn status(code: u16) -> Answer {
+        Answer::Status {
+            code,
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn answers_are_classed_as_the_integration_contract_says() {
+        assert_eq!(classify(&status(200), now()), DeliveryOutcome::Delivered);
+        assert_eq!(classify(&status(204), now()), DeliveryOutcome::Delivered);
+        for retried in [408, 429, 500, 502, 503] {
+            assert!(
+                matches!(
+                    classify(&status(retried), now()),
+                    DeliveryOutcome::Retry { .. }
+                ),
+                "{retried}"
+            );
+        }
+        for rejected in [301, 400, 401, 404, 422] {
+            assert!(
+                matches!(
+                    classify(&status(rejected), now()),
+                    DeliveryOutcome::Rejected { .. }
+                ),
+                "{rejected}"
+            );
+        }
+        assert!(matches!(
+            classify(&Answer::NoAnswer("connection refused".into()), now()),
+            DeliveryOutcome::Retry { after: None, .. }
+        ));
+    }
+
+    #[test]
+    fn retry_after_is_honoured_in_seconds_or_as_a_date() {
+        let answer = |value: &str| Answer::Status {
+            code: 429,
+            retry_after: Some(value.into()),
+        };
+        let after = |answer| match classify(&answer, now()) {
+            DeliveryOutcome::Retry { after, .. } => after,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(after(answer("3")), Some(Duration::from_secs(3)));
+        assert_eq!(
+            after(answer("Tue, 24 Nov 2026 10:00:42 GMT")),
+            Some(Duration::from_secs(42))
+        );
+        assert_eq!(after(answer("soon")), None);
+    }
+
+    #[test]
+    fn signatures_follow_standard_webhooks() {
+        // The example of the Standard Webhooks specification.
+        let key = SigningKey::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let body = br#"{"test": 2432232314}"#;
+        assert_eq!(
+            key.sign("msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+    }
+}
