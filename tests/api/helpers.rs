@@ -2,6 +2,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
+use commerce_events::clock::{SharedClock, SystemClock};
 use commerce_events::config::Settings;
 use commerce_events::event_log::{EventLog, EventRecord, OutboxEvent};
 use commerce_events::events::{EventEnvelope, EventId, EventPayload, PipelineProbe};
@@ -43,11 +44,31 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut Settings)) -> TestApp {
 
 /// Starts the daemon without waiting for readiness.
 pub async fn start_app(customize: impl FnOnce(&mut Settings)) -> TestApp {
+    start_app_with_clock(Arc::new(SystemClock), customize).await
+}
+
+/// [`spawn_app_with`] whose retry schedule reads `clock`.
+pub async fn spawn_app_with_clock(
+    clock: SharedClock,
+    customize: impl FnOnce(&mut Settings),
+) -> TestApp {
+    let app = start_app_with_clock(clock, customize).await;
+    eventually("the daemon is ready", Duration::from_secs(30), || async {
+        app.get("/readyz").await.0 == StatusCode::OK
+    })
+    .await;
+    app
+}
+
+async fn start_app_with_clock(
+    clock: SharedClock,
+    customize: impl FnOnce(&mut Settings),
+) -> TestApp {
     init_tracing();
     let database = TestDatabase::new();
     let mut settings = database.settings();
     customize(&mut settings);
-    let application = Application::build(settings.clone())
+    let application = Application::build_with_clock(settings.clone(), clock)
         .await
         .expect("the daemon starts");
     let address = format!("http://127.0.0.1:{}", application.port());

@@ -8,6 +8,7 @@ mod admin;
 mod coupons;
 mod daemon;
 mod errors;
+mod external;
 mod external_kafka;
 mod health;
 mod helpers;

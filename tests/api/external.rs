@@ -1,0 +1,736 @@
+//! Deliveries to an external system: a local webhook receiver scripted per test, the
+//! ExternalForwarder, the RetryScheduler on a clock the test moves, dead letters and replay.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use chrono::{DateTime, Timelike, Utc};
+use commerce_events::clock::{Clock, ManualClock};
+use commerce_events::event_log::{EventRecord, EventStatus, OutboxEvent};
+use commerce_events::events::{EventEnvelope, EventId, EventPayload, PaymentCompleted};
+use commerce_events::kafka::topics;
+use commerce_events::outbox::Outbox;
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
+
+use crate::helpers::{TestApp, spawn_app_with_clock};
+use crate::support::{eventually, read_records};
+
+const WAIT: Duration = Duration::from_secs(30);
+/// The signing secret of these tests, in the Standard Webhooks form.
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// One answer of the receiver.
+#[derive(Clone, Copy, Debug)]
+struct Reply {
+    status: u16,
+    retry_after: Option<&'static str>,
+}
+
+fn reply(status: u16) -> Reply {
+    Reply {
+        status,
+        retry_after: None,
+    }
+}
+
+/// A request the receiver got.
+#[derive(Clone, Debug)]
+struct Received {
+    path: String,
+    webhook_id: Option<String>,
+    timestamp: Option<i64>,
+    signature: Option<String>,
+    body: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Script {
+    /// Answers per webhook-id, in order; then `after`, then 200.
+    queued: HashMap<String, VecDeque<Reply>>,
+    after: HashMap<String, Reply>,
+    received: Vec<Received>,
+}
+
+/// A local HTTP receiver of webhooks and alerts.
+struct WebhookTarget {
+    address: String,
+    script: Arc<Mutex<Script>>,
+}
+
+impl WebhookTarget {
+    fn start() -> Self {
+        let script = Arc::new(Mutex::new(Script::default()));
+        let listener = TcpListener::bind("127.0.0.1:0").expect("receiver port");
+        let address = format!("http://{}", listener.local_addr().unwrap());
+        let shared = web::Data::from(script.clone());
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(shared.clone())
+                .app_data(web::PayloadConfig::new(1 << 20))
+                .default_service(web::to(receive))
+        })
+        .workers(1)
+        .disable_signals()
+        .listen(listener)
+        .expect("receiver listens")
+        .run();
+        actix_rt::spawn(server);
+        Self { address, script }
+    }
+
+    /// The answers to the deliveries of `id`, in order; any later one gets `then`.
+    fn script(&self, id: EventId, replies: impl IntoIterator<Item = Reply>, then: Reply) {
+        let mut script = self.script.lock().unwrap();
+        script
+            .queued
+            .insert(id.to_string(), replies.into_iter().collect());
+        script.after.insert(id.to_string(), then);
+    }
+
+    fn deliveries_of(&self, id: EventId) -> Vec<Received> {
+        let id = id.to_string();
+        self.script
+            .lock()
+            .unwrap()
+            .received
+            .iter()
+            .filter(|received| received.webhook_id.as_deref() == Some(id.as_str()))
+            .cloned()
+            .collect()
+    }
+
+    fn alerts(&self) -> Vec<Value> {
+        self.script
+            .lock()
+            .unwrap()
+            .received
+            .iter()
+            .filter(|received| received.path == "/alerts")
+            .map(|received| serde_json::from_slice(&received.body).expect("alert JSON"))
+            .collect()
+    }
+
+    async fn wait_for_deliveries(&self, id: EventId, count: usize) -> Vec<Received> {
+        eventually(&format!("{count} deliveries of {id}"), WAIT, || async {
+            self.deliveries_of(id).len() >= count
+        })
+        .await;
+        let deliveries = self.deliveries_of(id);
+        assert_eq!(deliveries.len(), count, "no more deliveries than expected");
+        deliveries
+    }
+}
+
+async fn receive(
+    request: HttpRequest,
+    body: web::Bytes,
+    script: web::Data<Mutex<Script>>,
+) -> HttpResponse {
+    let header = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_string)
+    };
+    let received = Received {
+        path: request.path().to_string(),
+        webhook_id: header("webhook-id"),
+        timestamp: header("webhook-timestamp").and_then(|value| value.parse().ok()),
+        signature: header("webhook-signature"),
+        body: body.to_vec(),
+    };
+    let mut script = script.lock().unwrap();
+    let answer = match &received.webhook_id {
+        Some(id) => script
+            .queued
+            .get_mut(id)
+            .and_then(VecDeque::pop_front)
+            .or_else(|| script.after.get(id).cloned())
+            .unwrap_or(reply(200)),
+        None => reply(200),
+    };
+    script.received.push(received);
+    let mut response =
+        HttpResponse::build(StatusCode::from_u16(answer.status).expect("a valid status"));
+    if let Some(after) = answer.retry_after {
+        response.insert_header(("retry-after", after));
+    }
+    response.finish()
+}
+
+/// A daemon delivering to `target`, on `clock`.
+async fn spawn_forwarding_app(target: &WebhookTarget, clock: &ManualClock) -> TestApp {
+    let base_url = target.address.clone();
+    spawn_app_with_clock(Arc::new(clock.clone()), move |settings| {
+        configure_external(settings, &base_url)
+    })
+    .await
+}
+
+fn configure_external(settings: &mut commerce_events::config::Settings, base_url: &str) {
+    settings.external.base_url = base_url.to_string();
+    settings.external.alert_url = format!("{base_url}/alerts");
+    settings.external.signing_secret = SECRET.to_string().into();
+    settings.external.poll_interval_ms = 20;
+    settings.external.timeout_ms = 2_000;
+}
+
+/// A clock at a whole second (webhook timestamps are in seconds).
+fn test_clock() -> ManualClock {
+    ManualClock::starting_at(Utc::now().with_nanosecond(0).unwrap())
+}
+
+/// Records a PaymentCompleted event with the id `event_id` (so the receiver can be scripted
+/// first) through the outbox and publishes it.
+async fn record_payment(app: &TestApp, event_id: EventId, order_id: u64) -> EventId {
+    let mut envelope = EventEnvelope::new(
+        format!("order:{order_id}"),
+        EventPayload::PaymentCompleted(PaymentCompleted {
+            payment_id: order_id + 1_000,
+            order_id,
+            user_id: 7,
+            amount: 42_000,
+            timestamp: Utc::now(),
+        }),
+    );
+    envelope.event_id = event_id;
+    let event = OutboxEvent {
+        topic: topics::EXTERNAL_EVENTS.into(),
+        envelope,
+    };
+    let outbox = Outbox::new(app.event_log.clone(), app.publisher.clone());
+    let mut transaction = app.event_log.pool().begin().await.unwrap();
+    Outbox::record(&mut transaction, std::slice::from_ref(&event))
+        .await
+        .unwrap();
+    transaction.commit().await.unwrap();
+    assert_eq!(
+        outbox
+            .publish_committed(std::slice::from_ref(&event))
+            .await
+            .published,
+        1
+    );
+    event_id
+}
+
+async fn wait_for_status(app: &TestApp, id: EventId, status: EventStatus) -> EventRecord {
+    eventually(&format!("event {id} {status}"), WAIT, || async {
+        app.event(id)
+            .await
+            .is_some_and(|record| record.status == status)
+    })
+    .await;
+    app.event(id).await.unwrap()
+}
+
+/// Waits until `failed` attempts have failed and the next one is scheduled; returns when.
+async fn wait_until_scheduled(app: &TestApp, id: EventId, failed: i32) -> DateTime<Utc> {
+    eventually(
+        &format!("event {id} scheduled after {failed} failed attempts"),
+        WAIT,
+        || async {
+            app.event(id).await.is_some_and(|record| {
+                record.status == EventStatus::Failed && record.retry_count == failed
+            })
+        },
+    )
+    .await;
+    app.event(id)
+        .await
+        .unwrap()
+        .next_attempt_at
+        .expect("a due time")
+}
+
+fn timestamps(deliveries: &[Received]) -> Vec<i64> {
+    deliveries
+        .iter()
+        .map(|delivery| delivery.timestamp.expect("webhook-timestamp"))
+        .collect()
+}
+
+fn gaps(deliveries: &[Received]) -> Vec<i64> {
+    timestamps(deliveries)
+        .windows(2)
+        .map(|pair| pair[1] - pair[0])
+        .collect()
+}
+
+async fn scheduler_state(app: &TestApp) -> Value {
+    app.get("/admin/actors").await.1["retryScheduler"].clone()
+}
+
+/// Waits until the scheduler's counter `field` is `value` (counters move just after the
+/// event-log row does); returns the state.
+async fn wait_for_scheduler(app: &TestApp, field: &str, value: u64) -> Value {
+    eventually(
+        &format!("the retry scheduler's {field} at {value}"),
+        WAIT,
+        || async { scheduler_state(app).await[field] == value },
+    )
+    .await;
+    scheduler_state(app).await
+}
+
+#[actix_web::test]
+async fn a_receiver_failing_three_times_gets_four_attempts_one_two_four_seconds_apart() {
+    let target = WebhookTarget::start();
+    let clock = test_clock();
+    let app = spawn_forwarding_app(&target, &clock).await;
+    let started = clock.now().timestamp();
+    let id = EventId::generate();
+    target.script(id, [reply(500), reply(503), reply(502)], reply(200));
+    let id = record_payment(&app, id, 1).await;
+
+    for (failed, delay) in [(1, 1), (2, 2), (3, 4)] {
+        target.wait_for_deliveries(id, failed as usize).await;
+        let due = wait_until_scheduled(&app, id, failed).await;
+        assert_eq!(due, clock.now() + chrono::Duration::seconds(delay));
+        clock.advance(Duration::from_secs(delay as u64));
+    }
+    let deliveries = target.wait_for_deliveries(id, 4).await;
+    let record = wait_for_status(&app, id, EventStatus::Completed).await;
+
+    assert_eq!(gaps(&deliveries), vec![1, 2, 4]);
+    assert_eq!(timestamps(&deliveries)[0], started);
+    assert!(
+        deliveries
+            .iter()
+            .all(|delivery| delivery.webhook_id == Some(id.to_string())),
+        "the same webhook-id on every attempt"
+    );
+    assert!(
+        deliveries
+            .iter()
+            .all(|delivery| delivery.path == "/webhooks/payment-completed")
+    );
+    assert_eq!(record.retry_count, 3, "three failed attempts counted");
+    assert_eq!(record.next_attempt_at, None);
+    let state = wait_for_scheduler(&app, "delivered", 1).await;
+    assert_eq!(state["scheduled"], 3);
+    assert_eq!(state["attempts"], 3);
+    assert_eq!(state["delivered"], 1);
+    assert_eq!(state["deadLettered"], 0);
+}
+
+#[actix_web::test]
+async fn a_receiver_that_always_fails_gets_five_attempts_then_the_event_is_dead_lettered() {
+    let target = WebhookTarget::start();
+    let clock = test_clock();
+    let app = spawn_forwarding_app(&target, &clock).await;
+    let id = EventId::generate();
+    target.script(id, [], reply(500));
+    let id = record_payment(&app, id, 2).await;
+
+    for (failed, delay) in [(1, 1), (2, 2), (3, 4), (4, 8)] {
+        target.wait_for_deliveries(id, failed as usize).await;
+        wait_until_scheduled(&app, id, failed).await;
+        clock.advance(Duration::from_secs(delay));
+    }
+    let record = wait_for_status(&app, id, EventStatus::DeadLetter).await;
+    let deliveries = target.wait_for_deliveries(id, 5).await;
+
+    assert_eq!(gaps(&deliveries), vec![1, 2, 4, 8]);
+    assert_eq!(record.retry_count, 5);
+    assert_eq!(
+        record.last_error.as_deref(),
+        Some("HTTP 500 (after 5 attempts)")
+    );
+    assert!(record.dead_lettered_at.is_some());
+
+    let bootstrap = app.bootstrap_servers();
+    let letters = tokio::task::spawn_blocking(move || {
+        read_records(
+            &bootstrap,
+            &topics::dead_letter_topic(topics::EXTERNAL_EVENTS),
+            3,
+            1,
+        )
+    })
+    .await
+    .unwrap();
+    let letter = &letters[0];
+    assert_eq!(
+        letter.headers["dlt-original-topic"],
+        topics::EXTERNAL_EVENTS
+    );
+    assert_eq!(
+        letter.headers["dlt-original-partition"],
+        record.source_partition.unwrap().to_string()
+    );
+    assert_eq!(letter.partition, record.source_partition.unwrap());
+    assert_eq!(
+        letter.headers["dlt-original-offset"],
+        record.source_offset.unwrap().to_string()
+    );
+    assert_eq!(letter.headers["dlt-consumer-group"], "external-event-group");
+    assert_eq!(letter.headers["dlt-error-kind"], "retries-exhausted");
+    assert_eq!(letter.headers["dlt-error"], "HTTP 500 (after 5 attempts)");
+    let value: Value = serde_json::from_slice(letter.value.as_deref().unwrap()).unwrap();
+    assert_eq!(value["eventId"], id.to_string());
+    assert_eq!(letter.key.as_deref(), Some("order:2".as_bytes()));
+
+    // The alert: the counter, and the post to the alert URL.
+    eventually("the alert posted", WAIT, || async {
+        !target.alerts().is_empty()
+    })
+    .await;
+    let alerts = target.alerts();
+    assert_eq!(alerts.len(), 1);
+    assert_eq!(alerts[0]["alert"], "EVENT_DEAD_LETTERED");
+    assert_eq!(alerts[0]["eventId"], id.to_string());
+    assert_eq!(alerts[0]["attempts"], 5);
+    let state = wait_for_scheduler(&app, "deadLettered", 1).await;
+    assert_eq!(state["alerts"], 1);
+    assert_eq!(state["alertsFailed"], 0);
+}
+
+#[actix_web::test]
+async fn a_rejection_is_dead_lettered_at_once_and_too_many_requests_waits_as_asked() {
+    let target = WebhookTarget::start();
+    let clock = test_clock();
+    let app = spawn_forwarding_app(&target, &clock).await;
+    let rejected = EventId::generate();
+    target.script(rejected, [], reply(400));
+    let throttled = EventId::generate();
+    target.script(
+        throttled,
+        [Reply {
+            status: 429,
+            retry_after: Some("3"),
+        }],
+        reply(200),
+    );
+    let rejected = record_payment(&app, rejected, 3).await;
+    let throttled = record_payment(&app, throttled, 4).await;
+
+    let record = wait_for_status(&app, rejected, EventStatus::DeadLetter).await;
+    assert_eq!(record.retry_count, 1);
+    assert_eq!(
+        record.last_error.as_deref(),
+        Some("HTTP 400 (after 1 attempts)")
+    );
+    assert_eq!(target.deliveries_of(rejected).len(), 1);
+
+    target.wait_for_deliveries(throttled, 1).await;
+    let due = wait_until_scheduled(&app, throttled, 1).await;
+    assert_eq!(
+        due,
+        clock.now() + chrono::Duration::seconds(3),
+        "Retry-After: 3 outweighs the 1 s back-off"
+    );
+    clock.advance(Duration::from_secs(3));
+    let deliveries = target.wait_for_deliveries(throttled, 2).await;
+    wait_for_status(&app, throttled, EventStatus::Completed).await;
+    assert_eq!(gaps(&deliveries), vec![3]);
+    assert_eq!(
+        target.deliveries_of(rejected).len(),
+        1,
+        "a rejection is never retried"
+    );
+}
+
+#[actix_web::test]
+async fn later_events_of_the_partition_are_delivered_while_one_waits_for_its_retry() {
+    let target = WebhookTarget::start();
+    let clock = test_clock();
+    let app = spawn_forwarding_app(&target, &clock).await;
+    let failing = EventId::generate();
+    target.script(failing, [reply(503)], reply(200));
+    // The same order key: the same partition, behind the failing event.
+    let failing = record_payment(&app, failing, 5).await;
+    let mut later = Vec::new();
+    for _ in 0..5 {
+        later.push(record_payment(&app, EventId::generate(), 5).await);
+    }
+
+    for id in &later {
+        wait_for_status(&app, *id, EventStatus::Completed).await;
+    }
+    // The clock has not moved: the failed event's second attempt cannot have happened.
+    let record = app.event(failing).await.unwrap();
+    assert_eq!(record.status, EventStatus::Failed);
+    assert_eq!(record.retry_count, 1);
+    assert_eq!(target.deliveries_of(failing).len(), 1);
+    let partition = record.source_partition.unwrap();
+    for id in &later {
+        let later_record = app.event(*id).await.unwrap();
+        assert_eq!(later_record.source_partition, Some(partition));
+        assert!(later_record.source_offset > record.source_offset);
+    }
+
+    clock.advance(Duration::from_secs(1));
+    target.wait_for_deliveries(failing, 2).await;
+    wait_for_status(&app, failing, EventStatus::Completed).await;
+}
+
+#[actix_web::test]
+async fn a_retry_scheduled_before_a_restart_runs_once_after_it() {
+    let target = WebhookTarget::start();
+    let clock = test_clock();
+    let mut first = spawn_forwarding_app(&target, &clock).await;
+    let id = EventId::generate();
+    target.script(id, [reply(500)], reply(200));
+    let id = record_payment(&first, id, 6).await;
+    target.wait_for_deliveries(id, 1).await;
+    let due = wait_until_scheduled(&first, id, 1).await;
+    first.stop().await.expect("clean stop");
+
+    // The same database and cluster, a new process whose clock is past the due time.
+    let (brokers, database) = (first.bootstrap_servers(), first.database_url());
+    let later = ManualClock::starting_at(due + chrono::Duration::seconds(5));
+    let base_url = target.address.clone();
+    let second = spawn_app_with_clock(Arc::new(later), move |settings| {
+        configure_external(settings, &base_url);
+        settings.instance.id = "second".into();
+        settings.kafka.brokers = brokers;
+        settings.database.url = database.into();
+    })
+    .await;
+    wait_for_status(&second, id, EventStatus::Completed).await;
+    let deliveries = target.wait_for_deliveries(id, 2).await;
+    assert_eq!(gaps(&deliveries), vec![6]);
+    wait_for_scheduler(&second, "delivered", 1).await;
+}
+
+#[actix_web::test]
+async fn two_instances_never_make_the_same_attempt_twice() {
+    let target = WebhookTarget::start();
+    let clock = test_clock();
+    let first = spawn_forwarding_app(&target, &clock).await;
+    let (brokers, database) = (first.bootstrap_servers(), first.database_url());
+    let base_url = target.address.clone();
+    let second = spawn_app_with_clock(Arc::new(clock.clone()), move |settings| {
+        configure_external(settings, &base_url);
+        settings.instance.id = "second".into();
+        settings.kafka.brokers = brokers;
+        settings.database.url = database.into();
+    })
+    .await;
+    let mut ids = Vec::new();
+    for order in 0..20 {
+        let id = EventId::generate();
+        target.script(id, [reply(500)], reply(200));
+        ids.push(record_payment(&first, id, 100 + order).await);
+    }
+    for id in &ids {
+        wait_until_scheduled(&first, *id, 1).await;
+    }
+    // Both schedulers see every retry due at once.
+    clock.advance(Duration::from_secs(1));
+    for id in &ids {
+        wait_for_status(&first, *id, EventStatus::Completed).await;
+    }
+    for id in &ids {
+        assert_eq!(target.deliveries_of(*id).len(), 2, "event {id}");
+    }
+    let attempts = |state: Value| state["attempts"].as_u64().unwrap();
+    assert_eq!(
+        attempts(scheduler_state(&first).await) + attempts(scheduler_state(&second).await),
+        20
+    );
+}
+
+#[actix_web::test]
+async fn dead_letters_are_listed_and_replayed_and_completed_events_are_not() {
+    let target = WebhookTarget::start();
+    let clock = test_clock();
+    let app = spawn_forwarding_app(&target, &clock).await;
+    let mut dead = Vec::new();
+    for order in 0..3 {
+        let id = EventId::generate();
+        target.script(id, [reply(410)], reply(200));
+        let id = record_payment(&app, id, 10 + order).await;
+        wait_for_status(&app, id, EventStatus::DeadLetter).await;
+        dead.push(id);
+    }
+
+    // Listed oldest first, two to a page.
+    let (status, page) = app.get("/admin/events?status=DEAD_LETTER&limit=2").await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let listed = |page: &Value| -> Vec<String> {
+        page["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|event| event["eventId"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        listed(&page),
+        vec![dead[0].to_string(), dead[1].to_string()]
+    );
+    assert_eq!(page["events"][0]["retryCount"], 1);
+    assert_eq!(
+        page["events"][0]["lastError"],
+        "HTTP 410 (after 1 attempts)"
+    );
+    let cursor = page["nextCursor"]
+        .as_str()
+        .expect("a next page")
+        .to_string();
+    let (_, rest) = app
+        .get(&format!(
+            "/admin/events?status=DEAD_LETTER&limit=2&cursor={cursor}"
+        ))
+        .await;
+    assert_eq!(listed(&rest), vec![dead[2].to_string()]);
+    assert!(rest.get("nextCursor").is_none(), "{rest}");
+
+    // Replay: back to the scheduler, delivered (the receiver now accepts).
+    let (status, accepted) = app
+        .post(&format!("/admin/events/{}/replay", dead[0]), "")
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    assert_eq!(accepted["status"], "FAILED");
+    let record = wait_for_status(&app, dead[0], EventStatus::Completed).await;
+    assert_eq!(record.dead_lettered_at, None);
+    assert_eq!(target.deliveries_of(dead[0]).len(), 2);
+    let (_, remaining) = app.get("/admin/events?status=DEAD_LETTER").await;
+    assert_eq!(
+        listed(&remaining),
+        vec![dead[1].to_string(), dead[2].to_string()]
+    );
+
+    // Refusals.
+    let (status, refused) = app
+        .post(&format!("/admin/events/{}/replay", dead[0]), "")
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(refused["error"]["code"], "ALREADY_COMPLETED");
+    let (status, missing) = app
+        .post(&format!("/admin/events/{}/replay", EventId::generate()), "")
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{missing}");
+    let (status, invalid) = app.post("/admin/events/not-an-id/replay", "").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(invalid["error"]["code"], "INVALID_EVENT_ID");
+    let (status, unlisted) = app.get("/admin/events?status=FAILED").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(unlisted["error"]["code"], "STATUS_NOT_LISTABLE");
+    let (status, bad_cursor) = app
+        .get("/admin/events?status=DEAD_LETTER&cursor=nonsense")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(bad_cursor["error"]["code"], "INVALID_CURSOR");
+
+    // An event waiting for its retry is not a dead letter.
+    let waiting = EventId::generate();
+    target.script(waiting, [reply(500)], reply(200));
+    let waiting = record_payment(&app, waiting, 20).await;
+    wait_until_scheduled(&app, waiting, 1).await;
+    let (status, refused) = app
+        .post(&format!("/admin/events/{waiting}/replay"), "")
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(refused["error"]["code"], "NOT_DEAD_LETTERED");
+    assert_eq!(scheduler_state(&app).await["replayed"], 1);
+}
+
+#[actix_web::test]
+async fn deliveries_are_signed_as_standard_webhooks_documents() {
+    let target = WebhookTarget::start();
+    let clock = test_clock();
+    let app = spawn_forwarding_app(&target, &clock).await;
+    let id = record_payment(&app, EventId::generate(), 30).await;
+    wait_for_status(&app, id, EventStatus::Completed).await;
+    let delivery = target.deliveries_of(id).remove(0);
+
+    // HMAC-SHA256 keyed with the base64-decoded secret, over "{id}.{timestamp}.{body}".
+    let key = BASE64
+        .decode(SECRET.strip_prefix("whsec_").unwrap())
+        .unwrap();
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
+    mac.update(
+        format!(
+            "{}.{}.",
+            delivery.webhook_id.as_deref().unwrap(),
+            delivery.timestamp.unwrap()
+        )
+        .as_bytes(),
+    );
+    mac.update(&delivery.body);
+    let expected = format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()));
+    assert_eq!(delivery.signature.as_deref(), Some(expected.as_str()));
+    assert_eq!(delivery.timestamp, Some(clock.now().timestamp()));
+
+    let body: Value = serde_json::from_slice(&delivery.body).unwrap();
+    assert_eq!(body["type"], "PaymentCompleted");
+    assert_eq!(body["eventId"], id.to_string());
+    assert_eq!(
+        body["data"],
+        json!({"paymentId": 1030, "orderId": 30, "userId": 7, "amount": 42000,
+               "timestamp": body["data"]["timestamp"]})
+    );
+}
+
+#[actix_web::test]
+async fn the_retry_scheduler_through_schedule_fire_fail_dead_letter_and_replay() {
+    let target = WebhookTarget::start();
+    let clock = test_clock();
+    let app = spawn_forwarding_app(&target, &clock).await;
+    let started = clock.now();
+    let id = EventId::generate();
+    // Attempts 1–5 fail (5 attempts in all), the replayed one succeeds.
+    target.script(id, [reply(500); 5], reply(200));
+    let id = record_payment(&app, id, 40).await;
+
+    let view = |record: EventRecord, state: Value| {
+        json!({
+            "event": {
+                "status": record.status,
+                "retryCount": record.retry_count,
+                "lastError": record.last_error,
+                "nextAttemptAfterStartMs": record
+                    .next_attempt_at
+                    .map(|at| (at - started).num_milliseconds()),
+                "deadLettered": record.dead_lettered_at.is_some(),
+            },
+            "scheduler": state,
+        })
+    };
+
+    target.wait_for_deliveries(id, 1).await;
+    wait_until_scheduled(&app, id, 1).await;
+    let state = wait_for_scheduler(&app, "scheduled", 1).await;
+    insta::assert_json_snapshot!(
+        "scheduler_1_scheduled",
+        view(app.event(id).await.unwrap(), state)
+    );
+
+    clock.advance(Duration::from_secs(1));
+    target.wait_for_deliveries(id, 2).await;
+    wait_until_scheduled(&app, id, 2).await;
+    let state = wait_for_scheduler(&app, "scheduled", 2).await;
+    insta::assert_json_snapshot!(
+        "scheduler_2_fired_and_failed",
+        view(app.event(id).await.unwrap(), state)
+    );
+
+    for (failed, delay) in [(2, 2), (3, 4), (4, 8)] {
+        if failed > 2 {
+            wait_until_scheduled(&app, id, failed).await;
+        }
+        clock.advance(Duration::from_secs(delay));
+        target.wait_for_deliveries(id, failed as usize + 1).await;
+    }
+    let record = wait_for_status(&app, id, EventStatus::DeadLetter).await;
+    let state = wait_for_scheduler(&app, "deadLettered", 1).await;
+    insta::assert_json_snapshot!("scheduler_3_dead_lettered", view(record, state));
+
+    let (status, _) = app.post(&format!("/admin/events/{id}/replay"), "").await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let record = wait_for_status(&app, id, EventStatus::Completed).await;
+    let state = wait_for_scheduler(&app, "delivered", 1).await;
+    insta::assert_json_snapshot!("scheduler_4_replayed_and_delivered", view(record, state));
+}
