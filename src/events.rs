@@ -65,14 +65,18 @@ pub enum EventType {
     /// A payment went through (the design document's `PaymentCompletedEvent`); forwarded to
     /// external systems.
     PaymentCompleted,
+    /// An order was paid (the design document's `OrderCompletedEvent`); feeds the ranking
+    /// and analytics.
+    OrderCompleted,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 4] = [
+    pub const ALL: [EventType; 5] = [
         EventType::PipelineProbe,
         EventType::CouponRequested,
         EventType::CouponResult,
         EventType::PaymentCompleted,
+        EventType::OrderCompleted,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -81,6 +85,7 @@ impl EventType {
             EventType::CouponRequested => "CouponRequested",
             EventType::CouponResult => "CouponResult",
             EventType::PaymentCompleted => "PaymentCompleted",
+            EventType::OrderCompleted => "OrderCompleted",
         }
     }
 }
@@ -145,6 +150,24 @@ pub struct PaymentCompleted {
     pub timestamp: DateTime<Utc>,
 }
 
+/// One line of [`OrderCompleted`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderedProduct {
+    pub id: u64,
+    pub qty: u32,
+}
+
+/// Payload of [`EventType::OrderCompleted`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OrderCompleted {
+    pub order_id: u64,
+    pub user_id: u64,
+    pub products: Vec<OrderedProduct>,
+    pub total_amount: u64,
+}
+
 /// A typed payload; its variant always matches the envelope's event type.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EventPayload {
@@ -152,6 +175,7 @@ pub enum EventPayload {
     CouponRequested(CouponRequested),
     CouponResult(CouponResult),
     PaymentCompleted(PaymentCompleted),
+    OrderCompleted(OrderCompleted),
 }
 
 impl EventPayload {
@@ -161,6 +185,7 @@ impl EventPayload {
             EventPayload::CouponRequested(_) => EventType::CouponRequested,
             EventPayload::CouponResult(_) => EventType::CouponResult,
             EventPayload::PaymentCompleted(_) => EventType::PaymentCompleted,
+            EventPayload::OrderCompleted(_) => EventType::OrderCompleted,
         }
     }
 
@@ -182,6 +207,9 @@ impl EventPayload {
             EventType::PaymentCompleted => serde_json::from_str(raw.get())
                 .map(EventPayload::PaymentCompleted)
                 .map_err(invalid),
+            EventType::OrderCompleted => serde_json::from_str(raw.get())
+                .map(EventPayload::OrderCompleted)
+                .map_err(invalid),
         }
     }
 
@@ -191,6 +219,7 @@ impl EventPayload {
             EventPayload::CouponRequested(request) => serde_json::to_value(request),
             EventPayload::CouponResult(result) => serde_json::to_value(result),
             EventPayload::PaymentCompleted(payment) => serde_json::to_value(payment),
+            EventPayload::OrderCompleted(order) => serde_json::to_value(order),
         };
         encoded.expect("payload structs serialize to JSON without fallible fields")
     }

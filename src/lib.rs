@@ -48,6 +48,7 @@ pub mod locks;
 pub mod notifications;
 pub mod outbox;
 pub mod retry;
+pub mod shop;
 pub mod startup;
 pub mod stores;
 pub mod telemetry;

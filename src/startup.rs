@@ -39,6 +39,7 @@ use crate::locks::RedisLocks;
 use crate::notifications::Sessions;
 use crate::outbox::Outbox;
 use crate::retry::BackoffPolicy;
+use crate::shop::store::ShopStore;
 use crate::stores::{self, RedisStore};
 use crate::webhooks::WebhookDeliverer;
 
@@ -282,10 +283,12 @@ impl Application {
             redis: redis.clone(),
             publisher: publisher.clone(),
             actors: actors.clone(),
-            coupons: CouponStore::new(http_pool),
+            coupons: CouponStore::new(http_pool.clone()),
             intake,
             sessions: sessions.clone(),
             max_total_quantity: settings.coupons.max_total_quantity,
+            shop: ShopStore::new(http_pool.clone()),
+            clock: clock.clone(),
         });
         let listener = TcpListener::bind((settings.http.host.as_str(), settings.http.port))
             .with_context(|| {

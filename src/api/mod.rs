@@ -22,18 +22,21 @@ pub mod error;
 pub mod health;
 pub mod identity;
 pub mod push;
+pub mod shop;
 
 use actix_web::http::StatusCode;
 use actix_web::middleware::ErrorHandlers;
 use actix_web::web;
 
 use crate::actors::tree::ActorTree;
+use crate::clock::SharedClock;
 use crate::coupons::intake::CouponIntake;
 use crate::coupons::store::CouponStore;
 use crate::event_log::EventLog;
 use crate::kafka::producer::EventPublisher;
 use crate::notifications::Sessions;
 use crate::outbox::Outbox;
+use crate::shop::store::ShopStore;
 use crate::stores::RedisStore;
 
 /// What request handlers share. Its database pool is the HTTP workers' own.
@@ -47,6 +50,9 @@ pub struct AppState {
     pub intake: CouponIntake,
     pub sessions: Sessions,
     pub max_total_quantity: u32,
+    pub shop: ShopStore,
+    /// What "now" is for payments and the ranking's days.
+    pub clock: SharedClock,
 }
 
 /// Registers every route and the common error handling.
@@ -82,7 +88,19 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(web::resource("/coupons/{coupon_id}").get(coupons::find))
         .service(web::resource("/users/{user_id}/coupons").get(coupons::held))
         .service(web::resource("/users/{user_id}/events").get(push::server_sent_events))
-        .service(web::resource("/ws").get(push::websocket));
+        .service(web::resource("/ws").get(push::websocket))
+        .service(web::resource("/users").post(shop::create_user))
+        .service(web::resource("/users/{user_id}/balance").get(shop::balance))
+        .service(web::resource("/users/{user_id}/balance/charge").post(shop::charge))
+        .service(
+            web::resource("/products")
+                .post(shop::create_product)
+                .get(shop::products),
+        )
+        .service(web::resource("/products/{product_id}").get(shop::product))
+        .service(web::resource("/orders").post(shop::create_order))
+        .service(web::resource("/orders/{order_id}").get(shop::order))
+        .service(web::resource("/orders/{order_id}/pay").post(shop::pay));
 }
 
 /// The middleware that gives actix-web's own error responses the common JSON shape.

@@ -122,6 +122,11 @@ impl TestApp {
         (response.status(), parse(&body))
     }
 
+    /// [`TestApp::post`] of an empty body to an owned path (for many requests at once).
+    pub async fn post_owned(&self, path: String) -> (StatusCode, Value) {
+        self.post(&path, "").await
+    }
+
     pub async fn request(&self, method: awc::http::Method, path: &str) -> (StatusCode, Value) {
         let mut response = awc::Client::default()
             .request(method, format!("{}{path}", self.address))

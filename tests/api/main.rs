@@ -12,6 +12,7 @@ mod external;
 mod external_kafka;
 mod health;
 mod helpers;
+mod orders;
 mod outbox;
 mod push;
 mod shutdown;

@@ -1,0 +1,295 @@
+//! Users and their balance, products, orders and their payment.
+
+use actix_web::http::header;
+use actix_web::{HttpResponse, web};
+use serde::{Deserialize, Serialize};
+
+use crate::api::AppState;
+use crate::api::error::{ApiError, JsonObject};
+use crate::shop::store::{NewOrderLine, ShopError};
+
+const MAX_NAME_CHARS: usize = 100;
+/// The largest single charge, and the largest balance.
+pub const MAX_CHARGE: u64 = 100_000_000;
+pub const MAX_BALANCE: u64 = 1_000_000_000_000;
+const MAX_PRICE: u64 = 100_000_000;
+const MAX_STOCK: u32 = 10_000_000;
+const MAX_LINES: usize = 100;
+const MAX_QUANTITY: u32 = 1_000;
+const MAX_PAGE_SIZE: u32 = 100;
+
+impl From<ShopError> for ApiError {
+    fn from(error: ShopError) -> Self {
+        match error {
+            ShopError::NotFound(what) => ApiError::not_found(what),
+            ShopError::Invalid { code, message } => ApiError::bad_request(code, message),
+            ShopError::Refused(refusal) => ApiError::conflict(refusal.code(), refusal.to_string()),
+            other => ApiError::Internal(other.into()),
+        }
+    }
+}
+
+fn id(raw: &str, code: &'static str, what: &str) -> Result<u64, ApiError> {
+    raw.parse::<u64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::bad_request(code, format!("{raw:?} is not a {what} id")))
+}
+
+fn name(raw: &str) -> Result<String, ApiError> {
+    let name = raw.trim();
+    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
+        return Err(ApiError::bad_request(
+            "INVALID_NAME",
+            format!("name must have 1 to {MAX_NAME_CHARS} characters"),
+        ));
+    }
+    Ok(name.to_string())
+}
+
+fn bounded(value: i64, max: u64, code: &'static str, field: &str) -> Result<u64, ApiError> {
+    u64::try_from(value)
+        .ok()
+        .filter(|value| (1..=max).contains(value))
+        .ok_or_else(|| ApiError::bad_request(code, format!("{field} must be between 1 and {max}")))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateUser {
+    pub name: String,
+}
+
+/// `POST /users`
+pub async fn create_user(
+    state: web::Data<AppState>,
+    body: JsonObject<CreateUser>,
+) -> Result<HttpResponse, ApiError> {
+    let user = state.shop.create_user(&name(&body.0.name)?).await?;
+    Ok(HttpResponse::Created()
+        .insert_header((header::LOCATION, format!("/users/{}", user.user_id)))
+        .json(user))
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Balance {
+    user_id: u64,
+    balance: u64,
+}
+
+/// `GET /users/{userId}/balance`
+pub async fn balance(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let user_id = id(&path, "INVALID_USER_ID", "user")?;
+    let user = state
+        .shop
+        .user(user_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("user {user_id}")))?;
+    Ok(HttpResponse::Ok().json(Balance {
+        user_id,
+        balance: user.balance,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Charge {
+    pub amount: i64,
+}
+
+/// `POST /users/{userId}/balance/charge`
+pub async fn charge(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    body: JsonObject<Charge>,
+) -> Result<HttpResponse, ApiError> {
+    let user_id = id(&path, "INVALID_USER_ID", "user")?;
+    let amount = bounded(body.0.amount, MAX_CHARGE, "INVALID_AMOUNT", "amount")?;
+    let user = state.shop.charge(user_id, amount, MAX_BALANCE).await?;
+    Ok(HttpResponse::Ok().json(Balance {
+        user_id,
+        balance: user.balance,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateProduct {
+    pub name: String,
+    pub price: i64,
+    pub stock: i64,
+}
+
+/// `POST /products`
+pub async fn create_product(
+    state: web::Data<AppState>,
+    body: JsonObject<CreateProduct>,
+) -> Result<HttpResponse, ApiError> {
+    let request = body.0;
+    let name = name(&request.name)?;
+    let price = bounded(request.price, MAX_PRICE, "INVALID_PRICE", "price")?;
+    let stock = u32::try_from(request.stock)
+        .ok()
+        .filter(|stock| *stock <= MAX_STOCK)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "INVALID_STOCK",
+                format!("stock must be between 0 and {MAX_STOCK}"),
+            )
+        })?;
+    let product = state.shop.create_product(&name, price, stock).await?;
+    Ok(HttpResponse::Created()
+        .insert_header((
+            header::LOCATION,
+            format!("/products/{}", product.product_id),
+        ))
+        .json(product))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    pub page: Option<u32>,
+    pub size: Option<u32>,
+}
+
+/// `GET /products?page=&size=` (page from 0, size 1–100, default 20)
+pub async fn products(
+    state: web::Data<AppState>,
+    query: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let size = query.size.unwrap_or(20);
+    if !(1..=MAX_PAGE_SIZE).contains(&size) {
+        return Err(ApiError::bad_request(
+            "INVALID_PAGE_SIZE",
+            format!("size must be between 1 and {MAX_PAGE_SIZE}"),
+        ));
+    }
+    let page = query.page.unwrap_or(0);
+    Ok(HttpResponse::Ok().json(state.shop.products(page, size).await?))
+}
+
+/// `GET /products/{productId}`
+pub async fn product(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let product_id = id(&path, "INVALID_PRODUCT_ID", "product")?;
+    let product = state
+        .shop
+        .product(product_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("product {product_id}")))?;
+    Ok(HttpResponse::Ok().json(product))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OrderItem {
+    pub product_id: i64,
+    pub quantity: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateOrder {
+    pub user_id: i64,
+    pub items: Vec<OrderItem>,
+    pub coupon_history_id: Option<i64>,
+}
+
+/// `POST /orders`
+pub async fn create_order(
+    state: web::Data<AppState>,
+    body: JsonObject<CreateOrder>,
+) -> Result<HttpResponse, ApiError> {
+    let request = body.0;
+    let user_id = bounded(
+        request.user_id,
+        i64::MAX as u64,
+        "INVALID_USER_ID",
+        "userId",
+    )?;
+    if request.items.is_empty() || request.items.len() > MAX_LINES {
+        return Err(ApiError::bad_request(
+            "INVALID_ITEMS",
+            format!("items must have 1 to {MAX_LINES} lines"),
+        ));
+    }
+    let mut lines = Vec::with_capacity(request.items.len());
+    for item in &request.items {
+        let product_id = bounded(
+            item.product_id,
+            i64::MAX as u64,
+            "INVALID_PRODUCT_ID",
+            "productId",
+        )?;
+        let quantity = bounded(
+            item.quantity,
+            u64::from(MAX_QUANTITY),
+            "INVALID_QUANTITY",
+            "quantity",
+        )? as u32;
+        if lines
+            .iter()
+            .any(|line: &NewOrderLine| line.product_id == product_id)
+        {
+            return Err(ApiError::bad_request(
+                "DUPLICATE_PRODUCT",
+                format!("product {product_id} appears twice; give one line per product"),
+            ));
+        }
+        lines.push(NewOrderLine {
+            product_id,
+            quantity,
+        });
+    }
+    let coupon_history_id = request
+        .coupon_history_id
+        .map(|id| {
+            bounded(
+                id,
+                i64::MAX as u64,
+                "INVALID_COUPON_HISTORY_ID",
+                "couponHistoryId",
+            )
+        })
+        .transpose()?;
+    let order = state
+        .shop
+        .create_order(user_id, &lines, coupon_history_id)
+        .await?;
+    Ok(HttpResponse::Created()
+        .insert_header((header::LOCATION, format!("/orders/{}", order.order_id)))
+        .json(order))
+}
+
+/// `GET /orders/{orderId}`
+pub async fn order(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let order_id = id(&path, "INVALID_ORDER_ID", "order")?;
+    let order = state
+        .shop
+        .order(order_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("order {order_id}")))?;
+    Ok(HttpResponse::Ok().json(order))
+}
+
+/// `POST /orders/{orderId}/pay`: one transaction, then `OrderCompleted` and
+/// `PaymentCompleted` are published (the outbox relay covers a crash in between).
+pub async fn pay(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let order_id = id(&path, "INVALID_ORDER_ID", "order")?;
+    let paid = state.shop.pay(order_id, state.clock.now()).await?;
+    state.outbox.publish_committed(&paid.events).await;
+    Ok(HttpResponse::Ok().json(paid.payment))
+}

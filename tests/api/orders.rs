@@ -1,0 +1,331 @@
+//! Users, products, orders and payments through HTTP, against MariaDB.
+
+use actix_web::http::StatusCode;
+use commerce_events::event_log::EventStatus;
+use futures::future::join_all;
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, spawn_app};
+
+async fn create_user(app: &TestApp, balance: u64) -> u64 {
+    let (status, user) = app.post("/users", r#"{"name": "Kim"}"#).await;
+    assert_eq!(status, StatusCode::CREATED, "{user}");
+    assert_eq!(user["balance"], 0);
+    let user_id = user["userId"].as_u64().unwrap();
+    if balance > 0 {
+        let (status, charged) = app
+            .post(
+                &format!("/users/{user_id}/balance/charge"),
+                &json!({ "amount": balance }).to_string(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{charged}");
+        assert_eq!(charged["balance"], balance);
+    }
+    user_id
+}
+
+async fn create_product(app: &TestApp, price: u64, stock: u32) -> u64 {
+    let (status, product) = app
+        .post(
+            "/products",
+            &json!({"name": "Keyboard", "price": price, "stock": stock}).to_string(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{product}");
+    product["productId"].as_u64().unwrap()
+}
+
+async fn create_order(app: &TestApp, body: Value) -> (StatusCode, Value) {
+    app.post("/orders", &body.to_string()).await
+}
+
+async fn place_order(app: &TestApp, user_id: u64, lines: &[(u64, u32)]) -> u64 {
+    let items: Vec<Value> = lines
+        .iter()
+        .map(|(product_id, quantity)| json!({"productId": product_id, "quantity": quantity}))
+        .collect();
+    let (status, order) = create_order(app, json!({"userId": user_id, "items": items})).await;
+    assert_eq!(status, StatusCode::CREATED, "{order}");
+    order["orderId"].as_u64().unwrap()
+}
+
+async fn balance(app: &TestApp, user_id: u64) -> u64 {
+    app.get(&format!("/users/{user_id}/balance")).await.1["balance"]
+        .as_u64()
+        .unwrap()
+}
+
+async fn stock(app: &TestApp, product_id: u64) -> u64 {
+    app.get(&format!("/products/{product_id}")).await.1["stock"]
+        .as_u64()
+        .unwrap()
+}
+
+#[actix_web::test]
+async fn an_order_is_placed_paid_once_and_its_events_are_recorded() {
+    let app = spawn_app().await;
+    let user_id = create_user(&app, 100_000).await;
+    let keyboard = create_product(&app, 30_000, 10).await;
+    let mouse = create_product(&app, 5_000, 10).await;
+
+    let (status, order) = create_order(
+        &app,
+        json!({"userId": user_id, "items": [
+            {"productId": keyboard, "quantity": 2},
+            {"productId": mouse, "quantity": 1},
+        ]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{order}");
+    assert_eq!(order["status"], "PENDING");
+    assert_eq!(order["totalAmount"], 65_000);
+    assert_eq!(order["discountAmount"], 0);
+    assert_eq!(order["payAmount"], 65_000);
+    let order_id = order["orderId"].as_u64().unwrap();
+
+    let (status, payment) = app.post(&format!("/orders/{order_id}/pay"), "").await;
+    assert_eq!(status, StatusCode::OK, "{payment}");
+    assert_eq!(payment["status"], "COMPLETED");
+    assert_eq!(payment["orderId"], order_id);
+    assert_eq!(payment["amount"], 65_000);
+    assert!(payment["paymentId"].as_u64().is_some());
+    assert_eq!(balance(&app, user_id).await, 35_000);
+    assert_eq!(stock(&app, keyboard).await, 8);
+    assert_eq!(stock(&app, mouse).await, 9);
+    let (_, paid) = app.get(&format!("/orders/{order_id}")).await;
+    assert_eq!(paid["status"], "COMPLETED");
+
+    // Paying again never charges again.
+    let (status, refused) = app.post(&format!("/orders/{order_id}/pay"), "").await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(refused["error"]["code"], "ORDER_NOT_PENDING");
+    assert_eq!(balance(&app, user_id).await, 35_000);
+
+    // The transaction wrote both events to the outbox, published after the commit.
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT event_type, topic, CAST(payload AS CHAR) FROM event_log \
+         WHERE event_type IN ('OrderCompleted', 'PaymentCompleted') ORDER BY event_type",
+    )
+    .fetch_all(app.event_log.pool())
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let order_event: Value = serde_json::from_str(&rows[0].2).unwrap();
+    assert_eq!(rows[0].1, "order-completed");
+    assert_eq!(order_event["orderId"], order_id);
+    assert_eq!(order_event["userId"], user_id);
+    assert_eq!(order_event["totalAmount"], 65_000);
+    assert_eq!(
+        order_event["products"],
+        json!([{"id": keyboard, "qty": 2}, {"id": mouse, "qty": 1}])
+    );
+    let payment_event: Value = serde_json::from_str(&rows[1].2).unwrap();
+    assert_eq!(rows[1].1, "external-events");
+    assert_eq!(payment_event["paymentId"], payment["paymentId"]);
+    assert_eq!(payment_event["amount"], 65_000);
+    let published: Vec<String> = sqlx::query_scalar(
+        "SELECT status FROM event_log WHERE event_type IN ('OrderCompleted', 'PaymentCompleted')",
+    )
+    .fetch_all(app.event_log.pool())
+    .await
+    .unwrap();
+    assert!(
+        published
+            .iter()
+            .all(|status| status != EventStatus::Pending.as_str()),
+        "{published:?}"
+    );
+}
+
+#[actix_web::test]
+async fn payments_are_refused_with_a_clear_code_and_change_nothing() {
+    let app = spawn_app().await;
+    let poor = create_user(&app, 1_000).await;
+    let product = create_product(&app, 5_000, 1).await;
+    let order = place_order(&app, poor, &[(product, 1)]).await;
+    let (status, refused) = app.post(&format!("/orders/{order}/pay"), "").await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(refused["error"]["code"], "INSUFFICIENT_BALANCE");
+    assert_eq!(
+        stock(&app, product).await,
+        1,
+        "the stock taken is given back"
+    );
+    assert_eq!(balance(&app, poor).await, 1_000);
+
+    let rich = create_user(&app, 100_000).await;
+    let too_many = place_order(&app, rich, &[(product, 2)]).await;
+    let (status, refused) = app.post(&format!("/orders/{too_many}/pay"), "").await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(refused["error"]["code"], "INSUFFICIENT_STOCK");
+    assert_eq!(balance(&app, rich).await, 100_000);
+
+    let (status, missing) = app.post("/orders/999999/pay", "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{missing}");
+}
+
+#[actix_web::test]
+async fn bad_orders_are_refused_with_400() {
+    let app = spawn_app().await;
+    let user_id = create_user(&app, 0).await;
+    let product = create_product(&app, 1_000, 5).await;
+    let cases = [
+        (json!({"userId": user_id, "items": []}), "INVALID_ITEMS"),
+        (
+            json!({"userId": user_id, "items": [{"productId": product, "quantity": 0}]}),
+            "INVALID_QUANTITY",
+        ),
+        (
+            json!({"userId": user_id, "items": [{"productId": product, "quantity": -3}]}),
+            "INVALID_QUANTITY",
+        ),
+        (
+            json!({"userId": user_id, "items": [{"productId": 987654, "quantity": 1}]}),
+            "UNKNOWN_PRODUCT",
+        ),
+        (
+            json!({"userId": user_id, "items": [
+                {"productId": product, "quantity": 1}, {"productId": product, "quantity": 1}]}),
+            "DUPLICATE_PRODUCT",
+        ),
+        (
+            json!({"userId": 987654, "items": [{"productId": product, "quantity": 1}]}),
+            "UNKNOWN_USER",
+        ),
+        (json!({"userId": user_id}), "INVALID_JSON"),
+    ];
+    for (body, code) in cases {
+        let (status, error) = create_order(&app, body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body} → {error}");
+        assert_eq!(error["error"]["code"], code, "{body} → {error}");
+    }
+    let (status, error) = app
+        .post(
+            &format!("/users/{user_id}/balance/charge"),
+            r#"{"amount": 0}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error["error"]["code"], "INVALID_AMOUNT");
+    let (status, error) = app
+        .post("/products", r#"{"name": "x", "price": 0, "stock": 1}"#)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error["error"]["code"], "INVALID_PRICE");
+    let (status, page) = app.get("/products?page=0&size=10").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page["total"], 1);
+    assert_eq!(page["items"][0]["productId"], product);
+}
+
+#[actix_web::test]
+async fn a_coupon_discounts_one_payment_and_only_its_owner_can_use_it() {
+    let app = spawn_app().await;
+    let owner = create_user(&app, 100_000).await;
+    let other = create_user(&app, 100_000).await;
+    let product = create_product(&app, 20_000, 10).await;
+    let coupon = app.create_coupon(10).await;
+    let request = app.issue(owner, coupon).await;
+    let history = app.wait_until_notified(&request).await["couponHistoryId"]
+        .as_u64()
+        .expect("issued");
+
+    let (status, refused) = create_order(
+        &app,
+        json!({"userId": other, "items": [{"productId": product, "quantity": 1}], "couponHistoryId": history}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    assert_eq!(refused["error"]["code"], "COUPON_NOT_OWNED");
+
+    let with_coupon = json!({"userId": owner, "items": [{"productId": product, "quantity": 1}], "couponHistoryId": history});
+    let (_, first) = create_order(&app, with_coupon.clone()).await;
+    let (_, second) = create_order(&app, with_coupon).await;
+    assert_eq!(first["discountAmount"], 5_000);
+    assert_eq!(first["payAmount"], 15_000);
+    let (status, _) = app
+        .post(&format!("/orders/{}/pay", first["orderId"]), "")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(balance(&app, owner).await, 85_000);
+    let (status, refused) = app
+        .post(&format!("/orders/{}/pay", second["orderId"]), "")
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(refused["error"]["code"], "COUPON_ALREADY_USED");
+    assert_eq!(balance(&app, owner).await, 85_000);
+    assert_eq!(stock(&app, product).await, 9);
+}
+
+#[actix_web::test]
+async fn two_hundred_payments_for_a_stock_of_fifty_sell_exactly_fifty() {
+    let app = spawn_app().await;
+    let product = create_product(&app, 1_000, 50).await;
+    let mut orders = Vec::new();
+    for _ in 0..200 {
+        let user = create_user(&app, 10_000).await;
+        orders.push((user, place_order(&app, user, &[(product, 1)]).await));
+    }
+    let answers = join_all(
+        orders
+            .iter()
+            .map(|(_, order)| app.post_owned(format!("/orders/{order}/pay"))),
+    )
+    .await;
+    let paid = answers
+        .iter()
+        .filter(|(status, _)| *status == StatusCode::OK)
+        .count();
+    let sold_out = answers
+        .iter()
+        .filter(|(status, body)| {
+            *status == StatusCode::CONFLICT && body["error"]["code"] == "INSUFFICIENT_STOCK"
+        })
+        .count();
+    assert_eq!((paid, sold_out), (50, 150), "{answers:?}");
+    assert_eq!(stock(&app, product).await, 0);
+
+    // Balances and payments agree: each paying user was charged once, nobody else.
+    let mut charged = 0;
+    for ((user, _), (status, _)) in orders.iter().zip(&answers) {
+        let expected = if *status == StatusCode::OK {
+            9_000
+        } else {
+            10_000
+        };
+        let balance = balance(&app, *user).await;
+        assert_eq!(balance, expected, "user {user}");
+        charged += 10_000 - balance;
+    }
+    let (payments, total): (i64, u64) =
+        sqlx::query_as("SELECT COUNT(*), CAST(COALESCE(SUM(amount), 0) AS UNSIGNED) FROM payment")
+            .fetch_one(app.event_log.pool())
+            .await
+            .unwrap();
+    assert_eq!(payments, 50);
+    assert_eq!(total, charged);
+}
+
+#[actix_web::test]
+async fn one_order_paid_twenty_times_at_once_is_charged_once() {
+    let app = spawn_app().await;
+    let user = create_user(&app, 50_000).await;
+    let product = create_product(&app, 10_000, 100).await;
+    let order = place_order(&app, user, &[(product, 2)]).await;
+    let answers = join_all((0..20).map(|_| app.post_owned(format!("/orders/{order}/pay")))).await;
+    let paid = answers
+        .iter()
+        .filter(|(status, _)| *status == StatusCode::OK)
+        .count();
+    assert_eq!(paid, 1, "{answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|(status, body)| *status == StatusCode::OK
+                || body["error"]["code"] == "ORDER_NOT_PENDING"),
+        "{answers:?}"
+    );
+    assert_eq!(balance(&app, user).await, 30_000);
+    assert_eq!(stock(&app, product).await, 98);
+}
