@@ -35,6 +35,7 @@ pub struct Settings {
     pub retry: RetrySettings,
     pub outbox: OutboxSettings,
     pub coupons: CouponSettings,
+    pub ranking: RankingSettings,
     pub external: ExternalSettings,
     pub instance: InstanceSettings,
     pub log: LogSettings,
@@ -357,6 +358,25 @@ impl Default for OutboxSettings {
             republish_after_ms: 5_000,
             poll_interval_ms: 1_000,
             batch_size: 500,
+        }
+    }
+}
+
+/// The best-seller ranking in Redis.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct RankingSettings {
+    /// How long a day's ranking (and the record of counted orders) is kept.
+    pub retention_days: u32,
+    /// The largest `days` the ranking endpoint accepts (at most `retention_days`).
+    pub max_days: u32,
+}
+
+impl Default for RankingSettings {
+    fn default() -> Self {
+        Self {
+            retention_days: 8,
+            max_days: 7,
         }
     }
 }

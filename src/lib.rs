@@ -47,6 +47,7 @@ pub mod kafka;
 pub mod locks;
 pub mod notifications;
 pub mod outbox;
+pub mod ranking;
 pub mod retry;
 pub mod shop;
 pub mod startup;

@@ -21,6 +21,7 @@ use crate::actors::domain::{DomainActor, ProcessBatch};
 use crate::actors::external_forwarder::ExternalForwarder;
 use crate::actors::outbox_relay::{OutboxRelay, StopRelay};
 use crate::actors::product_events::ProductEventProcessor;
+use crate::actors::ranking_updater::RankingUpdater;
 use crate::actors::result_notifier::ResultNotifier;
 use crate::actors::retry_scheduler::{RetryScheduler, RetrySchedulerWiring, StopScheduler};
 use crate::actors::tree::ActorTree;
@@ -38,6 +39,7 @@ use crate::kafka::topics;
 use crate::locks::RedisLocks;
 use crate::notifications::Sessions;
 use crate::outbox::Outbox;
+use crate::ranking::RankingStore;
 use crate::retry::BackoffPolicy;
 use crate::shop::store::ShopStore;
 use crate::stores::{self, RedisStore};
@@ -52,6 +54,8 @@ pub const PRODUCT_EVENT_GROUP: &str = "product-event-group";
 pub const COUPON_REQUEST_GROUP: &str = "coupon-request-group";
 /// Each instance's consumer group of `coupon-results` is this prefix and the instance id.
 pub const RESULT_NOTIFIER_GROUP_PREFIX: &str = "coupon-result-notifier-";
+/// The consumer group of `order-completed` that keeps the ranking (the RankingUpdater).
+pub const RANKING_GROUP: &str = "ranking-updater-group";
 /// The consumer group of `external-events` (the ExternalForwarder).
 pub const EXTERNAL_EVENT_GROUP: &str = "external-event-group";
 /// How long shutdown waits for the retry scheduler's running attempts.
@@ -201,6 +205,19 @@ impl Application {
             |spec| spec.uncommitted_start = UncommittedStart::End,
         )?;
 
+        let ranking = RankingStore::new(redis.clone(), settings.ranking.retention_days);
+        let ranking_updater = DomainActor::new(
+            RankingUpdater::new(ranking.clone()),
+            worker_event_log.clone(),
+        )
+        .start_supervised(&arbiters.next());
+        let ranking_group = groups.start(
+            RANKING_GROUP,
+            topics::ORDER_COMPLETED,
+            ranking_updater.clone().recipient(),
+            |_| {},
+        )?;
+
         let external = match deliverer {
             None => {
                 info!("external.base_url is empty: external-events is not consumed");
@@ -261,11 +278,13 @@ impl Application {
                 Arc::new(coupon_request_group),
                 Arc::new(result_notifier_group),
                 Arc::new(product_event_group),
+                Arc::new(ranking_group),
             ],
             domain_actors: vec![
                 coupon_issuer.recipient(),
                 result_notifier.recipient(),
                 product_events.recipient(),
+                ranking_updater.recipient(),
             ],
             outbox_relay: Some(outbox_relay),
             retry_scheduler: None,
@@ -289,6 +308,11 @@ impl Application {
             max_total_quantity: settings.coupons.max_total_quantity,
             shop: ShopStore::new(http_pool.clone()),
             clock: clock.clone(),
+            ranking,
+            max_ranking_days: settings
+                .ranking
+                .max_days
+                .min(settings.ranking.retention_days),
         });
         let listener = TcpListener::bind((settings.http.host.as_str(), settings.http.port))
             .with_context(|| {

@@ -17,6 +17,7 @@ pub mod external_forwarder;
 pub mod outbox_relay;
 pub mod partition;
 pub mod product_events;
+pub mod ranking_updater;
 pub mod result_notifier;
 pub mod retry_scheduler;
 pub mod tree;

@@ -36,6 +36,7 @@ use crate::event_log::EventLog;
 use crate::kafka::producer::EventPublisher;
 use crate::notifications::Sessions;
 use crate::outbox::Outbox;
+use crate::ranking::RankingStore;
 use crate::shop::store::ShopStore;
 use crate::stores::RedisStore;
 
@@ -53,6 +54,8 @@ pub struct AppState {
     pub shop: ShopStore,
     /// What "now" is for payments and the ranking's days.
     pub clock: SharedClock,
+    pub ranking: RankingStore,
+    pub max_ranking_days: u32,
 }
 
 /// Registers every route and the common error handling.
@@ -97,6 +100,7 @@ pub fn configure(config: &mut web::ServiceConfig) {
                 .post(shop::create_product)
                 .get(shop::products),
         )
+        .service(web::resource("/products/ranking").get(shop::ranking))
         .service(web::resource("/products/{product_id}").get(shop::product))
         .service(web::resource("/orders").post(shop::create_order))
         .service(web::resource("/orders/{order_id}").get(shop::order))

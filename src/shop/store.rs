@@ -217,6 +217,24 @@ impl ShopStore {
         row.as_ref().map(product_from_row).transpose()
     }
 
+    /// The names of the products among `ids` that exist.
+    pub async fn product_names(&self, ids: &[u64]) -> Result<BTreeMap<u64, String>, ShopError> {
+        if ids.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let mut select =
+            QueryBuilder::new("SELECT product_id, name FROM product WHERE product_id IN (");
+        let mut separated = select.separated(", ");
+        for id in ids {
+            separated.push_bind(*id);
+        }
+        select.push(")");
+        let rows = select.build().fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("product_id")?, row.try_get("name")?)))
+            .collect()
+    }
+
     /// Products by id, `page` counted from 0.
     pub async fn products(&self, page: u32, size: u32) -> Result<ProductPage, ShopError> {
         let rows = sqlx::query(

@@ -6,7 +6,7 @@ use chrono::{Duration as Span, Utc};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, domain_actor, spawn_app};
+use crate::helpers::{TestApp, domain_actor, replay_from_offset_zero, spawn_app};
 use crate::support::eventually;
 
 #[actix_web::test]
@@ -272,61 +272,6 @@ async fn written_state(app: &TestApp) -> Vec<String> {
         format!("{coupons:?}"),
         format!("{events:?}"),
     ]
-}
-
-/// Produces every record of `topic` again, from offset 0; returns how many.
-async fn replay_from_offset_zero(app: &TestApp, topic: &'static str) -> usize {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-    let bootstrap = app.bootstrap_servers();
-    let records = tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("group.id", "replayer")
-            .set("enable.auto.commit", "false")
-            .create()
-            .unwrap();
-        let mut assignment = TopicPartitionList::new();
-        let mut expected = 0;
-        for partition in 0..3 {
-            assignment
-                .add_partition_offset(topic, partition, Offset::Beginning)
-                .unwrap();
-            let (low, high) = consumer
-                .fetch_watermarks(topic, partition, Duration::from_secs(5))
-                .unwrap();
-            expected += (high - low) as usize;
-        }
-        consumer.assign(&assignment).unwrap();
-        let mut records = Vec::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while records.len() < expected && std::time::Instant::now() < deadline {
-            if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
-                records.push((
-                    message.partition(),
-                    message.key().map(<[u8]>::to_vec),
-                    message.payload().map(<[u8]>::to_vec),
-                ));
-            }
-        }
-        assert_eq!(records.len(), expected, "the whole topic was read");
-        records
-    })
-    .await
-    .unwrap();
-    for (partition, key, value) in &records {
-        app.publisher
-            .publish_raw(commerce_events::kafka::producer::RawRecord {
-                topic,
-                partition: Some(*partition),
-                key: key.as_deref(),
-                value: value.as_deref(),
-                headers: Vec::new(),
-            })
-            .await
-            .unwrap();
-    }
-    records.len()
 }
 
 async fn records_in(app: &TestApp, topic: &'static str) -> i64 {

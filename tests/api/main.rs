@@ -15,4 +15,5 @@ mod helpers;
 mod orders;
 mod outbox;
 mod push;
+mod ranking;
 mod shutdown;

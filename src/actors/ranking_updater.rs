@@ -1,0 +1,115 @@
+//! The RankingUpdater: the domain actor of `order-completed` in `ranking-updater-group`.
+//!
+//! A partition's batch of completed orders is counted into the per-day best-seller sets
+//! with one Redis round trip ([`RankingStore::apply`]); an order counted before (a
+//! redelivery) is a duplicate. Redis failures are retryable (the partition retries in
+//! place). The event-log row is left alone: `order-completed` has several consumers, and the
+//! row's status belongs to the analytics delivery.
+
+use std::sync::{Arc, Mutex};
+
+use futures::FutureExt;
+use futures::future::LocalBoxFuture;
+use serde::Serialize;
+
+use crate::actors::domain::{BatchOrigin, DomainHandler, EventOutcome, HandlerError};
+use crate::events::{EventEnvelope, EventPayload};
+use crate::ranking::{RankedOrder, RankingStore};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RankingStats {
+    /// Orders counted into the ranking.
+    pub orders_counted: u64,
+    /// Product quantities added.
+    pub quantity_added: u64,
+    /// Redis round trips.
+    pub round_trips: u64,
+}
+
+pub struct RankingUpdater {
+    ranking: RankingStore,
+    stats: Arc<Mutex<RankingStats>>,
+}
+
+impl RankingUpdater {
+    pub fn new(ranking: RankingStore) -> Self {
+        Self {
+            ranking,
+            stats: Arc::default(),
+        }
+    }
+}
+
+impl DomainHandler for RankingUpdater {
+    fn name(&self) -> &'static str {
+        "RankingUpdater"
+    }
+
+    fn handle(
+        &mut self,
+        _origin: &BatchOrigin,
+        events: Arc<[EventEnvelope]>,
+    ) -> LocalBoxFuture<'static, Vec<EventOutcome>> {
+        let ranking = self.ranking.clone();
+        let stats = self.stats.clone();
+        async move {
+            let mut outcomes: Vec<Option<EventOutcome>> = vec![None; events.len()];
+            let mut orders = Vec::new();
+            let mut positions = Vec::new();
+            for (position, event) in events.iter().enumerate() {
+                match &event.payload {
+                    EventPayload::OrderCompleted(order) => {
+                        orders.push(RankedOrder {
+                            event_id: event.event_id,
+                            day: event.occurred_at.date_naive(),
+                            products: &order.products,
+                        });
+                        positions.push(position);
+                    }
+                    _ => {
+                        outcomes[position] = Some(EventOutcome::Failed(HandlerError::permanent(
+                            format!("{} is not an order event", event.event_type()),
+                        )))
+                    }
+                }
+            }
+            match ranking.apply(&orders).await {
+                Ok(counted) => {
+                    let mut stats = stats.lock().expect("stats lock");
+                    stats.round_trips += u64::from(!orders.is_empty());
+                    for ((position, order), counted) in positions.iter().zip(&orders).zip(counted) {
+                        outcomes[*position] = Some(if counted {
+                            stats.orders_counted += 1;
+                            stats.quantity_added += order
+                                .products
+                                .iter()
+                                .map(|line| u64::from(line.qty))
+                                .sum::<u64>();
+                            EventOutcome::Done
+                        } else {
+                            EventOutcome::Duplicate
+                        });
+                    }
+                }
+                Err(error) => {
+                    for position in positions {
+                        outcomes[position] = Some(EventOutcome::Failed(HandlerError::retryable(
+                            format!("ranking not updated: {error}"),
+                        )));
+                    }
+                }
+            }
+            outcomes
+                .into_iter()
+                .map(|outcome| outcome.expect("every event has an outcome"))
+                .collect()
+        }
+        .boxed_local()
+    }
+
+    fn details(&self) -> Option<serde_json::Value> {
+        let stats = self.stats.lock().expect("stats lock").clone();
+        Some(serde_json::to_value(stats).expect("stats serialize"))
+    }
+}

@@ -1,0 +1,176 @@
+//! The best-seller ranking: RankingUpdater counting completed orders into Redis, once each.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use chrono::{DateTime, Utc};
+use commerce_events::clock::{Clock, ManualClock};
+use commerce_events::event_log::OutboxEvent;
+use commerce_events::events::{EventEnvelope, EventPayload, OrderCompleted, OrderedProduct};
+use commerce_events::kafka::topics;
+use commerce_events::outbox::Outbox;
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, domain_actor, replay_from_offset_zero, spawn_app_with_clock};
+use crate::support::eventually;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Publishes an OrderCompleted event that happened at `at`, through the outbox.
+async fn publish_order(app: &TestApp, order_id: u64, lines: &[(u64, u32)], at: DateTime<Utc>) {
+    let mut envelope = EventEnvelope::new(
+        format!("order:{order_id}"),
+        EventPayload::OrderCompleted(OrderCompleted {
+            order_id,
+            user_id: 1,
+            products: lines
+                .iter()
+                .map(|(id, qty)| OrderedProduct { id: *id, qty: *qty })
+                .collect(),
+            total_amount: 1_000,
+        }),
+    );
+    envelope.occurred_at = at;
+    let event = OutboxEvent {
+        topic: topics::ORDER_COMPLETED.into(),
+        envelope,
+    };
+    let mut transaction = app.event_log.pool().begin().await.unwrap();
+    Outbox::record(&mut transaction, std::slice::from_ref(&event))
+        .await
+        .unwrap();
+    transaction.commit().await.unwrap();
+    Outbox::new(app.event_log.clone(), app.publisher.clone())
+        .publish_committed(std::slice::from_ref(&event))
+        .await;
+}
+
+async fn updater(app: &TestApp) -> Value {
+    domain_actor(&app.get("/admin/actors").await.1, "RankingUpdater").clone()
+}
+
+async fn wait_for_updater(app: &TestApp, field: &str, value: u64) {
+    eventually(
+        &format!("RankingUpdater {field} = {value}"),
+        WAIT,
+        || async { updater(app).await[field] == value },
+    )
+    .await;
+}
+
+/// `(productId, quantity)` in rank order.
+async fn ranking(app: &TestApp, query: &str) -> Vec<(u64, u64)> {
+    let (status, ranking) = app.get(&format!("/products/ranking{query}")).await;
+    assert_eq!(status, StatusCode::OK, "{ranking}");
+    ranking
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(index, entry)| {
+            assert_eq!(entry["rank"], index + 1);
+            (
+                entry["productId"].as_u64().unwrap(),
+                entry["quantity"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn days_ago(clock: &ManualClock, days: i64) -> DateTime<Utc> {
+    clock.now() - chrono::Duration::days(days)
+}
+
+#[actix_web::test]
+async fn paid_orders_are_ranked_and_a_replay_from_offset_zero_counts_nothing_twice() {
+    let clock = ManualClock::starting_at(Utc::now());
+    let app = spawn_app_with_clock(Arc::new(clock.clone()), |_| {}).await;
+    let mut products = Vec::new();
+    for name in ["Keyboard", "Mouse", "Monitor"] {
+        let (_, product) = app
+            .post(
+                "/products",
+                &json!({"name": name, "price": 100, "stock": 100}).to_string(),
+            )
+            .await;
+        products.push(product["productId"].as_u64().unwrap());
+    }
+    let (keyboard, mouse, monitor) = (products[0], products[1], products[2]);
+    let (_, user) = app.post("/users", r#"{"name": "Lee"}"#).await;
+    let user_id = user["userId"].as_u64().unwrap();
+    app.post(
+        &format!("/users/{user_id}/balance/charge"),
+        r#"{"amount": 1000000}"#,
+    )
+    .await;
+    let orders = [
+        vec![(keyboard, 3), (mouse, 1)],
+        vec![(keyboard, 2), (monitor, 5)],
+        vec![(mouse, 4)],
+        vec![(monitor, 1)],
+    ];
+    for lines in &orders {
+        let items: Vec<Value> = lines
+            .iter()
+            .map(|(id, qty)| json!({"productId": id, "quantity": qty}))
+            .collect();
+        let (_, order) = app
+            .post(
+                "/orders",
+                &json!({"userId": user_id, "items": items}).to_string(),
+            )
+            .await;
+        let (status, paid) = app
+            .post(&format!("/orders/{}/pay", order["orderId"]), "")
+            .await;
+        assert_eq!(status, StatusCode::OK, "{paid}");
+    }
+    wait_for_updater(&app, "processed", 4).await;
+    let expected = vec![(monitor, 6), (keyboard, 5), (mouse, 5)];
+    assert_eq!(ranking(&app, "").await, expected);
+    let (_, named) = app.get("/products/ranking?days=1&limit=1").await;
+    assert_eq!(
+        named,
+        json!([{"rank": 1, "productId": monitor, "name": "Monitor", "quantity": 6}])
+    );
+
+    let replayed = replay_from_offset_zero(&app, topics::ORDER_COMPLETED).await;
+    assert_eq!(replayed, 4);
+    wait_for_updater(&app, "duplicates", 4).await;
+    assert_eq!(ranking(&app, "").await, expected, "nothing counted twice");
+    assert_eq!(updater(&app).await["details"]["ordersCounted"], 4);
+}
+
+#[actix_web::test]
+async fn the_window_covers_the_last_days_and_drops_older_ones_as_time_passes() {
+    let clock = ManualClock::starting_at(Utc::now());
+    let app = spawn_app_with_clock(Arc::new(clock.clone()), |_| {}).await;
+    publish_order(&app, 1, &[(501, 10)], days_ago(&clock, 3)).await;
+    publish_order(&app, 2, &[(502, 4), (503, 1)], days_ago(&clock, 2)).await;
+    publish_order(&app, 3, &[(503, 2)], days_ago(&clock, 1)).await;
+    publish_order(&app, 4, &[(504, 1), (502, 1)], clock.now()).await;
+    wait_for_updater(&app, "processed", 4).await;
+
+    // Today and the two days before: the order of three days ago is out.
+    assert_eq!(
+        ranking(&app, "?days=3&limit=5").await,
+        vec![(502, 5), (503, 3), (504, 1)]
+    );
+    assert_eq!(ranking(&app, "?days=1").await, vec![(502, 1), (504, 1)]);
+    assert_eq!(ranking(&app, "?days=4&limit=1").await, vec![(501, 10)]);
+
+    // A day later, the orders of two days ago leave the window.
+    clock.advance(Duration::from_secs(86_400));
+    assert_eq!(
+        ranking(&app, "?days=3").await,
+        vec![(503, 2), (502, 1), (504, 1)]
+    );
+
+    let (status, error) = app.get("/products/ranking?days=0").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error["error"]["code"], "INVALID_DAYS");
+    let (status, error) = app.get("/products/ranking?limit=1000").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error["error"]["code"], "INVALID_LIMIT");
+}
