@@ -36,6 +36,7 @@ pub struct Settings {
     pub outbox: OutboxSettings,
     pub coupons: CouponSettings,
     pub ranking: RankingSettings,
+    pub analytics: AnalyticsSettings,
     pub external: ExternalSettings,
     pub instance: InstanceSettings,
     pub log: LogSettings,
@@ -358,6 +359,25 @@ impl Default for OutboxSettings {
             republish_after_ms: 5_000,
             poll_interval_ms: 1_000,
             batch_size: 500,
+        }
+    }
+}
+
+/// Where completed orders go for analytics.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct AnalyticsSettings {
+    /// The analytics platform's HTTP endpoint; when empty, orders go to `file`.
+    pub url: String,
+    /// An append-only JSON-lines file of completed orders.
+    pub file: String,
+}
+
+impl Default for AnalyticsSettings {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            file: "analytics/completed-orders.jsonl".to_string(),
         }
     }
 }

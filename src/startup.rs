@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +32,7 @@ use crate::config::Settings;
 use crate::coupons::intake::CouponIntake;
 use crate::coupons::store::CouponStore;
 use crate::event_log::EventLog;
+use crate::events::EventType;
 use crate::kafka::cluster::KafkaCluster;
 use crate::kafka::consumer::UncommittedStart;
 use crate::kafka::dead_letter::DeadLetters;
@@ -43,7 +45,7 @@ use crate::ranking::RankingStore;
 use crate::retry::BackoffPolicy;
 use crate::shop::store::ShopStore;
 use crate::stores::{self, RedisStore};
-use crate::webhooks::WebhookDeliverer;
+use crate::webhooks::{Target, WebhookDeliverer};
 
 /// How long the producer may take to deliver what is queued at shutdown.
 const PRODUCER_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -56,6 +58,8 @@ pub const COUPON_REQUEST_GROUP: &str = "coupon-request-group";
 pub const RESULT_NOTIFIER_GROUP_PREFIX: &str = "coupon-result-notifier-";
 /// The consumer group of `order-completed` that keeps the ranking (the RankingUpdater).
 pub const RANKING_GROUP: &str = "ranking-updater-group";
+/// The consumer group of `order-completed` that sends orders to analytics.
+pub const ORDER_ANALYTICS_GROUP: &str = "order-analytics-group";
 /// The consumer group of `external-events` (the ExternalForwarder).
 pub const EXTERNAL_EVENT_GROUP: &str = "external-event-group";
 /// How long shutdown waits for the retry scheduler's running attempts.
@@ -123,11 +127,18 @@ impl Application {
     /// [`Application::build`] with the clock the retry schedule reads (tests move it).
     pub async fn build_with_clock(settings: Settings, clock: SharedClock) -> anyhow::Result<Self> {
         // Bad external settings fail the start, before anything is running.
-        let deliverer = if settings.external.base_url.is_empty() {
-            None
-        } else {
-            Some(WebhookDeliverer::from_settings(&settings.external)?)
-        };
+        let external_targets = WebhookDeliverer::external_targets(&settings.external)?;
+        let delivers_externally = !external_targets.is_empty();
+        let mut targets = external_targets;
+        targets.insert(
+            EventType::OrderCompleted,
+            if settings.analytics.url.is_empty() {
+                Target::File(PathBuf::from(&settings.analytics.file))
+            } else {
+                Target::Http(settings.analytics.url.clone())
+            },
+        );
+        let deliverer = WebhookDeliverer::from_settings(targets, &settings.external)?;
         stores::create_database_if_missing(&settings.database).await?;
         let worker_pool =
             stores::connect_mysql(&settings.database, settings.database.max_connections).await?;
@@ -218,53 +229,69 @@ impl Application {
             |_| {},
         )?;
 
-        let external = match deliverer {
-            None => {
-                info!("external.base_url is empty: external-events is not consumed");
-                None
-            }
-            Some(deliverer) => {
-                let external = &settings.external;
-                let lease = Duration::from_millis(external.lease_ms);
-                let wiring = RetrySchedulerWiring {
-                    event_log: worker_event_log.clone(),
-                    event_types: deliverer.event_types(),
-                    deliverer: deliverer.clone(),
-                    dead_letters: DeadLetters::new(
-                        publisher.clone(),
-                        worker_event_log.clone(),
-                        EXTERNAL_EVENT_GROUP,
-                    ),
-                    policy: BackoffPolicy::from_settings(&external.backoff),
-                    clock: clock.clone(),
-                    lease,
-                    poll_interval: Duration::from_millis(external.poll_interval_ms.max(1)),
-                    claim_batch: external.claim_batch.max(1),
-                    alert_url: Some(external.alert_url.clone()).filter(|url| !url.is_empty()),
-                };
-                let scheduler = RetryScheduler::start_in_arbiter(&arbiters.next(), |_| {
-                    RetryScheduler::new(wiring)
-                });
-                let forwarder = DomainActor::new(
-                    ExternalForwarder::new(
-                        deliverer,
-                        worker_event_log.clone(),
-                        scheduler.clone(),
-                        clock.clone(),
-                        lease,
-                    ),
-                    worker_event_log.clone(),
-                )
-                .start_supervised(&arbiters.next());
-                let group = groups.start(
-                    EXTERNAL_EVENT_GROUP,
-                    topics::EXTERNAL_EVENTS,
-                    forwarder.clone().recipient(),
-                    |_| {},
-                )?;
-                Some((scheduler, forwarder, group))
-            }
+        // Deliveries (external webhooks, analytics) share one retry scheduler.
+        let external = &settings.external;
+        let lease = Duration::from_millis(external.lease_ms);
+        let dead_letters_of =
+            |group: &str| DeadLetters::new(publisher.clone(), worker_event_log.clone(), group);
+        let wiring = RetrySchedulerWiring {
+            event_log: worker_event_log.clone(),
+            event_types: deliverer.event_types(),
+            deliverer: deliverer.clone(),
+            dead_letters: BTreeMap::from([
+                (
+                    topics::EXTERNAL_EVENTS.to_string(),
+                    dead_letters_of(EXTERNAL_EVENT_GROUP),
+                ),
+                (
+                    topics::ORDER_COMPLETED.to_string(),
+                    dead_letters_of(ORDER_ANALYTICS_GROUP),
+                ),
+            ]),
+            policy: BackoffPolicy::from_settings(&external.backoff),
+            clock: clock.clone(),
+            lease,
+            poll_interval: Duration::from_millis(external.poll_interval_ms.max(1)),
+            claim_batch: external.claim_batch.max(1),
+            alert_url: Some(external.alert_url.clone()).filter(|url| !url.is_empty()),
         };
+        let scheduler =
+            RetryScheduler::start_in_arbiter(&arbiters.next(), |_| RetryScheduler::new(wiring));
+        let forwarder = |name: &'static str| {
+            DomainActor::new(
+                ExternalForwarder::new(
+                    name,
+                    deliverer.clone(),
+                    worker_event_log.clone(),
+                    scheduler.clone(),
+                    clock.clone(),
+                    lease,
+                ),
+                worker_event_log.clone(),
+            )
+            .start_supervised(&arbiters.next())
+        };
+        let mut deliveries = Vec::new();
+        let analytics = forwarder("OrderAnalytics");
+        let analytics_group = groups.start(
+            ORDER_ANALYTICS_GROUP,
+            topics::ORDER_COMPLETED,
+            analytics.clone().recipient(),
+            |_| {},
+        )?;
+        deliveries.push((analytics.recipient(), analytics_group));
+        if delivers_externally {
+            let external_forwarder = forwarder("ExternalForwarder");
+            let group = groups.start(
+                EXTERNAL_EVENT_GROUP,
+                topics::EXTERNAL_EVENTS,
+                external_forwarder.clone().recipient(),
+                |_| {},
+            )?;
+            deliveries.push((external_forwarder.recipient(), group));
+        } else {
+            info!("external.base_url is empty: external-events is not consumed");
+        }
 
         let outbox_relay = OutboxRelay::new(worker_outbox.clone(), &settings.outbox).start();
         let intake = CouponIntake::start(
@@ -287,12 +314,11 @@ impl Application {
                 ranking_updater.recipient(),
             ],
             outbox_relay: Some(outbox_relay),
-            retry_scheduler: None,
+            retry_scheduler: Some(scheduler),
         };
-        if let Some((scheduler, forwarder, group)) = external {
+        for (forwarder, group) in deliveries {
             actors.consumer_groups.push(Arc::new(group));
-            actors.domain_actors.push(forwarder.recipient());
-            actors.retry_scheduler = Some(scheduler);
+            actors.domain_actors.push(forwarder);
         }
 
         let http_event_log = EventLog::new(http_pool.clone());

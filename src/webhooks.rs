@@ -1,4 +1,5 @@
-//! Delivering events to an external system as webhooks, with the Standard Webhooks headers.
+//! Delivering events to an external system as webhooks, with the Standard Webhooks headers
+//! (or, for a file target, as JSON lines).
 //!
 //! Each delivery is a `POST {base_url}{route}` with the body
 //! `{"type", "eventId", "timestamp", "data"}` and the headers
@@ -14,6 +15,7 @@
 //! dead-lettered at once.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use base64::Engine;
@@ -128,11 +130,19 @@ pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
     Some((at - now).to_std().unwrap_or_default())
 }
 
-/// Delivers events over HTTP.
+/// Where events of one type go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// POSTed to this URL, as a webhook.
+    Http(String),
+    /// Appended to this file, one webhook body per line (JSON lines).
+    File(PathBuf),
+}
+
+/// Delivers events to their type's [`Target`].
 #[derive(Clone)]
 pub struct WebhookDeliverer {
-    base_url: String,
-    routes: BTreeMap<EventType, String>,
+    targets: BTreeMap<EventType, Target>,
     key: Option<SigningKey>,
     timeout: Duration,
 }
@@ -144,10 +154,17 @@ thread_local! {
 }
 
 impl WebhookDeliverer {
-    /// The deliverer `external.*` describes. Route keys are event type names, matched
-    /// without regard to case (environment variables arrive lower-cased).
-    pub fn from_settings(settings: &ExternalSettings) -> anyhow::Result<Self> {
-        let mut routes = BTreeMap::new();
+    /// The targets `external.*` describes (none when `external.base_url` is empty). Route
+    /// keys are event type names, matched without regard to case (environment variables
+    /// arrive lower-cased).
+    pub fn external_targets(
+        settings: &ExternalSettings,
+    ) -> anyhow::Result<BTreeMap<EventType, Target>> {
+        let mut targets = BTreeMap::new();
+        if settings.base_url.is_empty() {
+            return Ok(targets);
+        }
+        let base_url = settings.base_url.trim_end_matches('/');
         for (name, path) in &settings.routes {
             let event_type = EventType::ALL
                 .into_iter()
@@ -156,11 +173,18 @@ impl WebhookDeliverer {
             if !path.starts_with('/') {
                 anyhow::bail!("external.routes.{name}: {path:?} must start with '/'");
             }
-            routes.insert(event_type, path.clone());
+            targets.insert(event_type, Target::Http(format!("{base_url}{path}")));
         }
+        Ok(targets)
+    }
+
+    /// A deliverer of `targets`, signing with `external.signing_secret`.
+    pub fn from_settings(
+        targets: BTreeMap<EventType, Target>,
+        settings: &ExternalSettings,
+    ) -> anyhow::Result<Self> {
         Self::new(
-            &settings.base_url,
-            routes,
+            targets,
             Some(&settings.signing_secret),
             Duration::from_millis(settings.timeout_ms),
         )
@@ -169,14 +193,13 @@ impl WebhookDeliverer {
         })
     }
 
-    /// The event types that have a route.
+    /// The event types that have a target.
     pub fn event_types(&self) -> Vec<EventType> {
-        self.routes.keys().copied().collect()
+        self.targets.keys().copied().collect()
     }
 
     pub fn new(
-        base_url: &str,
-        routes: BTreeMap<EventType, String>,
+        targets: BTreeMap<EventType, Target>,
         secret: Option<&SecretString>,
         timeout: Duration,
     ) -> Result<Self, base64::DecodeError> {
@@ -186,8 +209,7 @@ impl WebhookDeliverer {
             .map(SigningKey::parse)
             .transpose()?;
         Ok(Self {
-            base_url: base_url.trim_end_matches('/').to_string(),
-            routes,
+            targets,
             key,
             timeout,
         })
@@ -195,12 +217,12 @@ impl WebhookDeliverer {
 
     /// Whether events of this type have somewhere to go.
     pub fn routes(&self, event_type: EventType) -> bool {
-        self.routes.contains_key(&event_type)
+        self.targets.contains_key(&event_type)
     }
 
     /// One attempt at delivering `event`, made at `now`.
     pub async fn deliver(&self, event: &EventEnvelope, now: DateTime<Utc>) -> DeliveryOutcome {
-        let Some(route) = self.routes.get(&event.event_type()) else {
+        let Some(target) = self.targets.get(&event.event_type()) else {
             return DeliveryOutcome::Rejected {
                 error: format!("no webhook route for {}", event.event_type()),
             };
@@ -213,9 +235,13 @@ impl WebhookDeliverer {
             data: event.payload_json(),
         })
         .expect("a webhook body serializes");
+        let url = match target {
+            Target::Http(url) => url,
+            Target::File(path) => return append_line(path.clone(), body).await,
+        };
         let timestamp = now.timestamp();
         let mut request = CLIENT
-            .with(|client| client.post(format!("{}{route}", self.base_url)))
+            .with(|client| client.post(url.as_str()))
             .timeout(self.timeout)
             .insert_header(("content-type", "application/json"))
             .insert_header((ID_HEADER, id.as_str()))
@@ -258,6 +284,40 @@ impl WebhookDeliverer {
         } else {
             Err(format!("HTTP {}", response.status().as_u16()))
         }
+    }
+}
+
+/// Appends `body` and a newline to the file at `path` (created if missing) on a blocking
+/// thread; an I/O failure is retried later.
+async fn append_line(path: PathBuf, mut body: Vec<u8>) -> DeliveryOutcome {
+    body.push(b'\n');
+    let written = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        if let Some(directory) = path
+            .parent()
+            .filter(|parent| !parent.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(directory)?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        // One write of the whole line, so concurrent appends do not interleave.
+        file.write_all(&body)?;
+        file.sync_data()
+    })
+    .await;
+    match written {
+        Ok(Ok(())) => DeliveryOutcome::Delivered,
+        Ok(Err(error)) => DeliveryOutcome::Retry {
+            error: format!("cannot append to the file: {error}"),
+            after: None,
+        },
+        Err(error) => DeliveryOutcome::Retry {
+            error: format!("file append did not finish: {error}"),
+            after: None,
+        },
     }
 }
 

@@ -35,6 +35,7 @@ pub struct ForwarderStats {
 }
 
 pub struct ExternalForwarder {
+    name: &'static str,
     deliverer: WebhookDeliverer,
     event_log: EventLog,
     scheduler: Addr<RetryScheduler>,
@@ -44,7 +45,9 @@ pub struct ExternalForwarder {
 }
 
 impl ExternalForwarder {
+    /// A forwarder called `name` in the actor tree.
     pub fn new(
+        name: &'static str,
         deliverer: WebhookDeliverer,
         event_log: EventLog,
         scheduler: Addr<RetryScheduler>,
@@ -52,6 +55,7 @@ impl ExternalForwarder {
         lease: Duration,
     ) -> Self {
         Self {
+            name,
             deliverer,
             event_log,
             scheduler,
@@ -143,7 +147,7 @@ impl FirstAttempt {
 
 impl DomainHandler for ExternalForwarder {
     fn name(&self) -> &'static str {
-        "ExternalForwarder"
+        self.name
     }
 
     fn handle(

@@ -12,6 +12,7 @@
 //! an error-level log line with `alert = true`, a counter, and a POST to `alert_url` when
 //! configured. [`Replay`] puts a dead letter back on the schedule.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -100,7 +101,8 @@ pub struct RetrySchedulerState {
 pub struct RetrySchedulerWiring {
     pub event_log: EventLog,
     pub deliverer: WebhookDeliverer,
-    pub dead_letters: DeadLetters,
+    /// Dead letters of each topic's events (named after its consumer group).
+    pub dead_letters: BTreeMap<String, DeadLetters>,
     pub policy: BackoffPolicy,
     pub clock: SharedClock,
     pub lease: Duration,
@@ -257,7 +259,7 @@ enum Settled {
 /// What deciding after a failure needs, detached from the actor.
 struct Steps {
     event_log: EventLog,
-    dead_letters: DeadLetters,
+    dead_letters: BTreeMap<String, DeadLetters>,
     policy: BackoffPolicy,
     clock: SharedClock,
     alert_url: Option<String>,
@@ -325,7 +327,13 @@ impl Steps {
             error_kind: kind,
             error: &message,
         };
-        if let Err(publish_error) = self.dead_letters.publish(letter).await {
+        let Some(dead_letters) = self.dead_letters.get(&record.topic) else {
+            return Err(EventLogError::CorruptRow(format!(
+                "no dead-letter topic for events of {}",
+                record.topic
+            )));
+        };
+        if let Err(publish_error) = dead_letters.publish(letter).await {
             // The event stays where it is; its lease expires and the attempt runs again.
             return Err(EventLogError::CorruptRow(format!(
                 "dead letter not published: {publish_error}"

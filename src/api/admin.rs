@@ -267,7 +267,7 @@ pub async fn replay(
         .actors
         .retry_scheduler
         .as_ref()
-        .filter(|_| record.topic == topics::EXTERNAL_EVENTS)
+        .filter(|_| DELIVERED_TOPICS.contains(&record.topic.as_str()))
     {
         let replayed = scheduler
             .send(Replay { event_id })
@@ -306,6 +306,9 @@ pub async fn replay(
         )),
     }
 }
+
+/// Topics whose events the retry scheduler delivers (webhooks, analytics).
+const DELIVERED_TOPICS: [&str; 2] = [topics::EXTERNAL_EVENTS, topics::ORDER_COMPLETED];
 
 fn refuse_unless_dead_lettered(event_id: EventId, status: EventStatus) -> Result<(), ApiError> {
     match status {

@@ -734,3 +734,111 @@ async fn the_retry_scheduler_through_schedule_fire_fail_dead_letter_and_replay()
     let state = wait_for_scheduler(&app, "delivered", 1).await;
     insta::assert_json_snapshot!("scheduler_4_replayed_and_delivered", view(record, state));
 }
+
+/// Pays an order of `quantity` units of a new product for a new user; returns the order id.
+async fn pay_an_order(app: &TestApp, quantity: u32) -> u64 {
+    let (_, product) = app
+        .post(
+            "/products",
+            r#"{"name": "Lamp", "price": 1000, "stock": 100}"#,
+        )
+        .await;
+    let (_, user) = app.post("/users", r#"{"name": "Park"}"#).await;
+    let user_id = user["userId"].as_u64().unwrap();
+    app.post(
+        &format!("/users/{user_id}/balance/charge"),
+        r#"{"amount": 100000}"#,
+    )
+    .await;
+    let (_, order) = app
+        .post(
+            "/orders",
+            &json!({"userId": user_id, "items": [{"productId": product["productId"], "quantity": quantity}]})
+                .to_string(),
+        )
+        .await;
+    let order_id = order["orderId"].as_u64().unwrap();
+    let (status, paid) = app.post(&format!("/orders/{order_id}/pay"), "").await;
+    assert_eq!(status, StatusCode::OK, "{paid}");
+    order_id
+}
+
+#[actix_web::test]
+async fn analytics_receives_each_completed_order_once_even_after_a_replay() {
+    let target = WebhookTarget::start();
+    let analytics_url = format!("{}/analytics/orders", target.address);
+    let app = crate::helpers::spawn_app_with(move |settings| {
+        settings.analytics.url = analytics_url;
+        settings.external.poll_interval_ms = 20;
+    })
+    .await;
+    let mut orders = Vec::new();
+    for quantity in 1..=3 {
+        orders.push(pay_an_order(&app, quantity).await);
+    }
+    let analytics = || {
+        target
+            .script
+            .lock()
+            .unwrap()
+            .received
+            .iter()
+            .filter(|received| received.path == "/analytics/orders")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    eventually("three orders at the analytics platform", WAIT, || async {
+        analytics().len() >= 3
+    })
+    .await;
+    let analytics_actor = || async {
+        crate::helpers::domain_actor(&app.get("/admin/actors").await.1, "OrderAnalytics").clone()
+    };
+    eventually("the deliveries recorded", WAIT, || async {
+        analytics_actor().await["processed"] == 3
+    })
+    .await;
+
+    let replayed = crate::helpers::replay_from_offset_zero(&app, topics::ORDER_COMPLETED).await;
+    assert_eq!(replayed, 3);
+    eventually("the replay seen as duplicates", WAIT, || async {
+        analytics_actor().await["duplicates"] == 3
+    })
+    .await;
+    let received = analytics();
+    assert_eq!(received.len(), 3, "once per event id");
+    let mut ids: Vec<_> = received
+        .iter()
+        .map(|delivery| delivery.webhook_id.clone().unwrap())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3);
+    let mut delivered_orders: Vec<u64> = received
+        .iter()
+        .map(|delivery| {
+            let body: Value = serde_json::from_slice(&delivery.body).unwrap();
+            assert_eq!(body["type"], "OrderCompleted");
+            body["data"]["orderId"].as_u64().unwrap()
+        })
+        .collect();
+    delivered_orders.sort();
+    assert_eq!(delivered_orders, orders);
+}
+
+#[actix_web::test]
+async fn without_an_analytics_url_completed_orders_are_appended_to_a_json_lines_file() {
+    let app = crate::helpers::spawn_app().await;
+    let order_id = pay_an_order(&app, 2).await;
+    let file = app.settings.analytics.file.clone();
+    eventually("the order in the analytics file", WAIT, || async {
+        std::fs::read_to_string(&file).is_ok_and(|text| text.lines().count() == 1)
+    })
+    .await;
+    let line: Value =
+        serde_json::from_str(std::fs::read_to_string(&file).unwrap().trim_end()).unwrap();
+    assert_eq!(line["type"], "OrderCompleted");
+    assert_eq!(line["data"]["orderId"], order_id);
+    assert_eq!(line["data"]["products"][0]["qty"], 2);
+    let _ = std::fs::remove_file(&file);
+}

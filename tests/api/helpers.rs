@@ -23,6 +23,8 @@ pub struct TestApp {
     pub publisher: EventPublisher,
     /// The test's own view of the event log (its own pool).
     pub event_log: EventLog,
+    /// The settings the daemon was started with.
+    pub settings: Settings,
     shutdown: Option<oneshot::Sender<()>>,
     running: Option<actix_rt::task::JoinHandle<anyhow::Result<()>>>,
     _database: TestDatabase,
@@ -86,6 +88,7 @@ async fn start_app_with_clock(
         kafka,
         publisher,
         event_log: EventLog::new(pool),
+        settings,
         shutdown: Some(shutdown),
         running: Some(running),
         _database: database,

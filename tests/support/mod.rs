@@ -74,6 +74,10 @@ impl TestDatabase {
         settings.outbox.poll_interval_ms = 100;
         settings.outbox.republish_after_ms = 2_000;
         settings.instance.id = "test".into();
+        settings.analytics.file = std::env::temp_dir()
+            .join(format!("{}-analytics.jsonl", self.name))
+            .to_string_lossy()
+            .into_owned();
         settings
     }
 }
