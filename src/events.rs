@@ -68,15 +68,18 @@ pub enum EventType {
     /// An order was paid (the design document's `OrderCompletedEvent`); feeds the ranking
     /// and analytics.
     OrderCompleted,
+    /// A product was created or its price or stock changed; carries the whole product.
+    ProductChanged,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 5] = [
+    pub const ALL: [EventType; 6] = [
         EventType::PipelineProbe,
         EventType::CouponRequested,
         EventType::CouponResult,
         EventType::PaymentCompleted,
         EventType::OrderCompleted,
+        EventType::ProductChanged,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -86,6 +89,7 @@ impl EventType {
             EventType::CouponResult => "CouponResult",
             EventType::PaymentCompleted => "PaymentCompleted",
             EventType::OrderCompleted => "OrderCompleted",
+            EventType::ProductChanged => "ProductChanged",
         }
     }
 }
@@ -168,6 +172,28 @@ pub struct OrderCompleted {
     pub total_amount: u64,
 }
 
+/// What changed about a product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ProductChange {
+    Created,
+    PriceChanged,
+    StockChanged,
+}
+
+/// Payload of [`EventType::ProductChanged`]: the product after the change. `version`
+/// counts the product's changes, so consumers keep only the newest state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProductChanged {
+    pub product_id: u64,
+    pub name: String,
+    pub price: u64,
+    pub stock: u32,
+    pub version: u64,
+    pub change: ProductChange,
+}
+
 /// A typed payload; its variant always matches the envelope's event type.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EventPayload {
@@ -176,6 +202,7 @@ pub enum EventPayload {
     CouponResult(CouponResult),
     PaymentCompleted(PaymentCompleted),
     OrderCompleted(OrderCompleted),
+    ProductChanged(ProductChanged),
 }
 
 impl EventPayload {
@@ -186,6 +213,7 @@ impl EventPayload {
             EventPayload::CouponResult(_) => EventType::CouponResult,
             EventPayload::PaymentCompleted(_) => EventType::PaymentCompleted,
             EventPayload::OrderCompleted(_) => EventType::OrderCompleted,
+            EventPayload::ProductChanged(_) => EventType::ProductChanged,
         }
     }
 
@@ -210,6 +238,9 @@ impl EventPayload {
             EventType::OrderCompleted => serde_json::from_str(raw.get())
                 .map(EventPayload::OrderCompleted)
                 .map_err(invalid),
+            EventType::ProductChanged => serde_json::from_str(raw.get())
+                .map(EventPayload::ProductChanged)
+                .map_err(invalid),
         }
     }
 
@@ -220,6 +251,7 @@ impl EventPayload {
             EventPayload::CouponResult(result) => serde_json::to_value(result),
             EventPayload::PaymentCompleted(payment) => serde_json::to_value(payment),
             EventPayload::OrderCompleted(order) => serde_json::to_value(order),
+            EventPayload::ProductChanged(product) => serde_json::to_value(product),
         };
         encoded.expect("payload structs serialize to JSON without fallible fields")
     }

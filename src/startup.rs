@@ -43,10 +43,13 @@ use crate::notifications::Sessions;
 use crate::outbox::Outbox;
 use crate::ranking::RankingStore;
 use crate::retry::BackoffPolicy;
+use crate::shop::cache::ProductCache;
 use crate::shop::store::ShopStore;
 use crate::stores::{self, RedisStore};
 use crate::webhooks::{Target, WebhookDeliverer};
 
+/// How long a product stays in the Redis cache without a change.
+const PRODUCT_CACHE_TTL: Duration = Duration::from_secs(3_600);
 /// How long the producer may take to deliver what is queued at shutdown.
 const PRODUCER_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -174,8 +177,12 @@ impl Application {
             arbiters: &arbiters,
         };
 
-        let product_events = DomainActor::new(ProductEventProcessor, worker_event_log.clone())
-            .start_supervised(&arbiters.next());
+        let product_cache = ProductCache::new(redis.clone(), PRODUCT_CACHE_TTL);
+        let product_events = DomainActor::new(
+            ProductEventProcessor::new(product_cache.clone()),
+            worker_event_log.clone(),
+        )
+        .start_supervised(&arbiters.next());
         let product_event_group = groups.start(
             PRODUCT_EVENT_GROUP,
             topics::PRODUCT_EVENTS,
@@ -335,6 +342,7 @@ impl Application {
             shop: ShopStore::new(http_pool.clone()),
             clock: clock.clone(),
             ranking,
+            product_cache,
             max_ranking_days: settings
                 .ranking
                 .max_days

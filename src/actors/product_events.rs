@@ -1,9 +1,10 @@
-//! The domain actor of `product-events`.
+//! The domain actor of `product-events`: keeps the Redis product cache
+//! ([`ProductCache`]) that `GET /products/{id}` reads through.
 //!
-//! Product events (created, price or stock changed) are not modelled yet; the topic carries
-//! pipeline probes, which the [`DomainActor`](crate::actors::domain::DomainActor) wrapper
-//! completes. Any other event type arriving here is refused as permanent and
-//! dead-lettered.
+//! A batch of ProductChanged events is one compare-and-set script call: a change older than
+//! (or as old as) the cached state is a duplicate. Redis failures are retryable. Pipeline
+//! probes are completed by the [`DomainActor`](crate::actors::domain::DomainActor) wrapper;
+//! any other event type is refused as permanent and dead-lettered.
 
 use std::sync::Arc;
 
@@ -11,10 +12,18 @@ use futures::FutureExt;
 use futures::future::LocalBoxFuture;
 
 use crate::actors::domain::{BatchOrigin, DomainHandler, EventOutcome, HandlerError};
-use crate::events::EventEnvelope;
+use crate::events::{EventEnvelope, EventPayload};
+use crate::shop::cache::ProductCache;
 
-#[derive(Debug, Default)]
-pub struct ProductEventProcessor;
+pub struct ProductEventProcessor {
+    cache: ProductCache,
+}
+
+impl ProductEventProcessor {
+    pub fn new(cache: ProductCache) -> Self {
+        Self { cache }
+    }
+}
 
 impl DomainHandler for ProductEventProcessor {
     fn name(&self) -> &'static str {
@@ -26,15 +35,39 @@ impl DomainHandler for ProductEventProcessor {
         _origin: &BatchOrigin,
         events: Arc<[EventEnvelope]>,
     ) -> LocalBoxFuture<'static, Vec<EventOutcome>> {
-        let outcomes = events
-            .iter()
-            .map(|event| {
-                EventOutcome::Failed(HandlerError::permanent(format!(
-                    "{} is not a product event",
-                    event.event_type()
-                )))
-            })
-            .collect();
-        futures::future::ready(outcomes).boxed_local()
+        let cache = self.cache.clone();
+        async move {
+            let mut outcomes: Vec<Option<EventOutcome>> = vec![None; events.len()];
+            let mut changes = Vec::new();
+            let mut positions = Vec::new();
+            for (position, event) in events.iter().enumerate() {
+                match &event.payload {
+                    EventPayload::ProductChanged(change) => {
+                        changes.push(change);
+                        positions.push(position);
+                    }
+                    _ => {
+                        outcomes[position] = Some(EventOutcome::Failed(HandlerError::permanent(
+                            format!("{} is not a product event", event.event_type()),
+                        )))
+                    }
+                }
+            }
+            let applied = cache.apply(&changes).await;
+            for (index, position) in positions.into_iter().enumerate() {
+                outcomes[position] = Some(match &applied {
+                    Ok(flags) if flags[index] => EventOutcome::Done,
+                    Ok(_) => EventOutcome::Duplicate,
+                    Err(error) => EventOutcome::Failed(HandlerError::retryable(format!(
+                        "product cache not updated: {error}"
+                    ))),
+                });
+            }
+            outcomes
+                .into_iter()
+                .map(|outcome| outcome.expect("every event has an outcome"))
+                .collect()
+        }
+        .boxed_local()
     }
 }

@@ -37,6 +37,7 @@ use crate::kafka::producer::EventPublisher;
 use crate::notifications::Sessions;
 use crate::outbox::Outbox;
 use crate::ranking::RankingStore;
+use crate::shop::cache::ProductCache;
 use crate::shop::store::ShopStore;
 use crate::stores::RedisStore;
 
@@ -55,6 +56,7 @@ pub struct AppState {
     /// What "now" is for payments and the ranking's days.
     pub clock: SharedClock,
     pub ranking: RankingStore,
+    pub product_cache: ProductCache,
     pub max_ranking_days: u32,
 }
 
@@ -101,7 +103,11 @@ pub fn configure(config: &mut web::ServiceConfig) {
                 .get(shop::products),
         )
         .service(web::resource("/products/ranking").get(shop::ranking))
-        .service(web::resource("/products/{product_id}").get(shop::product))
+        .service(
+            web::resource("/products/{product_id}")
+                .get(shop::product)
+                .patch(shop::update_product),
+        )
         .service(web::resource("/orders").post(shop::create_order))
         .service(web::resource("/orders/{order_id}").get(shop::order))
         .service(web::resource("/orders/{order_id}/pay").post(shop::pay));

@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::AppState;
 use crate::api::error::{ApiError, JsonObject};
+use crate::event_log::OutboxEvent;
+use crate::events::EventPayload;
 use crate::shop::store::{NewOrderLine, ShopError};
 
 const MAX_NAME_CHARS: usize = 100;
@@ -141,7 +143,9 @@ pub async fn create_product(
                 format!("stock must be between 0 and {MAX_STOCK}"),
             )
         })?;
-    let product = state.shop.create_product(&name, price, stock).await?;
+    let created = state.shop.create_product(&name, price, stock).await?;
+    state.outbox.publish_committed(&created.events).await;
+    let product = created.value;
     Ok(HttpResponse::Created()
         .insert_header((
             header::LOCATION,
@@ -173,18 +177,72 @@ pub async fn products(
     Ok(HttpResponse::Ok().json(state.shop.products(page, size).await?))
 }
 
-/// `GET /products/{productId}`
+/// `GET /products/{productId}`: read through the Redis product cache (MySQL on a miss, or
+/// when Redis is unavailable).
 pub async fn product(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let product_id = id(&path, "INVALID_PRODUCT_ID", "product")?;
+    match state.product_cache.get(product_id).await {
+        Ok(Some(product)) => return Ok(HttpResponse::Ok().json(product)),
+        Ok(None) => {}
+        Err(error) => tracing::warn!(%error, "product cache unavailable; reading MySQL"),
+    }
     let product = state
         .shop
         .product(product_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("product {product_id}")))?;
+    if let Err(error) = state.product_cache.fill(&product).await {
+        tracing::warn!(%error, "product not cached");
+    }
     Ok(HttpResponse::Ok().json(product))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpdateProduct {
+    pub price: Option<i64>,
+    pub stock: Option<i64>,
+}
+
+/// `PATCH /products/{productId}` `{"price"?, "stock"?}`: a ProductChanged event follows.
+pub async fn update_product(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    body: JsonObject<UpdateProduct>,
+) -> Result<HttpResponse, ApiError> {
+    let product_id = id(&path, "INVALID_PRODUCT_ID", "product")?;
+    let request = body.0;
+    if request.price.is_none() && request.stock.is_none() {
+        return Err(ApiError::bad_request(
+            "NOTHING_TO_CHANGE",
+            "give price, stock or both",
+        ));
+    }
+    let price = request
+        .price
+        .map(|price| bounded(price, MAX_PRICE, "INVALID_PRICE", "price"))
+        .transpose()?;
+    let stock = request
+        .stock
+        .map(|stock| {
+            u32::try_from(stock)
+                .ok()
+                .filter(|stock| *stock <= MAX_STOCK)
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "INVALID_STOCK",
+                        format!("stock must be between 0 and {MAX_STOCK}"),
+                    )
+                })
+        })
+        .transpose()?;
+    let updated = state.shop.update_product(product_id, price, stock).await?;
+    cache_changes(&state, &updated.events).await;
+    state.outbox.publish_committed(&updated.events).await;
+    Ok(HttpResponse::Ok().json(updated.value))
 }
 
 #[derive(Debug, Deserialize)]
@@ -290,6 +348,7 @@ pub async fn pay(
 ) -> Result<HttpResponse, ApiError> {
     let order_id = id(&path, "INVALID_ORDER_ID", "order")?;
     let paid = state.shop.pay(order_id, state.clock.now()).await?;
+    cache_changes(&state, &paid.events).await;
     state.outbox.publish_committed(&paid.events).await;
     Ok(HttpResponse::Ok().json(paid.payment))
 }
@@ -351,4 +410,20 @@ pub async fn ranking(
         })
         .collect();
     Ok(HttpResponse::Ok().json(entries))
+}
+
+/// Writes the committed product changes among `events` to the cache at once (the same
+/// version compare-and-set as the consumer's), so a read right after a change sees it; the
+/// events bring the change to the cache anyway (best effort here).
+async fn cache_changes(state: &AppState, events: &[OutboxEvent]) {
+    let changes: Vec<_> = events
+        .iter()
+        .filter_map(|event| match &event.envelope.payload {
+            EventPayload::ProductChanged(change) => Some(change),
+            _ => None,
+        })
+        .collect();
+    if let Err(error) = state.product_cache.apply(&changes).await {
+        tracing::warn!(%error, "product changes not cached");
+    }
 }

@@ -7,6 +7,7 @@
 //! `PaymentCompleted` are written — all or nothing. The events are published after the
 //! commit.
 
+pub mod cache;
 pub mod store;
 
 use serde::Serialize;

@@ -3,13 +3,14 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::{MySqlConnection, MySqlPool, QueryBuilder, Row};
 
 use crate::error::{Classify, ErrorClass};
 use crate::event_log::{EventLogError, OutboxEvent};
 use crate::events::{
-    EventEnvelope, EventPayload, OrderCompleted, OrderedProduct, PaymentCompleted,
+    EventEnvelope, EventPayload, OrderCompleted, OrderedProduct, PaymentCompleted, ProductChange,
+    ProductChanged,
 };
 use crate::kafka::topics;
 use crate::outbox::Outbox;
@@ -58,13 +59,40 @@ pub struct User {
     pub balance: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Product {
     pub product_id: u64,
     pub name: String,
     pub price: u64,
     pub stock: u32,
+    /// Counts the product's changes (1 when created).
+    pub version: u64,
+}
+
+impl Product {
+    fn changed(&self, change: ProductChange) -> OutboxEvent {
+        OutboxEvent {
+            topic: topics::PRODUCT_EVENTS.into(),
+            envelope: EventEnvelope::new(
+                format!("product:{}", self.product_id),
+                EventPayload::ProductChanged(ProductChanged {
+                    product_id: self.product_id,
+                    name: self.name.clone(),
+                    price: self.price,
+                    stock: self.stock,
+                    version: self.version,
+                    change,
+                }),
+            ),
+        }
+    }
+}
+
+/// A change committed with its events (to publish after the commit).
+pub struct Committed<T> {
+    pub value: T,
+    pub events: Vec<OutboxEvent>,
 }
 
 /// A page of products.
@@ -188,33 +216,77 @@ impl ShopStore {
         Ok(user)
     }
 
+    /// Creates a product; its ProductChanged (CREATED) event is in the outbox.
     pub async fn create_product(
         &self,
         name: &str,
         price: u64,
         stock: u32,
-    ) -> Result<Product, ShopError> {
+    ) -> Result<Committed<Product>, ShopError> {
+        let mut transaction = self.pool.begin().await?;
         let inserted = sqlx::query("INSERT INTO product (name, price, stock) VALUES (?, ?, ?)")
             .bind(name)
             .bind(price)
             .bind(stock)
-            .execute(&self.pool)
+            .execute(&mut *transaction)
             .await?;
-        Ok(Product {
+        let product = Product {
             product_id: inserted.last_insert_id(),
             name: name.to_string(),
             price,
             stock,
+            version: 1,
+        };
+        let events = vec![product.changed(ProductChange::Created)];
+        Outbox::record(&mut transaction, &events).await?;
+        transaction.commit().await?;
+        Ok(Committed {
+            value: product,
+            events,
+        })
+    }
+
+    /// Sets a product's price and/or stock; its ProductChanged event is in the outbox.
+    pub async fn update_product(
+        &self,
+        product_id: u64,
+        price: Option<u64>,
+        stock: Option<u32>,
+    ) -> Result<Committed<Product>, ShopError> {
+        let mut transaction = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE product SET price = COALESCE(?, price), stock = COALESCE(?, stock), \
+             version = version + 1, updated_at = NOW(6) WHERE product_id = ?",
+        )
+        .bind(price)
+        .bind(stock)
+        .bind(product_id)
+        .execute(&mut *transaction)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Err(ShopError::NotFound(format!("product {product_id}")));
+        }
+        let product = products_in(&mut transaction, &[product_id])
+            .await?
+            .pop()
+            .expect("the product just updated");
+        let change = if price.is_some() {
+            ProductChange::PriceChanged
+        } else {
+            ProductChange::StockChanged
+        };
+        let events = vec![product.changed(change)];
+        Outbox::record(&mut transaction, &events).await?;
+        transaction.commit().await?;
+        Ok(Committed {
+            value: product,
+            events,
         })
     }
 
     pub async fn product(&self, product_id: u64) -> Result<Option<Product>, ShopError> {
-        let row =
-            sqlx::query("SELECT product_id, name, price, stock FROM product WHERE product_id = ?")
-                .bind(product_id)
-                .fetch_optional(&self.pool)
-                .await?;
-        row.as_ref().map(product_from_row).transpose()
+        let mut connection = self.pool.acquire().await?;
+        Ok(products_in(&mut connection, &[product_id]).await?.pop())
     }
 
     /// The names of the products among `ids` that exist.
@@ -238,7 +310,7 @@ impl ShopStore {
     /// Products by id, `page` counted from 0.
     pub async fn products(&self, page: u32, size: u32) -> Result<ProductPage, ShopError> {
         let rows = sqlx::query(
-            "SELECT product_id, name, price, stock FROM product ORDER BY product_id LIMIT ? OFFSET ?",
+            "SELECT product_id, name, price, stock, version FROM product ORDER BY product_id LIMIT ? OFFSET ?",
         )
         .bind(size)
         .bind(u64::from(page) * u64::from(size))
@@ -421,7 +493,13 @@ impl ShopStore {
         .execute(&mut *transaction)
         .await?;
         let key = format!("order:{order_id}");
-        let events = vec![
+        let ids: Vec<u64> = lines.iter().map(|line| line.product_id).collect();
+        let stock_changes = products_in(&mut transaction, &ids)
+            .await?
+            .iter()
+            .map(|product| product.changed(ProductChange::StockChanged))
+            .collect::<Vec<_>>();
+        let mut events = vec![
             OutboxEvent {
                 topic: topics::ORDER_COMPLETED.into(),
                 envelope: EventEnvelope::new(
@@ -455,6 +533,7 @@ impl ShopStore {
                 ),
             },
         ];
+        events.extend(stock_changes);
         Outbox::record(&mut transaction, &events).await?;
         transaction.commit().await?;
         Ok(Paid {
@@ -475,7 +554,25 @@ fn product_from_row(row: &sqlx::mysql::MySqlRow) -> Result<Product, ShopError> {
         name: row.try_get("name")?,
         price: row.try_get("price")?,
         stock: row.try_get("stock")?,
+        version: row.try_get("version")?,
     })
+}
+
+/// The products among `ids`, by id.
+async fn products_in(
+    connection: &mut MySqlConnection,
+    ids: &[u64],
+) -> Result<Vec<Product>, ShopError> {
+    let mut select = QueryBuilder::new(
+        "SELECT product_id, name, price, stock, version FROM product WHERE product_id IN (",
+    );
+    let mut separated = select.separated(", ");
+    for id in ids {
+        separated.push_bind(*id);
+    }
+    select.push(") ORDER BY product_id");
+    let rows = select.build().fetch_all(&mut *connection).await?;
+    rows.iter().map(product_from_row).collect()
 }
 
 async fn prices_of(

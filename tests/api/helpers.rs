@@ -130,6 +130,22 @@ impl TestApp {
         self.post(&path, "").await
     }
 
+    pub async fn request_json(
+        &self,
+        method: awc::http::Method,
+        path: &str,
+        body: &str,
+    ) -> (StatusCode, Value) {
+        let mut response = awc::Client::default()
+            .request(method, format!("{}{path}", self.address))
+            .insert_header(("content-type", "application/json"))
+            .send_body(body.to_string())
+            .await
+            .expect("request sent");
+        let body = response.body().await.expect("body read");
+        (response.status(), parse(&body))
+    }
+
     pub async fn request(&self, method: awc::http::Method, path: &str) -> (StatusCode, Value) {
         let mut response = awc::Client::default()
             .request(method, format!("{}{path}", self.address))

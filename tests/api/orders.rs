@@ -1,11 +1,17 @@
 //! Users, products, orders and payments through HTTP, against MariaDB.
 
+use std::time::Duration;
+
 use actix_web::http::StatusCode;
-use commerce_events::event_log::EventStatus;
+use commerce_events::event_log::{EventStatus, OutboxEvent};
+use commerce_events::events::{EventEnvelope, EventPayload, ProductChange, ProductChanged};
+use commerce_events::kafka::topics;
+use commerce_events::outbox::Outbox;
 use futures::future::join_all;
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, spawn_app};
+use crate::support::eventually;
 
 async fn create_user(app: &TestApp, balance: u64) -> u64 {
     let (status, user) = app.post("/users", r#"{"name": "Kim"}"#).await;
@@ -328,4 +334,143 @@ async fn one_order_paid_twenty_times_at_once_is_charged_once() {
     );
     assert_eq!(balance(&app, user).await, 30_000);
     assert_eq!(stock(&app, product).await, 98);
+}
+
+async fn cached_product(app: &TestApp, product_id: u64) -> Option<Value> {
+    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let cached: Option<String> = redis::cmd("GET")
+        .arg(format!(
+            "{}product:{product_id}",
+            app.settings.redis.key_prefix
+        ))
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    cached.map(|text| serde_json::from_str(&text).unwrap())
+}
+
+async fn wait_for_cached(app: &TestApp, product_id: u64, field: &str, value: u64) {
+    eventually(
+        &format!("product {product_id} cached with {field} {value}"),
+        Duration::from_secs(30),
+        || async {
+            cached_product(app, product_id)
+                .await
+                .is_some_and(|product| product[field] == value)
+        },
+    )
+    .await;
+}
+
+#[actix_web::test]
+async fn product_changes_reach_the_cache_that_product_reads_go_through() {
+    let app = spawn_app().await;
+    let product = create_product(&app, 1_000, 10).await;
+    wait_for_cached(&app, product, "version", 1).await;
+
+    let (status, updated) = app
+        .request_json(
+            awc::http::Method::PATCH,
+            &format!("/products/{product}"),
+            r#"{"price": 1500}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{updated}");
+    assert_eq!(updated["version"], 2);
+    wait_for_cached(&app, product, "price", 1500).await;
+    assert_eq!(
+        app.get(&format!("/products/{product}")).await.1["price"],
+        1500
+    );
+
+    // A payment changes the stock: the event carries it to the cache.
+    let user = create_user(&app, 100_000).await;
+    let order = place_order(&app, user, &[(product, 3)]).await;
+    let (status, _) = app.post(&format!("/orders/{order}/pay"), "").await;
+    assert_eq!(status, StatusCode::OK);
+    wait_for_cached(&app, product, "stock", 7).await;
+    assert_eq!(app.get(&format!("/products/{product}")).await.1["stock"], 7);
+    assert_eq!(cached_product(&app, product).await.unwrap()["version"], 3);
+
+    // Changes arriving as events (from another instance, say) are applied by the consumer
+    // when newer than the cache, and ignored when older.
+    let publish = |version: u64, price: u64| {
+        let event = OutboxEvent {
+            topic: topics::PRODUCT_EVENTS.into(),
+            envelope: EventEnvelope::new(
+                format!("product:{product}"),
+                EventPayload::ProductChanged(ProductChanged {
+                    product_id: product,
+                    name: "Keyboard".into(),
+                    price,
+                    stock: 7,
+                    version,
+                    change: ProductChange::PriceChanged,
+                }),
+            ),
+        };
+        let app = &app;
+        async move {
+            let mut transaction = app.event_log.pool().begin().await.unwrap();
+            Outbox::record(&mut transaction, std::slice::from_ref(&event))
+                .await
+                .unwrap();
+            transaction.commit().await.unwrap();
+            Outbox::new(app.event_log.clone(), app.publisher.clone())
+                .publish_committed(std::slice::from_ref(&event))
+                .await;
+        }
+    };
+    publish(10, 2_000).await;
+    wait_for_cached(&app, product, "version", 10).await;
+    let cached = cached_product(&app, product).await.unwrap();
+    assert_eq!(cached["price"], 2_000);
+    let processor = || async {
+        crate::helpers::domain_actor(&app.get("/admin/actors").await.1, "ProductEventProcessor")
+            .clone()
+    };
+    let duplicates_before = processor().await["duplicates"].as_u64().unwrap();
+    publish(9, 1).await;
+    eventually("the stale change seen", Duration::from_secs(30), || async {
+        processor().await["duplicates"].as_u64().unwrap() > duplicates_before
+    })
+    .await;
+    assert_eq!(cached_product(&app, product).await, Some(cached));
+
+    // A miss reads MySQL and fills the cache.
+    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("DEL")
+        .arg(format!(
+            "{}product:{product}",
+            app.settings.redis.key_prefix
+        ))
+        .query_async::<()>(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(app.get(&format!("/products/{product}")).await.1["stock"], 7);
+    assert_eq!(
+        cached_product(&app, product).await.unwrap()["version"],
+        3,
+        "MySQL's row"
+    );
+
+    let (status, error) = app
+        .request_json(
+            awc::http::Method::PATCH,
+            &format!("/products/{product}"),
+            "{}",
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error["error"]["code"], "NOTHING_TO_CHANGE");
+    let (status, _) = app
+        .request_json(
+            awc::http::Method::PATCH,
+            "/products/987654",
+            r#"{"stock": 1}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }

@@ -5,9 +5,12 @@
 //!   against raw rdkafka consumption.
 //! - `coupons [--seconds S] [--backlog B] [--clients C] [--latency-rate R] [--latency-seconds L]`: the
 //!   coupon flow end to end through a daemon started in this process.
+//! - `ranking [--orders N] [--lines L] [--threads T]`: ranking updates through the
+//!   RankingUpdater against raw pipelined ZINCRBY, and a replay that must count nothing.
 
 mod coupons;
 mod pipeline;
+mod ranking;
 
 use std::str::FromStr;
 
@@ -36,7 +39,16 @@ fn main() -> anyhow::Result<()> {
             latency_seconds: option(&options, "--latency-seconds", 20)?,
             baseline_seconds: option(&options, "--baseline-seconds", 10)?,
         })),
-        other => bail!("unknown scenario {other:?}; known: pipeline, coupons"),
+        "ranking" => actix_rt::System::new().block_on(ranking::run(
+            option(&options, "--orders", 100_000)?,
+            option(&options, "--lines", 3)?,
+            option(
+                &options,
+                "--threads",
+                Settings::default().kafka.consumer.partition_threads,
+            )?,
+        )),
+        other => bail!("unknown scenario {other:?}; known: pipeline, coupons, ranking"),
     }
 }
 

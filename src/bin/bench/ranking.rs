@@ -1,0 +1,248 @@
+//! Scenario `ranking`: N OrderCompleted events of L lines each on an embedded cluster,
+//! counted into Redis by the RankingUpdater through the partition actors. Prints ranking
+//! updates (one per order line) per second next to raw pipelined ZINCRBY on the same Redis,
+//! then replays every event and checks that nothing was counted twice.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::Addr;
+use anyhow::bail;
+use chrono::Utc;
+use commerce_events::actors::ArbiterPool;
+use commerce_events::actors::consumer_group::{ConsumerGroup, ConsumerGroupSpec};
+use commerce_events::actors::domain::{DomainActor, DomainActorState, ObserveDomain};
+use commerce_events::actors::ranking_updater::RankingUpdater;
+use commerce_events::config::Settings;
+use commerce_events::event_log::EventLog;
+use commerce_events::events::{EventEnvelope, EventPayload, OrderCompleted, OrderedProduct};
+use commerce_events::kafka::cluster::EmbeddedCluster;
+use commerce_events::kafka::producer::{EventPublisher, RawRecord};
+use commerce_events::kafka::topics::{self, dead_letter_topic};
+use commerce_events::ranking::RankingStore;
+use commerce_events::stores::RedisStore;
+use secrecy::ExposeSecret;
+use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
+
+const PARTITIONS: i32 = 3;
+const PRODUCTS: u64 = 1_000;
+
+pub async fn run(orders: usize, lines: usize, threads: usize) -> anyhow::Result<()> {
+    let mut settings = Settings::default();
+    settings.kafka.consumer.fetch_min_bytes = 1;
+    settings.kafka.consumer.fetch_wait_max_ms = 10;
+    settings.kafka.consumer.partition_threads = threads;
+    settings.redis.key_prefix = format!("bench-ranking-{}:", uuid::Uuid::now_v7().simple());
+    let cluster = EmbeddedCluster::start(1)?;
+    cluster.create_topic(topics::ORDER_COMPLETED, PARTITIONS)?;
+    cluster.create_topic(&dead_letter_topic(topics::ORDER_COMPLETED), PARTITIONS)?;
+    let bootstrap = cluster.bootstrap_servers().to_string();
+    let publisher = EventPublisher::new(&bootstrap, &settings.kafka)?;
+    let redis = RedisStore::new(&settings.redis)?;
+    redis.connect().await;
+    redis.ping().await?;
+
+    let (records, expected) = order_events(orders, lines);
+    produce(&publisher, &records).await?;
+    let updates = orders * lines;
+    println!(
+        "scenario ranking: {orders} OrderCompleted events of {lines} lines ({updates} ranking \
+         updates) over {PARTITIONS} partitions, {PRODUCTS} products, embedded cluster, \
+         {threads} partition threads, Redis 127.0.0.1:6379"
+    );
+
+    // The RankingUpdater never touches the database; this lazy pool is never opened.
+    let pool = MySqlPoolOptions::new().connect_lazy_with(MySqlConnectOptions::from_str(
+        settings.database.url.expose_secret(),
+    )?);
+    let event_log = EventLog::new(pool);
+    let arbiters = Arc::new(ArbiterPool::new(threads));
+    let ranking = RankingStore::new(redis.clone(), 1);
+    let updater = DomainActor::new(RankingUpdater::new(ranking.clone()), event_log.clone())
+        .start_supervised(&arbiters.next());
+    let spec = ConsumerGroupSpec::from_settings(
+        &settings,
+        &bootstrap,
+        "bench-ranking",
+        BTreeMap::from([(
+            topics::ORDER_COMPLETED.to_string(),
+            updater.clone().recipient(),
+        )]),
+        publisher.clone(),
+        event_log,
+    );
+    let group = ConsumerGroup::start(spec, arbiters.clone())?;
+    let actors = wait_until(&updater, |state| state.processed as usize >= orders).await?;
+
+    // Every event again, with the same ids: all duplicates, nothing counted twice.
+    produce(&publisher, &records).await?;
+    let replay = wait_until(&updater, |state| state.duplicates as usize >= orders).await?;
+    let state = updater.send(ObserveDomain).await?;
+    let counted = totals(&redis, &ranking).await?;
+    group.shutdown().await;
+    if state.processed as usize != orders || counted != expected {
+        bail!(
+            "ranking wrong: {} orders counted (expected {orders}), totals {}",
+            state.processed,
+            if counted == expected {
+                "equal"
+            } else {
+                "differ"
+            }
+        );
+    }
+
+    let raw = raw_zincrby(&redis, orders, lines).await?;
+    let actors_rate = updates as f64 / actors.as_secs_f64();
+    let raw_rate = updates as f64 / raw.as_secs_f64();
+    println!();
+    println!("| path | ranking updates/s | orders/s |");
+    println!("|---|---:|---:|");
+    println!(
+        "| partition actors → RankingUpdater (one idempotent Lua call per batch) | {actors_rate:.0} | {:.0} |",
+        orders as f64 / actors.as_secs_f64()
+    );
+    println!(
+        "| raw pipelined ZINCRBY, {} commands per round trip, not idempotent | {raw_rate:.0} | {:.0} |",
+        500 * lines,
+        orders as f64 / raw.as_secs_f64()
+    );
+    println!(
+        "| replay of all {orders} events (every one a duplicate) | {:.0} | {:.0} |",
+        updates as f64 / replay.as_secs_f64(),
+        orders as f64 / replay.as_secs_f64()
+    );
+    println!();
+    println!(
+        "ratio actors / raw ZINCRBY: {:.2}; after the replay the totals equal the true sums \
+         ({} products)",
+        actors_rate / raw_rate,
+        expected.len()
+    );
+    let mut connection = redis.connection()?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(redis.key("*"))
+        .query_async(&mut connection)
+        .await?;
+    for chunk in keys.chunks(1_000) {
+        redis::cmd("DEL")
+            .arg(chunk)
+            .query_async::<()>(&mut connection)
+            .await?;
+    }
+    Ok(())
+}
+
+/// The events, encoded with their partition, and the true quantity per product.
+type Records = Vec<(i32, String, Vec<u8>)>;
+
+fn order_events(orders: usize, lines: usize) -> (Records, BTreeMap<u64, u64>) {
+    let mut expected = BTreeMap::new();
+    let records = (0..orders)
+        .map(|n| {
+            let products: Vec<OrderedProduct> = (0..lines)
+                .map(|line| OrderedProduct {
+                    id: (n as u64 * 7 + line as u64 * 13) % PRODUCTS + 1,
+                    qty: (n % 3 + 1) as u32,
+                })
+                .collect();
+            for line in &products {
+                *expected.entry(line.id).or_insert(0) += u64::from(line.qty);
+            }
+            let event = EventEnvelope::new(
+                format!("order:{n}"),
+                EventPayload::OrderCompleted(OrderCompleted {
+                    order_id: n as u64,
+                    user_id: n as u64 % 5_000,
+                    products,
+                    total_amount: 10_000,
+                }),
+            );
+            (n as i32 % PARTITIONS, event.key.clone(), event.encode())
+        })
+        .collect();
+    (records, expected)
+}
+
+async fn produce(publisher: &EventPublisher, records: &Records) -> anyhow::Result<()> {
+    for chunk in records.chunks(5_000) {
+        let sends = chunk.iter().map(|(partition, key, value)| {
+            publisher.publish_raw(RawRecord {
+                topic: topics::ORDER_COMPLETED,
+                partition: Some(*partition),
+                key: Some(key.as_bytes()),
+                value: Some(value),
+                headers: Vec::new(),
+            })
+        });
+        for result in futures::future::join_all(sends).await {
+            result?;
+        }
+    }
+    Ok(())
+}
+
+/// Time from the first event handled until `done` holds.
+async fn wait_until<H: commerce_events::actors::domain::DomainHandler>(
+    actor: &Addr<DomainActor<H>>,
+    done: impl Fn(&DomainActorState) -> bool,
+) -> anyhow::Result<Duration> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let baseline = actor.send(ObserveDomain).await?;
+    let mut started = None;
+    loop {
+        let state = actor.send(ObserveDomain).await?;
+        if started.is_none()
+            && (state.processed, state.duplicates) != (baseline.processed, baseline.duplicates)
+        {
+            started = Some(Instant::now());
+        }
+        if done(&state) {
+            return Ok(started.unwrap_or_else(Instant::now).elapsed());
+        }
+        if Instant::now() > deadline {
+            bail!("not done before the deadline: {state:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+async fn totals(redis: &RedisStore, ranking: &RankingStore) -> anyhow::Result<BTreeMap<u64, u64>> {
+    let mut connection = redis.connection()?;
+    let scores: Vec<(u64, f64)> = redis::cmd("ZRANGE")
+        .arg(ranking.day_key(Utc::now().date_naive()))
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(&mut connection)
+        .await?;
+    Ok(scores
+        .into_iter()
+        .map(|(product, score)| (product, score as u64))
+        .collect())
+}
+
+/// The same increments as plain ZINCRBY, pipelined per 500 orders.
+async fn raw_zincrby(redis: &RedisStore, orders: usize, lines: usize) -> anyhow::Result<Duration> {
+    let mut connection = redis.connection()?;
+    let key = redis.key("raw-zincrby");
+    let started = Instant::now();
+    for chunk_start in (0..orders).step_by(500) {
+        let mut pipeline = redis::pipe();
+        for n in chunk_start..(chunk_start + 500).min(orders) {
+            for line in 0..lines {
+                let product = (n as u64 * 7 + line as u64 * 13) % PRODUCTS + 1;
+                pipeline
+                    .cmd("ZINCRBY")
+                    .arg(&key)
+                    .arg(n % 3 + 1)
+                    .arg(product)
+                    .ignore();
+            }
+        }
+        pipeline.query_async::<()>(&mut connection).await?;
+    }
+    Ok(started.elapsed())
+}
