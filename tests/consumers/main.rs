@@ -8,6 +8,7 @@ mod coupon_issuer;
 mod failures;
 mod flow;
 mod helpers;
+mod ranking_updater;
 mod rebalance;
 mod shutdown;
 mod snapshots;
