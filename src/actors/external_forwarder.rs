@@ -36,12 +36,7 @@ pub struct ForwarderStats {
 
 pub struct ExternalForwarder {
     name: &'static str,
-    deliverer: WebhookDeliverer,
-    event_log: EventLog,
-    scheduler: Addr<RetryScheduler>,
-    clock: SharedClock,
-    lease: Duration,
-    stats: Arc<Mutex<ForwarderStats>>,
+    attempt: FirstAttempt,
 }
 
 impl ExternalForwarder {
@@ -56,12 +51,14 @@ impl ExternalForwarder {
     ) -> Self {
         Self {
             name,
-            deliverer,
-            event_log,
-            scheduler,
-            clock,
-            lease,
-            stats: Arc::default(),
+            attempt: FirstAttempt {
+                deliverer,
+                event_log,
+                scheduler,
+                clock,
+                lease,
+                stats: Arc::default(),
+            },
         }
     }
 }
@@ -155,14 +152,7 @@ impl DomainHandler for ExternalForwarder {
         origin: &BatchOrigin,
         events: Arc<[EventEnvelope]>,
     ) -> LocalBoxFuture<'static, Vec<EventOutcome>> {
-        let attempt = FirstAttempt {
-            deliverer: self.deliverer.clone(),
-            event_log: self.event_log.clone(),
-            scheduler: self.scheduler.clone(),
-            clock: self.clock.clone(),
-            lease: self.lease,
-            stats: self.stats.clone(),
-        };
+        let attempt = self.attempt.clone();
         let partition = origin.source.partition;
         let offsets = origin.offsets.clone();
         async move {
@@ -182,7 +172,7 @@ impl DomainHandler for ExternalForwarder {
     }
 
     fn details(&self) -> Option<serde_json::Value> {
-        let stats = self.stats.lock().expect("stats lock").clone();
+        let stats = self.attempt.stats.lock().expect("stats lock").clone();
         Some(serde_json::to_value(stats).expect("stats serialize"))
     }
 }

@@ -64,13 +64,7 @@ pub async fn event(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let event_id = parse_event_id(&path)?;
-    let record = state
-        .event_log
-        .find(event_id)
-        .await
-        .map_err(anyhow::Error::from)?
-        .ok_or_else(|| ApiError::not_found(format!("event {event_id}")))?;
+    let (_, record) = find_event(&state, &path).await?;
     Ok(HttpResponse::Ok().json(record))
 }
 
@@ -255,13 +249,7 @@ pub async fn replay(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let event_id = parse_event_id(&path)?;
-    let record = state
-        .event_log
-        .find(event_id)
-        .await
-        .map_err(anyhow::Error::from)?
-        .ok_or_else(|| ApiError::not_found(format!("event {event_id}")))?;
+    let (event_id, record) = find_event(&state, &path).await?;
     refuse_unless_dead_lettered(event_id, record.status)?;
     if let Some(scheduler) = state
         .actors
@@ -322,6 +310,18 @@ fn refuse_unless_dead_lettered(event_id: EventId, status: EventStatus) -> Result
             format!("event {event_id} is {other}; only dead letters can be replayed"),
         )),
     }
+}
+
+/// The event-log row of the event id in `path`: 400 for a malformed id, 404 for no row.
+async fn find_event(state: &AppState, path: &str) -> Result<(EventId, EventRecord), ApiError> {
+    let event_id = parse_event_id(path)?;
+    let record = state
+        .event_log
+        .find(event_id)
+        .await
+        .map_err(anyhow::Error::from)?
+        .ok_or_else(|| ApiError::not_found(format!("event {event_id}")))?;
+    Ok((event_id, record))
 }
 
 fn parse_event_id(text: &str) -> Result<EventId, ApiError> {

@@ -56,6 +56,18 @@ fn bounded(value: i64, max: u64, code: &'static str, field: &str) -> Result<u64,
         .ok_or_else(|| ApiError::bad_request(code, format!("{field} must be between 1 and {max}")))
 }
 
+fn stock(value: i64) -> Result<u32, ApiError> {
+    u32::try_from(value)
+        .ok()
+        .filter(|stock| *stock <= MAX_STOCK)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "INVALID_STOCK",
+                format!("stock must be between 0 and {MAX_STOCK}"),
+            )
+        })
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateUser {
@@ -134,15 +146,7 @@ pub async fn create_product(
     let request = body.0;
     let name = name(&request.name)?;
     let price = bounded(request.price, MAX_PRICE, "INVALID_PRICE", "price")?;
-    let stock = u32::try_from(request.stock)
-        .ok()
-        .filter(|stock| *stock <= MAX_STOCK)
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                "INVALID_STOCK",
-                format!("stock must be between 0 and {MAX_STOCK}"),
-            )
-        })?;
+    let stock = stock(request.stock)?;
     let created = state.shop.create_product(&name, price, stock).await?;
     state.outbox.publish_committed(&created.events).await;
     let product = created.value;
@@ -225,20 +229,7 @@ pub async fn update_product(
         .price
         .map(|price| bounded(price, MAX_PRICE, "INVALID_PRICE", "price"))
         .transpose()?;
-    let stock = request
-        .stock
-        .map(|stock| {
-            u32::try_from(stock)
-                .ok()
-                .filter(|stock| *stock <= MAX_STOCK)
-                .ok_or_else(|| {
-                    ApiError::bad_request(
-                        "INVALID_STOCK",
-                        format!("stock must be between 0 and {MAX_STOCK}"),
-                    )
-                })
-        })
-        .transpose()?;
+    let stock = request.stock.map(stock).transpose()?;
     let updated = state.shop.update_product(product_id, price, stock).await?;
     cache_changes(&state, &updated.events).await;
     state.outbox.publish_committed(&updated.events).await;

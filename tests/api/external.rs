@@ -15,7 +15,6 @@ use commerce_events::clock::{Clock, ManualClock};
 use commerce_events::event_log::{EventRecord, EventStatus, OutboxEvent};
 use commerce_events::events::{EventEnvelope, EventId, EventPayload, PaymentCompleted};
 use commerce_events::kafka::topics;
-use commerce_events::outbox::Outbox;
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
@@ -207,19 +206,7 @@ async fn record_payment(app: &TestApp, event_id: EventId, order_id: u64) -> Even
         topic: topics::EXTERNAL_EVENTS.into(),
         envelope,
     };
-    let outbox = Outbox::new(app.event_log.clone(), app.publisher.clone());
-    let mut transaction = app.event_log.pool().begin().await.unwrap();
-    Outbox::record(&mut transaction, std::slice::from_ref(&event))
-        .await
-        .unwrap();
-    transaction.commit().await.unwrap();
-    assert_eq!(
-        outbox
-            .publish_committed(std::slice::from_ref(&event))
-            .await
-            .published,
-        1
-    );
+    app.publish_through_outbox(&event).await;
     event_id
 }
 

@@ -170,13 +170,11 @@ impl TestApp {
             }),
         );
         let event_id = envelope.event_id;
-        let mut transaction = self.event_log.pool().begin().await.unwrap();
-        let event = OutboxEvent {
+        self.record_in_outbox(&OutboxEvent {
             topic: topics::PRODUCT_EVENTS.into(),
             envelope,
-        };
-        Outbox::record(&mut transaction, &[event]).await.unwrap();
-        transaction.commit().await.unwrap();
+        })
+        .await;
         event_id
     }
 
@@ -247,14 +245,30 @@ impl TestApp {
             }),
         );
         let event_id = envelope.event_id;
-        let mut transaction = self.event_log.pool().begin().await.unwrap();
-        let event = OutboxEvent {
+        self.record_in_outbox(&OutboxEvent {
             topic: topics::COUPON_REQUESTS.into(),
             envelope,
-        };
-        Outbox::record(&mut transaction, &[event]).await.unwrap();
-        transaction.commit().await.unwrap();
+        })
+        .await;
         event_id
+    }
+
+    /// Commits `event` PENDING in the event log (the outbox), unpublished.
+    pub async fn record_in_outbox(&self, event: &OutboxEvent) {
+        let mut transaction = self.event_log.pool().begin().await.unwrap();
+        Outbox::record(&mut transaction, std::slice::from_ref(event))
+            .await
+            .unwrap();
+        transaction.commit().await.unwrap();
+    }
+
+    /// Records `event` in the outbox and publishes it, as a request would.
+    pub async fn publish_through_outbox(&self, event: &OutboxEvent) {
+        self.record_in_outbox(event).await;
+        let publication = Outbox::new(self.event_log.clone(), self.publisher.clone())
+            .publish_committed(std::slice::from_ref(event))
+            .await;
+        assert_eq!(publication.published, 1, "the event was published");
     }
 
     /// Sends SIGTERM's equivalent and waits for the daemon to finish.

@@ -6,7 +6,6 @@ use actix_web::http::StatusCode;
 use commerce_events::event_log::{EventStatus, OutboxEvent};
 use commerce_events::events::{EventEnvelope, EventPayload, ProductChange, ProductChanged};
 use commerce_events::kafka::topics;
-use commerce_events::outbox::Outbox;
 use futures::future::join_all;
 use serde_json::{Value, json};
 
@@ -411,16 +410,7 @@ async fn product_changes_reach_the_cache_that_product_reads_go_through() {
             ),
         };
         let app = &app;
-        async move {
-            let mut transaction = app.event_log.pool().begin().await.unwrap();
-            Outbox::record(&mut transaction, std::slice::from_ref(&event))
-                .await
-                .unwrap();
-            transaction.commit().await.unwrap();
-            Outbox::new(app.event_log.clone(), app.publisher.clone())
-                .publish_committed(std::slice::from_ref(&event))
-                .await;
-        }
+        async move { app.publish_through_outbox(&event).await }
     };
     publish(10, 2_000).await;
     wait_for_cached(&app, product, "version", 10).await;

@@ -9,7 +9,6 @@ use commerce_events::clock::{Clock, ManualClock};
 use commerce_events::event_log::OutboxEvent;
 use commerce_events::events::{EventEnvelope, EventPayload, OrderCompleted, OrderedProduct};
 use commerce_events::kafka::topics;
-use commerce_events::outbox::Outbox;
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, domain_actor, replay_from_offset_zero, spawn_app_with_clock};
@@ -36,14 +35,7 @@ async fn publish_order(app: &TestApp, order_id: u64, lines: &[(u64, u32)], at: D
         topic: topics::ORDER_COMPLETED.into(),
         envelope,
     };
-    let mut transaction = app.event_log.pool().begin().await.unwrap();
-    Outbox::record(&mut transaction, std::slice::from_ref(&event))
-        .await
-        .unwrap();
-    transaction.commit().await.unwrap();
-    Outbox::new(app.event_log.clone(), app.publisher.clone())
-        .publish_committed(std::slice::from_ref(&event))
-        .await;
+    app.publish_through_outbox(&event).await;
 }
 
 async fn updater(app: &TestApp) -> Value {
