@@ -291,20 +291,12 @@ impl ShopStore {
 
     /// The names of the products among `ids` that exist.
     pub async fn product_names(&self, ids: &[u64]) -> Result<BTreeMap<u64, String>, ShopError> {
-        if ids.is_empty() {
-            return Ok(BTreeMap::new());
-        }
-        let mut select =
-            QueryBuilder::new("SELECT product_id, name FROM product WHERE product_id IN (");
-        let mut separated = select.separated(", ");
-        for id in ids {
-            separated.push_bind(*id);
-        }
-        select.push(")");
-        let rows = select.build().fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|row| Ok((row.try_get("product_id")?, row.try_get("name")?)))
-            .collect()
+        let mut connection = self.pool.acquire().await?;
+        Ok(products_in(&mut connection, ids)
+            .await?
+            .into_iter()
+            .map(|product| (product.product_id, product.name))
+            .collect())
     }
 
     /// Products by id, `page` counted from 0.
@@ -349,7 +341,12 @@ impl ShopStore {
                 format!("user {user_id} does not exist"),
             ));
         }
-        let prices = prices_of(&mut transaction, lines).await?;
+        let ids: Vec<u64> = lines.iter().map(|line| line.product_id).collect();
+        let prices: BTreeMap<u64, u64> = products_in(&mut transaction, &ids)
+            .await?
+            .into_iter()
+            .map(|product| (product.product_id, product.price))
+            .collect();
         let missing: Vec<String> = lines
             .iter()
             .filter(|line| !prices.contains_key(&line.product_id))
@@ -558,11 +555,14 @@ fn product_from_row(row: &sqlx::mysql::MySqlRow) -> Result<Product, ShopError> {
     })
 }
 
-/// The products among `ids`, by id.
+/// The products among `ids` that exist, by id.
 async fn products_in(
     connection: &mut MySqlConnection,
     ids: &[u64],
 ) -> Result<Vec<Product>, ShopError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut select = QueryBuilder::new(
         "SELECT product_id, name, price, stock, version FROM product WHERE product_id IN (",
     );
@@ -573,23 +573,6 @@ async fn products_in(
     select.push(") ORDER BY product_id");
     let rows = select.build().fetch_all(&mut *connection).await?;
     rows.iter().map(product_from_row).collect()
-}
-
-async fn prices_of(
-    connection: &mut MySqlConnection,
-    lines: &[NewOrderLine],
-) -> Result<BTreeMap<u64, u64>, ShopError> {
-    let mut select =
-        QueryBuilder::new("SELECT product_id, price FROM product WHERE product_id IN (");
-    let mut separated = select.separated(", ");
-    for line in lines {
-        separated.push_bind(line.product_id);
-    }
-    select.push(")");
-    let rows = select.build().fetch_all(&mut *connection).await?;
-    rows.iter()
-        .map(|row| Ok((row.try_get("product_id")?, row.try_get("price")?)))
-        .collect()
 }
 
 /// The discount of a coupon the user holds and has not used; refused otherwise.
