@@ -77,6 +77,67 @@ impl EventOutcome {
     }
 }
 
+/// The events of a batch a handler applies in one call that answers, per event, whether it
+/// changed anything (an idempotent write): the others are refused as permanent.
+pub struct AppliedInOneCall<T> {
+    /// What the handler applies, in event order.
+    pub items: Vec<T>,
+    positions: Vec<usize>,
+    outcomes: Vec<Option<EventOutcome>>,
+}
+
+impl<T> AppliedInOneCall<T> {
+    /// Keeps the events `pick` understands; any other is refused as not being `kind`.
+    pub fn select<'a>(
+        events: &'a [EventEnvelope],
+        kind: &str,
+        pick: impl Fn(&'a EventEnvelope) -> Option<T>,
+    ) -> Self {
+        let mut selected = Self {
+            items: Vec::new(),
+            positions: Vec::new(),
+            outcomes: vec![None; events.len()],
+        };
+        for (position, event) in events.iter().enumerate() {
+            match pick(event) {
+                Some(item) => {
+                    selected.items.push(item);
+                    selected.positions.push(position);
+                }
+                None => {
+                    selected.outcomes[position] = Some(EventOutcome::Failed(
+                        HandlerError::permanent(format!("{} is not {kind}", event.event_type())),
+                    ))
+                }
+            }
+        }
+        selected
+    }
+
+    /// The outcomes in event order: an item that changed something is done, one that did not
+    /// a duplicate; if the call failed, every item is retryable.
+    pub fn settle(
+        self,
+        applied: Result<Vec<bool>, impl std::fmt::Display>,
+        failure: &str,
+    ) -> Vec<EventOutcome> {
+        let mut outcomes = self.outcomes;
+        for (index, position) in self.positions.into_iter().enumerate() {
+            outcomes[position] = Some(match &applied {
+                Ok(flags) if flags[index] => EventOutcome::Done,
+                Ok(_) => EventOutcome::Duplicate,
+                Err(error) => {
+                    EventOutcome::Failed(HandlerError::retryable(format!("{failure}: {error}")))
+                }
+            });
+        }
+        outcomes
+            .into_iter()
+            .map(|outcome| outcome.expect("every event has an outcome"))
+            .collect()
+    }
+}
+
 /// Why a domain actor could not process an event.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, thiserror::Error)]
 #[serde(rename_all = "camelCase")]

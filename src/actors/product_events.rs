@@ -11,7 +11,7 @@ use std::sync::Arc;
 use futures::FutureExt;
 use futures::future::LocalBoxFuture;
 
-use crate::actors::domain::{BatchOrigin, DomainHandler, EventOutcome, HandlerError};
+use crate::actors::domain::{AppliedInOneCall, BatchOrigin, DomainHandler, EventOutcome};
 use crate::events::{EventEnvelope, EventPayload};
 use crate::shop::cache::ProductCache;
 
@@ -37,36 +37,15 @@ impl DomainHandler for ProductEventProcessor {
     ) -> LocalBoxFuture<'static, Vec<EventOutcome>> {
         let cache = self.cache.clone();
         async move {
-            let mut outcomes: Vec<Option<EventOutcome>> = vec![None; events.len()];
-            let mut changes = Vec::new();
-            let mut positions = Vec::new();
-            for (position, event) in events.iter().enumerate() {
-                match &event.payload {
-                    EventPayload::ProductChanged(change) => {
-                        changes.push(change);
-                        positions.push(position);
+            let selected =
+                AppliedInOneCall::select(&events, "a product event", |event| {
+                    match &event.payload {
+                        EventPayload::ProductChanged(change) => Some(change),
+                        _ => None,
                     }
-                    _ => {
-                        outcomes[position] = Some(EventOutcome::Failed(HandlerError::permanent(
-                            format!("{} is not a product event", event.event_type()),
-                        )))
-                    }
-                }
-            }
-            let applied = cache.apply(&changes).await;
-            for (index, position) in positions.into_iter().enumerate() {
-                outcomes[position] = Some(match &applied {
-                    Ok(flags) if flags[index] => EventOutcome::Done,
-                    Ok(_) => EventOutcome::Duplicate,
-                    Err(error) => EventOutcome::Failed(HandlerError::retryable(format!(
-                        "product cache not updated: {error}"
-                    ))),
                 });
-            }
-            outcomes
-                .into_iter()
-                .map(|outcome| outcome.expect("every event has an outcome"))
-                .collect()
+            let applied = cache.apply(&selected.items).await;
+            selected.settle(applied, "product cache not updated")
         }
         .boxed_local()
     }

@@ -12,7 +12,7 @@ use futures::FutureExt;
 use futures::future::LocalBoxFuture;
 use serde::Serialize;
 
-use crate::actors::domain::{BatchOrigin, DomainHandler, EventOutcome, HandlerError};
+use crate::actors::domain::{AppliedInOneCall, BatchOrigin, DomainHandler, EventOutcome};
 use crate::events::{EventEnvelope, EventPayload};
 use crate::ranking::{RankedOrder, RankingStore};
 
@@ -54,56 +54,34 @@ impl DomainHandler for RankingUpdater {
         let ranking = self.ranking.clone();
         let stats = self.stats.clone();
         async move {
-            let mut outcomes: Vec<Option<EventOutcome>> = vec![None; events.len()];
-            let mut orders = Vec::new();
-            let mut positions = Vec::new();
-            for (position, event) in events.iter().enumerate() {
-                match &event.payload {
-                    EventPayload::OrderCompleted(order) => {
-                        orders.push(RankedOrder {
-                            event_id: event.event_id,
-                            day: event.occurred_at.date_naive(),
-                            products: &order.products,
-                        });
-                        positions.push(position);
-                    }
-                    _ => {
-                        outcomes[position] = Some(EventOutcome::Failed(HandlerError::permanent(
-                            format!("{} is not an order event", event.event_type()),
-                        )))
-                    }
+            let selected =
+                AppliedInOneCall::select(&events, "an order event", |event| match &event.payload {
+                    EventPayload::OrderCompleted(order) => Some(RankedOrder {
+                        event_id: event.event_id,
+                        day: event.occurred_at.date_naive(),
+                        products: &order.products,
+                    }),
+                    _ => None,
+                });
+            let applied = ranking.apply(&selected.items).await;
+            if let Ok(counted) = &applied {
+                let mut stats = stats.lock().expect("stats lock");
+                stats.round_trips += u64::from(!selected.items.is_empty());
+                for (order, _) in selected
+                    .items
+                    .iter()
+                    .zip(counted)
+                    .filter(|(_, counted)| **counted)
+                {
+                    stats.orders_counted += 1;
+                    stats.quantity_added += order
+                        .products
+                        .iter()
+                        .map(|line| u64::from(line.qty))
+                        .sum::<u64>();
                 }
             }
-            match ranking.apply(&orders).await {
-                Ok(counted) => {
-                    let mut stats = stats.lock().expect("stats lock");
-                    stats.round_trips += u64::from(!orders.is_empty());
-                    for ((position, order), counted) in positions.iter().zip(&orders).zip(counted) {
-                        outcomes[*position] = Some(if counted {
-                            stats.orders_counted += 1;
-                            stats.quantity_added += order
-                                .products
-                                .iter()
-                                .map(|line| u64::from(line.qty))
-                                .sum::<u64>();
-                            EventOutcome::Done
-                        } else {
-                            EventOutcome::Duplicate
-                        });
-                    }
-                }
-                Err(error) => {
-                    for position in positions {
-                        outcomes[position] = Some(EventOutcome::Failed(HandlerError::retryable(
-                            format!("ranking not updated: {error}"),
-                        )));
-                    }
-                }
-            }
-            outcomes
-                .into_iter()
-                .map(|outcome| outcome.expect("every event has an outcome"))
-                .collect()
+            selected.settle(applied, "ranking not updated")
         }
         .boxed_local()
     }
