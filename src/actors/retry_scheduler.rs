@@ -444,11 +444,11 @@ impl Handler<Replay> for RetryScheduler {
             match event_log.change_status(replay.event_id, change).await? {
                 Transition::Applied => Ok(Replayed::Scheduled { at: now }),
                 // Moved on meanwhile (another replay).
-                Transition::Skipped => Ok(Replayed::NotDeadLettered {
-                    status: event_log
-                        .find(replay.event_id)
-                        .await?
-                        .map_or(EventStatus::DeadLetter, |record| record.status),
+                Transition::Skipped => Ok(match event_log.find(replay.event_id).await? {
+                    Some(record) => Replayed::NotDeadLettered {
+                        status: record.status,
+                    },
+                    None => Replayed::NotFound,
                 }),
             }
         };

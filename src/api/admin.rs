@@ -269,10 +269,7 @@ pub async fn replay(
                 next_attempt_at: Some(at),
             })),
             Replayed::NotFound => Err(ApiError::not_found(format!("event {event_id}"))),
-            Replayed::NotDeadLettered { status } => {
-                refuse_unless_dead_lettered(event_id, status)?;
-                unreachable!("a dead letter is replayable")
-            }
+            Replayed::NotDeadLettered { status } => Err(not_replayable(event_id, status)),
         };
     }
     let change = StatusChange::to(EventStatus::Pending).resetting_attempts();
@@ -301,14 +298,21 @@ const DELIVERED_TOPICS: [&str; 2] = [topics::EXTERNAL_EVENTS, topics::ORDER_COMP
 fn refuse_unless_dead_lettered(event_id: EventId, status: EventStatus) -> Result<(), ApiError> {
     match status {
         EventStatus::DeadLetter => Ok(()),
-        EventStatus::Completed | EventStatus::Notified => Err(ApiError::conflict(
+        other => Err(not_replayable(event_id, other)),
+    }
+}
+
+/// Why an event in `status` (not DEAD_LETTER) is not replayed.
+fn not_replayable(event_id: EventId, status: EventStatus) -> ApiError {
+    match status {
+        EventStatus::Completed | EventStatus::Notified => ApiError::conflict(
             "ALREADY_COMPLETED",
             format!("event {event_id} completed; replaying it would deliver it twice"),
-        )),
-        other => Err(ApiError::conflict(
+        ),
+        other => ApiError::conflict(
             "NOT_DEAD_LETTERED",
             format!("event {event_id} is {other}; only dead letters can be replayed"),
-        )),
+        ),
     }
 }
 
