@@ -724,29 +724,10 @@ async fn the_retry_scheduler_through_schedule_fire_fail_dead_letter_and_replay()
 
 /// Pays an order of `quantity` units of a new product for a new user; returns the order id.
 async fn pay_an_order(app: &TestApp, quantity: u32) -> u64 {
-    let (_, product) = app
-        .post(
-            "/products",
-            r#"{"name": "Lamp", "price": 1000, "stock": 100}"#,
-        )
-        .await;
-    let (_, user) = app.post("/users", r#"{"name": "Park"}"#).await;
-    let user_id = user["userId"].as_u64().unwrap();
-    app.post(
-        &format!("/users/{user_id}/balance/charge"),
-        r#"{"amount": 100000}"#,
-    )
-    .await;
-    let (_, order) = app
-        .post(
-            "/orders",
-            &json!({"userId": user_id, "items": [{"productId": product["productId"], "quantity": quantity}]})
-                .to_string(),
-        )
-        .await;
-    let order_id = order["orderId"].as_u64().unwrap();
-    let (status, paid) = app.post(&format!("/orders/{order_id}/pay"), "").await;
-    assert_eq!(status, StatusCode::OK, "{paid}");
+    let product = app.create_product("Lamp", 1_000, 100).await;
+    let user = app.create_user(100_000).await;
+    let order_id = app.place_order(user, &[(product, quantity)]).await;
+    app.pay(order_id).await;
     order_id
 }
 

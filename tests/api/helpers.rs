@@ -115,14 +115,7 @@ impl TestApp {
     }
 
     pub async fn post(&self, path: &str, body: &str) -> (StatusCode, Value) {
-        let mut response = awc::Client::default()
-            .post(format!("{}{path}", self.address))
-            .insert_header(("content-type", "application/json"))
-            .send_body(body.to_string())
-            .await
-            .expect("request sent");
-        let body = response.body().await.expect("body read");
-        (response.status(), parse(&body))
+        self.request_json(awc::http::Method::POST, path, body).await
     }
 
     /// [`TestApp::post`] of an empty body to an owned path (for many requests at once).
@@ -251,6 +244,61 @@ impl TestApp {
         })
         .await;
         event_id
+    }
+
+    /// Creates a user and charges `balance` (when positive); returns the user id.
+    pub async fn create_user(&self, balance: u64) -> u64 {
+        let (status, user) = self.post("/users", r#"{"name": "Kim"}"#).await;
+        assert_eq!(status, StatusCode::CREATED, "{user}");
+        assert_eq!(user["balance"], 0);
+        let user_id = user["userId"].as_u64().unwrap();
+        if balance > 0 {
+            let (status, charged) = self
+                .post(
+                    &format!("/users/{user_id}/balance/charge"),
+                    &serde_json::json!({ "amount": balance }).to_string(),
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{charged}");
+            assert_eq!(charged["balance"], balance);
+        }
+        user_id
+    }
+
+    /// Creates a product; returns its id.
+    pub async fn create_product(&self, name: &str, price: u64, stock: u32) -> u64 {
+        let (status, product) = self
+            .post(
+                "/products",
+                &serde_json::json!({"name": name, "price": price, "stock": stock}).to_string(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{product}");
+        product["productId"].as_u64().unwrap()
+    }
+
+    /// Places an order of `(productId, quantity)` lines; returns the order id.
+    pub async fn place_order(&self, user_id: u64, lines: &[(u64, u32)]) -> u64 {
+        let items: Vec<Value> = lines
+            .iter()
+            .map(|(product_id, quantity)| {
+                serde_json::json!({"productId": product_id, "quantity": quantity})
+            })
+            .collect();
+        let (status, order) = self
+            .post(
+                "/orders",
+                &serde_json::json!({"userId": user_id, "items": items}).to_string(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{order}");
+        order["orderId"].as_u64().unwrap()
+    }
+
+    /// Pays an order, which must succeed.
+    pub async fn pay(&self, order_id: u64) {
+        let (status, paid) = self.post(&format!("/orders/{order_id}/pay"), "").await;
+        assert_eq!(status, StatusCode::OK, "{paid}");
     }
 
     /// Commits `event` PENDING in the event log (the outbox), unpublished.

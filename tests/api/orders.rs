@@ -12,47 +12,8 @@ use serde_json::{Value, json};
 use crate::helpers::{TestApp, spawn_app};
 use crate::support::eventually;
 
-async fn create_user(app: &TestApp, balance: u64) -> u64 {
-    let (status, user) = app.post("/users", r#"{"name": "Kim"}"#).await;
-    assert_eq!(status, StatusCode::CREATED, "{user}");
-    assert_eq!(user["balance"], 0);
-    let user_id = user["userId"].as_u64().unwrap();
-    if balance > 0 {
-        let (status, charged) = app
-            .post(
-                &format!("/users/{user_id}/balance/charge"),
-                &json!({ "amount": balance }).to_string(),
-            )
-            .await;
-        assert_eq!(status, StatusCode::OK, "{charged}");
-        assert_eq!(charged["balance"], balance);
-    }
-    user_id
-}
-
-async fn create_product(app: &TestApp, price: u64, stock: u32) -> u64 {
-    let (status, product) = app
-        .post(
-            "/products",
-            &json!({"name": "Keyboard", "price": price, "stock": stock}).to_string(),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{product}");
-    product["productId"].as_u64().unwrap()
-}
-
 async fn create_order(app: &TestApp, body: Value) -> (StatusCode, Value) {
     app.post("/orders", &body.to_string()).await
-}
-
-async fn place_order(app: &TestApp, user_id: u64, lines: &[(u64, u32)]) -> u64 {
-    let items: Vec<Value> = lines
-        .iter()
-        .map(|(product_id, quantity)| json!({"productId": product_id, "quantity": quantity}))
-        .collect();
-    let (status, order) = create_order(app, json!({"userId": user_id, "items": items})).await;
-    assert_eq!(status, StatusCode::CREATED, "{order}");
-    order["orderId"].as_u64().unwrap()
 }
 
 async fn balance(app: &TestApp, user_id: u64) -> u64 {
@@ -70,9 +31,9 @@ async fn stock(app: &TestApp, product_id: u64) -> u64 {
 #[actix_web::test]
 async fn an_order_is_placed_paid_once_and_its_events_are_recorded() {
     let app = spawn_app().await;
-    let user_id = create_user(&app, 100_000).await;
-    let keyboard = create_product(&app, 30_000, 10).await;
-    let mouse = create_product(&app, 5_000, 10).await;
+    let user_id = app.create_user(100_000).await;
+    let keyboard = app.create_product("Keyboard", 30_000, 10).await;
+    let mouse = app.create_product("Keyboard", 5_000, 10).await;
 
     let (status, order) = create_order(
         &app,
@@ -146,9 +107,9 @@ async fn an_order_is_placed_paid_once_and_its_events_are_recorded() {
 #[actix_web::test]
 async fn payments_are_refused_with_a_clear_code_and_change_nothing() {
     let app = spawn_app().await;
-    let poor = create_user(&app, 1_000).await;
-    let product = create_product(&app, 5_000, 1).await;
-    let order = place_order(&app, poor, &[(product, 1)]).await;
+    let poor = app.create_user(1_000).await;
+    let product = app.create_product("Keyboard", 5_000, 1).await;
+    let order = app.place_order(poor, &[(product, 1)]).await;
     let (status, refused) = app.post(&format!("/orders/{order}/pay"), "").await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(refused["error"]["code"], "INSUFFICIENT_BALANCE");
@@ -159,8 +120,8 @@ async fn payments_are_refused_with_a_clear_code_and_change_nothing() {
     );
     assert_eq!(balance(&app, poor).await, 1_000);
 
-    let rich = create_user(&app, 100_000).await;
-    let too_many = place_order(&app, rich, &[(product, 2)]).await;
+    let rich = app.create_user(100_000).await;
+    let too_many = app.place_order(rich, &[(product, 2)]).await;
     let (status, refused) = app.post(&format!("/orders/{too_many}/pay"), "").await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(refused["error"]["code"], "INSUFFICIENT_STOCK");
@@ -173,8 +134,8 @@ async fn payments_are_refused_with_a_clear_code_and_change_nothing() {
 #[actix_web::test]
 async fn bad_orders_are_refused_with_400() {
     let app = spawn_app().await;
-    let user_id = create_user(&app, 0).await;
-    let product = create_product(&app, 1_000, 5).await;
+    let user_id = app.create_user(0).await;
+    let product = app.create_product("Keyboard", 1_000, 5).await;
     let cases = [
         (json!({"userId": user_id, "items": []}), "INVALID_ITEMS"),
         (
@@ -227,9 +188,9 @@ async fn bad_orders_are_refused_with_400() {
 #[actix_web::test]
 async fn a_coupon_discounts_one_payment_and_only_its_owner_can_use_it() {
     let app = spawn_app().await;
-    let owner = create_user(&app, 100_000).await;
-    let other = create_user(&app, 100_000).await;
-    let product = create_product(&app, 20_000, 10).await;
+    let owner = app.create_user(100_000).await;
+    let other = app.create_user(100_000).await;
+    let product = app.create_product("Keyboard", 20_000, 10).await;
     let coupon = app.create_coupon(10).await;
     let request = app.issue(owner, coupon).await;
     let history = app.wait_until_notified(&request).await["couponHistoryId"]
@@ -266,11 +227,11 @@ async fn a_coupon_discounts_one_payment_and_only_its_owner_can_use_it() {
 #[actix_web::test]
 async fn two_hundred_payments_for_a_stock_of_fifty_sell_exactly_fifty() {
     let app = spawn_app().await;
-    let product = create_product(&app, 1_000, 50).await;
+    let product = app.create_product("Keyboard", 1_000, 50).await;
     let mut orders = Vec::new();
     for _ in 0..200 {
-        let user = create_user(&app, 10_000).await;
-        orders.push((user, place_order(&app, user, &[(product, 1)]).await));
+        let user = app.create_user(10_000).await;
+        orders.push((user, app.place_order(user, &[(product, 1)]).await));
     }
     let answers = join_all(
         orders
@@ -315,9 +276,9 @@ async fn two_hundred_payments_for_a_stock_of_fifty_sell_exactly_fifty() {
 #[actix_web::test]
 async fn one_order_paid_twenty_times_at_once_is_charged_once() {
     let app = spawn_app().await;
-    let user = create_user(&app, 50_000).await;
-    let product = create_product(&app, 10_000, 100).await;
-    let order = place_order(&app, user, &[(product, 2)]).await;
+    let user = app.create_user(50_000).await;
+    let product = app.create_product("Keyboard", 10_000, 100).await;
+    let order = app.place_order(user, &[(product, 2)]).await;
     let answers = join_all((0..20).map(|_| app.post_owned(format!("/orders/{order}/pay")))).await;
     let paid = answers
         .iter()
@@ -365,7 +326,7 @@ async fn wait_for_cached(app: &TestApp, product_id: u64, field: &str, value: u64
 #[actix_web::test]
 async fn product_changes_reach_the_cache_that_product_reads_go_through() {
     let app = spawn_app().await;
-    let product = create_product(&app, 1_000, 10).await;
+    let product = app.create_product("Keyboard", 1_000, 10).await;
     wait_for_cached(&app, product, "version", 1).await;
 
     let (status, updated) = app
@@ -384,8 +345,8 @@ async fn product_changes_reach_the_cache_that_product_reads_go_through() {
     );
 
     // A payment changes the stock: the event carries it to the cache.
-    let user = create_user(&app, 100_000).await;
-    let order = place_order(&app, user, &[(product, 3)]).await;
+    let user = app.create_user(100_000).await;
+    let order = app.place_order(user, &[(product, 3)]).await;
     let (status, _) = app.post(&format!("/orders/{order}/pay"), "").await;
     assert_eq!(status, StatusCode::OK);
     wait_for_cached(&app, product, "stock", 7).await;

@@ -78,24 +78,10 @@ fn days_ago(clock: &ManualClock, days: i64) -> DateTime<Utc> {
 async fn paid_orders_are_ranked_and_a_replay_from_offset_zero_counts_nothing_twice() {
     let clock = ManualClock::starting_at(Utc::now());
     let app = spawn_app_with_clock(Arc::new(clock.clone()), |_| {}).await;
-    let mut products = Vec::new();
-    for name in ["Keyboard", "Mouse", "Monitor"] {
-        let (_, product) = app
-            .post(
-                "/products",
-                &json!({"name": name, "price": 100, "stock": 100}).to_string(),
-            )
-            .await;
-        products.push(product["productId"].as_u64().unwrap());
-    }
-    let (keyboard, mouse, monitor) = (products[0], products[1], products[2]);
-    let (_, user) = app.post("/users", r#"{"name": "Lee"}"#).await;
-    let user_id = user["userId"].as_u64().unwrap();
-    app.post(
-        &format!("/users/{user_id}/balance/charge"),
-        r#"{"amount": 1000000}"#,
-    )
-    .await;
+    let keyboard = app.create_product("Keyboard", 100, 100).await;
+    let mouse = app.create_product("Mouse", 100, 100).await;
+    let monitor = app.create_product("Monitor", 100, 100).await;
+    let user_id = app.create_user(1_000_000).await;
     let orders = [
         vec![(keyboard, 3), (mouse, 1)],
         vec![(keyboard, 2), (monitor, 5)],
@@ -103,20 +89,8 @@ async fn paid_orders_are_ranked_and_a_replay_from_offset_zero_counts_nothing_twi
         vec![(monitor, 1)],
     ];
     for lines in &orders {
-        let items: Vec<Value> = lines
-            .iter()
-            .map(|(id, qty)| json!({"productId": id, "quantity": qty}))
-            .collect();
-        let (_, order) = app
-            .post(
-                "/orders",
-                &json!({"userId": user_id, "items": items}).to_string(),
-            )
-            .await;
-        let (status, paid) = app
-            .post(&format!("/orders/{}/pay", order["orderId"]), "")
-            .await;
-        assert_eq!(status, StatusCode::OK, "{paid}");
+        let order_id = app.place_order(user_id, lines).await;
+        app.pay(order_id).await;
     }
     wait_for_updater(&app, "processed", 4).await;
     let expected = vec![(monitor, 6), (keyboard, 5), (mouse, 5)];
