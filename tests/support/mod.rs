@@ -69,6 +69,8 @@ impl TestDatabase {
         settings.kafka.consumer.fetch_wait_max_ms = 50;
         settings.kafka.consumer.fetch_min_bytes = 1;
         settings.kafka.consumer.drain_timeout_ms = 3_000;
+        settings.kafka.consumer.session_timeout_ms = 6_000;
+        settings.kafka.consumer.heartbeat_interval_ms = 1_000;
         settings.kafka.consumer.partition_threads = 2;
         settings.retry.delay_ms = 50;
         settings.outbox.poll_interval_ms = 100;
