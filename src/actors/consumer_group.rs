@@ -23,6 +23,7 @@ use crate::actors::domain::ProcessBatch;
 use crate::actors::partition::{
     Drain, DrainReport, ObservePartition, PartitionActor, PartitionActorState, PartitionWiring,
 };
+use crate::actors::retry::RetryPolicy;
 use crate::config::Settings;
 use crate::event_log::EventLog;
 use crate::kafka::TopicPartition;
@@ -33,7 +34,6 @@ use crate::kafka::consumer::{
 };
 use crate::kafka::dead_letter::DeadLetters;
 use crate::kafka::producer::EventPublisher;
-use crate::retry::RetryPolicy;
 
 /// Partitions were assigned; start their actors.
 #[derive(Message)]

@@ -11,15 +11,9 @@
 //! observable state, gathered by [`tree::ActorTree`] for the admin API and snapshot tests.
 
 pub mod consumer_group;
-pub mod coupon_issuer;
 pub mod domain;
-pub mod external_forwarder;
-pub mod outbox_relay;
 pub mod partition;
-pub mod product_events;
-pub mod ranking_updater;
-pub mod result_notifier;
-pub mod retry_scheduler;
+pub mod retry;
 pub mod tree;
 
 use std::sync::Mutex;

@@ -23,11 +23,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::actors::domain::{BatchOrigin, EventOutcome, ProcessBatch};
+use crate::actors::retry::RetryPolicy;
 use crate::events::EventEnvelope;
 use crate::kafka::TopicPartition;
 use crate::kafka::consumer::{ConsumedRecord, OffsetCommitter, PartitionRecords};
 use crate::kafka::dead_letter::{DeadLetter, DeadLetters};
-use crate::retry::RetryPolicy;
 
 /// Stop taking records, finish the batch in flight, report and stop.
 #[derive(Message)]

@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use crate::actors::consumer_group::{ConsumerGroup, ConsumerGroupState};
 use crate::actors::domain::{DomainActorState, ObserveDomain};
-use crate::actors::outbox_relay::{ObserveRelay, OutboxRelay, OutboxRelayState};
-use crate::actors::retry_scheduler::{ObserveScheduler, RetryScheduler, RetrySchedulerState};
+use crate::delivery::scheduler::{ObserveScheduler, RetryScheduler, RetrySchedulerState};
+use crate::outbox::relay::{ObserveRelay, OutboxRelay, OutboxRelayState};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]

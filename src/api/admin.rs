@@ -4,9 +4,9 @@
 use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
 
-use crate::actors::retry_scheduler::{Replay, Replayed};
 use crate::api::AppState;
 use crate::api::error::ApiError;
+use crate::delivery::scheduler::{Replay, Replayed};
 use crate::event_log::{
     DeadLetterCursor, EventRecord, EventStatus, OutboxEvent, StatusChange, Transition,
 };

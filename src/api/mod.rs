@@ -22,6 +22,7 @@ pub mod error;
 pub mod health;
 pub mod identity;
 pub mod push;
+pub mod ranking;
 pub mod shop;
 
 use actix_web::http::StatusCode;
@@ -31,10 +32,10 @@ use actix_web::web;
 use crate::actors::tree::ActorTree;
 use crate::clock::SharedClock;
 use crate::coupons::intake::CouponIntake;
+use crate::coupons::sessions::Sessions;
 use crate::coupons::store::CouponStore;
 use crate::event_log::EventLog;
 use crate::kafka::producer::EventPublisher;
-use crate::notifications::Sessions;
 use crate::outbox::Outbox;
 use crate::ranking::RankingStore;
 use crate::shop::cache::ProductCache;
@@ -102,7 +103,7 @@ pub fn configure(config: &mut web::ServiceConfig) {
                 .post(shop::create_product)
                 .get(shop::products),
         )
-        .service(web::resource("/products/ranking").get(shop::ranking))
+        .service(web::resource("/products/ranking").get(ranking::ranking))
         .service(
             web::resource("/products/{product_id}")
                 .get(shop::product)

@@ -344,65 +344,6 @@ pub async fn pay(
     Ok(HttpResponse::Ok().json(paid.payment))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RankingQuery {
-    pub days: Option<u32>,
-    pub limit: Option<u32>,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct RankingEntry {
-    rank: usize,
-    product_id: u64,
-    name: Option<String>,
-    quantity: u64,
-}
-
-const MAX_RANKING_LIMIT: u32 = 100;
-
-/// `GET /products/ranking?days=3&limit=5`: best sellers by quantity over the last `days`
-/// days (today included, UTC), from Redis.
-pub async fn ranking(
-    state: web::Data<AppState>,
-    query: web::Query<RankingQuery>,
-) -> Result<HttpResponse, ApiError> {
-    let days = query.days.unwrap_or(3);
-    if !(1..=state.max_ranking_days).contains(&days) {
-        return Err(ApiError::bad_request(
-            "INVALID_DAYS",
-            format!("days must be between 1 and {}", state.max_ranking_days),
-        ));
-    }
-    let limit = query.limit.unwrap_or(5);
-    if !(1..=MAX_RANKING_LIMIT).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "INVALID_LIMIT",
-            format!("limit must be between 1 and {MAX_RANKING_LIMIT}"),
-        ));
-    }
-    let today = state.clock.now().date_naive();
-    let ranked = state
-        .ranking
-        .top(today, days, limit as usize)
-        .await
-        .map_err(anyhow::Error::from)?;
-    let ids: Vec<u64> = ranked.iter().map(|place| place.product_id).collect();
-    let names = state.shop.product_names(&ids).await?;
-    let entries: Vec<RankingEntry> = ranked
-        .into_iter()
-        .enumerate()
-        .map(|(index, place)| RankingEntry {
-            rank: index + 1,
-            product_id: place.product_id,
-            name: names.get(&place.product_id).cloned(),
-            quantity: place.quantity,
-        })
-        .collect();
-    Ok(HttpResponse::Ok().json(entries))
-}
-
 /// Writes the committed product changes among `events` to the cache at once (the same
 /// version compare-and-set as the consumer's), so a read right after a change sees it; the
 /// events bring the change to the cache anyway (best effort here).

@@ -6,6 +6,10 @@
 //! ([`store::CouponStore::issue`]).
 
 pub mod intake;
+pub mod issuer;
+pub mod locks;
+pub mod notifier;
+pub mod sessions;
 pub mod store;
 
 use std::collections::BTreeSet;

@@ -8,6 +8,7 @@
 //! commit.
 
 pub mod cache;
+pub mod product_events;
 pub mod store;
 
 use serde::Serialize;

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{Duration as Span, Utc};
-use commerce_events::actors::coupon_issuer::CouponIssuer;
 use commerce_events::actors::domain::{BatchOrigin, DomainActor, ObserveDomain, ProcessBatch};
+use commerce_events::coupons::issuer::CouponIssuer;
+use commerce_events::coupons::locks::RedisLocks;
 use commerce_events::coupons::store::{CouponStore, NewCoupon};
 use commerce_events::event_log::{EventLog, OutboxEvent};
 use commerce_events::events::{CouponRequested, EventEnvelope, EventId, EventPayload};
 use commerce_events::kafka::{TopicPartition, topics};
-use commerce_events::locks::RedisLocks;
 use commerce_events::outbox::Outbox;
 use commerce_events::stores::RedisStore;
 use insta::assert_json_snapshot;

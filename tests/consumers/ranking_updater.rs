@@ -6,12 +6,12 @@ use std::sync::Arc;
 
 use chrono::{TimeZone, Utc};
 use commerce_events::actors::domain::{BatchOrigin, DomainActor, ObserveDomain, ProcessBatch};
-use commerce_events::actors::ranking_updater::RankingUpdater;
 use commerce_events::events::{
     CouponRequested, EventEnvelope, EventPayload, OrderCompleted, OrderedProduct,
 };
 use commerce_events::kafka::{TopicPartition, topics};
 use commerce_events::ranking::RankingStore;
+use commerce_events::ranking::updater::RankingUpdater;
 use commerce_events::stores::RedisStore;
 use insta::assert_json_snapshot;
 use serde_json::{Value, json};

@@ -16,11 +16,11 @@ use futures::{FutureExt, StreamExt};
 use serde::Serialize;
 
 use crate::actors::domain::{BatchOrigin, DomainHandler, EventOutcome, HandlerError};
-use crate::actors::retry_scheduler::{AttemptFailed, RetryScheduler};
 use crate::clock::SharedClock;
+use crate::delivery::scheduler::{AttemptFailed, RetryScheduler};
+use crate::delivery::webhook::{DeliveryOutcome, WebhookDeliverer};
 use crate::event_log::{EventLog, EventStatus, StatusChange, Transition};
 use crate::events::EventEnvelope;
-use crate::webhooks::{DeliveryOutcome, WebhookDeliverer};
 
 /// Deliveries one batch makes at once; outcomes keep the events' order.
 const CONCURRENT_DELIVERIES: usize = 16;

@@ -9,6 +9,8 @@
 //!
 //! The script builds its keys from its arguments: it needs a single Redis (not a cluster).
 
+pub mod updater;
+
 use chrono::{Duration, NaiveDate};
 use redis::Script;
 

@@ -20,7 +20,7 @@ use crate::coupons::UserId;
 use crate::event_log::{EventLog, EventStatus};
 use crate::events::{CouponResult, EventEnvelope, EventId, EventPayload};
 
-use crate::notifications::Sessions;
+use crate::coupons::sessions::Sessions;
 
 /// What a session receives for a coupon result.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -22,14 +22,14 @@ use serde_json::json;
 use tracing::{error, info, warn};
 
 use crate::clock::SharedClock;
+use crate::delivery::backoff::BackoffPolicy;
+use crate::delivery::webhook::{DeliveryOutcome, WebhookDeliverer};
 use crate::event_log::{
     EventLog, EventLogError, EventRecord, EventStatus, StatusChange, Transition,
 };
 use crate::events::{EventEnvelope, EventId, EventType};
 use crate::kafka::TopicPartition;
 use crate::kafka::dead_letter::{DeadLetter, DeadLetters};
-use crate::retry::BackoffPolicy;
-use crate::webhooks::{DeliveryOutcome, WebhookDeliverer};
 
 /// How many attempts one pass runs at once.
 const CONCURRENT_ATTEMPTS: usize = 16;

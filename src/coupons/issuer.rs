@@ -22,7 +22,7 @@ use crate::coupons::store::{CouponRequest, CouponStore, IssuedBatch, RequestOutc
 use crate::coupons::{CouponId, IssueDecision, IssueRequest, UserId};
 use crate::events::{EventEnvelope, EventPayload};
 
-use crate::locks::RedisLocks;
+use crate::coupons::locks::RedisLocks;
 use crate::outbox::Outbox;
 
 /// Counters shown in the admin view.

@@ -7,6 +7,8 @@
 //! ([`Outbox::relay_once`]) once they are older than `outbox.republish_after_ms`. An event
 //! can therefore reach Kafka twice; consumers deduplicate by event id.
 
+pub mod relay;
+
 use std::time::Duration;
 
 use futures::future::join_all;
