@@ -129,7 +129,10 @@ impl Default for HttpSettings {
 pub struct DatabaseSettings {
     /// `mysql://user:password@host:port/database`; the database is created when missing.
     pub url: SecretString,
+    /// Connections of the actors' pool.
     pub max_connections: u32,
+    /// Connections of the HTTP workers' pool.
+    pub http_max_connections: u32,
     pub acquire_timeout_ms: u64,
 }
 
@@ -137,7 +140,8 @@ impl Default for DatabaseSettings {
     fn default() -> Self {
         Self {
             url: SecretString::from("mysql://root@127.0.0.1:3306/commerce_events"),
-            max_connections: 16,
+            max_connections: 8,
+            http_max_connections: 8,
             acquire_timeout_ms: 5_000,
         }
     }

@@ -74,3 +74,13 @@ impl Classify for redis::RedisError {
         }
     }
 }
+
+/// The text of a caught panic, prefixed with who panicked.
+pub fn panic_message(name: &str, panic: &Box<dyn std::any::Any + Send>) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|text| text.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-text panic".into());
+    format!("{name} panicked: {text}")
+}

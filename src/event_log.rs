@@ -14,9 +14,12 @@
 //! outbox). A consumer may see the event before its publisher marks it PUBLISHED, so every
 //! consumer-side state is also reachable from PENDING; any state but PENDING sets
 //! `published_at` (a consumer saw the event, so it was published), which is what the relay
-//! looks at. Every change is a conditional
-//! `UPDATE … WHERE status IN (allowed predecessors)`: a redelivered event finds its row
-//! already moved on and changes nothing, which is how consumers deduplicate by event id.
+//! looks at.
+//!
+//! Every change is one of the named [`Move`]s of the transition table, applied as a
+//! conditional `UPDATE … WHERE status IN (the move's starting states)`: a redelivered event
+//! finds its row already moved on and changes nothing, which is how consumers deduplicate by
+//! event id. The statuses in SQL are always bound from the table, never written as literals.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -25,10 +28,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{MySqlConnection, MySqlPool, Row};
+use sqlx::{MySqlConnection, MySqlPool};
 
 use crate::error::{Classify, ErrorClass};
-use crate::events::{DecodeError, EventEnvelope, EventId, EventType};
+use crate::events::{DecodeError, EventEnvelope, EventId, EventPayload, EventType, topics};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -65,20 +68,11 @@ impl EventStatus {
         }
     }
 
-    /// The transition table. Everything not listed is refused.
+    /// Whether some move of the transition table takes a row from `self` to `next`.
     pub fn can_become(self, next: EventStatus) -> bool {
-        use EventStatus::*;
-        matches!(
-            (self, next),
-            (
-                Pending,
-                Published | InProgress | Completed | Failed | DeadLetter
-            ) | (Published, InProgress | Completed | Failed | DeadLetter)
-                | (InProgress, Completed | Failed | DeadLetter)
-                | (Failed, InProgress | Completed | Notified | DeadLetter)
-                | (Completed, Notified)
-                | (DeadLetter, Pending | Failed)
-        )
+        Move::ALL
+            .iter()
+            .any(|step| step.to() == next && step.from().contains(&self))
     }
 
     /// The states a row may be in for `self` to be reached.
@@ -107,6 +101,81 @@ impl FromStr for EventStatus {
     }
 }
 
+crate::stores::text_column!(EventStatus);
+
+/// The transition table: every change of a row's status is one of these moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Move {
+    /// The broker acknowledged the event (its publisher, or the relay).
+    Publish,
+    /// A consumer takes the event for a delivery attempt (the forwarder's first attempt).
+    Take,
+    /// The retry scheduler claims a due retry, or an attempt whose lease ran out (its
+    /// instance is gone): IN_PROGRESS → IN_PROGRESS takes the lease over.
+    Claim,
+    /// The consumer's effect is done.
+    Complete,
+    /// Decided without success: a coupon request refused (its reason in `result`), or a
+    /// delivery attempt that failed with a retry scheduled.
+    Fail,
+    /// A coupon request's result was pushed to its user.
+    Notify,
+    /// Sent to the dead-letter topic.
+    DeadLetter,
+    /// A dead letter back on the retry scheduler's schedule.
+    ReplayToSchedule,
+    /// A dead letter back to PENDING, for the relay to publish again.
+    ReplayToRelay,
+}
+
+impl Move {
+    pub const ALL: [Move; 9] = [
+        Move::Publish,
+        Move::Take,
+        Move::Claim,
+        Move::Complete,
+        Move::Fail,
+        Move::Notify,
+        Move::DeadLetter,
+        Move::ReplayToSchedule,
+        Move::ReplayToRelay,
+    ];
+
+    /// The states a row may be in for the move to apply.
+    pub fn from(self) -> &'static [EventStatus] {
+        use EventStatus::*;
+        match self {
+            Move::Publish => &[Pending],
+            Move::Take => &[Pending, Published, Failed],
+            Move::Claim => &[Failed, InProgress],
+            Move::Complete => &[Pending, Published, InProgress, Failed],
+            Move::Fail => &[Pending, Published, InProgress],
+            Move::Notify => &[Completed, Failed],
+            Move::DeadLetter => &[Pending, Published, InProgress, Failed],
+            Move::ReplayToSchedule | Move::ReplayToRelay => &[DeadLetter],
+        }
+    }
+
+    /// The state the move reaches.
+    pub fn to(self) -> EventStatus {
+        match self {
+            Move::Publish => EventStatus::Published,
+            Move::Take | Move::Claim => EventStatus::InProgress,
+            Move::Complete => EventStatus::Completed,
+            Move::Fail | Move::ReplayToSchedule => EventStatus::Failed,
+            Move::Notify => EventStatus::Notified,
+            Move::DeadLetter => EventStatus::DeadLetter,
+            Move::ReplayToRelay => EventStatus::Pending,
+        }
+    }
+
+    /// The starting states as one `FIND_IN_SET` list.
+    fn starting_states(self) -> String {
+        let names: Vec<&str> = self.from().iter().map(EventStatus::as_str).collect();
+        names.join(",")
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EventLogError {
     #[error("event log query failed: {0}")]
@@ -124,22 +193,51 @@ impl Classify for EventLogError {
     }
 }
 
-/// An event on its way out through the outbox.
+/// An event on its way out through the outbox: the envelope and its topic.
 #[derive(Clone, Debug)]
 pub struct OutboxEvent {
-    pub topic: String,
+    pub topic: &'static str,
     pub envelope: EventEnvelope,
 }
 
-/// A row as read back.
+impl OutboxEvent {
+    /// An event for the topic its type is published to.
+    ///
+    /// # Panics
+    /// For a pipeline probe, which names its topic: use [`OutboxEvent::probe`].
+    pub fn new(envelope: EventEnvelope) -> Self {
+        let topic = envelope
+            .event_type()
+            .topic()
+            .expect("only probes have no topic of their own; they go through OutboxEvent::probe");
+        Self { topic, envelope }
+    }
+
+    /// A probe of `topic`'s pipeline.
+    pub fn probe(topic: &'static str, envelope: EventEnvelope) -> Self {
+        Self { topic, envelope }
+    }
+}
+
+/// Where an event was read from (the partition and offset of its record).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Provenance {
+    #[serde(rename = "sourcePartition")]
+    pub partition: i32,
+    #[serde(rename = "sourceOffset")]
+    pub offset: i64,
+}
+
+/// A row as read back: ids, event type, payload and provenance typed.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EventRecord {
-    pub event_id: String,
-    pub event_type: String,
+    pub event_id: EventId,
+    pub event_type: EventType,
     pub topic: String,
     pub key: String,
-    pub payload: serde_json::Value,
+    pub payload: EventPayload,
     pub status: EventStatus,
     pub retry_count: i32,
     pub last_error: Option<String>,
@@ -150,26 +248,114 @@ pub struct EventRecord {
     pub updated_at: DateTime<Utc>,
     pub published_at: Option<DateTime<Utc>>,
     pub next_attempt_at: Option<DateTime<Utc>>,
-    pub source_partition: Option<i32>,
-    pub source_offset: Option<i64>,
+    #[serde(flatten)]
+    pub source: Option<Provenance>,
     pub dead_lettered_at: Option<DateTime<Utc>>,
+}
+
+impl EventRecord {
+    /// The event as it travels (for republishing, delivering, dead-lettering).
+    pub fn envelope(&self) -> EventEnvelope {
+        EventEnvelope {
+            event_id: self.event_id,
+            key: self.key.clone(),
+            occurred_at: self.occurred_at,
+            payload: self.payload.clone(),
+        }
+    }
+}
+
+/// The columns as stored; [`EventRecord::try_from`] types them.
+#[derive(sqlx::FromRow)]
+struct StoredEvent {
+    event_id: EventId,
+    event_type: String,
+    topic: String,
+    event_key: String,
+    payload: String,
+    status: EventStatus,
+    retry_count: i32,
+    last_error: Option<String>,
+    result: Option<String>,
+    occurred_at: DateTime<Utc>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    published_at: Option<DateTime<Utc>>,
+    next_attempt_at: Option<DateTime<Utc>>,
+    source_partition: Option<i32>,
+    source_offset: Option<i64>,
+    dead_lettered_at: Option<DateTime<Utc>>,
+}
+
+/// A row that does not decode: an event type or payload this version does not know.
+#[derive(Debug, thiserror::Error)]
+#[error("event {event_id}: {error}")]
+pub struct UndecodableRow {
+    pub event_id: EventId,
+    pub error: DecodeError,
+}
+
+impl TryFrom<StoredEvent> for EventRecord {
+    type Error = UndecodableRow;
+
+    fn try_from(row: StoredEvent) -> Result<Self, Self::Error> {
+        let undecodable = |error| UndecodableRow {
+            event_id: row.event_id,
+            error,
+        };
+        let event_type: EventType = row.event_type.parse().map_err(undecodable)?;
+        let payload = EventPayload::decode_json(event_type, &row.payload).map_err(undecodable)?;
+        let result = row
+            .result
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|error| undecodable(DecodeError::InvalidJson(error.to_string())))?;
+        Ok(EventRecord {
+            event_id: row.event_id,
+            event_type,
+            topic: row.topic,
+            key: row.event_key,
+            payload,
+            status: row.status,
+            retry_count: row.retry_count,
+            last_error: row.last_error,
+            result,
+            occurred_at: row.occurred_at,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            published_at: row.published_at,
+            next_attempt_at: row.next_attempt_at,
+            source: row
+                .source_partition
+                .zip(row.source_offset)
+                .map(|(partition, offset)| Provenance { partition, offset }),
+            dead_lettered_at: row.dead_lettered_at,
+        })
+    }
+}
+
+fn typed(row: StoredEvent) -> Result<EventRecord, EventLogError> {
+    EventRecord::try_from(row).map_err(|error| EventLogError::CorruptRow(error.to_string()))
 }
 
 /// Whether a conditional status change took place.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transition {
     Applied,
-    /// The row is missing or already in a state the change may not start from (typically:
+    /// The row is missing or already in a state the move may not start from (typically:
     /// a redelivered event whose row has moved on).
     Skipped,
 }
 
-/// A status change request.
+/// A move and what it records besides the status.
 #[derive(Clone, Debug)]
 pub struct StatusChange<'a> {
-    pub to: EventStatus,
+    pub step: Move,
     /// Recorded as `last_error` when set.
     pub error: Option<&'a str>,
+    /// What the consumer decided (for a refused coupon request: its reason).
+    pub result: Option<&'a serde_json::Value>,
     /// Counts one more delivery attempt in `retry_count`.
     pub count_attempt: bool,
     /// Starts counting attempts afresh (a replay).
@@ -178,14 +364,15 @@ pub struct StatusChange<'a> {
     /// (IN_PROGRESS); any change without one clears it.
     pub next_attempt_at: Option<DateTime<Utc>>,
     /// The partition and offset the event was read from.
-    pub source: Option<(i32, i64)>,
+    pub source: Option<Provenance>,
 }
 
 impl<'a> StatusChange<'a> {
-    pub fn to(status: EventStatus) -> Self {
+    pub fn new(step: Move) -> Self {
         Self {
-            to: status,
+            step,
             error: None,
+            result: None,
             count_attempt: false,
             reset_attempts: false,
             next_attempt_at: None,
@@ -199,7 +386,7 @@ impl<'a> StatusChange<'a> {
     }
 
     pub fn read_from(mut self, partition: i32, offset: i64) -> Self {
-        self.source = Some((partition, offset));
+        self.source = Some(Provenance { partition, offset });
         self
     }
 
@@ -213,13 +400,19 @@ impl<'a> StatusChange<'a> {
         self
     }
 
+    pub fn with_result(mut self, result: &'a serde_json::Value) -> Self {
+        self.result = Some(result);
+        self
+    }
+
     pub fn counting_attempt(mut self) -> Self {
         self.count_attempt = true;
         self
     }
 }
 
-/// The columns every read selects, as a literal so queries stay static strings.
+/// The columns every read selects (into [`StoredEvent`]), as a literal so queries stay
+/// static strings.
 macro_rules! select_event_columns {
     () => {
         "SELECT event_id, event_type, topic, event_key, CAST(payload AS CHAR) AS payload, \
@@ -245,8 +438,9 @@ impl EventLog {
         &self.pool
     }
 
-    /// Writes PENDING rows inside the caller's transaction (one multi-row INSERT).
-    pub async fn insert_pending(
+    /// Writes PENDING rows inside the caller's transaction (one multi-row INSERT). Only the
+    /// outbox calls this.
+    pub(crate) async fn insert_pending(
         connection: &mut MySqlConnection,
         events: &[OutboxEvent],
     ) -> Result<(), EventLogError> {
@@ -258,12 +452,12 @@ impl EventLog {
         );
         insert.push_values(events, |mut row, event| {
             let envelope = &event.envelope;
-            row.push_bind(envelope.event_id.to_string())
+            row.push_bind(envelope.event_id)
                 .push_bind(envelope.event_type().as_str())
-                .push_bind(event.topic.as_str())
+                .push_bind(event.topic)
                 .push_bind(envelope.key.as_str())
                 .push_bind(envelope.payload_json().to_string())
-                .push_bind(EventStatus::Pending.as_str())
+                .push_bind(EventStatus::Pending)
                 .push_bind(envelope.occurred_at);
         });
         insert.build().execute(connection).await?;
@@ -274,31 +468,10 @@ impl EventLog {
     /// on are left alone.
     pub async fn mark_published(&self, ids: &[EventId]) -> Result<u64, EventLogError> {
         let mut connection = self.pool.acquire().await?;
-        Self::mark_published_in(&mut connection, ids).await
+        Self::change_status_of_many_in(&mut connection, ids, StatusChange::new(Move::Publish)).await
     }
 
-    /// [`EventLog::mark_published`] on the caller's connection or transaction.
-    pub async fn mark_published_in(
-        connection: &mut MySqlConnection,
-        ids: &[EventId],
-    ) -> Result<u64, EventLogError> {
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        let mut update = sqlx::QueryBuilder::new(
-            "UPDATE event_log SET status = 'PUBLISHED', published_at = NOW(6) \
-             WHERE status = 'PENDING' AND event_id IN (",
-        );
-        let mut separated = update.separated(", ");
-        for id in ids {
-            separated.push_bind(id.to_string());
-        }
-        update.push(")");
-        let result = update.build().execute(connection).await?;
-        Ok(result.rows_affected())
-    }
-
-    /// Applies a conditional status change.
+    /// Applies a move.
     pub async fn change_status(
         &self,
         id: EventId,
@@ -308,66 +481,85 @@ impl EventLog {
         Self::change_status_in(&mut connection, id, change).await
     }
 
-    /// Applies a conditional status change on the caller's connection or transaction, so it
-    /// can commit together with the effect it records.
+    /// Applies a move on the caller's connection or transaction, so it can commit together
+    /// with the effect it records. `published_at` is cleared by a return to PENDING (a
+    /// replay) and otherwise set if it was not; `dead_lettered_at` is set exactly while the
+    /// row is DEAD_LETTER.
     pub async fn change_status_in(
         connection: &mut MySqlConnection,
         id: EventId,
         change: StatusChange<'_>,
     ) -> Result<Transition, EventLogError> {
-        let mut update = sqlx::QueryBuilder::new("UPDATE event_log SET status = ");
-        update.push_bind(change.to.as_str());
-        if let Some(error) = change.error {
-            update.push(", last_error = ").push_bind(error);
-        }
-        if change.reset_attempts {
-            update.push(", retry_count = 0");
-        } else if change.count_attempt {
-            update.push(", retry_count = retry_count + 1");
-        }
-        update
-            .push(", next_attempt_at = ")
-            .push_bind(change.next_attempt_at);
-        if let Some((partition, offset)) = change.source {
-            update.push(", source_partition = ").push_bind(partition);
-            update.push(", source_offset = ").push_bind(offset);
-        }
-        push_published_at(&mut update, change.to);
-        update.push(" WHERE event_id = ").push_bind(id.to_string());
-        push_status_guard(&mut update, "status", change.to);
-        let result = update.build().execute(connection).await?;
-        Ok(if result.rows_affected() == 1 {
+        let to = change.step.to();
+        let result = change.result.map(serde_json::Value::to_string);
+        let (partition, offset) = change
+            .source
+            .map(|source| (source.partition, source.offset))
+            .unzip();
+        let updated = sqlx::query!(
+            "UPDATE event_log SET status = ?, \
+               last_error = COALESCE(?, last_error), \
+               result = COALESCE(?, result), \
+               retry_count = IF(?, 0, retry_count + ?), \
+               next_attempt_at = ?, \
+               source_partition = COALESCE(?, source_partition), \
+               source_offset = COALESCE(?, source_offset), \
+               published_at = IF(?, NULL, COALESCE(published_at, NOW(6))), \
+               dead_lettered_at = IF(?, COALESCE(dead_lettered_at, NOW(6)), NULL) \
+             WHERE event_id = ? AND FIND_IN_SET(status, ?)",
+            to,
+            change.error,
+            result,
+            change.reset_attempts,
+            i32::from(change.count_attempt),
+            change.next_attempt_at,
+            partition,
+            offset,
+            to == EventStatus::Pending,
+            to == EventStatus::DeadLetter,
+            id,
+            change.step.starting_states(),
+        )
+        .execute(connection)
+        .await?;
+        Ok(if updated.rows_affected() == 1 {
             Transition::Applied
         } else {
             Transition::Skipped
         })
     }
 
-    /// Moves every row of `ids` that may become `to` there, in one statement, recording
-    /// `result` with it when given; returns how many moved (the others had moved on).
+    /// Applies one move to every row of `ids` it may apply to, in one statement; returns
+    /// how many moved (the others had moved on). Leases and schedules are cleared.
     pub async fn change_status_of_many_in(
         connection: &mut MySqlConnection,
         ids: &[EventId],
-        to: EventStatus,
-        result: Option<&serde_json::Value>,
+        change: StatusChange<'_>,
     ) -> Result<u64, EventLogError> {
         if ids.is_empty() {
             return Ok(0);
         }
+        let to = change.step.to();
         let mut update = sqlx::QueryBuilder::new("UPDATE event_log SET status = ");
-        update.push_bind(to.as_str());
-        if let Some(result) = result {
+        update.push_bind(to);
+        if let Some(result) = change.result {
             update.push(", result = ").push_bind(result.to_string());
         }
         update.push(", next_attempt_at = NULL");
-        push_published_at(&mut update, to);
+        update.push(", published_at = IF(");
+        update.push_bind(to == EventStatus::Pending);
+        update.push(", NULL, COALESCE(published_at, NOW(6)))");
+        update.push(", dead_lettered_at = IF(");
+        update.push_bind(to == EventStatus::DeadLetter);
+        update.push(", COALESCE(dead_lettered_at, NOW(6)), NULL)");
         update.push(" WHERE event_id IN (");
         let mut separated = update.separated(", ");
         for id in ids {
-            separated.push_bind(id.to_string());
+            separated.push_bind(*id);
         }
+        update.push(") AND FIND_IN_SET(status, ");
+        update.push_bind(change.step.starting_states());
         update.push(")");
-        push_status_guard(&mut update, "status", to);
         Ok(update.build().execute(connection).await?.rows_affected())
     }
 
@@ -385,26 +577,18 @@ impl EventLog {
             sqlx::QueryBuilder::new("SELECT event_id, status FROM event_log WHERE event_id IN (");
         let mut separated = select.separated(", ");
         for id in ids {
-            separated.push_bind(id.to_string());
+            separated.push_bind(*id);
         }
         select.push(") FOR UPDATE");
-        let rows = select.build().fetch_all(connection).await?;
-        rows.iter()
-            .map(|row| {
-                let id: String = row.try_get("event_id")?;
-                let status: String = row.try_get("status")?;
-                let id = id
-                    .parse()
-                    .map_err(|_| EventLogError::CorruptRow(format!("event id {id:?}")))?;
-                Ok((id, status.parse()?))
-            })
-            .collect()
+        let rows: Vec<(EventId, EventStatus)> =
+            select.build_query_as().fetch_all(connection).await?;
+        Ok(rows.into_iter().collect())
     }
 
     /// Takes up to `limit` events of `event_types` whose next attempt is due at `now` (FAILED)
     /// or whose attempt lease ran out (IN_PROGRESS, its instance gone): under row locks that
-    /// other instances skip, they become IN_PROGRESS with a lease until `lease_until`, so
-    /// one attempt runs at a time whatever the number of instances.
+    /// other instances skip, they become IN_PROGRESS with a lease until `lease_until`
+    /// ([`Move::Claim`]), so one attempt runs at a time whatever the number of instances.
     pub async fn claim_due(
         &self,
         event_types: &[EventType],
@@ -415,29 +599,30 @@ impl EventLog {
         if event_types.is_empty() {
             return Ok(Vec::new());
         }
+        let types: Vec<&str> = event_types.iter().map(EventType::as_str).collect();
         let mut transaction = self.pool.begin().await?;
-        let mut select = sqlx::QueryBuilder::new(select_event_columns!());
-        select.push("WHERE next_attempt_at <= ").push_bind(now);
-        select.push(" AND status IN ('FAILED', 'IN_PROGRESS') AND event_type IN (");
-        let mut separated = select.separated(", ");
-        for event_type in event_types {
-            separated.push_bind(event_type.as_str());
-        }
-        select
-            .push(") ORDER BY next_attempt_at LIMIT ")
-            .push_bind(limit);
-        select.push(" FOR UPDATE SKIP LOCKED");
-        let rows = select.build().fetch_all(&mut *transaction).await?;
-        let records: Vec<EventRecord> =
-            rows.iter().map(record_from_row).collect::<Result<_, _>>()?;
-        if !records.is_empty() {
-            let mut claim = sqlx::QueryBuilder::new(
-                "UPDATE event_log SET status = 'IN_PROGRESS', next_attempt_at = ",
-            );
-            claim.push_bind(lease_until).push(" WHERE event_id IN (");
+        let rows: Vec<StoredEvent> = sqlx::query_as(concat!(
+            select_event_columns!(),
+            "WHERE next_attempt_at <= ? AND FIND_IN_SET(status, ?) \
+             AND FIND_IN_SET(event_type, ?) \
+             ORDER BY next_attempt_at LIMIT ? FOR UPDATE SKIP LOCKED"
+        ))
+        .bind(now)
+        .bind(Move::Claim.starting_states())
+        .bind(types.join(","))
+        .bind(limit)
+        .fetch_all(&mut *transaction)
+        .await?;
+        let records: Vec<EventRecord> = rows.into_iter().map(typed).collect::<Result<_, _>>()?;
+        let ids: Vec<EventId> = records.iter().map(|record| record.event_id).collect();
+        if !ids.is_empty() {
+            let mut claim = sqlx::QueryBuilder::new("UPDATE event_log SET status = ");
+            claim.push_bind(Move::Claim.to());
+            claim.push(", next_attempt_at = ").push_bind(lease_until);
+            claim.push(" WHERE event_id IN (");
             let mut separated = claim.separated(", ");
-            for record in &records {
-                separated.push_bind(&record.event_id);
+            for id in &ids {
+                separated.push_bind(*id);
             }
             claim.push(")");
             claim.build().execute(&mut *transaction).await?;
@@ -452,29 +637,39 @@ impl EventLog {
         after: Option<&DeadLetterCursor>,
         limit: u32,
     ) -> Result<Vec<EventRecord>, EventLogError> {
-        let mut select = sqlx::QueryBuilder::new(select_event_columns!());
-        select.push("WHERE dead_lettered_at IS NOT NULL");
-        if let Some(cursor) = after {
-            select
-                .push(" AND (dead_lettered_at, event_id) > (")
-                .push_bind(cursor.dead_lettered_at)
-                .push(", ")
-                .push_bind(cursor.event_id.to_string())
-                .push(")");
-        }
-        select
-            .push(" ORDER BY dead_lettered_at, event_id LIMIT ")
-            .push_bind(limit);
-        let rows = select.build().fetch_all(&self.pool).await?;
-        rows.iter().map(record_from_row).collect()
+        let rows =
+            match after {
+                None => {
+                    sqlx::query_as::<_, StoredEvent>(concat!(
+                        select_event_columns!(),
+                        "WHERE dead_lettered_at IS NOT NULL \
+                     ORDER BY dead_lettered_at, event_id LIMIT ?"
+                    ))
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
+                }
+                Some(cursor) => sqlx::query_as::<_, StoredEvent>(concat!(
+                    select_event_columns!(),
+                    "WHERE dead_lettered_at IS NOT NULL AND (dead_lettered_at, event_id) > (?, ?) \
+                     ORDER BY dead_lettered_at, event_id LIMIT ?"
+                ))
+                .bind(cursor.dead_lettered_at)
+                .bind(cursor.event_id)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?,
+            };
+        rows.into_iter().map(typed).collect()
     }
 
     pub async fn find(&self, id: EventId) -> Result<Option<EventRecord>, EventLogError> {
-        let row = sqlx::query(concat!(select_event_columns!(), "WHERE event_id = ?"))
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|row| record_from_row(&row)).transpose()
+        let row: Option<StoredEvent> =
+            sqlx::query_as(concat!(select_event_columns!(), "WHERE event_id = ?"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(typed).transpose()
     }
 
     /// Locks up to `limit` rows that stayed PENDING for longer than `older_than`, skipping
@@ -485,36 +680,37 @@ impl EventLog {
         older_than: Duration,
         limit: u32,
     ) -> Result<Vec<UnpublishedEvent>, EventLogError> {
-        let rows = sqlx::query(concat!(
+        let rows: Vec<StoredEvent> = sqlx::query_as(concat!(
             select_event_columns!(),
-            "WHERE published_at IS NULL AND status = 'PENDING' \
+            "WHERE published_at IS NULL AND status = ? \
              AND created_at < NOW(6) - INTERVAL ? MICROSECOND \
              ORDER BY created_at LIMIT ? FOR UPDATE SKIP LOCKED"
         ))
+        .bind(EventStatus::Pending)
         .bind(older_than.as_micros() as u64)
         .bind(limit)
         .fetch_all(connection)
         .await?;
-        rows.iter()
+        Ok(rows
+            .into_iter()
             .map(|row| {
-                let record = record_from_row(row)?;
-                let event_id: EventId = record.event_id.parse().map_err(|_| {
-                    EventLogError::CorruptRow(format!("event id {:?}", record.event_id))
-                })?;
-                let envelope = EventEnvelope::from_parts(
-                    event_id,
-                    &record.event_type,
-                    record.key,
-                    record.occurred_at,
-                    &record.payload.to_string(),
-                );
-                Ok(UnpublishedEvent {
-                    event_id,
-                    topic: record.topic,
-                    envelope,
-                })
+                let topic = topics::named(&row.topic);
+                let event = EventRecord::try_from(row).and_then(|record| {
+                    let envelope = record.envelope();
+                    let event_id = record.event_id;
+                    topic
+                        .map(|topic| OutboxEvent { topic, envelope })
+                        .ok_or_else(|| UndecodableRow {
+                            event_id,
+                            error: DecodeError::InvalidEnvelope(format!(
+                                "unknown topic {:?}",
+                                record.topic
+                            )),
+                        })
+                });
+                UnpublishedEvent(event)
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -526,7 +722,7 @@ pub struct DeadLetterCursor {
 }
 
 impl DeadLetterCursor {
-    /// `{microseconds since the epoch}-{event id}`, opaque to clients.
+    /// `{microseconds since the epoch}_{event id}`, opaque to clients.
     pub fn encode(&self) -> String {
         format!(
             "{}_{}",
@@ -544,69 +740,10 @@ impl DeadLetterCursor {
     }
 }
 
-/// A PENDING row the relay found; `envelope` fails when the row no longer decodes (an event
-/// type this version does not know).
+/// A PENDING row the relay found, or why it cannot be rebuilt into an event (an event type
+/// or topic this version does not know).
 #[derive(Debug)]
-pub struct UnpublishedEvent {
-    pub event_id: EventId,
-    pub topic: String,
-    pub envelope: Result<EventEnvelope, DecodeError>,
-}
-
-/// Appends the `published_at` and `dead_lettered_at` that go with moving to `to`:
-/// `published_at` is cleared by a return to PENDING (a replay), otherwise set if it was not;
-/// `dead_lettered_at` is set exactly while the row is DEAD_LETTER.
-fn push_published_at(query: &mut sqlx::QueryBuilder<sqlx::MySql>, to: EventStatus) {
-    query.push(if to == EventStatus::Pending {
-        ", published_at = NULL"
-    } else {
-        ", published_at = COALESCE(published_at, NOW(6))"
-    });
-    query.push(if to == EventStatus::DeadLetter {
-        ", dead_lettered_at = COALESCE(dead_lettered_at, NOW(6))"
-    } else {
-        ", dead_lettered_at = NULL"
-    });
-}
-
-/// Appends ` AND <column> IN (<states that may become `to`>)`.
-fn push_status_guard(query: &mut sqlx::QueryBuilder<sqlx::MySql>, column: &str, to: EventStatus) {
-    query.push(format_args!(" AND {column} IN ("));
-    let mut separated = query.separated(", ");
-    for from in to.predecessors() {
-        separated.push_bind(from.as_str());
-    }
-    query.push(")");
-}
-
-fn record_from_row(row: &sqlx::mysql::MySqlRow) -> Result<EventRecord, EventLogError> {
-    let payload: String = row.try_get("payload")?;
-    let status: String = row.try_get("status")?;
-    let result: Option<String> = row.try_get("result")?;
-    Ok(EventRecord {
-        event_id: row.try_get("event_id")?,
-        event_type: row.try_get("event_type")?,
-        topic: row.try_get("topic")?,
-        key: row.try_get("event_key")?,
-        payload: serde_json::from_str(&payload)
-            .map_err(|error| EventLogError::CorruptRow(format!("payload: {error}")))?,
-        status: status.parse()?,
-        retry_count: row.try_get("retry_count")?,
-        last_error: row.try_get("last_error")?,
-        result: result
-            .map(|text| serde_json::from_str(&text))
-            .transpose()
-            .map_err(|error| EventLogError::CorruptRow(format!("result: {error}")))?,
-        occurred_at: row.try_get("occurred_at")?,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-        published_at: row.try_get("published_at")?,
-        next_attempt_at: row.try_get("next_attempt_at")?,
-        source_partition: row.try_get("source_partition")?,
-        source_offset: row.try_get("source_offset")?,
-        dead_lettered_at: row.try_get("dead_lettered_at")?,
-    })
-}
+pub struct UnpublishedEvent(pub Result<OutboxEvent, UndecodableRow>);
 
 #[cfg(test)]
 mod tests {
@@ -637,6 +774,13 @@ mod tests {
             Completed.predecessors(),
             vec![Pending, Published, InProgress, Failed]
         );
+    }
+
+    #[test]
+    fn a_first_attempt_never_takes_an_event_another_attempt_holds() {
+        assert!(!Move::Take.from().contains(&EventStatus::InProgress));
+        // Only the scheduler's claim takes over a lease, and only once it ran out.
+        assert!(Move::Claim.from().contains(&EventStatus::InProgress));
     }
 
     #[test]

@@ -17,38 +17,42 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use uuid::Uuid;
 
-use crate::coupons::RefusalReason;
+pub use crate::ids::EventId;
+use crate::ids::{CouponHistoryId, CouponId, OrderId, PaymentId, ProductId, RequestId, UserId};
 
-/// Identifies one business event across the event log, Kafka and every consumer; consumers
-/// deduplicate by it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct EventId(Uuid);
+/// The design document's topics.
+pub mod topics {
+    pub const COUPON_REQUESTS: &str = "coupon-requests";
+    pub const COUPON_RESULTS: &str = "coupon-results";
+    pub const ORDER_COMPLETED: &str = "order-completed";
+    pub const EXTERNAL_EVENTS: &str = "external-events";
+    pub const PRODUCT_EVENTS: &str = "product-events";
 
-impl EventId {
-    /// A new, time-ordered (UUIDv7) id.
-    pub fn generate() -> Self {
-        Self(Uuid::now_v7())
+    pub const ALL: [&str; 5] = [
+        COUPON_REQUESTS,
+        COUPON_RESULTS,
+        ORDER_COMPLETED,
+        EXTERNAL_EVENTS,
+        PRODUCT_EVENTS,
+    ];
+
+    /// The topic of this name, as the constant above (names read back from rows).
+    pub fn named(name: &str) -> Option<&'static str> {
+        ALL.into_iter().find(|topic| *topic == name)
     }
 
-    pub fn as_uuid(&self) -> Uuid {
-        self.0
+    /// Where records of `topic` that cannot be processed go.
+    pub fn dead_letter_topic(topic: &str) -> String {
+        format!("{topic}.DLT")
     }
-}
 
-impl fmt::Display for EventId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.hyphenated().fmt(f)
-    }
-}
-
-impl FromStr for EventId {
-    type Err = uuid::Error;
-
-    fn from_str(value: &str) -> Result<Self, Self::Err> {
-        Uuid::parse_str(value).map(Self)
+    /// Every topic the daemon makes sure exists: the business topics and their dead-letter
+    /// topics.
+    pub fn all_with_dead_letters() -> Vec<String> {
+        ALL.iter()
+            .flat_map(|topic| [topic.to_string(), dead_letter_topic(topic)])
+            .collect()
     }
 }
 
@@ -81,6 +85,19 @@ impl EventType {
         EventType::OrderCompleted,
         EventType::ProductChanged,
     ];
+
+    /// The topic every event of this type is published to: the one table from event type
+    /// to topic. `None` for probes, which name the topic whose pipeline they check.
+    pub fn topic(self) -> Option<&'static str> {
+        match self {
+            EventType::PipelineProbe => None,
+            EventType::CouponRequested => Some(topics::COUPON_REQUESTS),
+            EventType::CouponResult => Some(topics::COUPON_RESULTS),
+            EventType::PaymentCompleted => Some(topics::EXTERNAL_EVENTS),
+            EventType::OrderCompleted => Some(topics::ORDER_COMPLETED),
+            EventType::ProductChanged => Some(topics::PRODUCT_EVENTS),
+        }
+    }
 
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -124,8 +141,32 @@ pub struct PipelineProbe {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CouponRequested {
-    pub user_id: u64,
-    pub coupon_id: u64,
+    pub user_id: UserId,
+    pub coupon_id: CouponId,
+}
+
+/// Why a coupon request got no coupon: the business result of a refused request, carried
+/// by its `CouponResult`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RefusalReason {
+    OutOfStock,
+    AlreadyIssued,
+    CouponNotFound,
+    NotStarted,
+    Expired,
+}
+
+impl RefusalReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RefusalReason::OutOfStock => "OUT_OF_STOCK",
+            RefusalReason::AlreadyIssued => "ALREADY_ISSUED",
+            RefusalReason::CouponNotFound => "COUPON_NOT_FOUND",
+            RefusalReason::NotStarted => "NOT_STARTED",
+            RefusalReason::Expired => "EXPIRED",
+        }
+    }
 }
 
 /// Payload of [`EventType::CouponResult`].
@@ -133,12 +174,12 @@ pub struct CouponRequested {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CouponResult {
     /// The request this decides (the event id of its `CouponRequested`).
-    pub request_id: EventId,
-    pub user_id: u64,
-    pub coupon_id: u64,
+    pub request_id: RequestId,
+    pub user_id: UserId,
+    pub coupon_id: CouponId,
     pub success: bool,
     #[serde(default)]
-    pub coupon_history_id: Option<u64>,
+    pub coupon_history_id: Option<CouponHistoryId>,
     #[serde(default)]
     pub reason: Option<RefusalReason>,
 }
@@ -147,9 +188,9 @@ pub struct CouponResult {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PaymentCompleted {
-    pub payment_id: u64,
-    pub order_id: u64,
-    pub user_id: u64,
+    pub payment_id: PaymentId,
+    pub order_id: OrderId,
+    pub user_id: UserId,
     pub amount: u64,
     pub timestamp: DateTime<Utc>,
 }
@@ -158,7 +199,7 @@ pub struct PaymentCompleted {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OrderedProduct {
-    pub id: u64,
+    pub id: ProductId,
     pub qty: u32,
 }
 
@@ -166,8 +207,8 @@ pub struct OrderedProduct {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OrderCompleted {
-    pub order_id: u64,
-    pub user_id: u64,
+    pub order_id: OrderId,
+    pub user_id: UserId,
     pub products: Vec<OrderedProduct>,
     pub total_amount: u64,
 }
@@ -186,7 +227,7 @@ pub enum ProductChange {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProductChanged {
-    pub product_id: u64,
+    pub product_id: ProductId,
     pub name: String,
     pub price: u64,
     pub stock: u32,
@@ -217,43 +258,50 @@ impl EventPayload {
         }
     }
 
+    /// Decodes a payload stored as JSON text (an event-log row's `payload`).
+    pub fn decode_json(event_type: EventType, text: &str) -> Result<Self, DecodeError> {
+        let raw: &RawValue = serde_json::from_str(text)
+            .map_err(|error| DecodeError::InvalidJson(error.to_string()))?;
+        Self::decode(event_type, raw)
+    }
+
     fn decode(event_type: EventType, raw: &RawValue) -> Result<Self, DecodeError> {
-        let invalid = |error: serde_json::Error| DecodeError::InvalidPayload {
-            event_type,
-            reason: error.to_string(),
-        };
-        match event_type {
-            EventType::PipelineProbe => serde_json::from_str(raw.get())
-                .map(EventPayload::PipelineProbe)
-                .map_err(invalid),
-            EventType::CouponRequested => serde_json::from_str(raw.get())
-                .map(EventPayload::CouponRequested)
-                .map_err(invalid),
-            EventType::CouponResult => serde_json::from_str(raw.get())
-                .map(EventPayload::CouponResult)
-                .map_err(invalid),
-            EventType::PaymentCompleted => serde_json::from_str(raw.get())
-                .map(EventPayload::PaymentCompleted)
-                .map_err(invalid),
-            EventType::OrderCompleted => serde_json::from_str(raw.get())
-                .map(EventPayload::OrderCompleted)
-                .map_err(invalid),
-            EventType::ProductChanged => serde_json::from_str(raw.get())
-                .map(EventPayload::ProductChanged)
-                .map_err(invalid),
+        fn parse<T: serde::de::DeserializeOwned>(
+            event_type: EventType,
+            raw: &RawValue,
+        ) -> Result<T, DecodeError> {
+            serde_json::from_str(raw.get()).map_err(|error| DecodeError::InvalidPayload {
+                event_type,
+                reason: error.to_string(),
+            })
         }
+        Ok(match event_type {
+            EventType::PipelineProbe => EventPayload::PipelineProbe(parse(event_type, raw)?),
+            EventType::CouponRequested => EventPayload::CouponRequested(parse(event_type, raw)?),
+            EventType::CouponResult => EventPayload::CouponResult(parse(event_type, raw)?),
+            EventType::PaymentCompleted => EventPayload::PaymentCompleted(parse(event_type, raw)?),
+            EventType::OrderCompleted => EventPayload::OrderCompleted(parse(event_type, raw)?),
+            EventType::ProductChanged => EventPayload::ProductChanged(parse(event_type, raw)?),
+        })
     }
 
     fn to_json(&self) -> serde_json::Value {
-        let encoded = match self {
-            EventPayload::PipelineProbe(probe) => serde_json::to_value(probe),
-            EventPayload::CouponRequested(request) => serde_json::to_value(request),
-            EventPayload::CouponResult(result) => serde_json::to_value(result),
-            EventPayload::PaymentCompleted(payment) => serde_json::to_value(payment),
-            EventPayload::OrderCompleted(order) => serde_json::to_value(order),
-            EventPayload::ProductChanged(product) => serde_json::to_value(product),
-        };
-        encoded.expect("payload structs serialize to JSON without fallible fields")
+        serde_json::to_value(self)
+            .expect("payload structs serialize to JSON without fallible fields")
+    }
+}
+
+/// A payload serializes as the payload struct it holds (the event log's `payload`).
+impl Serialize for EventPayload {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            EventPayload::PipelineProbe(probe) => probe.serialize(serializer),
+            EventPayload::CouponRequested(request) => request.serialize(serializer),
+            EventPayload::CouponResult(result) => result.serialize(serializer),
+            EventPayload::PaymentCompleted(payment) => payment.serialize(serializer),
+            EventPayload::OrderCompleted(order) => order.serialize(serializer),
+            EventPayload::ProductChanged(product) => product.serialize(serializer),
+        }
     }
 }
 
@@ -327,25 +375,6 @@ impl EventEnvelope {
             key: wire.key.into_owned(),
             occurred_at: wire.occurred_at,
             payload: EventPayload::decode(event_type, wire.payload)?,
-        })
-    }
-
-    /// Rebuilds an envelope from its stored parts (the event log's columns).
-    pub fn from_parts(
-        event_id: EventId,
-        event_type: &str,
-        key: String,
-        occurred_at: DateTime<Utc>,
-        payload_json: &str,
-    ) -> Result<Self, DecodeError> {
-        let event_type: EventType = event_type.parse()?;
-        let payload: &RawValue = serde_json::from_str(payload_json)
-            .map_err(|error| DecodeError::InvalidJson(error.to_string()))?;
-        Ok(Self {
-            event_id,
-            key,
-            occurred_at,
-            payload: EventPayload::decode(event_type, payload)?,
         })
     }
 

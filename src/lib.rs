@@ -44,6 +44,7 @@ pub mod delivery;
 pub mod error;
 pub mod event_log;
 pub mod events;
+pub mod ids;
 pub mod kafka;
 pub mod outbox;
 pub mod ranking;

@@ -1,25 +1,26 @@
 //! Wiring: builds every component from the settings, runs them, and shuts them down in
-//! order.
+//! order. [`Application::build_with_clock`] reads as the list of its steps: the stores, Kafka,
+//! then each slice's actors and consumer groups, the outbox relay, and the HTTP server.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Actor, Recipient};
+use actix::Addr;
 use actix_web::dev::Server;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context as _;
 use futures::future::join_all;
+use sqlx::MySqlPool;
 use tracing::{error, info, warn};
 use tracing_actix_web::TracingLogger;
 
 use crate::actors::ArbiterPool;
 use crate::actors::consumer_group::{ConsumerGroup, ConsumerGroupSpec};
-use crate::actors::domain::{DomainActor, ProcessBatch};
+use crate::actors::domain::{DomainActor, DomainHandler, PipelineProbes};
 use crate::actors::tree::ActorTree;
-use crate::api::{self, AppState};
+use crate::api::{self, AppState, CouponsState, OperationsState, RankingState, ShopState};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Settings;
 use crate::coupons::intake::CouponIntake;
@@ -29,16 +30,16 @@ use crate::coupons::notifier::ResultNotifier;
 use crate::coupons::sessions::Sessions;
 use crate::coupons::store::CouponStore;
 use crate::delivery::backoff::BackoffPolicy;
-use crate::delivery::forwarder::ExternalForwarder;
-use crate::delivery::scheduler::{RetryScheduler, RetrySchedulerWiring, StopScheduler};
-use crate::delivery::webhook::{Target, WebhookDeliverer};
+use crate::delivery::forwarder::Forwarder;
+use crate::delivery::scheduler::{RetryScheduler, StopScheduler};
+use crate::delivery::webhook::WebhookDeliverer;
+use crate::delivery::{self, Deliveries, DeliveriesWiring};
 use crate::event_log::EventLog;
-use crate::events::EventType;
+use crate::events::topics;
 use crate::kafka::cluster::KafkaCluster;
 use crate::kafka::consumer::UncommittedStart;
 use crate::kafka::dead_letter::DeadLetters;
 use crate::kafka::producer::EventPublisher;
-use crate::kafka::topics;
 use crate::outbox::Outbox;
 use crate::outbox::relay::{OutboxRelay, StopRelay};
 use crate::ranking::RankingStore;
@@ -52,6 +53,8 @@ use crate::stores::{self, RedisStore};
 const PRODUCT_CACHE_TTL: Duration = Duration::from_secs(3_600);
 /// How long the producer may take to deliver what is queued at shutdown.
 const PRODUCER_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for the retry scheduler's running attempts.
+const SCHEDULER_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The consumer group of `product-events`.
 pub const PRODUCT_EVENT_GROUP: &str = "product-event-group";
@@ -65,39 +68,6 @@ pub const RANKING_GROUP: &str = "ranking-updater-group";
 pub const ORDER_ANALYTICS_GROUP: &str = "order-analytics-group";
 /// The consumer group of `external-events` (the ExternalForwarder).
 pub const EXTERNAL_EVENT_GROUP: &str = "external-event-group";
-/// How long shutdown waits for the retry scheduler's running attempts.
-const SCHEDULER_STOP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Starts consumer groups with the shared settings.
-struct GroupFactory<'a> {
-    settings: &'a Settings,
-    bootstrap_servers: &'a str,
-    publisher: &'a EventPublisher,
-    event_log: &'a EventLog,
-    arbiters: &'a Arc<ArbiterPool>,
-}
-
-impl GroupFactory<'_> {
-    fn start(
-        &self,
-        group: &str,
-        topic: &str,
-        domain: Recipient<ProcessBatch>,
-        customize: impl FnOnce(&mut ConsumerGroupSpec),
-    ) -> anyhow::Result<ConsumerGroup> {
-        let mut spec = ConsumerGroupSpec::from_settings(
-            self.settings,
-            self.bootstrap_servers,
-            group,
-            BTreeMap::from([(topic.to_string(), domain)]),
-            self.publisher.clone(),
-            self.event_log.clone(),
-        );
-        customize(&mut spec);
-        ConsumerGroup::start(spec, self.arbiters.clone())
-            .with_context(|| format!("cannot start consumer group {group} on {topic}"))
-    }
-}
 
 /// Applies the migrations to the configured database (creating it if missing) and returns.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
@@ -115,136 +85,181 @@ pub struct Application {
     kafka: Arc<KafkaCluster>,
     publisher: EventPublisher,
     actors: ActorTree,
+    relay: Addr<OutboxRelay>,
+    scheduler: Addr<RetryScheduler>,
     arbiters: Arc<ArbiterPool>,
-    redis: RedisStore,
     sessions: Sessions,
 }
 
-impl Application {
-    /// Connects the stores, applies migrations, starts Kafka (embedded or external), the
-    /// actors and the HTTP listener. Must run inside an actix system.
-    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        Self::build_with_clock(settings, Arc::new(SystemClock)).await
-    }
+/// What every slice is wired from.
+struct Wiring {
+    settings: Settings,
+    clock: SharedClock,
+    /// The actors' pool. The HTTP handlers have their own (see [`Stores`]).
+    outbox: Outbox,
+    redis: RedisStore,
+    publisher: EventPublisher,
+    bootstrap_servers: String,
+    arbiters: Arc<ArbiterPool>,
+    probes: PipelineProbes,
+    /// Every long-lived actor, as it is started.
+    tree: ActorTree,
+}
 
-    /// [`Application::build`] with the clock the retry schedule reads (tests move it).
-    pub async fn build_with_clock(settings: Settings, clock: SharedClock) -> anyhow::Result<Self> {
-        // Bad external settings fail the start, before anything is running.
-        let external_targets = WebhookDeliverer::external_targets(&settings.external)?;
-        let delivers_externally = !external_targets.is_empty();
-        let mut targets = external_targets;
-        targets.insert(
-            EventType::OrderCompleted,
-            if settings.analytics.url.is_empty() {
-                Target::File(PathBuf::from(&settings.analytics.file))
-            } else {
-                Target::Http(settings.analytics.url.clone())
-            },
-        );
-        let deliverer = WebhookDeliverer::from_settings(targets, &settings.external)?;
+/// The stores of one daemon.
+///
+/// Two MySQL pools, for one reason: a connection is registered with the I/O driver of the
+/// runtime that opened it, and the HTTP workers' runtimes end first at shutdown while the
+/// actors still drain their partitions. The actors' connections must not come from them.
+struct Stores {
+    /// Opened and used by the actors' arbiters (`database.max_connections`).
+    actors: MySqlPool,
+    /// Opened and used by the HTTP workers (`database.http_max_connections`).
+    http: MySqlPool,
+    redis: RedisStore,
+}
+
+impl Stores {
+    async fn connect(settings: &Settings) -> anyhow::Result<Self> {
         stores::create_database_if_missing(&settings.database).await?;
-        let worker_pool =
+        let actors =
             stores::connect_mysql(&settings.database, settings.database.max_connections).await?;
-        stores::migrate(&worker_pool).await?;
-        let http_pool =
-            stores::connect_mysql(&settings.database, settings.database.max_connections).await?;
-
+        stores::migrate(&actors).await?;
+        let http =
+            stores::connect_mysql(&settings.database, settings.database.http_max_connections)
+                .await?;
         let redis = RedisStore::new(&settings.redis)?;
         redis.connect().await;
+        Ok(Self {
+            actors,
+            http,
+            redis,
+        })
+    }
+}
 
-        let kafka = Arc::new(KafkaCluster::connect(&settings.kafka)?);
-        kafka
-            .ensure_topics(&topics::all_with_dead_letters(), &settings.kafka)
-            .await?;
-        let bootstrap_servers = kafka.bootstrap_servers().to_string();
-        let publisher = EventPublisher::new(&bootstrap_servers, &settings.kafka)?;
+/// Starts the embedded cluster or points at the configured one, and makes sure the topics
+/// exist.
+async fn connect_kafka(settings: &Settings) -> anyhow::Result<(Arc<KafkaCluster>, EventPublisher)> {
+    let kafka = Arc::new(KafkaCluster::connect(&settings.kafka)?);
+    kafka
+        .ensure_topics(&topics::all_with_dead_letters(), &settings.kafka)
+        .await?;
+    let publisher = EventPublisher::new(kafka.bootstrap_servers(), &settings.kafka)?;
+    Ok((kafka, publisher))
+}
 
-        // The CouponIssuer and the ResultNotifier run on their own arbiters; each gets a pool
-        // whose connections are opened (and their I/O driven) there.
-        let issuer_pool =
-            stores::connect_mysql(&settings.database, settings.database.max_connections).await?;
-        let notifier_pool =
-            stores::connect_mysql(&settings.database, settings.database.max_connections).await?;
-        let worker_event_log = EventLog::new(worker_pool.clone());
-        let worker_outbox = Outbox::new(worker_event_log.clone(), publisher.clone());
-        let arbiters = Arc::new(ArbiterPool::new(settings.kafka.consumer.partition_threads));
-        let sessions = Sessions::default();
-        let groups = GroupFactory {
-            settings: &settings,
-            bootstrap_servers: &bootstrap_servers,
-            publisher: &publisher,
-            event_log: &worker_event_log,
-            arbiters: &arbiters,
-        };
+impl Wiring {
+    fn event_log(&self) -> &EventLog {
+        self.outbox.event_log()
+    }
 
-        let product_cache = ProductCache::new(redis.clone(), PRODUCT_CACHE_TTL);
-        let product_events = DomainActor::new(
-            ProductEventProcessor::new(product_cache.clone()),
-            worker_event_log.clone(),
-        )
-        .start_supervised(&arbiters.next());
-        let product_event_group = groups.start(
-            PRODUCT_EVENT_GROUP,
-            topics::PRODUCT_EVENTS,
-            product_events.clone().recipient(),
-            |_| {},
-        )?;
+    /// Starts a domain actor (its handler built by `factory` on the actor's arbiter) and the
+    /// consumer group `group` feeding it `topic`.
+    fn consume<H: DomainHandler>(
+        &mut self,
+        group: &str,
+        topic: &str,
+        factory: impl Fn() -> H + Send + 'static,
+        customize: impl FnOnce(&mut ConsumerGroupSpec),
+    ) -> anyhow::Result<()> {
+        let domain = DomainActor::start(&self.arbiters.next(), self.probes.clone(), factory);
+        let mut spec = ConsumerGroupSpec::from_settings(
+            &self.settings,
+            &self.bootstrap_servers,
+            group,
+            BTreeMap::from([(topic.to_string(), domain.clone().recipient())]),
+            self.publisher.clone(),
+            self.event_log().clone(),
+        );
+        customize(&mut spec);
+        let group = ConsumerGroup::start(spec, self.arbiters.clone())
+            .with_context(|| format!("cannot start consumer group {group} on {topic}"))?;
+        self.tree.consumer_groups.push(Arc::new(group));
+        self.tree.domain_actors.push(domain.recipient());
+        Ok(())
+    }
 
-        let coupon_issuer = DomainActor::new(
-            CouponIssuer::new(
-                CouponStore::new(issuer_pool.clone()),
-                Outbox::new(EventLog::new(issuer_pool), publisher.clone()),
-                RedisLocks::new(
-                    redis.clone(),
-                    Duration::from_millis(settings.coupons.lock_ttl_ms),
-                ),
-            ),
-            worker_event_log.clone(),
-        )
-        .start_supervised(&arbiters.next());
-        let coupon_request_group = groups.start(
+    /// The CouponIssuer on `coupon-requests`, this instance's ResultNotifier on
+    /// `coupon-results`, and the intake.
+    fn start_coupons(&mut self, sessions: &Sessions) -> anyhow::Result<CouponIntake> {
+        let coupons = &self.settings.coupons;
+        let lock_ttl = Duration::from_millis(coupons.lock_ttl_ms);
+        let (outbox, redis) = (self.outbox.clone(), self.redis.clone());
+        self.consume(
             COUPON_REQUEST_GROUP,
             topics::COUPON_REQUESTS,
-            coupon_issuer.clone().recipient(),
+            move || {
+                CouponIssuer::new(
+                    CouponStore::new(outbox.clone()),
+                    RedisLocks::new(redis.clone(), lock_ttl),
+                )
+            },
             |_| {},
         )?;
-
-        let result_notifier = DomainActor::new(
-            ResultNotifier::new(sessions.clone(), EventLog::new(notifier_pool)),
-            worker_event_log.clone(),
-        )
-        .start_supervised(&arbiters.next());
-        let result_notifier_group = groups.start(
-            &format!("{RESULT_NOTIFIER_GROUP_PREFIX}{}", settings.instance.id),
+        let (sessions, event_log) = (sessions.clone(), self.event_log().clone());
+        self.consume(
+            &format!(
+                "{RESULT_NOTIFIER_GROUP_PREFIX}{}",
+                self.settings.instance.id
+            ),
             topics::COUPON_RESULTS,
-            result_notifier.clone().recipient(),
+            move || ResultNotifier::new(sessions.clone(), event_log.clone()),
             // An instance's own group only serves its live sessions: a new instance starts
             // at the end of the results, not with the history of every result.
             |spec| spec.uncommitted_start = UncommittedStart::End,
         )?;
+        Ok(CouponIntake::start(
+            self.outbox.clone(),
+            self.settings.coupons.intake_writers,
+            self.settings.coupons.intake_max_batch,
+        ))
+    }
 
-        let ranking = RankingStore::new(redis.clone(), settings.ranking.retention_days);
-        let ranking_updater = DomainActor::new(
-            RankingUpdater::new(ranking.clone()),
-            worker_event_log.clone(),
-        )
-        .start_supervised(&arbiters.next());
-        let ranking_group = groups.start(
-            RANKING_GROUP,
-            topics::ORDER_COMPLETED,
-            ranking_updater.clone().recipient(),
+    /// The ProductEventProcessor on `product-events`, keeping the product cache.
+    fn start_shop(&mut self) -> anyhow::Result<ProductCache> {
+        let cache = ProductCache::new(self.redis.clone(), PRODUCT_CACHE_TTL);
+        let processor_cache = cache.clone();
+        self.consume(
+            PRODUCT_EVENT_GROUP,
+            topics::PRODUCT_EVENTS,
+            move || ProductEventProcessor::new(processor_cache.clone()),
             |_| {},
         )?;
+        Ok(cache)
+    }
 
-        // Deliveries (external webhooks, analytics) share one retry scheduler.
-        let external = &settings.external;
-        let lease = Duration::from_millis(external.lease_ms);
-        let dead_letters_of =
-            |group: &str| DeadLetters::new(publisher.clone(), worker_event_log.clone(), group);
-        let wiring = RetrySchedulerWiring {
-            event_log: worker_event_log.clone(),
-            event_types: deliverer.event_types(),
-            deliverer: deliverer.clone(),
+    /// The RankingUpdater on `order-completed`.
+    fn start_ranking(&mut self) -> anyhow::Result<RankingStore> {
+        let ranking = RankingStore::new(self.redis.clone(), self.settings.ranking.retention_days);
+        let updater_ranking = ranking.clone();
+        self.consume(
+            RANKING_GROUP,
+            topics::ORDER_COMPLETED,
+            move || RankingUpdater::new(updater_ranking.clone()),
+            |_| {},
+        )?;
+        Ok(ranking)
+    }
+
+    /// The forwarders (order analytics always; external events when `external.base_url`
+    /// is set) and the retry scheduler they share.
+    fn start_deliveries(
+        &mut self,
+        deliverer: WebhookDeliverer,
+        delivers_externally: bool,
+    ) -> anyhow::Result<Addr<RetryScheduler>> {
+        let external = &self.settings.external;
+        let dead_letters_of = |group: &str| {
+            DeadLetters::new(
+                self.publisher.clone(),
+                self.event_log().clone(),
+                self.settings.kafka.group_id(group),
+            )
+        };
+        let deliveries = Deliveries::new(DeliveriesWiring {
+            deliverer,
+            event_log: self.event_log().clone(),
             dead_letters: BTreeMap::from([
                 (
                     topics::EXTERNAL_EVENTS.to_string(),
@@ -256,128 +271,151 @@ impl Application {
                 ),
             ]),
             policy: BackoffPolicy::from_settings(&external.backoff),
-            clock: clock.clone(),
-            lease,
-            poll_interval: Duration::from_millis(external.poll_interval_ms.max(1)),
-            claim_batch: external.claim_batch.max(1),
+            clock: self.clock.clone(),
+            lease: Duration::from_millis(external.lease_ms),
             alert_url: Some(external.alert_url.clone()).filter(|url| !url.is_empty()),
-        };
-        let scheduler =
-            RetryScheduler::start_in_arbiter(&arbiters.next(), |_| RetryScheduler::new(wiring));
-        let forwarder = |name: &'static str| {
-            DomainActor::new(
-                ExternalForwarder::new(
-                    name,
-                    deliverer.clone(),
-                    worker_event_log.clone(),
-                    scheduler.clone(),
-                    clock.clone(),
-                    lease,
-                ),
-                worker_event_log.clone(),
-            )
-            .start_supervised(&arbiters.next())
-        };
-        let mut deliveries = Vec::new();
-        let analytics = forwarder("OrderAnalytics");
-        let analytics_group = groups.start(
+        });
+        let scheduler = RetryScheduler::new(
+            deliveries.clone(),
+            Duration::from_millis(external.poll_interval_ms.max(1)),
+            external.claim_batch,
+        )
+        .start_supervised(&self.arbiters.next());
+        self.tree
+            .background
+            .push(("retryScheduler", scheduler.clone().recipient()));
+        let analytics = deliveries.clone();
+        self.consume(
             ORDER_ANALYTICS_GROUP,
             topics::ORDER_COMPLETED,
-            analytics.clone().recipient(),
+            move || Forwarder::new("OrderAnalytics", analytics.clone()),
             |_| {},
         )?;
-        deliveries.push((analytics.recipient(), analytics_group));
         if delivers_externally {
-            let external_forwarder = forwarder("ExternalForwarder");
-            let group = groups.start(
+            self.consume(
                 EXTERNAL_EVENT_GROUP,
                 topics::EXTERNAL_EVENTS,
-                external_forwarder.clone().recipient(),
+                move || Forwarder::new("ExternalForwarder", deliveries.clone()),
                 |_| {},
             )?;
-            deliveries.push((external_forwarder.recipient(), group));
         } else {
             info!("external.base_url is empty: external-events is not consumed");
         }
+        Ok(scheduler)
+    }
 
-        let outbox_relay = OutboxRelay::new(worker_outbox.clone(), &settings.outbox).start();
-        let intake = CouponIntake::start(
-            worker_outbox,
-            settings.coupons.intake_writers,
-            settings.coupons.intake_max_batch,
-        );
+    /// The outbox relay, on the main arbiter.
+    fn start_relay(&mut self) -> Addr<OutboxRelay> {
+        let relay = OutboxRelay::new(self.outbox.clone(), &self.settings.outbox).start_supervised();
+        self.tree
+            .background
+            .push(("outboxRelay", relay.clone().recipient()));
+        relay
+    }
+}
 
-        let mut actors = ActorTree {
-            consumer_groups: vec![
-                Arc::new(coupon_request_group),
-                Arc::new(result_notifier_group),
-                Arc::new(product_event_group),
-                Arc::new(ranking_group),
-            ],
-            domain_actors: vec![
-                coupon_issuer.recipient(),
-                result_notifier.recipient(),
-                product_events.recipient(),
-                ranking_updater.recipient(),
-            ],
-            outbox_relay: Some(outbox_relay),
-            retry_scheduler: Some(scheduler),
-        };
-        for (forwarder, group) in deliveries {
-            actors.consumer_groups.push(Arc::new(group));
-            actors.domain_actors.push(forwarder);
-        }
+/// The HTTP server on the configured listener; returns it with its port.
+fn serve_http(settings: &Settings, state: AppState) -> anyhow::Result<(Server, u16)> {
+    let state = web::Data::new(state);
+    let http = &settings.http;
+    let listener = TcpListener::bind((http.host.as_str(), http.port))
+        .with_context(|| format!("cannot listen on {}:{}", http.host, http.port))?;
+    let port = listener.local_addr()?.port();
+    let server = HttpServer::new(move || {
+        App::new()
+            .wrap(api::json_errors())
+            .wrap(TracingLogger::default())
+            .app_data(state.clone())
+            .configure(api::configure)
+    })
+    .workers(http.workers.max(1))
+    .shutdown_timeout(http.shutdown_timeout_secs)
+    .disable_signals()
+    .listen(listener)?
+    .run();
+    info!(address = %format!("http://{}:{port}", http.host), "HTTP listening");
+    Ok((server, port))
+}
 
-        let http_event_log = EventLog::new(http_pool.clone());
-        let state = web::Data::new(AppState {
-            outbox: Outbox::new(http_event_log.clone(), publisher.clone()),
-            event_log: http_event_log,
-            redis: redis.clone(),
+impl Application {
+    /// Connects the stores, applies migrations, starts Kafka (embedded or external), the
+    /// actors and the HTTP listener. Must run inside an actix system.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        Self::build_with_clock(settings, Arc::new(SystemClock)).await
+    }
+
+    /// [`Application::build`] with the clock the retry schedule, payments and the ranking
+    /// read (tests move it).
+    pub async fn build_with_clock(settings: Settings, clock: SharedClock) -> anyhow::Result<Self> {
+        // Bad delivery settings fail the start, before anything is running.
+        let targets = delivery::targets(&settings.external, &settings.analytics)?;
+        let delivers_externally = !settings.external.base_url.is_empty();
+        let deliverer = WebhookDeliverer::from_settings(targets, &settings.external)?;
+
+        let stores = Stores::connect(&settings).await?;
+        let (kafka, publisher) = connect_kafka(&settings).await?;
+        let arbiters = Arc::new(ArbiterPool::new(settings.kafka.consumer.partition_threads));
+        let actors_event_log = EventLog::new(stores.actors.clone());
+        let mut wiring = Wiring {
+            outbox: Outbox::new(actors_event_log.clone(), publisher.clone()),
+            probes: PipelineProbes::new(actors_event_log),
+            redis: stores.redis.clone(),
             publisher: publisher.clone(),
-            actors: actors.clone(),
-            coupons: CouponStore::new(http_pool.clone()),
-            intake,
-            sessions: sessions.clone(),
-            max_total_quantity: settings.coupons.max_total_quantity,
-            shop: ShopStore::new(http_pool.clone()),
+            bootstrap_servers: kafka.bootstrap_servers().to_string(),
+            arbiters: arbiters.clone(),
             clock: clock.clone(),
-            ranking,
-            product_cache,
-            max_ranking_days: settings
-                .ranking
-                .max_days
-                .min(settings.ranking.retention_days),
-        });
-        let listener = TcpListener::bind((settings.http.host.as_str(), settings.http.port))
-            .with_context(|| {
-                format!(
-                    "cannot listen on {}:{}",
-                    settings.http.host, settings.http.port
-                )
-            })?;
-        let port = listener.local_addr()?.port();
-        let server = HttpServer::new(move || {
-            App::new()
-                .wrap(api::json_errors())
-                .wrap(TracingLogger::default())
-                .app_data(state.clone())
-                .configure(api::configure)
-        })
-        .workers(settings.http.workers.max(1))
-        .shutdown_timeout(settings.http.shutdown_timeout_secs)
-        .disable_signals()
-        .listen(listener)?
-        .run();
-        info!(address = %format!("http://{}:{port}", settings.http.host), "HTTP listening");
+            tree: ActorTree::default(),
+            settings,
+        };
+
+        let sessions = Sessions::default();
+        let intake = wiring.start_coupons(&sessions)?;
+        let product_cache = wiring.start_shop()?;
+        let ranking = wiring.start_ranking()?;
+        let scheduler = wiring.start_deliveries(deliverer, delivers_externally)?;
+        let relay = wiring.start_relay();
+
+        let settings = &wiring.settings;
+        let http_outbox = Outbox::new(EventLog::new(stores.http.clone()), publisher.clone());
+        let state = AppState {
+            coupons: CouponsState {
+                store: CouponStore::new(http_outbox.clone()),
+                intake,
+                sessions: sessions.clone(),
+                max_total_quantity: settings.coupons.max_total_quantity,
+            },
+            shop: ShopState {
+                store: ShopStore::new(http_outbox.clone()),
+                cache: product_cache,
+            },
+            ranking: RankingState {
+                store: ranking,
+                max_days: settings
+                    .ranking
+                    .max_days
+                    .min(settings.ranking.retention_days),
+            },
+            operations: OperationsState {
+                event_log: http_outbox.event_log().clone(),
+                outbox: http_outbox,
+                redis: stores.redis.clone(),
+                publisher: publisher.clone(),
+                actors: wiring.tree.clone(),
+                scheduler: scheduler.clone(),
+            },
+            clock,
+        };
+        let (server, port) = serve_http(settings, state)?;
 
         Ok(Self {
             port,
             server,
             kafka,
             publisher,
-            actors,
+            actors: wiring.tree,
+            relay,
+            scheduler,
             arbiters,
-            redis,
             sessions,
         })
     }
@@ -390,21 +428,14 @@ impl Application {
         self.kafka.clone()
     }
 
-    pub fn actors(&self) -> ActorTree {
-        self.actors.clone()
-    }
-
     pub fn publisher(&self) -> EventPublisher {
         self.publisher.clone()
     }
 
-    pub fn redis(&self) -> RedisStore {
-        self.redis.clone()
-    }
-
     /// Serves until `shutdown` resolves, then stops in order: HTTP intake, partitions
-    /// (drain and commit), the outbox relay, the producer (flush), WebSocket and SSE
-    /// sessions with the HTTP server's remaining connections, and the arbiters.
+    /// (drain and commit), the outbox relay and the retry scheduler, the producer (flush),
+    /// WebSocket and SSE sessions with the HTTP server's remaining connections, and the
+    /// arbiters.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let server_handle = self.server.handle();
         let mut server = actix_rt::spawn(self.server);
@@ -428,16 +459,13 @@ impl Application {
         )
         .await;
 
-        if let Some(relay) = &self.actors.outbox_relay {
-            let _ = relay.send(StopRelay).await;
-        }
-        if let Some(scheduler) = &self.actors.retry_scheduler {
-            let _ = scheduler
-                .send(StopScheduler {
-                    timeout: SCHEDULER_STOP_TIMEOUT,
-                })
-                .await;
-        }
+        let _ = self.relay.send(StopRelay).await;
+        let _ = self
+            .scheduler
+            .send(StopScheduler {
+                timeout: SCHEDULER_STOP_TIMEOUT,
+            })
+            .await;
 
         info!("shutdown: flushing the producer");
         let publisher = self.publisher.clone();

@@ -15,6 +15,41 @@ use tracing::{info, warn};
 
 use crate::config::{DatabaseSettings, RedisSettings};
 
+/// Stores an enum as the text of its `as_str()` (a `VARCHAR` column), read back with its
+/// `FromStr`, so statuses are bound, never written into SQL as literals.
+macro_rules! text_column {
+    ($type:ty) => {
+        impl sqlx::Type<sqlx::MySql> for $type {
+            fn type_info() -> sqlx::mysql::MySqlTypeInfo {
+                <str as sqlx::Type<sqlx::MySql>>::type_info()
+            }
+
+            fn compatible(ty: &sqlx::mysql::MySqlTypeInfo) -> bool {
+                <str as sqlx::Type<sqlx::MySql>>::compatible(ty)
+            }
+        }
+
+        impl<'q> sqlx::Encode<'q, sqlx::MySql> for $type {
+            fn encode_by_ref(
+                &self,
+                buffer: &mut Vec<u8>,
+            ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+                <&str as sqlx::Encode<sqlx::MySql>>::encode(self.as_str(), buffer)
+            }
+        }
+
+        impl<'r> sqlx::Decode<'r, sqlx::MySql> for $type {
+            fn decode(
+                value: sqlx::mysql::MySqlValueRef<'r>,
+            ) -> Result<Self, sqlx::error::BoxDynError> {
+                let text = <&str as sqlx::Decode<sqlx::MySql>>::decode(value)?;
+                Ok(text.parse::<$type>()?)
+            }
+        }
+    };
+}
+pub(crate) use text_column;
+
 /// The schema, embedded in the binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 

@@ -1,28 +1,38 @@
 //! Domain actors: the supervised actors that own a topic's business logic.
 //!
-//! Every domain actor is a [`DomainActor`] around a [`DomainHandler`] (CouponIssuer,
-//! RankingUpdater, ExternalForwarder, ...). The wrapper supplies what all of them share:
-//! supervision (a fatal error or a panic stops the actor and actix's `Supervisor` restarts
-//! it; the batch is answered with a fatal outcome first, so the partition actor retries it),
-//! counters for the admin view, and pipeline probes, which it completes itself for every
-//! topic.
+//! A domain's logic is a [`DomainHandler`]: plain async code on `&self` that gets one
+//! partition's batch and answers one [`EventOutcome`] per event. Its actor, a
+//! [`DomainActor`], runs on one arbiter; the handler is built there by a factory, so it may
+//! hold `Rc` and other single-thread dependencies, and keeps its statistics in a typed
+//! struct the wrapper lends it ([`Stats`]).
 //!
-//! Batches from different partitions are handled concurrently; each partition actor keeps
-//! at most one batch in flight, so the order within a partition holds.
+//! The wrapper supplies what every domain shares:
+//! - **Pipeline probes** go to their own handler ([`PipelineProbes`]), which completes their
+//!   event-log rows; the domain handler sees only its own events.
+//! - **Independent batches**: each batch runs as its own task holding its own handle on the
+//!   handler, so batches of different partitions proceed concurrently, and a restart
+//!   never cancels another partition's batch in flight. Each partition actor keeps at most
+//!   one batch in flight, so the order within a partition holds.
+//! - **Supervision**: a fatal outcome or a panic (caught, answered as fatal, so the
+//!   partition actor retries the batch) stops the actor; actix's `Supervisor` restarts it
+//!   and [`Supervised::restarting`] rebuilds the handler from its factory. Restarts are
+//!   counted; statistics survive them.
+//! - **Counters** for the admin view ([`DomainActorState`]).
 
-use std::any::Any;
+use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use actix::prelude::*;
 use futures::FutureExt;
-use futures::future::LocalBoxFuture;
 use serde::Serialize;
 use tracing::{error, warn};
 
-use crate::error::{Classify, ErrorClass};
-use crate::event_log::{EventLog, EventStatus, StatusChange, Transition};
-use crate::events::{EventEnvelope, EventPayload};
+use crate::error::{Classify, ErrorClass, panic_message};
+use crate::event_log::{EventLog, Move, StatusChange};
+use crate::events::{EventEnvelope, EventId, EventPayload};
 use crate::kafka::TopicPartition;
 
 /// A batch of decoded events from one partition, in offset order.
@@ -54,6 +64,20 @@ impl BatchOrigin {
     }
 }
 
+/// What a handler gets: the events of one partition, in offset order, with their origin.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    pub origin: BatchOrigin,
+    pub events: Arc<[EventEnvelope]>,
+}
+
+impl Batch {
+    /// Each event with the offset it was read from.
+    pub fn with_offsets(&self) -> impl Iterator<Item = (&EventEnvelope, i64)> {
+        self.events.iter().zip(self.origin.offsets.iter().copied())
+    }
+}
+
 /// Asks a domain actor for its observable state.
 #[derive(Message)]
 #[rtype(result = "DomainActorState")]
@@ -74,6 +98,10 @@ impl EventOutcome {
     /// Whether the event may succeed if tried again.
     pub fn is_transient(&self) -> bool {
         matches!(self, EventOutcome::Failed(error) if error.class != ErrorClass::Permanent)
+    }
+
+    fn is_fatal(&self) -> bool {
+        matches!(self, EventOutcome::Failed(error) if error.class == ErrorClass::Fatal)
     }
 }
 
@@ -106,7 +134,7 @@ impl<T> AppliedInOneCall<T> {
                 }
                 None => {
                     selected.outcomes[position] = Some(EventOutcome::Failed(
-                        HandlerError::permanent(format!("{} is not {kind}", event.event_type())),
+                        HandlerError::not_for_this_handler(event, kind),
                     ))
                 }
             }
@@ -171,10 +199,20 @@ impl HandlerError {
     pub fn from_error<E: Classify + std::fmt::Display>(error: &E) -> Self {
         Self::new(error.class(), error.to_string())
     }
+
+    /// An event of a type this handler does not process (a record on the wrong topic).
+    pub fn not_for_this_handler(event: &EventEnvelope, kind: &str) -> Self {
+        Self::permanent(format!("{} is not {kind}", event.event_type()))
+    }
 }
 
-/// The business logic of one domain.
-pub trait DomainHandler: Unpin + 'static {
+/// The business logic of one domain. Built on the actor's arbiter by a factory (see
+/// [`DomainActor::start`]); called with one partition's batch at a time per partition, and
+/// with batches of several partitions concurrently.
+pub trait DomainHandler: 'static {
+    /// The handler's own counters, shown in the admin view; they survive restarts.
+    type Stats: Serialize + Default + 'static;
+
     /// The actor's name in the admin view.
     fn name(&self) -> &'static str;
 
@@ -183,17 +221,63 @@ pub trait DomainHandler: Unpin + 'static {
     /// report the remaining events as failed too: they are retried from the first transient
     /// failure on, and everything must be idempotent by event id.
     fn handle(
-        &mut self,
-        origin: &BatchOrigin,
-        events: Arc<[EventEnvelope]>,
-    ) -> LocalBoxFuture<'static, Vec<EventOutcome>>;
+        &self,
+        batch: &Batch,
+        stats: &Stats<Self::Stats>,
+    ) -> impl Future<Output = Vec<EventOutcome>>;
+}
 
-    /// Called when the actor is restarted after a fatal error, to rebuild state.
-    fn restarted(&mut self) {}
+/// Completes pipeline probes, whatever the topic: a probe is done when its event-log row
+/// reaches COMPLETED; a second delivery finds it there already and is a duplicate.
+#[derive(Clone)]
+pub struct PipelineProbes {
+    event_log: EventLog,
+}
 
-    /// The handler's own counters for the admin view (serializable, deterministic order).
-    fn details(&self) -> Option<serde_json::Value> {
-        None
+impl PipelineProbes {
+    pub fn new(event_log: EventLog) -> Self {
+        Self { event_log }
+    }
+
+    async fn complete(&self, probe: EventId) -> EventOutcome {
+        match self
+            .event_log
+            .change_status(probe, StatusChange::new(Move::Complete))
+            .await
+        {
+            Ok(crate::event_log::Transition::Applied) => EventOutcome::Done,
+            Ok(crate::event_log::Transition::Skipped) => EventOutcome::Duplicate,
+            Err(error) => EventOutcome::Failed(HandlerError::from_error(&error)),
+        }
+    }
+}
+
+/// A handler's statistics, shared by its batches in flight and by tasks they leave
+/// running (one thread; a borrow never outlives [`Stats::update`]).
+pub struct Stats<S>(Rc<RefCell<S>>);
+
+impl<S> Clone for Stats<S> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<S: Default> Default for Stats<S> {
+    fn default() -> Self {
+        Self(Rc::default())
+    }
+}
+
+impl<S> Stats<S> {
+    pub fn update(&self, change: impl FnOnce(&mut S)) {
+        change(&mut self.0.borrow_mut());
+    }
+
+    fn view(&self) -> serde_json::Value
+    where
+        S: Serialize,
+    {
+        serde_json::to_value(&*self.0.borrow()).expect("handler statistics serialize")
     }
 }
 
@@ -206,149 +290,74 @@ pub struct DomainActorState {
     pub duplicates: u64,
     pub failed: u64,
     pub restarts: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub details: Option<serde_json::Value>,
+    /// The handler's own statistics (its `Stats`), as shown in the admin view.
+    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
+    pub details: serde_json::Value,
 }
 
-/// A supervised domain actor; start it with [`DomainActor::start_supervised`].
+/// The wrapper's own counters, shared with the batches in flight.
+#[derive(Default)]
+struct Counters {
+    processed: Cell<u64>,
+    duplicates: Cell<u64>,
+    failed: Cell<u64>,
+}
+
+impl Counters {
+    fn record(&self, outcomes: &[EventOutcome]) {
+        for outcome in outcomes {
+            let counter = match outcome {
+                EventOutcome::Done => &self.processed,
+                EventOutcome::Duplicate => &self.duplicates,
+                EventOutcome::Failed(_) => &self.failed,
+            };
+            counter.set(counter.get() + 1);
+        }
+    }
+}
+
+/// Stops the actor for a restart, unless a restart already replaced the handler that
+/// failed.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct RestartAfterFatal {
+    generation: u64,
+}
+
+/// A supervised domain actor; start it with [`DomainActor::start`].
 pub struct DomainActor<H: DomainHandler> {
-    handler: H,
-    event_log: EventLog,
-    state: DomainActorState,
+    factory: Box<dyn Fn() -> H>,
+    handler: Rc<H>,
+    /// Counts handlers built; a fatal batch names the one it ran on.
+    generation: u64,
+    probes: PipelineProbes,
+    stats: Stats<H::Stats>,
+    counters: Rc<Counters>,
+    name: &'static str,
+    restarts: u64,
 }
 
 impl<H: DomainHandler> DomainActor<H> {
-    pub fn new(handler: H, event_log: EventLog) -> Self {
-        let state = DomainActorState {
-            name: handler.name(),
-            ..DomainActorState::default()
-        };
-        Self {
-            handler,
-            event_log,
-            state,
-        }
-    }
-
-    /// Starts the actor under a `Supervisor` on the given arbiter.
-    pub fn start_supervised(self, arbiter: &actix::ArbiterHandle) -> Addr<Self>
-    where
-        H: Send,
-    {
-        Supervisor::start_in_arbiter(arbiter, move |_| self)
-    }
-
-    fn record(&mut self, outcomes: &[EventOutcome]) {
-        for outcome in outcomes {
-            match outcome {
-                EventOutcome::Done => self.state.processed += 1,
-                EventOutcome::Duplicate => self.state.duplicates += 1,
-                EventOutcome::Failed(_) => self.state.failed += 1,
+    /// Starts the actor under a `Supervisor` on `arbiter`; `factory` builds the handler
+    /// there, and again at every restart.
+    pub fn start(
+        arbiter: &ArbiterHandle,
+        probes: PipelineProbes,
+        factory: impl Fn() -> H + Send + 'static,
+    ) -> Addr<Self> {
+        Supervisor::start_in_arbiter(arbiter, move |_| {
+            let handler = factory();
+            Self {
+                name: handler.name(),
+                handler: Rc::new(handler),
+                factory: Box::new(factory),
+                generation: 0,
+                probes,
+                stats: Stats::default(),
+                counters: Rc::default(),
+                restarts: 0,
             }
-        }
-    }
-
-    /// Runs the handler for the non-probe events and completes the probes, keeping the
-    /// outcomes in event order.
-    fn dispatch(
-        &mut self,
-        origin: &BatchOrigin,
-        events: Arc<[EventEnvelope]>,
-    ) -> LocalBoxFuture<'static, Vec<EventOutcome>> {
-        let is_probe =
-            |event: &EventEnvelope| matches!(event.payload, EventPayload::PipelineProbe(_));
-        if !events.iter().any(is_probe) {
-            return self.guarded_handle(origin, events);
-        }
-        let (probes, domain): (Vec<_>, Vec<_>) = events
-            .iter()
-            .cloned()
-            .enumerate()
-            .partition(|(_, event)| is_probe(event));
-        let domain_positions: Vec<usize> = domain.iter().map(|(position, _)| *position).collect();
-        let domain_events: Arc<[EventEnvelope]> =
-            domain.into_iter().map(|(_, event)| event).collect();
-        let domain_outcomes = if domain_events.is_empty() {
-            FutureExt::boxed_local(futures::future::ready(Vec::new()))
-        } else {
-            self.guarded_handle(&origin.select(&domain_positions), domain_events)
-        };
-        let event_log = self.event_log.clone();
-        let total = events.len();
-        async move {
-            let mut outcomes = vec![EventOutcome::Done; total];
-            for (position, probe) in probes {
-                outcomes[position] = complete_probe(&event_log, &probe).await;
-            }
-            for (position, outcome) in domain_positions.into_iter().zip(domain_outcomes.await) {
-                outcomes[position] = outcome;
-            }
-            outcomes
-        }
-        .boxed_local()
-    }
-
-    /// Calls the handler, turning a panic (now or while its future runs) and a wrong
-    /// number of outcomes into fatal failures.
-    fn guarded_handle(
-        &mut self,
-        origin: &BatchOrigin,
-        events: Arc<[EventEnvelope]>,
-    ) -> LocalBoxFuture<'static, Vec<EventOutcome>> {
-        let count = events.len();
-        let name = self.handler.name();
-        let started =
-            std::panic::catch_unwind(AssertUnwindSafe(|| self.handler.handle(origin, events)));
-        let future = match started {
-            Ok(future) => future,
-            Err(panic) => {
-                return FutureExt::boxed_local(futures::future::ready(all_fatal(
-                    count,
-                    &panic_message(name, &panic),
-                )));
-            }
-        };
-        AssertUnwindSafe(future)
-            .catch_unwind()
-            .map(move |result| match result {
-                Ok(outcomes) if outcomes.len() == count => outcomes,
-                Ok(outcomes) => all_fatal(
-                    count,
-                    &format!(
-                        "{name} returned {} outcomes for {count} events",
-                        outcomes.len()
-                    ),
-                ),
-                Err(panic) => all_fatal(count, &panic_message(name, &panic)),
-            })
-            .boxed_local()
-    }
-}
-
-fn all_fatal(count: usize, message: &str) -> Vec<EventOutcome> {
-    error!(message, "domain handler failed fatally");
-    vec![EventOutcome::Failed(HandlerError::fatal(message)); count]
-}
-
-fn panic_message(name: &str, panic: &Box<dyn Any + Send>) -> String {
-    let text = panic
-        .downcast_ref::<&str>()
-        .map(|text| text.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "non-text panic".into());
-    format!("{name} panicked: {text}")
-}
-
-/// A probe is done when its event-log row reaches COMPLETED; a second delivery finds it
-/// there already and is a duplicate.
-async fn complete_probe(event_log: &EventLog, probe: &EventEnvelope) -> EventOutcome {
-    match event_log
-        .change_status(probe.event_id, StatusChange::to(EventStatus::Completed))
-        .await
-    {
-        Ok(Transition::Applied) => EventOutcome::Done,
-        Ok(Transition::Skipped) => EventOutcome::Duplicate,
-        Err(error) => EventOutcome::Failed(HandlerError::from_error(&error)),
+        })
     }
 }
 
@@ -358,32 +367,53 @@ impl<H: DomainHandler> Actor for DomainActor<H> {
 
 impl<H: DomainHandler> Supervised for DomainActor<H> {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
-        self.state.restarts += 1;
+        self.restarts += 1;
         warn!(
-            actor = self.state.name,
-            restarts = self.state.restarts,
+            actor = self.name,
+            restarts = self.restarts,
             "domain actor restarting"
         );
-        self.handler.restarted();
+        self.handler = Rc::new((self.factory)());
+        self.generation += 1;
     }
 }
 
 impl<H: DomainHandler> Handler<ProcessBatch> for DomainActor<H> {
-    type Result = ResponseActFuture<Self, Vec<EventOutcome>>;
+    type Result = ResponseFuture<Vec<EventOutcome>>;
 
-    fn handle(&mut self, batch: ProcessBatch, _ctx: &mut Self::Context) -> Self::Result {
-        let work = self.dispatch(&batch.origin, batch.events);
-        Box::pin(actix::fut::wrap_future(work).map(move |outcomes: Vec<EventOutcome>, actor: &mut Self, ctx| {
-            actor.record(&outcomes);
-            let fatal = outcomes.iter().any(|outcome| {
-                matches!(outcome, EventOutcome::Failed(error) if error.class == ErrorClass::Fatal)
-            });
-            if fatal {
-                warn!(actor = actor.state.name, source = %batch.origin.source, "fatal failure: stopping for restart");
-                ctx.stop();
+    fn handle(&mut self, batch: ProcessBatch, ctx: &mut Self::Context) -> Self::Result {
+        let run = BatchRun {
+            handler: self.handler.clone(),
+            probes: self.probes.clone(),
+            stats: self.stats.clone(),
+            name: self.name,
+        };
+        let counters = self.counters.clone();
+        let actor = ctx.address();
+        let generation = self.generation;
+        let source = batch.origin.source.clone();
+        let name = self.name;
+        // Not tied to the actor's context: a restart for another batch's fatal error
+        // cancels nothing here.
+        Box::pin(async move {
+            let outcomes = run.run(batch).await;
+            counters.record(&outcomes);
+            if outcomes.iter().any(EventOutcome::is_fatal) {
+                warn!(actor = name, %source, "fatal failure: stopping for restart");
+                actor.do_send(RestartAfterFatal { generation });
             }
             outcomes
-        }))
+        })
+    }
+}
+
+impl<H: DomainHandler> Handler<RestartAfterFatal> for DomainActor<H> {
+    type Result = ();
+
+    fn handle(&mut self, restart: RestartAfterFatal, ctx: &mut Self::Context) {
+        if restart.generation == self.generation {
+            ctx.stop();
+        }
     }
 }
 
@@ -392,8 +422,87 @@ impl<H: DomainHandler> Handler<ObserveDomain> for DomainActor<H> {
 
     fn handle(&mut self, _: ObserveDomain, _ctx: &mut Self::Context) -> Self::Result {
         MessageResult(DomainActorState {
-            details: self.handler.details(),
-            ..self.state.clone()
+            name: self.name,
+            processed: self.counters.processed.get(),
+            duplicates: self.counters.duplicates.get(),
+            failed: self.counters.failed.get(),
+            restarts: self.restarts,
+            details: self.stats.view(),
         })
     }
+}
+
+/// One batch's run, holding its own handles.
+struct BatchRun<H: DomainHandler> {
+    handler: Rc<H>,
+    probes: PipelineProbes,
+    stats: Stats<H::Stats>,
+    name: &'static str,
+}
+
+impl<H: DomainHandler> BatchRun<H> {
+    /// Hands the domain events to the handler and the probes to the probe handler, keeping
+    /// the outcomes in event order.
+    async fn run(self, batch: ProcessBatch) -> Vec<EventOutcome> {
+        let is_probe =
+            |event: &EventEnvelope| matches!(event.payload, EventPayload::PipelineProbe(_));
+        if !batch.events.iter().any(is_probe) {
+            return self
+                .guarded(Batch {
+                    origin: batch.origin,
+                    events: batch.events,
+                })
+                .await;
+        }
+        let mut outcomes = vec![EventOutcome::Done; batch.events.len()];
+        let mut domain_positions = Vec::new();
+        for (position, event) in batch.events.iter().enumerate() {
+            if is_probe(event) {
+                outcomes[position] = self.probes.complete(event.event_id).await;
+            } else {
+                domain_positions.push(position);
+            }
+        }
+        if domain_positions.is_empty() {
+            return outcomes;
+        }
+        let domain = Batch {
+            origin: batch.origin.select(&domain_positions),
+            events: domain_positions
+                .iter()
+                .map(|position| batch.events[*position].clone())
+                .collect(),
+        };
+        for (position, outcome) in domain_positions.into_iter().zip(self.guarded(domain).await) {
+            outcomes[position] = outcome;
+        }
+        outcomes
+    }
+
+    /// Calls the handler, turning a panic and a wrong number of outcomes into fatal
+    /// failures.
+    async fn guarded(&self, batch: Batch) -> Vec<EventOutcome> {
+        let count = batch.events.len();
+        // Inside the async block, a panic while building the handler's future is caught too.
+        let handled = AssertUnwindSafe(async { self.handler.handle(&batch, &self.stats).await })
+            .catch_unwind()
+            .await;
+        match handled {
+            Ok(outcomes) if outcomes.len() == count => outcomes,
+            Ok(outcomes) => all_fatal(
+                count,
+                &format!(
+                    "{} returned {} outcomes for {count} events",
+                    self.name,
+                    outcomes.len()
+                ),
+            ),
+            Err(panic) => all_fatal(count, &panic_message(self.name, &panic)),
+        }
+    }
+}
+
+fn all_fatal(count: usize, message: &str) -> Vec<EventOutcome> {
+    error!(message, "domain handler failed fatally");
+    vec![EventOutcome::Failed(HandlerError::fatal(message)); count]
 }

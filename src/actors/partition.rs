@@ -11,6 +11,11 @@
 //!
 //! [`Drain`] stops the loop: the batch in flight finishes, the actor reports the next
 //! offset to commit and stops.
+//!
+//! Partition actors are not supervised, deliberately: their state is their queue (split off
+//! the consumer once per assignment) and their stored offset, which a restart could not
+//! rebuild without a new assignment. Their own code only passes messages: a domain failure
+//! arrives as an outcome, and a panic in a domain handler is caught by its domain actor.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,12 +27,12 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::actors::domain::{BatchOrigin, EventOutcome, ProcessBatch};
+use crate::actors::domain::{BatchOrigin, EventOutcome, HandlerError, ProcessBatch};
 use crate::actors::retry::RetryPolicy;
 use crate::events::EventEnvelope;
 use crate::kafka::TopicPartition;
 use crate::kafka::consumer::{ConsumedRecord, OffsetCommitter, PartitionRecords};
-use crate::kafka::dead_letter::{DeadLetter, DeadLetters};
+use crate::kafka::dead_letter::{DeadLetter, DeadLetterError, DeadLetters};
 
 /// Stop taking records, finish the batch in flight, report and stop.
 #[derive(Message)]
@@ -325,9 +330,8 @@ impl BatchJob {
                         offset: record.offset,
                         key: undecodable.key.as_deref(),
                         value: undecodable.value.as_deref(),
-                        event_id: crate::events::EventEnvelope::salvage_event_id(
-                            undecodable.value.as_deref(),
-                        ),
+                        event_id: EventEnvelope::salvage_event_id(undecodable.value.as_deref()),
+                        count_attempt: false,
                         error_kind: undecodable.error.kind(),
                         error: &error,
                     })
@@ -416,7 +420,7 @@ impl BatchJob {
             // The domain actor is restarting or gone: nothing was acknowledged.
             Err(mailbox_error) => {
                 vec![
-                    EventOutcome::Failed(crate::actors::domain::HandlerError::fatal(format!(
+                    EventOutcome::Failed(HandlerError::fatal(format!(
                         "domain actor unavailable: {mailbox_error}"
                     )));
                     count
@@ -455,6 +459,7 @@ impl BatchJob {
                     key: Some(event.key.as_bytes()),
                     value: Some(&value),
                     event_id: Some(event.event_id),
+                    count_attempt: false,
                     error_kind,
                     error: &message,
                 })
@@ -471,6 +476,11 @@ impl BatchJob {
         loop {
             match self.wiring.dead_letters.send(letter).await {
                 Ok(_) => return Ok(()),
+                // On the topic: the record is not lost, only its row lags.
+                Err(error @ DeadLetterError::NotRecorded { .. }) => {
+                    warn!(source = %self.source, offset = letter.offset, %error, "dead letter not recorded in the event log");
+                    return Ok(());
+                }
                 Err(error) => {
                     warn!(source = %self.source, offset = letter.offset, %error, "dead-letter publish failed; retrying");
                     tokio::select! {

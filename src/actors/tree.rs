@@ -1,6 +1,11 @@
 //! The observable state of the whole actor tree, as served by `GET /admin/actors` and
 //! snapshotted by tests. Collections are sorted, so equal states serialize equally.
+//!
+//! The runtime knows its own actors (consumer groups, partitions, domain actors); the
+//! slices' background actors (the outbox relay, the retry scheduler) join the tree under a
+//! name, each answering [`ObserveBackground`] with the JSON of its typed state.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -9,18 +14,20 @@ use serde::Serialize;
 
 use crate::actors::consumer_group::{ConsumerGroup, ConsumerGroupState};
 use crate::actors::domain::{DomainActorState, ObserveDomain};
-use crate::delivery::scheduler::{ObserveScheduler, RetryScheduler, RetrySchedulerState};
-use crate::outbox::relay::{ObserveRelay, OutboxRelay, OutboxRelayState};
+
+/// Asks a background actor for its observable state, as JSON.
+#[derive(Message)]
+#[rtype(result = "serde_json::Value")]
+pub struct ObserveBackground;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ActorTreeState {
     pub consumer_groups: Vec<ConsumerGroupState>,
     pub domain_actors: Vec<DomainActorState>,
-    pub outbox_relay: Option<OutboxRelayState>,
-    /// Present when deliveries to an external system are configured.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub retry_scheduler: Option<RetrySchedulerState>,
+    /// By name: `outboxRelay`, `retryScheduler`.
+    #[serde(flatten)]
+    pub background: BTreeMap<&'static str, serde_json::Value>,
 }
 
 /// Handles on every long-lived actor.
@@ -28,8 +35,7 @@ pub struct ActorTreeState {
 pub struct ActorTree {
     pub consumer_groups: Vec<Arc<ConsumerGroup>>,
     pub domain_actors: Vec<Recipient<ObserveDomain>>,
-    pub outbox_relay: Option<Addr<OutboxRelay>>,
-    pub retry_scheduler: Option<Addr<RetryScheduler>>,
+    pub background: Vec<(&'static str, Recipient<ObserveBackground>)>,
 }
 
 impl ActorTree {
@@ -47,19 +53,21 @@ impl ActorTree {
         .filter_map(Result::ok)
         .collect();
         domain_actors.sort_by_key(|state| state.name);
-        let outbox_relay = match &self.outbox_relay {
-            Some(relay) => relay.send(ObserveRelay).await.ok(),
-            None => None,
-        };
-        let retry_scheduler = match &self.retry_scheduler {
-            Some(scheduler) => scheduler.send(ObserveScheduler).await.ok(),
-            None => None,
-        };
+        let background = join_all(self.background.iter().map(|(name, actor)| async move {
+            actor
+                .send(ObserveBackground)
+                .await
+                .ok()
+                .map(|state| (*name, state))
+        }))
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
         ActorTreeState {
             consumer_groups,
             domain_actors,
-            outbox_relay,
-            retry_scheduler,
+            background,
         }
     }
 

@@ -5,18 +5,15 @@ use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
 
 use crate::api::AppState;
-use crate::api::error::ApiError;
+use crate::api::error::{ApiError, path_id};
 use crate::delivery::scheduler::{Replay, Replayed};
-use crate::event_log::{
-    DeadLetterCursor, EventRecord, EventStatus, OutboxEvent, StatusChange, Transition,
-};
+use crate::event_log::{DeadLetterCursor, EventRecord, EventStatus, OutboxEvent};
+use crate::events::topics;
 use crate::events::{EventEnvelope, EventId, EventPayload, PipelineProbe};
-use crate::kafka::topics;
-use crate::outbox::Outbox;
 
 /// `GET /admin/actors`
 pub async fn actors(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().json(state.actors.observe().await)
+    HttpResponse::Ok().json(state.operations.actors.observe().await)
 }
 
 #[derive(Debug, Serialize)]
@@ -41,6 +38,7 @@ pub async fn set_group_paused(
         other => return Err(ApiError::not_found(format!("action {other:?}"))),
     };
     let group = state
+        .operations
         .actors
         .consumer_groups
         .iter()
@@ -80,7 +78,7 @@ pub struct ProbeRequest {
 #[serde(rename_all = "camelCase")]
 pub struct ProbeAccepted {
     pub event_id: EventId,
-    pub topic: String,
+    pub topic: &'static str,
     pub status: EventStatus,
 }
 
@@ -101,8 +99,10 @@ pub async fn send_probe(
     let topic = request
         .topic
         .unwrap_or_else(|| topics::PRODUCT_EVENTS.to_string());
-    let consumed = state.actors.consumed_topics();
-    if !consumed.contains(&topic) {
+    let consumed = state.operations.actors.consumed_topics();
+    let Some(topic) =
+        topics::named(&topic).filter(|topic| consumed.iter().any(|name| name == topic))
+    else {
         return Err(ApiError::bad_request(
             "TOPIC_NOT_CONSUMED",
             format!(
@@ -110,7 +110,7 @@ pub async fn send_probe(
                 consumed.join(", ")
             ),
         ));
-    }
+    };
     if request
         .note
         .as_ref()
@@ -126,22 +126,19 @@ pub async fn send_probe(
         EventPayload::PipelineProbe(PipelineProbe { note: request.note }),
     );
     envelope.key = format!("probe:{}", envelope.event_id);
-    let event = OutboxEvent { topic, envelope };
-
+    let event_id = envelope.event_id;
     let mut transaction = state
-        .event_log
-        .pool()
+        .operations
+        .outbox
         .begin()
         .await
         .map_err(anyhow::Error::from)?;
-    Outbox::record(&mut transaction, std::slice::from_ref(&event))
+    transaction
+        .record(vec![OutboxEvent::probe(topic, envelope)])
         .await
         .map_err(anyhow::Error::from)?;
-    transaction.commit().await.map_err(anyhow::Error::from)?;
-    let publication = state
-        .outbox
-        .publish_committed(std::slice::from_ref(&event))
-        .await;
+    let committed = transaction.commit().await.map_err(anyhow::Error::from)?;
+    let publication = committed.publish().await;
 
     let status = if publication.published == 1 {
         EventStatus::Published
@@ -149,8 +146,8 @@ pub async fn send_probe(
         EventStatus::Pending
     };
     Ok(HttpResponse::Accepted().json(ProbeAccepted {
-        event_id: event.envelope.event_id,
-        topic: event.topic,
+        event_id,
+        topic,
         status,
     }))
 }
@@ -208,6 +205,7 @@ pub async fn events(
         })?),
     };
     let events = state
+        .operations
         .event_log
         .dead_letters(cursor.as_ref(), limit)
         .await
@@ -217,7 +215,7 @@ pub async fn events(
             Some(
                 DeadLetterCursor {
                     dead_lettered_at: last.dead_lettered_at?,
-                    event_id: last.event_id.parse().ok()?,
+                    event_id: last.event_id,
                 }
                 .encode(),
             )
@@ -249,57 +247,25 @@ pub async fn replay(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let (event_id, record) = find_event(&state, &path).await?;
-    refuse_unless_dead_lettered(event_id, record.status)?;
-    if let Some(scheduler) = state
-        .actors
-        .retry_scheduler
-        .as_ref()
-        .filter(|_| DELIVERED_TOPICS.contains(&record.topic.as_str()))
-    {
-        let replayed = scheduler
-            .send(Replay { event_id })
-            .await
-            .map_err(anyhow::Error::from)?
-            .map_err(anyhow::Error::from)?;
-        return match replayed {
-            Replayed::Scheduled { at } => Ok(HttpResponse::Accepted().json(ReplayAccepted {
-                event_id,
-                status: EventStatus::Failed,
-                next_attempt_at: Some(at),
-            })),
-            Replayed::NotFound => Err(ApiError::not_found(format!("event {event_id}"))),
-            Replayed::NotDeadLettered { status } => Err(not_replayable(event_id, status)),
-        };
-    }
-    let change = StatusChange::to(EventStatus::Pending).resetting_attempts();
-    match state
-        .event_log
-        .change_status(event_id, change)
+    let event_id = parse_event_id(&path)?;
+    let replayed = state
+        .operations
+        .scheduler
+        .send(Replay { event_id })
         .await
         .map_err(anyhow::Error::from)?
-    {
-        Transition::Applied => Ok(HttpResponse::Accepted().json(ReplayAccepted {
-            event_id,
-            status: EventStatus::Pending,
-            next_attempt_at: None,
-        })),
-        // Replayed by someone else meanwhile.
-        Transition::Skipped => Err(ApiError::conflict(
-            "NOT_DEAD_LETTERED",
-            format!("event {event_id} is no longer dead-lettered"),
-        )),
-    }
-}
-
-/// Topics whose events the retry scheduler delivers (webhooks, analytics).
-const DELIVERED_TOPICS: [&str; 2] = [topics::EXTERNAL_EVENTS, topics::ORDER_COMPLETED];
-
-fn refuse_unless_dead_lettered(event_id: EventId, status: EventStatus) -> Result<(), ApiError> {
-    match status {
-        EventStatus::DeadLetter => Ok(()),
-        other => Err(not_replayable(event_id, other)),
-    }
+        .map_err(anyhow::Error::from)?;
+    let (status, next_attempt_at) = match replayed {
+        Replayed::Scheduled { at } => (EventStatus::Failed, Some(at)),
+        Replayed::Republishing => (EventStatus::Pending, None),
+        Replayed::NotFound => return Err(ApiError::not_found(format!("event {event_id}"))),
+        Replayed::NotDeadLettered { status } => return Err(not_replayable(event_id, status)),
+    };
+    Ok(HttpResponse::Accepted().json(ReplayAccepted {
+        event_id,
+        status,
+        next_attempt_at,
+    }))
 }
 
 /// Why an event in `status` (not DEAD_LETTER) is not replayed.
@@ -320,6 +286,7 @@ fn not_replayable(event_id: EventId, status: EventStatus) -> ApiError {
 async fn find_event(state: &AppState, path: &str) -> Result<(EventId, EventRecord), ApiError> {
     let event_id = parse_event_id(path)?;
     let record = state
+        .operations
         .event_log
         .find(event_id)
         .await
@@ -329,10 +296,5 @@ async fn find_event(state: &AppState, path: &str) -> Result<(EventId, EventRecor
 }
 
 fn parse_event_id(text: &str) -> Result<EventId, ApiError> {
-    text.parse().map_err(|_| {
-        ApiError::bad_request(
-            "INVALID_EVENT_ID",
-            format!("{text:?} is not an event id (a UUID)"),
-        )
-    })
+    path_id(text, "INVALID_EVENT_ID")
 }

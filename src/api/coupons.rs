@@ -6,12 +6,14 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::api::AppState;
+use crate::api::error::path_id;
 use crate::api::error::{ApiError, JsonObject};
+use crate::coupons::RefusalReason;
 use crate::coupons::intake::IntakeError;
 use crate::coupons::store::NewCoupon;
-use crate::coupons::{CouponId, RefusalReason, UserId};
 use crate::event_log::{EventRecord, EventStatus};
-use crate::events::{EventId, EventType};
+use crate::events::EventPayload;
+use crate::ids::{CouponHistoryId, CouponId, RequestId, UserId};
 
 const MAX_NAME_CHARS: usize = 100;
 
@@ -30,9 +32,10 @@ pub async fn create(
     state: web::Data<AppState>,
     body: JsonObject<CreateCoupon>,
 ) -> Result<HttpResponse, ApiError> {
-    let coupon = validate_new_coupon(body.0, state.max_total_quantity)?;
+    let coupon = validate_new_coupon(body.0, state.coupons.max_total_quantity)?;
     let created = state
         .coupons
+        .store
         .create(&coupon)
         .await
         .map_err(anyhow::Error::from)?;
@@ -82,22 +85,15 @@ fn validate_new_coupon(
     })
 }
 
-fn coupon_id(raw: &str) -> Result<CouponId, ApiError> {
-    let number: i64 = raw.parse().map_err(|_| {
-        ApiError::bad_request("INVALID_COUPON_ID", format!("{raw:?} is not a coupon id"))
-    })?;
-    CouponId::parse(number)
-        .map_err(|error| ApiError::bad_request("INVALID_COUPON_ID", error.to_string()))
-}
-
 /// `GET /coupons/{couponId}`
 pub async fn find(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let coupon_id = coupon_id(&path)?;
+    let coupon_id: CouponId = path_id(&path, "INVALID_COUPON_ID")?;
     let coupon = state
         .coupons
+        .store
         .find(coupon_id)
         .await
         .map_err(anyhow::Error::from)?
@@ -115,7 +111,7 @@ pub struct IssueBody {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Accepted {
-    request_id: EventId,
+    request_id: RequestId,
     status: &'static str,
 }
 
@@ -129,18 +125,20 @@ pub async fn issue(
         .map_err(|error| ApiError::bad_request("INVALID_USER_ID", error.to_string()))?;
     let coupon = CouponId::parse(body.coupon_id)
         .map_err(|error| ApiError::bad_request("INVALID_COUPON_ID", error.to_string()))?;
-    let request_id = state
-        .intake
-        .submit(user, coupon)
-        .await
-        .map_err(|error| match error {
-            IntakeError::Closed => ApiError::Unavailable {
-                code: "SHUTTING_DOWN",
-                message: error.to_string(),
-                details: serde_json::Value::Null,
-            },
-            IntakeError::NotRecorded(_) => ApiError::Internal(anyhow::Error::from(error)),
-        })?;
+    let request_id =
+        state
+            .coupons
+            .intake
+            .submit(user, coupon)
+            .await
+            .map_err(|error| match error {
+                IntakeError::Closed => ApiError::Unavailable {
+                    code: "SHUTTING_DOWN",
+                    message: error.to_string(),
+                    details: serde_json::Value::Null,
+                },
+                IntakeError::NotRecorded(_) => ApiError::Internal(anyhow::Error::from(error)),
+            })?;
     Ok(HttpResponse::Accepted().json(Accepted {
         request_id,
         status: "PENDING",
@@ -151,21 +149,24 @@ pub async fn issue(
 #[derive(Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RequestView {
-    pub request_id: String,
-    pub user_id: u64,
-    pub coupon_id: u64,
+    pub request_id: RequestId,
+    pub user_id: UserId,
+    pub coupon_id: CouponId,
     pub status: &'static str,
     pub reason: Option<RefusalReason>,
-    pub coupon_history_id: Option<u64>,
+    pub coupon_history_id: Option<CouponHistoryId>,
 }
 
 /// Maps an event-log row of a `CouponRequested` event to what clients see: the publishing
 /// and processing steps are all still `PENDING` to them. `coupon_history_id` is the history
 /// the request created, if any.
-pub fn request_view(record: &EventRecord, coupon_history_id: Option<u64>) -> Option<RequestView> {
-    if record.event_type != EventType::CouponRequested.as_str() {
+pub fn request_view(
+    record: &EventRecord,
+    coupon_history_id: Option<CouponHistoryId>,
+) -> Option<RequestView> {
+    let EventPayload::CouponRequested(request) = &record.payload else {
         return None;
-    }
+    };
     let status = match record.status {
         EventStatus::Pending | EventStatus::Published | EventStatus::InProgress => "PENDING",
         EventStatus::Completed => "COMPLETED",
@@ -175,9 +176,9 @@ pub fn request_view(record: &EventRecord, coupon_history_id: Option<u64>) -> Opt
     };
     let result = record.result.as_ref();
     Some(RequestView {
-        request_id: record.event_id.clone(),
-        user_id: record.payload["userId"].as_u64()?,
-        coupon_id: record.payload["couponId"].as_u64()?,
+        request_id: RequestId::of_event(record.event_id),
+        user_id: request.user_id,
+        coupon_id: request.coupon_id,
         status,
         reason: result
             .and_then(|result| result.get("reason"))
@@ -191,15 +192,11 @@ pub async fn request(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let request_id: EventId = path.parse().map_err(|_| {
-        ApiError::bad_request(
-            "INVALID_REQUEST_ID",
-            format!("{:?} is not a request id (a UUID)", path.as_str()),
-        )
-    })?;
+    let request_id: RequestId = path_id(&path, "INVALID_REQUEST_ID")?;
     let record = state
+        .operations
         .event_log
-        .find(request_id)
+        .find(request_id.into())
         .await
         .map_err(anyhow::Error::from)?;
     let decided = record.as_ref().is_some_and(|record| {
@@ -211,6 +208,7 @@ pub async fn request(
     let coupon_history_id = if decided {
         state
             .coupons
+            .store
             .history_of_request(request_id)
             .await
             .map_err(anyhow::Error::from)?
@@ -233,6 +231,7 @@ pub async fn held(
         .map_err(|error| ApiError::bad_request("INVALID_USER_ID", error.to_string()))?;
     let coupons = state
         .coupons
+        .store
         .held_by(user)
         .await
         .map_err(anyhow::Error::from)?;
@@ -242,15 +241,19 @@ pub async fn held(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::{CouponRequested, EventType, PipelineProbe};
     use serde_json::json;
 
     fn record(status: EventStatus, result: Option<serde_json::Value>) -> EventRecord {
         EventRecord {
-            event_id: "01a20c4d-9946-77b8-9ac2-9e7b856b2318".into(),
-            event_type: "CouponRequested".into(),
+            event_id: "01a20c4d-9946-77b8-9ac2-9e7b856b2318".parse().unwrap(),
+            event_type: EventType::CouponRequested,
             topic: "coupon-requests".into(),
             key: "user:5".into(),
-            payload: json!({"userId": 5, "couponId": 9}),
+            payload: EventPayload::CouponRequested(CouponRequested {
+                user_id: UserId::parse(5).unwrap(),
+                coupon_id: CouponId::parse(9).unwrap(),
+            }),
             status,
             retry_count: 0,
             last_error: None,
@@ -260,8 +263,7 @@ mod tests {
             updated_at: Utc::now(),
             published_at: None,
             next_attempt_at: None,
-            source_partition: None,
-            source_offset: None,
+            source: None,
             dead_lettered_at: None,
         }
     }
@@ -291,17 +293,19 @@ mod tests {
             (refused.status, refused.reason),
             ("FAILED", Some(RefusalReason::OutOfStock))
         );
-        let issued = request_view(&record(EventStatus::Notified, None), Some(77)).unwrap();
+        let history = CouponHistoryId::parse(77).unwrap();
+        let issued = request_view(&record(EventStatus::Notified, None), Some(history)).unwrap();
         assert_eq!(
             (issued.status, issued.coupon_history_id, issued.reason),
-            ("NOTIFIED", Some(77), None)
+            ("NOTIFIED", Some(history), None)
         );
     }
 
     #[test]
     fn other_events_are_not_coupon_requests() {
         let mut probe = record(EventStatus::Completed, None);
-        probe.event_type = "PipelineProbe".into();
+        probe.event_type = EventType::PipelineProbe;
+        probe.payload = EventPayload::PipelineProbe(PipelineProbe { note: None });
         assert_eq!(request_view(&probe, None), None);
     }
 

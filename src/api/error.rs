@@ -155,6 +155,15 @@ pub fn into_json_error<B: MessageBody + 'static>(
     ))
 }
 
+/// An id from a path segment; 400 with `code` when it is not one.
+pub fn path_id<T>(raw: &str, code: &'static str) -> Result<T, ApiError>
+where
+    T: std::str::FromStr<Err = crate::ids::InvalidId>,
+{
+    raw.parse()
+        .map_err(|error: crate::ids::InvalidId| ApiError::bad_request(code, error.to_string()))
+}
+
 /// Turns extractor failures (malformed JSON, bad path or query) into 400s of the common
 /// shape.
 pub fn extractor_error(code: &'static str, error: impl std::fmt::Display) -> actix_web::Error {

@@ -65,7 +65,7 @@ where
 async fn check_mysql(state: &AppState) -> Result<(), String> {
     with_timeout(async {
         sqlx::query("SELECT 1")
-            .execute(state.event_log.pool())
+            .execute(state.operations.event_log.pool())
             .await
             .map(|_| ())
     })
@@ -73,11 +73,11 @@ async fn check_mysql(state: &AppState) -> Result<(), String> {
 }
 
 async fn check_redis(state: &AppState) -> Result<(), String> {
-    with_timeout(state.redis.ping()).await
+    with_timeout(state.operations.redis.ping()).await
 }
 
 async fn check_kafka(state: &AppState) -> Result<(), String> {
-    let publisher = state.publisher.clone();
+    let publisher = state.operations.publisher.clone();
     let metadata =
         tokio::task::spawn_blocking(move || publisher.check_cluster_blocking(CHECK_TIMEOUT));
     match metadata.await {
@@ -89,6 +89,7 @@ async fn check_kafka(state: &AppState) -> Result<(), String> {
 
 fn check_partitions(state: &AppState) -> Result<(), String> {
     let waiting: Vec<&str> = state
+        .operations
         .actors
         .consumer_groups
         .iter()

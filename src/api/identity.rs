@@ -4,7 +4,7 @@
 use actix_web::HttpRequest;
 
 use crate::api::error::ApiError;
-use crate::coupons::UserId;
+use crate::ids::UserId;
 
 pub fn channel_user(_request: &HttpRequest, claimed: i64) -> Result<UserId, ApiError> {
     UserId::parse(claimed)

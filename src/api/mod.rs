@@ -1,20 +1,20 @@
 //! The HTTP API (actix-web).
 //!
-//! | route                        | what                                                      |
-//! |------------------------------|-----------------------------------------------------------|
-//! | `GET /healthz`               | the process is alive                                      |
-//! | `GET /readyz`                | MySQL, Redis, Kafka reachable and consumer groups joined  |
-//! | `GET /admin/actors`          | observable state of the whole actor tree                  |
-//! | `GET /admin/events/{id}`     | one event-log row                                         |
-//! | `POST /admin/probes`         | sends a pipeline probe through a consumed topic           |
-//! | `POST /admin/consumer-groups/{id}/pause` / `resume` | stops / resumes fetching      |
-//! | `POST /coupons`              | creates a coupon                                          |
-//! | `GET /coupons/{id}`          | one coupon with its remaining stock                       |
-//! | `POST /coupons/issue`        | accepts an issue request (202), decided asynchronously    |
-//! | `GET /coupons/requests/{id}` | the state of an issue request                             |
-//! | `GET /users/{id}/coupons`    | the coupons a user holds                                  |
-//! | `GET /ws?userId=`            | WebSocket pushing the user's coupon results               |
-//! | `GET /users/{id}/events`     | the same as Server-Sent Events                            |
+//! One file per route area; [`configure`] is the route table.
+//!
+//! | file          | routes                                                                  |
+//! |---------------|-------------------------------------------------------------------------|
+//! | [`health`]    | `GET /healthz`, `GET /readyz`                                           |
+//! | [`admin`]     | `GET /admin/actors`, `GET /admin/events`, `GET /admin/events/{id}`,     |
+//! |               | `POST /admin/events/{id}/replay`, `POST /admin/probes`,                 |
+//! |               | `POST /admin/consumer-groups/{id}/pause` and `/resume`                  |
+//! | [`coupons`]   | `POST /coupons`, `GET /coupons/{id}`, `POST /coupons/issue`,            |
+//! |               | `GET /coupons/requests/{id}`, `GET /users/{id}/coupons`                 |
+//! | [`push`]      | `GET /ws?userId=`, `GET /users/{id}/events` (coupon results, live)      |
+//! | [`shop`]      | `POST /users`, `GET /users/{id}/balance`, `POST …/balance/charge`,      |
+//! |               | `POST/GET /products`, `GET/PATCH /products/{id}`, `POST /orders`,       |
+//! |               | `GET /orders/{id}`, `POST /orders/{id}/pay`                             |
+//! | [`ranking`]   | `GET /products/ranking`                                                 |
 
 pub mod admin;
 pub mod coupons;
@@ -25,6 +25,7 @@ pub mod push;
 pub mod ranking;
 pub mod shop;
 
+use actix::Addr;
 use actix_web::http::StatusCode;
 use actix_web::middleware::ErrorHandlers;
 use actix_web::web;
@@ -34,6 +35,7 @@ use crate::clock::SharedClock;
 use crate::coupons::intake::CouponIntake;
 use crate::coupons::sessions::Sessions;
 use crate::coupons::store::CouponStore;
+use crate::delivery::scheduler::RetryScheduler;
 use crate::event_log::EventLog;
 use crate::kafka::producer::EventPublisher;
 use crate::outbox::Outbox;
@@ -42,23 +44,44 @@ use crate::shop::cache::ProductCache;
 use crate::shop::store::ShopStore;
 use crate::stores::RedisStore;
 
-/// What request handlers share. Its database pool is the HTTP workers' own.
+/// What request handlers share, by slice.
 pub struct AppState {
+    pub coupons: CouponsState,
+    pub shop: ShopState,
+    pub ranking: RankingState,
+    pub operations: OperationsState,
+    /// What "now" is for payments and the ranking's days.
+    pub clock: SharedClock,
+}
+
+pub struct CouponsState {
+    pub store: CouponStore,
+    pub intake: CouponIntake,
+    /// Push sessions of this instance.
+    pub sessions: Sessions,
+    pub max_total_quantity: u32,
+}
+
+pub struct ShopState {
+    pub store: ShopStore,
+    pub cache: ProductCache,
+}
+
+pub struct RankingState {
+    pub store: RankingStore,
+    /// The largest `days` the ranking endpoint takes.
+    pub max_days: u32,
+}
+
+/// What readiness and the admin endpoints look at.
+pub struct OperationsState {
     pub event_log: EventLog,
     pub outbox: Outbox,
     pub redis: RedisStore,
     pub publisher: EventPublisher,
     pub actors: ActorTree,
-    pub coupons: CouponStore,
-    pub intake: CouponIntake,
-    pub sessions: Sessions,
-    pub max_total_quantity: u32,
-    pub shop: ShopStore,
-    /// What "now" is for payments and the ranking's days.
-    pub clock: SharedClock,
-    pub ranking: RankingStore,
-    pub product_cache: ProductCache,
-    pub max_ranking_days: u32,
+    /// Replays dead letters.
+    pub scheduler: Addr<RetryScheduler>,
 }
 
 /// Registers every route and the common error handling.

@@ -32,7 +32,7 @@ pub async fn websocket(
 ) -> Result<HttpResponse, actix_web::Error> {
     let user = channel_user(&request, query.user_id)?;
     let (response, mut session, mut incoming) = actix_ws::handle(&request, body)?;
-    let mut subscription = state.sessions.subscribe(user);
+    let mut subscription = state.coupons.sessions.subscribe(user);
     actix_rt::spawn(async move {
         let mut keepalive = tokio::time::interval(KEEPALIVE);
         keepalive.tick().await;
@@ -77,7 +77,7 @@ pub async fn server_sent_events(
     path: web::Path<i64>,
 ) -> Result<HttpResponse, ApiError> {
     let user = channel_user(&request, *path)?;
-    let subscription = state.sessions.subscribe(user);
+    let subscription = state.coupons.sessions.subscribe(user);
     let opening = futures::stream::once(async {
         Ok::<_, Infallible>(Bytes::from_static(b": connected\n\n"))
     });

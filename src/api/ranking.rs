@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::AppState;
 use crate::api::error::ApiError;
+use crate::ids::ProductId;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -17,7 +18,7 @@ pub struct RankingQuery {
 #[serde(rename_all = "camelCase")]
 struct RankingEntry {
     rank: usize,
-    product_id: u64,
+    product_id: ProductId,
     name: Option<String>,
     quantity: u64,
 }
@@ -31,10 +32,10 @@ pub async fn ranking(
     query: web::Query<RankingQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let days = query.days.unwrap_or(3);
-    if !(1..=state.max_ranking_days).contains(&days) {
+    if !(1..=state.ranking.max_days).contains(&days) {
         return Err(ApiError::bad_request(
             "INVALID_DAYS",
-            format!("days must be between 1 and {}", state.max_ranking_days),
+            format!("days must be between 1 and {}", state.ranking.max_days),
         ));
     }
     let limit = query.limit.unwrap_or(5);
@@ -47,11 +48,12 @@ pub async fn ranking(
     let today = state.clock.now().date_naive();
     let ranked = state
         .ranking
+        .store
         .top(today, days, limit as usize)
         .await
         .map_err(anyhow::Error::from)?;
-    let ids: Vec<u64> = ranked.iter().map(|place| place.product_id).collect();
-    let names = state.shop.product_names(&ids).await?;
+    let ids: Vec<ProductId> = ranked.iter().map(|place| place.product_id).collect();
+    let names = state.shop.store.product_names(&ids).await?;
     let entries: Vec<RankingEntry> = ranked
         .into_iter()
         .enumerate()

@@ -5,9 +5,10 @@ use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
 
 use crate::api::AppState;
-use crate::api::error::{ApiError, JsonObject};
+use crate::api::error::{ApiError, JsonObject, path_id};
 use crate::event_log::OutboxEvent;
 use crate::events::EventPayload;
+use crate::ids::{CouponHistoryId, OrderId, ProductId, UserId};
 use crate::shop::store::{NewOrderLine, ShopError};
 
 const MAX_NAME_CHARS: usize = 100;
@@ -29,13 +30,6 @@ impl From<ShopError> for ApiError {
             other => ApiError::Internal(other.into()),
         }
     }
-}
-
-fn id(raw: &str, code: &'static str, what: &str) -> Result<u64, ApiError> {
-    raw.parse::<u64>()
-        .ok()
-        .filter(|id| *id > 0)
-        .ok_or_else(|| ApiError::bad_request(code, format!("{raw:?} is not a {what} id")))
 }
 
 fn name(raw: &str) -> Result<String, ApiError> {
@@ -79,7 +73,7 @@ pub async fn create_user(
     state: web::Data<AppState>,
     body: JsonObject<CreateUser>,
 ) -> Result<HttpResponse, ApiError> {
-    let user = state.shop.create_user(&name(&body.0.name)?).await?;
+    let user = state.shop.store.create_user(&name(&body.0.name)?).await?;
     Ok(HttpResponse::Created()
         .insert_header((header::LOCATION, format!("/users/{}", user.user_id)))
         .json(user))
@@ -88,7 +82,7 @@ pub async fn create_user(
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Balance {
-    user_id: u64,
+    user_id: UserId,
     balance: u64,
 }
 
@@ -97,9 +91,10 @@ pub async fn balance(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let user_id = id(&path, "INVALID_USER_ID", "user")?;
+    let user_id: UserId = path_id(&path, "INVALID_USER_ID")?;
     let user = state
         .shop
+        .store
         .user(user_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("user {user_id}")))?;
@@ -121,9 +116,13 @@ pub async fn charge(
     path: web::Path<String>,
     body: JsonObject<Charge>,
 ) -> Result<HttpResponse, ApiError> {
-    let user_id = id(&path, "INVALID_USER_ID", "user")?;
+    let user_id: UserId = path_id(&path, "INVALID_USER_ID")?;
     let amount = bounded(body.0.amount, MAX_CHARGE, "INVALID_AMOUNT", "amount")?;
-    let user = state.shop.charge(user_id, amount, MAX_BALANCE).await?;
+    let user = state
+        .shop
+        .store
+        .charge(user_id, amount, MAX_BALANCE)
+        .await?;
     Ok(HttpResponse::Ok().json(Balance {
         user_id,
         balance: user.balance,
@@ -147,8 +146,8 @@ pub async fn create_product(
     let name = name(&request.name)?;
     let price = bounded(request.price, MAX_PRICE, "INVALID_PRICE", "price")?;
     let stock = stock(request.stock)?;
-    let created = state.shop.create_product(&name, price, stock).await?;
-    state.outbox.publish_committed(&created.events).await;
+    let created = state.shop.store.create_product(&name, price, stock).await?;
+    created.events.publish().await;
     let product = created.value;
     Ok(HttpResponse::Created()
         .insert_header((
@@ -178,7 +177,7 @@ pub async fn products(
         ));
     }
     let page = query.page.unwrap_or(0);
-    Ok(HttpResponse::Ok().json(state.shop.products(page, size).await?))
+    Ok(HttpResponse::Ok().json(state.shop.store.products(page, size).await?))
 }
 
 /// `GET /products/{productId}`: read through the Redis product cache (MySQL on a miss, or
@@ -187,18 +186,19 @@ pub async fn product(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let product_id = id(&path, "INVALID_PRODUCT_ID", "product")?;
-    match state.product_cache.get(product_id).await {
+    let product_id: ProductId = path_id(&path, "INVALID_PRODUCT_ID")?;
+    match state.shop.cache.get(product_id).await {
         Ok(Some(product)) => return Ok(HttpResponse::Ok().json(product)),
         Ok(None) => {}
         Err(error) => tracing::warn!(%error, "product cache unavailable; reading MySQL"),
     }
     let product = state
         .shop
+        .store
         .product(product_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("product {product_id}")))?;
-    if let Err(error) = state.product_cache.fill(&product).await {
+    if let Err(error) = state.shop.cache.fill(&product).await {
         tracing::warn!(%error, "product not cached");
     }
     Ok(HttpResponse::Ok().json(product))
@@ -217,7 +217,7 @@ pub async fn update_product(
     path: web::Path<String>,
     body: JsonObject<UpdateProduct>,
 ) -> Result<HttpResponse, ApiError> {
-    let product_id = id(&path, "INVALID_PRODUCT_ID", "product")?;
+    let product_id: ProductId = path_id(&path, "INVALID_PRODUCT_ID")?;
     let request = body.0;
     if request.price.is_none() && request.stock.is_none() {
         return Err(ApiError::bad_request(
@@ -230,9 +230,13 @@ pub async fn update_product(
         .map(|price| bounded(price, MAX_PRICE, "INVALID_PRICE", "price"))
         .transpose()?;
     let stock = request.stock.map(stock).transpose()?;
-    let updated = state.shop.update_product(product_id, price, stock).await?;
-    cache_changes(&state, &updated.events).await;
-    state.outbox.publish_committed(&updated.events).await;
+    let updated = state
+        .shop
+        .store
+        .update_product(product_id, price, stock)
+        .await?;
+    cache_changes(&state, updated.events.events()).await;
+    updated.events.publish().await;
     Ok(HttpResponse::Ok().json(updated.value))
 }
 
@@ -257,12 +261,8 @@ pub async fn create_order(
     body: JsonObject<CreateOrder>,
 ) -> Result<HttpResponse, ApiError> {
     let request = body.0;
-    let user_id = bounded(
-        request.user_id,
-        i64::MAX as u64,
-        "INVALID_USER_ID",
-        "userId",
-    )?;
+    let user_id = UserId::parse(request.user_id)
+        .map_err(|error| ApiError::bad_request("INVALID_USER_ID", error.to_string()))?;
     if request.items.is_empty() || request.items.len() > MAX_LINES {
         return Err(ApiError::bad_request(
             "INVALID_ITEMS",
@@ -271,12 +271,8 @@ pub async fn create_order(
     }
     let mut lines = Vec::with_capacity(request.items.len());
     for item in &request.items {
-        let product_id = bounded(
-            item.product_id,
-            i64::MAX as u64,
-            "INVALID_PRODUCT_ID",
-            "productId",
-        )?;
+        let product_id = ProductId::parse(item.product_id)
+            .map_err(|error| ApiError::bad_request("INVALID_PRODUCT_ID", error.to_string()))?;
         let quantity = bounded(
             item.quantity,
             u64::from(MAX_QUANTITY),
@@ -299,17 +295,12 @@ pub async fn create_order(
     }
     let coupon_history_id = request
         .coupon_history_id
-        .map(|id| {
-            bounded(
-                id,
-                i64::MAX as u64,
-                "INVALID_COUPON_HISTORY_ID",
-                "couponHistoryId",
-            )
-        })
-        .transpose()?;
+        .map(CouponHistoryId::parse)
+        .transpose()
+        .map_err(|error| ApiError::bad_request("INVALID_COUPON_HISTORY_ID", error.to_string()))?;
     let order = state
         .shop
+        .store
         .create_order(user_id, &lines, coupon_history_id)
         .await?;
     Ok(HttpResponse::Created()
@@ -322,9 +313,10 @@ pub async fn order(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let order_id = id(&path, "INVALID_ORDER_ID", "order")?;
+    let order_id: OrderId = path_id(&path, "INVALID_ORDER_ID")?;
     let order = state
         .shop
+        .store
         .order(order_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("order {order_id}")))?;
@@ -337,11 +329,11 @@ pub async fn pay(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let order_id = id(&path, "INVALID_ORDER_ID", "order")?;
-    let paid = state.shop.pay(order_id, state.clock.now()).await?;
-    cache_changes(&state, &paid.events).await;
-    state.outbox.publish_committed(&paid.events).await;
-    Ok(HttpResponse::Ok().json(paid.payment))
+    let order_id: OrderId = path_id(&path, "INVALID_ORDER_ID")?;
+    let paid = state.shop.store.pay(order_id, state.clock.now()).await?;
+    cache_changes(&state, paid.events.events()).await;
+    paid.events.publish().await;
+    Ok(HttpResponse::Ok().json(paid.value))
 }
 
 /// Writes the committed product changes among `events` to the cache at once (the same
@@ -355,7 +347,7 @@ async fn cache_changes(state: &AppState, events: &[OutboxEvent]) {
             _ => None,
         })
         .collect();
-    if let Err(error) = state.product_cache.apply(&changes).await {
+    if let Err(error) = state.shop.cache.apply(&changes).await {
         tracing::warn!(%error, "product changes not cached");
     }
 }

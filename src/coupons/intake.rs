@@ -12,12 +12,11 @@ use std::sync::Arc;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tracing::warn;
 
-use crate::coupons::{CouponId, UserId};
 use crate::error::{Classify, ErrorClass};
-use crate::event_log::{EventLog, EventLogError, OutboxEvent};
-use crate::events::{CouponRequested, EventEnvelope, EventId, EventPayload};
-use crate::kafka::topics;
-use crate::outbox::Outbox;
+use crate::event_log::{EventLogError, OutboxEvent};
+use crate::events::{CouponRequested, EventEnvelope, EventPayload};
+use crate::ids::{CouponId, RequestId, UserId};
+use crate::outbox::{Committed, Outbox};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum IntakeError {
@@ -55,21 +54,18 @@ impl CouponIntake {
 
     /// Records the request and publishes it; returns its request id once its row is
     /// committed.
-    pub async fn submit(&self, user: UserId, coupon: CouponId) -> Result<EventId, IntakeError> {
+    pub async fn submit(&self, user: UserId, coupon: CouponId) -> Result<RequestId, IntakeError> {
         let envelope = EventEnvelope::new(
             user.partition_key(),
             EventPayload::CouponRequested(CouponRequested {
-                user_id: user.get(),
-                coupon_id: coupon.get(),
+                user_id: user,
+                coupon_id: coupon,
             }),
         );
-        let request_id = envelope.event_id;
+        let request_id = RequestId::of_event(envelope.event_id);
         let (accepted, answer) = oneshot::channel();
         let pending = Pending {
-            event: OutboxEvent {
-                topic: topics::COUPON_REQUESTS.to_string(),
-                envelope,
-            },
+            event: OutboxEvent::new(envelope),
             accepted,
         };
         self.queue
@@ -102,13 +98,12 @@ async fn write_batches(
             batch
         };
         let events: Vec<OutboxEvent> = batch.iter().map(|pending| pending.event.clone()).collect();
-        match record(outbox.event_log(), &events).await {
-            Ok(()) => {
+        match record(&outbox, events).await {
+            Ok(committed) => {
                 // Publishing waits for the broker's acknowledgement (linger included); the
                 // writer goes on with the next batch meanwhile.
-                let outbox = outbox.clone();
                 actix_rt::spawn(async move {
-                    outbox.publish_committed(&events).await;
+                    committed.publish().await;
                     for pending in batch {
                         let _ = pending.accepted.send(Ok(()));
                     }
@@ -127,15 +122,14 @@ async fn write_batches(
 
 /// Writes the rows in one transaction, trying again at once when the database reports a
 /// transient failure (a deadlock victim, a dropped connection).
-async fn record(event_log: &EventLog, events: &[OutboxEvent]) -> Result<(), EventLogError> {
+async fn record(outbox: &Outbox, events: Vec<OutboxEvent>) -> Result<Committed, EventLogError> {
     const ATTEMPTS: usize = 3;
     let mut attempt = 1;
     loop {
         let written = async {
-            let mut transaction = event_log.pool().begin().await?;
-            Outbox::record(&mut transaction, events).await?;
-            transaction.commit().await?;
-            Ok::<_, EventLogError>(())
+            let mut transaction = outbox.begin().await?;
+            transaction.record(events.clone()).await?;
+            transaction.commit().await
         }
         .await;
         match written {

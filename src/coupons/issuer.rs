@@ -10,20 +10,16 @@
 //! request finds its event-log row decided and changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
 
-use futures::FutureExt;
-use futures::future::LocalBoxFuture;
 use serde::Serialize;
 use tracing::warn;
 
-use crate::actors::domain::{BatchOrigin, DomainHandler, EventOutcome, HandlerError};
-use crate::coupons::store::{CouponRequest, CouponStore, IssuedBatch, RequestOutcome};
-use crate::coupons::{CouponId, IssueDecision, IssueRequest, UserId};
-use crate::events::{EventEnvelope, EventPayload};
-
+use crate::actors::domain::{Batch, DomainHandler, EventOutcome, HandlerError, Stats};
 use crate::coupons::locks::RedisLocks;
-use crate::outbox::Outbox;
+use crate::coupons::store::{CouponRequest, CouponStore, RequestOutcome};
+use crate::coupons::{IssueDecision, IssueRequest};
+use crate::events::{EventEnvelope, EventPayload};
+use crate::ids::RequestId;
 
 /// Counters shown in the admin view.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -45,111 +41,92 @@ pub struct IssuerStats {
 
 pub struct CouponIssuer {
     store: CouponStore,
-    outbox: Outbox,
     locks: RedisLocks,
-    stats: Arc<Mutex<IssuerStats>>,
 }
 
 impl CouponIssuer {
-    pub fn new(store: CouponStore, outbox: Outbox, locks: RedisLocks) -> Self {
-        Self {
-            store,
-            outbox,
-            locks,
-            stats: Arc::default(),
-        }
+    pub fn new(store: CouponStore, locks: RedisLocks) -> Self {
+        Self { store, locks }
     }
 }
 
 impl DomainHandler for CouponIssuer {
+    type Stats = IssuerStats;
+
     fn name(&self) -> &'static str {
         "CouponIssuer"
     }
 
-    fn handle(
-        &mut self,
-        _origin: &BatchOrigin,
-        events: Arc<[EventEnvelope]>,
-    ) -> LocalBoxFuture<'static, Vec<EventOutcome>> {
-        let store = self.store.clone();
-        let outbox = self.outbox.clone();
-        let locks = self.locks.clone();
-        let stats = self.stats.clone();
-        async move {
-            let parsed: Vec<Result<CouponRequest, HandlerError>> =
-                events.iter().map(coupon_request).collect();
-            let requests: Vec<CouponRequest> = parsed
-                .iter()
-                .filter_map(|parsed| parsed.clone().ok())
-                .collect();
+    async fn handle(&self, batch: &Batch, stats: &Stats<IssuerStats>) -> Vec<EventOutcome> {
+        let parsed: Vec<Result<CouponRequest, HandlerError>> =
+            batch.events.iter().map(coupon_request).collect();
+        let requests: Vec<CouponRequest> = parsed
+            .iter()
+            .filter_map(|parsed| parsed.clone().ok())
+            .collect();
 
-            let keys: BTreeSet<String> = requests
-                .iter()
-                .map(|request| {
-                    locks.coupon_user_key(request.coupon_id.get(), request.request.user_id.get())
-                })
-                .collect();
-            let held = match locks.acquire(keys.into_iter().collect()).await {
-                Ok(held) => Some(held),
-                Err(error) => {
-                    warn!(%error, "coupon locks unavailable; deciding on the database alone");
-                    stats.lock().expect("stats lock").locks_unavailable += 1;
-                    None
-                }
-            };
-            let contended = held.as_ref().map_or(0, |held| held.contended as u64);
-            let issued = store.issue(&requests).await;
-            if let Some(held) = held
-                && let Err(error) = locks.release(held).await
-            {
-                warn!(%error, "coupon locks not released; they expire on their own");
+        let keys: BTreeSet<String> = requests
+            .iter()
+            .map(|request| {
+                self.locks
+                    .coupon_user_key(request.coupon_id, request.request.user_id)
+            })
+            .collect();
+        let held = match self.locks.acquire(keys.into_iter().collect()).await {
+            Ok(held) => Some(held),
+            Err(error) => {
+                warn!(%error, "coupon locks unavailable; deciding on the database alone");
+                stats.update(|stats| stats.locks_unavailable += 1);
+                None
             }
+        };
+        let contended = held.as_ref().map_or(0, |held| held.contended as u64);
+        let issued = self.store.issue(&requests).await;
+        if let Some(held) = held
+            && let Err(error) = self.locks.release(held).await
+        {
+            warn!(%error, "coupon locks not released; they expire on their own");
+        }
 
-            let outcomes = match issued {
-                Ok(batch) => {
-                    {
-                        let mut stats = stats.lock().expect("stats lock");
-                        stats.locks_contended += contended;
-                        record(&mut stats, &batch);
-                    }
-                    let outcomes = batch.outcomes.iter().map(outcome_of).collect();
-                    let stats = stats.clone();
-                    actix_rt::spawn(async move {
-                        let publication = outbox.publish_committed(&batch.results).await;
-                        let mut stats = stats.lock().expect("stats lock");
+        let outcomes = match issued {
+            Ok(batch) => {
+                let outcomes = batch.outcomes.iter().map(outcome_of).collect();
+                stats.update(|stats| {
+                    stats.locks_contended += contended;
+                    record(stats, &batch.outcomes);
+                });
+                // Publishing runs beside the next batch: the results are durable once
+                // committed, and the relay covers a failure.
+                let stats = stats.clone();
+                actix_rt::spawn(async move {
+                    let publication = batch.results.publish().await;
+                    stats.update(|stats| {
                         stats.results_published += publication.published;
                         stats.results_left_to_relay += publication.failed;
                     });
-                    outcomes
-                }
-                Err(error) => {
-                    vec![EventOutcome::Failed(HandlerError::from_error(&error)); requests.len()]
-                }
-            };
-            merge(parsed, outcomes)
-        }
-        .boxed_local()
-    }
-
-    fn details(&self) -> Option<serde_json::Value> {
-        let stats = self.stats.lock().expect("stats lock").clone();
-        Some(serde_json::to_value(stats).expect("stats serialize"))
+                });
+                outcomes
+            }
+            Err(error) => {
+                vec![EventOutcome::Failed(HandlerError::from_error(&error)); requests.len()]
+            }
+        };
+        merge(parsed, outcomes)
     }
 }
 
 fn coupon_request(event: &EventEnvelope) -> Result<CouponRequest, HandlerError> {
     let EventPayload::CouponRequested(payload) = &event.payload else {
-        return Err(HandlerError::permanent(format!(
-            "{} is not a coupon request",
-            event.event_type()
-        )));
+        return Err(HandlerError::not_for_this_handler(
+            event,
+            "a coupon request",
+        ));
     };
-    let invalid = |error: crate::coupons::InvalidId| HandlerError::permanent(error.to_string());
     Ok(CouponRequest {
-        coupon_id: CouponId::from_u64(payload.coupon_id).map_err(invalid)?,
+        coupon_id: payload.coupon_id,
         request: IssueRequest {
-            request_id: event.event_id,
-            user_id: UserId::from_u64(payload.user_id).map_err(invalid)?,
+            request_id: RequestId::of_event(event.event_id),
+            user_id: payload.user_id,
             requested_at: event.occurred_at,
         },
     })
@@ -165,8 +142,8 @@ fn outcome_of(outcome: &RequestOutcome) -> EventOutcome {
     }
 }
 
-fn record(stats: &mut IssuerStats, batch: &IssuedBatch) {
-    for outcome in &batch.outcomes {
+fn record(stats: &mut IssuerStats, outcomes: &[RequestOutcome]) {
+    for outcome in outcomes {
         match outcome {
             RequestOutcome::Decided {
                 decision: IssueDecision::Issue,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use redis::Script;
 use uuid::Uuid;
 
+use crate::ids::{CouponId, UserId};
 use crate::stores::{RedisStore, RedisStoreError};
 
 const RELEASE_SCRIPT: &str = r"
@@ -50,7 +51,7 @@ impl RedisLocks {
     }
 
     /// The lock key of the design document, under this deployment's prefix.
-    pub fn coupon_user_key(&self, coupon_id: u64, user_id: u64) -> String {
+    pub fn coupon_user_key(&self, coupon_id: CouponId, user_id: UserId) -> String {
         self.redis
             .key(&format!("coupon:{coupon_id}:user:{user_id}"))
     }

@@ -13,101 +13,12 @@ pub mod sessions;
 pub mod store;
 
 use std::collections::BTreeSet;
-use std::fmt;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::events::EventId;
-
-/// A positive identifier; built only through [`PositiveId::parse`].
-macro_rules! positive_id {
-    ($name:ident, $what:literal) => {
-        #[derive(
-            Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
-        )]
-        #[serde(transparent)]
-        pub struct $name(u64);
-
-        impl $name {
-            /// Accepts positive integers only.
-            pub fn parse(value: i64) -> Result<Self, InvalidId> {
-                u64::try_from(value)
-                    .ok()
-                    .filter(|value| *value > 0)
-                    .map(Self)
-                    .ok_or(InvalidId {
-                        what: $what,
-                        value: value.into(),
-                    })
-            }
-
-            /// Accepts anything but zero (ids read back from events).
-            pub fn from_u64(value: u64) -> Result<Self, InvalidId> {
-                (value > 0).then_some(Self(value)).ok_or(InvalidId {
-                    what: $what,
-                    value: value.into(),
-                })
-            }
-
-            pub fn get(&self) -> u64 {
-                self.0
-            }
-        }
-
-        impl From<$name> for u64 {
-            fn from(id: $name) -> u64 {
-                id.0
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                self.0.fmt(f)
-            }
-        }
-    };
-}
-
-positive_id!(CouponId, "couponId");
-positive_id!(UserId, "userId");
-
-impl UserId {
-    /// The Kafka key that keeps one user's requests in order on one partition.
-    pub fn partition_key(&self) -> String {
-        format!("user:{}", self.0)
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{what} must be a positive integer, got {value}")]
-pub struct InvalidId {
-    pub what: &'static str,
-    pub value: i128,
-}
-
-/// Why a request got no coupon.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum RefusalReason {
-    OutOfStock,
-    AlreadyIssued,
-    CouponNotFound,
-    NotStarted,
-    Expired,
-}
-
-impl RefusalReason {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            RefusalReason::OutOfStock => "OUT_OF_STOCK",
-            RefusalReason::AlreadyIssued => "ALREADY_ISSUED",
-            RefusalReason::CouponNotFound => "COUPON_NOT_FOUND",
-            RefusalReason::NotStarted => "NOT_STARTED",
-            RefusalReason::Expired => "EXPIRED",
-        }
-    }
-}
+pub use crate::events::RefusalReason;
+use crate::ids::{CouponId, RequestId, UserId};
 
 /// What the issuer knows of a coupon when it decides.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -128,7 +39,7 @@ impl CouponState {
 /// One request to decide.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IssueRequest {
-    pub request_id: EventId,
+    pub request_id: RequestId,
     pub user_id: UserId,
     /// When the request was accepted; validity is judged at this instant, so a request
     /// accepted in time is not refused because it waited in a queue.
@@ -206,7 +117,7 @@ mod tests {
 
     fn request(user: i64, hour: u32) -> IssueRequest {
         IssueRequest {
-            request_id: EventId::generate(),
+            request_id: RequestId::generate(),
             user_id: UserId::parse(user).unwrap(),
             requested_at: at(hour),
         }
@@ -267,15 +178,5 @@ mod tests {
             &[request(1, 10), request(2, 10)],
         );
         assert_eq!(decisions, vec![Refuse(AlreadyIssued), Refuse(OutOfStock)]);
-    }
-
-    #[test]
-    fn ids_must_be_positive() {
-        assert!(UserId::parse(0).is_err());
-        assert_eq!(
-            CouponId::parse(-4).unwrap_err().to_string(),
-            "couponId must be a positive integer, got -4"
-        );
-        assert_eq!(UserId::parse(42).unwrap().partition_key(), "user:42");
     }
 }

@@ -9,18 +9,16 @@
 //! again; clients recognise it by its `requestId`.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use futures::FutureExt;
-use futures::future::LocalBoxFuture;
 use serde::Serialize;
 
-use crate::actors::domain::{BatchOrigin, DomainHandler, EventOutcome, HandlerError};
-use crate::coupons::UserId;
-use crate::event_log::{EventLog, EventStatus};
-use crate::events::{CouponResult, EventEnvelope, EventId, EventPayload};
-
+use crate::actors::domain::{Batch, DomainHandler, EventOutcome, HandlerError, Stats};
+use crate::coupons::RefusalReason;
 use crate::coupons::sessions::Sessions;
+use crate::event_log::{EventLog, Move, StatusChange};
+use crate::events::{CouponResult, EventId, EventPayload};
+use crate::ids::{CouponHistoryId, CouponId, RequestId};
 
 /// What a session receives for a coupon result.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -28,11 +26,11 @@ use crate::coupons::sessions::Sessions;
 pub struct CouponResultMessage {
     #[serde(rename = "type")]
     pub kind: &'static str,
-    pub request_id: EventId,
-    pub coupon_id: u64,
+    pub request_id: RequestId,
+    pub coupon_id: CouponId,
     pub success: bool,
-    pub coupon_history_id: Option<u64>,
-    pub reason: Option<crate::coupons::RefusalReason>,
+    pub coupon_history_id: Option<CouponHistoryId>,
+    pub reason: Option<RefusalReason>,
 }
 
 impl From<&CouponResult> for CouponResultMessage {
@@ -62,7 +60,6 @@ pub struct NotifierStats {
 pub struct ResultNotifier {
     sessions: Sessions,
     event_log: EventLog,
-    stats: Arc<Mutex<NotifierStats>>,
 }
 
 impl ResultNotifier {
@@ -70,82 +67,62 @@ impl ResultNotifier {
         Self {
             sessions,
             event_log,
-            stats: Arc::default(),
         }
     }
 }
 
 impl DomainHandler for ResultNotifier {
+    type Stats = NotifierStats;
+
     fn name(&self) -> &'static str {
         "ResultNotifier"
     }
 
-    fn handle(
-        &mut self,
-        _origin: &BatchOrigin,
-        events: Arc<[EventEnvelope]>,
-    ) -> LocalBoxFuture<'static, Vec<EventOutcome>> {
-        let sessions = self.sessions.clone();
-        let event_log = self.event_log.clone();
-        let stats = self.stats.clone();
-        async move {
-            let mut outcomes = Vec::with_capacity(events.len());
-            let mut requests = BTreeSet::new();
-            let (mut pushed, mut without_session) = (0, 0);
-            for event in events.iter() {
-                let EventPayload::CouponResult(result) = &event.payload else {
-                    outcomes.push(EventOutcome::Failed(HandlerError::permanent(format!(
-                        "{} is not a coupon result",
-                        event.event_type()
-                    ))));
-                    continue;
-                };
-                let delivered = match UserId::from_u64(result.user_id) {
-                    Ok(user) => {
-                        let message = serde_json::to_string(&CouponResultMessage::from(result))
-                            .expect("a result message serializes");
-                        sessions.push(user, Arc::from(message))
-                    }
-                    Err(_) => 0,
-                };
-                if delivered > 0 {
-                    pushed += 1;
-                } else {
-                    without_session += 1;
-                }
-                requests.insert(result.request_id);
-                outcomes.push(EventOutcome::Done);
+    async fn handle(&self, batch: &Batch, stats: &Stats<NotifierStats>) -> Vec<EventOutcome> {
+        let mut outcomes = Vec::with_capacity(batch.events.len());
+        let mut requests = BTreeSet::new();
+        let (mut pushed, mut without_session) = (0, 0);
+        for event in batch.events.iter() {
+            let EventPayload::CouponResult(result) = &event.payload else {
+                outcomes.push(EventOutcome::Failed(HandlerError::not_for_this_handler(
+                    event,
+                    "a coupon result",
+                )));
+                continue;
+            };
+            let message = serde_json::to_string(&CouponResultMessage::from(result))
+                .expect("a result message serializes");
+            if self.sessions.push(result.user_id, Arc::from(message)) > 0 {
+                pushed += 1;
+            } else {
+                without_session += 1;
             }
-            let requests: Vec<EventId> = requests.into_iter().collect();
-            let marked = async {
-                let mut connection = event_log.pool().acquire().await?;
-                EventLog::change_status_of_many_in(
-                    &mut connection,
-                    &requests,
-                    EventStatus::Notified,
-                    None,
-                )
-                .await
-            }
-            .await;
-            match marked {
-                Ok(marked) => {
-                    let mut stats = stats.lock().expect("stats lock");
+            requests.insert(EventId::from(result.request_id));
+            outcomes.push(EventOutcome::Done);
+        }
+        let requests: Vec<EventId> = requests.into_iter().collect();
+        let marked = async {
+            let mut connection = self.event_log.pool().acquire().await?;
+            EventLog::change_status_of_many_in(
+                &mut connection,
+                &requests,
+                StatusChange::new(Move::Notify),
+            )
+            .await
+        }
+        .await;
+        match marked {
+            Ok(marked) => {
+                stats.update(|stats| {
                     stats.pushed += pushed;
                     stats.without_session += without_session;
                     stats.marked_notified += marked;
-                    outcomes
-                }
-                Err(error) => {
-                    vec![EventOutcome::Failed(HandlerError::from_error(&error)); events.len()]
-                }
+                });
+                outcomes
+            }
+            Err(error) => {
+                vec![EventOutcome::Failed(HandlerError::from_error(&error)); batch.events.len()]
             }
         }
-        .boxed_local()
-    }
-
-    fn details(&self) -> Option<serde_json::Value> {
-        let stats = self.stats.lock().expect("stats lock").clone();
-        Some(serde_json::to_value(stats).expect("stats serialize"))
     }
 }

@@ -14,7 +14,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::coupons::UserId;
+use crate::ids::UserId;
 
 /// Messages a session may have queued before it starts losing them.
 const SESSION_QUEUE: usize = 256;

@@ -1,20 +1,21 @@
-//! Coupons in MySQL: creating and reading them, and issuing a batch of requests in one
-//! transaction.
+//! Coupons in MySQL: creating and reading them, issuing a batch of requests in one
+//! transaction, and the coupons a user holds (used at payment).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::json;
-use sqlx::{MySqlConnection, MySqlPool, QueryBuilder, Row};
+use sqlx::{MySqlConnection, QueryBuilder};
 
-use crate::coupons::{
-    CouponId, CouponState, IssueDecision, IssueRequest, RefusalReason, UserId, decide_issues,
-};
+use crate::coupons::{CouponState, IssueDecision, IssueRequest, RefusalReason, decide_issues};
 use crate::error::{Classify, ErrorClass};
-use crate::event_log::{EventLog, EventLogError, EventStatus, OutboxEvent};
+use crate::event_log::{EventLog, EventLogError, EventStatus, Move, OutboxEvent, StatusChange};
 use crate::events::{CouponResult, EventEnvelope, EventId, EventPayload};
-use crate::kafka::topics;
+use crate::ids::{CouponHistoryId, CouponId, OrderId, RequestId, UserId};
+use crate::outbox::{Committed, Outbox, OutboxTransaction};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CouponStoreError {
@@ -66,16 +67,61 @@ pub struct Coupon {
     pub valid_until: DateTime<Utc>,
 }
 
+/// Where a coupon a user holds stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum HeldStatus {
+    Issued,
+    /// Spent on an order.
+    Used,
+}
+
+impl HeldStatus {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            HeldStatus::Issued => "ISSUED",
+            HeldStatus::Used => "USED",
+        }
+    }
+}
+
+impl FromStr for HeldStatus {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        [HeldStatus::Issued, HeldStatus::Used]
+            .into_iter()
+            .find(|status| status.as_str() == text)
+            .ok_or_else(|| format!("unknown coupon history status {text:?}"))
+    }
+}
+
+impl fmt::Display for HeldStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+crate::stores::text_column!(HeldStatus);
+
 /// A coupon a user holds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HeldCoupon {
-    pub coupon_history_id: u64,
+    pub coupon_history_id: CouponHistoryId,
     pub coupon_id: CouponId,
     pub name: String,
     pub discount_amount: u64,
-    pub status: String,
+    pub status: HeldStatus,
     pub issued_at: DateTime<Utc>,
+}
+
+/// Why a held coupon cannot pay for an order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CouponUnusable {
+    /// Missing, or another user's.
+    NotOwned,
+    AlreadyUsed,
 }
 
 /// One coupon request to decide.
@@ -92,7 +138,7 @@ pub enum RequestOutcome {
     /// Decided now: issued (with its coupon history) or refused.
     Decided {
         decision: IssueDecision,
-        coupon_history_id: Option<u64>,
+        coupon_history_id: Option<CouponHistoryId>,
     },
     /// Decided before (a redelivery): nothing changed, no result is sent again.
     AlreadyDecided,
@@ -100,37 +146,38 @@ pub enum RequestOutcome {
     NotRecorded,
 }
 
-/// The effects of one batch: an outcome per request, and the result events written to the
-/// outbox in the same transaction (to publish after the commit).
-#[derive(Clone, Debug)]
+/// The effects of one batch: an outcome per request, and the result events committed with
+/// them (to publish).
 pub struct IssuedBatch {
     pub outcomes: Vec<RequestOutcome>,
-    pub results: Vec<OutboxEvent>,
+    pub results: Committed,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct CouponStore {
-    pool: MySqlPool,
+    outbox: Outbox,
 }
 
 impl CouponStore {
-    pub fn new(pool: MySqlPool) -> Self {
-        Self { pool }
+    pub fn new(outbox: Outbox) -> Self {
+        Self { outbox }
     }
 
     pub async fn create(&self, coupon: &NewCoupon) -> Result<Coupon, CouponStoreError> {
-        let inserted = sqlx::query(
+        let pool = self.outbox.event_log().pool();
+        let inserted = sqlx::query!(
             "INSERT INTO coupon (name, discount_amount, total_quantity, valid_from, valid_until) \
              VALUES (?, ?, ?, ?, ?)",
+            coupon.name,
+            coupon.discount_amount,
+            coupon.total_quantity,
+            coupon.valid_from,
+            coupon.valid_until,
         )
-        .bind(&coupon.name)
-        .bind(coupon.discount_amount)
-        .bind(coupon.total_quantity)
-        .bind(coupon.valid_from)
-        .bind(coupon.valid_until)
-        .execute(&self.pool)
+        .execute(pool)
         .await?;
-        let coupon_id = CouponId(inserted.last_insert_id());
+        let coupon_id =
+            CouponId::from_u64(inserted.last_insert_id()).expect("AUTO_INCREMENT ids start at 1");
         Ok(self
             .find(coupon_id)
             .await?
@@ -138,65 +185,58 @@ impl CouponStore {
     }
 
     pub async fn find(&self, coupon_id: CouponId) -> Result<Option<Coupon>, CouponStoreError> {
-        let row = sqlx::query(
-            "SELECT coupon_id, name, discount_amount, total_quantity, issued_quantity, valid_from, valid_until \
-             FROM coupon WHERE coupon_id = ?",
+        let row = sqlx::query!(
+            r#"SELECT coupon_id AS "coupon_id: CouponId", name, discount_amount,
+                      total_quantity, issued_quantity,
+                      valid_from AS "valid_from: DateTime<Utc>",
+                      valid_until AS "valid_until: DateTime<Utc>"
+               FROM coupon WHERE coupon_id = ?"#,
+            coupon_id,
         )
-        .bind(coupon_id.get())
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.outbox.event_log().pool())
         .await?;
-        row.map(|row| {
-            let total_quantity: u32 = row.try_get("total_quantity")?;
-            let issued_quantity: u32 = row.try_get("issued_quantity")?;
-            Ok(Coupon {
-                coupon_id: CouponId(row.try_get("coupon_id")?),
-                name: row.try_get("name")?,
-                discount_amount: row.try_get("discount_amount")?,
-                total_quantity,
-                issued_quantity,
-                remaining: total_quantity.saturating_sub(issued_quantity),
-                valid_from: row.try_get("valid_from")?,
-                valid_until: row.try_get("valid_until")?,
-            })
-        })
-        .transpose()
+        Ok(row.map(|row| Coupon {
+            coupon_id: row.coupon_id,
+            name: row.name,
+            discount_amount: row.discount_amount,
+            total_quantity: row.total_quantity,
+            issued_quantity: row.issued_quantity,
+            remaining: row.total_quantity.saturating_sub(row.issued_quantity),
+            valid_from: row.valid_from,
+            valid_until: row.valid_until,
+        }))
     }
 
     /// The coupon history a request created, if it was issued.
     pub async fn history_of_request(
         &self,
-        request_id: EventId,
-    ) -> Result<Option<u64>, CouponStoreError> {
-        let row: Option<(u64,)> =
-            sqlx::query_as("SELECT coupon_history_id FROM coupon_history WHERE request_id = ?")
-                .bind(request_id.to_string())
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(row.map(|(id,)| id))
+        request_id: RequestId,
+    ) -> Result<Option<CouponHistoryId>, CouponStoreError> {
+        let id = sqlx::query_scalar!(
+            r#"SELECT coupon_history_id AS "coupon_history_id: CouponHistoryId"
+               FROM coupon_history WHERE request_id = ?"#,
+            request_id,
+        )
+        .fetch_optional(self.outbox.event_log().pool())
+        .await?;
+        Ok(id)
     }
 
     /// The coupons `user` holds, newest first.
     pub async fn held_by(&self, user: UserId) -> Result<Vec<HeldCoupon>, CouponStoreError> {
-        let rows = sqlx::query(
-            "SELECT h.coupon_history_id, h.coupon_id, c.name, c.discount_amount, h.status, h.issued_at \
-             FROM coupon_history h JOIN coupon c ON c.coupon_id = h.coupon_id \
-             WHERE h.user_id = ? ORDER BY h.coupon_history_id DESC",
+        let held = sqlx::query_as!(
+            HeldCoupon,
+            r#"SELECT h.coupon_history_id AS "coupon_history_id: CouponHistoryId",
+                      h.coupon_id AS "coupon_id: CouponId", c.name, c.discount_amount,
+                      h.status AS "status: HeldStatus",
+                      h.issued_at AS "issued_at: DateTime<Utc>"
+               FROM coupon_history h JOIN coupon c ON c.coupon_id = h.coupon_id
+               WHERE h.user_id = ? ORDER BY h.coupon_history_id DESC"#,
+            user,
         )
-        .bind(user.get())
-        .fetch_all(&self.pool)
+        .fetch_all(self.outbox.event_log().pool())
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(HeldCoupon {
-                    coupon_history_id: row.try_get("coupon_history_id")?,
-                    coupon_id: CouponId(row.try_get("coupon_id")?),
-                    name: row.try_get("name")?,
-                    discount_amount: row.try_get("discount_amount")?,
-                    status: row.try_get("status")?,
-                    issued_at: row.try_get("issued_at")?,
-                })
-            })
-            .collect()
+        Ok(held)
     }
 
     /// Decides and applies a batch of requests (in offset order) in one transaction:
@@ -225,12 +265,65 @@ impl CouponStore {
         batch: &[CouponRequest],
         locking: Locking,
     ) -> Result<IssuedBatch, CouponStoreError> {
-        let mut transaction = self.pool.begin().await?;
+        let mut transaction = self.outbox.begin().await?;
         // On error the transaction is dropped, which rolls it back.
-        let issued = issue_in(&mut transaction, batch, locking).await?;
-        transaction.commit().await?;
-        Ok(issued)
+        let outcomes = issue_in(&mut transaction, batch, locking).await?;
+        let results = transaction.commit().await?;
+        Ok(IssuedBatch { outcomes, results })
     }
+}
+
+/// The discount of a coupon `user` holds and has not used.
+pub async fn usable_discount(
+    connection: &mut MySqlConnection,
+    coupon_history_id: CouponHistoryId,
+    user: UserId,
+) -> Result<Result<u64, CouponUnusable>, sqlx::Error> {
+    let row = sqlx::query!(
+        r#"SELECT h.user_id AS "user_id: UserId", h.status AS "status: HeldStatus",
+                  c.discount_amount
+           FROM coupon_history h JOIN coupon c ON c.coupon_id = h.coupon_id
+           WHERE h.coupon_history_id = ?"#,
+        coupon_history_id,
+    )
+    .fetch_optional(&mut *connection)
+    .await?;
+    Ok(match row {
+        Some(row) if row.user_id != user => Err(CouponUnusable::NotOwned),
+        None => Err(CouponUnusable::NotOwned),
+        Some(row) if row.status != HeldStatus::Issued => Err(CouponUnusable::AlreadyUsed),
+        Some(row) => Ok(row.discount_amount),
+    })
+}
+
+/// Spends a coupon `user` holds on `order` (ISSUED → USED), in the caller's transaction.
+pub async fn use_coupon(
+    connection: &mut MySqlConnection,
+    coupon_history_id: CouponHistoryId,
+    user: UserId,
+    order: OrderId,
+) -> Result<Result<(), CouponUnusable>, sqlx::Error> {
+    let used = sqlx::query!(
+        "UPDATE coupon_history SET status = ?, used_order_id = ? \
+         WHERE coupon_history_id = ? AND user_id = ? AND status = ?",
+        HeldStatus::Used,
+        order,
+        coupon_history_id,
+        user,
+        HeldStatus::Issued,
+    )
+    .execute(&mut *connection)
+    .await?;
+    if used.rows_affected() == 1 {
+        return Ok(Ok(()));
+    }
+    Ok(
+        match usable_discount(connection, coupon_history_id, user).await? {
+            Err(unusable) => Err(unusable),
+            // Usable a moment ago and not now: another payment just used it.
+            Ok(_) => Err(CouponUnusable::AlreadyUsed),
+        },
+    )
 }
 
 /// How a batch reads the coupon rows.
@@ -243,25 +336,28 @@ enum Locking {
 }
 
 async fn issue_in(
-    connection: &mut MySqlConnection,
+    transaction: &mut OutboxTransaction,
     batch: &[CouponRequest],
     locking: Locking,
-) -> Result<IssuedBatch, CouponStoreError> {
-    let request_ids: Vec<EventId> = batch.iter().map(|item| item.request.request_id).collect();
-    let statuses = EventLog::lock_statuses_in(connection, &request_ids).await?;
+) -> Result<Vec<RequestOutcome>, CouponStoreError> {
+    let event_ids: Vec<EventId> = batch
+        .iter()
+        .map(|item| item.request.request_id.into())
+        .collect();
+    let statuses = EventLog::lock_statuses_in(transaction, &event_ids).await?;
     let mut outcomes = vec![RequestOutcome::AlreadyDecided; batch.len()];
 
     // Pending requests per coupon, in batch (offset) order, remembering their position.
     let mut pending: BTreeMap<CouponId, Vec<(usize, IssueRequest)>> = BTreeMap::new();
     let mut seen_in_batch = BTreeSet::new();
-    for (position, item) in batch.iter().enumerate() {
+    for (position, (item, event_id)) in batch.iter().zip(&event_ids).enumerate() {
         let undecided = matches!(
-            statuses.get(&item.request.request_id),
+            statuses.get(event_id),
             Some(EventStatus::Pending | EventStatus::Published | EventStatus::InProgress)
         );
-        if !statuses.contains_key(&item.request.request_id) {
+        if !statuses.contains_key(event_id) {
             outcomes[position] = RequestOutcome::NotRecorded;
-        } else if undecided && seen_in_batch.insert(item.request.request_id) {
+        } else if undecided && seen_in_batch.insert(*event_id) {
             pending
                 .entry(item.coupon_id)
                 .or_default()
@@ -269,13 +365,10 @@ async fn issue_in(
         }
     }
     if pending.is_empty() {
-        return Ok(IssuedBatch {
-            outcomes,
-            results: Vec::new(),
-        });
+        return Ok(outcomes);
     }
 
-    let coupons = read_coupons(connection, pending.keys().copied().collect(), locking).await?;
+    let coupons = read_coupons(transaction, pending.keys().copied().collect(), locking).await?;
     let mut issued_rows: Vec<(CouponId, IssueRequest)> = Vec::new();
     let mut stock_taken: Vec<(CouponId, u32)> = Vec::new();
     for (coupon_id, requests) in &pending {
@@ -285,7 +378,7 @@ async fn issue_in(
             .map(|(_, request)| request.user_id)
             .collect();
         let holders = match coupon {
-            Some(_) => holders_among(connection, *coupon_id, &users).await?,
+            Some(_) => holders_among(transaction, *coupon_id, &users).await?,
             None => BTreeSet::new(),
         };
         let plain: Vec<IssueRequest> = requests.iter().map(|(_, request)| *request).collect();
@@ -307,7 +400,7 @@ async fn issue_in(
             }
         }
     }
-    let history_ids = match insert_histories(connection, &issued_rows).await {
+    let history_ids = match insert_histories(transaction, &issued_rows).await {
         Err(CouponStoreError::Database(error)) if is_duplicate_key(&error) => {
             return Err(CouponStoreError::StaleDecision);
         }
@@ -329,57 +422,57 @@ async fn issue_in(
         };
         let reason = match decision {
             IssueDecision::Issue => {
-                issued_requests.push(request.request_id);
+                issued_requests.push(request.request_id.into());
                 None
             }
             IssueDecision::Refuse(reason) => {
                 refused_requests
                     .entry(reason)
                     .or_default()
-                    .push(request.request_id);
+                    .push(request.request_id.into());
                 Some(reason)
             }
         };
-        results.push(OutboxEvent {
-            topic: topics::COUPON_RESULTS.to_string(),
-            envelope: EventEnvelope::new(
-                request.user_id.partition_key(),
-                EventPayload::CouponResult(CouponResult {
-                    request_id: request.request_id,
-                    user_id: request.user_id.get(),
-                    coupon_id: item.coupon_id.get(),
-                    success: decision == IssueDecision::Issue,
-                    coupon_history_id,
-                    reason,
-                }),
-            ),
-        });
+        results.push(OutboxEvent::new(EventEnvelope::new(
+            request.user_id.partition_key(),
+            EventPayload::CouponResult(CouponResult {
+                request_id: request.request_id,
+                user_id: request.user_id,
+                coupon_id: item.coupon_id,
+                success: decision == IssueDecision::Issue,
+                coupon_history_id,
+                reason,
+            }),
+        )));
     }
     // A success's coupon history is found by its request id; a refusal records its reason.
-    EventLog::change_status_of_many_in(connection, &issued_requests, EventStatus::Completed, None)
-        .await?;
+    EventLog::change_status_of_many_in(
+        transaction,
+        &issued_requests,
+        StatusChange::new(Move::Complete),
+    )
+    .await?;
     for (reason, requests) in &refused_requests {
         let result = json!({ "reason": reason });
         EventLog::change_status_of_many_in(
-            connection,
+            transaction,
             requests,
-            EventStatus::Failed,
-            Some(&result),
+            StatusChange::new(Move::Fail).with_result(&result),
         )
         .await?;
     }
-    EventLog::insert_pending(connection, &results).await?;
+    transaction.record(results).await?;
 
     // Last, in coupon order: from here to the commit the coupon rows are locked.
     for (coupon_id, count) in stock_taken {
-        if !take_stock(connection, coupon_id, count).await? {
+        if !take_stock(transaction, coupon_id, count).await? {
             return Err(match locking {
                 Locking::Optimistic => CouponStoreError::StaleDecision,
                 Locking::Pessimistic => CouponStoreError::StockInvariant(coupon_id),
             });
         }
     }
-    Ok(IssuedBatch { outcomes, results })
+    Ok(outcomes)
 }
 
 fn is_duplicate_key(error: &sqlx::Error) -> bool {
@@ -388,6 +481,16 @@ fn is_duplicate_key(error: &sqlx::Error) -> bool {
         .as_database_error()
         .and_then(|error| error.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
         .is_some_and(|error| error.number() == DUPLICATE_ENTRY)
+}
+
+/// A coupon row as the issuer reads it.
+#[derive(sqlx::FromRow)]
+struct CouponRow {
+    coupon_id: CouponId,
+    total_quantity: u32,
+    issued_quantity: u32,
+    valid_from: DateTime<Utc>,
+    valid_until: DateTime<Utc>,
 }
 
 /// Reads the coupon rows, locking them (in key order, so concurrent batches cannot deadlock
@@ -403,28 +506,28 @@ async fn read_coupons(
     );
     let mut separated = select.separated(", ");
     for coupon_id in &coupon_ids {
-        separated.push_bind(coupon_id.get());
+        separated.push_bind(*coupon_id);
     }
     select.push(") ORDER BY coupon_id");
     if locking == Locking::Pessimistic {
         select.push(" FOR UPDATE");
     }
-    let rows = select.build().fetch_all(&mut *connection).await?;
-    rows.iter()
+    let rows: Vec<CouponRow> = select.build_query_as().fetch_all(&mut *connection).await?;
+    Ok(rows
+        .into_iter()
         .map(|row| {
-            let coupon_id = CouponId(row.try_get("coupon_id")?);
-            Ok((
-                coupon_id,
+            (
+                row.coupon_id,
                 CouponState {
-                    coupon_id,
-                    total_quantity: row.try_get("total_quantity")?,
-                    issued_quantity: row.try_get("issued_quantity")?,
-                    valid_from: row.try_get("valid_from")?,
-                    valid_until: row.try_get("valid_until")?,
+                    coupon_id: row.coupon_id,
+                    total_quantity: row.total_quantity,
+                    issued_quantity: row.issued_quantity,
+                    valid_from: row.valid_from,
+                    valid_until: row.valid_until,
                 },
-            ))
+            )
         })
-        .collect()
+        .collect())
 }
 
 /// Which of `users` already hold `coupon_id`.
@@ -434,16 +537,14 @@ async fn holders_among(
     users: &[UserId],
 ) -> Result<BTreeSet<UserId>, CouponStoreError> {
     let mut select = QueryBuilder::new("SELECT user_id FROM coupon_history WHERE coupon_id = ");
-    select.push_bind(coupon_id.get()).push(" AND user_id IN (");
+    select.push_bind(coupon_id).push(" AND user_id IN (");
     let mut separated = select.separated(", ");
     for user in users {
-        separated.push_bind(user.get());
+        separated.push_bind(*user);
     }
     select.push(")");
-    let rows = select.build().fetch_all(&mut *connection).await?;
-    rows.iter()
-        .map(|row| Ok(UserId(row.try_get("user_id")?)))
-        .collect()
+    let holders: Vec<(UserId,)> = select.build_query_as().fetch_all(&mut *connection).await?;
+    Ok(holders.into_iter().map(|(user,)| user).collect())
 }
 
 /// Moves `count` units of stock if that many are left; the condition makes over-issuing
@@ -453,13 +554,13 @@ async fn take_stock(
     coupon_id: CouponId,
     count: u32,
 ) -> Result<bool, CouponStoreError> {
-    let updated = sqlx::query(
+    let updated = sqlx::query!(
         "UPDATE coupon SET issued_quantity = issued_quantity + ? \
          WHERE coupon_id = ? AND issued_quantity + ? <= total_quantity",
+        count,
+        coupon_id,
+        count,
     )
-    .bind(count)
-    .bind(coupon_id.get())
-    .bind(count)
     .execute(&mut *connection)
     .await?;
     Ok(updated.rows_affected() == 1)
@@ -469,37 +570,31 @@ async fn take_stock(
 async fn insert_histories(
     connection: &mut MySqlConnection,
     issued: &[(CouponId, IssueRequest)],
-) -> Result<BTreeMap<EventId, u64>, CouponStoreError> {
+) -> Result<BTreeMap<RequestId, CouponHistoryId>, CouponStoreError> {
     if issued.is_empty() {
         return Ok(BTreeMap::new());
     }
     let mut insert = QueryBuilder::new(
-        "INSERT INTO coupon_history (coupon_id, user_id, request_id, issued_at) ",
+        "INSERT INTO coupon_history (coupon_id, user_id, request_id, status, issued_at) ",
     );
     insert.push_values(issued, |mut row, (coupon_id, request)| {
-        row.push_bind(coupon_id.get())
-            .push_bind(request.user_id.get())
-            .push_bind(request.request_id.to_string())
+        row.push_bind(*coupon_id)
+            .push_bind(request.user_id)
+            .push_bind(request.request_id)
+            .push_bind(HeldStatus::Issued)
             .push("NOW(6)");
     });
     insert.build().execute(&mut *connection).await?;
 
     let mut select = QueryBuilder::new(
-        "SELECT coupon_history_id, request_id FROM coupon_history WHERE request_id IN (",
+        "SELECT request_id, coupon_history_id FROM coupon_history WHERE request_id IN (",
     );
     let mut separated = select.separated(", ");
     for (_, request) in issued {
-        separated.push_bind(request.request_id.to_string());
+        separated.push_bind(request.request_id);
     }
     select.push(")");
-    let rows = select.build().fetch_all(&mut *connection).await?;
-    rows.iter()
-        .map(|row| {
-            let request_id: String = row.try_get("request_id")?;
-            let request_id = request_id
-                .parse()
-                .map_err(|_| EventLogError::CorruptRow(format!("request id {request_id:?}")))?;
-            Ok((request_id, row.try_get("coupon_history_id")?))
-        })
-        .collect()
+    let rows: Vec<(RequestId, CouponHistoryId)> =
+        select.build_query_as().fetch_all(&mut *connection).await?;
+    Ok(rows.into_iter().collect())
 }

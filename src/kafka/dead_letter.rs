@@ -1,14 +1,20 @@
 //! Dead-letter topics: where a record goes when it cannot be processed, with headers that
 //! say where it came from and why. A record that is not an event keeps its key and value
 //! byte for byte; an event that failed is written as its envelope, so it can be replayed.
+//! A record larger than `kafka.consumer.max_record_bytes` is dead-lettered without its
+//! value (its headers and key say where to find it).
+//!
+//! [`DeadLetters::send`] is the one dead-letter function: the partition actors use it for
+//! records that fail, the retry scheduler for deliveries that ran out of attempts.
 
-use tracing::{error, warn};
+use tracing::error;
 
-use crate::event_log::{EventLog, EventStatus, StatusChange};
+use crate::error::{Classify, ErrorClass};
+use crate::event_log::{EventLog, EventLogError, Move, StatusChange};
 use crate::events::EventId;
+use crate::events::topics::dead_letter_topic;
 use crate::kafka::TopicPartition;
 use crate::kafka::producer::{Delivered, EventPublisher, PublishError, RawRecord};
-use crate::kafka::topics::dead_letter_topic;
 
 pub const ORIGINAL_TOPIC_HEADER: &str = "dlt-original-topic";
 pub const ORIGINAL_PARTITION_HEADER: &str = "dlt-original-partition";
@@ -27,9 +33,34 @@ pub struct DeadLetter<'a> {
     /// Set when the record was an event (or its id could be salvaged): its event-log row
     /// is marked DEAD_LETTER.
     pub event_id: Option<EventId>,
+    /// Whether the event's last delivery attempt is counted with it (`retry_count`).
+    pub count_attempt: bool,
     /// A short stable name: `invalid-json`, `permanent`, `retries-exhausted`, ...
     pub error_kind: &'a str,
     pub error: &'a str,
+}
+
+/// Why a dead letter did not go all the way.
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    /// Nothing was written; the record must not be passed over.
+    #[error("dead letter not published: {0}")]
+    Publish(#[from] PublishError),
+    /// On the dead-letter topic, but its event-log row still says otherwise.
+    #[error("dead letter published at offset {} but not recorded: {source}", published.offset)]
+    NotRecorded {
+        published: Delivered,
+        source: EventLogError,
+    },
+}
+
+impl Classify for DeadLetterError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            DeadLetterError::Publish(error) => error.class(),
+            DeadLetterError::NotRecorded { source, .. } => source.class(),
+        }
+    }
 }
 
 /// Publishes dead letters and records them in the event log.
@@ -55,22 +86,10 @@ impl DeadLetters {
 
     /// Publishes to `<topic>.DLT` (same partition number, so one key's letters stay in
     /// order) and, when the record was an event, marks it DEAD_LETTER. The caller must not
-    /// commit the record's offset unless this succeeded.
-    pub async fn send(&self, letter: DeadLetter<'_>) -> Result<Delivered, PublishError> {
-        let delivered = self.publish(letter).await?;
-        if let Some(event_id) = letter.event_id {
-            let change = StatusChange::to(EventStatus::DeadLetter).with_error(letter.error);
-            if let Err(error) = self.event_log.change_status(event_id, change).await {
-                warn!(event_id = %event_id, %error, "cannot mark dead-lettered event in the event log");
-            }
-        }
-        Ok(delivered)
-    }
-
-    /// Publishes to `<topic>.DLT` only; the caller records the event's state.
-    pub async fn publish(&self, letter: DeadLetter<'_>) -> Result<Delivered, PublishError> {
+    /// commit the record's offset unless the publication succeeded.
+    pub async fn send(&self, letter: DeadLetter<'_>) -> Result<Delivered, DeadLetterError> {
         let topic = dead_letter_topic(&letter.source.topic);
-        let delivered = self
+        let published = self
             .publisher
             .publish_raw(RawRecord {
                 topic: &topic,
@@ -98,9 +117,18 @@ impl DeadLetters {
             event_id = ?letter.event_id.map(|id| id.to_string()),
             error_kind = letter.error_kind,
             error = letter.error,
-            dead_letter_offset = delivered.offset,
+            dead_letter_offset = published.offset,
             "record dead-lettered"
         );
-        Ok(delivered)
+        if let Some(event_id) = letter.event_id {
+            let mut change = StatusChange::new(Move::DeadLetter).with_error(letter.error);
+            if letter.count_attempt {
+                change = change.counting_attempt();
+            }
+            if let Err(source) = self.event_log.change_status(event_id, change).await {
+                return Err(DeadLetterError::NotRecorded { published, source });
+            }
+        }
+        Ok(published)
     }
 }

@@ -10,36 +10,6 @@ use std::fmt;
 
 use serde::Serialize;
 
-/// The design document's topics.
-pub mod topics {
-    pub const COUPON_REQUESTS: &str = "coupon-requests";
-    pub const COUPON_RESULTS: &str = "coupon-results";
-    pub const ORDER_COMPLETED: &str = "order-completed";
-    pub const EXTERNAL_EVENTS: &str = "external-events";
-    pub const PRODUCT_EVENTS: &str = "product-events";
-
-    pub const ALL: [&str; 5] = [
-        COUPON_REQUESTS,
-        COUPON_RESULTS,
-        ORDER_COMPLETED,
-        EXTERNAL_EVENTS,
-        PRODUCT_EVENTS,
-    ];
-
-    /// Where records of `topic` that cannot be processed go.
-    pub fn dead_letter_topic(topic: &str) -> String {
-        format!("{topic}.DLT")
-    }
-
-    /// Every topic the daemon makes sure exists: the business topics and their dead-letter
-    /// topics.
-    pub fn all_with_dead_letters() -> Vec<String> {
-        ALL.iter()
-            .flat_map(|topic| [topic.to_string(), dead_letter_topic(topic)])
-            .collect()
-    }
-}
-
 /// One partition of one topic.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "camelCase")]

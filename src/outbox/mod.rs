@@ -1,22 +1,25 @@
-//! The transactional outbox.
+//! The transactional outbox: the one path by which an event leaves the process.
 //!
-//! A request writes its events PENDING into the event log inside its own business
-//! transaction ([`Outbox::record`]), commits, and then publishes them
-//! ([`Outbox::publish_committed`]). If the process dies between the commit and the broker's
-//! acknowledgement, the rows stay PENDING and the outbox relay republishes them
-//! ([`Outbox::relay_once`]) once they are older than `outbox.republish_after_ms`. An event
-//! can therefore reach Kafka twice; consumers deduplicate by event id.
+//! A request that causes events opens an [`OutboxTransaction`] ([`Outbox::begin`]), does its
+//! business writes on it, records its events in it ([`OutboxTransaction::record`]: event-log
+//! rows, PENDING), and commits ([`OutboxTransaction::commit`]). What the commit returns,
+//! [`Committed`], is the only way to publish those events, so nothing is published before it
+//! is committed. If the process dies between the commit and the broker's acknowledgement,
+//! the rows stay PENDING and the [`relay`] republishes them once they are older than
+//! `outbox.republish_after_ms`. An event can therefore reach Kafka twice; consumers
+//! deduplicate by event id.
 
 pub mod relay;
 
+use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 
 use futures::future::join_all;
 use serde::Serialize;
-use sqlx::MySqlConnection;
+use sqlx::{MySql, MySqlConnection, Transaction};
 use tracing::{info, warn};
 
-use crate::event_log::{EventLog, EventLogError, OutboxEvent};
+use crate::event_log::{EventLog, EventLogError, Move, OutboxEvent, StatusChange};
 use crate::events::EventId;
 use crate::kafka::producer::EventPublisher;
 
@@ -50,30 +53,13 @@ impl Outbox {
         &self.event_log
     }
 
-    /// Writes the events PENDING in the caller's transaction.
-    pub async fn record(
-        transaction: &mut MySqlConnection,
-        events: &[OutboxEvent],
-    ) -> Result<(), EventLogError> {
-        EventLog::insert_pending(transaction, events).await
-    }
-
-    /// Publishes events whose rows are committed, then marks them PUBLISHED. A failure is
-    /// logged and left to the relay; it is never the caller's problem.
-    pub async fn publish_committed(&self, events: &[OutboxEvent]) -> Publication {
-        let published = self.publish_all(events).await;
-        let mut publication = Publication {
-            published: published.len() as u64,
-            failed: (events.len() - published.len()) as u64,
-            undecodable: 0,
-        };
-        if let Err(error) = self.event_log.mark_published(&published).await {
-            // The events are on Kafka; their rows stay PENDING and will be published again.
-            warn!(%error, events = published.len(), "cannot mark events published");
-            publication.failed += publication.published;
-            publication.published = 0;
-        }
-        publication
+    /// Starts a business transaction whose recorded events are published after its commit.
+    pub async fn begin(&self) -> Result<OutboxTransaction, EventLogError> {
+        Ok(OutboxTransaction {
+            transaction: self.event_log.pool().begin().await?,
+            events: Vec::new(),
+            outbox: self.clone(),
+        })
     }
 
     /// Republishes rows left PENDING for longer than `older_than`: one batch, under row
@@ -91,19 +77,21 @@ impl Outbox {
         let mut undecodable = 0;
         let mut events = Vec::with_capacity(rows.len());
         for row in rows {
-            match row.envelope {
-                Ok(envelope) => events.push(OutboxEvent {
-                    topic: row.topic,
-                    envelope,
-                }),
+            match row.0 {
+                Ok(event) => events.push(event),
                 Err(error) => {
                     undecodable += 1;
-                    warn!(event_id = %row.event_id, %error, "pending event cannot be rebuilt; left for a version that knows it");
+                    warn!(%error, "pending event cannot be rebuilt; left for a version that knows it");
                 }
             }
         }
         let published = self.publish_all(&events).await;
-        EventLog::mark_published_in(&mut transaction, &published).await?;
+        EventLog::change_status_of_many_in(
+            &mut transaction,
+            &published,
+            StatusChange::new(Move::Publish),
+        )
+        .await?;
         transaction.commit().await?;
         let publication = Publication {
             published: published.len() as u64,
@@ -121,7 +109,7 @@ impl Outbox {
 
     async fn publish_all(&self, events: &[OutboxEvent]) -> Vec<EventId> {
         let deliveries = join_all(events.iter().map(|event| async move {
-            let result = self.publisher.publish(&event.topic, &event.envelope).await;
+            let result = self.publisher.publish(event.topic, &event.envelope).await;
             (event.envelope.event_id, result)
         }))
         .await;
@@ -135,5 +123,81 @@ impl Outbox {
                 }
             })
             .collect()
+    }
+}
+
+/// A MySQL transaction that carries events: business statements run on it (it derefs to
+/// the connection), events are recorded in it, and committing hands them over for
+/// publication. Dropped without a commit, it rolls back, events included.
+pub struct OutboxTransaction {
+    transaction: Transaction<'static, MySql>,
+    events: Vec<OutboxEvent>,
+    outbox: Outbox,
+}
+
+impl OutboxTransaction {
+    /// Writes the events' rows (PENDING) now, in this transaction.
+    pub async fn record(&mut self, events: Vec<OutboxEvent>) -> Result<(), EventLogError> {
+        EventLog::insert_pending(&mut self.transaction, &events).await?;
+        self.events.extend(events);
+        Ok(())
+    }
+
+    /// Commits the business writes and the events' rows together.
+    pub async fn commit(self) -> Result<Committed, EventLogError> {
+        self.transaction.commit().await?;
+        Ok(Committed {
+            events: self.events,
+            outbox: self.outbox,
+        })
+    }
+}
+
+impl Deref for OutboxTransaction {
+    type Target = MySqlConnection;
+
+    fn deref(&self) -> &MySqlConnection {
+        &self.transaction
+    }
+}
+
+impl DerefMut for OutboxTransaction {
+    fn deref_mut(&mut self) -> &mut MySqlConnection {
+        &mut self.transaction
+    }
+}
+
+/// Events whose rows are committed, not yet published. Dropping it leaves them to the
+/// relay.
+#[must_use = "committed events are published by `publish`, or left to the relay"]
+pub struct Committed {
+    events: Vec<OutboxEvent>,
+    outbox: Outbox,
+}
+
+impl Committed {
+    pub fn events(&self) -> &[OutboxEvent] {
+        &self.events
+    }
+
+    /// Publishes the events, then marks them PUBLISHED. A failure is logged and left to
+    /// the relay; it is never the caller's problem.
+    pub async fn publish(self) -> Publication {
+        if self.events.is_empty() {
+            return Publication::default();
+        }
+        let published = self.outbox.publish_all(&self.events).await;
+        let mut publication = Publication {
+            published: published.len() as u64,
+            failed: (self.events.len() - published.len()) as u64,
+            undecodable: 0,
+        };
+        if let Err(error) = self.outbox.event_log.mark_published(&published).await {
+            // The events are on Kafka; their rows stay PENDING and will be published again.
+            warn!(%error, events = published.len(), "cannot mark events published");
+            publication.failed += publication.published;
+            publication.published = 0;
+        }
+        publication
     }
 }

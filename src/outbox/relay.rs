@@ -1,23 +1,24 @@
 //! The outbox relay actor: every `outbox.poll_interval_ms` it republishes event-log rows
 //! that stayed PENDING longer than `outbox.republish_after_ms` (their request died between
 //! the commit and the broker's acknowledgement). Runs never overlap.
+//!
+//! Supervised: a pass that panics stops the actor and the `Supervisor` restarts it
+//! (counted); the pass's transaction rolls back, so its rows stay PENDING for the next pass.
 
 use std::time::Duration;
 
 use actix::prelude::*;
+use futures::FutureExt;
 use serde::Serialize;
-use tracing::warn;
+use tracing::{error, warn};
 
+use crate::actors::tree::ObserveBackground;
 use crate::config::OutboxSettings;
+use crate::error::panic_message;
 use crate::outbox::Outbox;
 
-/// Asks for the observable state.
-#[derive(Message)]
-#[rtype(result = "OutboxRelayState")]
-pub struct ObserveRelay;
-
-/// Stops the relay (shutdown). A pass in flight is abandoned: its transaction rolls back
-/// and its rows stay PENDING for the next start.
+/// Stops the relay (shutdown): no pass starts after this one; a pass in flight finishes,
+/// and what it could not publish stays PENDING for the next start.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct StopRelay;
@@ -31,7 +32,14 @@ pub struct OutboxRelayState {
     pub failed: u64,
     pub undecodable: u64,
     pub errors: u64,
+    /// Passes that panicked and restarted the relay.
+    pub restarts: u64,
 }
+
+/// A pass panicked: restart.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct PassPanicked;
 
 pub struct OutboxRelay {
     outbox: Outbox,
@@ -39,6 +47,7 @@ pub struct OutboxRelay {
     poll_interval: Duration,
     batch_size: u32,
     busy: bool,
+    stopping: bool,
     state: OutboxRelayState,
 }
 
@@ -50,22 +59,39 @@ impl OutboxRelay {
             poll_interval: Duration::from_millis(settings.poll_interval_ms),
             batch_size: settings.batch_size,
             busy: false,
+            stopping: false,
             state: OutboxRelayState::default(),
         }
     }
 
+    /// Starts the relay under a `Supervisor` on the current arbiter.
+    pub fn start_supervised(self) -> Addr<Self> {
+        Supervisor::start(move |_| self)
+    }
+
     fn run_pass(&mut self, ctx: &mut Context<Self>) {
-        if self.busy {
+        if self.busy || self.stopping {
             return;
         }
         self.busy = true;
         let outbox = self.outbox.clone();
         let (older_than, limit) = (self.republish_after, self.batch_size);
+        let relay = ctx.address();
+        let pass = async move { outbox.relay_once(older_than, limit).await };
         ctx.spawn(
-            actix::fut::wrap_future(async move { outbox.relay_once(older_than, limit).await }).map(
-                |result, relay: &mut Self, _ctx| {
-                    relay.busy = false;
-                    relay.state.passes += 1;
+            actix::fut::wrap_future(std::panic::AssertUnwindSafe(pass).catch_unwind()).map(
+                move |result, actor: &mut Self, _ctx| {
+                    actor.busy = false;
+                    actor.state.passes += 1;
+                    let result = match result {
+                        Ok(result) => result,
+                        Err(panic) => {
+                            error!(error = %panic_message("OutboxRelay", &panic), "outbox relay pass panicked; restarting");
+                            relay.do_send(PassPanicked);
+                            return;
+                        }
+                    };
+                    let relay = actor;
                     match result {
                         Ok(publication) => {
                             relay.state.republished += publication.published;
@@ -91,18 +117,35 @@ impl Actor for OutboxRelay {
     }
 }
 
-impl Handler<ObserveRelay> for OutboxRelay {
-    type Result = MessageResult<ObserveRelay>;
+impl Supervised for OutboxRelay {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        self.state.restarts += 1;
+        self.busy = false;
+        warn!(restarts = self.state.restarts, "outbox relay restarting");
+    }
+}
 
-    fn handle(&mut self, _: ObserveRelay, _ctx: &mut Self::Context) -> Self::Result {
-        MessageResult(self.state.clone())
+impl Handler<PassPanicked> for OutboxRelay {
+    type Result = ();
+
+    fn handle(&mut self, _: PassPanicked, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}
+
+impl Handler<ObserveBackground> for OutboxRelay {
+    type Result = MessageResult<ObserveBackground>;
+
+    fn handle(&mut self, _: ObserveBackground, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(serde_json::to_value(&self.state).expect("relay state serializes"))
     }
 }
 
 impl Handler<StopRelay> for OutboxRelay {
     type Result = ();
 
-    fn handle(&mut self, _: StopRelay, ctx: &mut Self::Context) {
-        ctx.stop();
+    fn handle(&mut self, _: StopRelay, _ctx: &mut Self::Context) {
+        // Not `ctx.stop()`: the supervisor would restart the relay.
+        self.stopping = true;
     }
 }

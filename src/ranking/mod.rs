@@ -15,6 +15,7 @@ use chrono::{Duration, NaiveDate};
 use redis::Script;
 
 use crate::events::{EventId, OrderedProduct};
+use crate::ids::ProductId;
 use crate::stores::{RedisStore, RedisStoreError};
 
 const APPLY_SCRIPT: &str = r#"
@@ -52,7 +53,7 @@ pub struct RankedOrder<'a> {
 /// A place in the ranking.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ranked {
-    pub product_id: u64,
+    pub product_id: ProductId,
     pub quantity: u64,
 }
 
@@ -91,7 +92,7 @@ impl RankingStore {
                 .arg(order.day.format("%Y%m%d").to_string())
                 .arg(order.products.len());
             for line in order.products {
-                invocation.arg(line.id).arg(line.qty);
+                invocation.arg(line.id.get()).arg(line.qty);
             }
         }
         let mut connection = self.redis.connection()?;
@@ -155,7 +156,7 @@ mod tests {
             ("1".to_string(), 1.0),
         ];
         let ranked = rank(scores, 3);
-        let ids: Vec<u64> = ranked.iter().map(|place| place.product_id).collect();
+        let ids: Vec<u64> = ranked.iter().map(|place| place.product_id.get()).collect();
         assert_eq!(ids, vec![2, 9, 7]);
         assert_eq!(ranked[0].quantity, 5);
     }

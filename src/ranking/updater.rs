@@ -6,14 +6,10 @@
 //! place). The event-log row is left alone: `order-completed` has several consumers, and the
 //! row's status belongs to the analytics delivery.
 
-use std::sync::{Arc, Mutex};
-
-use futures::FutureExt;
-use futures::future::LocalBoxFuture;
 use serde::Serialize;
 
-use crate::actors::domain::{AppliedInOneCall, BatchOrigin, DomainHandler, EventOutcome};
-use crate::events::{EventEnvelope, EventPayload};
+use crate::actors::domain::{AppliedInOneCall, Batch, DomainHandler, EventOutcome, Stats};
+use crate::events::EventPayload;
 use crate::ranking::{RankedOrder, RankingStore};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -29,43 +25,35 @@ pub struct RankingStats {
 
 pub struct RankingUpdater {
     ranking: RankingStore,
-    stats: Arc<Mutex<RankingStats>>,
 }
 
 impl RankingUpdater {
     pub fn new(ranking: RankingStore) -> Self {
-        Self {
-            ranking,
-            stats: Arc::default(),
-        }
+        Self { ranking }
     }
 }
 
 impl DomainHandler for RankingUpdater {
+    type Stats = RankingStats;
+
     fn name(&self) -> &'static str {
         "RankingUpdater"
     }
 
-    fn handle(
-        &mut self,
-        _origin: &BatchOrigin,
-        events: Arc<[EventEnvelope]>,
-    ) -> LocalBoxFuture<'static, Vec<EventOutcome>> {
-        let ranking = self.ranking.clone();
-        let stats = self.stats.clone();
-        async move {
-            let selected =
-                AppliedInOneCall::select(&events, "an order event", |event| match &event.payload {
-                    EventPayload::OrderCompleted(order) => Some(RankedOrder {
-                        event_id: event.event_id,
-                        day: event.occurred_at.date_naive(),
-                        products: &order.products,
-                    }),
-                    _ => None,
-                });
-            let applied = ranking.apply(&selected.items).await;
-            if let Ok(counted) = &applied {
-                let mut stats = stats.lock().expect("stats lock");
+    async fn handle(&self, batch: &Batch, stats: &Stats<RankingStats>) -> Vec<EventOutcome> {
+        let selected = AppliedInOneCall::select(&batch.events, "an order event", |event| {
+            match &event.payload {
+                EventPayload::OrderCompleted(order) => Some(RankedOrder {
+                    event_id: event.event_id,
+                    day: event.occurred_at.date_naive(),
+                    products: &order.products,
+                }),
+                _ => None,
+            }
+        });
+        let applied = self.ranking.apply(&selected.items).await;
+        if let Ok(counted) = &applied {
+            stats.update(|stats| {
                 stats.round_trips += u64::from(!selected.items.is_empty());
                 for (order, _) in selected
                     .items
@@ -80,14 +68,8 @@ impl DomainHandler for RankingUpdater {
                         .map(|line| u64::from(line.qty))
                         .sum::<u64>();
                 }
-            }
-            selected.settle(applied, "ranking not updated")
+            });
         }
-        .boxed_local()
-    }
-
-    fn details(&self) -> Option<serde_json::Value> {
-        let stats = self.stats.lock().expect("stats lock").clone();
-        Some(serde_json::to_value(stats).expect("stats serialize"))
+        selected.settle(applied, "ranking not updated")
     }
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use redis::Script;
 
 use crate::events::ProductChanged;
+use crate::ids::ProductId;
 use crate::shop::store::Product;
 use crate::stores::{RedisStore, RedisStoreError};
 
@@ -49,7 +50,7 @@ impl ProductCache {
         }
     }
 
-    pub fn key(&self, product_id: u64) -> String {
+    pub fn key(&self, product_id: ProductId) -> String {
         self.redis.key(&format!("product:{product_id}"))
     }
 
@@ -79,7 +80,7 @@ impl ProductCache {
     }
 
     /// The cached product, if any (an unreadable entry counts as a miss).
-    pub async fn get(&self, product_id: u64) -> Result<Option<Product>, RedisStoreError> {
+    pub async fn get(&self, product_id: ProductId) -> Result<Option<Product>, RedisStoreError> {
         let mut connection = self.redis.connection()?;
         let cached: Option<String> = redis::cmd("GET")
             .arg(self.key(product_id))

@@ -6,13 +6,8 @@
 //! probes are completed by the [`DomainActor`](crate::actors::domain::DomainActor) wrapper;
 //! any other event type is refused as permanent and dead-lettered.
 
-use std::sync::Arc;
-
-use futures::FutureExt;
-use futures::future::LocalBoxFuture;
-
-use crate::actors::domain::{AppliedInOneCall, BatchOrigin, DomainHandler, EventOutcome};
-use crate::events::{EventEnvelope, EventPayload};
+use crate::actors::domain::{AppliedInOneCall, Batch, DomainHandler, EventOutcome, Stats};
+use crate::events::EventPayload;
 use crate::shop::cache::ProductCache;
 
 pub struct ProductEventProcessor {
@@ -26,27 +21,21 @@ impl ProductEventProcessor {
 }
 
 impl DomainHandler for ProductEventProcessor {
+    /// Nothing beyond the wrapper's counters.
+    type Stats = ();
+
     fn name(&self) -> &'static str {
         "ProductEventProcessor"
     }
 
-    fn handle(
-        &mut self,
-        _origin: &BatchOrigin,
-        events: Arc<[EventEnvelope]>,
-    ) -> LocalBoxFuture<'static, Vec<EventOutcome>> {
-        let cache = self.cache.clone();
-        async move {
-            let selected =
-                AppliedInOneCall::select(&events, "a product event", |event| {
-                    match &event.payload {
-                        EventPayload::ProductChanged(change) => Some(change),
-                        _ => None,
-                    }
-                });
-            let applied = cache.apply(&selected.items).await;
-            selected.settle(applied, "product cache not updated")
-        }
-        .boxed_local()
+    async fn handle(&self, batch: &Batch, _stats: &Stats<()>) -> Vec<EventOutcome> {
+        let selected = AppliedInOneCall::select(&batch.events, "a product event", |event| {
+            match &event.payload {
+                EventPayload::ProductChanged(change) => Some(change),
+                _ => None,
+            }
+        });
+        let applied = self.cache.apply(&selected.items).await;
+        selected.settle(applied, "product cache not updated")
     }
 }

@@ -1,19 +1,22 @@
 //! Users, products, orders and payments in MySQL.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::{MySqlConnection, MySqlPool, QueryBuilder, Row};
+use sqlx::{MySqlConnection, QueryBuilder};
 
+use crate::coupons::store::{CouponUnusable, usable_discount, use_coupon};
 use crate::error::{Classify, ErrorClass};
 use crate::event_log::{EventLogError, OutboxEvent};
 use crate::events::{
     EventEnvelope, EventPayload, OrderCompleted, OrderedProduct, PaymentCompleted, ProductChange,
     ProductChanged,
 };
-use crate::kafka::topics;
-use crate::outbox::Outbox;
+use crate::ids::{CouponHistoryId, OrderId, PaymentId, ProductId, UserId};
+use crate::outbox::{Committed, Outbox};
 use crate::shop::{PaymentRefusal, order_amounts};
 
 /// How often a payment is tried again after a deadlock.
@@ -44,6 +47,15 @@ impl Classify for ShopError {
     }
 }
 
+impl From<CouponUnusable> for ShopError {
+    fn from(unusable: CouponUnusable) -> Self {
+        ShopError::Refused(match unusable {
+            CouponUnusable::NotOwned => PaymentRefusal::CouponNotOwned,
+            CouponUnusable::AlreadyUsed => PaymentRefusal::CouponAlreadyUsed,
+        })
+    }
+}
+
 fn invalid(code: &'static str, message: impl Into<String>) -> ShopError {
     ShopError::Invalid {
         code,
@@ -54,15 +66,15 @@ fn invalid(code: &'static str, message: impl Into<String>) -> ShopError {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct User {
-    pub user_id: u64,
+    pub user_id: UserId,
     pub name: String,
     pub balance: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 #[serde(rename_all = "camelCase")]
 pub struct Product {
-    pub product_id: u64,
+    pub product_id: ProductId,
     pub name: String,
     pub price: u64,
     pub stock: u32,
@@ -72,27 +84,24 @@ pub struct Product {
 
 impl Product {
     fn changed(&self, change: ProductChange) -> OutboxEvent {
-        OutboxEvent {
-            topic: topics::PRODUCT_EVENTS.into(),
-            envelope: EventEnvelope::new(
-                format!("product:{}", self.product_id),
-                EventPayload::ProductChanged(ProductChanged {
-                    product_id: self.product_id,
-                    name: self.name.clone(),
-                    price: self.price,
-                    stock: self.stock,
-                    version: self.version,
-                    change,
-                }),
-            ),
-        }
+        OutboxEvent::new(EventEnvelope::new(
+            self.product_id.partition_key(),
+            EventPayload::ProductChanged(ProductChanged {
+                product_id: self.product_id,
+                name: self.name.clone(),
+                price: self.price,
+                stock: self.stock,
+                version: self.version,
+                change,
+            }),
+        ))
     }
 }
 
 /// A change committed with its events (to publish after the commit).
-pub struct Committed<T> {
+pub struct Changed<T> {
     pub value: T,
-    pub events: Vec<OutboxEvent>,
+    pub events: Committed,
 }
 
 /// A page of products.
@@ -108,29 +117,66 @@ pub struct ProductPage {
 /// One line of an order to place.
 #[derive(Clone, Copy, Debug)]
 pub struct NewOrderLine {
-    pub product_id: u64,
+    pub product_id: ProductId,
     pub quantity: u32,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
 #[serde(rename_all = "camelCase")]
 pub struct OrderLine {
-    pub product_id: u64,
+    pub product_id: ProductId,
     pub quantity: u32,
     pub unit_price: u64,
 }
 
+/// Where an order stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OrderStatus {
+    Pending,
+    /// Paid.
+    Completed,
+}
+
+impl OrderStatus {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OrderStatus::Pending => "PENDING",
+            OrderStatus::Completed => "COMPLETED",
+        }
+    }
+}
+
+impl FromStr for OrderStatus {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        [OrderStatus::Pending, OrderStatus::Completed]
+            .into_iter()
+            .find(|status| status.as_str() == text)
+            .ok_or_else(|| format!("unknown order status {text:?}"))
+    }
+}
+
+impl fmt::Display for OrderStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+crate::stores::text_column!(OrderStatus);
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Order {
-    pub order_id: u64,
-    pub user_id: u64,
-    pub status: String,
+    pub order_id: OrderId,
+    pub user_id: UserId,
+    pub status: OrderStatus,
     pub items: Vec<OrderLine>,
     pub total_amount: u64,
     pub discount_amount: u64,
     pub pay_amount: u64,
-    pub coupon_history_id: Option<u64>,
+    pub coupon_history_id: Option<CouponHistoryId>,
     pub created_at: DateTime<Utc>,
     pub paid_at: Option<DateTime<Utc>>,
 }
@@ -138,70 +184,64 @@ pub struct Order {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Payment {
-    pub payment_id: u64,
-    pub order_id: u64,
-    pub status: &'static str,
+    pub payment_id: PaymentId,
+    pub order_id: OrderId,
+    pub status: OrderStatus,
     pub amount: u64,
-}
-
-/// A payment and the events its transaction recorded (to publish after the commit).
-pub struct Paid {
-    pub payment: Payment,
-    pub events: Vec<OutboxEvent>,
 }
 
 #[derive(Clone)]
 pub struct ShopStore {
-    pool: MySqlPool,
+    outbox: Outbox,
 }
 
 impl ShopStore {
-    pub fn new(pool: MySqlPool) -> Self {
-        Self { pool }
+    pub fn new(outbox: Outbox) -> Self {
+        Self { outbox }
+    }
+
+    fn pool(&self) -> &sqlx::MySqlPool {
+        self.outbox.event_log().pool()
     }
 
     pub async fn create_user(&self, name: &str) -> Result<User, ShopError> {
-        let inserted = sqlx::query("INSERT INTO app_user (name) VALUES (?)")
-            .bind(name)
-            .execute(&self.pool)
+        let inserted = sqlx::query!("INSERT INTO app_user (name) VALUES (?)", name)
+            .execute(self.pool())
             .await?;
         Ok(User {
-            user_id: inserted.last_insert_id(),
+            user_id: UserId::from_u64(inserted.last_insert_id())
+                .expect("AUTO_INCREMENT ids start at 1"),
             name: name.to_string(),
             balance: 0,
         })
     }
 
-    pub async fn user(&self, user_id: u64) -> Result<Option<User>, ShopError> {
-        let row = sqlx::query("SELECT user_id, name, balance FROM app_user WHERE user_id = ?")
-            .bind(user_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|row| {
-            Ok(User {
-                user_id: row.try_get("user_id")?,
-                name: row.try_get("name")?,
-                balance: row.try_get("balance")?,
-            })
-        })
-        .transpose()
+    pub async fn user(&self, user_id: UserId) -> Result<Option<User>, ShopError> {
+        let user = sqlx::query_as!(
+            User,
+            r#"SELECT user_id AS "user_id: UserId", name, balance FROM app_user WHERE user_id = ?"#,
+            user_id,
+        )
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(user)
     }
 
     /// Adds `amount` to the balance unless that would pass `max_balance`.
     pub async fn charge(
         &self,
-        user_id: u64,
+        user_id: UserId,
         amount: u64,
         max_balance: u64,
     ) -> Result<User, ShopError> {
-        let updated = sqlx::query(
+        let updated = sqlx::query!(
             "UPDATE app_user SET balance = balance + ? WHERE user_id = ? AND balance + ? <= ?",
+            amount,
+            user_id,
+            amount,
+            max_balance,
         )
-        .bind(amount)
-        .bind(user_id)
-        .bind(amount)
-        .bind(max_balance)
-        .execute(&self.pool)
+        .execute(self.pool())
         .await?;
         let user = self
             .user(user_id)
@@ -216,51 +256,54 @@ impl ShopStore {
         Ok(user)
     }
 
-    /// Creates a product; its ProductChanged (CREATED) event is in the outbox.
+    /// Creates a product; its ProductChanged (CREATED) event is committed with it.
     pub async fn create_product(
         &self,
         name: &str,
         price: u64,
         stock: u32,
-    ) -> Result<Committed<Product>, ShopError> {
-        let mut transaction = self.pool.begin().await?;
-        let inserted = sqlx::query("INSERT INTO product (name, price, stock) VALUES (?, ?, ?)")
-            .bind(name)
-            .bind(price)
-            .bind(stock)
-            .execute(&mut *transaction)
-            .await?;
+    ) -> Result<Changed<Product>, ShopError> {
+        let mut transaction = self.outbox.begin().await?;
+        let inserted = sqlx::query!(
+            "INSERT INTO product (name, price, stock) VALUES (?, ?, ?)",
+            name,
+            price,
+            stock,
+        )
+        .execute(&mut *transaction)
+        .await?;
         let product = Product {
-            product_id: inserted.last_insert_id(),
+            product_id: ProductId::from_u64(inserted.last_insert_id())
+                .expect("AUTO_INCREMENT ids start at 1"),
             name: name.to_string(),
             price,
             stock,
             version: 1,
         };
-        let events = vec![product.changed(ProductChange::Created)];
-        Outbox::record(&mut transaction, &events).await?;
-        transaction.commit().await?;
-        Ok(Committed {
+        transaction
+            .record(vec![product.changed(ProductChange::Created)])
+            .await?;
+        Ok(Changed {
             value: product,
-            events,
+            events: transaction.commit().await?,
         })
     }
 
-    /// Sets a product's price and/or stock; its ProductChanged event is in the outbox.
+    /// Sets a product's price and/or stock; its ProductChanged event is committed with it.
     pub async fn update_product(
         &self,
-        product_id: u64,
+        product_id: ProductId,
         price: Option<u64>,
         stock: Option<u32>,
-    ) -> Result<Committed<Product>, ShopError> {
-        let mut transaction = self.pool.begin().await?;
-        let updated = sqlx::query(
+    ) -> Result<Changed<Product>, ShopError> {
+        let mut transaction = self.outbox.begin().await?;
+        let updated = sqlx::query!(
             "UPDATE product SET price = COALESCE(?, price), stock = COALESCE(?, stock), \
              version = version + 1, updated_at = NOW(6) WHERE product_id = ?",
+            price,
+            stock,
+            product_id,
         )
-        .bind(price)
-        .bind(stock)
-        .bind(product_id)
         .execute(&mut *transaction)
         .await?;
         if updated.rows_affected() == 0 {
@@ -275,23 +318,31 @@ impl ShopStore {
         } else {
             ProductChange::StockChanged
         };
-        let events = vec![product.changed(change)];
-        Outbox::record(&mut transaction, &events).await?;
-        transaction.commit().await?;
-        Ok(Committed {
+        transaction.record(vec![product.changed(change)]).await?;
+        Ok(Changed {
             value: product,
-            events,
+            events: transaction.commit().await?,
         })
     }
 
-    pub async fn product(&self, product_id: u64) -> Result<Option<Product>, ShopError> {
-        let mut connection = self.pool.acquire().await?;
-        Ok(products_in(&mut connection, &[product_id]).await?.pop())
+    pub async fn product(&self, product_id: ProductId) -> Result<Option<Product>, ShopError> {
+        let product = sqlx::query_as!(
+            Product,
+            r#"SELECT product_id AS "product_id: ProductId", name, price, stock, version
+               FROM product WHERE product_id = ?"#,
+            product_id,
+        )
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(product)
     }
 
     /// The names of the products among `ids` that exist.
-    pub async fn product_names(&self, ids: &[u64]) -> Result<BTreeMap<u64, String>, ShopError> {
-        let mut connection = self.pool.acquire().await?;
+    pub async fn product_names(
+        &self,
+        ids: &[ProductId],
+    ) -> Result<BTreeMap<ProductId, String>, ShopError> {
+        let mut connection = self.pool().acquire().await?;
         Ok(products_in(&mut connection, ids)
             .await?
             .into_iter()
@@ -301,21 +352,20 @@ impl ShopStore {
 
     /// Products by id, `page` counted from 0.
     pub async fn products(&self, page: u32, size: u32) -> Result<ProductPage, ShopError> {
-        let rows = sqlx::query(
-            "SELECT product_id, name, price, stock, version FROM product ORDER BY product_id LIMIT ? OFFSET ?",
+        let items = sqlx::query_as!(
+            Product,
+            r#"SELECT product_id AS "product_id: ProductId", name, price, stock, version
+               FROM product ORDER BY product_id LIMIT ? OFFSET ?"#,
+            size,
+            u64::from(page) * u64::from(size),
         )
-        .bind(size)
-        .bind(u64::from(page) * u64::from(size))
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?;
-        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM product")
-            .fetch_one(&self.pool)
+        let total = sqlx::query_scalar!("SELECT COUNT(*) FROM product")
+            .fetch_one(self.pool())
             .await?;
         Ok(ProductPage {
-            items: rows
-                .iter()
-                .map(product_from_row)
-                .collect::<Result<_, _>>()?,
+            items,
             page,
             size,
             total: total.max(0) as u64,
@@ -325,14 +375,13 @@ impl ShopStore {
     /// Places an order at today's prices, with the coupon's discount.
     pub async fn create_order(
         &self,
-        user_id: u64,
+        user_id: UserId,
         lines: &[NewOrderLine],
-        coupon_history_id: Option<u64>,
+        coupon_history_id: Option<CouponHistoryId>,
     ) -> Result<Order, ShopError> {
-        let mut transaction = self.pool.begin().await?;
-        let user_exists: Option<u64> =
-            sqlx::query_scalar("SELECT user_id FROM app_user WHERE user_id = ?")
-                .bind(user_id)
+        let mut transaction = self.pool().begin().await?;
+        let user_exists =
+            sqlx::query_scalar!("SELECT user_id FROM app_user WHERE user_id = ?", user_id)
                 .fetch_optional(&mut *transaction)
                 .await?;
         if user_exists.is_none() {
@@ -341,8 +390,8 @@ impl ShopStore {
                 format!("user {user_id} does not exist"),
             ));
         }
-        let ids: Vec<u64> = lines.iter().map(|line| line.product_id).collect();
-        let prices: BTreeMap<u64, u64> = products_in(&mut transaction, &ids)
+        let ids: Vec<ProductId> = lines.iter().map(|line| line.product_id).collect();
+        let prices: BTreeMap<ProductId, u64> = products_in(&mut transaction, &ids)
             .await?
             .into_iter()
             .map(|product| (product.product_id, product.price))
@@ -367,21 +416,26 @@ impl ShopStore {
         }
         let discount = match coupon_history_id {
             None => None,
-            Some(history_id) => Some(usable_coupon(&mut transaction, history_id, user_id).await?),
+            Some(history_id) => {
+                Some(usable_discount(&mut transaction, history_id, user_id).await??)
+            }
         };
         let (total, discount, pay) = order_amounts(total, discount);
-        let inserted = sqlx::query(
-            "INSERT INTO customer_order (user_id, total_amount, discount_amount, pay_amount, coupon_history_id) \
-             VALUES (?, ?, ?, ?, ?)",
+        let inserted = sqlx::query!(
+            "INSERT INTO customer_order \
+             (user_id, status, total_amount, discount_amount, pay_amount, coupon_history_id) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+            user_id,
+            OrderStatus::Pending,
+            total,
+            discount,
+            pay,
+            coupon_history_id,
         )
-        .bind(user_id)
-        .bind(total)
-        .bind(discount)
-        .bind(pay)
-        .bind(coupon_history_id)
         .execute(&mut *transaction)
         .await?;
-        let order_id = inserted.last_insert_id();
+        let order_id =
+            OrderId::from_u64(inserted.last_insert_id()).expect("AUTO_INCREMENT ids start at 1");
         let mut insert = QueryBuilder::new(
             "INSERT INTO order_item (order_id, product_id, quantity, unit_price) ",
         );
@@ -399,14 +453,18 @@ impl ShopStore {
             .expect("an order is readable right after its commit"))
     }
 
-    pub async fn order(&self, order_id: u64) -> Result<Option<Order>, ShopError> {
-        let mut connection = self.pool.acquire().await?;
-        read_order(&mut connection, order_id, false).await
+    pub async fn order(&self, order_id: OrderId) -> Result<Option<Order>, ShopError> {
+        let mut connection = self.pool().acquire().await?;
+        read_order(&mut connection, order_id, Lock::None).await
     }
 
     /// Pays an order in one transaction (see the module documentation); a deadlock is
     /// retried. The returned events are committed but not yet published.
-    pub async fn pay(&self, order_id: u64, now: DateTime<Utc>) -> Result<Paid, ShopError> {
+    pub async fn pay(
+        &self,
+        order_id: OrderId,
+        now: DateTime<Utc>,
+    ) -> Result<Changed<Payment>, ShopError> {
         let mut attempt = 1;
         loop {
             match self.pay_once(order_id, now).await {
@@ -420,145 +478,121 @@ impl ShopStore {
         }
     }
 
-    async fn pay_once(&self, order_id: u64, now: DateTime<Utc>) -> Result<Paid, ShopError> {
-        let mut transaction = self.pool.begin().await?;
-        let order = read_order(&mut transaction, order_id, true)
+    async fn pay_once(
+        &self,
+        order_id: OrderId,
+        now: DateTime<Utc>,
+    ) -> Result<Changed<Payment>, ShopError> {
+        let mut transaction = self.outbox.begin().await?;
+        let order = read_order(&mut transaction, order_id, Lock::ForUpdate)
             .await?
             .ok_or_else(|| ShopError::NotFound(format!("order {order_id}")))?;
-        if order.status != "PENDING" {
+        if order.status != OrderStatus::Pending {
             return Err(PaymentRefusal::OrderNotPending.into());
         }
         if let Some(history_id) = order.coupon_history_id {
-            let used = sqlx::query(
-                "UPDATE coupon_history SET status = 'USED', used_order_id = ? \
-                 WHERE coupon_history_id = ? AND user_id = ? AND status = 'ISSUED'",
-            )
-            .bind(order_id)
-            .bind(history_id)
-            .bind(order.user_id)
-            .execute(&mut *transaction)
-            .await?;
-            if used.rows_affected() == 0 {
-                usable_coupon(&mut transaction, history_id, order.user_id).await?;
-                // Usable a moment ago and not now: another payment just used it.
-                return Err(PaymentRefusal::CouponAlreadyUsed.into());
-            }
+            use_coupon(&mut transaction, history_id, order.user_id, order_id).await??;
         }
         // Products in id order, so payments sharing products lock them in one order.
         let mut lines = order.items.clone();
         lines.sort_by_key(|line| line.product_id);
         for line in &lines {
-            let taken = sqlx::query(
+            let taken = sqlx::query!(
                 "UPDATE product SET stock = stock - ?, version = version + 1, updated_at = NOW(6) \
                  WHERE product_id = ? AND stock >= ?",
+                line.quantity,
+                line.product_id,
+                line.quantity,
             )
-            .bind(line.quantity)
-            .bind(line.product_id)
-            .bind(line.quantity)
             .execute(&mut *transaction)
             .await?;
             if taken.rows_affected() == 0 {
                 return Err(PaymentRefusal::InsufficientStock.into());
             }
         }
-        let debited = sqlx::query(
+        let debited = sqlx::query!(
             "UPDATE app_user SET balance = balance - ? WHERE user_id = ? AND balance >= ?",
+            order.pay_amount,
+            order.user_id,
+            order.pay_amount,
         )
-        .bind(order.pay_amount)
-        .bind(order.user_id)
-        .bind(order.pay_amount)
         .execute(&mut *transaction)
         .await?;
         if debited.rows_affected() == 0 {
             return Err(PaymentRefusal::InsufficientBalance.into());
         }
-        let inserted = sqlx::query(
+        let inserted = sqlx::query!(
             "INSERT INTO payment (order_id, user_id, amount, paid_at) VALUES (?, ?, ?, ?)",
+            order_id,
+            order.user_id,
+            order.pay_amount,
+            now,
         )
-        .bind(order_id)
-        .bind(order.user_id)
-        .bind(order.pay_amount)
-        .bind(now)
         .execute(&mut *transaction)
         .await?;
-        let payment_id = inserted.last_insert_id();
-        sqlx::query(
-            "UPDATE customer_order SET status = 'COMPLETED', paid_at = ? WHERE order_id = ?",
+        let payment_id =
+            PaymentId::from_u64(inserted.last_insert_id()).expect("AUTO_INCREMENT ids start at 1");
+        sqlx::query!(
+            "UPDATE customer_order SET status = ?, paid_at = ? WHERE order_id = ?",
+            OrderStatus::Completed,
+            now,
+            order_id,
         )
-        .bind(now)
-        .bind(order_id)
         .execute(&mut *transaction)
         .await?;
-        let key = format!("order:{order_id}");
-        let ids: Vec<u64> = lines.iter().map(|line| line.product_id).collect();
+        let key = order_id.partition_key();
+        let ids: Vec<ProductId> = lines.iter().map(|line| line.product_id).collect();
         let stock_changes = products_in(&mut transaction, &ids)
             .await?
             .iter()
             .map(|product| product.changed(ProductChange::StockChanged))
             .collect::<Vec<_>>();
         let mut events = vec![
-            OutboxEvent {
-                topic: topics::ORDER_COMPLETED.into(),
-                envelope: EventEnvelope::new(
-                    key.clone(),
-                    EventPayload::OrderCompleted(OrderCompleted {
-                        order_id,
-                        user_id: order.user_id,
-                        products: order
-                            .items
-                            .iter()
-                            .map(|line| OrderedProduct {
-                                id: line.product_id,
-                                qty: line.quantity,
-                            })
-                            .collect(),
-                        total_amount: order.total_amount,
-                    }),
-                ),
-            },
-            OutboxEvent {
-                topic: topics::EXTERNAL_EVENTS.into(),
-                envelope: EventEnvelope::new(
-                    key,
-                    EventPayload::PaymentCompleted(PaymentCompleted {
-                        payment_id,
-                        order_id,
-                        user_id: order.user_id,
-                        amount: order.pay_amount,
-                        timestamp: now,
-                    }),
-                ),
-            },
+            OutboxEvent::new(EventEnvelope::new(
+                key.clone(),
+                EventPayload::OrderCompleted(OrderCompleted {
+                    order_id,
+                    user_id: order.user_id,
+                    products: order
+                        .items
+                        .iter()
+                        .map(|line| OrderedProduct {
+                            id: line.product_id,
+                            qty: line.quantity,
+                        })
+                        .collect(),
+                    total_amount: order.total_amount,
+                }),
+            )),
+            OutboxEvent::new(EventEnvelope::new(
+                key,
+                EventPayload::PaymentCompleted(PaymentCompleted {
+                    payment_id,
+                    order_id,
+                    user_id: order.user_id,
+                    amount: order.pay_amount,
+                    timestamp: now,
+                }),
+            )),
         ];
         events.extend(stock_changes);
-        Outbox::record(&mut transaction, &events).await?;
-        transaction.commit().await?;
-        Ok(Paid {
-            payment: Payment {
+        transaction.record(events).await?;
+        Ok(Changed {
+            value: Payment {
                 payment_id,
                 order_id,
-                status: "COMPLETED",
+                status: OrderStatus::Completed,
                 amount: order.pay_amount,
             },
-            events,
+            events: transaction.commit().await?,
         })
     }
-}
-
-fn product_from_row(row: &sqlx::mysql::MySqlRow) -> Result<Product, ShopError> {
-    Ok(Product {
-        product_id: row.try_get("product_id")?,
-        name: row.try_get("name")?,
-        price: row.try_get("price")?,
-        stock: row.try_get("stock")?,
-        version: row.try_get("version")?,
-    })
 }
 
 /// The products among `ids` that exist, by id.
 async fn products_in(
     connection: &mut MySqlConnection,
-    ids: &[u64],
+    ids: &[ProductId],
 ) -> Result<Vec<Product>, ShopError> {
     if ids.is_empty() {
         return Ok(Vec::new());
@@ -571,79 +605,63 @@ async fn products_in(
         separated.push_bind(*id);
     }
     select.push(") ORDER BY product_id");
-    let rows = select.build().fetch_all(&mut *connection).await?;
-    rows.iter().map(product_from_row).collect()
+    Ok(select.build_query_as().fetch_all(&mut *connection).await?)
 }
 
-/// The discount of a coupon the user holds and has not used; refused otherwise.
-async fn usable_coupon(
-    connection: &mut MySqlConnection,
-    coupon_history_id: u64,
-    user_id: u64,
-) -> Result<u64, ShopError> {
-    let row = sqlx::query(
-        "SELECT h.user_id, h.status, c.discount_amount FROM coupon_history h \
-         JOIN coupon c ON c.coupon_id = h.coupon_id WHERE h.coupon_history_id = ?",
-    )
-    .bind(coupon_history_id)
-    .fetch_optional(&mut *connection)
-    .await?;
-    let Some(row) = row else {
-        return Err(PaymentRefusal::CouponNotOwned.into());
-    };
-    let owner: u64 = row.try_get("user_id")?;
-    let status: String = row.try_get("status")?;
-    if owner != user_id {
-        return Err(PaymentRefusal::CouponNotOwned.into());
-    }
-    if status != "ISSUED" {
-        return Err(PaymentRefusal::CouponAlreadyUsed.into());
-    }
-    Ok(row.try_get("discount_amount")?)
+/// Whether reading an order locks it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lock {
+    None,
+    /// The row stays locked to the end of the transaction (paying).
+    ForUpdate,
 }
 
 async fn read_order(
     connection: &mut MySqlConnection,
-    order_id: u64,
-    lock: bool,
+    order_id: OrderId,
+    lock: Lock,
 ) -> Result<Option<Order>, ShopError> {
-    let statement = if lock {
-        "SELECT * FROM customer_order WHERE order_id = ? FOR UPDATE"
-    } else {
-        "SELECT * FROM customer_order WHERE order_id = ?"
+    macro_rules! select_order {
+        ($suffix:literal) => {
+            sqlx::query!(
+                r#"SELECT order_id AS "order_id: OrderId", user_id AS "user_id: UserId",
+                          status AS "status: OrderStatus", total_amount, discount_amount,
+                          pay_amount, coupon_history_id AS "coupon_history_id: CouponHistoryId",
+                          created_at AS "created_at: DateTime<Utc>",
+                          paid_at AS "paid_at: DateTime<Utc>"
+                   FROM customer_order WHERE order_id = ?"# + $suffix,
+                order_id,
+            )
+            .fetch_optional(&mut *connection)
+            .await?
+            .map(|row| Order {
+                order_id: row.order_id,
+                user_id: row.user_id,
+                status: row.status,
+                items: Vec::new(),
+                total_amount: row.total_amount,
+                discount_amount: row.discount_amount,
+                pay_amount: row.pay_amount,
+                coupon_history_id: row.coupon_history_id,
+                created_at: row.created_at,
+                paid_at: row.paid_at,
+            })
+        };
+    }
+    let order = match lock {
+        Lock::None => select_order!(""),
+        Lock::ForUpdate => select_order!(" FOR UPDATE"),
     };
-    let Some(row) = sqlx::query(statement)
-        .bind(order_id)
-        .fetch_optional(&mut *connection)
-        .await?
-    else {
+    let Some(mut order) = order else {
         return Ok(None);
     };
-    let items = sqlx::query(
-        "SELECT product_id, quantity, unit_price FROM order_item WHERE order_id = ? ORDER BY product_id",
+    order.items = sqlx::query_as!(
+        OrderLine,
+        r#"SELECT product_id AS "product_id: ProductId", quantity, unit_price
+           FROM order_item WHERE order_id = ? ORDER BY product_id"#,
+        order_id,
     )
-    .bind(order_id)
     .fetch_all(&mut *connection)
-    .await?
-    .iter()
-    .map(|item| {
-        Ok(OrderLine {
-            product_id: item.try_get("product_id")?,
-            quantity: item.try_get("quantity")?,
-            unit_price: item.try_get("unit_price")?,
-        })
-    })
-    .collect::<Result<_, ShopError>>()?;
-    Ok(Some(Order {
-        order_id: row.try_get("order_id")?,
-        user_id: row.try_get("user_id")?,
-        status: row.try_get("status")?,
-        items,
-        total_amount: row.try_get("total_amount")?,
-        discount_amount: row.try_get("discount_amount")?,
-        pay_amount: row.try_get("pay_amount")?,
-        coupon_history_id: row.try_get("coupon_history_id")?,
-        created_at: row.try_get("created_at")?,
-        paid_at: row.try_get("paid_at")?,
-    }))
+    .await?;
+    Ok(Some(order))
 }

@@ -2,8 +2,8 @@ use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use commerce_events::event_log::EventStatus;
-use commerce_events::events::{EventEnvelope, EventId};
-use commerce_events::kafka::topics;
+use commerce_events::events::EventId;
+use commerce_events::events::topics;
 use serde_json::json;
 
 use commerce_events::startup::PRODUCT_EVENT_GROUP;
@@ -53,14 +53,7 @@ async fn a_redelivered_probe_changes_nothing() {
     let completed = app.event(event_id).await.unwrap();
 
     // Deliver the very same event again, as a producer retry or the relay might.
-    let envelope = EventEnvelope::from_parts(
-        event_id,
-        &completed.event_type,
-        completed.key.clone(),
-        completed.occurred_at,
-        &completed.payload.to_string(),
-    )
-    .unwrap();
+    let envelope = completed.envelope();
     app.publisher
         .publish(topics::PRODUCT_EVENTS, &envelope)
         .await

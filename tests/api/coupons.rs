@@ -319,11 +319,11 @@ async fn replaying_the_requests_from_offset_zero_changes_nothing_and_sends_no_se
     })
     .await;
     let before = written_state(&app).await;
-    let results_before = records_in(&app, commerce_events::kafka::topics::COUPON_RESULTS).await;
+    let results_before = records_in(&app, commerce_events::events::topics::COUPON_RESULTS).await;
     assert_eq!(results_before, 4, "one result per request");
 
     let replayed =
-        replay_from_offset_zero(&app, commerce_events::kafka::topics::COUPON_REQUESTS).await;
+        replay_from_offset_zero(&app, commerce_events::events::topics::COUPON_REQUESTS).await;
     assert_eq!(replayed, 4);
     eventually("the replay was processed", Duration::from_secs(30), || async {
         domain_actor(&app.get("/admin/actors").await.1, "CouponIssuer")["details"]["redelivered"] == 4
@@ -332,7 +332,7 @@ async fn replaying_the_requests_from_offset_zero_changes_nothing_and_sends_no_se
 
     assert_eq!(written_state(&app).await, before, "no row changed");
     assert_eq!(
-        records_in(&app, commerce_events::kafka::topics::COUPON_RESULTS).await,
+        records_in(&app, commerce_events::events::topics::COUPON_RESULTS).await,
         results_before,
         "no second result"
     );

@@ -13,8 +13,9 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use chrono::{DateTime, Timelike, Utc};
 use commerce_events::clock::{Clock, ManualClock};
 use commerce_events::event_log::{EventRecord, EventStatus, OutboxEvent};
+use commerce_events::events::topics;
 use commerce_events::events::{EventEnvelope, EventId, EventPayload, PaymentCompleted};
-use commerce_events::kafka::topics;
+use commerce_events::ids::{OrderId, PaymentId, UserId};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
@@ -194,18 +195,15 @@ async fn record_payment(app: &TestApp, event_id: EventId, order_id: u64) -> Even
     let mut envelope = EventEnvelope::new(
         format!("order:{order_id}"),
         EventPayload::PaymentCompleted(PaymentCompleted {
-            payment_id: order_id + 1_000,
-            order_id,
-            user_id: 7,
+            payment_id: PaymentId::from_u64(order_id + 1_000).unwrap(),
+            order_id: OrderId::from_u64(order_id).unwrap(),
+            user_id: UserId::from_u64(7).unwrap(),
             amount: 42_000,
             timestamp: Utc::now(),
         }),
     );
     envelope.event_id = event_id;
-    let event = OutboxEvent {
-        topic: topics::EXTERNAL_EVENTS.into(),
-        envelope,
-    };
+    let event = OutboxEvent::new(envelope);
     app.publish_through_outbox(&event).await;
     event_id
 }
@@ -353,12 +351,12 @@ async fn a_receiver_that_always_fails_gets_five_attempts_then_the_event_is_dead_
     );
     assert_eq!(
         letter.headers["dlt-original-partition"],
-        record.source_partition.unwrap().to_string()
+        record.source.unwrap().partition.to_string()
     );
-    assert_eq!(letter.partition, record.source_partition.unwrap());
+    assert_eq!(letter.partition, record.source.unwrap().partition);
     assert_eq!(
         letter.headers["dlt-original-offset"],
-        record.source_offset.unwrap().to_string()
+        record.source.unwrap().offset.to_string()
     );
     assert_eq!(letter.headers["dlt-consumer-group"], "external-event-group");
     assert_eq!(letter.headers["dlt-error-kind"], "retries-exhausted");
@@ -449,11 +447,11 @@ async fn later_events_of_the_partition_are_delivered_while_one_waits_for_its_ret
     assert_eq!(record.status, EventStatus::Failed);
     assert_eq!(record.retry_count, 1);
     assert_eq!(target.deliveries_of(failing).len(), 1);
-    let partition = record.source_partition.unwrap();
+    let source = record.source.unwrap();
     for id in &later {
-        let later_record = app.event(*id).await.unwrap();
-        assert_eq!(later_record.source_partition, Some(partition));
-        assert!(later_record.source_offset > record.source_offset);
+        let later_source = app.event(*id).await.unwrap().source.unwrap();
+        assert_eq!(later_source.partition, source.partition);
+        assert!(later_source.offset > source.offset);
     }
 
     clock.advance(Duration::from_secs(1));

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use commerce_events::events::EventId;
-use commerce_events::kafka::topics;
+use commerce_events::events::topics;
 use commerce_events::startup::PRODUCT_EVENT_GROUP;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};

@@ -5,11 +5,12 @@ use actix_web::http::StatusCode;
 use commerce_events::clock::{SharedClock, SystemClock};
 use commerce_events::config::Settings;
 use commerce_events::event_log::{EventLog, EventRecord, OutboxEvent};
+use commerce_events::events::topics;
 use commerce_events::events::{EventEnvelope, EventId, EventPayload, PipelineProbe};
+use commerce_events::ids::{CouponId, UserId};
 use commerce_events::kafka::cluster::KafkaCluster;
 use commerce_events::kafka::producer::EventPublisher;
-use commerce_events::kafka::topics;
-use commerce_events::outbox::Outbox;
+use commerce_events::outbox::{Committed, Outbox};
 use commerce_events::startup::Application;
 use commerce_events::stores;
 use serde_json::Value;
@@ -163,11 +164,8 @@ impl TestApp {
             }),
         );
         let event_id = envelope.event_id;
-        self.record_in_outbox(&OutboxEvent {
-            topic: topics::PRODUCT_EVENTS.into(),
-            envelope,
-        })
-        .await;
+        self.record_in_outbox(&OutboxEvent::probe(topics::PRODUCT_EVENTS, envelope))
+            .await;
         event_id
     }
 
@@ -233,16 +231,12 @@ impl TestApp {
         let envelope = EventEnvelope::new(
             format!("user:{user_id}"),
             EventPayload::CouponRequested(commerce_events::events::CouponRequested {
-                user_id,
-                coupon_id,
+                user_id: UserId::from_u64(user_id).unwrap(),
+                coupon_id: CouponId::from_u64(coupon_id).unwrap(),
             }),
         );
         let event_id = envelope.event_id;
-        self.record_in_outbox(&OutboxEvent {
-            topic: topics::COUPON_REQUESTS.into(),
-            envelope,
-        })
-        .await;
+        self.record_in_outbox(&OutboxEvent::new(envelope)).await;
         event_id
     }
 
@@ -303,20 +297,21 @@ impl TestApp {
 
     /// Commits `event` PENDING in the event log (the outbox), unpublished.
     pub async fn record_in_outbox(&self, event: &OutboxEvent) {
-        let mut transaction = self.event_log.pool().begin().await.unwrap();
-        Outbox::record(&mut transaction, std::slice::from_ref(event))
-            .await
-            .unwrap();
-        transaction.commit().await.unwrap();
+        // Never published: the relay is what may publish it.
+        let _unpublished = self.commit_in_outbox(event).await;
     }
 
     /// Records `event` in the outbox and publishes it, as a request would.
     pub async fn publish_through_outbox(&self, event: &OutboxEvent) {
-        self.record_in_outbox(event).await;
-        let publication = Outbox::new(self.event_log.clone(), self.publisher.clone())
-            .publish_committed(std::slice::from_ref(event))
-            .await;
+        let publication = self.commit_in_outbox(event).await.publish().await;
         assert_eq!(publication.published, 1, "the event was published");
+    }
+
+    async fn commit_in_outbox(&self, event: &OutboxEvent) -> Committed {
+        let outbox = Outbox::new(self.event_log.clone(), self.publisher.clone());
+        let mut transaction = outbox.begin().await.unwrap();
+        transaction.record(vec![event.clone()]).await.unwrap();
+        transaction.commit().await.unwrap()
     }
 
     /// Sends SIGTERM's equivalent and waits for the daemon to finish.

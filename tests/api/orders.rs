@@ -5,7 +5,7 @@ use std::time::Duration;
 use actix_web::http::StatusCode;
 use commerce_events::event_log::{EventStatus, OutboxEvent};
 use commerce_events::events::{EventEnvelope, EventPayload, ProductChange, ProductChanged};
-use commerce_events::kafka::topics;
+use commerce_events::ids::ProductId;
 use futures::future::join_all;
 use serde_json::{Value, json};
 
@@ -356,20 +356,17 @@ async fn product_changes_reach_the_cache_that_product_reads_go_through() {
     // Changes arriving as events (from another instance, say) are applied by the consumer
     // when newer than the cache, and ignored when older.
     let publish = |version: u64, price: u64| {
-        let event = OutboxEvent {
-            topic: topics::PRODUCT_EVENTS.into(),
-            envelope: EventEnvelope::new(
-                format!("product:{product}"),
-                EventPayload::ProductChanged(ProductChanged {
-                    product_id: product,
-                    name: "Keyboard".into(),
-                    price,
-                    stock: 7,
-                    version,
-                    change: ProductChange::PriceChanged,
-                }),
-            ),
-        };
+        let event = OutboxEvent::new(EventEnvelope::new(
+            format!("product:{product}"),
+            EventPayload::ProductChanged(ProductChanged {
+                product_id: ProductId::from_u64(product).unwrap(),
+                name: "Keyboard".into(),
+                price,
+                stock: 7,
+                version,
+                change: ProductChange::PriceChanged,
+            }),
+        ));
         let app = &app;
         async move { app.publish_through_outbox(&event).await }
     };

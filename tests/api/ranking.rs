@@ -7,8 +7,9 @@ use actix_web::http::StatusCode;
 use chrono::{DateTime, Utc};
 use commerce_events::clock::{Clock, ManualClock};
 use commerce_events::event_log::OutboxEvent;
+use commerce_events::events::topics;
 use commerce_events::events::{EventEnvelope, EventPayload, OrderCompleted, OrderedProduct};
-use commerce_events::kafka::topics;
+use commerce_events::ids::{OrderId, ProductId, UserId};
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, domain_actor, replay_from_offset_zero, spawn_app_with_clock};
@@ -21,20 +22,20 @@ async fn publish_order(app: &TestApp, order_id: u64, lines: &[(u64, u32)], at: D
     let mut envelope = EventEnvelope::new(
         format!("order:{order_id}"),
         EventPayload::OrderCompleted(OrderCompleted {
-            order_id,
-            user_id: 1,
+            order_id: OrderId::from_u64(order_id).unwrap(),
+            user_id: UserId::from_u64(1).unwrap(),
             products: lines
                 .iter()
-                .map(|(id, qty)| OrderedProduct { id: *id, qty: *qty })
+                .map(|(id, qty)| OrderedProduct {
+                    id: ProductId::from_u64(*id).unwrap(),
+                    qty: *qty,
+                })
                 .collect(),
             total_amount: 1_000,
         }),
     );
     envelope.occurred_at = at;
-    let event = OutboxEvent {
-        topic: topics::ORDER_COMPLETED.into(),
-        envelope,
-    };
+    let event = OutboxEvent::new(envelope);
     app.publish_through_outbox(&event).await;
 }
 

@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use commerce_events::events::EventId;
-use commerce_events::kafka::topics;
+use commerce_events::events::topics;
 use commerce_events::startup::PRODUCT_EVENT_GROUP;
 
 use crate::helpers::spawn_app;

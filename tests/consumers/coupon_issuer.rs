@@ -6,13 +6,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{Duration as Span, Utc};
-use commerce_events::actors::domain::{BatchOrigin, DomainActor, ObserveDomain, ProcessBatch};
+use commerce_events::actors::domain::{
+    BatchOrigin, DomainActor, ObserveDomain, PipelineProbes, ProcessBatch,
+};
 use commerce_events::coupons::issuer::CouponIssuer;
 use commerce_events::coupons::locks::RedisLocks;
 use commerce_events::coupons::store::{CouponStore, NewCoupon};
 use commerce_events::event_log::{EventLog, OutboxEvent};
+use commerce_events::events::topics;
 use commerce_events::events::{CouponRequested, EventEnvelope, EventId, EventPayload};
-use commerce_events::kafka::{TopicPartition, topics};
+use commerce_events::ids::UserId;
+use commerce_events::kafka::TopicPartition;
 use commerce_events::outbox::Outbox;
 use commerce_events::stores::RedisStore;
 use insta::assert_json_snapshot;
@@ -61,7 +65,8 @@ async fn the_coupon_issuer_through_success_duplicate_sold_out_expired_and_redeli
         .create_topic(topics::COUPON_RESULTS, 3)
         .unwrap();
     let event_log = pipeline.event_log.clone();
-    let store = CouponStore::new(event_log.pool().clone());
+    let outbox = Outbox::new(event_log.clone(), pipeline.publisher.clone());
+    let store = CouponStore::new(outbox.clone());
     let now = Utc::now();
     let open = store
         .create(&NewCoupon {
@@ -89,41 +94,43 @@ async fn the_coupon_issuer_through_success_duplicate_sold_out_expired_and_redeli
         requests: BTreeMap::new(),
     };
     let plan = [
-        ("r1-user1-open", 1, open.coupon_id.get()),
-        ("r2-user1-open-again", 1, open.coupon_id.get()),
-        ("r3-user2-open", 2, open.coupon_id.get()),
-        ("r4-user3-open", 3, open.coupon_id.get()),
-        ("r5-user4-expired", 4, expired.coupon_id.get()),
+        ("r1-user1-open", 1, open.coupon_id),
+        ("r2-user1-open-again", 1, open.coupon_id),
+        ("r3-user2-open", 2, open.coupon_id),
+        ("r4-user3-open", 3, open.coupon_id),
+        ("r5-user4-expired", 4, expired.coupon_id),
     ];
     let mut rows = Vec::new();
     for (name, user_id, coupon_id) in plan {
         let envelope = EventEnvelope::new(
             format!("user:{user_id}"),
-            EventPayload::CouponRequested(CouponRequested { user_id, coupon_id }),
+            EventPayload::CouponRequested(CouponRequested {
+                user_id: UserId::from_u64(user_id).unwrap(),
+                coupon_id,
+            }),
         );
         script.names.insert(envelope.event_id, name.to_string());
         script.requests.insert(name, envelope.clone());
-        rows.push(OutboxEvent {
-            topic: topics::COUPON_REQUESTS.into(),
-            envelope,
-        });
+        rows.push(OutboxEvent::new(envelope));
     }
     // As the intake leaves them: PENDING rows.
-    let mut transaction = event_log.pool().begin().await.unwrap();
-    Outbox::record(&mut transaction, &rows).await.unwrap();
-    transaction.commit().await.unwrap();
+    let mut transaction = outbox.begin().await.unwrap();
+    transaction.record(rows).await.unwrap();
+    let _unpublished = transaction.commit().await.unwrap();
 
     let redis = RedisStore::new(&pipeline.settings.redis).unwrap();
     redis.connect().await;
-    let issuer = DomainActor::new(
-        CouponIssuer::new(
-            store.clone(),
-            Outbox::new(event_log.clone(), pipeline.publisher.clone()),
-            RedisLocks::new(redis, Duration::from_secs(5)),
-        ),
-        event_log.clone(),
-    )
-    .start_supervised(&pipeline.arbiters.next());
+    let issuer_store = store.clone();
+    let issuer = DomainActor::start(
+        &pipeline.arbiters.next(),
+        PipelineProbes::new(event_log.clone()),
+        move || {
+            CouponIssuer::new(
+                issuer_store.clone(),
+                RedisLocks::new(redis.clone(), Duration::from_secs(5)),
+            )
+        },
+    );
 
     let steps: [(&str, Vec<&str>); 3] = [
         (
@@ -162,7 +169,7 @@ async fn the_coupon_issuer_through_success_duplicate_sold_out_expired_and_redeli
             Duration::from_secs(20),
             || async {
                 let state = issuer.send(ObserveDomain).await.unwrap();
-                state.details.unwrap()["resultsPublished"] == published_so_far
+                state.details["resultsPublished"] == published_so_far
             },
         )
         .await;

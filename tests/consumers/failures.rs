@@ -6,7 +6,6 @@ use commerce_events::kafka::dead_letter::{
     CONSUMER_GROUP_HEADER, ERROR_HEADER, ERROR_KIND_HEADER, ORIGINAL_OFFSET_HEADER,
     ORIGINAL_PARTITION_HEADER, ORIGINAL_TOPIC_HEADER,
 };
-use commerce_events::outbox::Outbox;
 
 use crate::helpers::{GROUP, Pipeline, TOPIC};
 use crate::support::{ScriptedHandler, Step, coupon_request, eventually};
@@ -140,17 +139,12 @@ async fn an_event_failing_past_its_retries_is_dead_lettered_and_the_partition_mo
     member.wait_until_assigned().await;
 
     // The event has an event-log row, as an outbox-published event would.
-    let mut transaction = pipeline.event_log.pool().begin().await.unwrap();
-    Outbox::record(
-        &mut transaction,
-        &[OutboxEvent {
-            topic: TOPIC.into(),
+    pipeline
+        .record_pending(OutboxEvent {
+            topic: TOPIC,
             envelope: stubborn.clone(),
-        }],
-    )
-    .await
-    .unwrap();
-    transaction.commit().await.unwrap();
+        })
+        .await;
 
     let next = coupon_request(110);
     pipeline.publish_to(1, &stubborn).await;

@@ -9,13 +9,16 @@ use commerce_events::actors::ArbiterPool;
 use commerce_events::actors::consumer_group::{
     ConsumerGroup, ConsumerGroupSpec, ConsumerGroupState,
 };
-use commerce_events::actors::domain::{DomainActor, DomainActorState, ObserveDomain};
+use commerce_events::actors::domain::{
+    DomainActor, DomainActorState, ObserveDomain, PipelineProbes,
+};
 use commerce_events::config::Settings;
-use commerce_events::event_log::EventLog;
+use commerce_events::event_log::{EventLog, OutboxEvent};
 use commerce_events::events::EventEnvelope;
+use commerce_events::events::topics::dead_letter_topic;
 use commerce_events::kafka::cluster::EmbeddedCluster;
 use commerce_events::kafka::producer::{EventPublisher, RawRecord};
-use commerce_events::kafka::topics::dead_letter_topic;
+use commerce_events::outbox::Outbox;
 use commerce_events::stores;
 
 use crate::support::{
@@ -88,8 +91,12 @@ impl Pipeline {
 
     /// Starts a member of `test-group` whose domain actor runs `handler`.
     pub fn join(&self, handler: ScriptedHandler) -> Member {
-        let domain = DomainActor::new(handler.clone(), self.event_log.clone())
-            .start_supervised(&self.arbiters.next());
+        let factory_handler = handler.clone();
+        let domain = DomainActor::start(
+            &self.arbiters.next(),
+            PipelineProbes::new(self.event_log.clone()),
+            move || factory_handler.clone(),
+        );
         let spec = ConsumerGroupSpec::from_settings(
             &self.settings,
             self.bootstrap_servers(),
@@ -104,6 +111,14 @@ impl Pipeline {
             domain,
             handler,
         }
+    }
+
+    /// Commits `event` PENDING in the event log, as the outbox leaves it before publishing.
+    pub async fn record_pending(&self, event: OutboxEvent) {
+        let outbox = Outbox::new(self.event_log.clone(), self.publisher.clone());
+        let mut transaction = outbox.begin().await.unwrap();
+        transaction.record(vec![event]).await.unwrap();
+        let _unpublished = transaction.commit().await.unwrap();
     }
 
     /// Publishes `event` to one partition.

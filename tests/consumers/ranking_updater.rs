@@ -5,11 +5,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chrono::{TimeZone, Utc};
-use commerce_events::actors::domain::{BatchOrigin, DomainActor, ObserveDomain, ProcessBatch};
+use commerce_events::actors::domain::{
+    BatchOrigin, DomainActor, ObserveDomain, PipelineProbes, ProcessBatch,
+};
+use commerce_events::events::topics;
 use commerce_events::events::{
     CouponRequested, EventEnvelope, EventPayload, OrderCompleted, OrderedProduct,
 };
-use commerce_events::kafka::{TopicPartition, topics};
+use commerce_events::ids::{CouponId, OrderId, ProductId, UserId};
+use commerce_events::kafka::TopicPartition;
 use commerce_events::ranking::RankingStore;
 use commerce_events::ranking::updater::RankingUpdater;
 use commerce_events::stores::RedisStore;
@@ -22,11 +26,14 @@ fn order(order_id: u64, day: u32, lines: &[(u64, u32)]) -> EventEnvelope {
     let mut event = EventEnvelope::new(
         format!("order:{order_id}"),
         EventPayload::OrderCompleted(OrderCompleted {
-            order_id,
-            user_id: 7,
+            order_id: OrderId::from_u64(order_id).unwrap(),
+            user_id: UserId::from_u64(7).unwrap(),
             products: lines
                 .iter()
-                .map(|(id, qty)| OrderedProduct { id: *id, qty: *qty })
+                .map(|(id, qty)| OrderedProduct {
+                    id: ProductId::from_u64(*id).unwrap(),
+                    qty: *qty,
+                })
                 .collect(),
             total_amount: 10_000,
         }),
@@ -70,11 +77,12 @@ async fn the_ranking_updater_through_new_orders_a_redelivery_and_a_foreign_event
     let pipeline = Pipeline::start().await;
     let redis = RedisStore::new(&pipeline.settings.redis).unwrap();
     redis.connect().await;
-    let updater = DomainActor::new(
-        RankingUpdater::new(RankingStore::new(redis.clone(), 8)),
-        pipeline.event_log.clone(),
-    )
-    .start_supervised(&pipeline.arbiters.next());
+    let ranking = RankingStore::new(redis.clone(), 8);
+    let updater = DomainActor::start(
+        &pipeline.arbiters.next(),
+        PipelineProbes::new(pipeline.event_log.clone()),
+        move || RankingUpdater::new(ranking.clone()),
+    );
 
     let first = order(1, 23, &[(10, 2), (11, 1)]);
     let second = order(2, 23, &[(11, 4)]);
@@ -82,8 +90,8 @@ async fn the_ranking_updater_through_new_orders_a_redelivery_and_a_foreign_event
     let foreign = EventEnvelope::new(
         "user:1",
         EventPayload::CouponRequested(CouponRequested {
-            user_id: 1,
-            coupon_id: 1,
+            user_id: UserId::from_u64(1).unwrap(),
+            coupon_id: CouponId::from_u64(1).unwrap(),
         }),
     );
     let steps: [(&str, Vec<&EventEnvelope>); 3] = [

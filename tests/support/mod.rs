@@ -7,15 +7,14 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
-use commerce_events::actors::domain::{BatchOrigin, DomainHandler, EventOutcome, HandlerError};
+use commerce_events::actors::domain::{Batch, DomainHandler, EventOutcome, HandlerError, Stats};
 use commerce_events::config::{LogFormat, LogSettings, Settings};
 use commerce_events::events::{
     CouponRequested, EventEnvelope, EventId, EventPayload, PipelineProbe,
 };
+use commerce_events::ids::{CouponId, UserId};
 
 use commerce_events::telemetry;
-use futures::FutureExt;
-use futures::future::LocalBoxFuture;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -63,7 +62,8 @@ impl TestDatabase {
         settings.http.workers = 1;
         settings.http.shutdown_timeout_secs = 2;
         settings.database.url = SecretString::from(self.url());
-        settings.database.max_connections = 4;
+        settings.database.max_connections = 3;
+        settings.database.http_max_connections = 2;
         settings.redis.key_prefix = format!("{}:", self.name);
         settings.kafka.embedded_brokers = 1;
         settings.kafka.consumer.fetch_wait_max_ms = 50;
@@ -169,8 +169,8 @@ pub fn coupon_request(user_id: u64) -> EventEnvelope {
     EventEnvelope::new(
         format!("user:{user_id}"),
         EventPayload::CouponRequested(CouponRequested {
-            user_id,
-            coupon_id: 1,
+            user_id: UserId::from_u64(user_id).expect("a positive user id"),
+            coupon_id: CouponId::from_u64(1).expect("a positive coupon id"),
         }),
     )
 }
@@ -302,51 +302,46 @@ impl ScriptedHandler {
 }
 
 impl DomainHandler for ScriptedHandler {
+    type Stats = ();
+
     fn name(&self) -> &'static str {
         "ScriptedHandler"
     }
 
-    fn handle(
-        &mut self,
-        origin: &BatchOrigin,
-        events: Arc<[EventEnvelope]>,
-    ) -> LocalBoxFuture<'static, Vec<EventOutcome>> {
-        let partition = origin.source.partition;
+    async fn handle(&self, batch: &Batch, _stats: &Stats<()>) -> Vec<EventOutcome> {
+        let partition = batch.origin.source.partition;
         let gate = self.gates.lock().unwrap().get(&partition).cloned();
-        let script = self.script.clone();
-        let recorder = self.recorder.clone();
-        async move {
-            if let Some(gate) = gate {
-                gate.acquire()
-                    .await
-                    .expect("gates are never closed")
-                    .forget();
-            }
-            let mut outcomes = Vec::with_capacity(events.len());
-            for event in events.iter() {
-                let step = script
-                    .lock()
-                    .unwrap()
-                    .get_mut(&event.event_id)
-                    .and_then(VecDeque::pop_front);
-                recorder.inner.lock().unwrap().attempts.push(event.event_id);
-                match step {
-                    None => {
-                        recorder
-                            .inner
-                            .lock()
-                            .unwrap()
-                            .done
-                            .push((partition, event.event_id));
-                        outcomes.push(EventOutcome::Done);
-                    }
-                    Some(Step::Fail(error)) => outcomes.push(EventOutcome::Failed(error)),
-                    Some(Step::Panic) => panic!("scripted panic for {}", event.event_id),
-                }
-            }
-            outcomes
+        if let Some(gate) = gate {
+            gate.acquire()
+                .await
+                .expect("gates are never closed")
+                .forget();
         }
-        .boxed_local()
+        let mut outcomes = Vec::with_capacity(batch.events.len());
+        for event in batch.events.iter() {
+            let step = self
+                .script
+                .lock()
+                .unwrap()
+                .get_mut(&event.event_id)
+                .and_then(VecDeque::pop_front);
+            self.recorder
+                .inner
+                .lock()
+                .unwrap()
+                .attempts
+                .push(event.event_id);
+            match step {
+                None => {
+                    let mut recorded = self.recorder.inner.lock().unwrap();
+                    recorded.done.push((partition, event.event_id));
+                    outcomes.push(EventOutcome::Done);
+                }
+                Some(Step::Fail(error)) => outcomes.push(EventOutcome::Failed(error)),
+                Some(Step::Panic) => panic!("scripted panic for {}", event.event_id),
+            }
+        }
+        outcomes
     }
 }
 

@@ -12,17 +12,18 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use commerce_events::actors::ArbiterPool;
 use commerce_events::actors::consumer_group::{ConsumerGroup, ConsumerGroupSpec};
-use commerce_events::actors::domain::{BatchOrigin, DomainActor, DomainHandler, EventOutcome};
+use commerce_events::actors::domain::{
+    Batch, DomainActor, DomainHandler, EventOutcome, PipelineProbes, Stats,
+};
 use commerce_events::config::Settings;
 use commerce_events::event_log::EventLog;
 use commerce_events::events::{CouponRequested, EventEnvelope, EventPayload};
+use commerce_events::ids::{CouponId, UserId};
 
+use commerce_events::events::topics::dead_letter_topic;
 use commerce_events::kafka::cluster::EmbeddedCluster;
 use commerce_events::kafka::consumer::consumer_config;
 use commerce_events::kafka::producer::{EventPublisher, RawRecord};
-use commerce_events::kafka::topics::dead_letter_topic;
-use futures::FutureExt;
-use futures::future::LocalBoxFuture;
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use secrecy::ExposeSecret;
@@ -40,22 +41,20 @@ struct NoOpHandler {
 }
 
 impl DomainHandler for NoOpHandler {
+    type Stats = ();
+
     fn name(&self) -> &'static str {
         "NoOpHandler"
     }
 
-    fn handle(
-        &mut self,
-        _origin: &BatchOrigin,
-        events: Arc<[EventEnvelope]>,
-    ) -> LocalBoxFuture<'static, Vec<EventOutcome>> {
+    async fn handle(&self, batch: &Batch, _stats: &Stats<()>) -> Vec<EventOutcome> {
         self.first_at
             .lock()
             .unwrap()
             .get_or_insert_with(Instant::now);
-        self.seen.fetch_add(events.len(), Ordering::Relaxed);
+        self.seen.fetch_add(batch.events.len(), Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
-        futures::future::ready(vec![EventOutcome::Done; events.len()]).boxed_local()
+        vec![EventOutcome::Done; batch.events.len()]
     }
 }
 
@@ -177,8 +176,8 @@ async fn produce(publisher: &EventPublisher, records: usize) -> anyhow::Result<u
                 let event = EventEnvelope::new(
                     format!("user:{n}"),
                     EventPayload::CouponRequested(CouponRequested {
-                        user_id: n as u64,
-                        coupon_id: 1,
+                        user_id: UserId::from_u64(n as u64 + 1).expect("positive"),
+                        coupon_id: CouponId::from_u64(1).expect("positive"),
                     }),
                 );
                 let value = event.encode();
@@ -264,8 +263,12 @@ async fn partition_actors(
         batches: Arc::new(AtomicUsize::new(0)),
         first_at: Arc::new(Mutex::new(None)),
     };
-    let domain =
-        DomainActor::new(handler.clone(), event_log.clone()).start_supervised(&arbiters.next());
+    let factory_handler = handler.clone();
+    let domain = DomainActor::start(
+        &arbiters.next(),
+        PipelineProbes::new(event_log.clone()),
+        move || factory_handler.clone(),
+    );
     let spec = ConsumerGroupSpec::from_settings(
         settings,
         bootstrap,

@@ -13,13 +13,16 @@ use anyhow::bail;
 use chrono::Utc;
 use commerce_events::actors::ArbiterPool;
 use commerce_events::actors::consumer_group::{ConsumerGroup, ConsumerGroupSpec};
-use commerce_events::actors::domain::{DomainActor, DomainActorState, ObserveDomain};
+use commerce_events::actors::domain::{
+    DomainActor, DomainActorState, ObserveDomain, PipelineProbes,
+};
 use commerce_events::config::Settings;
 use commerce_events::event_log::EventLog;
+use commerce_events::events::topics::{self, dead_letter_topic};
 use commerce_events::events::{EventEnvelope, EventPayload, OrderCompleted, OrderedProduct};
+use commerce_events::ids::{OrderId, ProductId, UserId};
 use commerce_events::kafka::cluster::EmbeddedCluster;
 use commerce_events::kafka::producer::{EventPublisher, RawRecord};
-use commerce_events::kafka::topics::{self, dead_letter_topic};
 use commerce_events::ranking::RankingStore;
 use commerce_events::ranking::updater::RankingUpdater;
 use commerce_events::stores::RedisStore;
@@ -60,8 +63,12 @@ pub async fn run(orders: usize, lines: usize, threads: usize) -> anyhow::Result<
     let event_log = EventLog::new(pool);
     let arbiters = Arc::new(ArbiterPool::new(threads));
     let ranking = RankingStore::new(redis.clone(), 1);
-    let updater = DomainActor::new(RankingUpdater::new(ranking.clone()), event_log.clone())
-        .start_supervised(&arbiters.next());
+    let updater_ranking = ranking.clone();
+    let updater = DomainActor::start(
+        &arbiters.next(),
+        PipelineProbes::new(event_log.clone()),
+        move || RankingUpdater::new(updater_ranking.clone()),
+    );
     let spec = ConsumerGroupSpec::from_settings(
         &settings,
         &bootstrap,
@@ -147,18 +154,19 @@ fn order_events(orders: usize, lines: usize) -> (Records, BTreeMap<u64, u64>) {
         .map(|n| {
             let products: Vec<OrderedProduct> = (0..lines)
                 .map(|line| OrderedProduct {
-                    id: (n as u64 * 7 + line as u64 * 13) % PRODUCTS + 1,
+                    id: ProductId::from_u64((n as u64 * 7 + line as u64 * 13) % PRODUCTS + 1)
+                        .expect("positive"),
                     qty: (n % 3 + 1) as u32,
                 })
                 .collect();
             for line in &products {
-                *expected.entry(line.id).or_insert(0) += u64::from(line.qty);
+                *expected.entry(line.id.get()).or_insert(0) += u64::from(line.qty);
             }
             let event = EventEnvelope::new(
                 format!("order:{n}"),
                 EventPayload::OrderCompleted(OrderCompleted {
-                    order_id: n as u64,
-                    user_id: n as u64 % 5_000,
+                    order_id: OrderId::from_u64(n as u64 + 1).expect("positive"),
+                    user_id: UserId::from_u64(n as u64 % 5_000 + 1).expect("positive"),
                     products,
                     total_amount: 10_000,
                 }),

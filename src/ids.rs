@@ -1,0 +1,295 @@
+//! The identifiers every slice uses, as newtypes built only by `parse` (or `generate`), so an
+//! invalid id cannot travel past the edge that received it. A leaf module: it depends on
+//! nothing else in the crate.
+//!
+//! - [`EventId`], [`RequestId`]: UUIDs (time-ordered v7 when generated here). A coupon
+//!   request's id is the event id of its `CouponRequested` event.
+//! - [`UserId`], [`CouponId`], [`CouponHistoryId`], [`ProductId`], [`OrderId`],
+//!   [`PaymentId`]: positive integers (MySQL `BIGINT UNSIGNED AUTO_INCREMENT`).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// An id that could not be parsed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{what} must be {expected}, got {value}")]
+pub struct InvalidId {
+    pub what: &'static str,
+    pub expected: &'static str,
+    pub value: String,
+}
+
+/// A UUID identifier stored as `CHAR(36)` (hyphenated, lower case).
+macro_rules! uuid_id {
+    ($(#[$meta:meta])* $name:ident, $what:literal) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(Uuid);
+
+        impl $name {
+            /// A new, time-ordered (UUIDv7) id.
+            pub fn generate() -> Self {
+                Self(Uuid::now_v7())
+            }
+
+            /// Accepts a UUID in any of its text forms.
+            pub fn parse(text: &str) -> Result<Self, InvalidId> {
+                Uuid::parse_str(text).map(Self).map_err(|_| InvalidId {
+                    what: $what,
+                    expected: "a UUID",
+                    value: format!("{text:?}"),
+                })
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.hyphenated().fmt(f)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = InvalidId;
+
+            fn from_str(text: &str) -> Result<Self, Self::Err> {
+                Self::parse(text)
+            }
+        }
+
+        impl sqlx::Type<sqlx::MySql> for $name {
+            fn type_info() -> sqlx::mysql::MySqlTypeInfo {
+                <str as sqlx::Type<sqlx::MySql>>::type_info()
+            }
+
+            fn compatible(ty: &sqlx::mysql::MySqlTypeInfo) -> bool {
+                <str as sqlx::Type<sqlx::MySql>>::compatible(ty)
+            }
+        }
+
+        impl<'q> sqlx::Encode<'q, sqlx::MySql> for $name {
+            fn encode_by_ref(
+                &self,
+                buffer: &mut Vec<u8>,
+            ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+                let mut text = Uuid::encode_buffer();
+                let text: &str = self.0.hyphenated().encode_lower(&mut text);
+                <&str as sqlx::Encode<sqlx::MySql>>::encode(text, buffer)
+            }
+        }
+
+        impl<'r> sqlx::Decode<'r, sqlx::MySql> for $name {
+            fn decode(
+                value: sqlx::mysql::MySqlValueRef<'r>,
+            ) -> Result<Self, sqlx::error::BoxDynError> {
+                let text = <&str as sqlx::Decode<sqlx::MySql>>::decode(value)?;
+                Ok(Self::parse(text)?)
+            }
+        }
+    };
+}
+
+uuid_id!(
+    /// Identifies one business event across the event log, Kafka and every consumer;
+    /// consumers deduplicate by it.
+    EventId,
+    "eventId"
+);
+
+uuid_id!(
+    /// A coupon issue request: the event id of its `CouponRequested` event.
+    RequestId,
+    "requestId"
+);
+
+impl From<RequestId> for EventId {
+    fn from(request: RequestId) -> Self {
+        EventId(request.0)
+    }
+}
+
+impl RequestId {
+    /// The request whose `CouponRequested` event this is.
+    pub fn of_event(event: EventId) -> Self {
+        RequestId(event.0)
+    }
+}
+
+/// A positive integer identifier stored as `BIGINT UNSIGNED`.
+macro_rules! positive_id {
+    ($(#[$meta:meta])* $name:ident, $what:literal) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "u64", into = "u64")]
+        pub struct $name(u64);
+
+        impl $name {
+            /// Accepts positive integers only (as JSON numbers arrive: signed).
+            pub fn parse(value: i64) -> Result<Self, InvalidId> {
+                u64::try_from(value)
+                    .ok()
+                    .filter(|value| *value > 0)
+                    .map(Self)
+                    .ok_or_else(|| Self::invalid(value))
+            }
+
+            /// Accepts anything but zero (ids read back from events and rows).
+            pub fn from_u64(value: u64) -> Result<Self, InvalidId> {
+                (value > 0).then_some(Self(value)).ok_or_else(|| Self::invalid(value))
+            }
+
+            pub fn get(&self) -> u64 {
+                self.0
+            }
+
+            fn invalid(value: impl fmt::Display) -> InvalidId {
+                InvalidId {
+                    what: $what,
+                    expected: "a positive integer",
+                    value: value.to_string(),
+                }
+            }
+        }
+
+        impl TryFrom<u64> for $name {
+            type Error = InvalidId;
+
+            fn try_from(value: u64) -> Result<Self, Self::Error> {
+                Self::from_u64(value)
+            }
+        }
+
+        impl From<$name> for u64 {
+            fn from(id: $name) -> u64 {
+                id.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+
+        /// Path segments: decimal digits naming a positive id.
+        impl FromStr for $name {
+            type Err = InvalidId;
+
+            fn from_str(text: &str) -> Result<Self, Self::Err> {
+                text.parse::<u64>()
+                    .ok()
+                    .filter(|value| *value > 0)
+                    .map(Self)
+                    .ok_or_else(|| Self::invalid(format_args!("{text:?}")))
+            }
+        }
+
+        impl sqlx::Type<sqlx::MySql> for $name {
+            fn type_info() -> sqlx::mysql::MySqlTypeInfo {
+                <u64 as sqlx::Type<sqlx::MySql>>::type_info()
+            }
+
+            fn compatible(ty: &sqlx::mysql::MySqlTypeInfo) -> bool {
+                <u64 as sqlx::Type<sqlx::MySql>>::compatible(ty)
+            }
+        }
+
+        impl<'q> sqlx::Encode<'q, sqlx::MySql> for $name {
+            fn encode_by_ref(
+                &self,
+                buffer: &mut Vec<u8>,
+            ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+                <u64 as sqlx::Encode<sqlx::MySql>>::encode_by_ref(&self.0, buffer)
+            }
+        }
+
+        impl<'r> sqlx::Decode<'r, sqlx::MySql> for $name {
+            fn decode(
+                value: sqlx::mysql::MySqlValueRef<'r>,
+            ) -> Result<Self, sqlx::error::BoxDynError> {
+                let value = <u64 as sqlx::Decode<sqlx::MySql>>::decode(value)?;
+                Ok(Self::from_u64(value)?)
+            }
+        }
+    };
+}
+
+positive_id!(UserId, "userId");
+positive_id!(CouponId, "couponId");
+positive_id!(
+    /// One coupon a user holds (a row of `coupon_history`).
+    CouponHistoryId,
+    "couponHistoryId"
+);
+positive_id!(ProductId, "productId");
+positive_id!(OrderId, "orderId");
+positive_id!(PaymentId, "paymentId");
+
+impl UserId {
+    /// The Kafka key that keeps one user's requests in order on one partition.
+    pub fn partition_key(&self) -> String {
+        format!("user:{}", self.0)
+    }
+}
+
+impl OrderId {
+    /// The Kafka key that keeps one order's events in order on one partition.
+    pub fn partition_key(&self) -> String {
+        format!("order:{}", self.0)
+    }
+}
+
+impl ProductId {
+    /// The Kafka key that keeps one product's changes in order on one partition.
+    pub fn partition_key(&self) -> String {
+        format!("product:{}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_must_be_positive() {
+        assert!(UserId::parse(0).is_err());
+        assert_eq!(
+            CouponId::parse(-4).unwrap_err().to_string(),
+            "couponId must be a positive integer, got -4"
+        );
+        assert_eq!(UserId::parse(42).unwrap().partition_key(), "user:42");
+        assert_eq!("17".parse::<OrderId>().unwrap().get(), 17);
+        for bad in ["0", "-1", "x", "", "1.5"] {
+            assert!(bad.parse::<ProductId>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ids_read_from_json_are_checked_too() {
+        assert_eq!(
+            serde_json::from_str::<UserId>("42").unwrap(),
+            UserId::parse(42).unwrap()
+        );
+        assert!(serde_json::from_str::<UserId>("0").is_err());
+        assert_eq!(
+            serde_json::to_string(&UserId::parse(7).unwrap()).unwrap(),
+            "7"
+        );
+    }
+
+    #[test]
+    fn uuids_print_hyphenated_and_parse_back() {
+        let id = EventId::generate();
+        assert_eq!(id.to_string().parse::<EventId>().unwrap(), id);
+        assert_eq!(
+            EventId::parse("nope").unwrap_err().to_string(),
+            "eventId must be a UUID, got \"nope\""
+        );
+        let request = RequestId::of_event(id);
+        assert_eq!(EventId::from(request), id);
+        assert_eq!(request.to_string(), id.to_string());
+    }
+}
