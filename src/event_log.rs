@@ -22,52 +22,25 @@
 //! event id. The statuses in SQL are always bound from the table, never written as literals.
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{MySqlConnection, MySqlPool};
 
+use crate::columns::{UnknownName, named_enum};
 use crate::error::{Classify, ErrorClass};
 use crate::events::{DecodeError, EventEnvelope, EventId, EventPayload, EventType, topics};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum EventStatus {
-    Pending,
-    Published,
-    InProgress,
-    Completed,
-    Failed,
-    Notified,
-    DeadLetter,
+named_enum! {
+    pub enum EventStatus ("event status") {
+        Pending = "PENDING", Published = "PUBLISHED", InProgress = "IN_PROGRESS",
+        Completed = "COMPLETED", Failed = "FAILED", Notified = "NOTIFIED",
+        DeadLetter = "DEAD_LETTER",
+    }
 }
 
 impl EventStatus {
-    pub const ALL: [EventStatus; 7] = [
-        EventStatus::Pending,
-        EventStatus::Published,
-        EventStatus::InProgress,
-        EventStatus::Completed,
-        EventStatus::Failed,
-        EventStatus::Notified,
-        EventStatus::DeadLetter,
-    ];
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            EventStatus::Pending => "PENDING",
-            EventStatus::Published => "PUBLISHED",
-            EventStatus::InProgress => "IN_PROGRESS",
-            EventStatus::Completed => "COMPLETED",
-            EventStatus::Failed => "FAILED",
-            EventStatus::Notified => "NOTIFIED",
-            EventStatus::DeadLetter => "DEAD_LETTER",
-        }
-    }
-
     /// Whether some move of the transition table takes a row from `self` to `next`.
     pub fn can_become(self, next: EventStatus) -> bool {
         Move::ALL
@@ -78,30 +51,12 @@ impl EventStatus {
     /// The states a row may be in for `self` to be reached.
     pub fn predecessors(self) -> Vec<EventStatus> {
         EventStatus::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .filter(|from| from.can_become(self))
             .collect()
     }
 }
-
-impl fmt::Display for EventStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for EventStatus {
-    type Err = EventLogError;
-
-    fn from_str(value: &str) -> Result<Self, Self::Err> {
-        EventStatus::ALL
-            .into_iter()
-            .find(|status| status.as_str() == value)
-            .ok_or_else(|| EventLogError::CorruptRow(format!("unknown status {value:?}")))
-    }
-}
-
-crate::stores::text_column!(EventStatus);
 
 /// The transition table: every change of a row's status is one of these moves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -303,7 +258,10 @@ impl TryFrom<StoredEvent> for EventRecord {
             event_id: row.event_id,
             error,
         };
-        let event_type: EventType = row.event_type.parse().map_err(undecodable)?;
+        let event_type: EventType = row
+            .event_type
+            .parse()
+            .map_err(|unknown: UnknownName| undecodable(unknown.into()))?;
         let payload = EventPayload::decode_json(event_type, &row.payload).map_err(undecodable)?;
         let result = row
             .result
@@ -785,7 +743,7 @@ mod tests {
 
     #[test]
     fn statuses_round_trip_through_their_column_text() {
-        for status in EventStatus::ALL {
+        for &status in EventStatus::ALL {
             assert_eq!(status.as_str().parse::<EventStatus>().unwrap(), status);
         }
         assert!("DONE".parse::<EventStatus>().is_err());

@@ -11,13 +11,11 @@
 //! event type or with a payload that does not fit its type is a [`DecodeError`], and the
 //! partition actor dead-letters it instead of handing it to a domain actor.
 
-use std::fmt;
-use std::str::FromStr;
-
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::columns::{UnknownName, named_enum};
 pub use crate::ids::EventId;
 use crate::ids::{CouponHistoryId, CouponId, OrderId, PaymentId, ProductId, RequestId, UserId};
 
@@ -56,36 +54,28 @@ pub mod topics {
     }
 }
 
-/// Every event type this system knows. A record naming any other type is a poison pill.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum EventType {
-    /// A synthetic event that checks one topic's whole pipeline end to end.
-    PipelineProbe,
-    /// A user asked for a coupon (the design document's `CouponRequestEvent`); the event id
-    /// is the request id.
-    CouponRequested,
-    /// The decision on a coupon request (the design document's `CouponResultEvent`).
-    CouponResult,
-    /// A payment went through (the design document's `PaymentCompletedEvent`); forwarded to
-    /// external systems.
-    PaymentCompleted,
-    /// An order was paid (the design document's `OrderCompletedEvent`); feeds the ranking
-    /// and analytics.
-    OrderCompleted,
-    /// A product was created or its price or stock changed; carries the whole product.
-    ProductChanged,
+named_enum! {
+    /// Every event type this system knows. A record naming any other type is a poison pill.
+    pub enum EventType ("event type") {
+        /// A synthetic event that checks one topic's whole pipeline end to end.
+        PipelineProbe = "PipelineProbe",
+        /// A user asked for a coupon (the design document's `CouponRequestEvent`); the event
+        /// id is the request id.
+        CouponRequested = "CouponRequested",
+        /// The decision on a coupon request (the design document's `CouponResultEvent`).
+        CouponResult = "CouponResult",
+        /// A payment went through (the design document's `PaymentCompletedEvent`);
+        /// forwarded to external systems.
+        PaymentCompleted = "PaymentCompleted",
+        /// An order was paid (the design document's `OrderCompletedEvent`); feeds the
+        /// ranking and analytics.
+        OrderCompleted = "OrderCompleted",
+        /// A product was created or its price or stock changed; carries the whole product.
+        ProductChanged = "ProductChanged",
+    }
 }
 
 impl EventType {
-    pub const ALL: [EventType; 6] = [
-        EventType::PipelineProbe,
-        EventType::CouponRequested,
-        EventType::CouponResult,
-        EventType::PaymentCompleted,
-        EventType::OrderCompleted,
-        EventType::ProductChanged,
-    ];
-
     /// The topic every event of this type is published to: the one table from event type
     /// to topic. `None` for probes, which name the topic whose pipeline they check.
     pub fn topic(self) -> Option<&'static str> {
@@ -97,34 +87,6 @@ impl EventType {
             EventType::OrderCompleted => Some(topics::ORDER_COMPLETED),
             EventType::ProductChanged => Some(topics::PRODUCT_EVENTS),
         }
-    }
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            EventType::PipelineProbe => "PipelineProbe",
-            EventType::CouponRequested => "CouponRequested",
-            EventType::CouponResult => "CouponResult",
-            EventType::PaymentCompleted => "PaymentCompleted",
-            EventType::OrderCompleted => "OrderCompleted",
-            EventType::ProductChanged => "ProductChanged",
-        }
-    }
-}
-
-impl fmt::Display for EventType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for EventType {
-    type Err = DecodeError;
-
-    fn from_str(value: &str) -> Result<Self, Self::Err> {
-        EventType::ALL
-            .into_iter()
-            .find(|known| known.as_str() == value)
-            .ok_or_else(|| DecodeError::UnknownEventType(value.to_string()))
     }
 }
 
@@ -145,27 +107,12 @@ pub struct CouponRequested {
     pub coupon_id: CouponId,
 }
 
-/// Why a coupon request got no coupon: the business result of a refused request, carried
-/// by its `CouponResult`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum RefusalReason {
-    OutOfStock,
-    AlreadyIssued,
-    CouponNotFound,
-    NotStarted,
-    Expired,
-}
-
-impl RefusalReason {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            RefusalReason::OutOfStock => "OUT_OF_STOCK",
-            RefusalReason::AlreadyIssued => "ALREADY_ISSUED",
-            RefusalReason::CouponNotFound => "COUPON_NOT_FOUND",
-            RefusalReason::NotStarted => "NOT_STARTED",
-            RefusalReason::Expired => "EXPIRED",
-        }
+named_enum! {
+    /// Why a coupon request got no coupon: the business result of a refused request,
+    /// carried by its `CouponResult`.
+    pub enum RefusalReason ("refusal reason") {
+        OutOfStock = "OUT_OF_STOCK", AlreadyIssued = "ALREADY_ISSUED",
+        CouponNotFound = "COUPON_NOT_FOUND", NotStarted = "NOT_STARTED", Expired = "EXPIRED",
     }
 }
 
@@ -493,6 +440,12 @@ pub enum DecodeError {
         event_type: EventType,
         reason: String,
     },
+}
+
+impl From<UnknownName> for DecodeError {
+    fn from(unknown: UnknownName) -> Self {
+        DecodeError::UnknownEventType(unknown.name)
+    }
 }
 
 impl DecodeError {

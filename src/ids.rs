@@ -20,11 +20,13 @@ pub struct InvalidId {
     pub what: &'static str,
     pub expected: &'static str,
     pub value: String,
+    /// The API's error code for it (`INVALID_USER_ID`, …).
+    pub code: &'static str,
 }
 
 /// A UUID identifier stored as `CHAR(36)` (hyphenated, lower case).
 macro_rules! uuid_id {
-    ($(#[$meta:meta])* $name:ident, $what:literal) => {
+    ($(#[$meta:meta])* $name:ident, $what:literal, $code:literal) => {
         $(#[$meta])*
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(transparent)]
@@ -42,6 +44,7 @@ macro_rules! uuid_id {
                     what: $what,
                     expected: "a UUID",
                     value: format!("{text:?}"),
+                    code: $code,
                 })
             }
         }
@@ -60,35 +63,12 @@ macro_rules! uuid_id {
             }
         }
 
-        impl sqlx::Type<sqlx::MySql> for $name {
-            fn type_info() -> sqlx::mysql::MySqlTypeInfo {
-                <str as sqlx::Type<sqlx::MySql>>::type_info()
-            }
-
-            fn compatible(ty: &sqlx::mysql::MySqlTypeInfo) -> bool {
-                <str as sqlx::Type<sqlx::MySql>>::compatible(ty)
-            }
-        }
-
-        impl<'q> sqlx::Encode<'q, sqlx::MySql> for $name {
-            fn encode_by_ref(
-                &self,
-                buffer: &mut Vec<u8>,
-            ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
-                let mut text = Uuid::encode_buffer();
-                let text: &str = self.0.hyphenated().encode_lower(&mut text);
-                <&str as sqlx::Encode<sqlx::MySql>>::encode(text, buffer)
-            }
-        }
-
-        impl<'r> sqlx::Decode<'r, sqlx::MySql> for $name {
-            fn decode(
-                value: sqlx::mysql::MySqlValueRef<'r>,
-            ) -> Result<Self, sqlx::error::BoxDynError> {
-                let text = <&str as sqlx::Decode<sqlx::MySql>>::decode(value)?;
-                Ok(Self::parse(text)?)
-            }
-        }
+        $crate::columns::sql_column!(
+            $name,
+            String,
+            encode: |id| id.to_string(),
+            decode: |text: String| $name::parse(&text)
+        );
     };
 }
 
@@ -96,13 +76,15 @@ uuid_id!(
     /// Identifies one business event across the event log, Kafka and every consumer;
     /// consumers deduplicate by it.
     EventId,
-    "eventId"
+    "eventId",
+    "INVALID_EVENT_ID"
 );
 
 uuid_id!(
     /// A coupon issue request: the event id of its `CouponRequested` event.
     RequestId,
-    "requestId"
+    "requestId",
+    "INVALID_REQUEST_ID"
 );
 
 impl From<RequestId> for EventId {
@@ -120,7 +102,7 @@ impl RequestId {
 
 /// A positive integer identifier stored as `BIGINT UNSIGNED`.
 macro_rules! positive_id {
-    ($(#[$meta:meta])* $name:ident, $what:literal) => {
+    ($(#[$meta:meta])* $name:ident, $what:literal, $code:literal) => {
         $(#[$meta])*
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(try_from = "u64", into = "u64")]
@@ -150,6 +132,7 @@ macro_rules! positive_id {
                     what: $what,
                     expected: "a positive integer",
                     value: value.to_string(),
+                    code: $code,
                 }
             }
         }
@@ -187,46 +170,26 @@ macro_rules! positive_id {
             }
         }
 
-        impl sqlx::Type<sqlx::MySql> for $name {
-            fn type_info() -> sqlx::mysql::MySqlTypeInfo {
-                <u64 as sqlx::Type<sqlx::MySql>>::type_info()
-            }
-
-            fn compatible(ty: &sqlx::mysql::MySqlTypeInfo) -> bool {
-                <u64 as sqlx::Type<sqlx::MySql>>::compatible(ty)
-            }
-        }
-
-        impl<'q> sqlx::Encode<'q, sqlx::MySql> for $name {
-            fn encode_by_ref(
-                &self,
-                buffer: &mut Vec<u8>,
-            ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
-                <u64 as sqlx::Encode<sqlx::MySql>>::encode_by_ref(&self.0, buffer)
-            }
-        }
-
-        impl<'r> sqlx::Decode<'r, sqlx::MySql> for $name {
-            fn decode(
-                value: sqlx::mysql::MySqlValueRef<'r>,
-            ) -> Result<Self, sqlx::error::BoxDynError> {
-                let value = <u64 as sqlx::Decode<sqlx::MySql>>::decode(value)?;
-                Ok(Self::from_u64(value)?)
-            }
-        }
+        $crate::columns::sql_column!(
+            $name,
+            u64,
+            encode: |id| id.0,
+            decode: $name::from_u64
+        );
     };
 }
 
-positive_id!(UserId, "userId");
-positive_id!(CouponId, "couponId");
+positive_id!(UserId, "userId", "INVALID_USER_ID");
+positive_id!(CouponId, "couponId", "INVALID_COUPON_ID");
 positive_id!(
     /// One coupon a user holds (a row of `coupon_history`).
     CouponHistoryId,
-    "couponHistoryId"
+    "couponHistoryId",
+    "INVALID_COUPON_HISTORY_ID"
 );
-positive_id!(ProductId, "productId");
-positive_id!(OrderId, "orderId");
-positive_id!(PaymentId, "paymentId");
+positive_id!(ProductId, "productId", "INVALID_PRODUCT_ID");
+positive_id!(OrderId, "orderId", "INVALID_ORDER_ID");
+positive_id!(PaymentId, "paymentId", "INVALID_PAYMENT_ID");
 
 impl UserId {
     /// The Kafka key that keeps one user's requests in order on one partition.

@@ -3,41 +3,46 @@
 //! How data flows:
 //!
 //! ```text
-//!  HTTP request ──► api ──► one MySQL transaction: business rows + event_log PENDING (outbox)
-//!                    │
-//!                    └──► after commit: kafka::producer ──► Kafka topic (key = user, order…)
-//!                                                             │
-//!  actors::outbox_relay ── republishes rows left PENDING ─────┘
-//!                                                             ▼
+//!  HTTP request ──► api ──► slice store: one MySQL transaction, business rows + event_log
+//!                    │       rows PENDING (outbox::OutboxTransaction)
+//!                    └──► after the commit: outbox::Committed::publish ──► Kafka topic
+//!                                                                          │ (key = user, order…)
+//!  outbox::relay ── republishes rows left PENDING ─────────────────────────┘
+//!                                                                          ▼
 //!  kafka::consumer (one member per consumer group, polling thread, rebalances)
 //!      └──► actors::consumer_group ──► actors::partition (one actor per assigned partition)
 //!                                          │ decode (events) ── bad record ──► <topic>.DLT
 //!                                          ▼
-//!                                   actors::domain (supervised, owns the topic's logic)
-//!                                          │ effects + event_log transition, idempotent by event id
+//!                                   actors::domain (supervised) ──► the slice's handler:
+//!                                   coupons::issuer, coupons::notifier, shop::product_events,
+//!                                   ranking::updater, delivery::forwarder
+//!                                          │ effects + event_log move, idempotent by event id
 //!                                          ▼
 //!                                   offset stored and committed after the answer
 //! ```
 //!
-//! Modules:
-//! - [`config`]: the typed settings tree (defaults → file → `APP_` environment).
-//! - [`startup`]: builds, runs and shuts down the whole daemon ([`startup::Application`]).
-//! - [`events`]: the event envelope on the wire and its strict decoding.
-//! - [`coupons`]: first-come-first-served coupons: decisions (pure) and their store.
-//! - [`event_log`]: the `event_log` table and its status transitions (the only writer).
-//! - [`outbox`]: publish-after-commit and the relay's republishing.
+//! Modules, leaves first (no module imports one that imports it back):
+//! - [`ids`]: identifier newtypes; [`config`]: the typed settings tree; [`clock`]: time as a
+//!   dependency; [`error`]: how failures are classed; [`telemetry`]: logging.
+//! - [`events`]: the event envelope, its payloads, the table from event type to topic.
+//! - [`stores`]: MySQL pools and migrations, Redis; [`event_log`]: the `event_log` table and
+//!   its transition table (the only writer of statuses).
 //! - [`kafka`]: cluster (embedded mock or real), producer, consumer groups, dead letters.
-//! - [`actors`]: consumer-group managers, partition actors, domain actors, outbox relay.
-//! - [`api`]: the HTTP API and its common JSON error body.
-//! - [`stores`]: MySQL pools and migrations, Redis; [`locks`]: Redis locks (advisory).
-//! - [`notifications`]: WebSocket / SSE sessions of this instance, by user.
-//! - [`webhooks`]: delivering events to external systems (Standard Webhooks).
-//! - [`retry`]: the in-place and scheduled retry policies; [`error`]: how failures are classed;
-//!   [`clock`]: time as a dependency.
+//! - [`outbox`]: the one path out (record in the transaction, publish after the commit) and
+//!   the relay.
+//! - [`actors`]: the runtime: consumer-group managers, partition actors, the domain-actor
+//!   wrapper and its contract, the arbiter pool, the actor tree. It knows no business.
+//! - The slices, each with its rules, store, handlers and background actors:
+//!   [`coupons`] (intake, issuer, result notifier, push sessions, locks), [`shop`] (users,
+//!   products, orders, payments, the product cache), [`ranking`] (store, updater),
+//!   [`delivery`] (webhooks, forwarders, retry scheduler, back-off, replay).
+//! - [`api`]: the HTTP API, one file per route area, and the common error body.
+//! - [`startup`]: builds, runs and shuts down the whole daemon ([`startup::Application`]).
 
 pub mod actors;
 pub mod api;
 pub mod clock;
+pub mod columns;
 pub mod config;
 pub mod coupons;
 pub mod delivery;

@@ -1,28 +1,44 @@
-//! The daemon: `commerce-events [serve]` runs everything; `commerce-events migrate` applies
-//! the database migrations and exits.
+//! The daemon's command line: `commerce-events [serve]` runs everything;
+//! `commerce-events migrate` applies the database migrations and exits.
 
-use anyhow::bail;
+use clap::{Parser, Subcommand};
 use commerce_events::config::Settings;
 use commerce_events::startup::{self, Application};
 use commerce_events::telemetry;
 use tracing::info;
 
+/// An actor-based Kafka event processor for an e-commerce backend. Settings come from
+/// `commerce-events.toml` (or `APP_CONFIG_FILE`) and `APP_<SECTION>__<KEY>` variables.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the daemon: HTTP API, consumer groups, outbox relay, retry scheduler (the default).
+    Serve,
+    /// Creates the database if missing, applies the migrations and exits.
+    Migrate,
+}
+
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
     let settings = Settings::load()?;
     telemetry::init(&settings.log);
-    let command = std::env::args().nth(1).unwrap_or_else(|| "serve".into());
     actix_rt::System::new().block_on(async move {
-        match command.as_str() {
-            "serve" => {
+        match cli.command.unwrap_or(Command::Serve) {
+            Command::Serve => {
                 let application = Application::build(settings).await?;
                 application.run_until_stopped(shutdown_signal()).await
             }
-            "migrate" => {
+            Command::Migrate => {
                 startup::migrate(&settings).await?;
                 info!("migrations applied");
                 Ok(())
             }
-            other => bail!("unknown command {other:?}; expected `serve` or `migrate`"),
         }
     })
 }

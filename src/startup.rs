@@ -284,22 +284,28 @@ impl Wiring {
         self.tree
             .background
             .push(("retryScheduler", scheduler.clone().recipient()));
-        let analytics = deliveries.clone();
-        self.consume(
+        let mut forwarders = vec![(
             ORDER_ANALYTICS_GROUP,
             topics::ORDER_COMPLETED,
-            move || Forwarder::new("OrderAnalytics", analytics.clone()),
-            |_| {},
-        )?;
+            "OrderAnalytics",
+        )];
         if delivers_externally {
-            self.consume(
+            forwarders.push((
                 EXTERNAL_EVENT_GROUP,
                 topics::EXTERNAL_EVENTS,
-                move || Forwarder::new("ExternalForwarder", deliveries.clone()),
-                |_| {},
-            )?;
+                "ExternalForwarder",
+            ));
         } else {
             info!("external.base_url is empty: external-events is not consumed");
+        }
+        for (group, topic, name) in forwarders {
+            let deliveries = deliveries.clone();
+            self.consume(
+                group,
+                topic,
+                move || Forwarder::new(name, deliveries.clone()),
+                |_| {},
+            )?;
         }
         Ok(scheduler)
     }

@@ -15,41 +15,6 @@ use tracing::{info, warn};
 
 use crate::config::{DatabaseSettings, RedisSettings};
 
-/// Stores an enum as the text of its `as_str()` (a `VARCHAR` column), read back with its
-/// `FromStr`, so statuses are bound, never written into SQL as literals.
-macro_rules! text_column {
-    ($type:ty) => {
-        impl sqlx::Type<sqlx::MySql> for $type {
-            fn type_info() -> sqlx::mysql::MySqlTypeInfo {
-                <str as sqlx::Type<sqlx::MySql>>::type_info()
-            }
-
-            fn compatible(ty: &sqlx::mysql::MySqlTypeInfo) -> bool {
-                <str as sqlx::Type<sqlx::MySql>>::compatible(ty)
-            }
-        }
-
-        impl<'q> sqlx::Encode<'q, sqlx::MySql> for $type {
-            fn encode_by_ref(
-                &self,
-                buffer: &mut Vec<u8>,
-            ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
-                <&str as sqlx::Encode<sqlx::MySql>>::encode(self.as_str(), buffer)
-            }
-        }
-
-        impl<'r> sqlx::Decode<'r, sqlx::MySql> for $type {
-            fn decode(
-                value: sqlx::mysql::MySqlValueRef<'r>,
-            ) -> Result<Self, sqlx::error::BoxDynError> {
-                let text = <&str as sqlx::Decode<sqlx::MySql>>::decode(value)?;
-                Ok(text.parse::<$type>()?)
-            }
-        }
-    };
-}
-pub(crate) use text_column;
-
 /// The schema, embedded in the binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
@@ -79,20 +44,12 @@ pub async fn create_database_if_missing(settings: &DatabaseSettings) -> Result<(
     let url = settings.url.expose_secret();
     let options = MySqlConnectOptions::from_str(url).map_err(StoreError::InvalidUrl)?;
     let database = options.get_database().unwrap_or_default().to_string();
-    let exists =
-        sqlx::MySql::database_exists(url)
-            .await
-            .map_err(|source| StoreError::CreateDatabase {
-                database: database.clone(),
-                source,
-            })?;
-    if !exists {
-        sqlx::MySql::create_database(url)
-            .await
-            .map_err(|source| StoreError::CreateDatabase {
-                database: database.clone(),
-                source,
-            })?;
+    let failed = |source| StoreError::CreateDatabase {
+        database: database.clone(),
+        source,
+    };
+    if !sqlx::MySql::database_exists(url).await.map_err(failed)? {
+        sqlx::MySql::create_database(url).await.map_err(failed)?;
         info!(database, "database created");
     }
     Ok(())
@@ -117,7 +74,7 @@ pub async fn connect_mysql(
         .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
         .after_connect(|connection, _| {
             Box::pin(async move {
-                sqlx::query("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                sqlx::query!("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
                     .execute(connection)
                     .await
                     .map(|_| ())

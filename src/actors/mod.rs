@@ -1,11 +1,18 @@
-//! The actor tree.
+//! The actor runtime: it knows topics, partitions and outcomes, never coupons or orders.
 //!
 //! ```text
 //! ConsumerGroup ── ConsumerGroupActor ──┬── PartitionActor (topic, 0) ──┐
 //!   (polling thread, rebalances)        ├── PartitionActor (topic, 1) ──┼──► DomainActor<H> (supervised)
-//!                                       └── PartitionActor (topic, 2) ──┘
-//! OutboxRelay (republishes PENDING event-log rows)
+//!                                       └── PartitionActor (topic, 2) ──┘     └─ H: a slice's handler
 //! ```
+//!
+//! - [`consumer_group`]: one actor per consumer group, starting and draining partition
+//!   actors on rebalances.
+//! - [`partition`]: one actor per assigned partition; [`retry`]: its in-place retry policy.
+//! - [`domain`]: the domain-actor wrapper (supervision, probes, counters) and the
+//!   [`domain::DomainHandler`] contract the slices implement.
+//! - [`tree`]: every actor's observable state; the slices' background actors (outbox relay,
+//!   retry scheduler) join it by name.
 //!
 //! Partition and domain actors run on an [`ArbiterPool`]; every actor reports an
 //! observable state, gathered by [`tree::ActorTree`] for the admin API and snapshot tests.
@@ -16,10 +23,42 @@ pub mod partition;
 pub mod retry;
 pub mod tree;
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use actix::prelude::*;
 use actix::{Arbiter, ArbiterHandle};
+use futures::FutureExt;
+use tracing::error;
+
+use crate::error::panic_message;
+
+/// Runs one pass of a periodic background actor (the outbox relay, the retry scheduler) in
+/// its context and hands its output to `done`. A pass that panics stops the actor instead,
+/// and its `Supervisor` restarts it ([`Supervised::restarting`] resets what the pass left).
+pub fn spawn_supervised_pass<A, F>(
+    ctx: &mut Context<A>,
+    name: &'static str,
+    pass: F,
+    done: impl FnOnce(&mut A, F::Output) + 'static,
+) where
+    A: Actor<Context = Context<A>> + Supervised,
+    F: Future + 'static,
+{
+    let guarded = AssertUnwindSafe(pass).catch_unwind();
+    ctx.spawn(
+        actix::fut::wrap_future(guarded).map(move |ran, actor: &mut A, ctx: &mut Context<A>| {
+            match ran {
+                Ok(output) => done(actor, output),
+                Err(panic) => {
+                    error!(actor = name, error = %panic_message(name, &panic), "pass panicked; restarting");
+                    ctx.stop();
+                }
+            }
+        }),
+    );
+}
 
 /// A fixed set of arbiters (one thread each) that actors are spread over round-robin, so
 /// partitions are processed in parallel.

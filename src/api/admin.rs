@@ -5,7 +5,7 @@ use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
 
 use crate::api::AppState;
-use crate::api::error::{ApiError, path_id};
+use crate::api::error::ApiError;
 use crate::delivery::scheduler::{Replay, Replayed};
 use crate::event_log::{DeadLetterCursor, EventRecord, EventStatus, OutboxEvent};
 use crate::events::topics;
@@ -127,17 +127,11 @@ pub async fn send_probe(
     );
     envelope.key = format!("probe:{}", envelope.event_id);
     let event_id = envelope.event_id;
-    let mut transaction = state
-        .operations
-        .outbox
-        .begin()
-        .await
-        .map_err(anyhow::Error::from)?;
+    let mut transaction = state.operations.outbox.begin().await?;
     transaction
         .record(vec![OutboxEvent::probe(topic, envelope)])
-        .await
-        .map_err(anyhow::Error::from)?;
-    let committed = transaction.commit().await.map_err(anyhow::Error::from)?;
+        .await?;
+    let committed = transaction.commit().await?;
     let publication = committed.publish().await;
 
     let status = if publication.published == 1 {
@@ -208,8 +202,7 @@ pub async fn events(
         .operations
         .event_log
         .dead_letters(cursor.as_ref(), limit)
-        .await
-        .map_err(anyhow::Error::from)?;
+        .await?;
     let next_cursor = if events.len() == limit as usize {
         events.last().and_then(|last| {
             Some(
@@ -253,8 +246,7 @@ pub async fn replay(
         .scheduler
         .send(Replay { event_id })
         .await
-        .map_err(anyhow::Error::from)?
-        .map_err(anyhow::Error::from)?;
+        .map_err(anyhow::Error::from)??;
     let (status, next_attempt_at) = match replayed {
         Replayed::Scheduled { at } => (EventStatus::Failed, Some(at)),
         Replayed::Republishing => (EventStatus::Pending, None),
@@ -289,12 +281,11 @@ async fn find_event(state: &AppState, path: &str) -> Result<(EventId, EventRecor
         .operations
         .event_log
         .find(event_id)
-        .await
-        .map_err(anyhow::Error::from)?
+        .await?
         .ok_or_else(|| ApiError::not_found(format!("event {event_id}")))?;
     Ok((event_id, record))
 }
 
 fn parse_event_id(text: &str) -> Result<EventId, ApiError> {
-    path_id(text, "INVALID_EVENT_ID")
+    Ok(text.parse()?)
 }

@@ -6,7 +6,6 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::api::AppState;
-use crate::api::error::path_id;
 use crate::api::error::{ApiError, JsonObject};
 use crate::coupons::RefusalReason;
 use crate::coupons::intake::IntakeError;
@@ -33,12 +32,7 @@ pub async fn create(
     body: JsonObject<CreateCoupon>,
 ) -> Result<HttpResponse, ApiError> {
     let coupon = validate_new_coupon(body.0, state.coupons.max_total_quantity)?;
-    let created = state
-        .coupons
-        .store
-        .create(&coupon)
-        .await
-        .map_err(anyhow::Error::from)?;
+    let created = state.coupons.store.create(&coupon).await?;
     Ok(HttpResponse::Created()
         .insert_header((header::LOCATION, format!("/coupons/{}", created.coupon_id)))
         .json(created))
@@ -90,13 +84,12 @@ pub async fn find(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let coupon_id: CouponId = path_id(&path, "INVALID_COUPON_ID")?;
+    let coupon_id: CouponId = path.parse()?;
     let coupon = state
         .coupons
         .store
         .find(coupon_id)
-        .await
-        .map_err(anyhow::Error::from)?
+        .await?
         .ok_or_else(|| ApiError::not_found(format!("coupon {coupon_id}")))?;
     Ok(HttpResponse::Ok().json(coupon))
 }
@@ -121,10 +114,8 @@ pub async fn issue(
     state: web::Data<AppState>,
     JsonObject(body): JsonObject<IssueBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let user = UserId::parse(body.user_id)
-        .map_err(|error| ApiError::bad_request("INVALID_USER_ID", error.to_string()))?;
-    let coupon = CouponId::parse(body.coupon_id)
-        .map_err(|error| ApiError::bad_request("INVALID_COUPON_ID", error.to_string()))?;
+    let user = UserId::parse(body.user_id)?;
+    let coupon = CouponId::parse(body.coupon_id)?;
     let request_id =
         state
             .coupons
@@ -192,13 +183,8 @@ pub async fn request(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let request_id: RequestId = path_id(&path, "INVALID_REQUEST_ID")?;
-    let record = state
-        .operations
-        .event_log
-        .find(request_id.into())
-        .await
-        .map_err(anyhow::Error::from)?;
+    let request_id: RequestId = path.parse()?;
+    let record = state.operations.event_log.find(request_id.into()).await?;
     let decided = record.as_ref().is_some_and(|record| {
         matches!(
             record.status,
@@ -206,12 +192,7 @@ pub async fn request(
         )
     });
     let coupon_history_id = if decided {
-        state
-            .coupons
-            .store
-            .history_of_request(request_id)
-            .await
-            .map_err(anyhow::Error::from)?
+        state.coupons.store.history_of_request(request_id).await?
     } else {
         None
     };
@@ -227,14 +208,8 @@ pub async fn held(
     state: web::Data<AppState>,
     path: web::Path<i64>,
 ) -> Result<HttpResponse, ApiError> {
-    let user = UserId::parse(*path)
-        .map_err(|error| ApiError::bad_request("INVALID_USER_ID", error.to_string()))?;
-    let coupons = state
-        .coupons
-        .store
-        .held_by(user)
-        .await
-        .map_err(anyhow::Error::from)?;
+    let user = UserId::parse(*path)?;
+    let coupons = state.coupons.store.held_by(user).await?;
     Ok(HttpResponse::Ok().json(coupons))
 }
 

@@ -155,14 +155,28 @@ pub fn into_json_error<B: MessageBody + 'static>(
     ))
 }
 
-/// An id from a path segment; 400 with `code` when it is not one.
-pub fn path_id<T>(raw: &str, code: &'static str) -> Result<T, ApiError>
-where
-    T: std::str::FromStr<Err = crate::ids::InvalidId>,
-{
-    raw.parse()
-        .map_err(|error: crate::ids::InvalidId| ApiError::bad_request(code, error.to_string()))
+/// A malformed id (in a path, a query or a body) is a 400 with its own code.
+impl From<crate::ids::InvalidId> for ApiError {
+    fn from(invalid: crate::ids::InvalidId) -> Self {
+        ApiError::bad_request(invalid.code, invalid.to_string())
+    }
 }
+
+/// Store failures the caller cannot act on are internal errors (logged, not shown).
+macro_rules! internal_errors {
+    ($($error:ty),+) => {
+        $(impl From<$error> for ApiError {
+            fn from(error: $error) -> Self {
+                ApiError::Internal(error.into())
+            }
+        })+
+    };
+}
+internal_errors!(
+    crate::event_log::EventLogError,
+    crate::coupons::store::CouponStoreError,
+    crate::stores::RedisStoreError
+);
 
 /// Turns extractor failures (malformed JSON, bad path or query) into 400s of the common
 /// shape.

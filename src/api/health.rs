@@ -64,8 +64,8 @@ where
 
 async fn check_mysql(state: &AppState) -> Result<(), String> {
     with_timeout(async {
-        sqlx::query("SELECT 1")
-            .execute(state.operations.event_log.pool())
+        sqlx::query!("SELECT 1 AS answer")
+            .fetch_one(state.operations.event_log.pool())
             .await
             .map(|_| ())
     })

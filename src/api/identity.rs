@@ -7,6 +7,5 @@ use crate::api::error::ApiError;
 use crate::ids::UserId;
 
 pub fn channel_user(_request: &HttpRequest, claimed: i64) -> Result<UserId, ApiError> {
-    UserId::parse(claimed)
-        .map_err(|error| ApiError::bad_request("INVALID_USER_ID", error.to_string()))
+    Ok(UserId::parse(claimed)?)
 }

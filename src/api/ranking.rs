@@ -46,12 +46,7 @@ pub async fn ranking(
         ));
     }
     let today = state.clock.now().date_naive();
-    let ranked = state
-        .ranking
-        .store
-        .top(today, days, limit as usize)
-        .await
-        .map_err(anyhow::Error::from)?;
+    let ranked = state.ranking.store.top(today, days, limit as usize).await?;
     let ids: Vec<ProductId> = ranked.iter().map(|place| place.product_id).collect();
     let names = state.shop.store.product_names(&ids).await?;
     let entries: Vec<RankingEntry> = ranked

@@ -5,7 +5,7 @@ use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
 
 use crate::api::AppState;
-use crate::api::error::{ApiError, JsonObject, path_id};
+use crate::api::error::{ApiError, JsonObject};
 use crate::event_log::OutboxEvent;
 use crate::events::EventPayload;
 use crate::ids::{CouponHistoryId, OrderId, ProductId, UserId};
@@ -91,7 +91,7 @@ pub async fn balance(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let user_id: UserId = path_id(&path, "INVALID_USER_ID")?;
+    let user_id: UserId = path.parse()?;
     let user = state
         .shop
         .store
@@ -116,7 +116,7 @@ pub async fn charge(
     path: web::Path<String>,
     body: JsonObject<Charge>,
 ) -> Result<HttpResponse, ApiError> {
-    let user_id: UserId = path_id(&path, "INVALID_USER_ID")?;
+    let user_id: UserId = path.parse()?;
     let amount = bounded(body.0.amount, MAX_CHARGE, "INVALID_AMOUNT", "amount")?;
     let user = state
         .shop
@@ -186,7 +186,7 @@ pub async fn product(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let product_id: ProductId = path_id(&path, "INVALID_PRODUCT_ID")?;
+    let product_id: ProductId = path.parse()?;
     match state.shop.cache.get(product_id).await {
         Ok(Some(product)) => return Ok(HttpResponse::Ok().json(product)),
         Ok(None) => {}
@@ -217,7 +217,7 @@ pub async fn update_product(
     path: web::Path<String>,
     body: JsonObject<UpdateProduct>,
 ) -> Result<HttpResponse, ApiError> {
-    let product_id: ProductId = path_id(&path, "INVALID_PRODUCT_ID")?;
+    let product_id: ProductId = path.parse()?;
     let request = body.0;
     if request.price.is_none() && request.stock.is_none() {
         return Err(ApiError::bad_request(
@@ -261,8 +261,7 @@ pub async fn create_order(
     body: JsonObject<CreateOrder>,
 ) -> Result<HttpResponse, ApiError> {
     let request = body.0;
-    let user_id = UserId::parse(request.user_id)
-        .map_err(|error| ApiError::bad_request("INVALID_USER_ID", error.to_string()))?;
+    let user_id = UserId::parse(request.user_id)?;
     if request.items.is_empty() || request.items.len() > MAX_LINES {
         return Err(ApiError::bad_request(
             "INVALID_ITEMS",
@@ -271,8 +270,7 @@ pub async fn create_order(
     }
     let mut lines = Vec::with_capacity(request.items.len());
     for item in &request.items {
-        let product_id = ProductId::parse(item.product_id)
-            .map_err(|error| ApiError::bad_request("INVALID_PRODUCT_ID", error.to_string()))?;
+        let product_id = ProductId::parse(item.product_id)?;
         let quantity = bounded(
             item.quantity,
             u64::from(MAX_QUANTITY),
@@ -296,8 +294,7 @@ pub async fn create_order(
     let coupon_history_id = request
         .coupon_history_id
         .map(CouponHistoryId::parse)
-        .transpose()
-        .map_err(|error| ApiError::bad_request("INVALID_COUPON_HISTORY_ID", error.to_string()))?;
+        .transpose()?;
     let order = state
         .shop
         .store
@@ -313,7 +310,7 @@ pub async fn order(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let order_id: OrderId = path_id(&path, "INVALID_ORDER_ID")?;
+    let order_id: OrderId = path.parse()?;
     let order = state
         .shop
         .store
@@ -329,7 +326,7 @@ pub async fn pay(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let order_id: OrderId = path_id(&path, "INVALID_ORDER_ID")?;
+    let order_id: OrderId = path.parse()?;
     let paid = state.shop.store.pay(order_id, state.clock.now()).await?;
     cache_changes(&state, paid.events.events()).await;
     paid.events.publish().await;

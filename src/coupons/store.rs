@@ -2,14 +2,13 @@
 //! transaction, and the coupons a user holds (used at payment).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
-use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::json;
 use sqlx::{MySqlConnection, QueryBuilder};
 
+use crate::columns::named_enum;
 use crate::coupons::{CouponState, IssueDecision, IssueRequest, RefusalReason, decide_issues};
 use crate::error::{Classify, ErrorClass};
 use crate::event_log::{EventLog, EventLogError, EventStatus, Move, OutboxEvent, StatusChange};
@@ -67,42 +66,14 @@ pub struct Coupon {
     pub valid_until: DateTime<Utc>,
 }
 
-/// Where a coupon a user holds stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum HeldStatus {
-    Issued,
-    /// Spent on an order.
-    Used,
-}
-
-impl HeldStatus {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            HeldStatus::Issued => "ISSUED",
-            HeldStatus::Used => "USED",
-        }
+named_enum! {
+    /// Where a coupon a user holds stands.
+    pub enum HeldStatus ("coupon history status") {
+        Issued = "ISSUED",
+        /// Spent on an order.
+        Used = "USED",
     }
 }
-
-impl FromStr for HeldStatus {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        [HeldStatus::Issued, HeldStatus::Used]
-            .into_iter()
-            .find(|status| status.as_str() == text)
-            .ok_or_else(|| format!("unknown coupon history status {text:?}"))
-    }
-}
-
-impl fmt::Display for HeldStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-crate::stores::text_column!(HeldStatus);
 
 /// A coupon a user holds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

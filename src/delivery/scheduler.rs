@@ -17,13 +17,13 @@
 use std::time::Duration;
 
 use actix::prelude::*;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use serde::Serialize;
-use tracing::{error, warn};
+use tracing::warn;
 
+use crate::actors::spawn_supervised_pass;
 use crate::actors::tree::ObserveBackground;
 use crate::delivery::{Attempt, Deliveries, DeliveryCounters, DeliveryState, Held};
-use crate::error::panic_message;
 use crate::event_log::{EventLogError, EventStatus, Move, StatusChange, Transition};
 use crate::events::{EventId, EventType};
 
@@ -67,11 +67,6 @@ pub struct RetrySchedulerState {
 pub struct StopScheduler {
     pub timeout: Duration,
 }
-
-/// A pass panicked: restart.
-#[derive(Message)]
-#[rtype(result = "()")]
-struct PassPanicked;
 
 pub struct RetryScheduler {
     deliveries: Deliveries,
@@ -117,18 +112,14 @@ impl RetryScheduler {
             event_types: self.event_types.clone(),
             claim_batch: self.claim_batch,
         };
-        let scheduler = ctx.address();
-        ctx.spawn(
-            actix::fut::wrap_future(std::panic::AssertUnwindSafe(pass.run()).catch_unwind()).map(
-                move |ran, actor: &mut Self, _ctx| {
-                    actor.busy = false;
-                    actor.idle.send_replace(true);
-                    if let Err(panic) = ran {
-                        error!(error = %panic_message("RetryScheduler", &panic), "retry scheduler pass panicked; restarting");
-                        scheduler.do_send(PassPanicked);
-                    }
-                },
-            ),
+        spawn_supervised_pass(
+            ctx,
+            "RetryScheduler",
+            pass.run(),
+            |scheduler: &mut Self, ()| {
+                scheduler.busy = false;
+                scheduler.idle.send_replace(true);
+            },
         );
     }
 }
@@ -190,14 +181,6 @@ impl Supervised for RetryScheduler {
         self.busy = false;
         self.idle.send_replace(true);
         warn!(restarts = self.restarts, "retry scheduler restarting");
-    }
-}
-
-impl Handler<PassPanicked> for RetryScheduler {
-    type Result = ();
-
-    fn handle(&mut self, _: PassPanicked, ctx: &mut Self::Context) {
-        ctx.stop();
     }
 }
 

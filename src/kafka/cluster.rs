@@ -15,7 +15,9 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, Producer};
-use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+#[cfg(feature = "test-util")]
+use rdkafka::types::RDKafkaApiKey;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka_sys as rdsys;
 use tracing::info;
 
@@ -86,7 +88,8 @@ impl EmbeddedCluster {
     }
 
     /// Makes the next `errors.len()` requests of `api_key` fail with these errors, in order
-    /// (fault injection).
+    /// (fault injection, for tests).
+    #[cfg(feature = "test-util")]
     pub fn fail_requests(&self, api_key: RDKafkaApiKey, errors: &[RDKafkaRespErr]) {
         // SAFETY: `handle` is a live cluster; the array outlives the call.
         unsafe {
@@ -99,7 +102,8 @@ impl EmbeddedCluster {
         }
     }
 
-    /// Takes a broker down (`false`) or brings it back (`true`).
+    /// Takes a broker down (`false`) or brings it back (`true`) (fault injection, for tests).
+    #[cfg(feature = "test-util")]
     pub fn set_broker_up(&self, broker_id: i32, up: bool) -> Result<(), KafkaError> {
         // SAFETY: `handle` is a live cluster.
         let code = unsafe {
@@ -170,13 +174,6 @@ impl KafkaCluster {
                 bootstrap_servers, ..
             }
             | KafkaCluster::External { bootstrap_servers } => bootstrap_servers,
-        }
-    }
-
-    pub fn embedded(&self) -> Option<&EmbeddedCluster> {
-        match self {
-            KafkaCluster::Embedded { cluster, .. } => Some(cluster),
-            KafkaCluster::External { .. } => None,
         }
     }
 

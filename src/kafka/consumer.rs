@@ -36,7 +36,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::KafkaSettings;
 use crate::events::{DecodeError, EventEnvelope};
-use crate::kafka::TopicPartition;
+use crate::kafka::{TopicPartition, client_config};
 
 /// Routes librdkafka's own log lines and errors into `tracing`.
 pub struct TracingContext {
@@ -94,7 +94,6 @@ pub trait RebalanceListener: Send + Sync + 'static {
 #[derive(Debug, Default)]
 pub struct GroupHealth {
     assignments: AtomicU64,
-    assigned_partitions: AtomicU64,
     commits_failed: AtomicU64,
     records_on_main_queue: AtomicU64,
     /// Whether fetching is meant to be paused (an operator's request).
@@ -108,10 +107,6 @@ impl GroupHealth {
     /// members than partitions).
     pub fn joined(&self) -> bool {
         self.assignments.load(Ordering::Acquire) > 0
-    }
-
-    pub fn assigned_partitions(&self) -> u64 {
-        self.assigned_partitions.load(Ordering::Acquire)
     }
 
     pub fn commits_failed(&self) -> u64 {
@@ -273,7 +268,6 @@ impl ConsumerContext for GroupContext {
                 warn!(group = %self.group_id, %error, "commit on revoke failed; the next owner may see records again");
             }
         }
-        self.health.assigned_partitions.store(0, Ordering::Release);
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -296,9 +290,6 @@ impl ConsumerContext for GroupContext {
                         queue.map(|queue| (partition, PartitionRecords::new(queue)))
                     })
                     .collect();
-                self.health
-                    .assigned_partitions
-                    .store(queues.len() as u64, Ordering::Release);
                 if self.health.paused()
                     && let Err(error) = consumer.pause(list)
                 {
@@ -343,32 +334,29 @@ pub fn consumer_config(
     group_id: &str,
 ) -> ClientConfig {
     let consumer = &settings.consumer;
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", bootstrap_servers)
-        .set("group.id", group_id)
-        .set("client.id", &settings.client_id)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
-        .set("auto.offset.reset", &consumer.auto_offset_reset)
-        .set(
+    let properties = [
+        ("bootstrap.servers", bootstrap_servers.to_string()),
+        ("group.id", group_id.to_string()),
+        ("client.id", settings.client_id.clone()),
+        ("enable.auto.commit", "false".into()),
+        ("enable.auto.offset.store", "false".into()),
+        ("enable.partition.eof", "false".into()),
+        ("auto.offset.reset", consumer.auto_offset_reset.clone()),
+        (
             "session.timeout.ms",
             consumer.session_timeout_ms.to_string(),
-        )
-        .set(
+        ),
+        (
             "heartbeat.interval.ms",
             consumer.heartbeat_interval_ms.to_string(),
-        )
-        .set("fetch.min.bytes", consumer.fetch_min_bytes.to_string())
-        .set(
+        ),
+        ("fetch.min.bytes", consumer.fetch_min_bytes.to_string()),
+        (
             "fetch.wait.max.ms",
             settings.fetch_wait_max_ms().to_string(),
-        );
-    for (key, value) in &consumer.extra {
-        config.set(key, value);
-    }
-    config
+        ),
+    ];
+    client_config(properties, &consumer.extra)
 }
 
 /// A running consumer group member and its polling thread.
@@ -423,10 +411,6 @@ impl GroupConsumer {
             stop,
             poller: Some(poller),
         })
-    }
-
-    pub fn group_id(&self) -> &str {
-        &self.group_id
     }
 
     pub fn health(&self) -> Arc<GroupHealth> {

@@ -6,9 +6,28 @@ pub mod consumer;
 pub mod dead_letter;
 pub mod producer;
 
+use std::collections::BTreeMap;
 use std::fmt;
 
+use rdkafka::ClientConfig;
 use serde::Serialize;
+
+/// A librdkafka configuration: `properties`, then the `extra` ones the settings pass through
+/// unchanged (they win).
+pub(crate) fn client_config<'a>(
+    properties: impl IntoIterator<Item = (&'a str, String)>,
+    extra: &'a BTreeMap<String, String>,
+) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    for (key, value) in properties.into_iter().chain(
+        extra
+            .iter()
+            .map(|(key, value)| (key.as_str(), value.clone())),
+    ) {
+        config.set(key, value);
+    }
+    config
+}
 
 /// One partition of one topic.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]

@@ -12,6 +12,7 @@ use rdkafka::util::Timeout;
 use crate::config::KafkaSettings;
 use crate::error::{Classify, ErrorClass};
 use crate::events::EventEnvelope;
+use crate::kafka::client_config;
 use crate::kafka::consumer::TracingContext;
 
 /// Header carrying the event id, so tools can see it without decoding the value.
@@ -142,11 +143,6 @@ impl EventPublisher {
         self.producer.flush(timeout)
     }
 
-    /// Records queued or awaiting acknowledgement.
-    pub fn in_flight(&self) -> i32 {
-        self.producer.in_flight_count()
-    }
-
     /// Blocks for up to `timeout` asking the cluster for its metadata; used by readiness.
     pub fn check_cluster_blocking(&self, timeout: Duration) -> Result<usize, KafkaError> {
         let metadata = self.producer.client().fetch_metadata(None, timeout)?;
@@ -156,37 +152,34 @@ impl EventPublisher {
 
 fn producer_config(bootstrap_servers: &str, settings: &KafkaSettings) -> ClientConfig {
     let producer = &settings.producer;
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", bootstrap_servers)
-        .set("client.id", &settings.client_id)
-        .set("acks", &producer.acks)
-        .set(
+    let properties = [
+        ("bootstrap.servers", bootstrap_servers.to_string()),
+        ("client.id", settings.client_id.clone()),
+        ("acks", producer.acks.clone()),
+        (
             "enable.idempotence",
             producer.enable_idempotence.to_string(),
-        )
-        .set("compression.type", &producer.compression_type)
-        .set("linger.ms", producer.linger_ms.to_string())
-        .set("batch.size", producer.batch_size.to_string())
-        .set(
+        ),
+        ("compression.type", producer.compression_type.clone()),
+        ("linger.ms", producer.linger_ms.to_string()),
+        ("batch.size", producer.batch_size.to_string()),
+        (
             "queue.buffering.max.kbytes",
             (producer.buffer_memory / 1024).max(1).to_string(),
-        )
-        .set(
+        ),
+        (
             "max.in.flight.requests.per.connection",
             producer.max_in_flight.to_string(),
-        )
-        .set("retries", producer.retries.to_string())
-        .set(
+        ),
+        ("retries", producer.retries.to_string()),
+        (
             "delivery.timeout.ms",
             producer.delivery_timeout_ms.to_string(),
-        )
-        .set(
+        ),
+        (
             "request.timeout.ms",
             producer.request_timeout_ms.to_string(),
-        );
-    for (key, value) in &producer.extra {
-        config.set(key, value);
-    }
-    config
+        ),
+    ];
+    client_config(properties, &producer.extra)
 }

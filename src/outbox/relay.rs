@@ -8,13 +8,12 @@
 use std::time::Duration;
 
 use actix::prelude::*;
-use futures::FutureExt;
 use serde::Serialize;
-use tracing::{error, warn};
+use tracing::warn;
 
+use crate::actors::spawn_supervised_pass;
 use crate::actors::tree::ObserveBackground;
 use crate::config::OutboxSettings;
-use crate::error::panic_message;
 use crate::outbox::Outbox;
 
 /// Stops the relay (shutdown): no pass starts after this one; a pass in flight finishes,
@@ -35,11 +34,6 @@ pub struct OutboxRelayState {
     /// Passes that panicked and restarted the relay.
     pub restarts: u64,
 }
-
-/// A pass panicked: restart.
-#[derive(Message)]
-#[rtype(result = "()")]
-struct PassPanicked;
 
 pub struct OutboxRelay {
     outbox: Outbox,
@@ -76,36 +70,22 @@ impl OutboxRelay {
         self.busy = true;
         let outbox = self.outbox.clone();
         let (older_than, limit) = (self.republish_after, self.batch_size);
-        let relay = ctx.address();
         let pass = async move { outbox.relay_once(older_than, limit).await };
-        ctx.spawn(
-            actix::fut::wrap_future(std::panic::AssertUnwindSafe(pass).catch_unwind()).map(
-                move |result, actor: &mut Self, _ctx| {
-                    actor.busy = false;
-                    actor.state.passes += 1;
-                    let result = match result {
-                        Ok(result) => result,
-                        Err(panic) => {
-                            error!(error = %panic_message("OutboxRelay", &panic), "outbox relay pass panicked; restarting");
-                            relay.do_send(PassPanicked);
-                            return;
-                        }
-                    };
-                    let relay = actor;
-                    match result {
-                        Ok(publication) => {
-                            relay.state.republished += publication.published;
-                            relay.state.failed += publication.failed;
-                            relay.state.undecodable += publication.undecodable;
-                        }
-                        Err(error) => {
-                            relay.state.errors += 1;
-                            warn!(%error, "outbox relay pass failed");
-                        }
-                    }
-                },
-            ),
-        );
+        spawn_supervised_pass(ctx, "OutboxRelay", pass, |relay: &mut Self, result| {
+            relay.busy = false;
+            relay.state.passes += 1;
+            match result {
+                Ok(publication) => {
+                    relay.state.republished += publication.published;
+                    relay.state.failed += publication.failed;
+                    relay.state.undecodable += publication.undecodable;
+                }
+                Err(error) => {
+                    relay.state.errors += 1;
+                    warn!(%error, "outbox relay pass failed");
+                }
+            }
+        });
     }
 }
 
@@ -122,14 +102,6 @@ impl Supervised for OutboxRelay {
         self.state.restarts += 1;
         self.busy = false;
         warn!(restarts = self.state.restarts, "outbox relay restarting");
-    }
-}
-
-impl Handler<PassPanicked> for OutboxRelay {
-    type Result = ();
-
-    fn handle(&mut self, _: PassPanicked, ctx: &mut Self::Context) {
-        ctx.stop();
     }
 }
 

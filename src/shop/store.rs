@@ -1,13 +1,12 @@
 //! Users, products, orders and payments in MySQL.
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::{MySqlConnection, QueryBuilder};
 
+use crate::columns::named_enum;
 use crate::coupons::store::{CouponUnusable, usable_discount, use_coupon};
 use crate::error::{Classify, ErrorClass};
 use crate::event_log::{EventLogError, OutboxEvent};
@@ -129,42 +128,14 @@ pub struct OrderLine {
     pub unit_price: u64,
 }
 
-/// Where an order stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum OrderStatus {
-    Pending,
-    /// Paid.
-    Completed,
-}
-
-impl OrderStatus {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            OrderStatus::Pending => "PENDING",
-            OrderStatus::Completed => "COMPLETED",
-        }
+named_enum! {
+    /// Where an order stands.
+    pub enum OrderStatus ("order status") {
+        Pending = "PENDING",
+        /// Paid.
+        Completed = "COMPLETED",
     }
 }
-
-impl FromStr for OrderStatus {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        [OrderStatus::Pending, OrderStatus::Completed]
-            .into_iter()
-            .find(|status| status.as_str() == text)
-            .ok_or_else(|| format!("unknown order status {text:?}"))
-    }
-}
-
-impl fmt::Display for OrderStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-crate::stores::text_column!(OrderStatus);
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -18,6 +18,15 @@ use tokio::sync::oneshot;
 
 use crate::support::{TestDatabase, eventually, init_tracing};
 
+/// How long a test request may take: generous, because eight tests may share two cores;
+/// tests assert outcomes, never speed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The HTTP client of the tests.
+pub fn client() -> awc::Client {
+    awc::Client::builder().timeout(REQUEST_TIMEOUT).finish()
+}
+
 pub struct TestApp {
     pub address: String,
     pub kafka: Arc<KafkaCluster>,
@@ -106,7 +115,7 @@ impl TestApp {
     }
 
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
-        let mut response = awc::Client::default()
+        let mut response = client()
             .get(format!("{}{path}", self.address))
             .send()
             .await
@@ -130,7 +139,7 @@ impl TestApp {
         path: &str,
         body: &str,
     ) -> (StatusCode, Value) {
-        let mut response = awc::Client::default()
+        let mut response = client()
             .request(method, format!("{}{path}", self.address))
             .insert_header(("content-type", "application/json"))
             .send_body(body.to_string())
@@ -141,7 +150,7 @@ impl TestApp {
     }
 
     pub async fn request(&self, method: awc::http::Method, path: &str) -> (StatusCode, Value) {
-        let mut response = awc::Client::default()
+        let mut response = client()
             .request(method, format!("{}{path}", self.address))
             .send()
             .await

@@ -106,6 +106,55 @@ async fn a_fatal_error_restarts_the_domain_actor_and_the_event_is_retried() {
 }
 
 #[actix_web::test]
+async fn a_restart_for_one_partitions_fatal_error_leaves_another_partitions_batch_alone() {
+    let pipeline = Pipeline::start().await;
+    let handler = ScriptedHandler::new();
+    let gate = handler.gate(0);
+    let held = coupon_request(120);
+    let fatal = coupon_request(121);
+    handler.script(
+        fatal.event_id,
+        [Step::Fail(HandlerError::fatal("state corrupted"))],
+    );
+    let member = pipeline.join(handler);
+    member.wait_until_assigned().await;
+
+    // Partition 0's batch is in the handler, waiting at its gate.
+    pipeline.publish_to(0, &held).await;
+    eventually(
+        "partition 0's batch in flight",
+        Duration::from_secs(20),
+        || async { member.observe().await.0.partitions[0].in_flight == 1 },
+    )
+    .await;
+    // Partition 1's batch fails fatally: the domain actor restarts and retries it.
+    pipeline.publish_to(1, &fatal).await;
+    eventually(
+        "the fatal event handled after the restart",
+        Duration::from_secs(20),
+        || async { member.handler.recorder.done_ids() == vec![fatal.event_id] },
+    )
+    .await;
+    assert_eq!(member.observe().await.1.restarts, 1);
+
+    gate.add_permits(1);
+    eventually(
+        "partition 0's batch finished",
+        Duration::from_secs(20),
+        || async { member.handler.recorder.done_count() == 2 },
+    )
+    .await;
+    let (group, _) = member.observe().await;
+    assert_eq!(
+        member.handler.recorder.attempts_of(held.event_id),
+        1,
+        "the held batch ran once: the restart did not cancel it"
+    );
+    assert_eq!(group.partitions[0].retries, 0);
+    pipeline.wait_for_commits(&[Some(1), Some(1), None]).await;
+}
+
+#[actix_web::test]
 async fn a_panicking_handler_is_restarted_and_the_event_is_retried() {
     let pipeline = Pipeline::start().await;
     let handler = ScriptedHandler::new();

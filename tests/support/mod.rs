@@ -62,8 +62,8 @@ impl TestDatabase {
         settings.http.workers = 1;
         settings.http.shutdown_timeout_secs = 2;
         settings.database.url = SecretString::from(self.url());
-        settings.database.max_connections = 3;
-        settings.database.http_max_connections = 2;
+        settings.database.max_connections = 4;
+        settings.database.http_max_connections = 4;
         settings.redis.key_prefix = format!("{}:", self.name);
         settings.kafka.embedded_brokers = 1;
         settings.kafka.consumer.fetch_wait_max_ms = 50;

@@ -32,12 +32,25 @@ use secrecy::SecretString;
 use serde_json::{Value, json};
 use sqlx::MySqlPool;
 
+#[derive(clap::Args)]
 pub struct Options {
+    /// How long the intake phase sends requests.
+    #[arg(long, default_value_t = 60)]
     pub seconds: u64,
+    /// Requests written while the issuer is paused, then issued from the backlog.
+    #[arg(long, default_value_t = 150_000)]
     pub backlog: u64,
+    /// Concurrent HTTP clients.
+    #[arg(long, default_value_t = 1024)]
     pub clients: usize,
+    /// Requests per second of the push-latency phase.
+    #[arg(long, default_value_t = 2_000)]
     pub latency_rate: u64,
+    /// How long the push-latency phase runs.
+    #[arg(long, default_value_t = 20)]
     pub latency_seconds: u64,
+    /// How long the `/healthz` baseline runs.
+    #[arg(long, default_value_t = 10)]
     pub baseline_seconds: u64,
 }
 
@@ -128,9 +141,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         intake.accepted as f64 / intake.elapsed.as_secs_f64()
     );
     println!(
-        "| 202 latency p50 / p99 under that load | {:.1} ms / {:.1} ms | |",
-        intake.latency.percentile(50.0),
-        intake.latency.percentile(99.0)
+        "| 202 latency p50 / p99 under that load | {} | |",
+        p50_p99(&intake.latency)
     );
     println!(
         "| … issued/s while accepting, one hot coupon (everything running) | {:.0} | |",
@@ -156,14 +168,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         latency.percentile(100.0)
     );
     println!(
-        "| … of which accepted → decided (issuer commit) p50 / p99 | {:.1} ms / {:.1} ms | |",
-        stages.decided.percentile(50.0),
-        stages.decided.percentile(99.0)
+        "| … of which accepted → decided (issuer commit) p50 / p99 | {} | |",
+        p50_p99(&stages.decided)
     );
     println!(
-        "| … of which decided → notified (notifier commit) p50 / p99 | {:.1} ms / {:.1} ms | |",
-        stages.notified.percentile(50.0),
-        stages.notified.percentile(99.0)
+        "| … of which decided → notified (notifier commit) p50 / p99 | {} | |",
+        p50_p99(&stages.notified)
     );
     println!(
         "| over-issued coupons / users holding one coupon twice / requests not decided | {} / {} / {} | 0 / 0 / 0 |",
@@ -177,6 +187,15 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         bail!("invariants violated");
     }
     Ok(())
+}
+
+/// `p50 ms / p99 ms` of a latency histogram.
+fn p50_p99(latency: &Latencies) -> String {
+    format!(
+        "{:.1} ms / {:.1} ms",
+        latency.percentile(50.0),
+        latency.percentile(99.0)
+    )
 }
 
 /// The daemon on its own thread with its own actix system.

@@ -1,67 +1,65 @@
-//! Benchmarks: `cargo run --release --bin bench -- <scenario> [options]`. Each scenario prints
-//! a table; BENCHMARKS.md records them with the machine.
-//!
-//! - `pipeline [--records N] [--runs R] [--threads T]`: the cost of the partition actors
-//!   against raw rdkafka consumption.
-//! - `coupons [--seconds S] [--backlog B] [--clients C] [--latency-rate R] [--latency-seconds L]`: the
-//!   coupon flow end to end through a daemon started in this process.
-//! - `ranking [--orders N] [--lines L] [--threads T]`: ranking updates through the
-//!   RankingUpdater against raw pipelined ZINCRBY, and a replay that must count nothing.
+//! Benchmarks: `cargo run --release --bin bench -- <scenario> [options]` (`--help` lists
+//! them). Each scenario prints a table; BENCHMARKS.md records them with the machine.
 
 mod coupons;
 mod pipeline;
 mod ranking;
 
-use std::str::FromStr;
-
-use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
 use commerce_events::config::Settings;
+use commerce_events::events::topics::dead_letter_topic;
+use commerce_events::kafka::cluster::EmbeddedCluster;
+use commerce_events::kafka::producer::EventPublisher;
 
-fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let scenario = args.next().unwrap_or_else(|| "pipeline".into());
-    let options: Vec<String> = args.collect();
-    match scenario.as_str() {
-        "pipeline" => actix_rt::System::new().block_on(pipeline::run(
-            option(&options, "--records", 200_000)?,
-            option(&options, "--runs", 5)?,
-            option(
-                &options,
-                "--threads",
-                Settings::default().kafka.consumer.partition_threads,
-            )?,
-        )),
-        "coupons" => actix_rt::System::new().block_on(coupons::run(coupons::Options {
-            seconds: option(&options, "--seconds", 60)?,
-            backlog: option(&options, "--backlog", 150_000)?,
-            clients: option(&options, "--clients", 1024)?,
-            latency_rate: option(&options, "--latency-rate", 2_000)?,
-            latency_seconds: option(&options, "--latency-seconds", 20)?,
-            baseline_seconds: option(&options, "--baseline-seconds", 10)?,
-        })),
-        "ranking" => actix_rt::System::new().block_on(ranking::run(
-            option(&options, "--orders", 100_000)?,
-            option(&options, "--lines", 3)?,
-            option(
-                &options,
-                "--threads",
-                Settings::default().kafka.consumer.partition_threads,
-            )?,
-        )),
-        other => bail!("unknown scenario {other:?}; known: pipeline, coupons, ranking"),
-    }
+#[derive(Parser)]
+#[command(about = "Benchmarks of commerce-events; BENCHMARKS.md records their figures")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
 }
 
-fn option<T: FromStr>(options: &[String], name: &str, default: T) -> anyhow::Result<T> {
-    match options.iter().position(|option| option == name) {
-        None => Ok(default),
-        Some(index) => {
-            let value = options
-                .get(index + 1)
-                .with_context(|| format!("{name} needs a value"))?;
-            value
-                .parse()
-                .map_err(|_| anyhow::anyhow!("{name}: cannot parse {value:?}"))
-        }
+#[derive(Subcommand)]
+enum Scenario {
+    /// The cost of the partition actors against raw rdkafka consumption.
+    Pipeline(pipeline::Options),
+    /// The coupon flow end to end through a daemon started in this process.
+    Coupons(coupons::Options),
+    /// Ranking updates through the RankingUpdater against raw pipelined ZINCRBY, and a
+    /// replay that must count nothing.
+    Ranking(ranking::Options),
+}
+
+/// Settings for a scenario on the embedded cluster, that cluster (with `topic` and its
+/// dead-letter topic) and a producer. Throughput on the embedded cluster: no minimum fetch
+/// size to wait for.
+fn embedded_bench(
+    topic: &str,
+    partitions: i32,
+    threads: usize,
+) -> anyhow::Result<(Settings, EmbeddedCluster, EventPublisher)> {
+    let mut settings = Settings::default();
+    settings.kafka.consumer.fetch_min_bytes = 1;
+    settings.kafka.consumer.fetch_wait_max_ms = 10;
+    settings.kafka.consumer.partition_threads = threads;
+    let cluster = EmbeddedCluster::start(1)?;
+    cluster.create_topic(topic, partitions)?;
+    cluster.create_topic(&dead_letter_topic(topic), partitions)?;
+    let publisher = EventPublisher::new(cluster.bootstrap_servers(), &settings.kafka)?;
+    Ok((settings, cluster, publisher))
+}
+
+/// The partition arbiters a scenario runs on (the daemon's default).
+#[derive(clap::Args)]
+struct Arbiters {
+    #[arg(long, default_value_t = Settings::default().kafka.consumer.partition_threads)]
+    threads: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let system = actix_rt::System::new();
+    match Cli::parse().scenario {
+        Scenario::Pipeline(options) => system.block_on(pipeline::run(options)),
+        Scenario::Coupons(options) => system.block_on(coupons::run(options)),
+        Scenario::Ranking(options) => system.block_on(ranking::run(options)),
     }
 }

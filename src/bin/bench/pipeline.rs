@@ -20,8 +20,6 @@ use commerce_events::event_log::EventLog;
 use commerce_events::events::{CouponRequested, EventEnvelope, EventPayload};
 use commerce_events::ids::{CouponId, UserId};
 
-use commerce_events::events::topics::dead_letter_topic;
-use commerce_events::kafka::cluster::EmbeddedCluster;
 use commerce_events::kafka::consumer::consumer_config;
 use commerce_events::kafka::producer::{EventPublisher, RawRecord};
 use rdkafka::Message;
@@ -70,17 +68,22 @@ impl Measurement {
     }
 }
 
-pub async fn run(records: usize, runs: usize, threads: usize) -> anyhow::Result<()> {
-    let mut settings = Settings::default();
-    // Throughput on the embedded cluster: no minimum fetch size to wait for.
-    settings.kafka.consumer.fetch_min_bytes = 1;
-    settings.kafka.consumer.fetch_wait_max_ms = 10;
-    settings.kafka.consumer.partition_threads = threads;
-    let cluster = EmbeddedCluster::start(1)?;
-    cluster.create_topic(TOPIC, PARTITIONS)?;
-    cluster.create_topic(&dead_letter_topic(TOPIC), PARTITIONS)?;
+#[derive(clap::Args)]
+pub struct Options {
+    /// Records consumed per run.
+    #[arg(long, default_value_t = 200_000)]
+    records: usize,
+    /// Runs of each consumer.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    #[command(flatten)]
+    arbiters: crate::Arbiters,
+}
+
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let (records, runs, threads) = (options.records, options.runs, options.arbiters.threads);
+    let (settings, cluster, publisher) = crate::embedded_bench(TOPIC, PARTITIONS, threads)?;
     let bootstrap = cluster.bootstrap_servers().to_string();
-    let publisher = EventPublisher::new(&bootstrap, &settings.kafka)?;
 
     let record_bytes = produce(&publisher, records).await?;
     println!(

@@ -16,12 +16,10 @@ use commerce_events::actors::consumer_group::{ConsumerGroup, ConsumerGroupSpec};
 use commerce_events::actors::domain::{
     DomainActor, DomainActorState, ObserveDomain, PipelineProbes,
 };
-use commerce_events::config::Settings;
 use commerce_events::event_log::EventLog;
-use commerce_events::events::topics::{self, dead_letter_topic};
+use commerce_events::events::topics;
 use commerce_events::events::{EventEnvelope, EventPayload, OrderCompleted, OrderedProduct};
 use commerce_events::ids::{OrderId, ProductId, UserId};
-use commerce_events::kafka::cluster::EmbeddedCluster;
 use commerce_events::kafka::producer::{EventPublisher, RawRecord};
 use commerce_events::ranking::RankingStore;
 use commerce_events::ranking::updater::RankingUpdater;
@@ -32,17 +30,24 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 const PARTITIONS: i32 = 3;
 const PRODUCTS: u64 = 1_000;
 
-pub async fn run(orders: usize, lines: usize, threads: usize) -> anyhow::Result<()> {
-    let mut settings = Settings::default();
-    settings.kafka.consumer.fetch_min_bytes = 1;
-    settings.kafka.consumer.fetch_wait_max_ms = 10;
-    settings.kafka.consumer.partition_threads = threads;
+#[derive(clap::Args)]
+pub struct Options {
+    /// Completed orders published.
+    #[arg(long, default_value_t = 100_000)]
+    orders: usize,
+    /// Lines (products) per order.
+    #[arg(long, default_value_t = 3)]
+    lines: usize,
+    #[command(flatten)]
+    arbiters: crate::Arbiters,
+}
+
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let (orders, lines, threads) = (options.orders, options.lines, options.arbiters.threads);
+    let (mut settings, cluster, publisher) =
+        crate::embedded_bench(topics::ORDER_COMPLETED, PARTITIONS, threads)?;
     settings.redis.key_prefix = format!("bench-ranking-{}:", uuid::Uuid::now_v7().simple());
-    let cluster = EmbeddedCluster::start(1)?;
-    cluster.create_topic(topics::ORDER_COMPLETED, PARTITIONS)?;
-    cluster.create_topic(&dead_letter_topic(topics::ORDER_COMPLETED), PARTITIONS)?;
     let bootstrap = cluster.bootstrap_servers().to_string();
-    let publisher = EventPublisher::new(&bootstrap, &settings.kafka)?;
     let redis = RedisStore::new(&settings.redis)?;
     redis.connect().await;
     redis.ping().await?;
