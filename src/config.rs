@@ -39,6 +39,9 @@ pub struct Settings {
     pub analytics: AnalyticsSettings,
     pub external: ExternalSettings,
     pub instance: InstanceSettings,
+    pub auth: AuthSettings,
+    pub limits: LimitSettings,
+    pub push: PushSettings,
     pub log: LogSettings,
 }
 
@@ -111,6 +114,19 @@ pub struct HttpSettings {
     pub workers: usize,
     /// How long in-flight requests may take to finish on shutdown.
     pub shutdown_timeout_secs: u64,
+    /// The largest request body accepted (413 beyond).
+    pub body_limit_bytes: usize,
+    /// How long a request's headers may take to arrive (408 beyond).
+    pub header_timeout_ms: u64,
+    /// How long a request's body may take to arrive once its headers did (408 beyond).
+    pub body_timeout_ms: u64,
+    /// Origins (`scheme://host[:port]`) whose pages may open push channels; a browser's
+    /// WebSocket from any other origin is refused (403). Requests without an `Origin`
+    /// header (non-browser clients) are not concerned.
+    pub allowed_origins: Vec<String>,
+    /// When the daemon runs behind a gateway: the header carrying the client's address
+    /// (for example `x-forwarded-for`, whose first entry is taken). Empty: the peer address.
+    pub trusted_proxy_header: String,
 }
 
 impl Default for HttpSettings {
@@ -120,6 +136,14 @@ impl Default for HttpSettings {
             port: 8080,
             workers: 2,
             shutdown_timeout_secs: 5,
+            body_limit_bytes: 64 * 1024,
+            header_timeout_ms: 6_000,
+            body_timeout_ms: 10_000,
+            allowed_origins: vec![
+                "http://localhost:8080".into(),
+                "http://127.0.0.1:8080".into(),
+            ],
+            trusted_proxy_header: String::new(),
         }
     }
 }
@@ -417,6 +441,8 @@ pub struct CouponSettings {
     pub lock_ttl_ms: u64,
     /// Largest stock a coupon may be created with.
     pub max_total_quantity: u32,
+    /// Largest discount a coupon may carry.
+    pub max_discount_amount: u64,
 }
 
 impl Default for CouponSettings {
@@ -426,6 +452,7 @@ impl Default for CouponSettings {
             intake_max_batch: 500,
             lock_ttl_ms: 5_000,
             max_total_quantity: 10_000_000,
+            max_discount_amount: 10_000_000,
         }
     }
 }
@@ -514,6 +541,112 @@ impl Default for InstanceSettings {
             .filter(|name| !name.is_empty());
         Self {
             id: host.unwrap_or_else(|| "local".into()),
+        }
+    }
+}
+
+/// Identity: bearer JWTs (see `auth.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct AuthSettings {
+    /// The HS256 key. Empty: the development secret with the embedded Kafka cluster, a
+    /// start-up error otherwise.
+    pub jwt_secret: SecretString,
+    /// `HS256`, `RS256` or `ES256`.
+    pub algorithm: String,
+    /// The PEM public key that verifies RS256/ES256 tokens.
+    pub public_key_file: String,
+    /// When set, tokens must carry this `iss`.
+    pub issuer: String,
+    /// When set, tokens must carry this `aud`.
+    pub audience: String,
+    /// Clock skew tolerated on `exp`.
+    pub leeway_secs: u64,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            jwt_secret: SecretString::from(""),
+            algorithm: "HS256".into(),
+            public_key_file: String::new(),
+            issuer: String::new(),
+            audience: String::new(),
+            leeway_secs: 30,
+        }
+    }
+}
+
+/// One rate limit (GCRA): a sustained rate and the burst allowed above it.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self {
+            per_second: 5.0,
+            burst: 10,
+        }
+    }
+}
+
+/// Abuse limits, kept in Redis so that every instance shares them: per user on the routes
+/// that write in a user's name, per client address on requests without a token. The
+/// defaults stop a script, never a person.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct LimitSettings {
+    pub coupon_issue: RateLimit,
+    pub order_create: RateLimit,
+    pub payment: RateLimit,
+    pub charge: RateLimit,
+    /// Every request without a token, per client address.
+    pub anonymous: RateLimit,
+    /// How long an `Idempotency-Key`'s first answer is kept.
+    pub idempotency_ttl_secs: u64,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            coupon_issue: RateLimit::default(),
+            order_create: RateLimit::default(),
+            payment: RateLimit::default(),
+            charge: RateLimit {
+                per_second: 1.0,
+                burst: 5,
+            },
+            anonymous: RateLimit {
+                per_second: 50.0,
+                burst: 100,
+            },
+            idempotency_ttl_secs: 86_400,
+        }
+    }
+}
+
+/// WebSocket and SSE push channels.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct PushSettings {
+    /// How long a ticket from `POST /push/tickets` may wait for its connection.
+    pub ticket_ttl_secs: u64,
+    /// How far back a reconnecting client is sent the results it missed.
+    pub resume_max_age_secs: u64,
+    /// The largest WebSocket frame a client may send (closed with 1009 beyond).
+    pub max_frame_bytes: usize,
+}
+
+impl Default for PushSettings {
+    fn default() -> Self {
+        Self {
+            ticket_ttl_secs: 30,
+            resume_max_age_secs: 3_600,
+            max_frame_bytes: 64 * 1024,
         }
     }
 }

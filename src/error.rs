@@ -1,10 +1,13 @@
 //! How a failure is treated, shared by every module's error type.
 //!
-//! | class       | meaning                                        | what the partition actor does            |
-//! |-------------|------------------------------------------------|------------------------------------------|
-//! | `Retryable` | transient (a dropped connection, a deadlock)   | retries the event after the fixed delay   |
-//! | `Permanent` | this event can never succeed (bad data)        | dead-letters the event at once            |
-//! | `Fatal`     | the domain actor's own state is broken         | the actor is restarted, the event retried |
+//! | class         | meaning                                            | what the partition actor does            |
+//! |---------------|----------------------------------------------------|------------------------------------------|
+//! | `Retryable`   | transient, this event's (a deadlock, a lock wait)  | retries the event after the fixed delay   |
+//! | `Unavailable` | a dependency does not answer (MySQL, Redis, Kafka) | retries the event after the fixed delay   |
+//! | `Permanent`   | this event can never succeed (bad data)            | dead-letters the event at once            |
+//! | `Fatal`       | the domain actor's own state is broken             | the actor is restarted, the event retried |
+//!
+//! The HTTP API answers `Unavailable` with 503 and `Retry-After`.
 //!
 //! An event still failing after the configured attempts is dead-lettered, whatever its class.
 
@@ -14,6 +17,7 @@ use serde::Serialize;
 #[serde(rename_all = "camelCase")]
 pub enum ErrorClass {
     Retryable,
+    Unavailable,
     Permanent,
     Fatal,
 }
@@ -22,6 +26,7 @@ impl ErrorClass {
     pub fn as_str(&self) -> &'static str {
         match self {
             ErrorClass::Retryable => "retryable",
+            ErrorClass::Unavailable => "unavailable",
             ErrorClass::Permanent => "permanent",
             ErrorClass::Fatal => "fatal",
         }
@@ -47,16 +52,16 @@ impl Classify for sqlx::Error {
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed
             | sqlx::Error::Protocol(_)
-            | sqlx::Error::Tls(_) => ErrorClass::Retryable,
+            | sqlx::Error::Tls(_) => ErrorClass::Unavailable,
             sqlx::Error::Database(database_error) => {
                 let number = database_error
                     .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
                     .map(|mysql| mysql.number());
                 match number {
-                    Some(
-                        DEADLOCK | LOCK_WAIT_TIMEOUT | SERVER_GONE | LOST_CONNECTION
-                        | TOO_MANY_CONNECTIONS,
-                    ) => ErrorClass::Retryable,
+                    Some(DEADLOCK | LOCK_WAIT_TIMEOUT) => ErrorClass::Retryable,
+                    Some(SERVER_GONE | LOST_CONNECTION | TOO_MANY_CONNECTIONS) => {
+                        ErrorClass::Unavailable
+                    }
                     _ => ErrorClass::Permanent,
                 }
             }
@@ -68,7 +73,7 @@ impl Classify for sqlx::Error {
 impl Classify for redis::RedisError {
     fn class(&self) -> ErrorClass {
         if self.is_io_error() || self.is_timeout() || self.is_connection_dropped() {
-            ErrorClass::Retryable
+            ErrorClass::Unavailable
         } else {
             ErrorClass::Permanent
         }

@@ -41,6 +41,7 @@
 
 pub mod actors;
 pub mod api;
+pub mod auth;
 pub mod clock;
 pub mod columns;
 pub mod config;
@@ -49,8 +50,10 @@ pub mod delivery;
 pub mod error;
 pub mod event_log;
 pub mod events;
+pub mod idempotency;
 pub mod ids;
 pub mod kafka;
+pub mod limits;
 pub mod outbox;
 pub mod ranking;
 pub mod shop;

@@ -14,6 +14,16 @@ use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
 use crate::config::{DatabaseSettings, RedisSettings};
+use crate::error::{Classify, ErrorClass};
+
+/// Whether MySQL refused a row for a unique key another row holds.
+pub fn is_duplicate_key(error: &sqlx::Error) -> bool {
+    const DUPLICATE_ENTRY: u16 = 1062;
+    error
+        .as_database_error()
+        .and_then(|error| error.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+        .is_some_and(|error| error.number() == DUPLICATE_ENTRY)
+}
 
 /// The schema, embedded in the binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
@@ -104,6 +114,15 @@ pub enum RedisStoreError {
     NotConnected,
     #[error("redis command failed: {0}")]
     Command(#[from] redis::RedisError),
+}
+
+impl Classify for RedisStoreError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            RedisStoreError::NotConnected => ErrorClass::Unavailable,
+            RedisStoreError::Command(error) => error.class(),
+        }
+    }
 }
 
 impl RedisStore {
