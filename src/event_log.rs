@@ -630,6 +630,31 @@ impl EventLog {
         row.map(typed).transpose()
     }
 
+    /// Events of `event_type` with the key `key`, after `after` (an event id of theirs) and
+    /// created since `since`, oldest first: what a user's reconnecting push channel missed.
+    pub async fn of_key_after(
+        &self,
+        key: &str,
+        event_type: EventType,
+        after: Option<EventId>,
+        since: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, EventLogError> {
+        let rows: Vec<StoredEvent> = sqlx::query_as(concat!(
+            select_event_columns!(),
+            "WHERE event_key = ? AND event_id > ? AND event_type = ? AND created_at >= ? \
+             ORDER BY event_id LIMIT ?"
+        ))
+        .bind(key)
+        .bind(after.map_or_else(String::new, |id| id.to_string()))
+        .bind(event_type)
+        .bind(since)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(typed).collect()
+    }
+
     /// Locks up to `limit` rows that stayed PENDING for longer than `older_than`, skipping
     /// rows another relay instance holds. The caller publishes them and marks them
     /// PUBLISHED before committing.
@@ -689,10 +714,15 @@ impl DeadLetterCursor {
         )
     }
 
+    /// `None` for anything this endpoint did not give out, an instant outside what MySQL
+    /// stores included.
     pub fn decode(text: &str) -> Option<Self> {
+        use chrono::Datelike;
         let (micros, id) = text.split_once('_')?;
+        let dead_lettered_at = DateTime::from_timestamp_micros(micros.parse().ok()?)
+            .filter(|at| (1000..=9999).contains(&at.year()))?;
         Some(Self {
-            dead_lettered_at: DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+            dead_lettered_at,
             event_id: id.parse().ok()?,
         })
     }
@@ -739,6 +769,24 @@ mod tests {
         assert!(!Move::Take.from().contains(&EventStatus::InProgress));
         // Only the scheduler's claim takes over a lease, and only once it ran out.
         assert!(Move::Claim.from().contains(&EventStatus::InProgress));
+    }
+
+    #[test]
+    fn a_cursor_outside_what_mysql_stores_is_not_a_cursor() {
+        let id = EventId::generate();
+        let cursor = DeadLetterCursor {
+            dead_lettered_at: DateTime::from_timestamp_micros(1_764_000_000_123_456).unwrap(),
+            event_id: id,
+        };
+        assert_eq!(DeadLetterCursor::decode(&cursor.encode()), Some(cursor));
+        for bad in [
+            format!("-62167219200000001_{id}"),
+            format!("999999999999999999_{id}"),
+            "12_nope".to_string(),
+            "nothing".to_string(),
+        ] {
+            assert_eq!(DeadLetterCursor::decode(&bad), None, "{bad}");
+        }
     }
 
     #[test]

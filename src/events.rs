@@ -561,4 +561,28 @@ mod tests {
         );
         assert_eq!(EventEnvelope::salvage_event_id(Some(b"junk")), None);
     }
+
+    use proptest::prop_assert;
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_decode_to_an_event_or_a_named_error_never_a_panic(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)
+        ) {
+            let _ = EventEnvelope::decode(Some(&bytes), 256).map_err(|error| error.kind());
+        }
+
+        #[test]
+        fn envelope_shaped_json_with_any_values_never_panics(
+            id in ".{0,40}", event_type in ".{0,20}", key in ".{0,10}",
+            at in ".{0,30}", payload in ".{0,40}"
+        ) {
+            let value = serde_json::json!({
+                "eventId": id, "eventType": event_type, "key": key,
+                "occurredAt": at, "payload": payload,
+            });
+            let bytes = value.to_string().into_bytes();
+            prop_assert!(EventEnvelope::decode(Some(&bytes), 4096).is_err() || !key.is_empty());
+        }
+    }
 }

@@ -20,13 +20,18 @@ use crate::actors::ArbiterPool;
 use crate::actors::consumer_group::{ConsumerGroup, ConsumerGroupSpec};
 use crate::actors::domain::{DomainActor, DomainHandler, PipelineProbes};
 use crate::actors::tree::ActorTree;
-use crate::api::{self, AppState, CouponsState, OperationsState, RankingState, ShopState};
+use crate::api::error::BodyLimits;
+use crate::api::{
+    self, AppState, CouponsState, LimitsState, OperationsState, RankingState, ShopState,
+};
+use crate::auth::Authenticator;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Settings;
 use crate::coupons::intake::CouponIntake;
 use crate::coupons::issuer::CouponIssuer;
 use crate::coupons::locks::RedisLocks;
 use crate::coupons::notifier::ResultNotifier;
+use crate::coupons::sessions::PushTickets;
 use crate::coupons::sessions::Sessions;
 use crate::coupons::store::CouponStore;
 use crate::delivery::backoff::BackoffPolicy;
@@ -40,6 +45,7 @@ use crate::kafka::cluster::KafkaCluster;
 use crate::kafka::consumer::UncommittedStart;
 use crate::kafka::dead_letter::DeadLetters;
 use crate::kafka::producer::EventPublisher;
+use crate::limits::RateLimiter;
 use crate::outbox::Outbox;
 use crate::outbox::relay::{OutboxRelay, StopRelay};
 use crate::ranking::RankingStore;
@@ -327,14 +333,20 @@ fn serve_http(settings: &Settings, state: AppState) -> anyhow::Result<(Server, u
     let listener = TcpListener::bind((http.host.as_str(), http.port))
         .with_context(|| format!("cannot listen on {}:{}", http.host, http.port))?;
     let port = listener.local_addr()?.port();
+    let body_limits = BodyLimits {
+        max_bytes: http.body_limit_bytes,
+        timeout: Duration::from_millis(http.body_timeout_ms),
+    };
     let server = HttpServer::new(move || {
         App::new()
             .wrap(api::json_errors())
             .wrap(TracingLogger::default())
             .app_data(state.clone())
+            .app_data(body_limits)
             .configure(api::configure)
     })
     .workers(http.workers.max(1))
+    .client_request_timeout(Duration::from_millis(http.header_timeout_ms))
     .shutdown_timeout(http.shutdown_timeout_secs)
     .disable_signals()
     .listen(listener)?
@@ -375,6 +387,13 @@ impl Application {
         };
 
         let sessions = Sessions::default();
+        let observed_sessions = sessions.clone();
+        wiring.tree.views.push((
+            "pushSessions",
+            Arc::new(move || {
+                serde_json::to_value(observed_sessions.state()).expect("session counters serialize")
+            }),
+        ));
         let intake = wiring.start_coupons(&sessions)?;
         let product_cache = wiring.start_shop()?;
         let ranking = wiring.start_ranking()?;
@@ -382,13 +401,33 @@ impl Application {
         let relay = wiring.start_relay();
 
         let settings = &wiring.settings;
+        let auth = Authenticator::from_settings(&settings.auth, &settings.kafka)?;
+        if auth.uses_development_secret() {
+            warn!(
+                "auth.jwt_secret is not set: tokens are signed with the development secret \
+                 (embedded Kafka only); mint one with `commerce-events token --user <id>`"
+            );
+        }
         let http_outbox = Outbox::new(EventLog::new(stores.http.clone()), publisher.clone());
         let state = AppState {
+            auth,
+            limits: LimitsState {
+                limiter: RateLimiter::new(stores.redis.clone()),
+                settings: settings.limits.clone(),
+                trusted_proxy_header: settings.http.trusted_proxy_header.clone(),
+            },
             coupons: CouponsState {
                 store: CouponStore::new(http_outbox.clone()),
                 intake,
                 sessions: sessions.clone(),
+                push: settings.push.clone(),
+                tickets: PushTickets::new(
+                    stores.redis.clone(),
+                    Duration::from_secs(settings.push.ticket_ttl_secs),
+                ),
+                allowed_origins: settings.http.allowed_origins.clone(),
                 max_total_quantity: settings.coupons.max_total_quantity,
+                max_discount_amount: settings.coupons.max_discount_amount,
             },
             shop: ShopState {
                 store: ShopStore::new(http_outbox.clone()),

@@ -25,10 +25,13 @@ pub struct ObserveBackground;
 pub struct ActorTreeState {
     pub consumer_groups: Vec<ConsumerGroupState>,
     pub domain_actors: Vec<DomainActorState>,
-    /// By name: `outboxRelay`, `retryScheduler`.
+    /// By name: `outboxRelay`, `retryScheduler`, `pushSessions`.
     #[serde(flatten)]
     pub background: BTreeMap<&'static str, serde_json::Value>,
 }
+
+/// A view of shared state that is not an actor (the push sessions), by name.
+pub type StateView = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 /// Handles on every long-lived actor.
 #[derive(Clone, Default)]
@@ -36,6 +39,7 @@ pub struct ActorTree {
     pub consumer_groups: Vec<Arc<ConsumerGroup>>,
     pub domain_actors: Vec<Recipient<ObserveDomain>>,
     pub background: Vec<(&'static str, Recipient<ObserveBackground>)>,
+    pub views: Vec<(&'static str, StateView)>,
 }
 
 impl ActorTree {

@@ -5,6 +5,7 @@ use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
 
 use crate::api::AppState;
+use crate::api::auth::Admin;
 use crate::api::error::ApiError;
 use crate::delivery::scheduler::{Replay, Replayed};
 use crate::event_log::{DeadLetterCursor, EventRecord, EventStatus, OutboxEvent};
@@ -12,7 +13,7 @@ use crate::events::topics;
 use crate::events::{EventEnvelope, EventId, EventPayload, PipelineProbe};
 
 /// `GET /admin/actors`
-pub async fn actors(state: web::Data<AppState>) -> HttpResponse {
+pub async fn actors(state: web::Data<AppState>, _admin: Admin) -> HttpResponse {
     HttpResponse::Ok().json(state.operations.actors.observe().await)
 }
 
@@ -29,6 +30,7 @@ struct GroupFetching {
 /// before a pause are still processed.
 pub async fn set_group_paused(
     state: web::Data<AppState>,
+    _admin: Admin,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
     let (group_id, action) = path.into_inner();
@@ -52,6 +54,7 @@ pub async fn set_group_paused(
             code: "NOT_APPLIED",
             message: format!("consumer group {group_id:?} did not apply the change in time"),
             details: serde_json::Value::Null,
+            retry_after: Some(std::time::Duration::from_secs(1)),
         });
     }
     Ok(HttpResponse::Ok().json(GroupFetching { group_id, paused }))
@@ -60,6 +63,7 @@ pub async fn set_group_paused(
 /// `GET /admin/events/{event_id}`
 pub async fn event(
     state: web::Data<AppState>,
+    _admin: Admin,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let (_, record) = find_event(&state, &path).await?;
@@ -88,6 +92,7 @@ const MAX_NOTE_CHARS: usize = 1_000;
 /// actor marks it COMPLETED. Follow it with `GET /admin/events/{eventId}`.
 pub async fn send_probe(
     state: web::Data<AppState>,
+    _admin: Admin,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
     let request: ProbeRequest = if body.iter().all(u8::is_ascii_whitespace) {
@@ -170,6 +175,7 @@ const MAX_PAGE_SIZE: u32 = 500;
 /// with its attempts (`retryCount`) and `lastError`.
 pub async fn events(
     state: web::Data<AppState>,
+    _admin: Admin,
     query: web::Query<EventQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let query = query.into_inner();
@@ -238,6 +244,7 @@ struct ReplayAccepted {
 /// again. 409 for an event that completed or is not dead-lettered.
 pub async fn replay(
     state: web::Data<AppState>,
+    _admin: Admin,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let event_id = parse_event_id(&path)?;

@@ -1,20 +1,23 @@
 //! Coupons: creation, reading, the issue intake and the state of a request.
 
 use actix_web::http::header;
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::api::AppState;
+use crate::api::auth::{Admin, Caller};
 use crate::api::error::{ApiError, JsonObject};
+use crate::api::guard::{idempotency_key, key_reused, limit_user, replay};
+use crate::api::input::{name, storable_instant};
 use crate::coupons::RefusalReason;
-use crate::coupons::intake::IntakeError;
+use crate::coupons::intake::Intake;
 use crate::coupons::store::NewCoupon;
+use crate::error::{Classify, ErrorClass};
 use crate::event_log::{EventRecord, EventStatus};
 use crate::events::EventPayload;
+use crate::idempotency::{self, Claim};
 use crate::ids::{CouponHistoryId, CouponId, RequestId, UserId};
-
-const MAX_NAME_CHARS: usize = 100;
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -26,34 +29,44 @@ pub struct CreateCoupon {
     pub valid_until: DateTime<Utc>,
 }
 
-/// `POST /coupons`
+/// `POST /coupons` (admin)
 pub async fn create(
     state: web::Data<AppState>,
+    _admin: Admin,
     body: JsonObject<CreateCoupon>,
 ) -> Result<HttpResponse, ApiError> {
-    let coupon = validate_new_coupon(body.0, state.coupons.max_total_quantity)?;
+    let limits = CouponLimits {
+        max_total_quantity: state.coupons.max_total_quantity,
+        max_discount_amount: state.coupons.max_discount_amount,
+    };
+    let coupon = validate_new_coupon(body.0, limits)?;
     let created = state.coupons.store.create(&coupon).await?;
     Ok(HttpResponse::Created()
         .insert_header((header::LOCATION, format!("/coupons/{}", created.coupon_id)))
         .json(created))
 }
 
-fn validate_new_coupon(
-    request: CreateCoupon,
+/// The configured bounds of a coupon.
+#[derive(Clone, Copy, Debug)]
+struct CouponLimits {
     max_total_quantity: u32,
-) -> Result<NewCoupon, ApiError> {
-    let name = request.name.trim().to_string();
-    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
-        return Err(ApiError::bad_request(
-            "INVALID_NAME",
-            format!("name must have 1 to {MAX_NAME_CHARS} characters"),
-        ));
-    }
+    max_discount_amount: u64,
+}
+
+fn validate_new_coupon(request: CreateCoupon, limits: CouponLimits) -> Result<NewCoupon, ApiError> {
+    let CouponLimits {
+        max_total_quantity,
+        max_discount_amount,
+    } = limits;
+    let name = name(&request.name)?;
     let discount_amount = u64::try_from(request.discount_amount)
         .ok()
-        .filter(|amount| *amount > 0)
+        .filter(|amount| (1..=max_discount_amount).contains(amount))
         .ok_or_else(|| {
-            ApiError::bad_request("INVALID_DISCOUNT_AMOUNT", "discountAmount must be positive")
+            ApiError::bad_request(
+                "INVALID_DISCOUNT_AMOUNT",
+                format!("discountAmount must be between 1 and {max_discount_amount}"),
+            )
         })?;
     let total_quantity = u32::try_from(request.total_quantity)
         .ok()
@@ -64,6 +77,8 @@ fn validate_new_coupon(
                 format!("totalQuantity must be between 1 and {max_total_quantity}"),
             )
         })?;
+    storable_instant("validFrom", request.valid_from, "INVALID_VALIDITY")?;
+    storable_instant("validUntil", request.valid_until, "INVALID_VALIDITY")?;
     if request.valid_from >= request.valid_until {
         return Err(ApiError::bad_request(
             "INVALID_VALIDITY",
@@ -82,6 +97,7 @@ fn validate_new_coupon(
 /// `GET /coupons/{couponId}`
 pub async fn find(
     state: web::Data<AppState>,
+    _caller: Caller,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let coupon_id: CouponId = path.parse()?;
@@ -97,7 +113,8 @@ pub async fn find(
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IssueBody {
-    pub user_id: i64,
+    /// The caller's own id, when given (the acting user is always the token's).
+    pub user_id: Option<i64>,
     pub coupon_id: i64,
 }
 
@@ -108,32 +125,93 @@ struct Accepted {
     status: &'static str,
 }
 
+/// The idempotency-key route name of coupon issue requests.
+const ISSUE_ROUTE: &str = "coupon-issue";
+
 /// `POST /coupons/issue`: accepted (202) once recorded; the decision comes asynchronously,
-/// whether or not the coupon exists or has stock.
+/// whether or not the coupon exists or has stock. A user's repeated request for a coupon is
+/// answered with the first one (200, its id and status); with an `Idempotency-Key`, a retry
+/// gets the first answer again.
 pub async fn issue(
     state: web::Data<AppState>,
+    caller: Caller,
+    request: HttpRequest,
     JsonObject(body): JsonObject<IssueBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let user = UserId::parse(body.user_id)?;
+    let user = caller.acts_as(body.user_id.map(UserId::parse).transpose()?)?;
     let coupon = CouponId::parse(body.coupon_id)?;
-    let request_id =
-        state
-            .coupons
-            .intake
-            .submit(user, coupon)
-            .await
-            .map_err(|error| match error {
-                IntakeError::Closed => ApiError::Unavailable {
-                    code: "SHUTTING_DOWN",
-                    message: error.to_string(),
-                    details: serde_json::Value::Null,
-                },
-                IntakeError::NotRecorded(_) => ApiError::Internal(anyhow::Error::from(error)),
-            })?;
-    Ok(HttpResponse::Accepted().json(Accepted {
-        request_id,
-        status: "PENDING",
-    }))
+    let key = idempotency_key(
+        &request,
+        &caller,
+        ISSUE_ROUTE,
+        coupon.to_string().as_bytes(),
+    )?;
+    if let Some(key) = &key {
+        let mut connection = state.operations.event_log.pool().acquire().await?;
+        match idempotency::claim(&mut connection, key).await? {
+            Claim::Replay(answer) => return Ok(replay(&answer)),
+            Claim::Mismatch => return Err(key_reused()),
+            Claim::First => {}
+        }
+    }
+    limit_user(
+        &state,
+        ISSUE_ROUTE,
+        &caller,
+        state.limits.settings.coupon_issue,
+    )
+    .await?;
+    let intake = state
+        .coupons
+        .intake
+        .submit(user, coupon, key.map(|key| (key, issue_answer as _)))
+        .await
+        .map_err(|error| match error.class() {
+            ErrorClass::Unavailable => ApiError::unavailable(&error),
+            _ => ApiError::Internal(anyhow::Error::from(error)),
+        })?;
+    match intake {
+        Intake::Accepted(request_id) => Ok(HttpResponse::Accepted().json(Accepted {
+            request_id,
+            status: "PENDING",
+        })),
+        Intake::Existing(request_id) => {
+            let record = state.operations.event_log.find(request_id.into()).await?;
+            let status = record
+                .as_ref()
+                .and_then(|record| request_view(record, None))
+                .map_or("PENDING", |view| view.status);
+            Ok(HttpResponse::Ok().json(Accepted { request_id, status }))
+        }
+        Intake::UnknownUser => Err(ApiError::bad_request(
+            "USER_NOT_FOUND",
+            format!("user {user} does not exist"),
+        )),
+    }
+}
+
+/// What an issue request answers (and replays under its idempotency key).
+fn issue_answer(intake: &Intake) -> idempotency::StoredAnswer {
+    match intake {
+        Intake::Accepted(request_id) => idempotency::StoredAnswer::json(
+            202,
+            &Accepted {
+                request_id: *request_id,
+                status: "PENDING",
+            },
+        ),
+        Intake::Existing(request_id) => idempotency::StoredAnswer::json(
+            200,
+            &Accepted {
+                request_id: *request_id,
+                status: "PENDING",
+            },
+        ),
+        Intake::UnknownUser => idempotency::StoredAnswer::json(
+            400,
+            &serde_json::json!({"error": {"code": "USER_NOT_FOUND", "message": "no such user"}}),
+        ),
+    }
 }
 
 /// The state of a request as clients see it.
@@ -178,9 +256,10 @@ pub fn request_view(
     })
 }
 
-/// `GET /coupons/requests/{requestId}`
+/// `GET /coupons/requests/{requestId}`: the requester's own, or any for an admin.
 pub async fn request(
     state: web::Data<AppState>,
+    caller: Caller,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let request_id: RequestId = path.parse()?;
@@ -200,15 +279,18 @@ pub async fn request(
         .as_ref()
         .and_then(|record| request_view(record, coupon_history_id))
         .ok_or_else(|| ApiError::not_found(format!("coupon request {request_id}")))?;
+    caller.may_read(view.user_id)?;
     Ok(HttpResponse::Ok().json(view))
 }
 
 /// `GET /users/{userId}/coupons`
 pub async fn held(
     state: web::Data<AppState>,
-    path: web::Path<i64>,
+    caller: Caller,
+    path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let user = UserId::parse(*path)?;
+    let user: UserId = path.parse()?;
+    caller.may_read(user)?;
     let coupons = state.coupons.store.held_by(user).await?;
     Ok(HttpResponse::Ok().json(coupons))
 }
@@ -293,7 +375,11 @@ mod tests {
             valid_from: Utc::now(),
             valid_until: Utc::now() + chrono::Duration::days(1),
         };
-        assert!(validate_new_coupon(valid(), 1_000).is_ok());
+        let limits = CouponLimits {
+            max_total_quantity: 1_000,
+            max_discount_amount: 50_000,
+        };
+        assert!(validate_new_coupon(valid(), limits).is_ok());
         let cases: Vec<(CreateCoupon, &str)> = vec![
             (
                 CreateCoupon {
@@ -308,6 +394,20 @@ mod tests {
                     ..valid()
                 },
                 "INVALID_DISCOUNT_AMOUNT",
+            ),
+            (
+                CreateCoupon {
+                    discount_amount: 1_000_000_000_000_000_000,
+                    ..valid()
+                },
+                "INVALID_DISCOUNT_AMOUNT",
+            ),
+            (
+                CreateCoupon {
+                    name: "nul\0".into(),
+                    ..valid()
+                },
+                "INVALID_NAME",
             ),
             (
                 CreateCoupon {
@@ -332,7 +432,7 @@ mod tests {
             ),
         ];
         for (request, code) in cases {
-            match validate_new_coupon(request, 1_000) {
+            match validate_new_coupon(request, limits) {
                 Err(ApiError::BadRequest { code: actual, .. }) => assert_eq!(actual, code),
                 other => panic!("expected {code}, got {other:?}"),
             }

@@ -47,6 +47,7 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
         code: "NOT_READY",
         message: format!("not ready: {}", failed.join(", ")),
         details: json!({ "checks": details }),
+        retry_after: Some(CHECK_TIMEOUT),
     })
 }
 

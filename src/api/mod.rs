@@ -1,6 +1,7 @@
 //! The HTTP API (actix-web).
 //!
-//! One file per route area; [`configure`] is the route table.
+//! One file per route area; [`ROUTES`] is the route table, with who may call each route
+//! ([`Access`], enforced by the extractors of [`auth`]).
 //!
 //! | file          | routes                                                                  |
 //! |---------------|-------------------------------------------------------------------------|
@@ -10,17 +11,20 @@
 //! |               | `POST /admin/consumer-groups/{id}/pause` and `/resume`                  |
 //! | [`coupons`]   | `POST /coupons`, `GET /coupons/{id}`, `POST /coupons/issue`,            |
 //! |               | `GET /coupons/requests/{id}`, `GET /users/{id}/coupons`                 |
-//! | [`push`]      | `GET /ws?userId=`, `GET /users/{id}/events` (coupon results, live)      |
+//! | [`push`]      | `GET /ws`, `GET /users/{id}/events` (coupon results, live),             |
+//! |               | `POST /push/tickets`                                                    |
 //! | [`shop`]      | `POST /users`, `GET /users/{id}/balance`, `POST …/balance/charge`,      |
 //! |               | `POST/GET /products`, `GET/PATCH /products/{id}`, `POST /orders`,       |
 //! |               | `GET /orders/{id}`, `POST /orders/{id}/pay`                             |
 //! | [`ranking`]   | `GET /products/ranking`                                                 |
 
 pub mod admin;
+pub mod auth;
 pub mod coupons;
 pub mod error;
+pub mod guard;
 pub mod health;
-pub mod identity;
+pub mod input;
 pub mod push;
 pub mod ranking;
 pub mod shop;
@@ -31,13 +35,17 @@ use actix_web::middleware::ErrorHandlers;
 use actix_web::web;
 
 use crate::actors::tree::ActorTree;
+use crate::auth::Authenticator;
 use crate::clock::SharedClock;
+use crate::config::{LimitSettings, PushSettings};
 use crate::coupons::intake::CouponIntake;
+use crate::coupons::sessions::PushTickets;
 use crate::coupons::sessions::Sessions;
 use crate::coupons::store::CouponStore;
 use crate::delivery::scheduler::RetryScheduler;
 use crate::event_log::EventLog;
 use crate::kafka::producer::EventPublisher;
+use crate::limits::RateLimiter;
 use crate::outbox::Outbox;
 use crate::ranking::RankingStore;
 use crate::shop::cache::ProductCache;
@@ -46,6 +54,9 @@ use crate::stores::RedisStore;
 
 /// What request handlers share, by slice.
 pub struct AppState {
+    /// Verifies bearer tokens.
+    pub auth: Authenticator,
+    pub limits: LimitsState,
     pub coupons: CouponsState,
     pub shop: ShopState,
     pub ranking: RankingState,
@@ -59,7 +70,21 @@ pub struct CouponsState {
     pub intake: CouponIntake,
     /// Push sessions of this instance.
     pub sessions: Sessions,
+    pub push: PushSettings,
+    /// Single-use push tickets, shared by the instances through Redis.
+    pub tickets: PushTickets,
+    /// Origins whose pages may open push channels.
+    pub allowed_origins: Vec<String>,
     pub max_total_quantity: u32,
+    pub max_discount_amount: u64,
+}
+
+/// Rate limits.
+pub struct LimitsState {
+    pub limiter: RateLimiter,
+    pub settings: LimitSettings,
+    /// `http.trusted_proxy_header`.
+    pub trusted_proxy_header: String,
 }
 
 pub struct ShopState {
@@ -84,13 +109,88 @@ pub struct OperationsState {
     pub scheduler: Addr<RetryScheduler>,
 }
 
+/// Who may call a route. Handlers enforce it with the extractors of [`auth`]; the
+/// authorization tests check every route of [`ROUTES`] against it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone, with or without a token.
+    Public,
+    /// Any caller with a valid token.
+    Authenticated,
+    /// A user's resource, read by that user or by an admin.
+    ReadsUser,
+    /// Acts in a user's name: only that user, never an admin for someone else.
+    ActsAsUser,
+    /// The admin role.
+    Admin,
+}
+
+/// One route of the API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub method: &'static str,
+    /// The path template, with `{…}` parameters.
+    pub path: &'static str,
+    pub access: Access,
+}
+
+/// Declares the route table once: [`ROUTES`] (what the tests walk) and [`register`] (what
+/// actix serves), so a route cannot be served without being listed. One resource per path,
+/// so a known path with the wrong method is a 405.
+macro_rules! route_table {
+    ($($path:literal => { $($method:ident $handler:path : $access:ident),+ $(,)? })+) => {
+        /// Every route, with who may call it.
+        pub const ROUTES: &[Route] = &[
+            $($(Route {
+                method: stringify!($method),
+                path: $path,
+                access: Access::$access,
+            },)+)+
+        ];
+
+        fn register(config: &mut web::ServiceConfig) {
+            $(config.service(
+                web::resource($path)
+                    $(.route(route_table!(@method $method).to($handler)))+
+            );)+
+        }
+    };
+    (@method GET) => { web::get() };
+    (@method POST) => { web::post() };
+    (@method PATCH) => { web::patch() };
+}
+
+route_table! {
+    "/healthz" => { GET health::healthz: Public }
+    "/readyz" => { GET health::readyz: Public }
+    "/admin/actors" => { GET admin::actors: Admin }
+    "/admin/events" => { GET admin::events: Admin }
+    "/admin/events/{event_id}" => { GET admin::event: Admin }
+    "/admin/events/{event_id}/replay" => { POST admin::replay: Admin }
+    "/admin/probes" => { POST admin::send_probe: Admin }
+    "/admin/consumer-groups/{group_id}/{action}" => { POST admin::set_group_paused: Admin }
+    "/coupons" => { POST coupons::create: Admin }
+    "/coupons/issue" => { POST coupons::issue: ActsAsUser }
+    "/coupons/requests/{request_id}" => { GET coupons::request: ReadsUser }
+    "/coupons/{coupon_id}" => { GET coupons::find: Authenticated }
+    "/users/{user_id}/coupons" => { GET coupons::held: ReadsUser }
+    "/users/{user_id}/events" => { GET push::server_sent_events: ActsAsUser }
+    "/ws" => { GET push::websocket: ActsAsUser }
+    "/push/tickets" => { POST push::ticket: Authenticated }
+    "/users" => { POST shop::create_user: Admin }
+    "/users/{user_id}/balance" => { GET shop::balance: ReadsUser }
+    "/users/{user_id}/balance/charge" => { POST shop::charge: ActsAsUser }
+    "/products" => { POST shop::create_product: Admin, GET shop::products: Public }
+    "/products/ranking" => { GET ranking::ranking: Public }
+    "/products/{product_id}" => { GET shop::product: Public, PATCH shop::update_product: Admin }
+    "/orders" => { POST shop::create_order: ActsAsUser }
+    "/orders/{order_id}" => { GET shop::order: ReadsUser }
+    "/orders/{order_id}/pay" => { POST shop::pay: ActsAsUser }
+}
+
 /// Registers every route and the common error handling.
 pub fn configure(config: &mut web::ServiceConfig) {
     config
-        .app_data(
-            web::JsonConfig::default()
-                .error_handler(|error, _| error::extractor_error("INVALID_JSON", error)),
-        )
         .app_data(
             web::PathConfig::default()
                 .error_handler(|error, _| error::extractor_error("INVALID_PATH", error)),
@@ -98,43 +198,8 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .app_data(
             web::QueryConfig::default()
                 .error_handler(|error, _| error::extractor_error("INVALID_QUERY", error)),
-        )
-        // Resources (not bare routes) so a known path with the wrong method is a 405.
-        .service(web::resource("/healthz").get(health::healthz))
-        .service(web::resource("/readyz").get(health::readyz))
-        .service(web::resource("/admin/actors").get(admin::actors))
-        .service(web::resource("/admin/events").get(admin::events))
-        .service(web::resource("/admin/events/{event_id}").get(admin::event))
-        .service(web::resource("/admin/events/{event_id}/replay").post(admin::replay))
-        .service(web::resource("/admin/probes").post(admin::send_probe))
-        .service(
-            web::resource("/admin/consumer-groups/{group_id}/{action}")
-                .post(admin::set_group_paused),
-        )
-        .service(web::resource("/coupons").post(coupons::create))
-        .service(web::resource("/coupons/issue").post(coupons::issue))
-        .service(web::resource("/coupons/requests/{request_id}").get(coupons::request))
-        .service(web::resource("/coupons/{coupon_id}").get(coupons::find))
-        .service(web::resource("/users/{user_id}/coupons").get(coupons::held))
-        .service(web::resource("/users/{user_id}/events").get(push::server_sent_events))
-        .service(web::resource("/ws").get(push::websocket))
-        .service(web::resource("/users").post(shop::create_user))
-        .service(web::resource("/users/{user_id}/balance").get(shop::balance))
-        .service(web::resource("/users/{user_id}/balance/charge").post(shop::charge))
-        .service(
-            web::resource("/products")
-                .post(shop::create_product)
-                .get(shop::products),
-        )
-        .service(web::resource("/products/ranking").get(ranking::ranking))
-        .service(
-            web::resource("/products/{product_id}")
-                .get(shop::product)
-                .patch(shop::update_product),
-        )
-        .service(web::resource("/orders").post(shop::create_order))
-        .service(web::resource("/orders/{order_id}").get(shop::order))
-        .service(web::resource("/orders/{order_id}/pay").post(shop::pay));
+        );
+    register(config);
 }
 
 /// The middleware that gives actix-web's own error responses the common JSON shape.

@@ -1,46 +1,204 @@
-//! Push channels: a WebSocket (`GET /ws?userId=`) and Server-Sent Events
-//! (`GET /users/{userId}/events`). Each carries the user's own coupon results only.
+//! Push channels: a WebSocket (`GET /ws`) and Server-Sent Events
+//! (`GET /users/{userId}/events`), each carrying its user's own coupon results.
+//!
+//! - **Who**: a channel belongs to the caller: the bearer token in `Authorization`, or — for
+//!   browsers, which cannot set headers on a WebSocket or an `EventSource` — a single-use
+//!   ticket from `POST /push/tickets` passed as `?ticket=`. A user id given (`?userId=`, the
+//!   SSE path) must be the caller's (403 otherwise).
+//! - **Where from**: a browser's request (one with an `Origin` header) must come from one
+//!   of `http.allowed_origins` (403 otherwise).
+//! - **Resumable**: a client that reconnects with SSE `Last-Event-ID` (or `?after=` on
+//!   either channel) first receives the results it missed (from MySQL, up to
+//!   `push.resume_max_age_secs` old), then live ones; a result is sent once per channel.
+//!   Every message carries its `eventId` (SSE: the `id:` field).
+//! - A WebSocket frame larger than `push.max_frame_bytes` closes the channel with 1009.
 
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::time::Duration;
 
+use actix_web::http::header;
 use actix_web::web::Bytes;
 use actix_web::{HttpRequest, HttpResponse, web};
-use actix_ws::{CloseCode, CloseReason, Message};
-use serde::Deserialize;
+use actix_ws::{CloseCode, CloseReason, Message, ProtocolError};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tracing::warn;
 
 use crate::api::AppState;
+use crate::api::auth::{Caller, bearer_token};
 use crate::api::error::ApiError;
-use crate::api::identity::channel_user;
+use crate::auth::AuthError;
+use crate::coupons::notifier::push_message;
+use crate::coupons::sessions::{PushMessage, Subscription};
+use crate::events::{EventId, EventPayload, EventType};
+use crate::ids::UserId;
 
 /// How often an idle channel is pinged (WebSocket) or sent a comment (SSE), so proxies and
 /// clients see it alive.
 const KEEPALIVE: Duration = Duration::from_secs(15);
+/// The most missed results a reconnecting channel is sent.
+const RESUME_LIMIT: u32 = 1_000;
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct WebSocketQuery {
-    pub user_id: i64,
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ChannelQuery {
+    pub user_id: Option<String>,
+    pub ticket: Option<String>,
+    /// The last event id received; results after it are sent first.
+    pub after: Option<String>,
 }
 
-/// `GET /ws?userId={id}`
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Ticket {
+    ticket: String,
+    expires_in_seconds: u64,
+}
+
+/// `POST /push/tickets`: a single-use ticket that opens one of the caller's channels.
+pub async fn ticket(state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
+    let ticket = state.coupons.tickets.issue(caller.user()).await?;
+    Ok(HttpResponse::Created().json(Ticket {
+        ticket,
+        expires_in_seconds: state.coupons.push.ticket_ttl_secs,
+    }))
+}
+
+/// The user a channel request belongs to (see the module documentation).
+async fn channel_user(
+    state: &AppState,
+    request: &HttpRequest,
+    ticket: Option<&str>,
+    claimed: Option<&str>,
+) -> Result<UserId, ApiError> {
+    if let Some(origin) = request.headers().get(header::ORIGIN) {
+        let allowed = origin.to_str().is_ok_and(|origin| {
+            state
+                .coupons
+                .allowed_origins
+                .iter()
+                .any(|allowed| allowed.eq_ignore_ascii_case(origin))
+        });
+        if !allowed {
+            return Err(ApiError::forbidden(
+                "this origin may not open push channels (http.allowed_origins)",
+            ));
+        }
+    }
+    let user =
+        match ticket {
+            Some(ticket) => state.coupons.tickets.redeem(ticket).await?.ok_or_else(|| {
+                AuthError::Malformed("the ticket is unknown, used or expired".into())
+            })?,
+            None => state.auth.verify(bearer_token(request)?)?.user,
+        };
+    let claimed = claimed.map(str::parse::<UserId>).transpose()?;
+    Caller(crate::auth::Identity { user, admin: false }).acts_as(claimed)
+}
+
+/// Where a reconnecting channel resumes: `?after=`, or SSE's `Last-Event-ID`.
+fn resume_point(request: &HttpRequest, after: Option<&str>) -> Result<Option<EventId>, ApiError> {
+    let last_event_id = request
+        .headers()
+        .get("last-event-id")
+        .and_then(|value| value.to_str().ok());
+    Ok(after.or(last_event_id).map(str::parse).transpose()?)
+}
+
+/// The user's live results, preceded by those decided after `after` (from MySQL): each
+/// result once.
+struct ResultFeed {
+    missed: std::vec::IntoIter<PushMessage>,
+    sent: HashSet<EventId>,
+    after: Option<EventId>,
+    live: Subscription,
+}
+
+impl ResultFeed {
+    /// Subscribes first, then reads what was missed, so nothing decided in between is lost.
+    async fn open(
+        state: &AppState,
+        user: UserId,
+        after: Option<EventId>,
+    ) -> Result<Self, ApiError> {
+        let live = state.coupons.sessions.subscribe(user);
+        let mut missed = Vec::new();
+        if after.is_some() {
+            let since = state.clock.now()
+                - chrono::Duration::seconds(state.coupons.push.resume_max_age_secs as i64);
+            let records = state
+                .operations
+                .event_log
+                .of_key_after(
+                    &user.partition_key(),
+                    EventType::CouponResult,
+                    after,
+                    since,
+                    RESUME_LIMIT,
+                )
+                .await?;
+            missed = records
+                .iter()
+                .filter_map(|record| match &record.payload {
+                    EventPayload::CouponResult(result) => {
+                        Some(push_message(record.event_id, result))
+                    }
+                    _ => None,
+                })
+                .collect();
+        }
+        Ok(Self {
+            sent: missed.iter().map(|message| message.id).collect(),
+            missed: missed.into_iter(),
+            after,
+            live,
+        })
+    }
+
+    /// The next message, or `None` once the instance is shutting down.
+    async fn next(&mut self) -> Option<PushMessage> {
+        if let Some(message) = self.missed.next() {
+            return Some(message);
+        }
+        loop {
+            let message = self.live.next().await?;
+            let seen = self.sent.contains(&message.id)
+                || self.after.is_some_and(|after| message.id <= after);
+            if !seen {
+                return Some(message);
+            }
+        }
+    }
+}
+
+/// `GET /ws[?userId=][&ticket=][&after=]`
 pub async fn websocket(
     state: web::Data<AppState>,
     request: HttpRequest,
-    query: web::Query<WebSocketQuery>,
+    query: web::Query<ChannelQuery>,
     body: web::Payload,
-) -> Result<HttpResponse, actix_web::Error> {
-    let user = channel_user(&request, query.user_id)?;
-    let (response, mut session, mut incoming) = actix_ws::handle(&request, body)?;
-    let mut subscription = state.coupons.sessions.subscribe(user);
+) -> Result<HttpResponse, ApiError> {
+    let user = channel_user(
+        &state,
+        &request,
+        query.ticket.as_deref(),
+        query.user_id.as_deref(),
+    )
+    .await?;
+    let after = resume_point(&request, query.after.as_deref())?;
+    let mut feed = ResultFeed::open(&state, user, after).await?;
+    let (response, mut session, incoming) = actix_ws::handle(&request, body)
+        .map_err(|error| ApiError::bad_request("NOT_A_WEBSOCKET", error.to_string()))?;
+    let mut incoming = incoming.max_frame_size(state.coupons.push.max_frame_bytes);
     actix_rt::spawn(async move {
         let mut keepalive = tokio::time::interval(KEEPALIVE);
         keepalive.tick().await;
         let reason = loop {
             tokio::select! {
-                message = subscription.next() => match message {
-                    Some(text) => {
-                        if session.text(text.to_string()).await.is_err() {
+                message = feed.next() => match message {
+                    Some(message) => {
+                        if session.text(message.json.to_string()).await.is_err() {
                             return;
                         }
                     }
@@ -55,7 +213,17 @@ pub async fn websocket(
                     }
                     Some(Ok(Message::Close(reason))) => break reason,
                     Some(Ok(_)) => {}
-                    Some(Err(_)) | None => return,
+                    Some(Err(ProtocolError::Overflow)) => {
+                        break Some(CloseReason {
+                            code: CloseCode::Size,
+                            description: Some("frame too large".into()),
+                        });
+                    }
+                    Some(Err(error)) => {
+                        warn!(%error, "websocket protocol error");
+                        break Some(CloseReason::from(CloseCode::Protocol));
+                    }
+                    None => return,
                 },
                 _ = keepalive.tick() => {
                     if session.ping(b"").await.is_err() {
@@ -69,30 +237,35 @@ pub async fn websocket(
     Ok(response)
 }
 
-/// `GET /users/{userId}/events`: `data: {json}` per result, a comment first and every
-/// 15 s while idle.
+/// `GET /users/{userId}/events[?ticket=][&after=]`: `id: {eventId}` and `data: {json}` per
+/// result, a comment first and every 15 s while idle.
 pub async fn server_sent_events(
     state: web::Data<AppState>,
     request: HttpRequest,
-    path: web::Path<i64>,
+    path: web::Path<String>,
+    query: web::Query<ChannelQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let user = channel_user(&request, *path)?;
-    let subscription = state.coupons.sessions.subscribe(user);
+    let user = channel_user(&state, &request, query.ticket.as_deref(), Some(&path)).await?;
+    let after = resume_point(&request, query.after.as_deref())?;
+    let feed = ResultFeed::open(&state, user, after).await?;
     let opening = futures::stream::once(async {
         Ok::<_, Infallible>(Bytes::from_static(b": connected\n\n"))
     });
-    let results = futures::stream::unfold(subscription, |mut subscription| async move {
-        match tokio::time::timeout(KEEPALIVE, subscription.next()).await {
+    let results = futures::stream::unfold(feed, |mut feed| async move {
+        match tokio::time::timeout(KEEPALIVE, feed.next()).await {
             Ok(Some(message)) => Some((
-                Ok::<_, Infallible>(Bytes::from(format!("data: {message}\n\n"))),
-                subscription,
+                Ok::<_, Infallible>(Bytes::from(format!(
+                    "id: {}\ndata: {}\n\n",
+                    message.id, message.json
+                ))),
+                feed,
             )),
             Ok(None) => None,
-            Err(_) => Some((Ok(Bytes::from_static(b": keepalive\n\n")), subscription)),
+            Err(_) => Some((Ok(Bytes::from_static(b": keepalive\n\n")), feed)),
         }
     });
     Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header(("Cache-Control", "no-cache"))
-        .streaming(futures::StreamExt::chain(opening, results)))
+        .streaming(opening.chain(results)))
 }

@@ -1,17 +1,25 @@
 //! Users and their balance, products, orders and their payment.
 
+use std::time::Duration;
+
 use actix_web::http::header;
-use actix_web::{HttpResponse, web};
-use serde::{Deserialize, Serialize};
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde::Deserialize;
 
 use crate::api::AppState;
+use crate::api::auth::{Admin, Caller};
 use crate::api::error::{ApiError, JsonObject};
+use crate::api::guard::{idempotency_key, key_reused, limit_anonymous, limit_user, replay};
+use crate::api::input::name;
+use crate::error::{Classify, ErrorClass};
 use crate::event_log::OutboxEvent;
 use crate::events::EventPayload;
 use crate::ids::{CouponHistoryId, OrderId, ProductId, UserId};
-use crate::shop::store::{NewOrderLine, ShopError};
+use crate::shop::store::{Answered, NewOrderLine, ShopError};
 
-const MAX_NAME_CHARS: usize = 100;
+/// How long a request waits for the product cache after a change: the product events bring
+/// the change to the cache anyway, so a slow or absent Redis never slows a payment more.
+const CACHE_WRITE_TIMEOUT: Duration = Duration::from_millis(100);
 /// The largest single charge, and the largest balance.
 pub const MAX_CHARGE: u64 = 100_000_000;
 pub const MAX_BALANCE: u64 = 1_000_000_000_000;
@@ -27,20 +35,11 @@ impl From<ShopError> for ApiError {
             ShopError::NotFound(what) => ApiError::not_found(what),
             ShopError::Invalid { code, message } => ApiError::bad_request(code, message),
             ShopError::Refused(refusal) => ApiError::conflict(refusal.code(), refusal.to_string()),
+            ShopError::KeyReused => key_reused(),
+            other if other.class() == ErrorClass::Unavailable => ApiError::unavailable(&other),
             other => ApiError::Internal(other.into()),
         }
     }
-}
-
-fn name(raw: &str) -> Result<String, ApiError> {
-    let name = raw.trim();
-    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
-        return Err(ApiError::bad_request(
-            "INVALID_NAME",
-            format!("name must have 1 to {MAX_NAME_CHARS} characters"),
-        ));
-    }
-    Ok(name.to_string())
 }
 
 fn bounded(value: i64, max: u64, code: &'static str, field: &str) -> Result<u64, ApiError> {
@@ -68,9 +67,18 @@ pub struct CreateUser {
     pub name: String,
 }
 
-/// `POST /users`
+/// An answer, or the first answer to the same `Idempotency-Key` again.
+fn answered<T>(answered: Answered<T>, fresh: impl FnOnce(T) -> HttpResponse) -> HttpResponse {
+    match answered {
+        Answered::Fresh(value) => fresh(value),
+        Answered::Replay(answer) => replay(&answer),
+    }
+}
+
+/// `POST /users` (admin)
 pub async fn create_user(
     state: web::Data<AppState>,
+    _admin: Admin,
     body: JsonObject<CreateUser>,
 ) -> Result<HttpResponse, ApiError> {
     let user = state.shop.store.create_user(&name(&body.0.name)?).await?;
@@ -79,26 +87,21 @@ pub async fn create_user(
         .json(user))
 }
 
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Balance {
-    user_id: UserId,
-    balance: u64,
-}
-
 /// `GET /users/{userId}/balance`
 pub async fn balance(
     state: web::Data<AppState>,
+    caller: Caller,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let user_id: UserId = path.parse()?;
+    caller.may_read(user_id)?;
     let user = state
         .shop
         .store
         .user(user_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("user {user_id}")))?;
-    Ok(HttpResponse::Ok().json(Balance {
+    Ok(HttpResponse::Ok().json(crate::shop::store::Balance {
         user_id,
         balance: user.balance,
     }))
@@ -110,22 +113,25 @@ pub struct Charge {
     pub amount: i64,
 }
 
-/// `POST /users/{userId}/balance/charge`
+/// `POST /users/{userId}/balance/charge`: the user's own balance only.
 pub async fn charge(
     state: web::Data<AppState>,
+    caller: Caller,
+    request: HttpRequest,
     path: web::Path<String>,
     body: JsonObject<Charge>,
 ) -> Result<HttpResponse, ApiError> {
-    let user_id: UserId = path.parse()?;
+    let user_id = caller.acts_as(Some(path.parse()?))?;
     let amount = bounded(body.0.amount, MAX_CHARGE, "INVALID_AMOUNT", "amount")?;
-    let user = state
+    let key = idempotency_key(&request, &caller, "charge", amount.to_string().as_bytes())?;
+    limit_user(&state, "charge", &caller, state.limits.settings.charge).await?;
+    let charged = state
         .shop
         .store
-        .charge(user_id, amount, MAX_BALANCE)
+        .charge(user_id, amount, MAX_BALANCE, key.as_ref())
         .await?;
-    Ok(HttpResponse::Ok().json(Balance {
-        user_id,
-        balance: user.balance,
+    Ok(answered(charged, |balance| {
+        HttpResponse::Ok().json(balance)
     }))
 }
 
@@ -137,9 +143,10 @@ pub struct CreateProduct {
     pub stock: i64,
 }
 
-/// `POST /products`
+/// `POST /products` (admin)
 pub async fn create_product(
     state: web::Data<AppState>,
+    _admin: Admin,
     body: JsonObject<CreateProduct>,
 ) -> Result<HttpResponse, ApiError> {
     let request = body.0;
@@ -167,8 +174,10 @@ pub struct PageQuery {
 /// `GET /products?page=&size=` (page from 0, size 1–100, default 20)
 pub async fn products(
     state: web::Data<AppState>,
+    request: HttpRequest,
     query: web::Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
+    limit_anonymous(&state, &request).await?;
     let size = query.size.unwrap_or(20);
     if !(1..=MAX_PAGE_SIZE).contains(&size) {
         return Err(ApiError::bad_request(
@@ -184,9 +193,11 @@ pub async fn products(
 /// when Redis is unavailable).
 pub async fn product(
     state: web::Data<AppState>,
+    request: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let product_id: ProductId = path.parse()?;
+    limit_anonymous(&state, &request).await?;
     match state.shop.cache.get(product_id).await {
         Ok(Some(product)) => return Ok(HttpResponse::Ok().json(product)),
         Ok(None) => {}
@@ -211,9 +222,11 @@ pub struct UpdateProduct {
     pub stock: Option<i64>,
 }
 
-/// `PATCH /products/{productId}` `{"price"?, "stock"?}`: a ProductChanged event follows.
+/// `PATCH /products/{productId}` `{"price"?, "stock"?}` (admin): a ProductChanged event
+/// follows.
 pub async fn update_product(
     state: web::Data<AppState>,
+    _admin: Admin,
     path: web::Path<String>,
     body: JsonObject<UpdateProduct>,
 ) -> Result<HttpResponse, ApiError> {
@@ -250,18 +263,21 @@ pub struct OrderItem {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateOrder {
-    pub user_id: i64,
+    /// The caller's own id, when given (the acting user is always the token's).
+    pub user_id: Option<i64>,
     pub items: Vec<OrderItem>,
     pub coupon_history_id: Option<i64>,
 }
 
-/// `POST /orders`
+/// `POST /orders`: an order in the caller's name.
 pub async fn create_order(
     state: web::Data<AppState>,
+    caller: Caller,
+    http_request: HttpRequest,
     body: JsonObject<CreateOrder>,
 ) -> Result<HttpResponse, ApiError> {
     let request = body.0;
-    let user_id = UserId::parse(request.user_id)?;
+    let user_id = caller.acts_as(request.user_id.map(UserId::parse).transpose()?)?;
     if request.items.is_empty() || request.items.len() > MAX_LINES {
         return Err(ApiError::bad_request(
             "INVALID_ITEMS",
@@ -295,19 +311,36 @@ pub async fn create_order(
         .coupon_history_id
         .map(CouponHistoryId::parse)
         .transpose()?;
-    let order = state
+    let identity_of_request = format!("{lines:?}{coupon_history_id:?}");
+    let key = idempotency_key(
+        &http_request,
+        &caller,
+        "order-create",
+        identity_of_request.as_bytes(),
+    )?;
+    limit_user(
+        &state,
+        "order-create",
+        &caller,
+        state.limits.settings.order_create,
+    )
+    .await?;
+    let created = state
         .shop
         .store
-        .create_order(user_id, &lines, coupon_history_id)
+        .create_order(user_id, &lines, coupon_history_id, key.as_ref())
         .await?;
-    Ok(HttpResponse::Created()
-        .insert_header((header::LOCATION, format!("/orders/{}", order.order_id)))
-        .json(order))
+    Ok(answered(created, |order| {
+        HttpResponse::Created()
+            .insert_header((header::LOCATION, format!("/orders/{}", order.order_id)))
+            .json(order)
+    }))
 }
 
-/// `GET /orders/{orderId}`
+/// `GET /orders/{orderId}`: the buyer's own, or any for an admin.
 pub async fn order(
     state: web::Data<AppState>,
+    caller: Caller,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let order_id: OrderId = path.parse()?;
@@ -317,6 +350,7 @@ pub async fn order(
         .order(order_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("order {order_id}")))?;
+    caller.may_read(order.user_id)?;
     Ok(HttpResponse::Ok().json(order))
 }
 
@@ -324,13 +358,34 @@ pub async fn order(
 /// `PaymentCompleted` are published (the outbox relay covers a crash in between).
 pub async fn pay(
     state: web::Data<AppState>,
+    caller: Caller,
+    request: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let order_id: OrderId = path.parse()?;
-    let paid = state.shop.store.pay(order_id, state.clock.now()).await?;
-    cache_changes(&state, paid.events.events()).await;
-    paid.events.publish().await;
-    Ok(HttpResponse::Ok().json(paid.value))
+    let order = state
+        .shop
+        .store
+        .order(order_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("order {order_id}")))?;
+    // Only the buyer pays, with their balance and coupon; never an admin for them.
+    caller.acts_as(Some(order.user_id))?;
+    let key = idempotency_key(&request, &caller, "pay", order_id.to_string().as_bytes())?;
+    limit_user(&state, "pay", &caller, state.limits.settings.payment).await?;
+    match state
+        .shop
+        .store
+        .pay(order_id, state.clock.now(), key.as_ref())
+        .await?
+    {
+        Answered::Fresh(paid) => {
+            cache_changes(&state, paid.events.events()).await;
+            paid.events.publish().await;
+            Ok(HttpResponse::Ok().json(paid.value))
+        }
+        Answered::Replay(answer) => Ok(replay(&answer)),
+    }
 }
 
 /// Writes the committed product changes among `events` to the cache at once (the same
@@ -344,7 +399,9 @@ async fn cache_changes(state: &AppState, events: &[OutboxEvent]) {
             _ => None,
         })
         .collect();
-    if let Err(error) = state.shop.cache.apply(&changes).await {
-        tracing::warn!(%error, "product changes not cached");
+    match tokio::time::timeout(CACHE_WRITE_TIMEOUT, state.shop.cache.apply(&changes)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "product changes not cached"),
+        Err(_) => tracing::warn!("product cache slow; its events will bring the changes"),
     }
 }

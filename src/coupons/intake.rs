@@ -1,34 +1,77 @@
 //! Coupon request intake with group commit.
 //!
 //! `POST /coupons/issue` hands its request to the intake and waits. Writer tasks take
-//! whatever requests are waiting (up to `max_batch`), write all of their event-log rows
-//! PENDING in one transaction, commit, publish the `CouponRequested` events, mark them
-//! PUBLISHED, and answer every waiting request. Under load the batches grow by themselves;
-//! one commit then serves hundreds of requests. A request is answered only once its row is
-//! committed: if publishing fails afterwards, the outbox relay publishes it.
+//! whatever requests are waiting (up to `max_batch`) and, in one transaction:
+//!
+//! 1. refuse the requests of users that do not exist;
+//! 2. claim `(coupon, user)` in `coupon_request` for each request: a user's repeated request
+//!    for a coupon (in this batch or ever) is answered with the first request instead of
+//!    recording a new event;
+//! 3. write the new requests' event-log rows PENDING (the outbox), and the answers of those
+//!    sent with an `Idempotency-Key`;
+//!
+//! then commit, publish the `CouponRequested` events, mark them PUBLISHED, and answer every
+//! waiting request. Under load the batches grow by themselves; one commit then serves
+//! hundreds of requests. A request is answered only once its row is committed: if publishing
+//! fails afterwards, the outbox relay publishes it.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use sqlx::{MySqlConnection, QueryBuilder};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tracing::warn;
 
 use crate::error::{Classify, ErrorClass};
 use crate::event_log::{EventLogError, OutboxEvent};
 use crate::events::{CouponRequested, EventEnvelope, EventPayload};
+use crate::idempotency::{IdempotencyKey, StoredAnswer};
 use crate::ids::{CouponId, RequestId, UserId};
 use crate::outbox::{Committed, Outbox};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum IntakeError {
-    #[error("the request could not be recorded: {0}")]
-    NotRecorded(String),
+    #[error("the request could not be recorded: {message}")]
+    NotRecorded { message: String, class: ErrorClass },
     #[error("the intake is shutting down")]
     Closed,
 }
 
+impl Classify for IntakeError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            IntakeError::NotRecorded { class, .. } => *class,
+            IntakeError::Closed => ErrorClass::Unavailable,
+        }
+    }
+}
+
+/// What became of a submitted request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Intake {
+    /// Recorded now.
+    Accepted(RequestId),
+    /// The user asked for this coupon before: that request.
+    Existing(RequestId),
+    /// No such user.
+    UnknownUser,
+}
+
+/// Builds the answer an `Idempotency-Key` replays, from what became of the request.
+pub type AnswerOf = fn(&Intake) -> StoredAnswer;
+
 struct Pending {
+    user: UserId,
+    coupon: CouponId,
     event: OutboxEvent,
-    accepted: oneshot::Sender<Result<(), IntakeError>>,
+    idempotency: Option<(IdempotencyKey, AnswerOf)>,
+    answer: oneshot::Sender<Result<Intake, IntakeError>>,
+}
+
+impl Pending {
+    fn request_id(&self) -> RequestId {
+        RequestId::of_event(self.event.envelope.event_id)
+    }
 }
 
 /// The intake's handle; cheap to clone.
@@ -52,9 +95,15 @@ impl CouponIntake {
         Self { queue }
     }
 
-    /// Records the request and publishes it; returns its request id once its row is
-    /// committed.
-    pub async fn submit(&self, user: UserId, coupon: CouponId) -> Result<RequestId, IntakeError> {
+    /// Records the request (unless the user has one for this coupon already) and publishes
+    /// it; answers once its row is committed. With an idempotency key, the answer
+    /// `answer_of` builds is stored with the request.
+    pub async fn submit(
+        &self,
+        user: UserId,
+        coupon: CouponId,
+        idempotency: Option<(IdempotencyKey, AnswerOf)>,
+    ) -> Result<Intake, IntakeError> {
         let envelope = EventEnvelope::new(
             user.partition_key(),
             EventPayload::CouponRequested(CouponRequested {
@@ -62,18 +111,19 @@ impl CouponIntake {
                 coupon_id: coupon,
             }),
         );
-        let request_id = RequestId::of_event(envelope.event_id);
-        let (accepted, answer) = oneshot::channel();
+        let (answer, answered) = oneshot::channel();
         let pending = Pending {
+            user,
+            coupon,
             event: OutboxEvent::new(envelope),
-            accepted,
+            idempotency,
+            answer,
         };
         self.queue
             .send(pending)
             .await
             .map_err(|_| IntakeError::Closed)?;
-        answer.await.map_err(|_| IntakeError::Closed)??;
-        Ok(request_id)
+        answered.await.map_err(|_| IntakeError::Closed)?
     }
 }
 
@@ -97,39 +147,52 @@ async fn write_batches(
             }
             batch
         };
-        let events: Vec<OutboxEvent> = batch.iter().map(|pending| pending.event.clone()).collect();
-        match record(&outbox, events).await {
-            Ok(committed) => {
+        match record(&outbox, &batch).await {
+            Ok((committed, intakes)) => {
                 // Publishing waits for the broker's acknowledgement (linger included); the
                 // writer goes on with the next batch meanwhile.
                 actix_rt::spawn(async move {
                     committed.publish().await;
-                    for pending in batch {
-                        let _ = pending.accepted.send(Ok(()));
+                    for (pending, intake) in batch.into_iter().zip(intakes) {
+                        let _ = pending.answer.send(Ok(intake));
                     }
                 });
             }
             Err(error) => {
                 warn!(%error, requests = batch.len(), "coupon requests not recorded");
-                let error = IntakeError::NotRecorded(error.to_string());
+                let error = IntakeError::NotRecorded {
+                    message: error.to_string(),
+                    class: error.class(),
+                };
                 for pending in batch {
-                    let _ = pending.accepted.send(Err(error.clone()));
+                    let _ = pending.answer.send(Err(error.clone()));
                 }
             }
         }
     }
 }
 
-/// Writes the rows in one transaction, trying again at once when the database reports a
-/// transient failure (a deadlock victim, a dropped connection).
-async fn record(outbox: &Outbox, events: Vec<OutboxEvent>) -> Result<Committed, EventLogError> {
+/// Writes the batch in one transaction, trying again at once when the database reports a
+/// transient failure (a deadlock victim).
+async fn record(
+    outbox: &Outbox,
+    batch: &[Pending],
+) -> Result<(Committed, Vec<Intake>), EventLogError> {
     const ATTEMPTS: usize = 3;
     let mut attempt = 1;
     loop {
         let written = async {
             let mut transaction = outbox.begin().await?;
-            transaction.record(events.clone()).await?;
-            transaction.commit().await
+            let intakes = decide_intake(&mut transaction, batch).await?;
+            let new_events: Vec<OutboxEvent> = batch
+                .iter()
+                .zip(&intakes)
+                .filter(|(_, intake)| matches!(intake, Intake::Accepted(_)))
+                .map(|(pending, _)| pending.event.clone())
+                .collect();
+            transaction.record(new_events).await?;
+            store_answers(&mut transaction, batch, &intakes).await?;
+            Ok::<_, EventLogError>((transaction.commit().await?, intakes))
         }
         .await;
         match written {
@@ -140,4 +203,109 @@ async fn record(outbox: &Outbox, events: Vec<OutboxEvent>) -> Result<Committed, 
             written => return written,
         }
     }
+}
+
+/// Which requests are new, repeated, or of unknown users (see the module documentation).
+async fn decide_intake(
+    connection: &mut MySqlConnection,
+    batch: &[Pending],
+) -> Result<Vec<Intake>, sqlx::Error> {
+    let users: BTreeSet<UserId> = batch.iter().map(|pending| pending.user).collect();
+    let mut select = QueryBuilder::new("SELECT user_id FROM app_user WHERE user_id IN (");
+    let mut separated = select.separated(", ");
+    for user in &users {
+        separated.push_bind(*user);
+    }
+    select.push(")");
+    let known: BTreeSet<UserId> = select
+        .build_query_as::<(UserId,)>()
+        .fetch_all(&mut *connection)
+        .await?
+        .into_iter()
+        .map(|(user,)| user)
+        .collect();
+
+    let claims: Vec<&Pending> = batch
+        .iter()
+        .filter(|pending| known.contains(&pending.user))
+        .collect();
+    let mut owners = BTreeMap::new();
+    if !claims.is_empty() {
+        let mut insert = QueryBuilder::new(
+            "INSERT IGNORE INTO coupon_request (coupon_id, user_id, request_id) ",
+        );
+        insert.push_values(&claims, |mut row, pending| {
+            row.push_bind(pending.coupon)
+                .push_bind(pending.user)
+                .push_bind(pending.request_id());
+        });
+        insert.build().execute(&mut *connection).await?;
+        let mut select = QueryBuilder::new(
+            "SELECT coupon_id, user_id, request_id FROM coupon_request WHERE (coupon_id, user_id) IN (",
+        );
+        let mut separated = select.separated(", ");
+        for pending in &claims {
+            separated.push("(");
+            separated.push_bind_unseparated(pending.coupon);
+            separated.push_unseparated(", ");
+            separated.push_bind_unseparated(pending.user);
+            separated.push_unseparated(")");
+        }
+        select.push(")");
+        owners = select
+            .build_query_as::<(CouponId, UserId, RequestId)>()
+            .fetch_all(&mut *connection)
+            .await?
+            .into_iter()
+            .map(|(coupon, user, request)| ((coupon, user), request))
+            .collect();
+    }
+    Ok(batch
+        .iter()
+        .map(|pending| {
+            if !known.contains(&pending.user) {
+                return Intake::UnknownUser;
+            }
+            match owners.get(&(pending.coupon, pending.user)) {
+                Some(owner) if *owner == pending.request_id() => Intake::Accepted(*owner),
+                Some(owner) => Intake::Existing(*owner),
+                // Not reachable: the claim was inserted or already there.
+                None => Intake::Accepted(pending.request_id()),
+            }
+        })
+        .collect())
+}
+
+/// The answers of the requests sent with an idempotency key, in the batch's transaction. A
+/// key already stored (the same key sent twice at once) keeps its first answer.
+async fn store_answers(
+    connection: &mut MySqlConnection,
+    batch: &[Pending],
+    intakes: &[Intake],
+) -> Result<(), sqlx::Error> {
+    let answers: Vec<(&IdempotencyKey, StoredAnswer)> = batch
+        .iter()
+        .zip(intakes)
+        .filter_map(|(pending, intake)| {
+            let (key, answer_of) = pending.idempotency.as_ref()?;
+            Some((key, answer_of(intake)))
+        })
+        .collect();
+    if answers.is_empty() {
+        return Ok(());
+    }
+    let mut insert = QueryBuilder::new(
+        "INSERT IGNORE INTO idempotency_key \
+         (user_id, route, idempotency_key, request_hash, response_status, response_body) ",
+    );
+    insert.push_values(&answers, |mut row, (key, answer)| {
+        row.push_bind(key.user)
+            .push_bind(key.route)
+            .push_bind(key.key.as_str())
+            .push_bind(key.request_hash.as_str())
+            .push_bind(answer.status)
+            .push_bind(answer.body.as_str());
+    });
+    insert.build().execute(&mut *connection).await?;
+    Ok(())
 }

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::actors::domain::{Batch, DomainHandler, EventOutcome, HandlerError, Stats};
 use crate::coupons::RefusalReason;
-use crate::coupons::sessions::Sessions;
+use crate::coupons::sessions::{PushMessage, Sessions};
 use crate::event_log::{EventLog, Move, StatusChange};
 use crate::events::{CouponResult, EventId, EventPayload};
 use crate::ids::{CouponHistoryId, CouponId, RequestId};
@@ -26,6 +26,8 @@ use crate::ids::{CouponHistoryId, CouponId, RequestId};
 pub struct CouponResultMessage {
     #[serde(rename = "type")]
     pub kind: &'static str,
+    /// The result's event id: a reconnecting client resumes after the last one it saw.
+    pub event_id: EventId,
     pub request_id: RequestId,
     pub coupon_id: CouponId,
     pub success: bool,
@@ -33,16 +35,20 @@ pub struct CouponResultMessage {
     pub reason: Option<RefusalReason>,
 }
 
-impl From<&CouponResult> for CouponResultMessage {
-    fn from(result: &CouponResult) -> Self {
-        Self {
-            kind: "COUPON_RESULT",
-            request_id: result.request_id,
-            coupon_id: result.coupon_id,
-            success: result.success,
-            coupon_history_id: result.coupon_history_id,
-            reason: result.reason,
-        }
+/// What a result's sessions receive.
+pub fn push_message(event_id: EventId, result: &CouponResult) -> PushMessage {
+    let message = CouponResultMessage {
+        kind: "COUPON_RESULT",
+        event_id,
+        request_id: result.request_id,
+        coupon_id: result.coupon_id,
+        success: result.success,
+        coupon_history_id: result.coupon_history_id,
+        reason: result.reason,
+    };
+    PushMessage {
+        id: event_id,
+        json: Arc::from(serde_json::to_string(&message).expect("a result message serializes")),
     }
 }
 
@@ -90,9 +96,11 @@ impl DomainHandler for ResultNotifier {
                 )));
                 continue;
             };
-            let message = serde_json::to_string(&CouponResultMessage::from(result))
-                .expect("a result message serializes");
-            if self.sessions.push(result.user_id, Arc::from(message)) > 0 {
+            if self
+                .sessions
+                .push(result.user_id, push_message(event.event_id, result))
+                > 0
+            {
                 pushed += 1;
             } else {
                 without_session += 1;

@@ -14,7 +14,16 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::ids::UserId;
+use crate::ids::{EventId, UserId};
+use crate::stores::{RedisStore, RedisStoreError};
+
+/// One message for a user's sessions: the JSON text, and the id of the event it comes from
+/// (what a reconnecting client resumes after).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PushMessage {
+    pub id: EventId,
+    pub json: Arc<str>,
+}
 
 /// Messages a session may have queued before it starts losing them.
 const SESSION_QUEUE: usize = 256;
@@ -34,7 +43,7 @@ struct SessionsInner {
 
 struct Subscriber {
     id: u64,
-    sender: mpsc::Sender<Arc<str>>,
+    sender: mpsc::Sender<PushMessage>,
 }
 
 /// Counters for the admin view.
@@ -51,13 +60,13 @@ pub struct SessionsState {
 pub struct Subscription {
     user: UserId,
     id: u64,
-    receiver: mpsc::Receiver<Arc<str>>,
+    receiver: mpsc::Receiver<PushMessage>,
     sessions: Sessions,
 }
 
 impl Subscription {
     /// The next message, or `None` once the instance is shutting down.
-    pub async fn next(&mut self) -> Option<Arc<str>> {
+    pub async fn next(&mut self) -> Option<PushMessage> {
         tokio::select! {
             biased;
             _ = self.sessions.inner.closing.cancelled() => None,
@@ -102,7 +111,7 @@ impl Sessions {
     }
 
     /// Queues `message` for every session of `user`; returns how many sessions got it.
-    pub fn push(&self, user: UserId, message: Arc<str>) -> usize {
+    pub fn push(&self, user: UserId, message: PushMessage) -> usize {
         let Some(subscribers) = self.inner.by_user.get(&user) else {
             return 0;
         };
@@ -137,6 +146,56 @@ impl Sessions {
     }
 }
 
+/// Single-use tickets that let a browser open a push channel (a browser cannot set an
+/// `Authorization` header on a WebSocket): `POST /push/tickets` takes a bearer token and
+/// returns a ticket, valid `push.ticket_ttl_secs`, passed as `?ticket=`. Kept in Redis, so a
+/// ticket from one instance opens a channel on any other, once.
+#[derive(Clone)]
+pub struct PushTickets {
+    redis: RedisStore,
+    ttl: std::time::Duration,
+}
+
+impl PushTickets {
+    pub fn new(redis: RedisStore, ttl: std::time::Duration) -> Self {
+        Self { redis, ttl }
+    }
+
+    fn key(&self, ticket: &str) -> String {
+        self.redis.key(&format!("push:ticket:{ticket}"))
+    }
+
+    /// A new ticket for `user`.
+    pub async fn issue(&self, user: UserId) -> Result<String, RedisStoreError> {
+        let ticket = uuid::Uuid::new_v4().simple().to_string();
+        let mut connection = self.redis.connection()?;
+        redis::cmd("SET")
+            .arg(self.key(&ticket))
+            .arg(user.get())
+            .arg("EX")
+            .arg(self.ttl.as_secs().max(1))
+            .query_async::<()>(&mut connection)
+            .await?;
+        Ok(ticket)
+    }
+
+    /// The user a ticket was issued to, if it is valid; it cannot be used again.
+    pub async fn redeem(&self, ticket: &str) -> Result<Option<UserId>, RedisStoreError> {
+        if ticket.is_empty()
+            || ticket.len() > 64
+            || !ticket.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
+            return Ok(None);
+        }
+        let mut connection = self.redis.connection()?;
+        let user: Option<u64> = redis::cmd("GETDEL")
+            .arg(self.key(ticket))
+            .query_async(&mut connection)
+            .await?;
+        Ok(user.and_then(|user| UserId::from_u64(user).ok()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,15 +204,22 @@ mod tests {
         UserId::parse(id).unwrap()
     }
 
+    fn message(text: &str) -> PushMessage {
+        PushMessage {
+            id: EventId::generate(),
+            json: Arc::from(text),
+        }
+    }
+
     #[tokio::test]
     async fn a_message_reaches_every_session_of_its_user_and_no_other() {
         let sessions = Sessions::default();
         let mut first = sessions.subscribe(user(1));
         let mut second = sessions.subscribe(user(1));
         let mut other = sessions.subscribe(user(2));
-        assert_eq!(sessions.push(user(1), Arc::from("hello")), 2);
-        assert_eq!(first.next().await.as_deref(), Some("hello"));
-        assert_eq!(second.next().await.as_deref(), Some("hello"));
+        assert_eq!(sessions.push(user(1), message("hello")), 2);
+        assert_eq!(first.next().await.unwrap().json.as_ref(), "hello");
+        assert_eq!(second.next().await.unwrap().json.as_ref(), "hello");
         assert!(other.receiver.try_recv().is_err());
     }
 
@@ -164,7 +230,7 @@ mod tests {
         assert_eq!(sessions.state().sessions, 1);
         drop(subscription);
         assert_eq!(sessions.state().users, 0);
-        assert_eq!(sessions.push(user(1), Arc::from("lost")), 0);
+        assert_eq!(sessions.push(user(1), message("lost")), 0);
     }
 
     #[tokio::test]
@@ -180,7 +246,7 @@ mod tests {
         let sessions = Sessions::default();
         let _slow = sessions.subscribe(user(1));
         for _ in 0..SESSION_QUEUE + 5 {
-            sessions.push(user(1), Arc::from("x"));
+            sessions.push(user(1), message("x"));
         }
         assert_eq!(sessions.state().dropped_messages, 5);
     }

@@ -15,6 +15,7 @@ use crate::event_log::{EventLog, EventLogError, EventStatus, Move, OutboxEvent, 
 use crate::events::{CouponResult, EventEnvelope, EventId, EventPayload};
 use crate::ids::{CouponHistoryId, CouponId, OrderId, RequestId, UserId};
 use crate::outbox::{Committed, Outbox, OutboxTransaction};
+use crate::stores::is_duplicate_key;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CouponStoreError {
@@ -142,8 +143,9 @@ impl CouponStore {
             coupon.name,
             coupon.discount_amount,
             coupon.total_quantity,
-            coupon.valid_from,
-            coupon.valid_until,
+            // As DATETIME, not TIMESTAMP: a TIMESTAMP parameter ends in 2038.
+            coupon.valid_from.naive_utc(),
+            coupon.valid_until.naive_utc(),
         )
         .execute(pool)
         .await?;
@@ -444,14 +446,6 @@ async fn issue_in(
         }
     }
     Ok(outcomes)
-}
-
-fn is_duplicate_key(error: &sqlx::Error) -> bool {
-    const DUPLICATE_ENTRY: u16 = 1062;
-    error
-        .as_database_error()
-        .and_then(|error| error.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
-        .is_some_and(|error| error.number() == DUPLICATE_ENTRY)
 }
 
 /// A coupon row as the issuer reads it.

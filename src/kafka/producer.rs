@@ -32,7 +32,7 @@ impl Classify for PublishError {
     fn class(&self) -> ErrorClass {
         match self {
             PublishError::Create(_) => ErrorClass::Fatal,
-            PublishError::Delivery { .. } => ErrorClass::Retryable,
+            PublishError::Delivery { .. } => ErrorClass::Unavailable,
         }
     }
 }

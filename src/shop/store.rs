@@ -14,8 +14,9 @@ use crate::events::{
     EventEnvelope, EventPayload, OrderCompleted, OrderedProduct, PaymentCompleted, ProductChange,
     ProductChanged,
 };
+use crate::idempotency::{self, Claim, IdempotencyKey, StoredAnswer};
 use crate::ids::{CouponHistoryId, OrderId, PaymentId, ProductId, UserId};
-use crate::outbox::{Committed, Outbox};
+use crate::outbox::{Committed, Outbox, OutboxTransaction};
 use crate::shop::{PaymentRefusal, order_amounts};
 
 /// How often a payment is tried again after a deadlock.
@@ -34,11 +35,16 @@ pub enum ShopError {
     Invalid { code: &'static str, message: String },
     #[error(transparent)]
     Refused(#[from] PaymentRefusal),
+    /// An `Idempotency-Key` sent with another request before.
+    #[error("the idempotency key was used with another request")]
+    KeyReused,
 }
 
 impl Classify for ShopError {
     fn class(&self) -> ErrorClass {
         match self {
+            // Two first requests with one idempotency key: the second retries and replays.
+            ShopError::Database(error) if idempotency::is_key_race(error) => ErrorClass::Retryable,
             ShopError::Database(error) => error.class(),
             ShopError::EventLog(error) => error.class(),
             _ => ErrorClass::Permanent,
@@ -94,6 +100,30 @@ impl Product {
                 change,
             }),
         ))
+    }
+}
+
+/// A user's balance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Balance {
+    pub user_id: UserId,
+    pub balance: u64,
+}
+
+/// What a request sent with an `Idempotency-Key` came to: done now, or the first answer.
+#[derive(Debug)]
+pub enum Answered<T> {
+    Fresh(T),
+    Replay(StoredAnswer),
+}
+
+impl<T> Answered<T> {
+    pub fn map<U>(self, change: impl FnOnce(T) -> U) -> Answered<U> {
+        match self {
+            Answered::Fresh(value) => Answered::Fresh(change(value)),
+            Answered::Replay(answer) => Answered::Replay(answer),
+        }
     }
 }
 
@@ -204,27 +234,64 @@ impl ShopStore {
         user_id: UserId,
         amount: u64,
         max_balance: u64,
-    ) -> Result<User, ShopError> {
-        let updated = sqlx::query!(
-            "UPDATE app_user SET balance = balance + ? WHERE user_id = ? AND balance + ? <= ?",
-            amount,
-            user_id,
-            amount,
-            max_balance,
-        )
-        .execute(self.pool())
-        .await?;
-        let user = self
-            .user(user_id)
-            .await?
-            .ok_or_else(|| ShopError::NotFound(format!("user {user_id}")))?;
-        if updated.rows_affected() == 0 {
-            return Err(invalid(
-                "BALANCE_LIMIT_EXCEEDED",
-                format!("a balance may not pass {max_balance}"),
-            ));
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Answered<Balance>, ShopError> {
+        retrying(|| {
+            self.idempotent(key, 200, async |transaction| {
+                let updated = sqlx::query!(
+                    "UPDATE app_user SET balance = balance + ? WHERE user_id = ? AND balance + ? <= ?",
+                    amount,
+                    user_id,
+                    amount,
+                    max_balance,
+                )
+                .execute(&mut **transaction)
+                .await?;
+                let balance = sqlx::query_scalar!(
+                    "SELECT balance FROM app_user WHERE user_id = ?",
+                    user_id
+                )
+                .fetch_optional(&mut **transaction)
+                .await?
+                .ok_or_else(|| ShopError::NotFound(format!("user {user_id}")))?;
+                if updated.rows_affected() == 0 {
+                    return Err(invalid(
+                        "BALANCE_LIMIT_EXCEEDED",
+                        format!("a balance may not pass {max_balance}"),
+                    ));
+                }
+                Ok(Balance { user_id, balance })
+            })
+        })
+        .await
+        .map(|answered| answered.map(|changed| changed.value))
+    }
+
+    /// Runs `effect` in one transaction with the `Idempotency-Key`, if any: a key answered
+    /// before replays its answer and runs nothing; a first one stores the answer (`status`
+    /// and the effect's value) in the same transaction.
+    async fn idempotent<T: Serialize>(
+        &self,
+        key: Option<&IdempotencyKey>,
+        status: u16,
+        effect: impl AsyncFnOnce(&mut OutboxTransaction) -> Result<T, ShopError>,
+    ) -> Result<Answered<Changed<T>>, ShopError> {
+        let mut transaction = self.outbox.begin().await?;
+        if let Some(key) = key {
+            match idempotency::claim(&mut transaction, key).await? {
+                Claim::First => {}
+                Claim::Replay(answer) => return Ok(Answered::Replay(answer)),
+                Claim::Mismatch => return Err(ShopError::KeyReused),
+            }
         }
-        Ok(user)
+        let value = effect(&mut transaction).await?;
+        if let Some(key) = key {
+            idempotency::store(&mut transaction, key, &StoredAnswer::json(status, &value)).await?;
+        }
+        Ok(Answered::Fresh(Changed {
+            value,
+            events: transaction.commit().await?,
+        }))
     }
 
     /// Creates a product; its ProductChanged (CREATED) event is committed with it.
@@ -349,79 +416,18 @@ impl ShopStore {
         user_id: UserId,
         lines: &[NewOrderLine],
         coupon_history_id: Option<CouponHistoryId>,
-    ) -> Result<Order, ShopError> {
-        let mut transaction = self.pool().begin().await?;
-        let user_exists =
-            sqlx::query_scalar!("SELECT user_id FROM app_user WHERE user_id = ?", user_id)
-                .fetch_optional(&mut *transaction)
-                .await?;
-        if user_exists.is_none() {
-            return Err(invalid(
-                "UNKNOWN_USER",
-                format!("user {user_id} does not exist"),
-            ));
-        }
-        let ids: Vec<ProductId> = lines.iter().map(|line| line.product_id).collect();
-        let prices: BTreeMap<ProductId, u64> = products_in(&mut transaction, &ids)
-            .await?
-            .into_iter()
-            .map(|product| (product.product_id, product.price))
-            .collect();
-        let missing: Vec<String> = lines
-            .iter()
-            .filter(|line| !prices.contains_key(&line.product_id))
-            .map(|line| line.product_id.to_string())
-            .collect();
-        if !missing.is_empty() {
-            return Err(invalid(
-                "UNKNOWN_PRODUCT",
-                format!("no product {}", missing.join(", ")),
-            ));
-        }
-        let mut total: u64 = 0;
-        for line in lines {
-            total = prices[&line.product_id]
-                .checked_mul(u64::from(line.quantity))
-                .and_then(|amount| total.checked_add(amount))
-                .ok_or_else(|| invalid("AMOUNT_TOO_LARGE", "the order's total is too large"))?;
-        }
-        let discount = match coupon_history_id {
-            None => None,
-            Some(history_id) => {
-                Some(usable_discount(&mut transaction, history_id, user_id).await??)
-            }
-        };
-        let (total, discount, pay) = order_amounts(total, discount);
-        let inserted = sqlx::query!(
-            "INSERT INTO customer_order \
-             (user_id, status, total_amount, discount_amount, pay_amount, coupon_history_id) \
-             VALUES (?, ?, ?, ?, ?, ?)",
-            user_id,
-            OrderStatus::Pending,
-            total,
-            discount,
-            pay,
-            coupon_history_id,
-        )
-        .execute(&mut *transaction)
-        .await?;
-        let order_id =
-            OrderId::from_u64(inserted.last_insert_id()).expect("AUTO_INCREMENT ids start at 1");
-        let mut insert = QueryBuilder::new(
-            "INSERT INTO order_item (order_id, product_id, quantity, unit_price) ",
-        );
-        insert.push_values(lines, |mut row, line| {
-            row.push_bind(order_id)
-                .push_bind(line.product_id)
-                .push_bind(line.quantity)
-                .push_bind(prices[&line.product_id]);
-        });
-        insert.build().execute(&mut *transaction).await?;
-        transaction.commit().await?;
-        Ok(self
-            .order(order_id)
-            .await?
-            .expect("an order is readable right after its commit"))
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Answered<Order>, ShopError> {
+        retrying(|| {
+            self.idempotent(key, 201, async |transaction| {
+                let order_id = insert_order(transaction, user_id, lines, coupon_history_id).await?;
+                Ok(read_order(transaction, order_id, Lock::None)
+                    .await?
+                    .expect("an order is readable in its own transaction"))
+            })
+        })
+        .await
+        .map(|answered| answered.map(|changed| changed.value))
     }
 
     pub async fn order(&self, order_id: OrderId) -> Result<Option<Order>, ShopError> {
@@ -435,129 +441,211 @@ impl ShopStore {
         &self,
         order_id: OrderId,
         now: DateTime<Utc>,
-    ) -> Result<Changed<Payment>, ShopError> {
-        let mut attempt = 1;
-        loop {
-            match self.pay_once(order_id, now).await {
-                Err(error)
-                    if error.class() == ErrorClass::Retryable && attempt < PAYMENT_ATTEMPTS =>
-                {
-                    attempt += 1;
-                }
-                outcome => return outcome,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Answered<Changed<Payment>>, ShopError> {
+        retrying(|| {
+            self.idempotent(key, 200, async |transaction| {
+                pay_in(transaction, order_id, now).await
+            })
+        })
+        .await
+    }
+}
+
+/// Runs `attempt` again after a retryable failure (a deadlock, two first requests with one
+/// idempotency key), up to [`PAYMENT_ATTEMPTS`] times in all.
+async fn retrying<T, F: Future<Output = Result<T, ShopError>>>(
+    mut attempt: impl FnMut() -> F,
+) -> Result<T, ShopError> {
+    let mut attempts = 1;
+    loop {
+        match attempt().await {
+            Err(error) if error.class() == ErrorClass::Retryable && attempts < PAYMENT_ATTEMPTS => {
+                attempts += 1;
             }
+            outcome => return outcome,
         }
     }
+}
 
-    async fn pay_once(
-        &self,
-        order_id: OrderId,
-        now: DateTime<Utc>,
-    ) -> Result<Changed<Payment>, ShopError> {
-        let mut transaction = self.outbox.begin().await?;
-        let order = read_order(&mut transaction, order_id, Lock::ForUpdate)
-            .await?
-            .ok_or_else(|| ShopError::NotFound(format!("order {order_id}")))?;
-        if order.status != OrderStatus::Pending {
-            return Err(PaymentRefusal::OrderNotPending.into());
-        }
-        if let Some(history_id) = order.coupon_history_id {
-            use_coupon(&mut transaction, history_id, order.user_id, order_id).await??;
-        }
-        // Products in id order, so payments sharing products lock them in one order.
-        let mut lines = order.items.clone();
-        lines.sort_by_key(|line| line.product_id);
-        for line in &lines {
-            let taken = sqlx::query!(
-                "UPDATE product SET stock = stock - ?, version = version + 1, updated_at = NOW(6) \
-                 WHERE product_id = ? AND stock >= ?",
-                line.quantity,
-                line.product_id,
-                line.quantity,
-            )
-            .execute(&mut *transaction)
+/// Inserts an order and its lines; returns its id.
+async fn insert_order(
+    transaction: &mut MySqlConnection,
+    user_id: UserId,
+    lines: &[NewOrderLine],
+    coupon_history_id: Option<CouponHistoryId>,
+) -> Result<OrderId, ShopError> {
+    let user_exists =
+        sqlx::query_scalar!("SELECT user_id FROM app_user WHERE user_id = ?", user_id)
+            .fetch_optional(&mut *transaction)
             .await?;
-            if taken.rows_affected() == 0 {
-                return Err(PaymentRefusal::InsufficientStock.into());
-            }
+    if user_exists.is_none() {
+        return Err(invalid(
+            "UNKNOWN_USER",
+            format!("user {user_id} does not exist"),
+        ));
+    }
+    let ids: Vec<ProductId> = lines.iter().map(|line| line.product_id).collect();
+    let prices: BTreeMap<ProductId, u64> = products_in(transaction, &ids)
+        .await?
+        .into_iter()
+        .map(|product| (product.product_id, product.price))
+        .collect();
+    let missing: Vec<String> = lines
+        .iter()
+        .filter(|line| !prices.contains_key(&line.product_id))
+        .map(|line| line.product_id.to_string())
+        .collect();
+    if !missing.is_empty() {
+        return Err(invalid(
+            "UNKNOWN_PRODUCT",
+            format!("no product {}", missing.join(", ")),
+        ));
+    }
+    let mut total: u64 = 0;
+    for line in lines {
+        total = prices[&line.product_id]
+            .checked_mul(u64::from(line.quantity))
+            .and_then(|amount| total.checked_add(amount))
+            .ok_or_else(|| invalid("AMOUNT_TOO_LARGE", "the order's total is too large"))?;
+    }
+    let discount = match coupon_history_id {
+        None => None,
+        Some(history_id) => Some(usable_discount(transaction, history_id, user_id).await??),
+    };
+    let (total, discount, pay) = order_amounts(total, discount);
+    let inserted = sqlx::query!(
+        "INSERT INTO customer_order \
+             (user_id, status, total_amount, discount_amount, pay_amount, coupon_history_id) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        user_id,
+        OrderStatus::Pending,
+        total,
+        discount,
+        pay,
+        coupon_history_id,
+    )
+    .execute(&mut *transaction)
+    .await?;
+    let order_id =
+        OrderId::from_u64(inserted.last_insert_id()).expect("AUTO_INCREMENT ids start at 1");
+    let mut insert =
+        QueryBuilder::new("INSERT INTO order_item (order_id, product_id, quantity, unit_price) ");
+    insert.push_values(lines, |mut row, line| {
+        row.push_bind(order_id)
+            .push_bind(line.product_id)
+            .push_bind(line.quantity)
+            .push_bind(prices[&line.product_id]);
+    });
+    insert.build().execute(&mut *transaction).await?;
+    Ok(order_id)
+}
+
+/// Pays an order in the caller's transaction.
+async fn pay_in(
+    transaction: &mut OutboxTransaction,
+    order_id: OrderId,
+    now: DateTime<Utc>,
+) -> Result<Payment, ShopError> {
+    let order = read_order(transaction, order_id, Lock::ForUpdate)
+        .await?
+        .ok_or_else(|| ShopError::NotFound(format!("order {order_id}")))?;
+    if order.status != OrderStatus::Pending {
+        return Err(PaymentRefusal::OrderNotPending.into());
+    }
+    if let Some(history_id) = order.coupon_history_id {
+        use_coupon(transaction, history_id, order.user_id, order_id).await??;
+    }
+    // Products in id order, so payments sharing products lock them in one order.
+    let mut lines = order.items.clone();
+    lines.sort_by_key(|line| line.product_id);
+    for line in &lines {
+        let taken = sqlx::query!(
+            "UPDATE product SET stock = stock - ?, version = version + 1, updated_at = NOW(6) \
+                 WHERE product_id = ? AND stock >= ?",
+            line.quantity,
+            line.product_id,
+            line.quantity,
+        )
+        .execute(&mut **transaction)
+        .await?;
+        if taken.rows_affected() == 0 {
+            return Err(PaymentRefusal::InsufficientStock.into());
         }
-        let debited = sqlx::query!(
-            "UPDATE app_user SET balance = balance - ? WHERE user_id = ? AND balance >= ?",
-            order.pay_amount,
-            order.user_id,
-            order.pay_amount,
-        )
-        .execute(&mut *transaction)
-        .await?;
-        if debited.rows_affected() == 0 {
-            return Err(PaymentRefusal::InsufficientBalance.into());
-        }
-        let inserted = sqlx::query!(
-            "INSERT INTO payment (order_id, user_id, amount, paid_at) VALUES (?, ?, ?, ?)",
-            order_id,
-            order.user_id,
-            order.pay_amount,
-            now,
-        )
-        .execute(&mut *transaction)
-        .await?;
-        let payment_id =
-            PaymentId::from_u64(inserted.last_insert_id()).expect("AUTO_INCREMENT ids start at 1");
-        sqlx::query!(
-            "UPDATE customer_order SET status = ?, paid_at = ? WHERE order_id = ?",
-            OrderStatus::Completed,
-            now,
-            order_id,
-        )
-        .execute(&mut *transaction)
-        .await?;
-        let key = order_id.partition_key();
-        let ids: Vec<ProductId> = lines.iter().map(|line| line.product_id).collect();
-        let stock_changes = products_in(&mut transaction, &ids)
-            .await?
-            .iter()
-            .map(|product| product.changed(ProductChange::StockChanged))
-            .collect::<Vec<_>>();
-        let mut events = vec![
-            OutboxEvent::new(EventEnvelope::new(
-                key.clone(),
-                EventPayload::OrderCompleted(OrderCompleted {
-                    order_id,
-                    user_id: order.user_id,
-                    products: order
-                        .items
-                        .iter()
-                        .map(|line| OrderedProduct {
-                            id: line.product_id,
-                            qty: line.quantity,
-                        })
-                        .collect(),
-                    total_amount: order.total_amount,
-                }),
-            )),
-            OutboxEvent::new(EventEnvelope::new(
-                key,
-                EventPayload::PaymentCompleted(PaymentCompleted {
-                    payment_id,
-                    order_id,
-                    user_id: order.user_id,
-                    amount: order.pay_amount,
-                    timestamp: now,
-                }),
-            )),
-        ];
-        events.extend(stock_changes);
-        transaction.record(events).await?;
-        Ok(Changed {
-            value: Payment {
+    }
+    let debited = sqlx::query!(
+        "UPDATE app_user SET balance = balance - ? WHERE user_id = ? AND balance >= ?",
+        order.pay_amount,
+        order.user_id,
+        order.pay_amount,
+    )
+    .execute(&mut **transaction)
+    .await?;
+    if debited.rows_affected() == 0 {
+        return Err(PaymentRefusal::InsufficientBalance.into());
+    }
+    let inserted = sqlx::query!(
+        "INSERT INTO payment (order_id, user_id, amount, paid_at) VALUES (?, ?, ?, ?)",
+        order_id,
+        order.user_id,
+        order.pay_amount,
+        now,
+    )
+    .execute(&mut **transaction)
+    .await?;
+    let payment_id =
+        PaymentId::from_u64(inserted.last_insert_id()).expect("AUTO_INCREMENT ids start at 1");
+    sqlx::query!(
+        "UPDATE customer_order SET status = ?, paid_at = ? WHERE order_id = ?",
+        OrderStatus::Completed,
+        now,
+        order_id,
+    )
+    .execute(&mut **transaction)
+    .await?;
+    let key = order_id.partition_key();
+    let ids: Vec<ProductId> = lines.iter().map(|line| line.product_id).collect();
+    let stock_changes = products_in(transaction, &ids)
+        .await?
+        .iter()
+        .map(|product| product.changed(ProductChange::StockChanged))
+        .collect::<Vec<_>>();
+    let mut events = vec![
+        OutboxEvent::new(EventEnvelope::new(
+            key.clone(),
+            EventPayload::OrderCompleted(OrderCompleted {
+                order_id,
+                user_id: order.user_id,
+                products: order
+                    .items
+                    .iter()
+                    .map(|line| OrderedProduct {
+                        id: line.product_id,
+                        qty: line.quantity,
+                    })
+                    .collect(),
+                total_amount: order.total_amount,
+            }),
+        )),
+        OutboxEvent::new(EventEnvelope::new(
+            key,
+            EventPayload::PaymentCompleted(PaymentCompleted {
                 payment_id,
                 order_id,
-                status: OrderStatus::Completed,
+                user_id: order.user_id,
                 amount: order.pay_amount,
-            },
-            events: transaction.commit().await?,
-        })
-    }
+                timestamp: now,
+            }),
+        )),
+    ];
+    events.extend(stock_changes);
+    transaction.record(events).await?;
+    Ok(Payment {
+        payment_id,
+        order_id,
+        status: OrderStatus::Completed,
+        amount: order.pay_amount,
+    })
 }
 
 /// The products among `ids` that exist, by id.

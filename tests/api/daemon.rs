@@ -82,8 +82,26 @@ async fn the_daemon_serves_until_sigterm_and_then_exits_0_within_10_seconds() {
         }
     })
     .await;
+    // A token from the binary itself (the development secret: no secret configured, the
+    // embedded cluster), as the README's curl examples mint it.
+    let minted = daemon_command(&database)
+        .args(["token", "--user", "1", "--admin"])
+        .output()
+        .expect("the token command runs");
+    assert!(minted.status.success());
+    let token = String::from_utf8(minted.stdout).unwrap().trim().to_string();
+    assert_eq!(
+        client
+            .get(format!("{address}/admin/actors"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
     let tree: serde_json::Value = client
         .get(format!("{address}/admin/actors"))
+        .bearer_auth(&token)
         .send()
         .await
         .unwrap()
@@ -151,5 +169,91 @@ async fn an_unknown_command_is_refused() {
     assert!(
         stderr.contains("unrecognized subcommand 'frobnicate'"),
         "{stderr}"
+    );
+}
+
+#[actix_web::test]
+async fn a_500_logs_one_json_line_with_its_error_chain_and_no_backtrace() {
+    let database = TestDatabase::new();
+    let mut child = daemon_command(&database)
+        .env("RUST_BACKTRACE", "1")
+        .spawn()
+        .expect("the daemon starts");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (sender, lines) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = sender.send(line);
+        }
+    });
+    let (address, lines) = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(line) = lines.recv_timeout(Duration::from_millis(100))
+                && let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line)
+                && entry["message"] == "HTTP listening"
+            {
+                return (entry["address"].as_str().map(str::to_string), lines);
+            }
+        }
+        (None, lines)
+    })
+    .await
+    .unwrap();
+    let address = address.expect("the daemon logs its address");
+    let client = awc::Client::default();
+    eventually("the daemon is ready", Duration::from_secs(30), || async {
+        match client.get(format!("{address}/readyz")).send().await {
+            Ok(response) => response.status() == StatusCode::OK,
+            Err(_) => false,
+        }
+    })
+    .await;
+    let minted = daemon_command(&database)
+        .args(["token", "--user", "1", "--admin"])
+        .output()
+        .expect("the token command runs");
+    let token = String::from_utf8(minted.stdout).unwrap().trim().to_string();
+
+    // Break the schema under the daemon: the next user insert fails inside MySQL.
+    let mut connection = <sqlx::MySqlConnection as sqlx::Connection>::connect(&database.url())
+        .await
+        .unwrap();
+    sqlx::query("DROP TABLE app_user")
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    let response = client
+        .post(format!("{address}/users"))
+        .bearer_auth(&token)
+        .insert_header(("content-type", "application/json"))
+        .send_body(r#"{"name": "Kim"}"#)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = tokio::task::spawn_blocking(move || wait_for_exit(&mut child, Duration::from_secs(10)))
+        .await;
+    let logged: Vec<String> = lines.try_iter().collect();
+    for line in &logged {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "every line is JSON: {line}"
+        );
+    }
+    let failure = logged
+        .iter()
+        .find(|line| line.contains("request failed"))
+        .expect("the 500 is logged");
+    assert!(
+        failure.contains("app_user"),
+        "the error chain names the cause: {failure}"
+    );
+    assert!(
+        !failure.contains("backtrace") && failure.len() < 4_096,
+        "no backtrace: {failure}"
     );
 }

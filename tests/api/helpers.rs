@@ -2,6 +2,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
+use commerce_events::auth::Authenticator;
 use commerce_events::clock::{SharedClock, SystemClock};
 use commerce_events::config::Settings;
 use commerce_events::event_log::{EventLog, EventRecord, OutboxEvent};
@@ -27,8 +28,84 @@ pub fn client() -> awc::Client {
     awc::Client::builder().timeout(REQUEST_TIMEOUT).finish()
 }
 
+/// The user id of the tests' administrator.
+pub const ADMIN_USER: u64 = 999_999;
+
+/// Requests made with one identity (or none).
+pub struct Calls<'a> {
+    app: &'a TestApp,
+    authorization: Option<String>,
+}
+
+impl Calls<'_> {
+    fn request_to(&self, method: awc::http::Method, path: &str) -> awc::ClientRequest {
+        let request = client().request(method, format!("{}{path}", self.app.address));
+        match &self.authorization {
+            Some(authorization) => request.insert_header(("authorization", authorization.as_str())),
+            None => request,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.request(awc::http::Method::GET, path).await
+    }
+
+    pub async fn post(&self, path: &str, body: &str) -> (StatusCode, Value) {
+        self.request_json(awc::http::Method::POST, path, body).await
+    }
+
+    /// [`Calls::post`] with extra headers.
+    pub async fn post_with(
+        &self,
+        path: &str,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .request_to(awc::http::Method::POST, path)
+            .insert_header(("content-type", "application/json"));
+        for header in headers {
+            request = request.insert_header(*header);
+        }
+        let mut response = request
+            .send_body(body.to_string())
+            .await
+            .expect("request sent");
+        let body = response.body().await.expect("body read");
+        (response.status(), parse(&body))
+    }
+
+    pub async fn request_json(
+        &self,
+        method: awc::http::Method,
+        path: &str,
+        body: &str,
+    ) -> (StatusCode, Value) {
+        let mut response = self
+            .request_to(method, path)
+            .insert_header(("content-type", "application/json"))
+            .send_body(body.to_string())
+            .await
+            .expect("request sent");
+        let body = response.body().await.expect("body read");
+        (response.status(), parse(&body))
+    }
+
+    pub async fn request(&self, method: awc::http::Method, path: &str) -> (StatusCode, Value) {
+        let mut response = self
+            .request_to(method, path)
+            .send()
+            .await
+            .expect("request sent");
+        let body = response.body().await.expect("body read");
+        (response.status(), parse(&body))
+    }
+}
+
 pub struct TestApp {
     pub address: String,
+    /// Mints the tests' tokens.
+    pub auth: Authenticator,
     pub kafka: Arc<KafkaCluster>,
     pub publisher: EventPublisher,
     /// The test's own view of the event log (its own pool).
@@ -94,6 +171,8 @@ async fn start_app_with_clock(
         let _ = shutdown_signal.await;
     }));
     TestApp {
+        auth: Authenticator::from_settings(&settings.auth, &settings.kafka)
+            .expect("the test settings authenticate"),
         address,
         kafka,
         publisher,
@@ -114,49 +193,92 @@ impl TestApp {
         self.kafka.bootstrap_servers().to_string()
     }
 
-    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
-        let mut response = client()
-            .get(format!("{}{path}", self.address))
-            .send()
+    /// A token for `user` (valid an hour), signed as the daemon expects.
+    pub fn token(&self, user: u64, admin: bool) -> String {
+        self.auth
+            .mint(
+                UserId::from_u64(user).expect("a positive user id"),
+                admin,
+                Duration::from_secs(3_600),
+            )
+            .expect("HS256 tokens are minted")
+    }
+
+    /// Requests as `user` (the token's subject), creating the user's row first if missing,
+    /// so a test can use any id.
+    pub async fn as_user(&self, user: u64) -> Calls<'_> {
+        self.ensure_user(user).await;
+        Calls {
+            app: self,
+            authorization: Some(format!("Bearer {}", self.token(user, false))),
+        }
+    }
+
+    /// Requests with a token naming `user`, whether or not the user exists.
+    pub fn as_token_of(&self, user: u64) -> Calls<'_> {
+        Calls {
+            app: self,
+            authorization: Some(format!("Bearer {}", self.token(user, false))),
+        }
+    }
+
+    /// Requests as the support administrator (user [`ADMIN_USER`], admin role).
+    pub fn as_admin(&self) -> Calls<'_> {
+        Calls {
+            app: self,
+            authorization: Some(format!("Bearer {}", self.token(ADMIN_USER, true))),
+        }
+    }
+
+    /// Requests without a token.
+    pub fn anonymous(&self) -> Calls<'_> {
+        Calls {
+            app: self,
+            authorization: None,
+        }
+    }
+
+    /// Requests with this `Authorization` header value.
+    pub fn with_authorization(&self, authorization: &str) -> Calls<'_> {
+        Calls {
+            app: self,
+            authorization: Some(authorization.to_string()),
+        }
+    }
+
+    /// Creates the user's row (any id) unless it exists.
+    pub async fn ensure_user(&self, user: u64) {
+        sqlx::query("INSERT IGNORE INTO app_user (user_id, name) VALUES (?, ?)")
+            .bind(user)
+            .bind(format!("user {user}"))
+            .execute(self.event_log.pool())
             .await
-            .expect("request sent");
-        let body = response.body().await.expect("body read");
-        (response.status(), parse(&body))
+            .expect("user row written");
     }
 
+    /// `GET` as the administrator.
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.as_admin().get(path).await
+    }
+
+    /// `POST` of a JSON body as the administrator.
     pub async fn post(&self, path: &str, body: &str) -> (StatusCode, Value) {
-        self.request_json(awc::http::Method::POST, path, body).await
+        self.as_admin().post(path, body).await
     }
 
-    /// [`TestApp::post`] of an empty body to an owned path (for many requests at once).
-    pub async fn post_owned(&self, path: String) -> (StatusCode, Value) {
-        self.post(&path, "").await
-    }
-
+    /// A request with a JSON body as the administrator.
     pub async fn request_json(
         &self,
         method: awc::http::Method,
         path: &str,
         body: &str,
     ) -> (StatusCode, Value) {
-        let mut response = client()
-            .request(method, format!("{}{path}", self.address))
-            .insert_header(("content-type", "application/json"))
-            .send_body(body.to_string())
-            .await
-            .expect("request sent");
-        let body = response.body().await.expect("body read");
-        (response.status(), parse(&body))
+        self.as_admin().request_json(method, path, body).await
     }
 
+    /// A request without a body as the administrator.
     pub async fn request(&self, method: awc::http::Method, path: &str) -> (StatusCode, Value) {
-        let mut response = client()
-            .request(method, format!("{}{path}", self.address))
-            .send()
-            .await
-            .expect("request sent");
-        let body = response.body().await.expect("body read");
-        (response.status(), parse(&body))
+        self.as_admin().request(method, path).await
     }
 
     pub async fn event(&self, id: EventId) -> Option<EventRecord> {
@@ -208,9 +330,30 @@ impl TestApp {
         .await
     }
 
+    /// Asks for a coupon; returns the answer's status and request id: 202 and a new request,
+    /// or 200 and the user's earlier request for this coupon.
+    pub async fn issue_any(&self, user_id: u64, coupon_id: u64) -> (StatusCode, String) {
+        let (status, answer) = self
+            .as_user(user_id)
+            .await
+            .post(
+                "/coupons/issue",
+                &format!(r#"{{"userId": {user_id}, "couponId": {coupon_id}}}"#),
+            )
+            .await;
+        assert!(
+            [StatusCode::ACCEPTED, StatusCode::OK].contains(&status),
+            "{status}: {answer}"
+        );
+        let request_id = answer["requestId"].as_str().expect("a request id");
+        (status, request_id.to_string())
+    }
+
     /// Asks for a coupon; returns the request id of the 202.
     pub async fn issue(&self, user_id: u64, coupon_id: u64) -> String {
         let (status, accepted) = self
+            .as_user(user_id)
+            .await
             .post(
                 "/coupons/issue",
                 &format!(r#"{{"userId": {user_id}, "couponId": {coupon_id}}}"#),
@@ -257,6 +400,8 @@ impl TestApp {
         let user_id = user["userId"].as_u64().unwrap();
         if balance > 0 {
             let (status, charged) = self
+                .as_user(user_id)
+                .await
                 .post(
                     &format!("/users/{user_id}/balance/charge"),
                     &serde_json::json!({ "amount": balance }).to_string(),
@@ -289,6 +434,8 @@ impl TestApp {
             })
             .collect();
         let (status, order) = self
+            .as_user(user_id)
+            .await
             .post(
                 "/orders",
                 &serde_json::json!({"userId": user_id, "items": items}).to_string(),
@@ -298,9 +445,25 @@ impl TestApp {
         order["orderId"].as_u64().unwrap()
     }
 
+    /// The user who placed an order.
+    pub async fn buyer_of(&self, order_id: u64) -> u64 {
+        let (status, order) = self.get(&format!("/orders/{order_id}")).await;
+        assert_eq!(status, StatusCode::OK, "{order}");
+        order["userId"].as_u64().expect("an order's user")
+    }
+
+    /// Pays an order as its buyer; returns the answer.
+    pub async fn try_pay(&self, order_id: u64) -> (StatusCode, Value) {
+        let buyer = self.buyer_of(order_id).await;
+        self.as_user(buyer)
+            .await
+            .post(&format!("/orders/{order_id}/pay"), "")
+            .await
+    }
+
     /// Pays an order, which must succeed.
     pub async fn pay(&self, order_id: u64) {
-        let (status, paid) = self.post(&format!("/orders/{order_id}/pay"), "").await;
+        let (status, paid) = self.try_pay(order_id).await;
         assert_eq!(status, StatusCode::OK, "{paid}");
     }
 

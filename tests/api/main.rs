@@ -16,4 +16,5 @@ mod orders;
 mod outbox;
 mod push;
 mod ranking;
+mod security;
 mod shutdown;

@@ -12,8 +12,12 @@ use serde_json::{Value, json};
 use crate::helpers::{TestApp, spawn_app};
 use crate::support::eventually;
 
+/// Places an order as the body's `userId`.
 async fn create_order(app: &TestApp, body: Value) -> (StatusCode, Value) {
-    app.post("/orders", &body.to_string()).await
+    let user = body["userId"].as_u64().expect("a userId");
+    app.as_token_of(user)
+        .post("/orders", &body.to_string())
+        .await
 }
 
 async fn balance(app: &TestApp, user_id: u64) -> u64 {
@@ -50,7 +54,7 @@ async fn an_order_is_placed_paid_once_and_its_events_are_recorded() {
     assert_eq!(order["payAmount"], 65_000);
     let order_id = order["orderId"].as_u64().unwrap();
 
-    let (status, payment) = app.post(&format!("/orders/{order_id}/pay"), "").await;
+    let (status, payment) = app.try_pay(order_id).await;
     assert_eq!(status, StatusCode::OK, "{payment}");
     assert_eq!(payment["status"], "COMPLETED");
     assert_eq!(payment["orderId"], order_id);
@@ -63,7 +67,7 @@ async fn an_order_is_placed_paid_once_and_its_events_are_recorded() {
     assert_eq!(paid["status"], "COMPLETED");
 
     // Paying again never charges again.
-    let (status, refused) = app.post(&format!("/orders/{order_id}/pay"), "").await;
+    let (status, refused) = app.try_pay(order_id).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(refused["error"]["code"], "ORDER_NOT_PENDING");
     assert_eq!(balance(&app, user_id).await, 35_000);
@@ -110,7 +114,7 @@ async fn payments_are_refused_with_a_clear_code_and_change_nothing() {
     let poor = app.create_user(1_000).await;
     let product = app.create_product("Keyboard", 5_000, 1).await;
     let order = app.place_order(poor, &[(product, 1)]).await;
-    let (status, refused) = app.post(&format!("/orders/{order}/pay"), "").await;
+    let (status, refused) = app.try_pay(order).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(refused["error"]["code"], "INSUFFICIENT_BALANCE");
     assert_eq!(
@@ -122,12 +126,12 @@ async fn payments_are_refused_with_a_clear_code_and_change_nothing() {
 
     let rich = app.create_user(100_000).await;
     let too_many = app.place_order(rich, &[(product, 2)]).await;
-    let (status, refused) = app.post(&format!("/orders/{too_many}/pay"), "").await;
+    let (status, refused) = app.try_pay(too_many).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(refused["error"]["code"], "INSUFFICIENT_STOCK");
     assert_eq!(balance(&app, rich).await, 100_000);
 
-    let (status, missing) = app.post("/orders/999999/pay", "").await;
+    let (status, missing) = app.as_user(rich).await.post("/orders/999999/pay", "").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{missing}");
 }
 
@@ -167,6 +171,8 @@ async fn bad_orders_are_refused_with_400() {
         assert_eq!(error["error"]["code"], code, "{body} → {error}");
     }
     let (status, error) = app
+        .as_user(user_id)
+        .await
         .post(
             &format!("/users/{user_id}/balance/charge"),
             r#"{"amount": 0}"#,
@@ -210,14 +216,10 @@ async fn a_coupon_discounts_one_payment_and_only_its_owner_can_use_it() {
     let (_, second) = create_order(&app, with_coupon).await;
     assert_eq!(first["discountAmount"], 5_000);
     assert_eq!(first["payAmount"], 15_000);
-    let (status, _) = app
-        .post(&format!("/orders/{}/pay", first["orderId"]), "")
-        .await;
+    let (status, _) = app.try_pay(first["orderId"].as_u64().unwrap()).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(balance(&app, owner).await, 85_000);
-    let (status, refused) = app
-        .post(&format!("/orders/{}/pay", second["orderId"]), "")
-        .await;
+    let (status, refused) = app.try_pay(second["orderId"].as_u64().unwrap()).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(refused["error"]["code"], "COUPON_ALREADY_USED");
     assert_eq!(balance(&app, owner).await, 85_000);
@@ -233,12 +235,7 @@ async fn two_hundred_payments_for_a_stock_of_fifty_sell_exactly_fifty() {
         let user = app.create_user(10_000).await;
         orders.push((user, app.place_order(user, &[(product, 1)]).await));
     }
-    let answers = join_all(
-        orders
-            .iter()
-            .map(|(_, order)| app.post_owned(format!("/orders/{order}/pay"))),
-    )
-    .await;
+    let answers = join_all(orders.iter().map(|(_, order)| app.try_pay(*order))).await;
     let paid = answers
         .iter()
         .filter(|(status, _)| *status == StatusCode::OK)
@@ -279,7 +276,7 @@ async fn one_order_paid_twenty_times_at_once_is_charged_once() {
     let user = app.create_user(50_000).await;
     let product = app.create_product("Keyboard", 10_000, 100).await;
     let order = app.place_order(user, &[(product, 2)]).await;
-    let answers = join_all((0..20).map(|_| app.post_owned(format!("/orders/{order}/pay")))).await;
+    let answers = join_all((0..20).map(|_| app.try_pay(order))).await;
     let paid = answers
         .iter()
         .filter(|(status, _)| *status == StatusCode::OK)
@@ -347,7 +344,7 @@ async fn product_changes_reach_the_cache_that_product_reads_go_through() {
     // A payment changes the stock: the event carries it to the cache.
     let user = app.create_user(100_000).await;
     let order = app.place_order(user, &[(product, 3)]).await;
-    let (status, _) = app.post(&format!("/orders/{order}/pay"), "").await;
+    let (status, _) = app.try_pay(order).await;
     assert_eq!(status, StatusCode::OK);
     wait_for_cached(&app, product, "stock", 7).await;
     assert_eq!(app.get(&format!("/products/{product}")).await.1["stock"], 7);

@@ -52,29 +52,35 @@ async fn a_websocket_receives_its_users_results_and_never_another_users() {
     let ws_url = app.address.replace("http://", "ws://");
     let (_, mut alice) = awc::Client::new()
         .ws(format!("{ws_url}/ws?userId=1"))
+        .bearer_auth(app.token(1, false))
         .connect()
         .await
         .unwrap();
+    // No user id given: the channel is the token's user's.
     let (_, mut bob) = awc::Client::new()
-        .ws(format!("{ws_url}/ws?userId=2"))
+        .ws(format!("{ws_url}/ws"))
+        .bearer_auth(app.token(2, false))
         .connect()
         .await
         .unwrap();
     let coupon_id = app.create_coupon(10).await;
+    let sold_out = app.create_coupon(1).await;
 
     let alice_first = app.issue(1, coupon_id).await;
     let bob_request = app.issue(2, coupon_id).await;
-    let alice_second = app.issue(1, coupon_id).await;
+    let bob_sold_out = app.issue(2, sold_out).await;
+    app.wait_until_notified(&bob_sold_out).await;
+    let alice_second = app.issue(1, sold_out).await;
 
     let alice_results = receive_results(&mut alice, 2).await;
     assert_eq!(
         request_ids(&alice_results),
         BTreeSet::from([alice_first.clone(), alice_second.clone()])
     );
-    let bob_results = receive_results(&mut bob, 1).await;
+    let bob_results = receive_results(&mut bob, 2).await;
     assert_eq!(
         request_ids(&bob_results),
-        BTreeSet::from([bob_request.clone()])
+        BTreeSet::from([bob_request.clone(), bob_sold_out.clone()])
     );
     let first = alice_results
         .iter()
@@ -90,11 +96,16 @@ async fn a_websocket_receives_its_users_results_and_never_another_users() {
         .unwrap();
     assert_eq!(
         (second["success"].as_bool(), second["reason"].as_str()),
-        (Some(false), Some("ALREADY_ISSUED"))
+        (Some(false), Some("OUT_OF_STOCK"))
     );
+    assert!(second["eventId"].is_string(), "{second}");
 
     // Every result is out; nothing more may reach either socket.
-    all_notified(&app, &[&alice_first, &bob_request, &alice_second]).await;
+    all_notified(
+        &app,
+        &[&alice_first, &bob_request, &bob_sold_out, &alice_second],
+    )
+    .await;
     for socket in [&mut alice, &mut bob] {
         let extra = tokio::time::timeout(Duration::from_millis(300), async {
             loop {
@@ -130,8 +141,11 @@ where
         buffer.push_str(std::str::from_utf8(&chunk).unwrap());
         while let Some(end) = buffer.find("\n\n") {
             let event: String = buffer.drain(..end + 2).collect();
-            if let Some(data) = event.strip_prefix("data: ") {
-                events.push(serde_json::from_str(data.trim_end()).expect("a JSON event"));
+            let id = event.lines().find_map(|line| line.strip_prefix("id: "));
+            if let Some(data) = event.lines().find_map(|line| line.strip_prefix("data: ")) {
+                let data: Value = serde_json::from_str(data).expect("a JSON event");
+                assert_eq!(id, data["eventId"].as_str(), "the SSE id is the event id");
+                events.push(data);
             }
         }
     }
@@ -144,11 +158,13 @@ async fn server_sent_events_carry_the_users_results_only() {
     let client = awc::Client::default();
     let mut carol = client
         .get(format!("{}/users/3/events", app.address))
+        .bearer_auth(app.token(3, false))
         .send()
         .await
         .unwrap();
     let mut dave = client
         .get(format!("{}/users/4/events", app.address))
+        .bearer_auth(app.token(4, false))
         .send()
         .await
         .unwrap();
@@ -187,14 +203,23 @@ async fn server_sent_events_carry_the_users_results_only() {
 
 #[actix_web::test]
 async fn a_push_channel_needs_a_valid_user() {
+    use actix_web::http::StatusCode;
     let app = spawn_app().await;
-    let (status, body) = app.get("/users/0/events").await;
-    assert_eq!(status, actix_web::http::StatusCode::BAD_REQUEST);
+    let user = app.as_token_of(5);
+    let (status, body) = user.get("/users/0/events").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(body["error"]["code"], "INVALID_USER_ID");
-    let (status, body) = app.get("/ws?userId=-5").await;
-    assert_eq!(status, actix_web::http::StatusCode::BAD_REQUEST);
+    let (status, body) = user.get("/ws?userId=-5").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(body["error"]["code"], "INVALID_USER_ID");
-    assert_eq!(app.get("/ws").await.1["error"]["code"], "INVALID_QUERY");
+    assert_eq!(
+        user.get("/ws?colour=blue").await.1["error"]["code"],
+        "INVALID_QUERY"
+    );
+    let (status, body) = app.anonymous().get("/users/5/events").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let (status, body) = user.get("/users/6/events").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
 }
 
 #[actix_web::test]
@@ -221,6 +246,7 @@ async fn a_user_connected_to_another_instance_gets_the_push_and_is_notified_once
     let ws_url = second.address.replace("http://", "ws://");
     let (_, mut socket) = awc::Client::new()
         .ws(format!("{ws_url}/ws?userId=7"))
+        .bearer_auth(second.token(7, false))
         .connect()
         .await
         .unwrap();

@@ -25,6 +25,9 @@ use uuid::Uuid;
 
 pub const MYSQL_SERVER: &str = "mysql://root@127.0.0.1:3306";
 
+/// The HS256 secret of the tests' daemons.
+pub const TEST_JWT_SECRET: &str = "test-secret-of-the-commerce-events-suite";
+
 /// Logs go to the test output when `TEST_LOG` is set (`TEST_LOG=debug cargo test`).
 pub fn init_tracing() {
     static ONCE: Once = Once::new();
@@ -76,6 +79,17 @@ impl TestDatabase {
         settings.outbox.poll_interval_ms = 100;
         settings.outbox.republish_after_ms = 2_000;
         settings.instance.id = "test".into();
+        settings.auth.jwt_secret = SecretString::from(TEST_JWT_SECRET);
+        // Limits a test's bursts never meet; the rate-limit tests set their own.
+        let generous = commerce_events::config::RateLimit {
+            per_second: 100_000.0,
+            burst: 100_000,
+        };
+        settings.limits.coupon_issue = generous;
+        settings.limits.order_create = generous;
+        settings.limits.payment = generous;
+        settings.limits.charge = generous;
+        settings.limits.anonymous = generous;
         settings.analytics.file = std::env::temp_dir()
             .join(format!("{}-analytics.jsonl", self.name))
             .to_string_lossy()

@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use awc::ws::Frame;
 use chrono::Utc;
+use commerce_events::auth::Authenticator;
 use commerce_events::config::Settings;
+use commerce_events::ids::UserId;
 use commerce_events::startup::Application;
 use commerce_events::stores;
 use futures::StreamExt;
@@ -65,10 +67,23 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     settings.log.filter = "warn".into();
     commerce_events::telemetry::init(&settings.log);
 
+    let auth = Authenticator::from_settings(&settings.auth, &settings.kafka)?;
     let daemon = Daemon::start(settings.clone())?;
-    let api = Api::new(&daemon.address, 64);
+    let api = Api::new(&daemon.address, 64, auth.clone());
     api.wait_until_ready().await?;
     let pool = stores::connect_mysql(&settings.database, 4).await?;
+    // Issue requests need existing users: every id each phase draws from.
+    for (first, last) in [
+        (1, 3_000_000),
+        (BACKLOG_FIRST_USER, BACKLOG_FIRST_USER + options.backlog),
+        (LATENCY_FIRST_USER, LATENCY_FIRST_USER + LATENCY_USERS),
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "INSERT IGNORE INTO app_user (user_id, name) SELECT seq, 'bench' FROM seq_{first}_to_{last}"
+        )))
+        .execute(&pool)
+        .await?;
+    }
     println!(
         "scenario coupons: daemon in this process ({} HTTP workers, {} partition threads, {} intake writers, \
          embedded Kafka with {} brokers), {} clients for {} s, push latency at {} req/s for {} s",
@@ -88,7 +103,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let hot_coupon = api.create_coupon(10_000_000).await?;
     // The load gets its own client: after the load its idle connections are closed by the
     // server, and a client reusing them would fail.
-    let load = Api::new(&daemon.address, options.clients);
+    let load = Api::new(&daemon.address, options.clients, auth.clone());
     let intake = closed_loop_intake(
         &load,
         &api,
@@ -241,22 +256,47 @@ impl Daemon {
     }
 }
 
+/// The first user id of the backlog phase and of the push-latency phase (the intake's
+/// users count from 1).
+const BACKLOG_FIRST_USER: u64 = 2_000_000_000;
+const LATENCY_FIRST_USER: u64 = 1_000_000_000;
+const LATENCY_USERS: u64 = 200;
+
 #[derive(Clone)]
 struct Api {
     client: awc::Client,
     address: String,
+    auth: Authenticator,
+    admin: String,
 }
 
 impl Api {
-    fn new(address: &str, connections: usize) -> Self {
+    fn new(address: &str, connections: usize, auth: Authenticator) -> Self {
         let client = awc::Client::builder()
             .connector(awc::Connector::new().limit(connections + 256))
             .timeout(Duration::from_secs(60))
             .finish();
+        let admin = Self::token_of(&auth, 1, true);
         Self {
             client,
             address: address.to_string(),
+            auth,
+            admin,
         }
+    }
+
+    fn token_of(auth: &Authenticator, user: u64, admin: bool) -> String {
+        auth.mint(
+            UserId::from_u64(user).expect("positive user ids"),
+            admin,
+            Duration::from_secs(86_400),
+        )
+        .expect("the bench signs HS256 tokens")
+    }
+
+    /// A user's token (signed per request, as a client with many users would).
+    fn token(&self, user: u64) -> String {
+        Self::token_of(&self.auth, user, false)
     }
 
     async fn wait_until_ready(&self) -> anyhow::Result<()> {
@@ -288,6 +328,7 @@ impl Api {
         let mut response = self
             .client
             .post(format!("{}/coupons", self.address))
+            .bearer_auth(&self.admin)
             .send_json(&body)
             .await
             .map_err(|error| anyhow::anyhow!("create coupon: {error}"))?;
@@ -299,6 +340,7 @@ impl Api {
         let response = self
             .client
             .post(format!("{}{path}", self.address))
+            .bearer_auth(&self.admin)
             .send()
             .await
             .map_err(|error| anyhow::anyhow!("{path}: {error}"))?;
@@ -314,6 +356,7 @@ impl Api {
         let sent = self
             .client
             .post(format!("{}/coupons/issue", self.address))
+            .bearer_auth(self.token(user_id))
             .insert_header(("content-type", "application/json"))
             .send_body(format!(r#"{{"userId":{user_id},"couponId":{coupon_id}}}"#))
             .await;
@@ -328,6 +371,7 @@ impl Api {
         let mut response = self
             .client
             .post(format!("{}/coupons/issue", self.address))
+            .bearer_auth(self.token(user_id))
             .send_json(&json!({"userId": user_id, "couponId": coupon_id}))
             .await
             .ok()?;
@@ -348,6 +392,7 @@ impl Api {
                 let mut response = self
                     .client
                     .get(format!("{}/coupons/{coupon_id}", self.address))
+                    .bearer_auth(&self.admin)
                     .send()
                     .await
                     .map_err(|error| anyhow::anyhow!("read coupon: {error}"))?;
@@ -375,7 +420,7 @@ async fn measure_issuance(
     control
         .admin(&format!("/admin/consumer-groups/{issuer_group}/pause"))
         .await?;
-    let next_user = Rc::new(AtomicU64::new(2_000_000_000));
+    let next_user = Rc::new(AtomicU64::new(BACKLOG_FIRST_USER));
     let remaining = Rc::new(AtomicU64::new(backlog));
     let workers: Vec<_> = (0..clients)
         .map(|_| {
@@ -559,8 +604,8 @@ async fn push_latency(
     rate: u64,
     duration: Duration,
 ) -> anyhow::Result<Latencies> {
-    const USERS: u64 = 200;
-    const FIRST_USER: u64 = 1_000_000_000;
+    const USERS: u64 = LATENCY_USERS;
+    const FIRST_USER: u64 = LATENCY_FIRST_USER;
     let received: Rc<RefCell<HashMap<String, Instant>>> = Rc::default();
     let ws_address = api.address.replace("http://", "ws://");
     let mut readers = Vec::new();
@@ -568,6 +613,7 @@ async fn push_latency(
         let (_, mut socket) = api
             .client
             .ws(format!("{ws_address}/ws?userId={user}"))
+            .bearer_auth(api.token(user))
             .connect()
             .await
             .map_err(|error| anyhow::anyhow!("websocket: {error}"))?;
