@@ -182,9 +182,7 @@ async fn thousands_of_concurrent_requests_never_over_issue_or_double_issue() {
     let users: Vec<u64> = (1..=2_500)
         .chain((1..=3_000).map(|n| n % 2_500 + 1))
         .collect();
-    for user in 1..=2_500 {
-        app.ensure_user(user).await;
-    }
+    app.ensure_users(1, 2_500).await;
     let answers: Vec<(u64, String)> = futures::stream::iter(users)
         .map(|user| {
             let app = &app;

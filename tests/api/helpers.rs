@@ -114,6 +114,8 @@ pub struct TestApp {
     pub settings: Settings,
     shutdown: Option<oneshot::Sender<()>>,
     running: Option<actix_rt::task::JoinHandle<anyhow::Result<()>>>,
+    /// Users whose rows exist (so `as_user` asks MySQL once per user).
+    known_users: std::sync::Mutex<std::collections::HashSet<u64>>,
     _database: TestDatabase,
 }
 
@@ -180,6 +182,7 @@ async fn start_app_with_clock(
         settings,
         shutdown: Some(shutdown),
         running: Some(running),
+        known_users: Default::default(),
         _database: database,
     }
 }
@@ -248,12 +251,30 @@ impl TestApp {
 
     /// Creates the user's row (any id) unless it exists.
     pub async fn ensure_user(&self, user: u64) {
+        if self.known_users.lock().unwrap().contains(&user) {
+            return;
+        }
         sqlx::query("INSERT IGNORE INTO app_user (user_id, name) VALUES (?, ?)")
             .bind(user)
             .bind(format!("user {user}"))
             .execute(self.event_log.pool())
             .await
             .expect("user row written");
+        self.known_users.lock().unwrap().insert(user);
+    }
+
+    /// Creates the rows of users `first..=last` (one statement) unless they exist.
+    pub async fn ensure_users(&self, first: u64, last: u64) {
+        sqlx::query(
+            "INSERT IGNORE INTO app_user (user_id, name) \
+             SELECT seq, CONCAT('user ', seq) FROM seq_1_to_100000000 WHERE seq BETWEEN ? AND ?",
+        )
+        .bind(first)
+        .bind(last)
+        .execute(self.event_log.pool())
+        .await
+        .expect("user rows written");
+        self.known_users.lock().unwrap().extend(first..=last);
     }
 
     /// `GET` as the administrator.
@@ -455,6 +476,11 @@ impl TestApp {
     /// Pays an order as its buyer; returns the answer.
     pub async fn try_pay(&self, order_id: u64) -> (StatusCode, Value) {
         let buyer = self.buyer_of(order_id).await;
+        self.pay_as(buyer, order_id).await
+    }
+
+    /// Pays an order as `buyer`; returns the answer.
+    pub async fn pay_as(&self, buyer: u64, order_id: u64) -> (StatusCode, Value) {
         self.as_user(buyer)
             .await
             .post(&format!("/orders/{order_id}/pay"), "")
