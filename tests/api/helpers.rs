@@ -352,16 +352,20 @@ impl TestApp {
     }
 
     /// Asks for a coupon; returns the answer's status and request id: 202 and a new request,
-    /// or 200 and the user's earlier request for this coupon.
+    /// or 200 and the user's earlier request for this coupon. Like any client, it asks again
+    /// after a 503's `Retry-After` (an overloaded pool under many parallel tests); asking
+    /// again is safe, since a repeated request names the first one.
     pub async fn issue_any(&self, user_id: u64, coupon_id: u64) -> (StatusCode, String) {
-        let (status, answer) = self
-            .as_user(user_id)
-            .await
-            .post(
-                "/coupons/issue",
-                &format!(r#"{{"userId": {user_id}, "couponId": {coupon_id}}}"#),
-            )
-            .await;
+        let body = format!(r#"{{"userId": {user_id}, "couponId": {coupon_id}}}"#);
+        let calls = self.as_user(user_id).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let (status, answer) = loop {
+            let (status, answer) = calls.post("/coupons/issue", &body).await;
+            if status != StatusCode::SERVICE_UNAVAILABLE || std::time::Instant::now() > deadline {
+                break (status, answer);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
         assert!(
             [StatusCode::ACCEPTED, StatusCode::OK].contains(&status),
             "{status}: {answer}"
