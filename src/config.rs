@@ -34,6 +34,7 @@ pub struct Settings {
     pub kafka: KafkaSettings,
     pub retry: RetrySettings,
     pub outbox: OutboxSettings,
+    pub reconcile: ReconcileSettings,
     pub coupons: CouponSettings,
     pub ranking: RankingSettings,
     pub analytics: AnalyticsSettings,
@@ -157,7 +158,11 @@ pub struct DatabaseSettings {
     pub max_connections: u32,
     /// Connections of the HTTP workers' pool.
     pub http_max_connections: u32,
+    /// How long an actor waits for a connection of its pool.
     pub acquire_timeout_ms: u64,
+    /// How long a request waits for a connection: past it, the answer is 503 with
+    /// `Retry-After` (a MySQL outage is answered within this, never by a hanging request).
+    pub http_acquire_timeout_ms: u64,
 }
 
 impl Default for DatabaseSettings {
@@ -167,6 +172,7 @@ impl Default for DatabaseSettings {
             max_connections: 8,
             http_max_connections: 8,
             acquire_timeout_ms: 5_000,
+            http_acquire_timeout_ms: 1_000,
         }
     }
 }
@@ -351,15 +357,24 @@ impl ConsumerSettings {
     }
 }
 
-/// The in-line retry of a batch whose domain actor failed with a retryable or fatal error
-/// (the design document's fixed back-off: 1 s, 3 attempts). It holds the partition while it
-/// waits, so it is meant for short, transient failures (a database fail-over, a restart of
-/// the domain actor).
+/// Retries of a partition's batch.
+///
+/// - `attempts` × `delay_ms`: the in-place retry of a batch whose domain actor failed with a
+///   retryable or fatal error (the design document's fixed back-off: 1 s, 3 attempts), for
+///   short blips; then the event is dead-lettered.
+/// - `outage_*`: a dependency every record needs (MySQL, Redis, Kafka, a delivery target)
+///   does not answer. The partition pauses and retries with a doubling delay from
+///   `outage_initial_delay_ms` up to `outage_max_delay_ms`, for as long as the outage lasts;
+///   nothing is dead-lettered. An outage longer than `outage_alert_after_secs` raises an
+///   alert (an error log line with `alert=true`, and a post to `external.alert_url`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct RetrySettings {
     pub attempts: usize,
     pub delay_ms: u64,
+    pub outage_initial_delay_ms: u64,
+    pub outage_max_delay_ms: u64,
+    pub outage_alert_after_secs: u64,
 }
 
 impl Default for RetrySettings {
@@ -367,6 +382,9 @@ impl Default for RetrySettings {
         Self {
             attempts: 3,
             delay_ms: 1_000,
+            outage_initial_delay_ms: 1_000,
+            outage_max_delay_ms: 30_000,
+            outage_alert_after_secs: 60,
         }
     }
 }
@@ -388,6 +406,47 @@ impl Default for OutboxSettings {
             poll_interval_ms: 1_000,
             batch_size: 500,
         }
+    }
+}
+
+/// The reconciler: finds events a consumer has not settled and drives them again.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ReconcileSettings {
+    pub enabled: bool,
+    /// An event published this long ago that one of its consumers has not settled, while
+    /// that consumer's group has read past it, is driven again.
+    pub after_ms: u64,
+    /// `after_ms` for particular event types (by their names, for example
+    /// `OrderCompleted`), where it must differ.
+    pub after_ms_by_event_type: BTreeMap<String, u64>,
+    /// How often the reconciler looks.
+    pub interval_ms: u64,
+    /// Event-log rows read per consumer and pass.
+    pub batch_size: u32,
+}
+
+impl Default for ReconcileSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            after_ms: 30_000,
+            after_ms_by_event_type: BTreeMap::new(),
+            interval_ms: 5_000,
+            batch_size: 1_000,
+        }
+    }
+}
+
+impl ReconcileSettings {
+    /// How long events of `event_type` may stay unsettled before they are driven again.
+    pub fn after(&self, event_type: &str) -> Duration {
+        Duration::from_millis(
+            self.after_ms_by_event_type
+                .get(event_type)
+                .copied()
+                .unwrap_or(self.after_ms),
+        )
     }
 }
 
@@ -477,6 +536,10 @@ pub struct ExternalSettings {
     pub poll_interval_ms: u64,
     /// Attempts the scheduler starts per look.
     pub claim_batch: u32,
+    /// Different events whose attempts failed, with no delivery in between, after which a
+    /// target counts as down: its events then wait, without spending attempts, until it
+    /// answers again (one event failing alone spends its attempts and is dead-lettered).
+    pub target_down_after_failures: u32,
     pub backoff: BackoffSettings,
 }
 
@@ -494,6 +557,7 @@ impl Default for ExternalSettings {
             lease_ms: 30_000,
             poll_interval_ms: 100,
             claim_batch: 100,
+            target_down_after_failures: 3,
             backoff: BackoffSettings::default(),
         }
     }

@@ -1,23 +1,61 @@
 //! How a failure is treated, shared by every module's error type.
 //!
-//! | class         | meaning                                            | what the partition actor does            |
-//! |---------------|----------------------------------------------------|------------------------------------------|
-//! | `Retryable`   | transient, this event's (a deadlock, a lock wait)  | retries the event after the fixed delay   |
-//! | `Unavailable` | a dependency does not answer (MySQL, Redis, Kafka) | retries the event after the fixed delay   |
-//! | `Permanent`   | this event can never succeed (bad data)            | dead-letters the event at once            |
-//! | `Fatal`       | the domain actor's own state is broken             | the actor is restarted, the event retried |
+//! | class              | meaning                                              | what the partition actor does                   |
+//! |--------------------|------------------------------------------------------|-------------------------------------------------|
+//! | `Retryable`        | transient, this event's (a deadlock, a lock wait)    | retries in place (1 s × 3), then dead-letters   |
+//! | `Unavailable(dep)` | a dependency every record needs does not answer      | pauses the partition and retries with back-off until it answers; never dead-letters |
+//! | `Permanent`        | this event can never succeed (bad data)              | dead-letters the event (alone: see batch isolation) |
+//! | `Fatal`            | the domain actor's own state is broken               | the actor is restarted, the event retried       |
 //!
 //! The HTTP API answers `Unavailable` with 503 and `Retry-After`.
-//!
-//! An event still failing after the configured attempts is dead-lettered, whatever its class.
 
 use serde::Serialize;
+
+/// A dependency whose outage pauses the work that needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Dependency {
+    Mysql,
+    Redis,
+    Kafka,
+    /// An external delivery target (a webhook or the analytics platform) failing for every
+    /// event.
+    DeliveryTarget,
+    /// The ranking is being rebuilt from MySQL; counting waits until it is done.
+    RankingRebuild,
+}
+
+impl Dependency {
+    pub const ALL: [Dependency; 5] = [
+        Dependency::Mysql,
+        Dependency::Redis,
+        Dependency::Kafka,
+        Dependency::DeliveryTarget,
+        Dependency::RankingRebuild,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Dependency::Mysql => "mysql",
+            Dependency::Redis => "redis",
+            Dependency::Kafka => "kafka",
+            Dependency::DeliveryTarget => "deliveryTarget",
+            Dependency::RankingRebuild => "rankingRebuild",
+        }
+    }
+}
+
+impl std::fmt::Display for Dependency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum ErrorClass {
     Retryable,
-    Unavailable,
+    Unavailable(Dependency),
     Permanent,
     Fatal,
 }
@@ -26,10 +64,22 @@ impl ErrorClass {
     pub fn as_str(&self) -> &'static str {
         match self {
             ErrorClass::Retryable => "retryable",
-            ErrorClass::Unavailable => "unavailable",
+            ErrorClass::Unavailable(_) => "unavailable",
             ErrorClass::Permanent => "permanent",
             ErrorClass::Fatal => "fatal",
         }
+    }
+
+    /// The dependency whose outage this is, if it is one.
+    pub fn outage(&self) -> Option<Dependency> {
+        match self {
+            ErrorClass::Unavailable(dependency) => Some(*dependency),
+            _ => None,
+        }
+    }
+
+    pub fn is_unavailable(&self) -> bool {
+        self.outage().is_some()
     }
 }
 
@@ -52,7 +102,7 @@ impl Classify for sqlx::Error {
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed
             | sqlx::Error::Protocol(_)
-            | sqlx::Error::Tls(_) => ErrorClass::Unavailable,
+            | sqlx::Error::Tls(_) => ErrorClass::Unavailable(Dependency::Mysql),
             sqlx::Error::Database(database_error) => {
                 let number = database_error
                     .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
@@ -60,7 +110,7 @@ impl Classify for sqlx::Error {
                 match number {
                     Some(DEADLOCK | LOCK_WAIT_TIMEOUT) => ErrorClass::Retryable,
                     Some(SERVER_GONE | LOST_CONNECTION | TOO_MANY_CONNECTIONS) => {
-                        ErrorClass::Unavailable
+                        ErrorClass::Unavailable(Dependency::Mysql)
                     }
                     _ => ErrorClass::Permanent,
                 }
@@ -73,7 +123,7 @@ impl Classify for sqlx::Error {
 impl Classify for redis::RedisError {
     fn class(&self) -> ErrorClass {
         if self.is_io_error() || self.is_timeout() || self.is_connection_dropped() {
-            ErrorClass::Unavailable
+            ErrorClass::Unavailable(Dependency::Redis)
         } else {
             ErrorClass::Permanent
         }

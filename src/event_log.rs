@@ -70,8 +70,8 @@ pub enum Move {
     Claim,
     /// The consumer's effect is done.
     Complete,
-    /// Decided without success: a coupon request refused (its reason in `result`), or a
-    /// delivery attempt that failed with a retry scheduled.
+    /// A delivery attempt failed and its next attempt is scheduled (`next_attempt_at`). A
+    /// refused coupon request is not a failure: it is COMPLETED with its reason in `result`.
     Fail,
     /// A coupon request's result was pushed to its user.
     Notify,
@@ -589,38 +589,6 @@ impl EventLog {
         Ok(records)
     }
 
-    /// Dead letters, oldest first, after the cursor (from the previous page's last row).
-    pub async fn dead_letters(
-        &self,
-        after: Option<&DeadLetterCursor>,
-        limit: u32,
-    ) -> Result<Vec<EventRecord>, EventLogError> {
-        let rows =
-            match after {
-                None => {
-                    sqlx::query_as::<_, StoredEvent>(concat!(
-                        select_event_columns!(),
-                        "WHERE dead_lettered_at IS NOT NULL \
-                     ORDER BY dead_lettered_at, event_id LIMIT ?"
-                    ))
-                    .bind(limit)
-                    .fetch_all(&self.pool)
-                    .await?
-                }
-                Some(cursor) => sqlx::query_as::<_, StoredEvent>(concat!(
-                    select_event_columns!(),
-                    "WHERE dead_lettered_at IS NOT NULL AND (dead_lettered_at, event_id) > (?, ?) \
-                     ORDER BY dead_lettered_at, event_id LIMIT ?"
-                ))
-                .bind(cursor.dead_lettered_at)
-                .bind(cursor.event_id)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?,
-            };
-        rows.into_iter().map(typed).collect()
-    }
-
     pub async fn find(&self, id: EventId) -> Result<Option<EventRecord>, EventLogError> {
         let row: Option<StoredEvent> =
             sqlx::query_as(concat!(select_event_columns!(), "WHERE event_id = ?"))
@@ -628,6 +596,38 @@ impl EventLog {
                 .fetch_optional(&self.pool)
                 .await?;
         row.map(typed).transpose()
+    }
+
+    /// Events of `event_types` whose ids lie strictly between `after` (when given) and
+    /// `before`, in id order (creation order: ids are time-ordered): a consumer's events as
+    /// the reconciler walks them.
+    pub async fn of_types_between(
+        &self,
+        event_types: &[EventType],
+        after: Option<EventId>,
+        before: EventId,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, EventLogError> {
+        // One query per type, so each reads its index range in order and stops at the
+        // limit; the first `limit` of all types are among the first `limit` of each.
+        let after = after.map_or_else(String::new, |id| id.to_string());
+        let mut rows: Vec<StoredEvent> = Vec::new();
+        for event_type in event_types {
+            let page: Vec<StoredEvent> = sqlx::query_as(concat!(
+                select_event_columns!(),
+                "WHERE event_type = ? AND event_id > ? AND event_id < ? ORDER BY event_id LIMIT ?"
+            ))
+            .bind(event_type.as_str())
+            .bind(&after)
+            .bind(before)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+            rows.extend(page);
+        }
+        rows.sort_by_key(|row| row.event_id);
+        rows.truncate(limit as usize);
+        rows.into_iter().map(typed).collect()
     }
 
     /// Events of `event_type` with the key `key`, after `after` (an event id of theirs) and
@@ -697,37 +697,6 @@ impl EventLog {
     }
 }
 
-/// Where a page of dead letters ends.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeadLetterCursor {
-    pub dead_lettered_at: DateTime<Utc>,
-    pub event_id: EventId,
-}
-
-impl DeadLetterCursor {
-    /// `{microseconds since the epoch}_{event id}`, opaque to clients.
-    pub fn encode(&self) -> String {
-        format!(
-            "{}_{}",
-            self.dead_lettered_at.timestamp_micros(),
-            self.event_id
-        )
-    }
-
-    /// `None` for anything this endpoint did not give out, an instant outside what MySQL
-    /// stores included.
-    pub fn decode(text: &str) -> Option<Self> {
-        use chrono::Datelike;
-        let (micros, id) = text.split_once('_')?;
-        let dead_lettered_at = DateTime::from_timestamp_micros(micros.parse().ok()?)
-            .filter(|at| (1000..=9999).contains(&at.year()))?;
-        Some(Self {
-            dead_lettered_at,
-            event_id: id.parse().ok()?,
-        })
-    }
-}
-
 /// A PENDING row the relay found, or why it cannot be rebuilt into an event (an event type
 /// or topic this version does not know).
 #[derive(Debug)]
@@ -769,24 +738,6 @@ mod tests {
         assert!(!Move::Take.from().contains(&EventStatus::InProgress));
         // Only the scheduler's claim takes over a lease, and only once it ran out.
         assert!(Move::Claim.from().contains(&EventStatus::InProgress));
-    }
-
-    #[test]
-    fn a_cursor_outside_what_mysql_stores_is_not_a_cursor() {
-        let id = EventId::generate();
-        let cursor = DeadLetterCursor {
-            dead_lettered_at: DateTime::from_timestamp_micros(1_764_000_000_123_456).unwrap(),
-            event_id: id,
-        };
-        assert_eq!(DeadLetterCursor::decode(&cursor.encode()), Some(cursor));
-        for bad in [
-            format!("-62167219200000001_{id}"),
-            format!("999999999999999999_{id}"),
-            "12_nope".to_string(),
-            "nothing".to_string(),
-        ] {
-            assert_eq!(DeadLetterCursor::decode(&bad), None, "{bad}");
-        }
     }
 
     #[test]

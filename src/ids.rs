@@ -87,6 +87,17 @@ uuid_id!(
     "INVALID_REQUEST_ID"
 );
 
+impl EventId {
+    /// The smallest UUIDv7 of the millisecond `at`: every event id generated before `at`
+    /// sorts below it (as a UUID and as its text).
+    pub fn first_at(at: chrono::DateTime<chrono::Utc>) -> Self {
+        let millis = u64::try_from(at.timestamp_millis()).unwrap_or(0) & 0xFFFF_FFFF_FFFF;
+        let high = (millis << 16) | 0x7000;
+        let low: u64 = 0x8000_0000_0000_0000;
+        EventId(Uuid::from_u64_pair(high, low))
+    }
+}
+
 impl From<RequestId> for EventId {
     fn from(request: RequestId) -> Self {
         EventId(request.0)
@@ -247,6 +258,10 @@ mod tests {
     fn uuids_print_hyphenated_and_parse_back() {
         let id = EventId::generate();
         assert_eq!(id.to_string().parse::<EventId>().unwrap(), id);
+        let later = EventId::first_at(chrono::Utc::now() + chrono::Duration::milliseconds(2));
+        assert!(id < later && id.to_string() < later.to_string());
+        let earlier = EventId::first_at(chrono::Utc::now() - chrono::Duration::seconds(1));
+        assert!(earlier < id && earlier.to_string() < id.to_string());
         assert_eq!(
             EventId::parse("nope").unwrap_err().to_string(),
             "eventId must be a UUID, got \"nope\""

@@ -20,6 +20,10 @@ use tracing::warn;
 use crate::config::RateLimit;
 use crate::stores::RedisStore;
 
+/// How long a request waits for Redis to count it: past that, it goes through unchecked
+/// (counted in [`RateLimiter::unchecked`]), so a slow Redis never slows every request.
+const CHECK_TIMEOUT: Duration = Duration::from_millis(100);
+
 const GCRA_SCRIPT: &str = r"
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
@@ -78,14 +82,22 @@ impl RateLimiter {
                 .await?;
             Ok::<_, crate::stores::RedisStoreError>(wait_micros)
         };
-        match attempt.await {
-            Ok(0) => Decision::Allowed,
-            Ok(wait_micros) => Decision::Limited {
+        match tokio::time::timeout(CHECK_TIMEOUT, attempt).await {
+            Ok(Ok(0)) => Decision::Allowed,
+            Ok(Ok(wait_micros)) => Decision::Limited {
                 retry_after: Duration::from_micros(wait_micros.max(1) as u64),
             },
-            Err(error) => {
+            Ok(Err(error)) => {
                 self.unchecked.fetch_add(1, Ordering::Relaxed);
                 warn!(%error, subject, "rate limit not checked: Redis unavailable");
+                Decision::Allowed
+            }
+            Err(_) => {
+                self.unchecked.fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    subject,
+                    "rate limit not checked: Redis did not answer in time"
+                );
                 Decision::Allowed
             }
         }

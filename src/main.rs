@@ -1,6 +1,7 @@
 //! The daemon's command line: `commerce-events [serve]` runs everything;
 //! `commerce-events migrate` applies the database migrations and exits;
-//! `commerce-events token --user 42 [--admin] [--ttl 3600]` prints a bearer token.
+//! `commerce-events token --user 42 [--admin] [--ttl 3600]` prints a bearer token;
+//! `commerce-events rebuild-ranking` recomputes the ranking from MySQL.
 
 use std::time::Duration;
 
@@ -27,6 +28,9 @@ enum Command {
     Serve,
     /// Creates the database if missing, applies the migrations and exits.
     Migrate,
+    /// Recomputes the best-seller ranking in Redis from the completed orders in MySQL (the
+    /// daemon may keep running: live updates wait for it) and prints what was counted.
+    RebuildRanking,
     /// Prints a bearer token signed with the configured secret (the development secret with
     /// the embedded Kafka cluster), for curl and tests.
     Token {
@@ -64,6 +68,11 @@ fn main() -> anyhow::Result<()> {
             Command::Migrate => {
                 startup::migrate(&settings).await?;
                 info!("migrations applied");
+                Ok(())
+            }
+            Command::RebuildRanking => {
+                let report = startup::rebuild_ranking(&settings).await?;
+                println!("{}", serde_json::to_string(&report)?);
                 Ok(())
             }
             Command::Token { .. } => unreachable!("handled before the runtime starts"),

@@ -43,12 +43,18 @@ use crate::event_log::EventLog;
 use crate::events::topics;
 use crate::kafka::cluster::KafkaCluster;
 use crate::kafka::consumer::UncommittedStart;
+use crate::kafka::dead_letter::DeadLetterLog;
 use crate::kafka::dead_letter::DeadLetters;
+use crate::kafka::offsets::GroupOffsets;
 use crate::kafka::producer::EventPublisher;
 use crate::limits::RateLimiter;
+use crate::outages::Outages;
 use crate::outbox::Outbox;
+use crate::outbox::reconciler::{Reconciler, ReconcilerWiring, StopReconciler};
 use crate::outbox::relay::{OutboxRelay, StopRelay};
+use crate::progress::{ConsumerSpec, Consumers, RecordedIn};
 use crate::ranking::RankingStore;
+use crate::ranking::rebuild::{RebuildReport, rebuild};
 use crate::ranking::updater::RankingUpdater;
 use crate::shop::cache::ProductCache;
 use crate::shop::product_events::ProductEventProcessor;
@@ -84,6 +90,25 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Rebuilds the ranking from MySQL (the `rebuild-ranking` command).
+pub async fn rebuild_ranking(settings: &Settings) -> anyhow::Result<RebuildReport> {
+    let pool = stores::connect_mysql(&settings.database, 2).await?;
+    let redis = RedisStore::new(&settings.redis)?;
+    redis
+        .try_connect()
+        .await
+        .context("cannot connect to Redis")?;
+    let ranking = RankingStore::new(redis, settings.ranking.retention_days);
+    let report = rebuild(
+        &ranking,
+        &EventLog::new(pool.clone()),
+        chrono::Utc::now().date_naive(),
+    )
+    .await?;
+    pool.close().await;
+    Ok(report)
+}
+
 /// The running daemon.
 pub struct Application {
     port: u16,
@@ -93,6 +118,8 @@ pub struct Application {
     actors: ActorTree,
     relay: Addr<OutboxRelay>,
     scheduler: Addr<RetryScheduler>,
+    reconciler: Addr<Reconciler>,
+    group_offsets: Arc<GroupOffsets>,
     arbiters: Arc<ArbiterPool>,
     sessions: Sessions,
 }
@@ -108,8 +135,32 @@ struct Wiring {
     bootstrap_servers: String,
     arbiters: Arc<ArbiterPool>,
     probes: PipelineProbes,
+    /// Where the partitions report the outages they wait out.
+    outages: Outages,
+    /// The consumers started so far, with where each records its progress.
+    consumers: Vec<ConsumerSpec>,
     /// Every long-lived actor, as it is started.
     tree: ActorTree,
+}
+
+/// A consumer to start: its domain actor's name, group, topic, and where it records its
+/// progress.
+struct Consumer<'a> {
+    name: &'static str,
+    group: &'a str,
+    topic: &'static str,
+    recorded_in: RecordedIn,
+}
+
+impl<'a> Consumer<'a> {
+    fn recording_in_rows(name: &'static str, group: &'a str, topic: &'static str) -> Self {
+        Self {
+            name,
+            group,
+            topic,
+            recorded_in: RecordedIn::EventLog,
+        }
+    }
 }
 
 /// The stores of one daemon.
@@ -131,9 +182,12 @@ impl Stores {
         let actors =
             stores::connect_mysql(&settings.database, settings.database.max_connections).await?;
         stores::migrate(&actors).await?;
-        let http =
-            stores::connect_mysql(&settings.database, settings.database.http_max_connections)
-                .await?;
+        let http = stores::connect_mysql_waiting(
+            &settings.database,
+            settings.database.http_max_connections,
+            Duration::from_millis(settings.database.http_acquire_timeout_ms),
+        )
+        .await?;
         let redis = RedisStore::new(&settings.redis)?;
         redis.connect().await;
         Ok(Self {
@@ -164,11 +218,22 @@ impl Wiring {
     /// consumer group `group` feeding it `topic`.
     fn consume<H: DomainHandler>(
         &mut self,
-        group: &str,
-        topic: &str,
+        consumer: Consumer<'_>,
         factory: impl Fn() -> H + Send + 'static,
         customize: impl FnOnce(&mut ConsumerGroupSpec),
     ) -> anyhow::Result<()> {
+        let Consumer {
+            name,
+            group,
+            topic,
+            recorded_in,
+        } = consumer;
+        self.consumers.push(ConsumerSpec {
+            name,
+            group_id: self.settings.kafka.group_id(group),
+            topic,
+            recorded_in,
+        });
         let domain = DomainActor::start(&self.arbiters.next(), self.probes.clone(), factory);
         let mut spec = ConsumerGroupSpec::from_settings(
             &self.settings,
@@ -177,6 +242,7 @@ impl Wiring {
             BTreeMap::from([(topic.to_string(), domain.clone().recipient())]),
             self.publisher.clone(),
             self.event_log().clone(),
+            self.outages.clone(),
         );
         customize(&mut spec);
         let group = ConsumerGroup::start(spec, self.arbiters.clone())
@@ -193,8 +259,11 @@ impl Wiring {
         let lock_ttl = Duration::from_millis(coupons.lock_ttl_ms);
         let (outbox, redis) = (self.outbox.clone(), self.redis.clone());
         self.consume(
-            COUPON_REQUEST_GROUP,
-            topics::COUPON_REQUESTS,
+            Consumer::recording_in_rows(
+                "CouponIssuer",
+                COUPON_REQUEST_GROUP,
+                topics::COUPON_REQUESTS,
+            ),
             move || {
                 CouponIssuer::new(
                     CouponStore::new(outbox.clone()),
@@ -204,12 +273,12 @@ impl Wiring {
             |_| {},
         )?;
         let (sessions, event_log) = (sessions.clone(), self.event_log().clone());
+        let notifier_group = format!(
+            "{RESULT_NOTIFIER_GROUP_PREFIX}{}",
+            self.settings.instance.id
+        );
         self.consume(
-            &format!(
-                "{RESULT_NOTIFIER_GROUP_PREFIX}{}",
-                self.settings.instance.id
-            ),
-            topics::COUPON_RESULTS,
+            Consumer::recording_in_rows("ResultNotifier", &notifier_group, topics::COUPON_RESULTS),
             move || ResultNotifier::new(sessions.clone(), event_log.clone()),
             // An instance's own group only serves its live sessions: a new instance starts
             // at the end of the results, not with the history of every result.
@@ -225,11 +294,14 @@ impl Wiring {
     /// The ProductEventProcessor on `product-events`, keeping the product cache.
     fn start_shop(&mut self) -> anyhow::Result<ProductCache> {
         let cache = ProductCache::new(self.redis.clone(), PRODUCT_CACHE_TTL);
-        let processor_cache = cache.clone();
+        let (processor_cache, event_log) = (cache.clone(), self.event_log().clone());
         self.consume(
-            PRODUCT_EVENT_GROUP,
-            topics::PRODUCT_EVENTS,
-            move || ProductEventProcessor::new(processor_cache.clone()),
+            Consumer::recording_in_rows(
+                "ProductEventProcessor",
+                PRODUCT_EVENT_GROUP,
+                topics::PRODUCT_EVENTS,
+            ),
+            move || ProductEventProcessor::new(processor_cache.clone(), event_log.clone()),
             |_| {},
         )?;
         Ok(cache)
@@ -240,10 +312,19 @@ impl Wiring {
         let ranking = RankingStore::new(self.redis.clone(), self.settings.ranking.retention_days);
         let updater_ranking = ranking.clone();
         self.consume(
-            RANKING_GROUP,
-            topics::ORDER_COMPLETED,
+            Consumer {
+                name: "RankingUpdater",
+                group: RANKING_GROUP,
+                topic: topics::ORDER_COMPLETED,
+                recorded_in: RecordedIn::RankingMarks,
+            },
             move || RankingUpdater::new(updater_ranking.clone()),
-            |_| {},
+            // The ranking's progress is its applied marks in Redis; the event-log row of a
+            // completed order belongs to the analytics delivery.
+            |spec| {
+                spec.partitions.dead_letters =
+                    spec.partitions.dead_letters.clone().leaving_event_rows();
+            },
         )?;
         Ok(ranking)
     }
@@ -280,6 +361,8 @@ impl Wiring {
             clock: self.clock.clone(),
             lease: Duration::from_millis(external.lease_ms),
             alert_url: Some(external.alert_url.clone()).filter(|url| !url.is_empty()),
+            target_down_after_failures: external.target_down_after_failures,
+            outages: self.outages.clone(),
         });
         let scheduler = RetryScheduler::new(
             deliveries.clone(),
@@ -307,13 +390,41 @@ impl Wiring {
         for (group, topic, name) in forwarders {
             let deliveries = deliveries.clone();
             self.consume(
-                group,
-                topic,
+                Consumer::recording_in_rows(name, group, topic),
                 move || Forwarder::new(name, deliveries.clone()),
                 |_| {},
             )?;
         }
         Ok(scheduler)
+    }
+
+    /// The reconciler, on an arbiter of its own.
+    fn start_reconciler(
+        &mut self,
+        ranking: RankingStore,
+        fresh_cluster: bool,
+    ) -> (Addr<Reconciler>, Arc<GroupOffsets>) {
+        let offsets = Arc::new(GroupOffsets::new(
+            &self.bootstrap_servers,
+            &self.settings.kafka,
+        ));
+        let groups = self.tree.consumer_groups.clone();
+        let wiring = ReconcilerWiring {
+            consumers: Consumers::new(self.consumers.clone()),
+            event_log: self.event_log().clone(),
+            dead_letters: DeadLetterLog::new(self.event_log().pool().clone()),
+            publisher: self.publisher.clone(),
+            ranking,
+            offsets: offsets.clone(),
+            settings: self.settings.reconcile.clone(),
+            fresh_cluster_since: fresh_cluster.then(chrono::Utc::now),
+            groups_ready: Arc::new(move || groups.iter().all(|group| group.health().joined())),
+        };
+        let reconciler = Reconciler::start_supervised(&self.arbiters.next(), move || wiring);
+        self.tree
+            .background
+            .push(("reconciler", reconciler.clone().recipient()));
+        (reconciler, offsets)
     }
 
     /// The outbox relay, on the main arbiter.
@@ -383,6 +494,11 @@ impl Application {
             arbiters: arbiters.clone(),
             clock: clock.clone(),
             tree: ActorTree::default(),
+            consumers: Vec::new(),
+            outages: Outages::new(
+                Duration::from_secs(settings.retry.outage_alert_after_secs),
+                Some(settings.external.alert_url.clone()).filter(|url| !url.is_empty()),
+            ),
             settings,
         };
 
@@ -394,11 +510,20 @@ impl Application {
                 serde_json::to_value(observed_sessions.state()).expect("session counters serialize")
             }),
         ));
+        let observed_outages = wiring.outages.clone();
+        wiring.tree.views.push((
+            "outages",
+            Arc::new(move || {
+                serde_json::to_value(observed_outages.state()).expect("outages serialize")
+            }),
+        ));
         let intake = wiring.start_coupons(&sessions)?;
         let product_cache = wiring.start_shop()?;
         let ranking = wiring.start_ranking()?;
         let scheduler = wiring.start_deliveries(deliverer, delivers_externally)?;
         let relay = wiring.start_relay();
+        let (reconciler, group_offsets) =
+            wiring.start_reconciler(ranking.clone(), kafka.is_embedded());
 
         let settings = &wiring.settings;
         let auth = Authenticator::from_settings(&settings.auth, &settings.kafka)?;
@@ -447,6 +572,10 @@ impl Application {
                 publisher: publisher.clone(),
                 actors: wiring.tree.clone(),
                 scheduler: scheduler.clone(),
+                reconciler: reconciler.clone(),
+                outages: wiring.outages.clone(),
+                dead_letters: DeadLetterLog::new(stores.http.clone()),
+                consumers: Consumers::new(wiring.consumers.clone()),
             },
             clock,
         };
@@ -460,6 +589,8 @@ impl Application {
             actors: wiring.tree,
             relay,
             scheduler,
+            reconciler,
+            group_offsets,
             arbiters,
             sessions,
         })
@@ -505,6 +636,7 @@ impl Application {
         .await;
 
         let _ = self.relay.send(StopRelay).await;
+        let _ = self.reconciler.send(StopReconciler).await;
         let _ = self
             .scheduler
             .send(StopScheduler {
@@ -532,7 +664,9 @@ impl Application {
         let arbiters = self.arbiters.clone();
         let kafka = self.kafka;
         let publisher = self.publisher;
+        let group_offsets = self.group_offsets;
         let _ = tokio::task::spawn_blocking(move || {
+            group_offsets.close_blocking();
             arbiters.stop_blocking();
             // Releasing librdkafka handles joins their threads: keep it off the arbiters.
             drop(publisher);

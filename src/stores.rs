@@ -14,7 +14,7 @@ use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
 use crate::config::{DatabaseSettings, RedisSettings};
-use crate::error::{Classify, ErrorClass};
+use crate::error::{Classify, Dependency, ErrorClass};
 
 /// Whether MySQL refused a row for a unique key another row holds.
 pub fn is_duplicate_key(error: &sqlx::Error) -> bool {
@@ -76,12 +76,26 @@ pub async fn connect_mysql(
     settings: &DatabaseSettings,
     max_connections: u32,
 ) -> Result<MySqlPool, StoreError> {
+    connect_mysql_waiting(
+        settings,
+        max_connections,
+        Duration::from_millis(settings.acquire_timeout_ms),
+    )
+    .await
+}
+
+/// [`connect_mysql`] whose callers wait at most `acquire_timeout` for a connection.
+pub async fn connect_mysql_waiting(
+    settings: &DatabaseSettings,
+    max_connections: u32,
+    acquire_timeout: Duration,
+) -> Result<MySqlPool, StoreError> {
     let options = MySqlConnectOptions::from_str(settings.url.expose_secret())
         .map_err(StoreError::InvalidUrl)?;
     let (host, port) = (options.get_host().to_string(), options.get_port());
     MySqlPoolOptions::new()
         .max_connections(max_connections.max(1))
-        .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+        .acquire_timeout(acquire_timeout)
         .after_connect(|connection, _| {
             Box::pin(async move {
                 sqlx::query!("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
@@ -119,7 +133,7 @@ pub enum RedisStoreError {
 impl Classify for RedisStoreError {
     fn class(&self) -> ErrorClass {
         match self {
-            RedisStoreError::NotConnected => ErrorClass::Unavailable,
+            RedisStoreError::NotConnected => ErrorClass::Unavailable(Dependency::Redis),
             RedisStoreError::Command(error) => error.class(),
         }
     }
@@ -152,7 +166,8 @@ impl RedisStore {
         }
     }
 
-    async fn try_connect(&self) -> Result<(), redis::RedisError> {
+    /// Connects once, now.
+    pub async fn try_connect(&self) -> Result<(), redis::RedisError> {
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(2)));

@@ -21,9 +21,10 @@ use tracing::{error, warn};
 use crate::actors::ArbiterPool;
 use crate::actors::domain::ProcessBatch;
 use crate::actors::partition::{
-    Drain, DrainReport, ObservePartition, PartitionActor, PartitionActorState, PartitionWiring,
+    Drain, DrainReport, ObservePartition, PartitionActor, PartitionActorState, PartitionPolicy,
+    PartitionWiring,
 };
-use crate::actors::retry::RetryPolicy;
+use crate::actors::retry::{OutagePolicy, RetryPolicy};
 use crate::config::Settings;
 use crate::event_log::EventLog;
 use crate::kafka::TopicPartition;
@@ -34,6 +35,7 @@ use crate::kafka::consumer::{
 };
 use crate::kafka::dead_letter::DeadLetters;
 use crate::kafka::producer::EventPublisher;
+use crate::outages::Outages;
 
 /// Partitions were assigned; start their actors.
 #[derive(Message)]
@@ -65,11 +67,7 @@ pub struct ConsumerGroupActor {
     group_id: String,
     /// The domain actor that owns each consumed topic.
     routes: BTreeMap<String, Recipient<ProcessBatch>>,
-    dead_letters: DeadLetters,
-    retry: RetryPolicy,
-    max_batch_records: usize,
-    max_record_bytes: usize,
-    commit_interval: Duration,
+    policy: PartitionPolicy,
     drain_timeout: Duration,
     arbiters: Arc<ArbiterPool>,
     partitions: BTreeMap<TopicPartition, Addr<PartitionActor>>,
@@ -90,11 +88,7 @@ impl Handler<PartitionsAssigned> for ConsumerGroupActor {
             };
             let wiring = PartitionWiring {
                 domain,
-                dead_letters: self.dead_letters.clone(),
-                retry: self.retry,
-                max_batch_records: self.max_batch_records,
-                max_record_bytes: self.max_record_bytes,
-                commit_interval: self.commit_interval,
+                policy: self.policy.clone(),
             };
             let offsets = message.offsets.clone();
             let actor_source = source.clone();
@@ -206,11 +200,8 @@ pub struct ConsumerGroupSpec {
     /// Consumed topics and the domain actor that owns each.
     pub routes: BTreeMap<String, Recipient<ProcessBatch>>,
     pub client_config: ClientConfig,
-    pub dead_letters: DeadLetters,
-    pub retry: RetryPolicy,
-    pub max_batch_records: usize,
-    pub max_record_bytes: usize,
-    pub commit_interval: Duration,
+    /// How its partitions retry, dead-letter and batch.
+    pub partitions: PartitionPolicy,
     pub drain_timeout: Duration,
     /// Where partitions without a committed offset start.
     pub uncommitted_start: UncommittedStart,
@@ -218,7 +209,7 @@ pub struct ConsumerGroupSpec {
 
 impl ConsumerGroupSpec {
     /// A group named `group` (the configured prefix is added) consuming `routes`, with
-    /// the configured consumer, retry and drain settings.
+    /// the configured consumer, retry and drain settings, reporting outages to `outages`.
     pub fn from_settings(
         settings: &Settings,
         bootstrap_servers: &str,
@@ -226,18 +217,23 @@ impl ConsumerGroupSpec {
         routes: BTreeMap<String, Recipient<ProcessBatch>>,
         publisher: EventPublisher,
         event_log: EventLog,
+        outages: Outages,
     ) -> Self {
         let group_id = settings.kafka.group_id(group);
         let consumer = &settings.kafka.consumer;
         Self {
             client_config: consumer_config(bootstrap_servers, &settings.kafka, &group_id),
-            dead_letters: DeadLetters::new(publisher, event_log, group_id.clone()),
+            partitions: PartitionPolicy {
+                dead_letters: DeadLetters::new(publisher, event_log, group_id.clone()),
+                retry: RetryPolicy::from_settings(&settings.retry),
+                outage: OutagePolicy::from_settings(&settings.retry),
+                outages,
+                max_batch_records: consumer.max_batch_records,
+                max_record_bytes: consumer.max_record_bytes,
+                commit_interval: consumer.commit_interval(),
+            },
             group_id,
             routes,
-            retry: RetryPolicy::from_settings(&settings.retry),
-            max_batch_records: consumer.max_batch_records,
-            max_record_bytes: consumer.max_record_bytes,
-            commit_interval: consumer.commit_interval(),
             drain_timeout: consumer.drain_timeout(),
             uncommitted_start: UncommittedStart::Configured,
         }
@@ -275,11 +271,7 @@ impl ConsumerGroup {
         let actor = ConsumerGroupActor {
             group_id: spec.group_id.clone(),
             routes: spec.routes,
-            dead_letters: spec.dead_letters,
-            retry: spec.retry,
-            max_batch_records: spec.max_batch_records,
-            max_record_bytes: spec.max_record_bytes,
-            commit_interval: spec.commit_interval,
+            policy: spec.partitions,
             drain_timeout: spec.drain_timeout,
             arbiters,
             partitions: BTreeMap::new(),

@@ -30,7 +30,7 @@ use futures::FutureExt;
 use serde::Serialize;
 use tracing::{error, warn};
 
-use crate::error::{Classify, ErrorClass, panic_message};
+use crate::error::{Classify, Dependency, ErrorClass, panic_message};
 use crate::event_log::{EventLog, Move, StatusChange};
 use crate::events::{EventEnvelope, EventId, EventPayload};
 use crate::kafka::TopicPartition;
@@ -100,6 +100,18 @@ impl EventOutcome {
         matches!(self, EventOutcome::Failed(error) if error.class != ErrorClass::Permanent)
     }
 
+    /// The dependency whose outage made the event fail, if that is why.
+    pub fn outage(&self) -> Option<Dependency> {
+        match self {
+            EventOutcome::Failed(error) => error.class.outage(),
+            _ => None,
+        }
+    }
+
+    pub fn is_failure(&self) -> bool {
+        matches!(self, EventOutcome::Failed(_))
+    }
+
     fn is_fatal(&self) -> bool {
         matches!(self, EventOutcome::Failed(error) if error.class == ErrorClass::Fatal)
     }
@@ -143,10 +155,11 @@ impl<T> AppliedInOneCall<T> {
     }
 
     /// The outcomes in event order: an item that changed something is done, one that did not
-    /// a duplicate; if the call failed, every item is retryable.
-    pub fn settle(
+    /// a duplicate; if the call failed, every item fails with the call's error class (an
+    /// outage of the store pauses the partition; anything else is retried in place).
+    pub fn settle<E: Classify + std::fmt::Display>(
         self,
-        applied: Result<Vec<bool>, impl std::fmt::Display>,
+        applied: Result<Vec<bool>, E>,
         failure: &str,
     ) -> Vec<EventOutcome> {
         let mut outcomes = self.outcomes;
@@ -154,9 +167,13 @@ impl<T> AppliedInOneCall<T> {
             outcomes[position] = Some(match &applied {
                 Ok(flags) if flags[index] => EventOutcome::Done,
                 Ok(_) => EventOutcome::Duplicate,
-                Err(error) => {
-                    EventOutcome::Failed(HandlerError::retryable(format!("{failure}: {error}")))
-                }
+                Err(error) => EventOutcome::Failed(HandlerError::new(
+                    match error.class() {
+                        ErrorClass::Permanent => ErrorClass::Retryable,
+                        class => class,
+                    },
+                    format!("{failure}: {error}"),
+                )),
             });
         }
         outcomes

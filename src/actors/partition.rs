@@ -2,22 +2,36 @@
 //!
 //! Its loop: wait for records on the partition's own queue, take what is ready (up to
 //! `max_batch_records`), dead-letter the records that are not events, hand the events to
-//! the topic's domain actor with `send().await` and wait for its answer, retry transient
-//! failures in place (the fixed policy of [`RetryPolicy`]), dead-letter what cannot
-//! succeed, then store the offset after the batch and commit it (at most once per
+//! the topic's domain actor with `send().await` and wait for its answer, settle the
+//! outcomes, then store the offset after the batch and commit it (at most once per
 //! `commit_interval`; a revoke commits the last stored offset in any case). One batch is in
 //! flight at a time, so a slow domain actor holds back only this partition, and records are
 //! settled in offset order.
 //!
-//! [`Drain`] stops the loop: the batch in flight finishes, the actor reports the next
-//! offset to commit and stops.
+//! How a failed outcome is settled depends on its class ([`crate::error`]):
+//! - **an outage** of a dependency (MySQL, Redis, Kafka, a delivery target): the partition
+//!   stops fetching, reports the outage ([`Outages`]), and sends the batch again after a
+//!   doubling, capped delay ([`OutagePolicy`]) until the dependency answers. Nothing is
+//!   dead-lettered for an outage, however long it lasts.
+//! - **retryable or fatal**: sent again after the fixed delay of [`RetryPolicy`] (1 s × 3);
+//!   still failing, dead-lettered ("retries-exhausted").
+//! - **permanent**: dead-lettered.
+//!
+//! **Batch isolation**: when every event of a batch of several fails without an outage (a
+//! handler that applies the batch in one transaction fails it whole for one bad event),
+//! the batch is split in two and each half is sent on its own, recursively, so an event
+//! that fails for its own reason fails alone and the others are decided normally.
+//!
+//! [`Drain`] stops the loop: the batch in flight finishes (or is abandoned, uncommitted, if
+//! it is waiting out a retry), the actor reports the next offset to commit and stops.
 //!
 //! Partition actors are not supervised, deliberately: their state is their queue (split off
 //! the consumer once per assignment) and their stored offset, which a restart could not
 //! rebuild without a new assignment. Their own code only passes messages: a domain failure
 //! arrives as an outcome, and a panic in a domain handler is caught by its domain actor.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -28,11 +42,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::actors::domain::{BatchOrigin, EventOutcome, HandlerError, ProcessBatch};
-use crate::actors::retry::RetryPolicy;
+use crate::actors::retry::{OutagePolicy, RetryPolicy};
+use crate::error::Dependency;
 use crate::events::EventEnvelope;
 use crate::kafka::TopicPartition;
 use crate::kafka::consumer::{ConsumedRecord, OffsetCommitter, PartitionRecords};
 use crate::kafka::dead_letter::{DeadLetter, DeadLetterError, DeadLetters};
+use crate::kafka::producer::Delivered;
+use crate::outages::Outages;
 
 /// Stop taking records, finish the batch in flight, report and stop.
 #[derive(Message)]
@@ -74,17 +91,39 @@ pub struct PartitionActorState {
     pub dead_lettered: u64,
     /// Further attempts made for transient failures.
     pub retries: u64,
+    /// The dependency the partition is waiting for (its fetching paused), if any.
+    pub waiting_for: Option<Dependency>,
+    /// Attempts made while a dependency was down.
+    pub outage_retries: u64,
+    /// Batches split in two to isolate the events that failed.
+    pub splits: u64,
 }
 
-/// What a partition actor needs besides its queue; shared by all partitions of a group.
+/// How a partition retries, dead-letters and batches; shared by all partitions of a group.
 #[derive(Clone)]
-pub struct PartitionWiring {
-    pub domain: Recipient<ProcessBatch>,
+pub struct PartitionPolicy {
     pub dead_letters: DeadLetters,
     pub retry: RetryPolicy,
+    pub outage: OutagePolicy,
+    pub outages: Outages,
     pub max_batch_records: usize,
     pub max_record_bytes: usize,
     pub commit_interval: Duration,
+}
+
+/// What a partition actor needs besides its queue.
+#[derive(Clone)]
+pub struct PartitionWiring {
+    pub domain: Recipient<ProcessBatch>,
+    pub policy: PartitionPolicy,
+}
+
+/// What a batch in flight shows while it runs (it runs detached from the actor).
+#[derive(Debug, Default)]
+struct LiveState {
+    waiting_for: Mutex<Option<Dependency>>,
+    outage_retries: AtomicU64,
+    splits: AtomicU64,
 }
 
 pub struct PartitionActor {
@@ -97,6 +136,7 @@ pub struct PartitionActor {
     /// When the offset was last committed, and whether a later commit is scheduled.
     last_commit: Option<Instant>,
     commit_scheduled: bool,
+    live: Arc<LiveState>,
     state: PartitionActorState,
 }
 
@@ -117,6 +157,9 @@ impl PartitionActor {
             duplicates: 0,
             dead_lettered: 0,
             retries: 0,
+            waiting_for: None,
+            outage_retries: 0,
+            splits: 0,
         };
         Self {
             source,
@@ -127,6 +170,7 @@ impl PartitionActor {
             drain_waiters: Vec::new(),
             last_commit: None,
             commit_scheduled: false,
+            live: Arc::default(),
             state,
         }
     }
@@ -141,8 +185,8 @@ impl PartitionActor {
         }
         let records = self.records.clone();
         let stop = self.stop.clone();
-        let max_records = self.wiring.max_batch_records;
-        let max_bytes = self.wiring.max_record_bytes;
+        let max_records = self.wiring.policy.max_batch_records;
+        let max_bytes = self.wiring.policy.max_record_bytes;
         let fetch = async move {
             tokio::select! {
                 biased;
@@ -172,8 +216,11 @@ impl PartitionActor {
         debug!(source = %self.source, records = batch.len(), "batch taken");
         self.state.in_flight = batch.len();
         let job = BatchJob {
+            waiter: self.source.to_string(),
             source: self.source.clone(),
             wiring: self.wiring.clone(),
+            offsets: self.offsets.clone(),
+            live: self.live.clone(),
             stop: self.stop.clone(),
         };
         job.run(batch)
@@ -208,7 +255,12 @@ impl PartitionActor {
         }
         let wait = self
             .last_commit
-            .map(|at| self.wiring.commit_interval.saturating_sub(at.elapsed()))
+            .map(|at| {
+                self.wiring
+                    .policy
+                    .commit_interval
+                    .saturating_sub(at.elapsed())
+            })
             .unwrap_or_default();
         if wait.is_zero() {
             self.commit_stored();
@@ -269,7 +321,11 @@ impl Handler<ObservePartition> for PartitionActor {
     type Result = MessageResult<ObservePartition>;
 
     fn handle(&mut self, _: ObservePartition, _ctx: &mut Self::Context) -> Self::Result {
-        MessageResult(self.state.clone())
+        let mut state = self.state.clone();
+        state.waiting_for = *self.live.waiting_for.lock().expect("live state");
+        state.outage_retries = self.live.outage_retries.load(Ordering::Relaxed);
+        state.splits = self.live.splits.load(Ordering::Relaxed);
+        MessageResult(state)
     }
 }
 
@@ -286,14 +342,24 @@ struct BatchReport {
 
 /// Everything one batch needs, detached from the actor so it can run as a future.
 struct BatchJob {
+    /// How this partition names itself to [`Outages`].
+    waiter: String,
     source: TopicPartition,
     wiring: PartitionWiring,
+    offsets: OffsetCommitter,
+    live: Arc<LiveState>,
     stop: CancellationToken,
 }
 
 /// The batch could not be settled because the partition is stopping; it is left
 /// uncommitted for the next owner.
 struct Abandoned;
+
+/// The outage a batch is waiting out, and its back-off.
+struct Waiting {
+    dependency: Dependency,
+    delays: Box<dyn Iterator<Item = Duration> + Send>,
+}
 
 impl BatchJob {
     async fn run(self, records: Vec<ConsumedRecord>) -> BatchReport {
@@ -343,23 +409,36 @@ impl BatchJob {
         if events.is_empty() {
             return Ok(());
         }
-        self.process_events(events.into(), &event_offsets, report)
+        self.process_events(events.into(), event_offsets.into(), report)
             .await
     }
 
-    /// Sends the events to the domain actor; from the first transient failure on, the rest
-    /// is sent again after the policy's delay, until it succeeds or attempts run out.
+    /// Sends the events to the domain actor and settles the outcomes in order. From the
+    /// first transient failure on, the rest is sent again: while a dependency is down,
+    /// after the outage back-off and without end; otherwise after the fixed delay, until
+    /// the attempts run out. A batch of several whose events all fail for their own
+    /// reasons is split in two.
     async fn process_events(
         &self,
         mut events: Arc<[EventEnvelope]>,
-        offsets: &[i64],
+        mut offsets: Arc<[i64]>,
         report: &mut BatchReport,
     ) -> Result<(), Abandoned> {
-        let mut offsets = offsets;
-        let mut delays = self.wiring.retry.delays();
+        let mut delays = self.wiring.policy.retry.delays();
+        let mut waiting: Option<Waiting> = None;
         loop {
-            let outcomes = self.send_to_domain(events.clone(), offsets).await;
+            let outcomes = self.send_to_domain(events.clone(), &offsets).await;
             let first_transient = outcomes.iter().position(EventOutcome::is_transient);
+            let outage = first_transient.and_then(|first| outcomes[first].outage());
+            if outage.is_none() {
+                self.end_waiting(&mut waiting);
+            }
+            if first_transient.is_none()
+                && outcomes.len() > 1
+                && outcomes.iter().all(EventOutcome::is_failure)
+            {
+                return self.split(events, offsets, report).await;
+            }
             let settled_until = first_transient.unwrap_or(outcomes.len());
             for position in 0..settled_until {
                 self.settle_outcome(
@@ -374,31 +453,123 @@ impl BatchJob {
             let Some(first_transient) = first_transient else {
                 return Ok(());
             };
-            match delays.next() {
-                Some(delay) => {
-                    report.retries += 1;
-                    tokio::select! {
-                        biased;
-                        _ = self.stop.cancelled() => return Err(Abandoned),
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    events = events[first_transient..].iter().cloned().collect();
-                    offsets = &offsets[first_transient..];
+            let delay = match outage {
+                Some(dependency) => {
+                    let message = failure_message(&outcomes[first_transient]);
+                    let delay = self.wait_for(&mut waiting, dependency, &message);
+                    self.live.outage_retries.fetch_add(1, Ordering::Relaxed);
+                    delay
                 }
-                None => {
-                    for position in first_transient..outcomes.len() {
-                        self.settle_outcome(
-                            &events[position],
-                            offsets[position],
-                            &outcomes[position],
-                            true,
-                            report,
-                        )
-                        .await?;
+                None => match delays.next() {
+                    Some(delay) => {
+                        report.retries += 1;
+                        delay
                     }
-                    return Ok(());
-                }
+                    None => {
+                        let rest = &outcomes[first_transient..];
+                        if rest.len() > 1 && rest.iter().all(EventOutcome::is_failure) {
+                            return self
+                                .split(
+                                    events[first_transient..].into(),
+                                    offsets[first_transient..].into(),
+                                    report,
+                                )
+                                .await;
+                        }
+                        for position in first_transient..outcomes.len() {
+                            self.settle_outcome(
+                                &events[position],
+                                offsets[position],
+                                &outcomes[position],
+                                true,
+                                report,
+                            )
+                            .await?;
+                        }
+                        return Ok(());
+                    }
+                },
+            };
+            if let Err(abandoned) = self.pause_for(delay).await {
+                self.end_waiting(&mut waiting);
+                return Err(abandoned);
             }
+            events = events[first_transient..].into();
+            offsets = offsets[first_transient..].into();
+        }
+    }
+
+    /// Sends each half of the events on its own (and so on, down to single events).
+    async fn split(
+        &self,
+        events: Arc<[EventEnvelope]>,
+        offsets: Arc<[i64]>,
+        report: &mut BatchReport,
+    ) -> Result<(), Abandoned> {
+        self.live.splits.fetch_add(1, Ordering::Relaxed);
+        let middle = events.len() / 2;
+        debug!(source = %self.source, events = events.len(), "every event failed: splitting the batch");
+        Box::pin(self.process_events(events[..middle].into(), offsets[..middle].into(), report))
+            .await?;
+        Box::pin(self.process_events(events[middle..].into(), offsets[middle..].into(), report))
+            .await
+    }
+
+    /// Reports the outage, stops fetching when it begins, and returns the next wait.
+    fn wait_for(
+        &self,
+        waiting: &mut Option<Waiting>,
+        dependency: Dependency,
+        error: &str,
+    ) -> Duration {
+        if waiting
+            .as_ref()
+            .is_some_and(|waiting| waiting.dependency != dependency)
+        {
+            self.end_waiting(waiting);
+        }
+        self.wiring
+            .policy
+            .outages
+            .report(dependency, &self.waiter, error);
+        let current = waiting.get_or_insert_with(|| {
+            warn!(source = %self.source, %dependency, error, "dependency down: partition paused until it answers");
+            *self.live.waiting_for.lock().expect("live state") = Some(dependency);
+            if let Err(error) = self.offsets.pause_fetching(&self.source) {
+                warn!(source = %self.source, %error, "cannot pause fetching");
+            }
+            Waiting {
+                dependency,
+                delays: Box::new(self.wiring.policy.outage.delays()),
+            }
+        });
+        current
+            .delays
+            .next()
+            .unwrap_or(self.wiring.policy.outage.max)
+    }
+
+    fn end_waiting(&self, waiting: &mut Option<Waiting>) {
+        let Some(ended) = waiting.take() else {
+            return;
+        };
+        self.wiring
+            .policy
+            .outages
+            .recovered(ended.dependency, &self.waiter);
+        *self.live.waiting_for.lock().expect("live state") = None;
+        if let Err(error) = self.offsets.resume_fetching(&self.source) {
+            warn!(source = %self.source, %error, "cannot resume fetching");
+        }
+        debug!(source = %self.source, dependency = %ended.dependency, "dependency answers again: partition resumed");
+    }
+
+    /// Waits `delay`, or returns early when the partition stops.
+    async fn pause_for(&self, delay: Duration) -> Result<(), Abandoned> {
+        tokio::select! {
+            biased;
+            _ = self.stop.cancelled() => Err(Abandoned),
+            _ = tokio::time::sleep(delay) => Ok(()),
         }
     }
 
@@ -446,7 +617,7 @@ impl BatchJob {
                         "retries-exhausted",
                         format!(
                             "{} (after {} further attempts)",
-                            error.message, self.wiring.retry.attempts
+                            error.message, self.wiring.policy.retry.attempts
                         ),
                     )
                 } else {
@@ -470,26 +641,57 @@ impl BatchJob {
         Ok(())
     }
 
-    /// Publishing a dead letter must succeed before the offset moves past the record, so
-    /// it is retried until it does or the partition stops.
+    /// A dead letter must be published and recorded before the offset moves past the
+    /// record: while Kafka or MySQL is down, both are retried (as an outage: reported, with
+    /// the outage back-off) until they succeed or the partition stops.
     async fn dead_letter(&self, letter: DeadLetter<'_>) -> Result<(), Abandoned> {
+        let dead_letters = &self.wiring.policy.dead_letters;
+        let mut waiting: Option<Waiting> = None;
+        let mut published: Option<Delivered> = None;
         loop {
-            match self.wiring.dead_letters.send(letter).await {
-                Ok(_) => return Ok(()),
-                // On the topic: the record is not lost, only its row lags.
-                Err(error @ DeadLetterError::NotRecorded { .. }) => {
-                    warn!(source = %self.source, offset = letter.offset, %error, "dead letter not recorded in the event log");
+            let attempt = match published {
+                None => dead_letters.send(letter).await.map(|_| ()),
+                Some(delivered) => {
+                    dead_letters
+                        .record(&letter, delivered)
+                        .await
+                        .map_err(|source| DeadLetterError::NotRecorded {
+                            published: delivered,
+                            source,
+                        })
+                }
+            };
+            let error = match attempt {
+                Ok(()) => {
+                    self.end_waiting(&mut waiting);
                     return Ok(());
                 }
-                Err(error) => {
-                    warn!(source = %self.source, offset = letter.offset, %error, "dead-letter publish failed; retrying");
-                    tokio::select! {
-                        biased;
-                        _ = self.stop.cancelled() => return Err(Abandoned),
-                        _ = tokio::time::sleep(self.wiring.retry.delay) => {}
-                    }
-                }
+                Err(error) => error,
+            };
+            if let DeadLetterError::NotRecorded {
+                published: delivered,
+                ..
+            } = &error
+            {
+                published = Some(*delivered);
+            }
+            let dependency = match &error {
+                DeadLetterError::Publish(_) => Dependency::Kafka,
+                DeadLetterError::NotRecorded { .. } => Dependency::Mysql,
+            };
+            warn!(source = %self.source, offset = letter.offset, %error, "dead letter not done; retrying");
+            let delay = self.wait_for(&mut waiting, dependency, &error.to_string());
+            if let Err(abandoned) = self.pause_for(delay).await {
+                self.end_waiting(&mut waiting);
+                return Err(abandoned);
             }
         }
+    }
+}
+
+fn failure_message(outcome: &EventOutcome) -> String {
+    match outcome {
+        EventOutcome::Failed(error) => error.message.clone(),
+        _ => String::new(),
     }
 }

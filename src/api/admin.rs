@@ -4,13 +4,19 @@
 use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
 
+use crate::actors::tree::ObserveBackground;
 use crate::api::AppState;
 use crate::api::auth::Admin;
 use crate::api::error::ApiError;
 use crate::delivery::scheduler::{Replay, Replayed};
-use crate::event_log::{DeadLetterCursor, EventRecord, EventStatus, OutboxEvent};
+use crate::event_log::{EventRecord, EventStatus, OutboxEvent};
 use crate::events::topics;
 use crate::events::{EventEnvelope, EventId, EventPayload, PipelineProbe};
+use crate::kafka::dead_letter::DeadLetterRow;
+use crate::outbox::reconciler::ReconcileNow;
+use crate::progress::{ConsumerProgress, RecordedIn};
+use crate::ranking::RankedOrder;
+use crate::ranking::rebuild::{RebuildError, rebuild};
 
 /// `GET /admin/actors`
 pub async fn actors(state: web::Data<AppState>, _admin: Admin) -> HttpResponse {
@@ -60,14 +66,98 @@ pub async fn set_group_paused(
     Ok(HttpResponse::Ok().json(GroupFetching { group_id, paused }))
 }
 
-/// `GET /admin/events/{event_id}`
+/// `POST /admin/reconcile`: runs a reconciliation pass now (after the one in flight, if
+/// any) and answers with the reconciler's state once it is done.
+pub async fn reconcile(
+    state: web::Data<AppState>,
+    _admin: Admin,
+) -> Result<HttpResponse, ApiError> {
+    let reconciler = &state.operations.reconciler;
+    reconciler
+        .send(ReconcileNow)
+        .await
+        .map_err(anyhow::Error::from)?;
+    let view = reconciler
+        .send(ObserveBackground)
+        .await
+        .map_err(anyhow::Error::from)?;
+    Ok(HttpResponse::Ok().json(view))
+}
+
+/// `POST /admin/ranking/rebuild`: recomputes the ranking's day sets from the completed
+/// orders in MySQL (see [`crate::ranking::rebuild`]); answers with what was counted. 409
+/// while another rebuild runs.
+pub async fn rebuild_ranking(
+    state: web::Data<AppState>,
+    _admin: Admin,
+) -> Result<HttpResponse, ApiError> {
+    let today = state.clock.now().date_naive();
+    match rebuild(&state.ranking.store, &state.operations.event_log, today).await {
+        Ok(report) => Ok(HttpResponse::Ok().json(report)),
+        Err(RebuildError::AlreadyRunning) => Err(ApiError::conflict(
+            "REBUILD_RUNNING",
+            "another rebuild of the ranking is running",
+        )),
+        Err(error) => Err(ApiError::from_store(error)),
+    }
+}
+
+/// An event-log row with where each of its consumers stands, and its dead letters.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EventView {
+    #[serde(flatten)]
+    record: EventRecord,
+    consumers: Vec<ConsumerProgress>,
+    dead_letters: Vec<DeadLetterRow>,
+}
+
+/// `GET /admin/events/{event_id}`: the row, each consumer's progress (from where that
+/// consumer records it), and every dead letter of the event.
 pub async fn event(
     state: web::Data<AppState>,
     _admin: Admin,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let (_, record) = find_event(&state, &path).await?;
-    Ok(HttpResponse::Ok().json(record))
+    let (event_id, record) = find_event(&state, &path).await?;
+    let operations = &state.operations;
+    let dead_letters = operations
+        .dead_letters
+        .of_event(event_id)
+        .await
+        .map_err(ApiError::from_store)?;
+    let mut consumers = Vec::new();
+    for consumer in operations.consumers.of(&record) {
+        consumers.push(match consumer.recorded_in {
+            RecordedIn::EventLog => ConsumerProgress::from_row(consumer, &record),
+            RecordedIn::RankingMarks => {
+                let counted = state
+                    .ranking
+                    .store
+                    .counted(&[event_id])
+                    .await
+                    .map_err(ApiError::from_store)?;
+                let open_letter = dead_letters
+                    .iter()
+                    .rev()
+                    .find(|letter| {
+                        letter.consumer_group == consumer.group_id && letter.replayed_at.is_none()
+                    })
+                    .map(|letter| letter.error.clone());
+                ConsumerProgress::of_ranking(
+                    consumer,
+                    &record,
+                    counted.first().copied().unwrap_or(false),
+                    open_letter,
+                )
+            }
+        });
+    }
+    Ok(HttpResponse::Ok().json(EventView {
+        record,
+        consumers,
+        dead_letters,
+    }))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -159,10 +249,19 @@ pub struct EventQuery {
     pub cursor: Option<String>,
 }
 
+/// One dead letter, with its event's row when it was an event.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DeadLetterItem {
+    #[serde(flatten)]
+    event: Option<EventRecord>,
+    dead_letter: DeadLetterRow,
+}
+
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct EventPage {
-    events: Vec<EventRecord>,
+    events: Vec<DeadLetterItem>,
     /// Pass as `cursor` for the next page; absent on the last page.
     #[serde(skip_serializing_if = "Option::is_none")]
     next_cursor: Option<String>,
@@ -171,8 +270,15 @@ struct EventPage {
 const DEFAULT_PAGE_SIZE: u32 = 50;
 const MAX_PAGE_SIZE: u32 = 500;
 
-/// `GET /admin/events?status=DEAD_LETTER&limit=&cursor=`: dead letters, oldest first, each
-/// with its attempts (`retryCount`) and `lastError`.
+/// A cursor this endpoint gave out: the last `deadLetterId` of a page.
+fn parse_cursor(text: &str) -> Option<u64> {
+    text.parse::<u64>().ok().filter(|id| *id <= i64::MAX as u64)
+}
+
+/// `GET /admin/events?status=DEAD_LETTER&limit=&cursor=`: every dead letter not replayed
+/// yet, whichever consumer group sent it, oldest first: the letter (`deadLetter`: group,
+/// source partition and offset, error) and, when it was an event, the event's row (its
+/// attempts in `retryCount`, `lastError`).
 pub async fn events(
     state: web::Data<AppState>,
     _admin: Admin,
@@ -195,33 +301,35 @@ pub async fn events(
             format!("limit must be between 1 and {MAX_PAGE_SIZE}"),
         ));
     }
-    let cursor = match &query.cursor {
-        None => None,
-        Some(text) => Some(DeadLetterCursor::decode(text).ok_or_else(|| {
+    let after = match &query.cursor {
+        None => 0,
+        Some(text) => parse_cursor(text).ok_or_else(|| {
             ApiError::bad_request(
                 "INVALID_CURSOR",
                 format!("{text:?} is not a cursor this endpoint gave out"),
             )
-        })?),
+        })?,
     };
-    let events = state
-        .operations
-        .event_log
-        .dead_letters(cursor.as_ref(), limit)
-        .await?;
-    let next_cursor = if events.len() == limit as usize {
-        events.last().and_then(|last| {
-            Some(
-                DeadLetterCursor {
-                    dead_lettered_at: last.dead_lettered_at?,
-                    event_id: last.event_id,
-                }
-                .encode(),
-            )
-        })
-    } else {
-        None
-    };
+    let operations = &state.operations;
+    let letters = operations
+        .dead_letters
+        .open(after, limit)
+        .await
+        .map_err(ApiError::from_store)?;
+    let next_cursor = (letters.len() == limit as usize)
+        .then(|| letters.last().map(|last| last.dead_letter_id.to_string()))
+        .flatten();
+    let mut events = Vec::with_capacity(letters.len());
+    for letter in letters {
+        let event = match letter.event_id {
+            Some(event_id) => operations.event_log.find(event_id).await?,
+            None => None,
+        };
+        events.push(DeadLetterItem {
+            event,
+            dead_letter: letter,
+        });
+    }
     Ok(HttpResponse::Ok().json(EventPage {
         events,
         next_cursor,
@@ -236,34 +344,90 @@ struct ReplayAccepted {
     /// When the retry scheduler makes the attempt (events delivered to external systems).
     #[serde(skip_serializing_if = "Option::is_none")]
     next_attempt_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The consumers the event was handed back to.
+    consumers: Vec<&'static str>,
 }
 
-/// `POST /admin/events/{event_id}/replay`: puts a dead letter back on its way. An event
+/// `POST /admin/events/{event_id}/replay`: puts a dead letter back on its way, for every
+/// consumer that dead-lettered it. For the consumer whose progress is the row, an event
 /// delivered to an external system goes back to the retry scheduler (due now, attempts
-/// counted afresh); any other event returns to PENDING and the outbox relay publishes it
-/// again. 409 for an event that completed or is not dead-lettered.
+/// counted afresh), any other returns to PENDING and the outbox relay publishes it again;
+/// the ranking counts it at once (its applied mark keeps that idempotent). 409 for an
+/// event no consumer dead-lettered.
 pub async fn replay(
     state: web::Data<AppState>,
     _admin: Admin,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let event_id = parse_event_id(&path)?;
-    let replayed = state
-        .operations
-        .scheduler
-        .send(Replay { event_id })
+    let (event_id, record) = find_event(&state, &path).await?;
+    let operations = &state.operations;
+    let open: Vec<DeadLetterRow> = operations
+        .dead_letters
+        .of_event(event_id)
         .await
-        .map_err(anyhow::Error::from)??;
-    let (status, next_attempt_at) = match replayed {
-        Replayed::Scheduled { at } => (EventStatus::Failed, Some(at)),
-        Replayed::Republishing => (EventStatus::Pending, None),
-        Replayed::NotFound => return Err(ApiError::not_found(format!("event {event_id}"))),
-        Replayed::NotDeadLettered { status } => return Err(not_replayable(event_id, status)),
+        .map_err(ApiError::from_store)?
+        .into_iter()
+        .filter(|letter| letter.replayed_at.is_none())
+        .collect();
+    let mut consumers = Vec::new();
+    for consumer in operations.consumers.of(&record) {
+        let dead_lettered_here = open
+            .iter()
+            .any(|letter| letter.consumer_group == consumer.group_id);
+        if consumer.recorded_in == RecordedIn::RankingMarks && dead_lettered_here {
+            if let EventPayload::OrderCompleted(order) = &record.payload {
+                state
+                    .ranking
+                    .store
+                    .apply(&[RankedOrder {
+                        event_id,
+                        day: record.occurred_at.date_naive(),
+                        products: &order.products,
+                    }])
+                    .await
+                    .map_err(ApiError::from_store)?;
+            }
+            operations
+                .dead_letters
+                .mark_replayed(event_id, Some(&consumer.group_id))
+                .await
+                .map_err(ApiError::from_store)?;
+            consumers.push(consumer.name);
+        }
+    }
+    let (status, next_attempt_at) = if record.status == EventStatus::DeadLetter {
+        let replayed = operations
+            .scheduler
+            .send(Replay { event_id })
+            .await
+            .map_err(anyhow::Error::from)??;
+        let moved = match replayed {
+            Replayed::Scheduled { at } => (EventStatus::Failed, Some(at)),
+            Replayed::Republishing => (EventStatus::Pending, None),
+            Replayed::NotFound => return Err(ApiError::not_found(format!("event {event_id}"))),
+            Replayed::NotDeadLettered { status } => return Err(not_replayable(event_id, status)),
+        };
+        for consumer in operations.consumers.of(&record) {
+            if consumer.recorded_in == RecordedIn::EventLog {
+                operations
+                    .dead_letters
+                    .mark_replayed(event_id, Some(&consumer.group_id))
+                    .await
+                    .map_err(ApiError::from_store)?;
+                consumers.push(consumer.name);
+            }
+        }
+        moved
+    } else if consumers.is_empty() {
+        return Err(not_replayable(event_id, record.status));
+    } else {
+        (record.status, None)
     };
     Ok(HttpResponse::Accepted().json(ReplayAccepted {
         event_id,
         status,
         next_attempt_at,
+        consumers,
     }))
 }
 
@@ -295,4 +459,23 @@ async fn find_event(state: &AppState, path: &str) -> Result<(EventId, EventRecor
 
 fn parse_event_id(text: &str) -> Result<EventId, ApiError> {
     Ok(text.parse()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_is_a_dead_letter_id_and_nothing_else() {
+        assert_eq!(parse_cursor("42"), Some(42));
+        for bad in [
+            "-62167219200000001_01a20c4d-9946-77b8-9ac2-9e7b856b2318",
+            "-1",
+            "18446744073709551615",
+            "nonsense",
+            "",
+        ] {
+            assert_eq!(parse_cursor(bad), None, "{bad}");
+        }
+    }
 }

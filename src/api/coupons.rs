@@ -167,7 +167,7 @@ pub async fn issue(
         .submit(user, coupon, key.map(|key| (key, issue_answer as _)))
         .await
         .map_err(|error| match error.class() {
-            ErrorClass::Unavailable => ApiError::unavailable(&error),
+            ErrorClass::Unavailable(_) => ApiError::unavailable(&error),
             _ => ApiError::Internal(anyhow::Error::from(error)),
         })?;
     match intake {
@@ -221,7 +221,11 @@ pub struct RequestView {
     pub request_id: RequestId,
     pub user_id: UserId,
     pub coupon_id: CouponId,
+    /// Where the request stands: `PENDING`, `COMPLETED` (decided), `NOTIFIED` (decided and
+    /// pushed) or `DEAD_LETTER`.
     pub status: &'static str,
+    /// The decision once there is one: `ISSUED` or `REFUSED`.
+    pub outcome: Option<&'static str>,
     pub reason: Option<RefusalReason>,
     pub coupon_history_id: Option<CouponHistoryId>,
 }
@@ -238,20 +242,28 @@ pub fn request_view(
     };
     let status = match record.status {
         EventStatus::Pending | EventStatus::Published | EventStatus::InProgress => "PENDING",
-        EventStatus::Completed => "COMPLETED",
-        EventStatus::Failed => "FAILED",
+        // FAILED is how refusals were recorded before they became COMPLETED with a reason.
+        EventStatus::Completed | EventStatus::Failed => "COMPLETED",
         EventStatus::Notified => "NOTIFIED",
         EventStatus::DeadLetter => "DEAD_LETTER",
     };
-    let result = record.result.as_ref();
+    let reason: Option<RefusalReason> = record
+        .result
+        .as_ref()
+        .and_then(|result| result.get("reason"))
+        .and_then(|reason| serde_json::from_value(reason.clone()).ok());
+    let outcome = match status {
+        "COMPLETED" | "NOTIFIED" if reason.is_some() => Some("REFUSED"),
+        "COMPLETED" | "NOTIFIED" => Some("ISSUED"),
+        _ => None,
+    };
     Some(RequestView {
         request_id: RequestId::of_event(record.event_id),
         user_id: request.user_id,
         coupon_id: request.coupon_id,
         status,
-        reason: result
-            .and_then(|result| result.get("reason"))
-            .and_then(|reason| serde_json::from_value(reason.clone()).ok()),
+        outcome,
+        reason,
         coupon_history_id,
     })
 }
@@ -342,13 +354,20 @@ mod tests {
     #[test]
     fn a_refusal_carries_its_reason_and_a_success_its_history() {
         let refused = request_view(
-            &record(EventStatus::Failed, Some(json!({"reason": "OUT_OF_STOCK"}))),
+            &record(
+                EventStatus::Completed,
+                Some(json!({"reason": "OUT_OF_STOCK"})),
+            ),
             None,
         )
         .unwrap();
         assert_eq!(
-            (refused.status, refused.reason),
-            ("FAILED", Some(RefusalReason::OutOfStock))
+            (refused.status, refused.outcome, refused.reason),
+            (
+                "COMPLETED",
+                Some("REFUSED"),
+                Some(RefusalReason::OutOfStock)
+            )
         );
         let history = CouponHistoryId::parse(77).unwrap();
         let issued = request_view(&record(EventStatus::Notified, None), Some(history)).unwrap();

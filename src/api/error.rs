@@ -16,7 +16,7 @@ use serde::Serialize;
 use tracing::error;
 
 use crate::auth::AuthError;
-use crate::error::{Classify, ErrorClass};
+use crate::error::Classify;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -93,7 +93,7 @@ impl ApiError {
     where
         E: Classify + std::error::Error + Send + Sync + 'static,
     {
-        if error.class() == ErrorClass::Unavailable {
+        if error.class().is_unavailable() {
             ApiError::unavailable(&error)
         } else {
             ApiError::Internal(error.into())

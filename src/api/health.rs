@@ -17,7 +17,9 @@ pub async fn healthz() -> HttpResponse {
 }
 
 /// Ready when MySQL, Redis and Kafka answer and every consumer group has been given its
-/// partitions; otherwise 503 naming the checks that failed.
+/// partitions; otherwise 503 naming the checks that failed. Either way the answer lists the
+/// outages the actors are waiting out (`outages`: the dependency, since when, and which
+/// partitions wait), a delivery target's included, which does not make the daemon unready.
 pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let (mysql, redis, kafka) = futures::join!(
         check_mysql(&state),
@@ -40,13 +42,15 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
         .iter()
         .map(|(name, result)| (*name, result.clone().err().unwrap_or_else(|| "ok".into())))
         .collect();
+    let outages = state.operations.outages.current();
     if failed.is_empty() {
-        return Ok(HttpResponse::Ok().json(json!({"status": "ready", "checks": details})));
+        return Ok(HttpResponse::Ok()
+            .json(json!({"status": "ready", "checks": details, "outages": outages})));
     }
     Err(ApiError::Unavailable {
         code: "NOT_READY",
         message: format!("not ready: {}", failed.join(", ")),
-        details: json!({ "checks": details }),
+        details: json!({ "checks": details, "outages": outages }),
         retry_after: Some(CHECK_TIMEOUT),
     })
 }

@@ -8,6 +8,7 @@
 //! | [`health`]    | `GET /healthz`, `GET /readyz`                                           |
 //! | [`admin`]     | `GET /admin/actors`, `GET /admin/events`, `GET /admin/events/{id}`,     |
 //! |               | `POST /admin/events/{id}/replay`, `POST /admin/probes`,                 |
+//! |               | `POST /admin/reconcile`, `POST /admin/ranking/rebuild`,                 |
 //! |               | `POST /admin/consumer-groups/{id}/pause` and `/resume`                  |
 //! | [`coupons`]   | `POST /coupons`, `GET /coupons/{id}`, `POST /coupons/issue`,            |
 //! |               | `GET /coupons/requests/{id}`, `GET /users/{id}/coupons`                 |
@@ -44,9 +45,13 @@ use crate::coupons::sessions::Sessions;
 use crate::coupons::store::CouponStore;
 use crate::delivery::scheduler::RetryScheduler;
 use crate::event_log::EventLog;
+use crate::kafka::dead_letter::DeadLetterLog;
 use crate::kafka::producer::EventPublisher;
 use crate::limits::RateLimiter;
+use crate::outages::Outages;
 use crate::outbox::Outbox;
+use crate::outbox::reconciler::Reconciler;
+use crate::progress::Consumers;
 use crate::ranking::RankingStore;
 use crate::shop::cache::ProductCache;
 use crate::shop::store::ShopStore;
@@ -107,6 +112,14 @@ pub struct OperationsState {
     pub actors: ActorTree,
     /// Replays dead letters.
     pub scheduler: Addr<RetryScheduler>,
+    /// Drives stranded events again (`POST /admin/reconcile` runs a pass).
+    pub reconciler: Addr<Reconciler>,
+    /// The outages the actors are waiting out.
+    pub outages: Outages,
+    /// Every dead letter, whoever sent it.
+    pub dead_letters: DeadLetterLog,
+    /// This instance's consumers, for the per-consumer progress of an event.
+    pub consumers: Consumers,
 }
 
 /// Who may call a route. Handlers enforce it with the extractors of [`auth`]; the
@@ -168,6 +181,8 @@ route_table! {
     "/admin/events/{event_id}" => { GET admin::event: Admin }
     "/admin/events/{event_id}/replay" => { POST admin::replay: Admin }
     "/admin/probes" => { POST admin::send_probe: Admin }
+    "/admin/reconcile" => { POST admin::reconcile: Admin }
+    "/admin/ranking/rebuild" => { POST admin::rebuild_ranking: Admin }
     "/admin/consumer-groups/{group_id}/{action}" => { POST admin::set_group_paused: Admin }
     "/coupons" => { POST coupons::create: Admin }
     "/coupons/issue" => { POST coupons::issue: ActsAsUser }

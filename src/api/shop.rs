@@ -11,14 +11,15 @@ use crate::api::auth::{Admin, Caller};
 use crate::api::error::{ApiError, JsonObject};
 use crate::api::guard::{idempotency_key, key_reused, limit_anonymous, limit_user, replay};
 use crate::api::input::name;
-use crate::error::{Classify, ErrorClass};
+use crate::error::Classify;
 use crate::event_log::OutboxEvent;
 use crate::events::EventPayload;
 use crate::ids::{CouponHistoryId, OrderId, ProductId, UserId};
 use crate::shop::store::{Answered, NewOrderLine, ShopError};
 
-/// How long a request waits for the product cache after a change: the product events bring
-/// the change to the cache anyway, so a slow or absent Redis never slows a payment more.
+/// How long a request waits for the product cache (a read, a fill, or a write after a
+/// change): MySQL answers a miss and the product events bring every change to the cache
+/// anyway, so a slow or absent Redis never slows a request by more.
 const CACHE_WRITE_TIMEOUT: Duration = Duration::from_millis(100);
 /// The largest single charge, and the largest balance.
 pub const MAX_CHARGE: u64 = 100_000_000;
@@ -36,7 +37,7 @@ impl From<ShopError> for ApiError {
             ShopError::Invalid { code, message } => ApiError::bad_request(code, message),
             ShopError::Refused(refusal) => ApiError::conflict(refusal.code(), refusal.to_string()),
             ShopError::KeyReused => key_reused(),
-            other if other.class() == ErrorClass::Unavailable => ApiError::unavailable(&other),
+            other if other.class().is_unavailable() => ApiError::unavailable(&other),
             other => ApiError::Internal(other.into()),
         }
     }
@@ -198,10 +199,11 @@ pub async fn product(
 ) -> Result<HttpResponse, ApiError> {
     let product_id: ProductId = path.parse()?;
     limit_anonymous(&state, &request).await?;
-    match state.shop.cache.get(product_id).await {
-        Ok(Some(product)) => return Ok(HttpResponse::Ok().json(product)),
-        Ok(None) => {}
-        Err(error) => tracing::warn!(%error, "product cache unavailable; reading MySQL"),
+    match tokio::time::timeout(CACHE_WRITE_TIMEOUT, state.shop.cache.get(product_id)).await {
+        Ok(Ok(Some(product))) => return Ok(HttpResponse::Ok().json(product)),
+        Ok(Ok(None)) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "product cache unavailable; reading MySQL"),
+        Err(_) => tracing::warn!("product cache did not answer in time; reading MySQL"),
     }
     let product = state
         .shop
@@ -209,8 +211,10 @@ pub async fn product(
         .product(product_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("product {product_id}")))?;
-    if let Err(error) = state.shop.cache.fill(&product).await {
-        tracing::warn!(%error, "product not cached");
+    match tokio::time::timeout(CACHE_WRITE_TIMEOUT, state.shop.cache.fill(&product)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "product not cached"),
+        Err(_) => tracing::warn!("product not cached: the cache did not answer in time"),
     }
     Ok(HttpResponse::Ok().json(product))
 }

@@ -22,7 +22,7 @@ use sqlx::{MySqlConnection, QueryBuilder};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tracing::warn;
 
-use crate::error::{Classify, ErrorClass};
+use crate::error::{Classify, Dependency, ErrorClass};
 use crate::event_log::{EventLogError, OutboxEvent};
 use crate::events::{CouponRequested, EventEnvelope, EventPayload};
 use crate::idempotency::{IdempotencyKey, StoredAnswer};
@@ -41,7 +41,7 @@ impl Classify for IntakeError {
     fn class(&self) -> ErrorClass {
         match self {
             IntakeError::NotRecorded { class, .. } => *class,
-            IntakeError::Closed => ErrorClass::Unavailable,
+            IntakeError::Closed => ErrorClass::Unavailable(Dependency::Mysql),
         }
     }
 }

@@ -216,7 +216,7 @@ impl CouponStore {
     /// requests already decided are skipped (their event-log rows are locked and read
     /// first), [`decide_issues`] decides each coupon's requests, histories are inserted
     /// (unique per coupon and user, and per request), the requests' event-log rows become
-    /// COMPLETED or FAILED, the result events go into the outbox, and last the stock moves
+    /// COMPLETED (issued, or refused with its reason), the result events go into the outbox, and last the stock moves
     /// with a conditional update.
     ///
     /// The first attempt reads the coupons without locking them, so batches of different
@@ -418,7 +418,9 @@ async fn issue_in(
             }),
         )));
     }
-    // A success's coupon history is found by its request id; a refusal records its reason.
+    // Decided either way, the request is COMPLETED: a refusal is its business result (the
+    // reason, in `result`), not a processing failure. A success's coupon history is found
+    // by its request id.
     EventLog::change_status_of_many_in(
         transaction,
         &issued_requests,
@@ -430,7 +432,7 @@ async fn issue_in(
         EventLog::change_status_of_many_in(
             transaction,
             requests,
-            StatusChange::new(Move::Fail).with_result(&result),
+            StatusChange::new(Move::Complete).with_result(&result),
         )
         .await?;
     }

@@ -5,6 +5,13 @@
 //! Every attempt, first or later, goes through [`Deliveries::attempt`]: deliver, class the
 //! answer ([`webhook::classify`]), settle the event-log row (COMPLETED; FAILED with the next
 //! attempt's time; or dead-lettered with an alert), counted in one [`DeliveryCounters`].
+//!
+//! A target whose latest attempts failed for `external.target_down_after_failures`
+//! different events, with none delivered since, is down ([`TargetCircuits`]): that is the
+//! target's outage, not the events' fault. While it is down a failed attempt spends none of the event's attempts and
+//! never dead-letters it; the event waits (1 s → 30 s) and the first delivery that goes
+//! through brings the target back. One event that keeps failing while the target delivers
+//! others exhausts its own attempts and is dead-lettered.
 
 pub mod backoff;
 pub mod forwarder;
@@ -24,11 +31,12 @@ use tracing::{error, info, warn};
 
 use crate::clock::SharedClock;
 use crate::config::{AnalyticsSettings, ExternalSettings};
-use crate::error::{Classify, ErrorClass};
+use crate::error::{Classify, Dependency, ErrorClass};
 use crate::event_log::{EventLog, EventLogError, EventRecord, Move, StatusChange};
 use crate::events::{EventEnvelope, EventId, EventType};
 use crate::kafka::TopicPartition;
 use crate::kafka::dead_letter::{DeadLetter, DeadLetterError, DeadLetters};
+use crate::outages::Outages;
 use backoff::BackoffPolicy;
 use webhook::{DeliveryOutcome, Target, WebhookDeliverer};
 
@@ -72,8 +80,101 @@ pub enum Attempt {
 #[serde(tag = "step", rename_all = "camelCase")]
 pub enum Settled {
     Delivered,
-    Scheduled { at: DateTime<Utc> },
-    DeadLettered { alert: Alert },
+    Scheduled {
+        at: DateTime<Utc>,
+    },
+    /// The target is down: the event waits for it without spending an attempt.
+    Waiting {
+        at: DateTime<Utc>,
+    },
+    DeadLettered {
+        alert: Alert,
+    },
+}
+
+/// Whether each delivery target answers, from the attempts' outcomes in a row.
+pub struct TargetCircuits {
+    down_after: u32,
+    outages: Outages,
+    targets: std::sync::Mutex<BTreeMap<String, Circuit>>,
+}
+
+#[derive(Default)]
+struct Circuit {
+    /// The events whose latest attempt failed since the target last delivered one (at most
+    /// `down_after` of them are kept).
+    failing: std::collections::BTreeSet<EventId>,
+    /// Failed attempts since the target went down.
+    failures_while_down: u32,
+    down: bool,
+}
+
+/// How long an event of a target that is down waits before the next try.
+const TARGET_DOWN_INITIAL_DELAY: Duration = Duration::from_secs(1);
+const TARGET_DOWN_MAX_DELAY: Duration = Duration::from_secs(30);
+
+impl TargetCircuits {
+    pub fn new(down_after: u32, outages: Outages) -> Self {
+        Self {
+            down_after: down_after.max(1),
+            outages,
+            targets: std::sync::Mutex::default(),
+        }
+    }
+
+    /// A delivery to `target` went through.
+    pub fn delivered(&self, target: &str) {
+        let mut targets = self.targets.lock().expect("target circuits");
+        let circuit = targets.entry(target.to_string()).or_default();
+        circuit.failing.clear();
+        circuit.failures_while_down = 0;
+        if std::mem::take(&mut circuit.down) {
+            info!(target, "delivery target answers again");
+            self.outages.recovered(Dependency::DeliveryTarget, target);
+        }
+    }
+
+    /// An attempt at delivering `event` to `target` failed in a way worth retrying. While
+    /// the target is down (the latest attempts of `down_after` different events failed,
+    /// none delivered since), how long the event should wait; `None`: the target is up and
+    /// the event's own back-off applies.
+    pub fn failed(&self, target: &str, event: EventId, error: &str) -> Option<Duration> {
+        let mut targets = self.targets.lock().expect("target circuits");
+        let circuit = targets.entry(target.to_string()).or_default();
+        if !circuit.down {
+            if circuit.failing.len() < self.down_after as usize {
+                circuit.failing.insert(event);
+            }
+            if circuit.failing.len() < self.down_after as usize {
+                return None;
+            }
+            circuit.down = true;
+            warn!(
+                target,
+                events = circuit.failing.len(),
+                "delivery target down: its events wait without spending attempts"
+            );
+        }
+        self.outages
+            .report(Dependency::DeliveryTarget, target, error);
+        let doublings = circuit.failures_while_down.min(16);
+        circuit.failures_while_down = circuit.failures_while_down.saturating_add(1);
+        Some(
+            TARGET_DOWN_INITIAL_DELAY
+                .saturating_mul(1 << doublings)
+                .min(TARGET_DOWN_MAX_DELAY),
+        )
+    }
+
+    /// The targets down now.
+    pub fn down(&self) -> Vec<String> {
+        let targets = self.targets.lock().expect("target circuits");
+        targets
+            .iter()
+            .filter(|(_, circuit)| circuit.down)
+            .map(|(target, _)| target.clone())
+            .collect()
+    }
 }
 
 /// How the administrator was alerted of a dead letter.
@@ -95,6 +196,7 @@ pub struct DeliveryCounters {
     attempts: AtomicU64,
     delivered: AtomicU64,
     scheduled: AtomicU64,
+    waiting_for_target: AtomicU64,
     dead_lettered: AtomicU64,
     replayed: AtomicU64,
     alerts: AtomicU64,
@@ -112,6 +214,10 @@ pub struct DeliveryState {
     pub delivered: u64,
     /// Failed attempts given a next attempt.
     pub scheduled: u64,
+    /// Failed attempts at a target that was down: the event waited, spending no attempt.
+    pub waiting_for_target: u64,
+    /// Targets down now.
+    pub targets_down: Vec<String>,
     pub dead_lettered: u64,
     pub replayed: u64,
     /// Alerts raised (one per dead letter) and alert posts that failed.
@@ -131,6 +237,8 @@ impl DeliveryCounters {
             attempts: read(&self.attempts),
             delivered: read(&self.delivered),
             scheduled: read(&self.scheduled),
+            waiting_for_target: read(&self.waiting_for_target),
+            targets_down: Vec::new(),
             dead_lettered: read(&self.dead_lettered),
             replayed: read(&self.replayed),
             alerts: read(&self.alerts),
@@ -174,6 +282,7 @@ struct DeliveriesInner {
     lease: Duration,
     alert_url: Option<String>,
     counters: DeliveryCounters,
+    circuits: TargetCircuits,
 }
 
 /// What [`Deliveries`] is made of.
@@ -185,6 +294,9 @@ pub struct DeliveriesWiring {
     pub clock: SharedClock,
     pub lease: Duration,
     pub alert_url: Option<String>,
+    /// Failed attempts in a row after which a target is down.
+    pub target_down_after_failures: u32,
+    pub outages: Outages,
 }
 
 /// An event this instance holds for an attempt (IN_PROGRESS, under its lease).
@@ -207,6 +319,7 @@ impl Deliveries {
                 lease: wiring.lease,
                 alert_url: wiring.alert_url,
                 counters: DeliveryCounters::default(),
+                circuits: TargetCircuits::new(wiring.target_down_after_failures, wiring.outages),
             }),
         }
     }
@@ -225,6 +338,14 @@ impl Deliveries {
 
     pub fn counters(&self) -> &DeliveryCounters {
         &self.inner.counters
+    }
+
+    /// The counters, and the targets down now.
+    pub fn state(&self) -> DeliveryState {
+        DeliveryState {
+            targets_down: self.inner.circuits.down(),
+            ..self.inner.counters.state()
+        }
     }
 
     /// Until when an attempt starting now holds its event.
@@ -247,7 +368,9 @@ impl Deliveries {
         let now = self.inner.clock.now();
         let outcome = self.inner.deliverer.deliver(held.envelope, now).await;
         let event_id = held.envelope.event_id;
+        let target = self.inner.deliverer.target_name(held.envelope.event_type());
         if outcome == DeliveryOutcome::Delivered {
+            self.inner.circuits.delivered(&target);
             // Should recording fail, the receiver has it anyway: the lease expires and a
             // second delivery comes with the same webhook-id, which receivers deduplicate.
             self.inner
@@ -270,15 +393,31 @@ impl Deliveries {
                 &loaded
             }
         };
-        self.after_failure(record, outcome).await
+        self.after_failure(record, &target, outcome).await
     }
 
     /// The next attempt's time, or the dead letter.
     async fn after_failure(
         &self,
         record: &EventRecord,
+        target: &str,
         outcome: DeliveryOutcome,
     ) -> Result<Settled, DeliveryError> {
+        if let DeliveryOutcome::Retry { error, after } = &outcome
+            && let Some(wait) = self.inner.circuits.failed(target, record.event_id, error)
+        {
+            let wait = after.map_or(wait, |asked| asked.max(wait));
+            let at = self.inner.clock.now()
+                + chrono::Duration::from_std(wait).expect("a representable delay");
+            let error = format!("{error} (target down)");
+            let change = StatusChange::new(Move::Fail).with_error(&error).due_at(at);
+            self.inner
+                .event_log
+                .change_status(record.event_id, change)
+                .await?;
+            DeliveryCounters::add(&self.inner.counters.waiting_for_target);
+            return Ok(Settled::Waiting { at });
+        }
         let failed_attempts = record.retry_count.max(0) as u32 + 1;
         let (error, delay, kind) = match outcome {
             DeliveryOutcome::Delivered => unreachable!("a delivered attempt is not a failure"),
@@ -375,5 +514,53 @@ impl Deliveries {
                 Ok(Alert::PostFailed)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_target_is_down_after_failures_of_different_events_and_up_after_one_delivery() {
+        let outages = Outages::default();
+        let circuits = TargetCircuits::new(3, outages.clone());
+        let target = "http://receiver/webhooks";
+        let (first, second, third) = (
+            EventId::generate(),
+            EventId::generate(),
+            EventId::generate(),
+        );
+
+        // One event failing again and again is that event's trouble.
+        for _ in 0..10 {
+            assert_eq!(circuits.failed(target, first, "HTTP 500"), None);
+        }
+        assert_eq!(circuits.failed(target, second, "HTTP 500"), None);
+        assert_eq!(
+            circuits.failed(target, third, "HTTP 500"),
+            Some(Duration::from_secs(1)),
+            "the third event failing makes the target down"
+        );
+        assert!(outages.is_down(Dependency::DeliveryTarget));
+        assert_eq!(circuits.down(), vec![target.to_string()]);
+        let waits: Vec<_> = (0..7)
+            .map(|_| {
+                circuits
+                    .failed(target, first, "HTTP 500")
+                    .unwrap()
+                    .as_secs()
+            })
+            .collect();
+        assert_eq!(
+            waits,
+            vec![2, 4, 8, 16, 30, 30, 30],
+            "capped back-off while down"
+        );
+
+        circuits.delivered(target);
+        assert!(!outages.is_down(Dependency::DeliveryTarget));
+        assert!(circuits.down().is_empty());
+        assert_eq!(circuits.failed(target, first, "HTTP 500"), None, "up again");
     }
 }

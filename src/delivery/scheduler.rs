@@ -265,7 +265,7 @@ impl Handler<ObserveBackground> for RetryScheduler {
 
     fn handle(&mut self, _: ObserveBackground, _ctx: &mut Self::Context) -> Self::Result {
         let state = RetrySchedulerState {
-            deliveries: self.deliveries.counters().state(),
+            deliveries: self.deliveries.state(),
             restarts: self.restarts,
         };
         MessageResult(serde_json::to_value(state).expect("scheduler state serializes"))

@@ -216,6 +216,15 @@ impl WebhookDeliverer {
         })
     }
 
+    /// Where events of this type go (a URL or a file path), as logs and views name it.
+    pub fn target_name(&self, event_type: EventType) -> String {
+        match self.targets.get(&event_type) {
+            Some(Target::Http(url)) => url.clone(),
+            Some(Target::File(path)) => path.display().to_string(),
+            None => format!("(no route for {event_type})"),
+        }
+    }
+
     /// Whether events of this type have somewhere to go.
     pub fn routes(&self, event_type: EventType) -> bool {
         self.targets.contains_key(&event_type)

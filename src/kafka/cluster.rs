@@ -168,6 +168,11 @@ impl KafkaCluster {
         }
     }
 
+    /// Whether the cluster lives (in memory) in this process: it starts empty each time.
+    pub fn is_embedded(&self) -> bool {
+        matches!(self, KafkaCluster::Embedded { .. })
+    }
+
     pub fn bootstrap_servers(&self) -> &str {
         match self {
             KafkaCluster::Embedded {

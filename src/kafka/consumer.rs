@@ -59,6 +59,10 @@ impl ClientContext for TracingContext {
     }
 }
 
+/// A consumer that never joins its group (it reads the group's offsets) needs nothing
+/// beyond the defaults.
+impl ConsumerContext for TracingContext {}
+
 fn log_librdkafka(client: &str, level: RDKafkaLogLevel, facility: &str, message: &str) {
     match level {
         RDKafkaLogLevel::Emerg
@@ -534,12 +538,32 @@ impl OffsetCommitter {
             .store_offsets(&offset_list(partition, next_offset)?)
     }
 
+    /// Stops fetching `partition` (a local operation; never blocks): its partition actor
+    /// waits for a dependency and should not pile up records meanwhile.
+    pub fn pause_fetching(&self, partition: &TopicPartition) -> Result<(), KafkaError> {
+        self.consumer.pause(&partition_list(partition)?)
+    }
+
+    /// Fetches `partition` again, unless an operator paused the whole group.
+    pub fn resume_fetching(&self, partition: &TopicPartition) -> Result<(), KafkaError> {
+        if self.consumer.context().health.paused() {
+            return Ok(());
+        }
+        self.consumer.resume(&partition_list(partition)?)
+    }
+
     /// Commits `next_offset` asynchronously: never blocks; failures are reported by the
     /// commit callback.
     pub fn commit(&self, partition: &TopicPartition, next_offset: i64) -> Result<(), KafkaError> {
         self.consumer
             .commit(&offset_list(partition, next_offset)?, CommitMode::Async)
     }
+}
+
+fn partition_list(partition: &TopicPartition) -> Result<TopicPartitionList, KafkaError> {
+    let mut list = TopicPartitionList::with_capacity(1);
+    list.add_partition(&partition.topic, partition.partition);
+    Ok(list)
 }
 
 fn offset_list(

@@ -1,9 +1,10 @@
 //! Kafka plumbing: the cluster (embedded mock or real), the producer, consumer groups with
-//! split partition queues, and dead-letter topics.
+//! split partition queues, dead-letter topics, and groups' offsets.
 
 pub mod cluster;
 pub mod consumer;
 pub mod dead_letter;
+pub mod offsets;
 pub mod producer;
 
 use std::collections::BTreeMap;

@@ -10,7 +10,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 
 use crate::config::KafkaSettings;
-use crate::error::{Classify, ErrorClass};
+use crate::error::{Classify, Dependency, ErrorClass};
 use crate::events::EventEnvelope;
 use crate::kafka::client_config;
 use crate::kafka::consumer::TracingContext;
@@ -32,7 +32,7 @@ impl Classify for PublishError {
     fn class(&self) -> ErrorClass {
         match self {
             PublishError::Create(_) => ErrorClass::Fatal,
-            PublishError::Delivery { .. } => ErrorClass::Unavailable,
+            PublishError::Delivery { .. } => ErrorClass::Unavailable(Dependency::Kafka),
         }
     }
 }

@@ -9,6 +9,7 @@
 //! `outbox.republish_after_ms`. An event can therefore reach Kafka twice; consumers
 //! deduplicate by event id.
 
+pub mod reconciler;
 pub mod relay;
 
 use std::ops::{Deref, DerefMut};

@@ -7,21 +7,49 @@
 //! a redelivered event is never counted twice, and a batch of events is one round trip.
 //! The ranking over the last N days is the union of their sets.
 //!
+//! The ranking is derived data: [`rebuild`] recomputes it exactly from the completed
+//! orders in MySQL. While a rebuild runs (`ranking:rebuilding` is set) the script counts
+//! nothing and answers "busy": the updater's partitions wait, and count what the rebuild
+//! did not include once it is done.
+//!
 //! The script builds its keys from its arguments: it needs a single Redis (not a cluster).
 
+pub mod rebuild;
 pub mod updater;
 
 use chrono::{Duration, NaiveDate};
 use redis::Script;
 
+use crate::error::{Classify, Dependency, ErrorClass};
 use crate::events::{EventId, OrderedProduct};
 use crate::ids::ProductId;
 use crate::stores::{RedisStore, RedisStoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RankingError {
+    #[error(transparent)]
+    Redis(#[from] RedisStoreError),
+    /// A rebuild is replacing the day sets; counting waits for it.
+    #[error("the ranking is being rebuilt")]
+    Rebuilding,
+}
+
+impl Classify for RankingError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            RankingError::Redis(error) => error.class(),
+            RankingError::Rebuilding => ErrorClass::Unavailable(Dependency::RankingRebuild),
+        }
+    }
+}
 
 const APPLY_SCRIPT: &str = r#"
 local applied_ttl = tonumber(ARGV[1])
 local day_ttl = tonumber(ARGV[2])
 local prefix = ARGV[3]
+if redis.call('EXISTS', prefix .. 'ranking:rebuilding') == 1 then
+  return {-1}
+end
 local flags = {}
 local i = 4
 while i <= #ARGV do
@@ -79,7 +107,7 @@ impl RankingStore {
     }
 
     /// Counts the orders not counted before; `true` for each one counted now.
-    pub async fn apply(&self, orders: &[RankedOrder<'_>]) -> Result<Vec<bool>, RedisStoreError> {
+    pub async fn apply(&self, orders: &[RankedOrder<'_>]) -> Result<Vec<bool>, RankingError> {
         if orders.is_empty() {
             return Ok(Vec::new());
         }
@@ -96,8 +124,40 @@ impl RankingStore {
             }
         }
         let mut connection = self.redis.connection()?;
-        let flags: Vec<u8> = invocation.invoke_async(&mut connection).await?;
+        let flags: Vec<i64> = invocation
+            .invoke_async(&mut connection)
+            .await
+            .map_err(RedisStoreError::from)?;
+        if flags.first() == Some(&-1) {
+            return Err(RankingError::Rebuilding);
+        }
         Ok(flags.into_iter().map(|flag| flag == 1).collect())
+    }
+
+    pub(crate) fn redis(&self) -> &RedisStore {
+        &self.redis
+    }
+
+    pub(crate) fn retention_days(&self) -> u32 {
+        self.retention_days
+    }
+
+    /// Whether each event has been counted (its applied mark is there): the ranking's
+    /// progress, which the reconciler and `GET /admin/events/{id}` read.
+    pub async fn counted(&self, events: &[EventId]) -> Result<Vec<bool>, RedisStoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = events
+            .iter()
+            .map(|id| self.redis.key(&format!("ranking:applied:{id}")))
+            .collect();
+        let mut connection = self.redis.connection()?;
+        let marks: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut connection)
+            .await?;
+        Ok(marks.iter().map(Option::is_some).collect())
     }
 
     /// The best sellers of the `days` days up to `today`, most sold first (ties: lower id).

@@ -381,6 +381,68 @@ async fn a_receiver_that_always_fails_gets_five_attempts_then_the_event_is_dead_
 }
 
 #[actix_web::test]
+async fn a_target_failing_for_every_event_is_waited_out_without_dead_letters() {
+    let target = WebhookTarget::start();
+    let clock = test_clock();
+    let app = spawn_forwarding_app(&target, &clock).await;
+    let mut ids = Vec::new();
+    for order in 0..4 {
+        let id = EventId::generate();
+        target.script(id, [], reply(503));
+        ids.push(record_payment(&app, id, 40 + order).await);
+    }
+    for id in &ids {
+        target.wait_for_deliveries(*id, 1).await;
+    }
+    eventually("the target counted down", WAIT, || async {
+        scheduler_state(&app).await["targetsDown"]
+            .as_array()
+            .is_some_and(|down| down.len() == 1)
+    })
+    .await;
+    let (_, ready) = app.get("/readyz").await;
+    assert_eq!(
+        ready["outages"][0]["dependency"], "deliveryTarget",
+        "{ready}"
+    );
+
+    // Far more tries than the five attempts an event has: none is spent while it is down.
+    for round in 2..=8 {
+        clock.advance(Duration::from_secs(31));
+        for id in &ids {
+            eventually(&format!("try {round} of {id}"), WAIT, || async {
+                target.deliveries_of(*id).len() >= round
+            })
+            .await;
+        }
+    }
+    for id in &ids {
+        let record = app.event(*id).await.unwrap();
+        assert_ne!(record.status, EventStatus::DeadLetter, "{record:?}");
+        assert!(
+            record.retry_count <= 2,
+            "attempts spent while down: {record:?}"
+        );
+    }
+
+    for id in &ids {
+        target.script(*id, [], reply(200));
+    }
+    clock.advance(Duration::from_secs(31));
+    for id in &ids {
+        wait_for_status(&app, *id, EventStatus::Completed).await;
+    }
+    let state = scheduler_state(&app).await;
+    assert_eq!(state["deadLettered"], 0);
+    assert_eq!(state["targetsDown"], serde_json::json!([]));
+    assert!(
+        state["waitingForTarget"].as_u64().unwrap() >= 4 * 6,
+        "{state}"
+    );
+    assert_eq!(app.get("/readyz").await.1["outages"], serde_json::json!([]));
+}
+
+#[actix_web::test]
 async fn a_rejection_is_dead_lettered_at_once_and_too_many_requests_waits_as_asked() {
     let target = WebhookTarget::start();
     let clock = test_clock();
@@ -492,11 +554,22 @@ async fn a_retry_scheduled_before_a_restart_runs_once_after_it() {
 async fn two_instances_never_make_the_same_attempt_twice() {
     let target = WebhookTarget::start();
     let clock = test_clock();
-    let first = spawn_forwarding_app(&target, &clock).await;
+    // Twenty events failing at once would count the target down (and spend no attempts);
+    // here each failure is its event's own.
+    let individually = |settings: &mut commerce_events::config::Settings| {
+        settings.external.target_down_after_failures = 1_000;
+    };
+    let base_url = target.address.clone();
+    let first = spawn_app_with_clock(Arc::new(clock.clone()), move |settings| {
+        configure_external(settings, &base_url);
+        individually(settings);
+    })
+    .await;
     let (brokers, database) = (first.bootstrap_servers(), first.database_url());
     let base_url = target.address.clone();
     let second = spawn_app_with_clock(Arc::new(clock.clone()), move |settings| {
         configure_external(settings, &base_url);
+        individually(settings);
         settings.instance.id = "second".into();
         settings.kafka.brokers = brokers;
         settings.database.url = database.into();

@@ -23,7 +23,8 @@ async fn readiness_reports_every_dependency_and_the_partition_assignment() {
         body,
         json!({
             "status": "ready",
-            "checks": {"kafka": "ok", "mysql": "ok", "partitions": "ok", "redis": "ok"}
+            "checks": {"kafka": "ok", "mysql": "ok", "partitions": "ok", "redis": "ok"},
+            "outages": []
         })
     );
 }
@@ -51,5 +52,5 @@ async fn the_actor_tree_lists_three_partition_actors_per_consumed_topic() {
     let app = spawn_app().await;
     let (status, tree) = app.get("/admin/actors").await;
     assert_eq!(status, StatusCode::OK);
-    assert_json_snapshot!("actor_tree_when_ready", tree, {".outboxRelay.passes" => "[passes]"});
+    assert_json_snapshot!("actor_tree_when_ready", tree, {".outboxRelay.passes" => "[passes]", ".reconciler.passes" => "[passes]"});
 }

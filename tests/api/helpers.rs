@@ -130,6 +130,7 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut Settings)) -> TestApp {
         app.get("/readyz").await.0 == StatusCode::OK
     })
     .await;
+    app.after_first_reconcile().await;
     app
 }
 
@@ -148,6 +149,7 @@ pub async fn spawn_app_with_clock(
         app.get("/readyz").await.0 == StatusCode::OK
     })
     .await;
+    app.after_first_reconcile().await;
     app
 }
 
@@ -188,6 +190,13 @@ async fn start_app_with_clock(
 }
 
 impl TestApp {
+    /// Waits for a complete reconciler pass, so that what the daemon does once at start-up
+    /// (a ranking rebuild when `ranking:built` is missing) is behind the test, not racing it.
+    pub async fn after_first_reconcile(&self) {
+        let (status, body) = self.post("/admin/reconcile", "").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
     pub fn database_url(&self) -> String {
         self._database.url()
     }

@@ -104,6 +104,7 @@ impl Pipeline {
             BTreeMap::from([(TOPIC.to_string(), domain.clone().recipient())]),
             self.publisher.clone(),
             self.event_log.clone(),
+            Default::default(),
         );
         let group = ConsumerGroup::start(spec, self.arbiters.clone()).expect("consumer group");
         Member {

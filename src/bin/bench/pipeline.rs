@@ -279,6 +279,7 @@ async fn partition_actors(
         BTreeMap::from([(TOPIC.to_string(), domain.recipient())]),
         publisher.clone(),
         event_log.clone(),
+        Default::default(),
     );
     let consumer_group = ConsumerGroup::start(spec, arbiters.clone())?;
     let deadline = Instant::now() + Duration::from_secs(120);

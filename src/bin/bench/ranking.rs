@@ -84,6 +84,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         )]),
         publisher.clone(),
         event_log,
+        Default::default(),
     );
     let group = ConsumerGroup::start(spec, arbiters.clone())?;
     let actors = wait_until(&updater, |state| state.processed as usize >= orders).await?;
