@@ -383,7 +383,7 @@ impl Default for RetrySettings {
             attempts: 3,
             delay_ms: 1_000,
             outage_initial_delay_ms: 1_000,
-            outage_max_delay_ms: 30_000,
+            outage_max_delay_ms: 10_000,
             outage_alert_after_secs: 60,
         }
     }

@@ -80,7 +80,7 @@ mod tests {
         let policy = OutagePolicy::from_settings(&RetrySettings::default());
         let delays: Vec<_> = policy.delays().take(8).collect();
         let seconds: Vec<u64> = delays.iter().map(Duration::as_secs).collect();
-        assert_eq!(seconds, vec![1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(seconds, vec![1, 2, 4, 8, 10, 10, 10, 10]);
         assert_eq!(policy.delays().take(1_000).count(), 1_000);
     }
 

@@ -15,6 +15,7 @@ use crate::error::Classify;
 use crate::event_log::OutboxEvent;
 use crate::events::EventPayload;
 use crate::ids::{CouponHistoryId, OrderId, ProductId, UserId};
+use crate::outbox::ANSWER_WAIT;
 use crate::shop::store::{Answered, NewOrderLine, ShopError};
 
 /// How long a request waits for the product cache (a read, a fill, or a write after a
@@ -155,7 +156,7 @@ pub async fn create_product(
     let price = bounded(request.price, MAX_PRICE, "INVALID_PRICE", "price")?;
     let stock = stock(request.stock)?;
     let created = state.shop.store.create_product(&name, price, stock).await?;
-    created.events.publish().await;
+    created.events.publish_within(ANSWER_WAIT).await;
     let product = created.value;
     Ok(HttpResponse::Created()
         .insert_header((
@@ -253,7 +254,7 @@ pub async fn update_product(
         .update_product(product_id, price, stock)
         .await?;
     cache_changes(&state, updated.events.events()).await;
-    updated.events.publish().await;
+    updated.events.publish_within(ANSWER_WAIT).await;
     Ok(HttpResponse::Ok().json(updated.value))
 }
 
@@ -385,7 +386,7 @@ pub async fn pay(
     {
         Answered::Fresh(paid) => {
             cache_changes(&state, paid.events.events()).await;
-            paid.events.publish().await;
+            paid.events.publish_within(ANSWER_WAIT).await;
             Ok(HttpResponse::Ok().json(paid.value))
         }
         Answered::Replay(answer) => Ok(replay(&answer)),

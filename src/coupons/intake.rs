@@ -149,10 +149,12 @@ async fn write_batches(
         };
         match record(&outbox, &batch).await {
             Ok((committed, intakes)) => {
-                // Publishing waits for the broker's acknowledgement (linger included); the
-                // writer goes on with the next batch meanwhile.
+                // Publishing waits for the broker's acknowledgement (linger included), for
+                // ANSWER_WAIT at most: the rows are committed, so a broker that does not
+                // answer delays the 202s by that much only. The writer goes on with the next
+                // batch meanwhile.
                 actix_rt::spawn(async move {
-                    committed.publish().await;
+                    committed.publish_within(crate::outbox::ANSWER_WAIT).await;
                     for (pending, intake) in batch.into_iter().zip(intakes) {
                         let _ = pending.answer.send(Ok(intake));
                     }

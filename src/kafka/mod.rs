@@ -14,12 +14,15 @@ use rdkafka::ClientConfig;
 use serde::Serialize;
 
 /// A librdkafka configuration: `properties`, then the `extra` ones the settings pass through
-/// unchanged (they win).
+/// unchanged (they win). Every client reconnects to a broker that went away at most 2 s
+/// apart (librdkafka's default grows to 10 s), so work resumes within seconds of a broker's
+/// return.
 pub(crate) fn client_config<'a>(
     properties: impl IntoIterator<Item = (&'a str, String)>,
     extra: &'a BTreeMap<String, String>,
 ) -> ClientConfig {
     let mut config = ClientConfig::new();
+    config.set("reconnect.backoff.max.ms", "2000");
     for (key, value) in properties.into_iter().chain(
         extra
             .iter()

@@ -168,6 +168,10 @@ impl DerefMut for OutboxTransaction {
     }
 }
 
+/// How long a request waits for the publication of the events it committed before it
+/// answers anyway (see [`Committed::publish_within`]).
+pub const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Events whose rows are committed, not yet published. Dropping it leaves them to the
 /// relay.
 #[must_use = "committed events are published by `publish`, or left to the relay"]
@@ -179,6 +183,22 @@ pub struct Committed {
 impl Committed {
     pub fn events(&self) -> &[OutboxEvent] {
         &self.events
+    }
+
+    /// Publishes the events in the background and waits for that at most `wait`: a request
+    /// answers once its events are committed, so a broker that does not answer slows it by
+    /// `wait` at most (the publication goes on, or the relay takes the rows). `None` when
+    /// the publication was still running at the end of the wait.
+    pub async fn publish_within(self, wait: std::time::Duration) -> Option<Publication> {
+        if self.events.is_empty() {
+            return Some(Publication::default());
+        }
+        let publishing = actix_rt::spawn(self.publish());
+        // Dropping the handle at the deadline detaches the task; it is not cancelled.
+        tokio::time::timeout(wait, publishing)
+            .await
+            .ok()
+            .and_then(Result::ok)
     }
 
     /// Publishes the events, then marks them PUBLISHED. A failure is logged and left to
