@@ -36,6 +36,7 @@
 //!   [`coupons`] (intake, issuer, result notifier, push sessions, locks), [`shop`] (users,
 //!   products, orders, payments, the product cache), [`ranking`] (store, updater),
 //!   [`delivery`] (webhooks, forwarders, retry scheduler, back-off, replay).
+//! - [`faults`] (feature `test-util`): fault drills shared by the fault tests and `bench faults`.
 //! - [`api`]: the HTTP API, one file per route area, and the common error body.
 //! - [`startup`]: builds, runs and shuts down the whole daemon ([`startup::Application`]).
 
@@ -50,6 +51,8 @@ pub mod delivery;
 pub mod error;
 pub mod event_log;
 pub mod events;
+#[cfg(feature = "test-util")]
+pub mod faults;
 pub mod idempotency;
 pub mod ids;
 pub mod kafka;

@@ -22,7 +22,7 @@ use crate::stores::RedisStore;
 
 /// How long a request waits for Redis to count it: past that, it goes through unchecked
 /// (counted in [`RateLimiter::unchecked`]), so a slow Redis never slows every request.
-const CHECK_TIMEOUT: Duration = Duration::from_millis(100);
+const CHECK_TIMEOUT: Duration = Duration::from_millis(500);
 
 const GCRA_SCRIPT: &str = r"
 local interval = tonumber(ARGV[1])

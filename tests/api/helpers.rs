@@ -37,6 +37,25 @@ pub struct Calls<'a> {
     authorization: Option<String>,
 }
 
+/// Sends `request` until its answer is not `503 UNAVAILABLE`, for a minute at most.
+async fn until_available<F, Fut>(mut request: F) -> (StatusCode, Value)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = (StatusCode, Value)>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = request().await;
+        if status != StatusCode::SERVICE_UNAVAILABLE
+            || body["error"]["code"] != "UNAVAILABLE"
+            || std::time::Instant::now() > deadline
+        {
+            return (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 impl Calls<'_> {
     fn request_to(&self, method: awc::http::Method, path: &str) -> awc::ClientRequest {
         let request = client().request(method, format!("{}{path}", self.app.address));
@@ -75,7 +94,19 @@ impl Calls<'_> {
         (response.status(), parse(&body))
     }
 
+    /// A request with a JSON body. Like any client it asks again after a `503 UNAVAILABLE`
+    /// (a pool that had no connection within its acquire timeout on this shared machine),
+    /// which changed nothing.
     pub async fn request_json(
+        &self,
+        method: awc::http::Method,
+        path: &str,
+        body: &str,
+    ) -> (StatusCode, Value) {
+        until_available(|| self.request_json_once(method.clone(), path, body)).await
+    }
+
+    async fn request_json_once(
         &self,
         method: awc::http::Method,
         path: &str,
@@ -91,7 +122,12 @@ impl Calls<'_> {
         (response.status(), parse(&body))
     }
 
+    /// A request without a body; asks again after a `503 UNAVAILABLE`, as above.
     pub async fn request(&self, method: awc::http::Method, path: &str) -> (StatusCode, Value) {
+        until_available(|| self.request_once(method.clone(), path)).await
+    }
+
+    async fn request_once(&self, method: awc::http::Method, path: &str) -> (StatusCode, Value) {
         let mut response = self
             .request_to(method, path)
             .send()

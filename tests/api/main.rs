@@ -10,7 +10,6 @@ mod daemon;
 mod errors;
 mod external;
 mod external_kafka;
-mod faults;
 mod health;
 mod helpers;
 mod orders;

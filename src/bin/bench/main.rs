@@ -2,6 +2,8 @@
 //! them). Each scenario prints a table; BENCHMARKS.md records them with the machine.
 
 mod coupons;
+#[cfg(feature = "test-util")]
+mod faults;
 mod pipeline;
 mod ranking;
 
@@ -27,6 +29,9 @@ enum Scenario {
     /// Ranking updates through the RankingUpdater against raw pipelined ZINCRBY, and a
     /// replay that must count nothing.
     Ranking(ranking::Options),
+    /// The fault-injection scenarios at a larger scale (build with `--features test-util`).
+    #[cfg(feature = "test-util")]
+    Faults(faults::Options),
 }
 
 /// Settings for a scenario on the embedded cluster, that cluster (with `topic` and its
@@ -61,5 +66,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Pipeline(options) => system.block_on(pipeline::run(options)),
         Scenario::Coupons(options) => system.block_on(coupons::run(options)),
         Scenario::Ranking(options) => system.block_on(ranking::run(options)),
+        #[cfg(feature = "test-util")]
+        Scenario::Faults(options) => system.block_on(faults::run(options)),
     }
 }

@@ -1,0 +1,303 @@
+//! Scenario `faults` (built with `--features test-util`): the fault-injection suite's
+//! scenarios at a larger scale, one table. Each scenario has its own database; coupon load
+//! runs through the fault, every request counted, then the shared checker
+//! (`commerce_events::faults`) reports what MySQL holds against what the clients were told.
+//!
+//! - `SIGKILL` / `SIGTERM`: the built binary (`commerce-events` beside this one) under load
+//!   with a backlog (the issuer's group paused), killed, restarted on the same database with
+//!   a fresh embedded cluster; recovery is from the restart to every request settled.
+//! - broker down, MySQL cut, Redis cut (through a TCP proxy): a daemon in this process;
+//!   recovery is from the end of the outage until every request recorded before it settled.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use commerce_events::config::{RateLimit, Settings};
+use commerce_events::faults::{
+    Checker, Clients, Daemon, Report, TcpProxy, coupon_body, eventually, user_rows,
+};
+use commerce_events::kafka::cluster::KafkaCluster;
+use commerce_events::startup::{Application, COUPON_REQUEST_GROUP};
+use secrecy::SecretString;
+use serde_json::Value;
+
+const JWT_SECRET: &str = "bench-secret-of-the-fault-drills";
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Users per scenario (one coupon request each).
+    #[arg(long, default_value_t = 6_000)]
+    pub users: u64,
+    /// Requests per second of the background load.
+    #[arg(long, default_value_t = 150)]
+    pub rate: u64,
+    /// How long each outage lasts.
+    #[arg(long, default_value_t = 30)]
+    pub outage_seconds: u64,
+}
+
+struct Row {
+    scenario: String,
+    report: Report,
+    ok: u64,
+    failed: u64,
+    unknown: u64,
+    recovery: Duration,
+}
+
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let binary = std::env::current_exe()?.with_file_name("commerce-events");
+    if !binary.exists() {
+        bail!(
+            "{} is missing: build it first (cargo build --release --features test-util --bins)",
+            binary.display()
+        );
+    }
+    println!(
+        "scenario faults: {} users per scenario, background load {} req/s, outages of {} s",
+        options.users, options.rate, options.outage_seconds
+    );
+    let mut rows = Vec::new();
+    for signal in ["-KILL", "-TERM"] {
+        rows.push(crash(&binary, signal, &options).await?);
+    }
+    for outage in [Outage::Broker, Outage::Mysql, Outage::Redis] {
+        rows.push(outage_under_load(outage, &options).await?);
+    }
+    println!();
+    println!(
+        "| scenario | accepted | ok / failed / unknown answers | lost | stranded | applied twice | dead-lettered | pushes lost | recovery s |"
+    );
+    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
+    for row in &rows {
+        let report = &row.report;
+        println!(
+            "| {} | {} | {} / {} / {} | {} | {} | {} | {} | {} | {:.1} |",
+            row.scenario,
+            report.accepted,
+            row.ok,
+            row.failed,
+            row.unknown,
+            report.lost,
+            report.stranded,
+            report.applied_twice
+                + report.held_twice
+                + report.over_issued
+                + report.told_success_not_issued,
+            report.dead_lettered,
+            report.pushes_lost,
+            row.recovery.as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn database(tag: &str) -> (String, String) {
+    let name = format!("bench_faults_{tag}_{}", std::process::id());
+    let url = format!("mysql://root@127.0.0.1:3306/{name}");
+    (name, url)
+}
+
+fn settings_for(name: &str, url: &str) -> Settings {
+    let mut settings = Settings::default();
+    settings.http.port = 0;
+    settings.database.url = SecretString::from(url.to_string());
+    settings.redis.key_prefix = format!("{name}:");
+    settings.instance.id = "bench".into();
+    settings.kafka.embedded_brokers = 1;
+    settings.auth.jwt_secret = SecretString::from(JWT_SECRET);
+    settings.limits.coupon_issue = RateLimit {
+        per_second: 100_000.0,
+        burst: 100_000,
+    };
+    settings.reconcile.after_ms = 3_000;
+    settings.reconcile.interval_ms = 1_000;
+    settings.log.filter = "error".into();
+    settings
+}
+
+async fn crash(binary: &Path, signal: &str, options: &Options) -> anyhow::Result<Row> {
+    let scenario = format!("{} under load with a backlog", &signal[1..]);
+    let (name, url) = database(&signal[1..].to_lowercase());
+    let settings = settings_for(&name, &url);
+    let start = || Daemon::start(binary, &url, &format!("{name}:"), JWT_SECRET);
+    let first = start();
+    let clients = Clients::new(&first.address, &settings);
+    clients.wait_ready().await;
+    let users = options.users;
+    user_rows(&url, users).await;
+    let (_, coupon) = clients
+        .admin("/coupons", coupon_body((users / 4) as u32))
+        .await;
+    let coupon = coupon["couponId"].as_u64().context("a coupon")?;
+    clients.load(1..=users / 6, coupon, 16).await;
+    let group = settings.kafka.group_id(COUPON_REQUEST_GROUP);
+    clients
+        .admin(
+            &format!("/admin/consumer-groups/{group}/pause"),
+            Value::Null,
+        )
+        .await;
+    clients.load(users / 6 + 1..=users / 2, coupon, 16).await;
+    let load = clients.load_in_background(users / 2 + 1..=users, coupon, options.rate);
+    let before = clients.accepted();
+    eventually("load under way", Duration::from_secs(120), || async {
+        clients.accepted() >= before + options.rate
+    })
+    .await;
+    first.signal(signal);
+    first.exited().await;
+    let restarted = Instant::now();
+    let second = start();
+    clients.point_at(&second.address);
+    clients.wait_ready().await;
+    load.await?;
+    clients.ask_again_unknown(coupon).await;
+    let checker = Checker::connect(&url).await;
+    let (report, _) = checker.settle(&clients, &[coupon]).await;
+    let recovery = restarted.elapsed();
+    let row = row(scenario, report, &clients, recovery);
+    second.signal("-TERM");
+    second.exited().await;
+    drop_database(&name).await?;
+    Ok(row)
+}
+
+fn row(scenario: String, report: Report, clients: &Clients, recovery: Duration) -> Row {
+    let ledger = clients.ledger.lock().unwrap();
+    Row {
+        scenario,
+        report,
+        ok: ledger.ok,
+        failed: ledger.failed,
+        unknown: ledger.unknown,
+        recovery,
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Outage {
+    Broker,
+    Mysql,
+    Redis,
+}
+
+async fn outage_under_load(outage: Outage, options: &Options) -> anyhow::Result<Row> {
+    let (tag, scenario) = match outage {
+        Outage::Broker => ("broker", "broker down"),
+        Outage::Mysql => ("mysql", "MySQL cut (TCP proxy)"),
+        Outage::Redis => ("redis", "Redis cut (TCP proxy)"),
+    };
+    let scenario = format!("{scenario} {} s under load", options.outage_seconds);
+    let (name, url) = database(tag);
+    let mut settings = settings_for(&name, &url);
+    let proxy = match outage {
+        Outage::Broker => None,
+        Outage::Mysql => {
+            let proxy = TcpProxy::start("127.0.0.1:3306".parse()?);
+            settings.database.url =
+                SecretString::from(format!("mysql://root@127.0.0.1:{}/{name}", proxy.port));
+            Some(proxy)
+        }
+        Outage::Redis => {
+            let proxy = TcpProxy::start("127.0.0.1:6379".parse()?);
+            settings.redis.url = SecretString::from(format!("redis://127.0.0.1:{}", proxy.port));
+            Some(proxy)
+        }
+    };
+    let daemon = InProcess::start(settings.clone())?;
+    let clients = Clients::new(&daemon.address, &settings);
+    clients.wait_ready().await;
+    let users = options.users;
+    user_rows(&url, users).await;
+    let (_, coupon) = clients
+        .admin("/coupons", coupon_body((users / 4) as u32))
+        .await;
+    let coupon = coupon["couponId"].as_u64().context("a coupon")?;
+    clients.load(1..=users / 10, coupon, 16).await;
+    let load = clients.load_in_background(users / 10 + 1..=users, coupon, options.rate);
+    let checker = Checker::connect(&url).await;
+    let set = |down: bool| match (outage, &proxy) {
+        (Outage::Broker, _) => {
+            let KafkaCluster::Embedded { cluster, .. } = &*daemon.kafka else {
+                unreachable!("the bench runs the embedded cluster")
+            };
+            cluster
+                .set_broker_up(1, !down)
+                .expect("the mock broker changes state");
+        }
+        (_, Some(proxy)) if down => proxy.cut(),
+        (_, Some(proxy)) => proxy.restore(),
+        (_, None) => unreachable!("a proxy for MySQL and Redis"),
+    };
+    set(true);
+    actix_rt::time::sleep(Duration::from_secs(options.outage_seconds)).await;
+    set(false);
+    let recovery = checker.recovery().await;
+    load.await?;
+    clients.ask_again_unknown(coupon).await;
+    let (report, _) = checker.settle(&clients, &[coupon]).await;
+    let row = row(scenario, report, &clients, recovery);
+    daemon.stop().await?;
+    drop_database(&name).await?;
+    Ok(row)
+}
+
+/// A daemon in this process, on its own thread and actix system.
+struct InProcess {
+    address: String,
+    kafka: Arc<KafkaCluster>,
+    shutdown: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcess {
+    fn start(settings: Settings) -> anyhow::Result<Self> {
+        let (started_sender, started) = std::sync::mpsc::channel();
+        let (shutdown, shutdown_signal) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("daemon".into())
+            .spawn(move || {
+                actix_rt::System::new().block_on(async move {
+                    let application = Application::build(settings).await?;
+                    started_sender.send((application.port(), application.kafka()))?;
+                    application
+                        .run_until_stopped(async move {
+                            let _ = shutdown_signal.await;
+                        })
+                        .await
+                })
+            })?;
+        let (port, kafka) = started
+            .recv_timeout(Duration::from_secs(120))
+            .context("the daemon did not start")?;
+        Ok(Self {
+            address: format!("http://127.0.0.1:{port}"),
+            kafka,
+            shutdown,
+            thread,
+        })
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(());
+        drop(self.kafka);
+        let thread = self.thread;
+        tokio::task::spawn_blocking(move || thread.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the daemon thread panicked"))?
+    }
+}
+
+async fn drop_database(database: &str) -> anyhow::Result<()> {
+    use sqlx::Connection;
+    let mut connection = sqlx::MySqlConnection::connect("mysql://root@127.0.0.1:3306").await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS `{database}`"
+    )))
+    .execute(&mut connection)
+    .await?;
+    Ok(())
+}
