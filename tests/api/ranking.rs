@@ -141,3 +141,99 @@ async fn the_window_covers_the_last_days_and_drops_older_ones_as_time_passes() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(error["error"]["code"], "INVALID_LIMIT");
 }
+
+/// Deletes every ranking key of this test's daemon (day sets, applied marks, `ranking:built`),
+/// as a Redis restarted without persistence would have lost them.
+async fn lose_the_ranking(app: &TestApp) {
+    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let pattern = format!("{}ranking:*", app.settings.redis.key_prefix);
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(&pattern)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty(), "the ranking had keys under {pattern}");
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+}
+
+#[actix_web::test]
+async fn a_lost_ranking_is_rebuilt_from_mysql_exactly_and_a_rebuild_counts_nothing_twice() {
+    let app = crate::helpers::spawn_app().await;
+    let keyboard = app.create_product("Keyboard", 100, 100).await;
+    let mouse = app.create_product("Mouse", 100, 100).await;
+    let user_id = app.create_user(1_000_000).await;
+    for lines in [
+        vec![(keyboard, 3), (mouse, 1)],
+        vec![(keyboard, 2)],
+        vec![(mouse, 4)],
+    ] {
+        let order_id = app.place_order(user_id, &lines).await;
+        app.pay(order_id).await;
+    }
+    wait_for_updater(&app, "processed", 3).await;
+    let expected = vec![(keyboard, 5), (mouse, 5)];
+    assert_eq!(ranking(&app, "").await, expected);
+
+    // Redis loses its data: the reconciler's next pass sees `ranking:built` missing and
+    // recomputes the window from the completed orders in MySQL.
+    lose_the_ranking(&app).await;
+    assert_eq!(ranking(&app, "").await, vec![]);
+    let (status, reconciler) = app.post("/admin/reconcile", "").await;
+    assert_eq!(status, StatusCode::OK, "{reconciler}");
+    assert_eq!(ranking(&app, "").await, expected, "{reconciler}");
+    assert!(
+        reconciler["rankingRebuilds"].as_u64().unwrap() >= 2,
+        "{reconciler}"
+    );
+
+    // An operator's rebuild gives the same sums, and the orders it counted are marked: a
+    // replay of the topic counts none of them again.
+    let (status, report) = app.post("/admin/ranking/rebuild", "").await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["orders"], 3);
+    assert_eq!(report["quantity"], 10);
+    assert_eq!(ranking(&app, "").await, expected);
+    let replayed = replay_from_offset_zero(&app, topics::ORDER_COMPLETED).await;
+    assert_eq!(replayed, 3);
+    wait_for_updater(&app, "duplicates", 3).await;
+    assert_eq!(ranking(&app, "").await, expected, "nothing counted twice");
+
+    // Each order's progress per consumer: the ranking's is its mark, the analytics
+    // delivery's the event's row.
+    let (event_id,): (String,) = sqlx::query_as(
+        "SELECT event_id FROM event_log WHERE event_type = 'OrderCompleted' LIMIT 1",
+    )
+    .fetch_one(app.event_log.pool())
+    .await
+    .unwrap();
+    let (status, event) = app.get(&format!("/admin/events/{event_id}")).await;
+    assert_eq!(status, StatusCode::OK, "{event}");
+    let consumers: Vec<(String, String, bool)> = event["consumers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|consumer| {
+            (
+                consumer["consumer"].as_str().unwrap().to_string(),
+                consumer["recordedIn"].as_str().unwrap().to_string(),
+                consumer["settled"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        consumers.contains(&("RankingUpdater".into(), "rankingMarks".into(), true)),
+        "{event}"
+    );
+    assert!(
+        consumers
+            .iter()
+            .any(|(name, recorded_in, _)| name == "OrderAnalytics" && recorded_in == "eventLog"),
+        "{event}"
+    );
+    assert_eq!(event["deadLetters"], serde_json::json!([]));
+}
