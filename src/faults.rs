@@ -530,9 +530,19 @@ pub struct Daemon {
 
 impl Daemon {
     /// Starts `binary` on the database at `database_url`, keys under `key_prefix`, tokens
-    /// signed with `jwt_secret`.
-    pub fn start(binary: &Path, database_url: &str, key_prefix: &str, jwt_secret: &str) -> Self {
-        let mut child = Command::new(binary)
+    /// signed with `jwt_secret`, with the embedded cluster unless `brokers` names others.
+    pub fn start(
+        binary: &Path,
+        database_url: &str,
+        key_prefix: &str,
+        jwt_secret: &str,
+        brokers: Option<&str>,
+    ) -> Self {
+        let mut command = Command::new(binary);
+        if let Some(brokers) = brokers {
+            command.env("APP_KAFKA__BROKERS", brokers);
+        }
+        let mut child = command
             .env_remove("RUST_LOG")
             .env("APP_CONFIG_FILE", "/nonexistent/commerce-events.toml")
             .env("APP_HTTP__PORT", "0")

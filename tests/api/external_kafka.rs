@@ -1,8 +1,6 @@
 //! The daemon against a separate Kafka-protocol broker process (tansu), configured only
 //! through `kafka.brokers`, as it would run against a real cluster.
 
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use commerce_events::events::EventId;
@@ -12,44 +10,7 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::helpers::spawn_app_with;
-use crate::support::{committed_offsets, eventually};
-
-/// A tansu broker on a free loopback port, killed when dropped.
-struct Broker {
-    process: Child,
-    address: String,
-}
-
-impl Broker {
-    async fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let address = format!("127.0.0.1:{port}");
-        let url = format!("tcp://{address}");
-        let process = Command::new("tansu")
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tansu is installed (scripts/test installs it: cargo install tansu --version 0.6.0 --locked --features dynostore)");
-        eventually("the broker listens", Duration::from_secs(20), || async {
-            TcpStream::connect(&address).is_ok()
-        })
-        .await;
-        Self { process, address }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
-    }
-}
+use crate::support::{Broker, committed_offsets, eventually};
 
 #[actix_web::test]
 async fn against_an_external_broker_the_daemon_creates_its_topics_and_runs_the_pipeline() {

@@ -153,6 +153,61 @@ pub struct TestApp {
     /// Users whose rows exist (so `as_user` asks MySQL once per user).
     known_users: std::sync::Mutex<std::collections::HashSet<u64>>,
     _database: TestDatabase,
+    /// Dropped last, after the database (whose drop closes the daemon's connections).
+    _slot: DaemonSlot,
+}
+
+/// Tests running daemons at once, whatever `--test-threads` says: each daemon with its test
+/// pool holds about a dozen MariaDB connections (and a test may run two), and the server
+/// takes 151.
+const DAEMON_TESTS_AT_ONCE: usize = 5;
+static DAEMON_TESTS: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(DAEMON_TESTS_AT_ONCE);
+
+thread_local! {
+    /// The slot of the test running on this thread, shared by its daemons.
+    static THIS_TEST: std::cell::RefCell<(usize, Option<tokio::sync::SemaphorePermit<'static>>)> =
+        const { std::cell::RefCell::new((0, None)) };
+}
+
+/// A test's claim on one of the [`DAEMON_TESTS_AT_ONCE`] slots; the test's second daemon
+/// shares the first one's (each test runs on a thread of its own).
+struct DaemonSlot;
+
+impl DaemonSlot {
+    async fn claim() -> Self {
+        let held = THIS_TEST.with(|slot| slot.borrow().0 > 0);
+        let permit = if held {
+            None
+        } else {
+            Some(
+                DAEMON_TESTS
+                    .acquire()
+                    .await
+                    .expect("the semaphore is never closed"),
+            )
+        };
+        THIS_TEST.with(|slot| {
+            let mut slot = slot.borrow_mut();
+            slot.0 += 1;
+            if permit.is_some() {
+                slot.1 = permit;
+            }
+        });
+        DaemonSlot
+    }
+}
+
+impl Drop for DaemonSlot {
+    fn drop(&mut self) {
+        THIS_TEST.with(|slot| {
+            let mut slot = slot.borrow_mut();
+            slot.0 -= 1;
+            if slot.0 == 0 {
+                slot.1 = None;
+            }
+        });
+    }
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -194,6 +249,7 @@ async fn start_app_with_clock(
     customize: impl FnOnce(&mut Settings),
 ) -> TestApp {
     init_tracing();
+    let slot = DaemonSlot::claim().await;
     let database = TestDatabase::new();
     let mut settings = database.settings();
     customize(&mut settings);
@@ -222,6 +278,7 @@ async fn start_app_with_clock(
         running: Some(running),
         known_users: Default::default(),
         _database: database,
+        _slot: slot,
     }
 }
 

@@ -61,8 +61,11 @@ fn set_broker_up(kafka: &KafkaCluster, up: bool) {
 
 /// Coupon load with a backlog (the issuer's group paused), the daemon killed with `signal`
 /// in the middle of it, restarted on the same database (and a fresh embedded cluster).
-async fn crash_under_load_with_a_backlog(signal: &str) {
-    let scenario = format!("{signal} under load with a backlog");
+async fn crash_under_load_with_a_backlog(signal: &str, brokers: Option<&str>) {
+    let scenario = format!(
+        "{signal} under load with a backlog ({})",
+        brokers.map_or("embedded cluster", |_| "separate broker")
+    );
     let database = TestDatabase::new();
     let settings = database.settings();
     let start = || {
@@ -71,6 +74,7 @@ async fn crash_under_load_with_a_backlog(signal: &str) {
             &database.url(),
             &format!("{}:", database.name),
             TEST_JWT_SECRET,
+            brokers,
         )
     };
     let first = start();
@@ -125,12 +129,12 @@ async fn crash_under_load_with_a_backlog(signal: &str) {
 
 #[actix_web::test]
 async fn sigkill_under_coupon_load_with_a_backlog_loses_and_strands_nothing() {
-    crash_under_load_with_a_backlog("-KILL").await;
+    crash_under_load_with_a_backlog("-KILL", None).await;
 }
 
 #[actix_web::test]
 async fn sigterm_under_coupon_load_with_a_backlog_loses_and_strands_nothing() {
-    crash_under_load_with_a_backlog("-TERM").await;
+    crash_under_load_with_a_backlog("-TERM", None).await;
 }
 
 // ---------------------------------------------------------------------------------------

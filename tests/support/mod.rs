@@ -424,3 +424,40 @@ pub fn read_records(
     );
     records
 }
+
+/// A tansu broker on a free loopback port, killed when dropped.
+pub struct Broker {
+    process: std::process::Child,
+    pub address: String,
+}
+
+impl Broker {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let address = format!("127.0.0.1:{port}");
+        let url = format!("tcp://{address}");
+        let process = std::process::Command::new("tansu")
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tansu is installed (scripts/test installs it: cargo install tansu --version 0.6.0 --locked --features dynostore)");
+        eventually("the broker listens", Duration::from_secs(20), || async {
+            std::net::TcpStream::connect(&address).is_ok()
+        })
+        .await;
+        Self { process, address }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}

@@ -122,7 +122,7 @@ async fn crash(binary: &Path, signal: &str, options: &Options) -> anyhow::Result
     let scenario = format!("{} under load with a backlog", &signal[1..]);
     let (name, url) = database(&signal[1..].to_lowercase());
     let settings = settings_for(&name, &url);
-    let start = || Daemon::start(binary, &url, &format!("{name}:"), JWT_SECRET);
+    let start = || Daemon::start(binary, &url, &format!("{name}:"), JWT_SECRET, None);
     let first = start();
     let clients = Clients::new(&first.address, &settings);
     clients.wait_ready().await;
