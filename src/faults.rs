@@ -524,8 +524,20 @@ impl TcpProxy {
 
 /// The built binary, run as an operator runs it, on `database`.
 pub struct Daemon {
-    pub child: Child,
+    /// The process; `None` once [`Daemon::exited`] has taken it.
+    child: Option<Child>,
     pub address: String,
+}
+
+impl Drop for Daemon {
+    /// A drill that fails half-way must not leave its daemon running (holding MySQL
+    /// connections the next drills need).
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 impl Daemon {
@@ -577,12 +589,18 @@ impl Daemon {
         let address = receiver
             .recv_timeout(Duration::from_secs(120))
             .expect("the daemon logs its address");
-        Self { child, address }
+        Self {
+            child: Some(child),
+            address,
+        }
     }
 
     pub fn signal(&self, signal: &str) {
         let sent = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
+            .args([
+                signal,
+                &self.child.as_ref().expect("running").id().to_string(),
+            ])
             .status()
             .expect("kill runs");
         assert!(sent.success());
@@ -590,7 +608,8 @@ impl Daemon {
 
     /// Waits for the process to end; its exit code (`None`: killed by a signal).
     pub async fn exited(mut self) -> Option<i32> {
-        actix_rt::task::spawn_blocking(move || self.child.wait().expect("the daemon ends").code())
+        let mut child = self.child.take().expect("running");
+        actix_rt::task::spawn_blocking(move || child.wait().expect("the daemon ends").code())
             .await
             .unwrap()
     }

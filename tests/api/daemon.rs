@@ -19,6 +19,8 @@ fn daemon_command(database: &TestDatabase) -> Command {
         .env("APP_CONFIG_FILE", "/nonexistent/commerce-events.toml")
         .env("APP_HTTP__PORT", "0")
         .env("APP_DATABASE__URL", database.url())
+        .env("APP_DATABASE__MAX_CONNECTIONS", "4")
+        .env("APP_DATABASE__HTTP_MAX_CONNECTIONS", "4")
         .env("APP_REDIS__KEY_PREFIX", format!("{}:", database.name))
         .env("APP_KAFKA__EMBEDDED_BROKERS", "1")
         .env("APP_LOG__FORMAT", "json")
@@ -54,6 +56,7 @@ fn wait_for_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
 
 #[actix_web::test]
 async fn the_daemon_serves_until_sigterm_and_then_exits_0_within_10_seconds() {
+    let _slot = crate::helpers::DaemonSlot::claim().await;
     let database = TestDatabase::new();
     let mut child = daemon_command(&database)
         .spawn()
@@ -174,6 +177,7 @@ async fn an_unknown_command_is_refused() {
 
 #[actix_web::test]
 async fn a_500_logs_one_json_line_with_its_error_chain_and_no_backtrace() {
+    let _slot = crate::helpers::DaemonSlot::claim().await;
     let database = TestDatabase::new();
     let mut child = daemon_command(&database)
         .env("RUST_BACKTRACE", "1")

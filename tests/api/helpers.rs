@@ -160,7 +160,7 @@ pub struct TestApp {
 /// Tests running daemons at once, whatever `--test-threads` says: each daemon with its test
 /// pool holds about a dozen MariaDB connections (and a test may run two), and the server
 /// takes 151.
-const DAEMON_TESTS_AT_ONCE: usize = 5;
+const DAEMON_TESTS_AT_ONCE: usize = 4;
 static DAEMON_TESTS: tokio::sync::Semaphore =
     tokio::sync::Semaphore::const_new(DAEMON_TESTS_AT_ONCE);
 
@@ -172,10 +172,10 @@ thread_local! {
 
 /// A test's claim on one of the [`DAEMON_TESTS_AT_ONCE`] slots; the test's second daemon
 /// shares the first one's (each test runs on a thread of its own).
-struct DaemonSlot;
+pub struct DaemonSlot;
 
 impl DaemonSlot {
-    async fn claim() -> Self {
+    pub async fn claim() -> Self {
         let held = THIS_TEST.with(|slot| slot.borrow().0 > 0);
         let permit = if held {
             None
