@@ -596,6 +596,12 @@ impl Application {
         })
     }
 
+    /// Stops the daemon's arbiters at once (no ordered shutdown): see
+    /// [`crate::actors::ArbiterStopper`].
+    pub fn arbiter_stopper(&self) -> crate::actors::ArbiterStopper {
+        self.arbiters.stopper()
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

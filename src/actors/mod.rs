@@ -68,6 +68,22 @@ pub struct ArbiterPool {
     next: AtomicUsize,
 }
 
+/// Stops a pool's arbiters from anywhere, at once and without waiting: for a host that
+/// abandons a daemon without its ordered shutdown (a test that ends), so that the actors,
+/// and the connections they hold, go away with their threads.
+#[derive(Clone)]
+pub struct ArbiterStopper {
+    handles: Vec<ArbiterHandle>,
+}
+
+impl ArbiterStopper {
+    pub fn stop(&self) {
+        for handle in &self.handles {
+            handle.stop();
+        }
+    }
+}
+
 impl ArbiterPool {
     /// Starts `threads` arbiters (at least one). Must be called inside an actix system.
     pub fn new(threads: usize) -> Self {
@@ -83,6 +99,13 @@ impl ArbiterPool {
     pub fn next(&self) -> ArbiterHandle {
         let index = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
         self.handles[index].clone()
+    }
+
+    /// Handles that stop every arbiter without waiting (see [`ArbiterStopper`]).
+    pub fn stopper(&self) -> ArbiterStopper {
+        ArbiterStopper {
+            handles: self.handles.clone(),
+        }
     }
 
     /// Stops every arbiter and waits for their threads. Blocks: call from a blocking thread.

@@ -153,8 +153,19 @@ pub struct TestApp {
     /// Users whose rows exist (so `as_user` asks MySQL once per user).
     known_users: std::sync::Mutex<std::collections::HashSet<u64>>,
     _database: TestDatabase,
+    /// Stops the daemon's arbiters when the test is over (see `Drop`).
+    arbiters: commerce_events::actors::ArbiterStopper,
     /// Dropped last, after the database (whose drop closes the daemon's connections).
     _slot: DaemonSlot,
+}
+
+impl Drop for TestApp {
+    /// A test that ends without stopping its daemon would leave its actors running on their
+    /// arbiters, each holding connections: stopping the arbiters lets them go, so the
+    /// database can be dropped and the server's 151 connections suffice.
+    fn drop(&mut self) {
+        self.arbiters.stop();
+    }
 }
 
 /// Tests running daemons at once, whatever `--test-threads` says: each daemon with its test
@@ -259,6 +270,7 @@ async fn start_app_with_clock(
     let address = format!("http://127.0.0.1:{}", application.port());
     let kafka = application.kafka();
     let publisher = application.publisher();
+    let arbiters = application.arbiter_stopper();
     let pool = stores::connect_mysql(&settings.database, 2)
         .await
         .expect("test pool");
@@ -278,6 +290,7 @@ async fn start_app_with_clock(
         running: Some(running),
         known_users: Default::default(),
         _database: database,
+        arbiters,
         _slot: slot,
     }
 }
