@@ -95,16 +95,20 @@ impl Clients {
         *self.address.lock().unwrap() = address.to_string();
     }
 
-    /// Waits until the daemon the clients point at is ready and has made a reconciler pass.
-    pub async fn wait_ready(&self) {
-        let token = self
-            .auth
+    /// A token of the administrator (user 1), valid an hour.
+    fn admin_token(&self) -> String {
+        self.auth
             .mint(
                 UserId::from_u64(1).unwrap(),
                 true,
                 Duration::from_secs(3_600),
             )
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Waits until the daemon the clients point at is ready and has made a reconciler pass.
+    pub async fn wait_ready(&self) {
+        let token = self.admin_token();
         let client = awc::Client::default();
         let address = self.address.lock().unwrap().clone();
         eventually("the daemon is ready", Duration::from_secs(60), || async {
@@ -127,14 +131,7 @@ impl Clients {
 
     /// A `POST` as the administrator.
     pub async fn admin(&self, path: &str, body: Value) -> (StatusCode, Value) {
-        let token = self
-            .auth
-            .mint(
-                UserId::from_u64(1).unwrap(),
-                true,
-                Duration::from_secs(3_600),
-            )
-            .unwrap();
+        let token = self.admin_token();
         let mut response = awc::Client::default()
             .post(format!("{}{path}", self.address.lock().unwrap().clone()))
             .bearer_auth(token)

@@ -776,7 +776,7 @@ async fn check_invariants(pool: &MySqlPool) -> anyhow::Result<Invariants> {
     })
 }
 
-async fn drop_database(database: &str) -> anyhow::Result<()> {
+pub(crate) async fn drop_database(database: &str) -> anyhow::Result<()> {
     use sqlx::Connection;
     let mut connection = sqlx::MySqlConnection::connect("mysql://root@127.0.0.1:3306").await?;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(

@@ -20,6 +20,8 @@ use commerce_events::faults::{
 };
 use commerce_events::kafka::cluster::KafkaCluster;
 use commerce_events::startup::{Application, COUPON_REQUEST_GROUP};
+
+use crate::coupons::drop_database;
 use secrecy::SecretString;
 use serde_json::Value;
 
@@ -289,15 +291,4 @@ impl InProcess {
             .await?
             .map_err(|_| anyhow::anyhow!("the daemon thread panicked"))?
     }
-}
-
-async fn drop_database(database: &str) -> anyhow::Result<()> {
-    use sqlx::Connection;
-    let mut connection = sqlx::MySqlConnection::connect("mysql://root@127.0.0.1:3306").await?;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS `{database}`"
-    )))
-    .execute(&mut connection)
-    .await?;
-    Ok(())
 }
