@@ -44,6 +44,7 @@ pub struct Settings {
     pub limits: LimitSettings,
     pub push: PushSettings,
     pub log: LogSettings,
+    pub metrics: MetricsSettings,
 }
 
 impl Settings {
@@ -711,6 +712,29 @@ impl Default for PushSettings {
             ticket_ttl_secs: 30,
             resume_max_age_secs: 3_600,
             max_frame_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Prometheus metrics (`GET /metrics`) and the dashboard's live view.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct MetricsSettings {
+    /// How often consumer lag is measured (committed offsets and high watermarks are read
+    /// from the brokers).
+    pub lag_interval_ms: u64,
+    /// How often the outbox backlog (pending rows, the oldest one's age) is counted.
+    pub outbox_interval_ms: u64,
+    /// How often `/dashboard` receives a new view.
+    pub dashboard_interval_ms: u64,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            lag_interval_ms: 1_000,
+            outbox_interval_ms: 5_000,
+            dashboard_interval_ms: 1_000,
         }
     }
 }

@@ -655,6 +655,22 @@ impl EventLog {
         rows.into_iter().map(typed).collect()
     }
 
+    /// How many rows are PENDING (written, not published), and how long the oldest has
+    /// waited. Reads the `event_log_unpublished` index's range of unpublished rows only.
+    pub async fn unpublished_backlog(&self) -> Result<(u64, Option<Duration>), EventLogError> {
+        let (pending, oldest_age_us): (i64, Option<i64>) = sqlx::query_as(
+            "SELECT COUNT(*), TIMESTAMPDIFF(MICROSECOND, MIN(created_at), NOW(6)) \
+             FROM event_log WHERE published_at IS NULL AND status = ?",
+        )
+        .bind(EventStatus::Pending)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((
+            u64::try_from(pending).unwrap_or(0),
+            oldest_age_us.map(|micros| Duration::from_micros(u64::try_from(micros).unwrap_or(0))),
+        ))
+    }
+
     /// Locks up to `limit` rows that stayed PENDING for longer than `older_than`, skipping
     /// rows another relay instance holds. The caller publishes them and marks them
     /// PUBLISHED before committing.

@@ -98,6 +98,15 @@ impl EventId {
     }
 }
 
+impl RequestId {
+    /// When the request was accepted: the millisecond of its UUIDv7 (`None` for an id
+    /// generated elsewhere, of another version).
+    pub fn accepted_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        let (seconds, nanos) = self.0.get_timestamp()?.to_unix();
+        chrono::DateTime::from_timestamp(i64::try_from(seconds).ok()?, nanos)
+    }
+}
+
 impl From<RequestId> for EventId {
     fn from(request: RequestId) -> Self {
         EventId(request.0)

@@ -173,6 +173,7 @@ impl Outages {
 
     fn alert(&self, dependency: Dependency, since: DateTime<Utc>, waiting: usize, error: String) {
         self.inner.alerts.fetch_add(1, Ordering::Relaxed);
+        crate::monitoring::alert_raised("dependency_outage");
         error!(
             alert = true,
             %dependency,

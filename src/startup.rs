@@ -19,6 +19,7 @@ use tracing_actix_web::TracingLogger;
 use crate::actors::ArbiterPool;
 use crate::actors::consumer_group::{ConsumerGroup, ConsumerGroupSpec};
 use crate::actors::domain::{DomainActor, DomainHandler, PipelineProbes};
+use crate::actors::lag::{LagMonitor, LagView};
 use crate::actors::tree::ActorTree;
 use crate::api::error::BodyLimits;
 use crate::api::{
@@ -49,9 +50,9 @@ use crate::kafka::offsets::GroupOffsets;
 use crate::kafka::producer::EventPublisher;
 use crate::limits::RateLimiter;
 use crate::outages::Outages;
-use crate::outbox::Outbox;
 use crate::outbox::reconciler::{Reconciler, ReconcilerWiring, StopReconciler};
 use crate::outbox::relay::{OutboxRelay, StopRelay};
+use crate::outbox::{Outbox, OutboxBacklogView};
 use crate::progress::{ConsumerSpec, Consumers, RecordedIn};
 use crate::ranking::RankingStore;
 use crate::ranking::rebuild::{RebuildReport, rebuild};
@@ -427,6 +428,24 @@ impl Wiring {
         (reconciler, offsets)
     }
 
+    /// The lag monitor and the outbox backlog count, on a partition arbiter (their broker
+    /// requests and queries run on blocking threads and the actors' pool).
+    fn start_monitors(&mut self, offsets: Arc<GroupOffsets>) -> (LagView, OutboxBacklogView) {
+        crate::monitoring::install();
+        let metrics = &self.settings.metrics;
+        let monitor = LagMonitor::new(self.tree.consumer_groups.clone(), offsets);
+        let lag = monitor.view();
+        self.arbiters
+            .next()
+            .spawn(monitor.run(Duration::from_millis(metrics.lag_interval_ms.max(50))));
+        let backlog = OutboxBacklogView::default();
+        self.arbiters.next().spawn(backlog.clone().keep_counting(
+            self.event_log().clone(),
+            Duration::from_millis(metrics.outbox_interval_ms.max(50)),
+        ));
+        (lag, backlog)
+    }
+
     /// The outbox relay, on the main arbiter.
     fn start_relay(&mut self) -> Addr<OutboxRelay> {
         let relay = OutboxRelay::new(self.outbox.clone(), &self.settings.outbox).start_supervised();
@@ -452,6 +471,7 @@ fn serve_http(settings: &Settings, state: AppState) -> anyhow::Result<(Server, u
         App::new()
             .wrap(api::json_errors())
             .wrap(TracingLogger::default())
+            .wrap(api::metrics::Measured)
             .app_data(state.clone())
             .app_data(body_limits)
             .configure(api::configure)
@@ -524,6 +544,7 @@ impl Application {
         let relay = wiring.start_relay();
         let (reconciler, group_offsets) =
             wiring.start_reconciler(ranking.clone(), kafka.is_embedded());
+        let (lag, outbox_backlog) = wiring.start_monitors(group_offsets.clone());
 
         let settings = &wiring.settings;
         let auth = Authenticator::from_settings(&settings.auth, &settings.kafka)?;
@@ -576,6 +597,12 @@ impl Application {
                 outages: wiring.outages.clone(),
                 dead_letters: DeadLetterLog::new(stores.http.clone()),
                 consumers: Consumers::new(wiring.consumers.clone()),
+                pools: vec![
+                    ("actors", stores.actors.clone()),
+                    ("http", stores.http.clone()),
+                ],
+                lag,
+                outbox_backlog,
             },
             clock,
         };

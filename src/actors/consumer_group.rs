@@ -20,6 +20,7 @@ use tracing::{error, warn};
 
 use crate::actors::ArbiterPool;
 use crate::actors::domain::ProcessBatch;
+use crate::actors::lag::GroupProgress;
 use crate::actors::partition::{
     Drain, DrainReport, ObservePartition, PartitionActor, PartitionActorState, PartitionPolicy,
     PartitionWiring,
@@ -71,6 +72,7 @@ pub struct ConsumerGroupActor {
     drain_timeout: Duration,
     arbiters: Arc<ArbiterPool>,
     partitions: BTreeMap<TopicPartition, Addr<PartitionActor>>,
+    progress: GroupProgress,
 }
 
 impl Actor for ConsumerGroupActor {
@@ -89,6 +91,8 @@ impl Handler<PartitionsAssigned> for ConsumerGroupActor {
             let wiring = PartitionWiring {
                 domain,
                 policy: self.policy.clone(),
+                group_id: self.group_id.as_str().into(),
+                progress: self.progress.assigned(&source),
             };
             let offsets = message.offsets.clone();
             let actor_source = source.clone();
@@ -113,6 +117,7 @@ impl Handler<PartitionsRevoking> for ConsumerGroupActor {
             .partitions
             .iter()
             .filter_map(|partition| {
+                self.progress.revoked(partition);
                 self.partitions
                     .remove(partition)
                     .map(|actor| (partition.clone(), actor))
@@ -261,6 +266,8 @@ pub struct ConsumerGroup {
     topics: Vec<String>,
     actor: Addr<ConsumerGroupActor>,
     health: Arc<GroupHealth>,
+    progress: GroupProgress,
+    starts_at_end: bool,
     consumer: std::sync::Mutex<Option<GroupConsumer>>,
 }
 
@@ -268,6 +275,7 @@ impl ConsumerGroup {
     /// Starts the group's actor (on the current arbiter) and its member.
     pub fn start(spec: ConsumerGroupSpec, arbiters: Arc<ArbiterPool>) -> Result<Self, KafkaError> {
         let topics: Vec<String> = spec.routes.keys().cloned().collect();
+        let progress = GroupProgress::default();
         let actor = ConsumerGroupActor {
             group_id: spec.group_id.clone(),
             routes: spec.routes,
@@ -275,6 +283,7 @@ impl ConsumerGroup {
             drain_timeout: spec.drain_timeout,
             arbiters,
             partitions: BTreeMap::new(),
+            progress: progress.clone(),
         }
         .start();
         let listener = Arc::new(GroupListener {
@@ -294,6 +303,8 @@ impl ConsumerGroup {
             topics,
             actor,
             health: consumer.health(),
+            progress,
+            starts_at_end: spec.uncommitted_start == UncommittedStart::End,
             consumer: std::sync::Mutex::new(Some(consumer)),
         })
     }
@@ -308,6 +319,16 @@ impl ConsumerGroup {
 
     pub fn health(&self) -> &GroupHealth {
         &self.health
+    }
+
+    /// Where this instance's partition actors of the group stand.
+    pub fn progress(&self) -> &GroupProgress {
+        &self.progress
+    }
+
+    /// Whether a partition without a committed offset starts at its end.
+    pub fn starts_at_end(&self) -> bool {
+        self.starts_at_end
     }
 
     pub async fn observe(&self) -> ConsumerGroupState {

@@ -385,6 +385,7 @@ impl<H: DomainHandler> Actor for DomainActor<H> {
 impl<H: DomainHandler> Supervised for DomainActor<H> {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
         self.restarts += 1;
+        crate::monitoring::actor_restarted(self.name);
         warn!(
             actor = self.name,
             restarts = self.restarts,

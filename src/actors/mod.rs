@@ -19,6 +19,7 @@
 
 pub mod consumer_group;
 pub mod domain;
+pub mod lag;
 pub mod partition;
 pub mod retry;
 pub mod tree;

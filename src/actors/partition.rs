@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::actors::domain::{BatchOrigin, EventOutcome, HandlerError, ProcessBatch};
+use crate::actors::lag::PartitionProgress;
 use crate::actors::retry::{OutagePolicy, RetryPolicy};
 use crate::error::Dependency;
 use crate::events::EventEnvelope;
@@ -49,6 +50,7 @@ use crate::kafka::TopicPartition;
 use crate::kafka::consumer::{ConsumedRecord, OffsetCommitter, PartitionRecords};
 use crate::kafka::dead_letter::{DeadLetter, DeadLetterError, DeadLetters};
 use crate::kafka::producer::Delivered;
+use crate::monitoring::{self, BatchOutcomes};
 use crate::outages::Outages;
 
 /// Stop taking records, finish the batch in flight, report and stop.
@@ -116,6 +118,10 @@ pub struct PartitionPolicy {
 pub struct PartitionWiring {
     pub domain: Recipient<ProcessBatch>,
     pub policy: PartitionPolicy,
+    /// The group id, for the metrics.
+    pub group_id: Arc<str>,
+    /// Where the partition reports its position to the lag monitor.
+    pub progress: Arc<PartitionProgress>,
 }
 
 /// What a batch in flight shows while it runs (it runs detached from the actor).
@@ -137,6 +143,8 @@ pub struct PartitionActor {
     last_commit: Option<Instant>,
     commit_scheduled: bool,
     live: Arc<LiveState>,
+    /// When the batch in flight was taken.
+    batch_started: Option<Instant>,
     state: PartitionActorState,
 }
 
@@ -171,6 +179,7 @@ impl PartitionActor {
             last_commit: None,
             commit_scheduled: false,
             live: Arc::default(),
+            batch_started: None,
             state,
         }
     }
@@ -215,6 +224,10 @@ impl PartitionActor {
     ) -> impl Future<Output = BatchReport> + use<> {
         debug!(source = %self.source, records = batch.len(), "batch taken");
         self.state.in_flight = batch.len();
+        self.batch_started = Some(Instant::now());
+        self.wiring
+            .progress
+            .batch_started(batch.first().and_then(|record| record.timestamp_ms));
         let job = BatchJob {
             waiter: self.source.to_string(),
             source: self.source.clone(),
@@ -233,6 +246,21 @@ impl PartitionActor {
         self.state.duplicates += report.duplicates;
         self.state.dead_lettered += report.dead_lettered;
         self.state.retries += report.retries;
+        self.wiring.progress.batch_settled(report.next_offset);
+        monitoring::batch_settled(
+            &self.wiring.group_id,
+            &self.source.topic,
+            &BatchOutcomes {
+                processed: report.processed,
+                duplicates: report.duplicates,
+                dead_lettered: report.dead_lettered,
+                retries: report.retries,
+            },
+            self.batch_started
+                .take()
+                .map(|at| at.elapsed())
+                .unwrap_or_default(),
+        );
         let Some(next_offset) = report.next_offset else {
             return;
         };

@@ -6,6 +6,7 @@
 //! | file          | routes                                                                  |
 //! |---------------|-------------------------------------------------------------------------|
 //! | [`health`]    | `GET /healthz`, `GET /readyz`                                           |
+//! | [`metrics`]   | `GET /metrics` (Prometheus)                                             |
 //! | [`admin`]     | `GET /admin/actors`, `GET /admin/events`, `GET /admin/events/{id}`,     |
 //! |               | `POST /admin/events/{id}/replay`, `POST /admin/probes`,                 |
 //! |               | `POST /admin/reconcile`, `POST /admin/ranking/rebuild`,                 |
@@ -26,6 +27,7 @@ pub mod error;
 pub mod guard;
 pub mod health;
 pub mod input;
+pub mod metrics;
 pub mod push;
 pub mod ranking;
 pub mod shop;
@@ -35,6 +37,7 @@ use actix_web::http::StatusCode;
 use actix_web::middleware::ErrorHandlers;
 use actix_web::web;
 
+use crate::actors::lag::LagView;
 use crate::actors::tree::ActorTree;
 use crate::auth::Authenticator;
 use crate::clock::SharedClock;
@@ -49,8 +52,8 @@ use crate::kafka::dead_letter::DeadLetterLog;
 use crate::kafka::producer::EventPublisher;
 use crate::limits::RateLimiter;
 use crate::outages::Outages;
-use crate::outbox::Outbox;
 use crate::outbox::reconciler::Reconciler;
+use crate::outbox::{Outbox, OutboxBacklogView};
 use crate::progress::Consumers;
 use crate::ranking::RankingStore;
 use crate::shop::cache::ProductCache;
@@ -120,6 +123,12 @@ pub struct OperationsState {
     pub dead_letters: DeadLetterLog,
     /// This instance's consumers, for the per-consumer progress of an event.
     pub consumers: Consumers,
+    /// The MySQL pools, by name, for the metrics.
+    pub pools: Vec<(&'static str, sqlx::MySqlPool)>,
+    /// Consumer lag, as last measured.
+    pub lag: LagView,
+    /// The outbox's unpublished rows, as last counted.
+    pub outbox_backlog: OutboxBacklogView,
 }
 
 /// Who may call a route. Handlers enforce it with the extractors of [`auth`]; the
@@ -176,6 +185,7 @@ macro_rules! route_table {
 route_table! {
     "/healthz" => { GET health::healthz: Public }
     "/readyz" => { GET health::readyz: Public }
+    "/metrics" => { GET metrics::metrics: Public }
     "/admin/actors" => { GET admin::actors: Admin }
     "/admin/events" => { GET admin::events: Admin }
     "/admin/events/{event_id}" => { GET admin::event: Admin }

@@ -20,6 +20,7 @@ use crate::coupons::store::{CouponRequest, CouponStore, RequestOutcome};
 use crate::coupons::{IssueDecision, IssueRequest};
 use crate::events::{EventEnvelope, EventPayload};
 use crate::ids::RequestId;
+use crate::monitoring;
 
 /// Counters shown in the admin view.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -91,6 +92,14 @@ impl DomainHandler for CouponIssuer {
         let outcomes = match issued {
             Ok(batch) => {
                 let outcomes = batch.outcomes.iter().map(outcome_of).collect();
+                for (request, outcome) in requests.iter().zip(&batch.outcomes) {
+                    if let RequestOutcome::Decided { decision, .. } = outcome {
+                        monitoring::coupon_decided(
+                            request.request.requested_at,
+                            *decision == IssueDecision::Issue,
+                        );
+                    }
+                }
                 stats.update(|stats| {
                     stats.locks_contended += contended;
                     record(stats, &batch.outcomes);

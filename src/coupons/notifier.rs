@@ -20,6 +20,7 @@ use crate::coupons::sessions::{PushMessage, Sessions};
 use crate::event_log::{EventLog, Move, StatusChange};
 use crate::events::{CouponResult, EventId, EventPayload};
 use crate::ids::{CouponHistoryId, CouponId, RequestId};
+use crate::monitoring;
 
 /// What a session receives for a coupon result.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -97,11 +98,14 @@ impl DomainHandler for ResultNotifier {
                 )));
                 continue;
             };
-            if self
+            let sessions = self
                 .sessions
-                .push(result.user_id, push_message(event.event_id, result))
-                > 0
-            {
+                .push(result.user_id, push_message(event.event_id, result));
+            if sessions > 0 {
+                monitoring::push_sent(sessions);
+                if let Some(accepted_at) = result.request_id.accepted_at() {
+                    monitoring::coupon_pushed(accepted_at);
+                }
                 pushed += 1;
             } else {
                 without_session += 1;

@@ -121,6 +121,7 @@ impl Sessions {
                 Ok(()) => delivered += 1,
                 Err(_) => {
                     self.inner.dropped.fetch_add(1, Ordering::Relaxed);
+                    crate::monitoring::push_dropped();
                 }
             }
         }

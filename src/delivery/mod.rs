@@ -36,6 +36,7 @@ use crate::event_log::{EventLog, EventLogError, EventRecord, Move, StatusChange}
 use crate::events::{EventEnvelope, EventId, EventType};
 use crate::kafka::TopicPartition;
 use crate::kafka::dead_letter::{DeadLetter, DeadLetterError, DeadLetters};
+use crate::monitoring;
 use crate::outages::Outages;
 use backoff::BackoffPolicy;
 use webhook::{DeliveryOutcome, Target, WebhookDeliverer};
@@ -378,6 +379,11 @@ impl Deliveries {
                 .change_status(event_id, StatusChange::new(Move::Complete))
                 .await?;
             DeliveryCounters::add(&counters.delivered);
+            monitoring::webhook_delivered(
+                held.envelope.event_type().as_str(),
+                held.envelope.occurred_at,
+            );
+            monitoring::delivery_attempt(attempt == Attempt::Later, "delivered");
             return Ok(Settled::Delivered);
         }
         let loaded;
@@ -393,6 +399,13 @@ impl Deliveries {
                 &loaded
             }
         };
+        monitoring::delivery_attempt(
+            attempt == Attempt::Later,
+            match outcome {
+                DeliveryOutcome::Rejected { .. } => "rejected",
+                _ => "failed",
+            },
+        );
         self.after_failure(record, &target, outcome).await
     }
 
@@ -448,6 +461,7 @@ impl Deliveries {
             .change_status(record.event_id, change)
             .await?;
         DeliveryCounters::add(&self.inner.counters.scheduled);
+        monitoring::retry_scheduled();
         info!(event_id = %record.event_id, attempt = failed_attempts, %error, next_attempt_at = %at, "delivery failed; retry scheduled");
         Ok(Settled::Scheduled { at })
     }
@@ -487,6 +501,7 @@ impl Deliveries {
         let counters = &self.inner.counters;
         DeliveryCounters::add(&counters.dead_lettered);
         DeliveryCounters::add(&counters.alerts);
+        monitoring::alert_raised("delivery_dead_lettered");
         error!(
             alert = true,
             event_id = %record.event_id,

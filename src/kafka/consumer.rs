@@ -583,6 +583,10 @@ fn offset_list(
 #[derive(Debug)]
 pub struct ConsumedRecord {
     pub offset: i64,
+    /// When the record was written (its Kafka timestamp), in milliseconds since the epoch.
+    pub timestamp_ms: Option<i64>,
+    /// The W3C trace context it was produced in (its `traceparent` header).
+    pub traceparent: Option<String>,
     pub decoded: Result<EventEnvelope, Undecodable>,
 }
 
@@ -609,6 +613,8 @@ impl ConsumedRecord {
         });
         Self {
             offset: message.offset(),
+            timestamp_ms: message.timestamp().to_millis(),
+            traceparent: crate::trace::traceparent_header(message.headers()),
             decoded,
         }
     }

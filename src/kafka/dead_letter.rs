@@ -139,6 +139,7 @@ impl DeadLetters {
                 ],
             })
             .await?;
+        crate::monitoring::dead_lettered(&letter.source.topic);
         error!(
             group = %self.group_id,
             topic = %letter.source.topic,

@@ -29,6 +29,8 @@ pub struct PartitionPosition {
     pub committed: Option<i64>,
     /// The partition's end: the offset the next record will get.
     pub end: i64,
+    /// The oldest offset still held (the low watermark).
+    pub start: i64,
 }
 
 impl PartitionPosition {
@@ -94,7 +96,7 @@ impl GroupOffsets {
         partitions
             .into_iter()
             .map(|partition| {
-                let (_, end) = client.fetch_watermarks(topic, partition, REQUEST_TIMEOUT)?;
+                let (start, end) = client.fetch_watermarks(topic, partition, REQUEST_TIMEOUT)?;
                 let committed = committed
                     .find_partition(topic, partition)
                     .and_then(|element| match element.offset() {
@@ -105,6 +107,7 @@ impl GroupOffsets {
                     partition,
                     committed,
                     end,
+                    start,
                 })
             })
             .collect()

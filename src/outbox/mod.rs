@@ -30,6 +30,47 @@ pub struct Outbox {
     publisher: EventPublisher,
 }
 
+/// The rows written and not yet published.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxBacklog {
+    pub pending: u64,
+    /// How long the oldest one has waited.
+    pub oldest_age_seconds: f64,
+    /// When this was counted.
+    pub counted_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// The outbox backlog as last counted, shared with the dashboard.
+#[derive(Clone, Default)]
+pub struct OutboxBacklogView(std::sync::Arc<std::sync::Mutex<OutboxBacklog>>);
+
+impl OutboxBacklogView {
+    pub fn current(&self) -> OutboxBacklog {
+        *self.0.lock().expect("outbox backlog")
+    }
+
+    /// Counts every `interval` (sets the `outbox_*` gauges) until the arbiter stops.
+    pub async fn keep_counting(self, event_log: EventLog, interval: Duration) {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            match event_log.unpublished_backlog().await {
+                Ok((pending, oldest_age)) => {
+                    crate::monitoring::outbox_backlog(pending, oldest_age);
+                    *self.0.lock().expect("outbox backlog") = OutboxBacklog {
+                        pending,
+                        oldest_age_seconds: oldest_age.map_or(0.0, |age| age.as_secs_f64()),
+                        counted_at: Some(chrono::Utc::now()),
+                    };
+                }
+                Err(error) => warn!(%error, "cannot count the outbox backlog"),
+            }
+        }
+    }
+}
+
 /// What one publication attempt achieved.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -94,6 +135,7 @@ impl Outbox {
         )
         .await?;
         transaction.commit().await?;
+        crate::monitoring::outbox_republished(published.len() as u64);
         let publication = Publication {
             published: published.len() as u64,
             failed: (events.len() - published.len()) as u64,

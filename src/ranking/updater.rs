@@ -53,6 +53,21 @@ impl DomainHandler for RankingUpdater {
         });
         let applied = self.ranking.apply(&selected.items).await;
         if let Ok(counted) = &applied {
+            let committed_at: std::collections::HashMap<_, _> = batch
+                .events
+                .iter()
+                .map(|event| (event.event_id, event.occurred_at))
+                .collect();
+            for (order, _) in selected
+                .items
+                .iter()
+                .zip(counted)
+                .filter(|(_, counted)| **counted)
+            {
+                if let Some(at) = committed_at.get(&order.event_id) {
+                    crate::monitoring::payment_ranked(*at);
+                }
+            }
             stats.update(|stats| {
                 stats.round_trips += u64::from(!selected.items.is_empty());
                 for (order, _) in selected

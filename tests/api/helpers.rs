@@ -122,6 +122,20 @@ impl Calls<'_> {
         (response.status(), parse(&body))
     }
 
+    /// A `GET` whose answer is text (the metrics, a page).
+    pub async fn get_text(&self, path: &str) -> (StatusCode, String) {
+        let mut response = self
+            .request_to(awc::http::Method::GET, path)
+            .send()
+            .await
+            .expect("request sent");
+        let body = response.body().limit(64 << 20).await.expect("body read");
+        (
+            response.status(),
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    }
+
     /// A request without a body; asks again after a `503 UNAVAILABLE`, as above.
     pub async fn request(&self, method: awc::http::Method, path: &str) -> (StatusCode, Value) {
         until_available(|| self.request_once(method.clone(), path)).await
@@ -395,6 +409,11 @@ impl TestApp {
     /// `GET` as the administrator.
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
         self.as_admin().get(path).await
+    }
+
+    /// A `GET` of text as the administrator.
+    pub async fn get_text(&self, path: &str) -> (StatusCode, String) {
+        self.as_admin().get_text(path).await
     }
 
     /// `POST` of a JSON body as the administrator.

@@ -1,0 +1,90 @@
+//! `GET /metrics`: the Prometheus text format, rendered by this server.
+
+use std::time::{Duration, Instant};
+
+use actix_web::{HttpResponse, web};
+
+use crate::api::AppState;
+use crate::monitoring;
+
+/// How long a scrape waits for Redis to answer its ping.
+const REDIS_PING_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Every metric of the process (see [`crate::monitoring`]), after reading the values
+/// only a scrape reads: pool use, push sessions, Redis's ping.
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let operations = &state.operations;
+    for (name, pool) in &operations.pools {
+        monitoring::db_pool(name, pool);
+    }
+    monitoring::push_sessions_open(state.coupons.sessions.state().sessions);
+    let started = Instant::now();
+    let ping = tokio::time::timeout(REDIS_PING_TIMEOUT, operations.redis.ping()).await;
+    monitoring::redis_ping(matches!(ping, Ok(Ok(()))), started.elapsed());
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(monitoring::render())
+}
+
+/// Middleware that counts and times every request by route template, method and status
+/// (`http_requests_total`, `http_request_duration_seconds`). Requests that match no route
+/// are counted under `route="unmatched"`, so a scan of random paths adds one series only.
+pub struct Measured;
+
+impl<S, B> actix_web::dev::Transform<S, actix_web::dev::ServiceRequest> for Measured
+where
+    S: actix_web::dev::Service<
+            actix_web::dev::ServiceRequest,
+            Response = actix_web::dev::ServiceResponse<B>,
+            Error = actix_web::Error,
+        > + 'static,
+    B: 'static,
+{
+    type Response = actix_web::dev::ServiceResponse<B>;
+    type Error = actix_web::Error;
+    type Transform = MeasuredService<S>;
+    type InitError = ();
+    type Future = std::future::Ready<Result<Self::Transform, Self::InitError>>;
+
+    fn new_transform(&self, service: S) -> Self::Future {
+        std::future::ready(Ok(MeasuredService { service }))
+    }
+}
+
+pub struct MeasuredService<S> {
+    service: S,
+}
+
+impl<S, B> actix_web::dev::Service<actix_web::dev::ServiceRequest> for MeasuredService<S>
+where
+    S: actix_web::dev::Service<
+            actix_web::dev::ServiceRequest,
+            Response = actix_web::dev::ServiceResponse<B>,
+            Error = actix_web::Error,
+        > + 'static,
+    B: 'static,
+{
+    type Response = actix_web::dev::ServiceResponse<B>;
+    type Error = actix_web::Error;
+    type Future = futures::future::LocalBoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    actix_web::dev::forward_ready!(service);
+
+    fn call(&self, request: actix_web::dev::ServiceRequest) -> Self::Future {
+        let started = Instant::now();
+        let method = request.method().to_string();
+        let route = request
+            .match_pattern()
+            .unwrap_or_else(|| "unmatched".to_string());
+        let answer = self.service.call(request);
+        Box::pin(async move {
+            let answer = answer.await;
+            let status = match &answer {
+                Ok(response) => response.status().as_u16(),
+                Err(error) => error.as_response_error().status_code().as_u16(),
+            };
+            monitoring::http_request(&route, &method, status, started.elapsed());
+            answer
+        })
+    }
+}
