@@ -603,6 +603,7 @@ impl Application {
                 ],
                 lag,
                 outbox_backlog,
+                dashboard_interval_ms: settings.metrics.dashboard_interval_ms,
             },
             clock,
         };

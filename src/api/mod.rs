@@ -7,6 +7,7 @@
 //! |---------------|-------------------------------------------------------------------------|
 //! | [`health`]    | `GET /healthz`, `GET /readyz`                                           |
 //! | [`metrics`]   | `GET /metrics` (Prometheus)                                             |
+//! | [`dashboard`] | `GET /dashboard`, `GET /admin/dashboard`, `GET /admin/dashboard/events` |
 //! | [`admin`]     | `GET /admin/actors`, `GET /admin/events`, `GET /admin/events/{id}`,     |
 //! |               | `POST /admin/events/{id}/replay`, `POST /admin/probes`,                 |
 //! |               | `POST /admin/reconcile`, `POST /admin/ranking/rebuild`,                 |
@@ -23,6 +24,7 @@
 pub mod admin;
 pub mod auth;
 pub mod coupons;
+pub mod dashboard;
 pub mod error;
 pub mod guard;
 pub mod health;
@@ -129,6 +131,8 @@ pub struct OperationsState {
     pub lag: LagView,
     /// The outbox's unpublished rows, as last counted.
     pub outbox_backlog: OutboxBacklogView,
+    /// How often the dashboard's stream sends a view.
+    pub dashboard_interval_ms: u64,
 }
 
 /// Who may call a route. Handlers enforce it with the extractors of [`auth`]; the
@@ -186,6 +190,9 @@ route_table! {
     "/healthz" => { GET health::healthz: Public }
     "/readyz" => { GET health::readyz: Public }
     "/metrics" => { GET metrics::metrics: Public }
+    "/dashboard" => { GET dashboard::page: Public }
+    "/admin/dashboard" => { GET dashboard::snapshot: Admin }
+    "/admin/dashboard/events" => { GET dashboard::stream: Admin }
     "/admin/actors" => { GET admin::actors: Admin }
     "/admin/events" => { GET admin::events: Admin }
     "/admin/events/{event_id}" => { GET admin::event: Admin }

@@ -128,6 +128,11 @@ impl Sessions {
         delivered
     }
 
+    /// Cancelled when the instance shuts its sessions down (other live streams end too).
+    pub fn closing(&self) -> tokio_util::sync::CancellationToken {
+        self.inner.closing.clone()
+    }
+
     /// Ends every session (shutdown): their [`Subscription::next`] returns `None`.
     pub fn close_all(&self) {
         self.inner.closing.cancel();

@@ -8,6 +8,7 @@ mod support;
 #[allow(dead_code)]
 mod helpers;
 
+mod browser;
 mod metrics;
 
 use tokio::sync::{Mutex, MutexGuard};

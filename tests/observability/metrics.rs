@@ -87,21 +87,28 @@ pub async fn scrape(app: &TestApp) -> Scrape {
     Scrape::parse(&text)
 }
 
-/// A webhook receiver that refuses the first attempt at each webhook (500) and takes the
-/// next; it keeps the `traceparent` header of every request.
+/// A webhook receiver that answers the first attempt at each webhook with `first_status`
+/// and takes the next; it keeps the `traceparent` header of every request.
 #[derive(Clone, Default)]
 pub struct FlakyReceiver {
     pub address: String,
+    first_status: u16,
     attempts: Arc<Mutex<BTreeMap<String, usize>>>,
     pub traceparents: Arc<Mutex<Vec<Option<String>>>>,
     pub received: Arc<AtomicUsize>,
 }
 
 impl FlakyReceiver {
+    /// Refuses each first attempt with a 500 (worth another attempt).
     pub fn start() -> Self {
+        Self::answering_first(500)
+    }
+
+    pub fn answering_first(first_status: u16) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("receiver port");
         let receiver = FlakyReceiver {
             address: format!("http://{}", listener.local_addr().unwrap()),
+            first_status,
             ..Default::default()
         };
         let shared = web::Data::new(receiver.clone());
@@ -142,7 +149,7 @@ async fn receive(request: HttpRequest, receiver: web::Data<FlakyReceiver>) -> Ht
         *count
     };
     if attempt == 1 {
-        HttpResponse::InternalServerError().finish()
+        HttpResponse::build(StatusCode::from_u16(receiver.first_status).expect("a status")).finish()
     } else {
         HttpResponse::Ok().finish()
     }

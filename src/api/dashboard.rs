@@ -1,0 +1,202 @@
+//! The live ops dashboard: one page embedded in the binary (`GET /dashboard`, plain
+//! HTML/CSS/JS, no build step) fed by a stream of views (`GET /admin/dashboard/events`,
+//! server-sent events, admin only) or one view (`GET /admin/dashboard`).
+//!
+//! A view holds the consumer groups with each partition's lag and counters, the domain
+//! actors with their restarts, the open dead letters, the outbox backlog and relay, the
+//! retry scheduler, the outages, today's best sellers and the coupon decisions so far. The
+//! page acts through the admin API: `POST /admin/events/{id}/replay` for a dead letter,
+//! `POST /admin/consumer-groups/{id}/pause|resume` for a group. The page takes the admin
+//! token from its address (`/dashboard#token=…`, then forgotten by the address bar) or asks
+//! for it, and keeps it in the tab's session storage.
+
+use std::time::Duration;
+
+use actix_web::http::header;
+use actix_web::{HttpResponse, web};
+use serde::Serialize;
+
+use crate::actors::consumer_group::ConsumerGroupState;
+use crate::actors::domain::DomainActorState;
+use crate::actors::lag::PartitionLag;
+use crate::api::AppState;
+use crate::api::auth::Admin;
+use crate::api::error::ApiError;
+use crate::kafka::dead_letter::DeadLetterRow;
+use crate::outages::OutageView;
+use crate::outbox::OutboxBacklog;
+
+/// The page.
+const PAGE: &str = include_str!("../../static/dashboard/index.html");
+
+/// How many open dead letters a view lists (oldest first).
+const DEAD_LETTERS_SHOWN: u32 = 50;
+/// How many best sellers a view lists.
+const BEST_SELLERS_SHOWN: usize = 10;
+
+/// `GET /dashboard`: the page (public: it holds no data; its data needs the admin token).
+pub async fn page() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .body(PAGE)
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GroupView {
+    #[serde(flatten)]
+    group: ConsumerGroupState,
+    /// Every partition of the group's topics, owned here or not.
+    lag: Vec<PartitionLag>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct BestSeller {
+    rank: usize,
+    product_id: crate::ids::ProductId,
+    name: Option<String>,
+    quantity: u64,
+}
+
+/// One view of the dashboard.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DashboardView {
+    at: chrono::DateTime<chrono::Utc>,
+    consumer_groups: Vec<GroupView>,
+    domain_actors: Vec<DomainActorState>,
+    dead_letters: Vec<DeadLetterRow>,
+    outbox: OutboxBacklog,
+    outbox_relay: serde_json::Value,
+    retry_scheduler: serde_json::Value,
+    outages: Vec<OutageView>,
+    best_sellers: Vec<BestSeller>,
+    /// Coupon requests decided by this instance since it started.
+    coupon_decisions: CouponDecisions,
+    /// Where a part of the view could not be read (a dependency down), by part.
+    unavailable: Vec<String>,
+}
+
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CouponDecisions {
+    issued: u64,
+    refused: u64,
+}
+
+impl CouponDecisions {
+    fn of(actors: &[DomainActorState]) -> Self {
+        let Some(issuer) = actors.iter().find(|actor| actor.name == "CouponIssuer") else {
+            return Self::default();
+        };
+        let refused = issuer.details["refused"]
+            .as_object()
+            .map(|reasons| reasons.values().filter_map(|count| count.as_u64()).sum())
+            .unwrap_or(0);
+        Self {
+            issued: issuer.details["issued"].as_u64().unwrap_or(0),
+            refused,
+        }
+    }
+}
+
+async fn view(state: &AppState) -> DashboardView {
+    let operations = &state.operations;
+    let mut unavailable = Vec::new();
+    let mut tree = operations.actors.observe().await;
+    let lag = operations.lag.current();
+    let consumer_groups = tree
+        .consumer_groups
+        .drain(..)
+        .map(|group| GroupView {
+            lag: lag
+                .iter()
+                .filter(|partition| partition.consumer_group == group.group_id)
+                .cloned()
+                .collect(),
+            group,
+        })
+        .collect();
+    let dead_letters = match operations.dead_letters.open(0, DEAD_LETTERS_SHOWN).await {
+        Ok(letters) => letters,
+        Err(error) => {
+            unavailable.push(format!("deadLetters: {error}"));
+            Vec::new()
+        }
+    };
+    let best_sellers = match best_sellers(state).await {
+        Ok(best) => best,
+        Err(error) => {
+            unavailable.push(format!("bestSellers: {error}"));
+            Vec::new()
+        }
+    };
+    let mut background = tree.background;
+    DashboardView {
+        at: chrono::Utc::now(),
+        coupon_decisions: CouponDecisions::of(&tree.domain_actors),
+        consumer_groups,
+        domain_actors: tree.domain_actors,
+        dead_letters,
+        outbox: operations.outbox_backlog.current(),
+        outbox_relay: background.remove("outboxRelay").unwrap_or_default(),
+        retry_scheduler: background.remove("retryScheduler").unwrap_or_default(),
+        outages: operations.outages.current(),
+        best_sellers,
+        unavailable,
+    }
+}
+
+async fn best_sellers(state: &AppState) -> Result<Vec<BestSeller>, ApiError> {
+    let today = state.clock.now().date_naive();
+    let ranked = state
+        .ranking
+        .store
+        .top(today, 1, BEST_SELLERS_SHOWN)
+        .await?;
+    let ids: Vec<_> = ranked.iter().map(|place| place.product_id).collect();
+    let names = state.shop.store.product_names(&ids).await?;
+    Ok(ranked
+        .into_iter()
+        .enumerate()
+        .map(|(index, place)| BestSeller {
+            rank: index + 1,
+            product_id: place.product_id,
+            name: names.get(&place.product_id).cloned(),
+            quantity: place.quantity,
+        })
+        .collect())
+}
+
+/// `GET /admin/dashboard`: one view.
+pub async fn snapshot(state: web::Data<AppState>, _admin: Admin) -> HttpResponse {
+    HttpResponse::Ok().json(view(&state).await)
+}
+
+/// `GET /admin/dashboard/events`: a view every `metrics.dashboard_interval_ms`, as
+/// server-sent events (`event: view`), until the client leaves or the daemon stops.
+pub async fn stream(state: web::Data<AppState>, _admin: Admin) -> HttpResponse {
+    let interval = Duration::from_millis(state.operations.dashboard_interval_ms.max(100));
+    let closing = state.coupons.sessions.closing();
+    let views = futures::stream::unfold(
+        (state, true, closing),
+        move |(state, first, closing)| async move {
+            if !first {
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = closing.cancelled() => return None,
+                }
+            }
+            let json = serde_json::to_string(&view(&state).await).expect("a view serializes");
+            let frame = web::Bytes::from(format!("event: view\ndata: {json}\n\n"));
+            Some((Ok::<_, actix_web::Error>(frame), (state, false, closing)))
+        },
+    );
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .insert_header(("x-accel-buffering", "no"))
+        .streaming(views)
+}
