@@ -5,7 +5,8 @@
 //!   conversion each way.
 //! - [`named_enum!`] declares an enum of named states (`PENDING`, `ISSUED`, …) with its
 //!   `ALL` list, `as_str`, `Display`, `FromStr` (an [`UnknownName`] error) and its column
-//!   type: statuses are bound as text, never written into SQL as literals.
+//!   type: statuses are bound as text, never written into SQL as literals; its OpenAPI
+//!   schema is a string enum of the names.
 
 /// A name that is none of an enum's.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -102,6 +103,19 @@ macro_rules! named_enum {
             encode: |value| value.as_str(),
             decode: |text: &str| text.parse::<$name>()
         );
+
+        /// OpenAPI: one of the names, as a string.
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .enum_values(Some([$($text,)+]))
+                    .description(Some(concat!("A ", $what, ".")))
+                    .into()
+            }
+        }
+
+        impl utoipa::ToSchema for $name {}
     };
 }
 pub(crate) use named_enum;

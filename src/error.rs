@@ -12,7 +12,7 @@
 use serde::Serialize;
 
 /// A dependency whose outage pauses the work that needs it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum Dependency {
     Mysql,

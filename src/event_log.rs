@@ -175,23 +175,27 @@ impl OutboxEvent {
 }
 
 /// Where an event was read from (the partition and offset of its record).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Provenance {
+    // Not required in the schema: it is flattened into rows that may have none.
     #[serde(rename = "sourcePartition")]
+    #[schema(required = false)]
     pub partition: i32,
     #[serde(rename = "sourceOffset")]
+    #[schema(required = false)]
     pub offset: i64,
 }
 
 /// A row as read back: ids, event type, payload and provenance typed.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EventRecord {
     pub event_id: EventId,
     pub event_type: EventType,
     pub topic: String,
     pub key: String,
+    /// The payload of its `eventType`.
     pub payload: EventPayload,
     pub status: EventStatus,
     pub retry_count: i32,
@@ -206,6 +210,10 @@ pub struct EventRecord {
     #[serde(flatten)]
     pub source: Option<Provenance>,
     pub dead_lettered_at: Option<DateTime<Utc>>,
+    /// The trace context the event was produced in (not shown: it is the trace's, not the
+    /// event's).
+    #[serde(skip)]
+    pub traceparent: Option<String>,
 }
 
 impl EventRecord {
@@ -216,6 +224,7 @@ impl EventRecord {
             key: self.key.clone(),
             occurred_at: self.occurred_at,
             payload: self.payload.clone(),
+            traceparent: self.traceparent.clone(),
         }
     }
 }
@@ -240,6 +249,7 @@ struct StoredEvent {
     source_partition: Option<i32>,
     source_offset: Option<i64>,
     dead_lettered_at: Option<DateTime<Utc>>,
+    traceparent: Option<String>,
 }
 
 /// A row that does not decode: an event type or payload this version does not know.
@@ -289,6 +299,7 @@ impl TryFrom<StoredEvent> for EventRecord {
                 .zip(row.source_offset)
                 .map(|(partition, offset)| Provenance { partition, offset }),
             dead_lettered_at: row.dead_lettered_at,
+            traceparent: row.traceparent,
         })
     }
 }
@@ -376,7 +387,7 @@ macro_rules! select_event_columns {
         "SELECT event_id, event_type, topic, event_key, CAST(payload AS CHAR) AS payload, \
          status, retry_count, last_error, CAST(result AS CHAR) AS result, occurred_at, \
          created_at, updated_at, published_at, next_attempt_at, source_partition, \
-         source_offset, dead_lettered_at \
+         source_offset, dead_lettered_at, traceparent \
          FROM event_log "
     };
 }
@@ -406,7 +417,7 @@ impl EventLog {
             return Ok(());
         }
         let mut insert = sqlx::QueryBuilder::new(
-            "INSERT INTO event_log (event_id, event_type, topic, event_key, payload, status, occurred_at) ",
+            "INSERT INTO event_log (event_id, event_type, topic, event_key, payload, status, occurred_at, traceparent) ",
         );
         insert.push_values(events, |mut row, event| {
             let envelope = &event.envelope;
@@ -416,7 +427,8 @@ impl EventLog {
                 .push_bind(envelope.key.as_str())
                 .push_bind(envelope.payload_json().to_string())
                 .push_bind(EventStatus::Pending)
-                .push_bind(envelope.occurred_at);
+                .push_bind(envelope.occurred_at)
+                .push_bind(envelope.traceparent.as_deref());
         });
         insert.build().execute(connection).await?;
         Ok(())

@@ -91,7 +91,7 @@ impl EventType {
 }
 
 /// Payload of [`EventType::PipelineProbe`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PipelineProbe {
     /// Free text the requester attached, echoed in the event log.
@@ -100,7 +100,7 @@ pub struct PipelineProbe {
 }
 
 /// Payload of [`EventType::CouponRequested`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CouponRequested {
     pub user_id: UserId,
@@ -117,7 +117,7 @@ named_enum! {
 }
 
 /// Payload of [`EventType::CouponResult`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CouponResult {
     /// The request this decides (the event id of its `CouponRequested`).
@@ -132,7 +132,7 @@ pub struct CouponResult {
 }
 
 /// Payload of [`EventType::PaymentCompleted`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PaymentCompleted {
     pub payment_id: PaymentId,
@@ -143,7 +143,7 @@ pub struct PaymentCompleted {
 }
 
 /// One line of [`OrderCompleted`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OrderedProduct {
     pub id: ProductId,
@@ -151,7 +151,7 @@ pub struct OrderedProduct {
 }
 
 /// Payload of [`EventType::OrderCompleted`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OrderCompleted {
     pub order_id: OrderId,
@@ -161,7 +161,7 @@ pub struct OrderCompleted {
 }
 
 /// What changed about a product.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ProductChange {
     Created,
@@ -171,7 +171,7 @@ pub enum ProductChange {
 
 /// Payload of [`EventType::ProductChanged`]: the product after the change. `version`
 /// counts the product's changes, so consumers keep only the newest state.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProductChanged {
     pub product_id: ProductId,
@@ -252,6 +252,52 @@ impl Serialize for EventPayload {
     }
 }
 
+/// OpenAPI: the payload struct it holds, whichever of them (the event's `eventType` says
+/// which).
+impl utoipa::PartialSchema for EventPayload {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::ToSchema;
+        let payload = |name: std::borrow::Cow<'static, str>| {
+            utoipa::openapi::RefOr::Ref(utoipa::openapi::Ref::from_schema_name(name))
+        };
+        utoipa::openapi::schema::AnyOfBuilder::new()
+            .item(payload(PipelineProbe::name()))
+            .item(payload(CouponRequested::name()))
+            .item(payload(CouponResult::name()))
+            .item(payload(PaymentCompleted::name()))
+            .item(payload(OrderCompleted::name()))
+            .item(payload(ProductChanged::name()))
+            .description(Some("The payload of the event's `eventType`."))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for EventPayload {
+    fn schemas(
+        schemas: &mut Vec<(
+            String,
+            utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+        )>,
+    ) {
+        use utoipa::ToSchema;
+        fn add<T: ToSchema>(
+            schemas: &mut Vec<(
+                String,
+                utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+            )>,
+        ) {
+            schemas.push((T::name().into_owned(), T::schema()));
+            T::schemas(schemas);
+        }
+        add::<PipelineProbe>(schemas);
+        add::<CouponRequested>(schemas);
+        add::<CouponResult>(schemas);
+        add::<PaymentCompleted>(schemas);
+        add::<OrderCompleted>(schemas);
+        add::<ProductChanged>(schemas);
+    }
+}
+
 /// One decoded event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EventEnvelope {
@@ -260,16 +306,30 @@ pub struct EventEnvelope {
     pub key: String,
     pub occurred_at: DateTime<Utc>,
     pub payload: EventPayload,
+    /// The W3C trace context the event was produced in: the `traceparent` Kafka header,
+    /// not part of the record value.
+    pub traceparent: Option<String>,
 }
 
 impl EventEnvelope {
+    /// A new event, in the current trace (see [`crate::trace::current`]) when there is one.
     pub fn new(key: impl Into<String>, payload: EventPayload) -> Self {
         Self {
             event_id: EventId::generate(),
             key: key.into(),
             occurred_at: Utc::now(),
             payload,
+            traceparent: crate::trace::current().map(|parent| parent.child().header_value()),
         }
+    }
+
+    /// The event, produced in the trace `traceparent` (of an event that led to it), when
+    /// there is one.
+    pub fn continuing(mut self, traceparent: Option<&str>) -> Self {
+        if let Some(parent) = traceparent.and_then(crate::trace::TraceParent::parse) {
+            self.traceparent = Some(parent.child().header_value());
+        }
+        self
     }
 
     pub fn event_type(&self) -> EventType {
@@ -322,6 +382,7 @@ impl EventEnvelope {
             key: wire.key.into_owned(),
             occurred_at: wire.occurred_at,
             payload: EventPayload::decode(event_type, wire.payload)?,
+            traceparent: None,
         })
     }
 

@@ -6,6 +6,9 @@
 //!   request's id is the event id of its `CouponRequested` event.
 //! - [`UserId`], [`CouponId`], [`CouponHistoryId`], [`ProductId`], [`OrderId`],
 //!   [`PaymentId`]: positive integers (MySQL `BIGINT UNSIGNED AUTO_INCREMENT`).
+//!
+//! Each has its OpenAPI schema (`utoipa::ToSchema`), as it serializes: a UUID string or an
+//! integer of at least 1.
 
 use std::fmt;
 use std::str::FromStr;
@@ -69,6 +72,22 @@ macro_rules! uuid_id {
             encode: |id| id.to_string(),
             decode: |text: String| $name::parse(&text)
         );
+
+        /// OpenAPI: a UUID string.
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                        utoipa::openapi::KnownFormat::Uuid,
+                    )))
+                    .description(Some(concat!("`", $what, "`: a UUID (hyphenated).")))
+                    .examples(["01a20c4d-9946-77b8-9ac2-9e7b856b2318"])
+                    .into()
+            }
+        }
+
+        impl utoipa::ToSchema for $name {}
     };
 }
 
@@ -196,6 +215,23 @@ macro_rules! positive_id {
             encode: |id| id.0,
             decode: $name::from_u64
         );
+
+        /// OpenAPI: a positive integer.
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::Integer)
+                    .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                        utoipa::openapi::KnownFormat::Int64,
+                    )))
+                    .minimum(Some(1))
+                    .description(Some(concat!("`", $what, "`: a positive integer.")))
+                    .examples([1])
+                    .into()
+            }
+        }
+
+        impl utoipa::ToSchema for $name {}
     };
 }
 

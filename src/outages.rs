@@ -48,7 +48,7 @@ struct Outage {
 }
 
 /// What `/readyz` and `/admin/actors` show of one outage.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OutageView {
     pub dependency: Dependency,

@@ -28,7 +28,7 @@ use crate::event_log::{EventRecord, EventStatus};
 use crate::events::EventType;
 
 /// Where a consumer records its progress.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum RecordedIn {
     /// The event-log row's status, retry count, last error and schedule.
@@ -99,7 +99,7 @@ pub fn row_settled(status: EventStatus, next_attempt_at: Option<DateTime<Utc>>) 
 }
 
 /// Where one consumer stands with one event, as `GET /admin/events/{id}` shows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConsumerProgress {
     pub consumer: &'static str,

@@ -472,6 +472,7 @@ fn serve_http(settings: &Settings, state: AppState) -> anyhow::Result<(Server, u
             .wrap(api::json_errors())
             .wrap(TracingLogger::default())
             .wrap(api::metrics::Measured)
+            .wrap(api::metrics::Traced)
             .app_data(state.clone())
             .app_data(body_limits)
             .configure(api::configure)

@@ -1,7 +1,44 @@
 //! W3C trace context (`traceparent`) carried from an HTTP request into the events it
 //! produces, their Kafka headers, the consumers' log lines and outgoing webhooks.
+//!
+//! - An HTTP request continues the caller's `traceparent` or starts a trace; its handler
+//!   runs [`in_trace`], its log lines carry `trace_id`, and the answer has a `traceparent`
+//!   header.
+//! - An event created in a trace ([`crate::events::EventEnvelope::new`]) keeps the trace
+//!   context in its event-log row and sends it as the record's `traceparent` header; the
+//!   consumer reads it back into the envelope.
+//! - A consumer's batch runs in a span listing the `trace_ids` of its events; events a
+//!   consumer produces continue their cause's trace (a coupon result its request's); a
+//!   webhook carries its event's trace as a `traceparent` header.
 
 use rdkafka::message::Headers;
+
+tokio::task_local! {
+    /// The trace the current task works in (an HTTP request's).
+    static CURRENT: TraceParent;
+}
+
+/// The trace of the running task, if it runs in one ([`in_trace`]).
+pub fn current() -> Option<TraceParent> {
+    CURRENT.try_with(TraceParent::clone).ok()
+}
+
+/// Runs `work` in the trace `parent`: events it creates carry it on.
+pub async fn in_trace<F: Future>(parent: TraceParent, work: F) -> F::Output {
+    CURRENT.scope(parent, work).await
+}
+
+/// The distinct trace ids of `events`, comma-separated (a batch's span field).
+pub fn trace_ids(events: &[crate::events::EventEnvelope]) -> String {
+    let mut ids: Vec<&str> = events
+        .iter()
+        .filter_map(|event| event.traceparent.as_deref())
+        .filter_map(|traceparent| traceparent.get(3..35))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids.join(",")
+}
 
 /// The Kafka header and HTTP header that carry the trace context.
 pub const TRACEPARENT: &str = "traceparent";

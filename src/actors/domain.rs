@@ -411,17 +411,29 @@ impl<H: DomainHandler> Handler<ProcessBatch> for DomainActor<H> {
         let generation = self.generation;
         let source = batch.origin.source.clone();
         let name = self.name;
+        // The batch's work logs under the traces of its events.
+        let span = tracing::info_span!(
+            "batch",
+            actor = name,
+            source = %source,
+            trace_ids = %crate::trace::trace_ids(&batch.events),
+        );
         // Not tied to the actor's context: a restart for another batch's fatal error
         // cancels nothing here.
-        Box::pin(async move {
-            let outcomes = run.run(batch).await;
-            counters.record(&outcomes);
-            if outcomes.iter().any(EventOutcome::is_fatal) {
-                warn!(actor = name, %source, "fatal failure: stopping for restart");
-                actor.do_send(RestartAfterFatal { generation });
-            }
-            outcomes
-        })
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let events = batch.events.len();
+                let outcomes = run.run(batch).await;
+                tracing::debug!(events, "batch handled");
+                counters.record(&outcomes);
+                if outcomes.iter().any(EventOutcome::is_fatal) {
+                    warn!(actor = name, %source, "fatal failure: stopping for restart");
+                    actor.do_send(RestartAfterFatal { generation });
+                }
+                outcomes
+            },
+            span,
+        ))
     }
 }
 

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use crate::actors::tree::ObserveBackground;
 use crate::api::AppState;
 use crate::api::auth::Admin;
-use crate::api::error::ApiError;
+use crate::api::docs::{AdminErrors, BodyErrors, ServerErrors};
+use crate::api::error::{ApiError, ErrorBody, parse_object};
 use crate::delivery::scheduler::{Replay, Replayed};
 use crate::event_log::{EventRecord, EventStatus, OutboxEvent};
 use crate::events::topics;
@@ -16,24 +17,65 @@ use crate::kafka::dead_letter::DeadLetterRow;
 use crate::outbox::reconciler::ReconcileNow;
 use crate::progress::{ConsumerProgress, RecordedIn};
 use crate::ranking::RankedOrder;
-use crate::ranking::rebuild::{RebuildError, rebuild};
+use crate::ranking::rebuild::{RebuildError, RebuildReport, rebuild};
 
-/// `GET /admin/actors`
+/// The actor tree.
+///
+/// `GET /admin/actors`: the actor tree (consumer groups, their partitions and domain
+/// actors, the background actors, outages), each actor's state as it reports it. Its exact
+/// shape is internal and may change.
+#[utoipa::path(
+    get,
+    path = "/admin/actors",
+    tag = "admin",
+    operation_id = "adminActors",
+    responses(
+        AdminErrors,
+        ServerErrors,
+        (status = 200, description = "The actor tree.", body = Object),
+    ),
+    security(("bearerAuth" = []))
+)]
 pub async fn actors(state: web::Data<AppState>, _admin: Admin) -> HttpResponse {
     HttpResponse::Ok().json(state.operations.actors.observe().await)
 }
 
-#[derive(Debug, Serialize)]
+/// Whether a consumer group fetches.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct GroupFetching {
+pub struct GroupFetching {
     group_id: String,
     paused: bool,
 }
 
+/// Pauses or resumes fetching for a consumer group.
+///
 /// `POST /admin/consumer-groups/{group_id}/pause` and `.../resume`: stops or resumes
 /// fetching for one consumer group of this instance (its partitions stay assigned; a
 /// rebalance keeps the choice). Answers once the change is in effect; records fetched
 /// before a pause are still processed.
+#[utoipa::path(
+    post,
+    path = "/admin/consumer-groups/{group_id}/{action}",
+    tag = "admin",
+    operation_id = "setConsumerGroupPaused",
+    params(
+        ("group_id" = String, Path, description = "The full consumer group id of this instance."),
+        ("action" = String, Path, pattern = "^(pause|resume)$",
+            description = "`pause` or `resume`."),
+    ),
+    responses(
+        AdminErrors,
+        ServerErrors,
+        (status = 200, description = "The change is in effect.", body = GroupFetching),
+        (status = 404, description = "`NOT_FOUND`: no such action, or no such consumer group \
+            here.", body = ErrorBody),
+        (status = 503, description = "`NOT_APPLIED`: the group did not apply the change in \
+            time; `UNAVAILABLE` as for any route.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds."))),
+    ),
+    security(("bearerAuth" = []))
+)]
 pub async fn set_group_paused(
     state: web::Data<AppState>,
     _admin: Admin,
@@ -66,8 +108,23 @@ pub async fn set_group_paused(
     Ok(HttpResponse::Ok().json(GroupFetching { group_id, paused }))
 }
 
+/// Runs a reconciliation pass now.
+///
 /// `POST /admin/reconcile`: runs a reconciliation pass now (after the one in flight, if
 /// any) and answers with the reconciler's state once it is done.
+#[utoipa::path(
+    post,
+    path = "/admin/reconcile",
+    tag = "admin",
+    operation_id = "reconcile",
+    responses(
+        AdminErrors,
+        ServerErrors,
+        (status = 200, description = "The reconciler's state after the pass (its shape is \
+            internal).", body = Object),
+    ),
+    security(("bearerAuth" = []))
+)]
 pub async fn reconcile(
     state: web::Data<AppState>,
     _admin: Admin,
@@ -84,9 +141,25 @@ pub async fn reconcile(
     Ok(HttpResponse::Ok().json(view))
 }
 
+/// Rebuilds the ranking from the completed orders.
+///
 /// `POST /admin/ranking/rebuild`: recomputes the ranking's day sets from the completed
 /// orders in MySQL (see [`crate::ranking::rebuild`]); answers with what was counted. 409
 /// while another rebuild runs.
+#[utoipa::path(
+    post,
+    path = "/admin/ranking/rebuild",
+    tag = "admin",
+    operation_id = "rebuildRanking",
+    responses(
+        AdminErrors,
+        ServerErrors,
+        (status = 200, description = "What the rebuild counted.", body = RebuildReport),
+        (status = 409, description = "`REBUILD_RUNNING`: another rebuild is running.",
+            body = ErrorBody),
+    ),
+    security(("bearerAuth" = []))
+)]
 pub async fn rebuild_ranking(
     state: web::Data<AppState>,
     _admin: Admin,
@@ -103,17 +176,34 @@ pub async fn rebuild_ranking(
 }
 
 /// An event-log row with where each of its consumers stands, and its dead letters.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct EventView {
+pub struct EventView {
     #[serde(flatten)]
     record: EventRecord,
     consumers: Vec<ConsumerProgress>,
     dead_letters: Vec<DeadLetterRow>,
 }
 
+/// An event: its row, each consumer's progress and its dead letters.
+///
 /// `GET /admin/events/{event_id}`: the row, each consumer's progress (from where that
 /// consumer records it), and every dead letter of the event.
+#[utoipa::path(
+    get,
+    path = "/admin/events/{event_id}",
+    tag = "admin",
+    operation_id = "adminEvent",
+    params(("event_id" = EventId, Path, description = "The event's id.")),
+    responses(
+        AdminErrors,
+        ServerErrors,
+        (status = 200, description = "The event.", body = EventView),
+        (status = 400, description = "`INVALID_EVENT_ID`: not a UUID.", body = ErrorBody),
+        (status = 404, description = "`NOT_FOUND`: no such event.", body = ErrorBody),
+    ),
+    security(("bearerAuth" = []))
+)]
 pub async fn event(
     state: web::Data<AppState>,
     _admin: Admin,
@@ -160,36 +250,86 @@ pub async fn event(
     }))
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// A probe to send (an empty body sends one to `product-events`).
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProbeRequest {
-    /// A consumed topic; `product-events` when absent.
+    /// A topic this process consumes; `product-events` when absent.
+    #[schema(schema_with = probe_topic)]
     pub topic: Option<String>,
+    /// Free text echoed in the event log, at most 1,000 characters.
     pub note: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+/// The topics a probe may name (those this process consumes, by its configuration).
+fn probe_topic() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::SchemaType::from_iter([
+            utoipa::openapi::schema::Type::String,
+            utoipa::openapi::schema::Type::Null,
+        ]))
+        .enum_values(Some(
+            topics::ALL
+                .iter()
+                .map(|topic| serde_json::json!(topic))
+                .chain([serde_json::Value::Null]),
+        ))
+        .description(Some(
+            "A topic this process consumes; `product-events` when absent.",
+        ))
+        .build()
+}
+
+/// A probe written through the outbox.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProbeAccepted {
     pub event_id: EventId,
     pub topic: &'static str,
+    /// `PUBLISHED`, or `PENDING` when the relay will publish it.
     pub status: EventStatus,
 }
 
 const MAX_NOTE_CHARS: usize = 1_000;
 
+/// Sends a pipeline probe through a topic.
+///
 /// `POST /admin/probes`: writes a probe event through the outbox; the topic's domain
 /// actor marks it COMPLETED. Follow it with `GET /admin/events/{eventId}`.
+#[utoipa::path(
+    post,
+    path = "/admin/probes",
+    tag = "admin",
+    operation_id = "sendProbe",
+    request_body(content = Option<ProbeRequest>, content_type = "application/json",
+        description = "Optional: no body (or `null`) probes `product-events`."),
+    responses(
+        AdminErrors,
+        BodyErrors,
+        ServerErrors,
+        (status = 202, description = "The probe is on its way.", body = ProbeAccepted,
+            links(
+                ("adminEvent" = (operation_id = "adminEvent",
+                    parameters(("event_id" = "$response.body#/eventId")))),
+                ("replayEvent" = (operation_id = "replayEvent",
+                    parameters(("event_id" = "$response.body#/eventId")))),
+            )),
+        (status = 400, description = "`INVALID_JSON`, `TOPIC_NOT_CONSUMED` (not a topic this \
+            process consumes), `NOTE_TOO_LONG`.", body = ErrorBody),
+    ),
+    security(("bearerAuth" = []))
+)]
 pub async fn send_probe(
     state: web::Data<AppState>,
     _admin: Admin,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let request: ProbeRequest = if body.iter().all(u8::is_ascii_whitespace) {
+    // No body, or `null` (as the document allows), probes `product-events`; anything else
+    // is a JSON object, as every body of this API.
+    let request: ProbeRequest = if body.trim_ascii().is_empty() || body.trim_ascii() == b"null" {
         ProbeRequest::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|error| ApiError::bad_request("INVALID_JSON", error.to_string()))?
+        parse_object(&body)?
     };
     let topic = request
         .topic
@@ -241,26 +381,81 @@ pub async fn send_probe(
     }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct EventQuery {
+    /// Which events: only `DEAD_LETTER` can be listed.
+    #[param(example = "DEAD_LETTER", pattern = "^DEAD_LETTER$")]
     pub status: String,
+    /// Page size: 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
+    /// The `nextCursor` of the previous page.
+    #[param(pattern = "^[0-9]{1,19}$")]
     pub cursor: Option<String>,
 }
 
 /// One dead letter, with its event's row when it was an event.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-struct DeadLetterItem {
+pub struct DeadLetterItem {
     #[serde(flatten)]
     event: Option<EventRecord>,
     dead_letter: DeadLetterRow,
 }
 
-#[derive(Debug, Serialize)]
+/// OpenAPI: `deadLetter`, and either the fields of an `EventRecord` or nothing else.
+impl utoipa::PartialSchema for DeadLetterItem {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::ToSchema;
+        use utoipa::openapi::schema::{AllOfBuilder, AnyOfBuilder, ObjectBuilder, Type};
+        use utoipa::openapi::{Ref, RefOr};
+        let letter = ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .property(
+                "deadLetter",
+                RefOr::Ref(Ref::from_schema_name(DeadLetterRow::name())),
+            )
+            .required("deadLetter");
+        let event_or_nothing = AnyOfBuilder::new()
+            .item(RefOr::Ref(Ref::from_schema_name(EventRecord::name())))
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Object)
+                    .max_properties(Some(1))
+                    .description(Some("Not an event: the letter alone.")),
+            );
+        AllOfBuilder::new()
+            .item(letter)
+            .item(event_or_nothing)
+            .description(Some(
+                "One dead letter (`deadLetter`) with, when it was an event, the fields of its \
+                 event-log row (`EventRecord`).",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for DeadLetterItem {
+    fn schemas(
+        schemas: &mut Vec<(
+            String,
+            utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+        )>,
+    ) {
+        use utoipa::PartialSchema;
+        schemas.push((EventRecord::name().into_owned(), EventRecord::schema()));
+        EventRecord::schemas(schemas);
+        schemas.push((DeadLetterRow::name().into_owned(), DeadLetterRow::schema()));
+        DeadLetterRow::schemas(schemas);
+    }
+}
+
+/// A page of open dead letters.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct EventPage {
+pub struct EventPage {
     events: Vec<DeadLetterItem>,
     /// Pass as `cursor` for the next page; absent on the last page.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -275,10 +470,29 @@ fn parse_cursor(text: &str) -> Option<u64> {
     text.parse::<u64>().ok().filter(|id| *id <= i64::MAX as u64)
 }
 
+/// The dead letters not replayed yet.
+///
 /// `GET /admin/events?status=DEAD_LETTER&limit=&cursor=`: every dead letter not replayed
 /// yet, whichever consumer group sent it, oldest first: the letter (`deadLetter`: group,
 /// source partition and offset, error) and, when it was an event, the event's row (its
 /// attempts in `retryCount`, `lastError`).
+#[utoipa::path(
+    get,
+    path = "/admin/events",
+    tag = "admin",
+    operation_id = "adminDeadLetters",
+    params(EventQuery),
+    responses(
+        AdminErrors,
+        ServerErrors,
+        (status = 200, description = "A page of open dead letters, oldest first.",
+            body = EventPage),
+        (status = 400, description = "`STATUS_NOT_LISTABLE` (a status other than \
+            `DEAD_LETTER`), `INVALID_LIMIT`, `INVALID_CURSOR`, `INVALID_QUERY` (a missing \
+            `status`, an unknown parameter, not a number).", body = ErrorBody),
+    ),
+    security(("bearerAuth" = []))
+)]
 pub async fn events(
     state: web::Data<AppState>,
     _admin: Admin,
@@ -336,9 +550,10 @@ pub async fn events(
     }))
 }
 
-#[derive(Debug, Serialize)]
+/// A dead letter on its way again.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct ReplayAccepted {
+pub struct ReplayAccepted {
     event_id: EventId,
     status: EventStatus,
     /// When the retry scheduler makes the attempt (events delivered to external systems).
@@ -348,12 +563,31 @@ struct ReplayAccepted {
     consumers: Vec<&'static str>,
 }
 
+/// Replays a dead-lettered event.
+///
 /// `POST /admin/events/{event_id}/replay`: puts a dead letter back on its way, for every
 /// consumer that dead-lettered it. For the consumer whose progress is the row, an event
 /// delivered to an external system goes back to the retry scheduler (due now, attempts
 /// counted afresh), any other returns to PENDING and the outbox relay publishes it again;
 /// the ranking counts it at once (its applied mark keeps that idempotent). 409 for an
 /// event no consumer dead-lettered.
+#[utoipa::path(
+    post,
+    path = "/admin/events/{event_id}/replay",
+    tag = "admin",
+    operation_id = "replayEvent",
+    params(("event_id" = EventId, Path, description = "The dead-lettered event's id.")),
+    responses(
+        AdminErrors,
+        ServerErrors,
+        (status = 202, description = "Replayed.", body = ReplayAccepted),
+        (status = 400, description = "`INVALID_EVENT_ID`: not a UUID.", body = ErrorBody),
+        (status = 404, description = "`NOT_FOUND`: no such event.", body = ErrorBody),
+        (status = 409, description = "`ALREADY_COMPLETED` (replaying would deliver it twice), \
+            `NOT_DEAD_LETTERED` (no consumer dead-lettered it).", body = ErrorBody),
+    ),
+    security(("bearerAuth" = []))
+)]
 pub async fn replay(
     state: web::Data<AppState>,
     _admin: Admin,

@@ -7,29 +7,69 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::AppState;
 use crate::api::auth::{Admin, Caller};
-use crate::api::error::{ApiError, JsonObject};
+use crate::api::docs::{
+    ActsAsUserErrors, AdminErrors, Authenticated, BodyErrors, RateLimited, ReadsUserErrors,
+    ServerErrors,
+};
+use crate::api::error::{ApiError, ErrorBody, JsonObject};
 use crate::api::guard::{idempotency_key, key_reused, limit_user, replay};
 use crate::api::input::{name, storable_instant};
 use crate::coupons::RefusalReason;
 use crate::coupons::intake::Intake;
-use crate::coupons::store::NewCoupon;
+use crate::coupons::store::{Coupon, HeldCoupon, NewCoupon};
 use crate::error::{Classify, ErrorClass};
 use crate::event_log::{EventRecord, EventStatus};
 use crate::events::EventPayload;
 use crate::idempotency::{self, Claim};
 use crate::ids::{CouponHistoryId, CouponId, RequestId, UserId};
 
-#[derive(Debug, Deserialize)]
+/// A coupon to create.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateCoupon {
+    /// 1 to 100 characters (trimmed), no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\u0000-\u001F\u007F-\u009F\s][^\u0000-\u001F\u007F-\u009F]*$",
+        example = "Black Friday"
+    )]
     pub name: String,
+    /// 1 to `coupons.max_discount_amount`.
+    #[schema(minimum = 1, example = 5000)]
     pub discount_amount: i64,
+    /// How many can be issued: 1 to `coupons.max_total_quantity`.
+    #[schema(minimum = 1, example = 100)]
     pub total_quantity: i64,
+    /// From when requests get one (years 1000 to 9999).
     pub valid_from: DateTime<Utc>,
+    /// Until when (exclusive); after `validFrom`.
     pub valid_until: DateTime<Utc>,
 }
 
+/// Creates a coupon (admin).
+///
 /// `POST /coupons` (admin)
+#[utoipa::path(
+    post,
+    path = "/coupons",
+    tag = "coupons",
+    operation_id = "createCoupon",
+    request_body = CreateCoupon,
+    responses(
+        AdminErrors,
+        BodyErrors,
+        ServerErrors,
+        (status = 201, description = "Created.", body = Coupon,
+            headers(("Location" = String, description = "`/coupons/{couponId}`")),
+            links(("getCoupon" = (operation_id = "getCoupon",
+                parameters(("coupon_id" = "$response.body#/couponId")))))),
+        (status = 400, description = "`INVALID_JSON` (not a JSON object of these fields), \
+            `INVALID_NAME`, `INVALID_DISCOUNT_AMOUNT`, `INVALID_TOTAL_QUANTITY`, \
+            `INVALID_VALIDITY`.", body = ErrorBody),
+    ),
+    security(("bearerAuth" = []))
+)]
 pub async fn create(
     state: web::Data<AppState>,
     _admin: Admin,
@@ -94,7 +134,25 @@ fn validate_new_coupon(request: CreateCoupon, limits: CouponLimits) -> Result<Ne
     })
 }
 
+/// A coupon, with its remaining stock.
+///
 /// `GET /coupons/{couponId}`
+#[utoipa::path(
+    get,
+    path = "/coupons/{coupon_id}",
+    tag = "coupons",
+    operation_id = "getCoupon",
+    params(("coupon_id" = CouponId, Path, description = "The coupon's id.")),
+    responses(
+        Authenticated,
+        ServerErrors,
+        (status = 200, description = "The coupon.", body = Coupon),
+        (status = 400, description = "`INVALID_COUPON_ID`: not a positive integer.",
+            body = ErrorBody),
+        (status = 404, description = "`NOT_FOUND`: no such coupon.", body = ErrorBody),
+    ),
+    security(("bearerAuth" = []))
+)]
 pub async fn find(
     state: web::Data<AppState>,
     _caller: Caller,
@@ -110,28 +168,95 @@ pub async fn find(
     Ok(HttpResponse::Ok().json(coupon))
 }
 
-#[derive(Debug, Deserialize)]
+/// A request for a coupon.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IssueBody {
     /// The caller's own id, when given (the acting user is always the token's).
+    #[schema(minimum = 1)]
     pub user_id: Option<i64>,
+    #[schema(minimum = 1)]
     pub coupon_id: i64,
 }
 
-#[derive(Debug, Serialize)]
+/// A coupon request, recorded.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct Accepted {
+pub struct Accepted {
     request_id: RequestId,
+    /// Where it stands, as in `GET /coupons/requests/{requestId}`.
+    #[schema(schema_with = request_status)]
     status: &'static str,
+}
+
+/// The statuses of a coupon request.
+fn request_status() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(["PENDING", "COMPLETED", "NOTIFIED", "DEAD_LETTER"]))
+        .description(Some(
+            "`PENDING`, `COMPLETED` (decided), `NOTIFIED` (decided and pushed) or \
+             `DEAD_LETTER`.",
+        ))
+        .build()
+}
+
+/// The decision on a coupon request, once there is one.
+fn request_outcome() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::SchemaType::from_iter([
+            utoipa::openapi::schema::Type::String,
+            utoipa::openapi::schema::Type::Null,
+        ]))
+        .enum_values(Some([
+            serde_json::json!("ISSUED"),
+            serde_json::json!("REFUSED"),
+            serde_json::Value::Null,
+        ]))
+        .description(Some("`ISSUED` or `REFUSED`; null until decided."))
+        .build()
 }
 
 /// The idempotency-key route name of coupon issue requests.
 const ISSUE_ROUTE: &str = "coupon-issue";
 
+/// Asks for a coupon, first come first served (decided asynchronously).
+///
 /// `POST /coupons/issue`: accepted (202) once recorded; the decision comes asynchronously,
 /// whether or not the coupon exists or has stock. A user's repeated request for a coupon is
 /// answered with the first one (200, its id and status); with an `Idempotency-Key`, a retry
 /// gets the first answer again.
+#[utoipa::path(
+    post,
+    path = "/coupons/issue",
+    tag = "coupons",
+    operation_id = "issueCoupon",
+    request_body = IssueBody,
+    params(("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1,
+        max_length = 128,
+        pattern = "^[!-~]+$",
+        description = "Names this request's retries: 1 to 128 visible ASCII characters.")),
+    responses(
+        ActsAsUserErrors,
+        BodyErrors,
+        RateLimited,
+        ServerErrors,
+        (status = 202, description = "Accepted: follow it with \
+            `GET /coupons/requests/{requestId}` or a push channel.", body = Accepted,
+            links(("getCouponRequest" = (operation_id = "getCouponRequest",
+                parameters(("request_id" = "$response.body#/requestId")))))),
+        (status = 200, description = "The user asked for this coupon before: that request.",
+            body = Accepted,
+            links(("getCouponRequest" = (operation_id = "getCouponRequest",
+                parameters(("request_id" = "$response.body#/requestId")))))),
+        (status = 400, description = "`INVALID_JSON`, `INVALID_USER_ID`, \
+            `INVALID_COUPON_ID`, `INVALID_IDEMPOTENCY_KEY`, `USER_NOT_FOUND` (the token's \
+            user has no row).", body = ErrorBody),
+        (status = 422, description = "`IDEMPOTENCY_KEY_REUSED`: the key was used with \
+            another request.", body = ErrorBody),
+    ),
+    security(("bearerAuth" = []))
+)]
 pub async fn issue(
     state: web::Data<AppState>,
     caller: Caller,
@@ -215,7 +340,7 @@ fn issue_answer(intake: &Intake) -> idempotency::StoredAnswer {
 }
 
 /// The state of a request as clients see it.
-#[derive(Debug, PartialEq, Eq, Serialize)]
+#[derive(Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RequestView {
     pub request_id: RequestId,
@@ -223,10 +348,14 @@ pub struct RequestView {
     pub coupon_id: CouponId,
     /// Where the request stands: `PENDING`, `COMPLETED` (decided), `NOTIFIED` (decided and
     /// pushed) or `DEAD_LETTER`.
+    #[schema(schema_with = request_status)]
     pub status: &'static str,
     /// The decision once there is one: `ISSUED` or `REFUSED`.
+    #[schema(schema_with = request_outcome)]
     pub outcome: Option<&'static str>,
+    /// Why it was refused (null unless refused).
     pub reason: Option<RefusalReason>,
+    /// The coupon the user now holds (null unless issued).
     pub coupon_history_id: Option<CouponHistoryId>,
 }
 
@@ -268,7 +397,24 @@ pub fn request_view(
     })
 }
 
+/// Where a coupon request stands, and its decision.
+///
 /// `GET /coupons/requests/{requestId}`: the requester's own, or any for an admin.
+#[utoipa::path(
+    get,
+    path = "/coupons/requests/{request_id}",
+    tag = "coupons",
+    operation_id = "getCouponRequest",
+    params(("request_id" = RequestId, Path, description = "The `requestId` of the 202.")),
+    responses(
+        ReadsUserErrors,
+        ServerErrors,
+        (status = 200, description = "The request.", body = RequestView),
+        (status = 400, description = "`INVALID_REQUEST_ID`: not a UUID.", body = ErrorBody),
+        (status = 404, description = "`NOT_FOUND`: no such request.", body = ErrorBody),
+    ),
+    security(("bearerAuth" = []))
+)]
 pub async fn request(
     state: web::Data<AppState>,
     caller: Caller,
@@ -295,7 +441,24 @@ pub async fn request(
     Ok(HttpResponse::Ok().json(view))
 }
 
+/// The coupons a user holds.
+///
 /// `GET /users/{userId}/coupons`
+#[utoipa::path(
+    get,
+    path = "/users/{user_id}/coupons",
+    tag = "coupons",
+    operation_id = "heldCoupons",
+    params(("user_id" = UserId, Path, description = "The user's id.")),
+    responses(
+        ReadsUserErrors,
+        ServerErrors,
+        (status = 200, description = "The user's coupons.", body = Vec<HeldCoupon>),
+        (status = 400, description = "`INVALID_USER_ID`: not a positive integer.",
+            body = ErrorBody),
+    ),
+    security(("bearerAuth" = []))
+)]
 pub async fn held(
     state: web::Data<AppState>,
     caller: Caller,
@@ -334,6 +497,7 @@ mod tests {
             next_attempt_at: None,
             source: None,
             dead_lettered_at: None,
+            traceparent: None,
         }
     }
 

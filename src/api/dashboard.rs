@@ -34,7 +34,20 @@ const DEAD_LETTERS_SHOWN: u32 = 50;
 /// How many best sellers a view lists.
 const BEST_SELLERS_SHOWN: usize = 10;
 
-/// `GET /dashboard`: the page (public: it holds no data; its data needs the admin token).
+/// The live ops dashboard.
+///
+/// Plain HTML (public: it holds no data); its data comes from `GET /admin/dashboard/events`
+/// with the admin token (passed as `/dashboard#token=…` or asked for).
+#[utoipa::path(
+    get,
+    path = "/dashboard",
+    tag = "observability",
+    operation_id = "dashboardPage",
+    responses(
+        (status = 200, description = "The page.", content_type = "text/html", body = String),
+        crate::api::docs::ServerErrors,
+    )
+)]
 pub async fn page() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
@@ -170,13 +183,44 @@ async fn best_sellers(state: &AppState) -> Result<Vec<BestSeller>, ApiError> {
         .collect())
 }
 
-/// `GET /admin/dashboard`: one view.
+/// One view of the dashboard.
+///
+/// Consumer groups with each partition's lag, domain actors, open dead letters, the
+/// outbox, the retry scheduler, outages, today's best sellers and the coupon decisions so
+/// far. Its exact shape is internal.
+#[utoipa::path(
+    get,
+    path = "/admin/dashboard",
+    tag = "observability",
+    operation_id = "dashboardSnapshot",
+    responses(
+        (status = 200, description = "The view.", body = Object),
+        crate::api::docs::AdminErrors,
+        crate::api::docs::ServerErrors,
+    ),
+    security(("bearerAuth" = []))
+)]
 pub async fn snapshot(state: web::Data<AppState>, _admin: Admin) -> HttpResponse {
     HttpResponse::Ok().json(view(&state).await)
 }
 
-/// `GET /admin/dashboard/events`: a view every `metrics.dashboard_interval_ms`, as
-/// server-sent events (`event: view`), until the client leaves or the daemon stops.
+/// The dashboard's views, live.
+///
+/// Server-Sent Events (`event: view`), one view every `metrics.dashboard_interval_ms`,
+/// until the client leaves or the daemon stops.
+#[utoipa::path(
+    get,
+    path = "/admin/dashboard/events",
+    tag = "observability",
+    operation_id = "dashboardStream",
+    responses(
+        (status = 200, description = "A stream of views (`text/event-stream`).",
+            content_type = "text/event-stream", body = String),
+        crate::api::docs::AdminErrors,
+        crate::api::docs::ServerErrors,
+    ),
+    security(("bearerAuth" = []))
+)]
 pub async fn stream(state: web::Data<AppState>, _admin: Admin) -> HttpResponse {
     let interval = Duration::from_millis(state.operations.dashboard_interval_ms.max(100));
     let closing = state.coupons.sessions.closing();

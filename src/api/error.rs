@@ -117,17 +117,26 @@ impl ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: ErrorDetail<'a>,
+/// The body of every error response.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"error": {"code": "NOT_FOUND", "message": "coupon 7 not found"}}))]
+pub struct ErrorBody<'a> {
+    pub error: ErrorDetail<'a>,
 }
 
-#[derive(Serialize)]
-struct ErrorDetail<'a> {
-    code: &'a str,
-    message: &'a str,
+/// What went wrong.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail<'a> {
+    /// A stable, machine-readable code in SCREAMING_SNAKE_CASE (`NOT_FOUND`, `INVALID_JSON`,
+    /// `RATE_LIMITED`, …); each operation lists the codes of its error statuses.
+    #[schema(example = "NOT_FOUND", pattern = "^[A-Z][A-Z0-9_]*$")]
+    pub code: &'a str,
+    /// For people: what was refused and why. Not stable; do not parse it.
+    pub message: &'a str,
+    /// More about the error, when there is more (for example `NOT_READY`'s failed checks).
     #[serde(skip_serializing_if = "Option::is_none")]
-    details: Option<&'a serde_json::Value>,
+    #[schema(value_type = Object)]
+    pub details: Option<&'a serde_json::Value>,
 }
 
 /// A response in the common error shape.
@@ -275,7 +284,22 @@ pub fn into_json_error<B: MessageBody + 'static>(
         .map(|error| error.to_string())
         .unwrap_or_else(|| default_message.to_string());
     let (request, _) = response.into_parts();
-    let rewritten = error_response(status, code, &message, None);
+    let mut rewritten = error_response(status, code, &message, None);
+    // A 405 names the methods the route takes (RFC 9110).
+    if status == StatusCode::METHOD_NOT_ALLOWED
+        && let Some(pattern) = request.match_pattern()
+    {
+        let allowed: Vec<&str> = crate::api::ROUTES
+            .iter()
+            .filter(|route| route.path == pattern)
+            .map(|route| route.method)
+            .collect();
+        if let Ok(allow) = HeaderValue::from_str(&allowed.join(", "))
+            && !allowed.is_empty()
+        {
+            rewritten.headers_mut().insert(header::ALLOW, allow);
+        }
+    }
     Ok(ErrorHandlerResponse::Response(
         ServiceResponse::new(request, rewritten).map_into_right_body(),
     ))

@@ -4,22 +4,72 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use actix_web::{HttpResponse, web};
+use serde::Serialize;
 use serde_json::json;
 
 use crate::api::AppState;
-use crate::api::error::ApiError;
+use crate::api::docs::ServerErrors;
+use crate::api::error::{ApiError, ErrorBody};
+use crate::outages::OutageView;
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The process is alive and serving HTTP.
-pub async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(json!({"status": "ok"}))
+/// `GET /healthz`'s answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Alive {
+    #[schema(value_type = String, example = "ok")]
+    status: &'static str,
 }
 
+/// `GET /readyz`'s answer when ready.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Ready {
+    #[schema(value_type = String, example = "ready")]
+    status: &'static str,
+    /// Each check (`mysql`, `redis`, `kafka`, `partitions`): `ok`.
+    #[schema(value_type = BTreeMap<String, String>)]
+    checks: BTreeMap<&'static str, String>,
+    /// The outages the actors are waiting out (a delivery target's does not make the
+    /// daemon unready).
+    outages: Vec<OutageView>,
+}
+
+/// Liveness.
+///
+/// The process is alive and serving HTTP.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    operation_id = "healthz",
+    responses(
+        (status = 200, description = "Alive.", body = Alive),
+        ServerErrors,
+    )
+)]
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(Alive { status: "ok" })
+}
+
+/// Readiness: MySQL, Redis, Kafka and the partitions.
+///
 /// Ready when MySQL, Redis and Kafka answer and every consumer group has been given its
 /// partitions; otherwise 503 naming the checks that failed. Either way the answer lists the
 /// outages the actors are waiting out (`outages`: the dependency, since when, and which
 /// partitions wait), a delivery target's included, which does not make the daemon unready.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    operation_id = "readyz",
+    responses(
+        ServerErrors,
+        (status = 200, description = "Ready.", body = Ready),
+        (status = 503, description = "`NOT_READY`: a check failed. `details`: `checks` (each \
+            check's error, or `ok`) and `outages`. `UNAVAILABLE` as for any route.",
+            body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds."))),
+    )
+)]
 pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let (mysql, redis, kafka) = futures::join!(
         check_mysql(&state),
@@ -27,7 +77,7 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
         check_kafka(&state)
     );
     let partitions = check_partitions(&state);
-    let checks: BTreeMap<&str, Result<(), String>> = BTreeMap::from([
+    let checks: BTreeMap<&'static str, Result<(), String>> = BTreeMap::from([
         ("mysql", mysql),
         ("redis", redis),
         ("kafka", kafka),
@@ -38,14 +88,17 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
         .filter(|(_, result)| result.is_err())
         .map(|(name, _)| *name)
         .collect();
-    let details: BTreeMap<&str, String> = checks
+    let details: BTreeMap<&'static str, String> = checks
         .iter()
         .map(|(name, result)| (*name, result.clone().err().unwrap_or_else(|| "ok".into())))
         .collect();
     let outages = state.operations.outages.current();
     if failed.is_empty() {
-        return Ok(HttpResponse::Ok()
-            .json(json!({"status": "ready", "checks": details, "outages": outages})));
+        return Ok(HttpResponse::Ok().json(Ready {
+            status: "ready",
+            checks: details,
+            outages,
+        }));
     }
     Err(ApiError::Unavailable {
         code: "NOT_READY",

@@ -1,4 +1,5 @@
-//! `GET /metrics`: the Prometheus text format, rendered by this server.
+//! `GET /metrics`: the Prometheus text format, rendered by this server; and the middleware
+//! that measures ([`Measured`]) and traces ([`Traced`]) every request.
 
 use std::time::{Duration, Instant};
 
@@ -6,12 +7,26 @@ use actix_web::{HttpResponse, web};
 
 use crate::api::AppState;
 use crate::monitoring;
+use crate::trace::{TRACEPARENT, TraceParent};
 
 /// How long a scrape waits for Redis to answer its ping.
 const REDIS_PING_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// Prometheus metrics.
+///
 /// Every metric of the process (see [`crate::monitoring`]), after reading the values
 /// only a scrape reads: pool use, push sessions, Redis's ping.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "observability",
+    operation_id = "metrics",
+    responses(
+        crate::api::docs::ServerErrors,
+        (status = 200, description = "The Prometheus text exposition format (0.0.4).",
+            content_type = "text/plain", body = String),
+    )
+)]
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let operations = &state.operations;
     for (name, pool) in &operations.pools {
@@ -85,6 +100,75 @@ where
             };
             monitoring::http_request(&route, &method, status, started.elapsed());
             answer
+        })
+    }
+}
+
+/// Middleware that puts each request in a trace (see [`crate::trace`]): the caller's
+/// `traceparent` when valid, a new trace otherwise. The handler runs in it and in a
+/// `request` span with its `trace_id`; the answer's `traceparent` names this server's hop.
+pub struct Traced;
+
+impl<S, B> actix_web::dev::Transform<S, actix_web::dev::ServiceRequest> for Traced
+where
+    S: actix_web::dev::Service<
+            actix_web::dev::ServiceRequest,
+            Response = actix_web::dev::ServiceResponse<B>,
+            Error = actix_web::Error,
+        > + 'static,
+    B: 'static,
+{
+    type Response = actix_web::dev::ServiceResponse<B>;
+    type Error = actix_web::Error;
+    type Transform = TracedService<S>;
+    type InitError = ();
+    type Future = std::future::Ready<Result<Self::Transform, Self::InitError>>;
+
+    fn new_transform(&self, service: S) -> Self::Future {
+        std::future::ready(Ok(TracedService { service }))
+    }
+}
+
+pub struct TracedService<S> {
+    service: S,
+}
+
+impl<S, B> actix_web::dev::Service<actix_web::dev::ServiceRequest> for TracedService<S>
+where
+    S: actix_web::dev::Service<
+            actix_web::dev::ServiceRequest,
+            Response = actix_web::dev::ServiceResponse<B>,
+            Error = actix_web::Error,
+        > + 'static,
+    B: 'static,
+{
+    type Response = actix_web::dev::ServiceResponse<B>;
+    type Error = actix_web::Error;
+    type Future = futures::future::LocalBoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    actix_web::dev::forward_ready!(service);
+
+    fn call(&self, request: actix_web::dev::ServiceRequest) -> Self::Future {
+        use tracing::Instrument as _;
+        let hop = request
+            .headers()
+            .get(TRACEPARENT)
+            .and_then(|value| value.to_str().ok())
+            .and_then(TraceParent::parse)
+            .map(|caller| caller.child())
+            .unwrap_or_else(TraceParent::generate);
+        let span = tracing::info_span!("request", trace_id = %hop.trace_id);
+        let header = hop.header_value();
+        let answer = crate::trace::in_trace(hop, self.service.call(request).instrument(span));
+        Box::pin(async move {
+            let mut response = answer.await?;
+            if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&header) {
+                response.headers_mut().insert(
+                    actix_web::http::header::HeaderName::from_static(TRACEPARENT),
+                    value,
+                );
+            }
+            Ok(response)
         })
     }
 }

@@ -20,11 +20,13 @@
 //! |               | `POST/GET /products`, `GET/PATCH /products/{id}`, `POST /orders`,       |
 //! |               | `GET /orders/{id}`, `POST /orders/{id}/pay`                             |
 //! | [`ranking`]   | `GET /products/ranking`                                                 |
+//! | [`docs`]      | `GET /openapi.json` (OpenAPI 3.1), `GET /docs` (Swagger UI), its files  |
 
 pub mod admin;
 pub mod auth;
 pub mod coupons;
 pub mod dashboard;
+pub mod docs;
 pub mod error;
 pub mod guard;
 pub mod health;
@@ -218,6 +220,9 @@ route_table! {
     "/orders" => { POST shop::create_order: ActsAsUser }
     "/orders/{order_id}" => { GET shop::order: ReadsUser }
     "/orders/{order_id}/pay" => { POST shop::pay: ActsAsUser }
+    "/openapi.json" => { GET docs::openapi: Public }
+    "/docs" => { GET docs::swagger_ui: Public }
+    "/docs/{file}" => { GET docs::asset: Public }
 }
 
 /// Registers every route and the common error handling.

@@ -27,7 +27,8 @@ use tracing::warn;
 
 use crate::api::AppState;
 use crate::api::auth::{Caller, bearer_token};
-use crate::api::error::ApiError;
+use crate::api::docs::{ActsAsUserErrors, Authenticated, ServerErrors};
+use crate::api::error::{ApiError, ErrorBody};
 use crate::auth::AuthError;
 use crate::coupons::notifier::push_message;
 use crate::coupons::sessions::{PushMessage, Subscription};
@@ -40,23 +41,44 @@ const KEEPALIVE: Duration = Duration::from_secs(15);
 /// The most missed results a reconnecting channel is sent.
 const RESUME_LIMIT: u32 = 1_000;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ChannelQuery {
+    /// The caller's own user id, when given (the WebSocket only; the SSE path names it).
+    #[param(value_type = Option<UserId>)]
     pub user_id: Option<String>,
+    /// A ticket from `POST /push/tickets`, for browsers (instead of the bearer token).
     pub ticket: Option<String>,
     /// The last event id received; results after it are sent first.
+    #[param(value_type = Option<EventId>)]
     pub after: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+/// A single-use ticket that opens one push channel.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct Ticket {
+pub struct Ticket {
+    /// Pass as `?ticket=` to `GET /ws` or `GET /users/{userId}/events`.
     ticket: String,
     expires_in_seconds: u64,
 }
 
+/// A single-use ticket for a push channel (for browsers).
+///
 /// `POST /push/tickets`: a single-use ticket that opens one of the caller's channels.
+#[utoipa::path(
+    post,
+    path = "/push/tickets",
+    tag = "push",
+    operation_id = "pushTicket",
+    responses(
+        Authenticated,
+        ServerErrors,
+        (status = 201, description = "The ticket.", body = Ticket),
+    ),
+    security(("bearerAuth" = []))
+)]
 pub async fn ticket(state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
     let ticket = state.coupons.tickets.issue(caller.user()).await?;
     Ok(HttpResponse::Created().json(Ticket {
@@ -172,7 +194,31 @@ impl ResultFeed {
     }
 }
 
-/// `GET /ws[?userId=][&ticket=][&after=]`
+/// The caller's coupon results, live, over a WebSocket.
+///
+/// `GET /ws[?userId=][&ticket=][&after=]`: a WebSocket carrying the caller's coupon
+/// results, one JSON text message each (see the module documentation of `push`). The
+/// caller is the bearer token's user, or the ticket's.
+#[utoipa::path(
+    get,
+    path = "/ws",
+    tag = "push",
+    operation_id = "pushWebSocket",
+    params(
+        ChannelQuery,
+        ("Last-Event-ID" = Option<EventId>, Header, nullable = false,
+            description = "Resume after this event (as `?after=`)."),
+    ),
+    responses(
+        ActsAsUserErrors,
+        ServerErrors,
+        (status = 101, description = "Switching to the WebSocket protocol: one text message \
+            per coupon result (JSON)."),
+        (status = 400, description = "`NOT_A_WEBSOCKET` (not an upgrade request), \
+            `INVALID_USER_ID`, `INVALID_EVENT_ID`, `INVALID_QUERY`.", body = ErrorBody),
+    ),
+    security(("bearerAuth" = []), ())
+)]
 pub async fn websocket(
     state: web::Data<AppState>,
     request: HttpRequest,
@@ -237,8 +283,32 @@ pub async fn websocket(
     Ok(response)
 }
 
+/// The caller's coupon results, live, as Server-Sent Events.
+///
 /// `GET /users/{userId}/events[?ticket=][&after=]`: `id: {eventId}` and `data: {json}` per
 /// result, a comment first and every 15 s while idle.
+#[utoipa::path(
+    get,
+    path = "/users/{user_id}/events",
+    tag = "push",
+    operation_id = "pushEvents",
+    params(
+        ("user_id" = UserId, Path, description = "The caller's own user id."),
+        ChannelQuery,
+        ("Last-Event-ID" = Option<EventId>, Header, nullable = false,
+            description = "Resume after this event (as `?after=`)."),
+    ),
+    responses(
+        ActsAsUserErrors,
+        ServerErrors,
+        (status = 200, description = "Server-Sent Events: `id: {eventId}` and \
+            `data: {json}` per coupon result.", content_type = "text/event-stream",
+            body = String),
+        (status = 400, description = "`INVALID_USER_ID`, `INVALID_EVENT_ID`, \
+            `INVALID_QUERY`.", body = ErrorBody),
+    ),
+    security(("bearerAuth" = []), ())
+)]
 pub async fn server_sent_events(
     state: web::Data<AppState>,
     request: HttpRequest,

@@ -4,29 +4,56 @@ use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
 
 use crate::api::AppState;
-use crate::api::error::ApiError;
+use crate::api::docs::ServerErrors;
+use crate::api::error::{ApiError, ErrorBody};
 use crate::ids::ProductId;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct RankingQuery {
+    /// Days counted back from today (UTC), today included: 1 to `ranking.max_days`
+    /// (default 3).
+    #[param(minimum = 1)]
     pub days: Option<u32>,
+    /// How many best sellers: 1 to 100 (default 5).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<u32>,
 }
 
-#[derive(Debug, Serialize)]
+/// One best seller.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct RankingEntry {
+pub struct RankingEntry {
+    /// 1 for the best seller.
+    #[schema(minimum = 1)]
     rank: usize,
     product_id: ProductId,
+    /// The product's name (absent when the product row is gone).
     name: Option<String>,
+    /// Units sold over the days.
     quantity: u64,
 }
 
 const MAX_RANKING_LIMIT: u32 = 100;
 
+/// The best sellers over the last days.
+///
 /// `GET /products/ranking?days=3&limit=5`: best sellers by quantity over the last `days`
 /// days (today included, UTC), from Redis.
+#[utoipa::path(
+    get,
+    path = "/products/ranking",
+    tag = "ranking",
+    operation_id = "ranking",
+    params(RankingQuery),
+    responses(
+        ServerErrors,
+        (status = 200, description = "The best sellers, best first.", body = Vec<RankingEntry>),
+        (status = 400, description = "`INVALID_DAYS`, `INVALID_LIMIT`, `INVALID_QUERY` \
+            (not numbers, or unknown parameters).", body = ErrorBody),
+    )
+)]
 pub async fn ranking(
     state: web::Data<AppState>,
     query: web::Query<RankingQuery>,

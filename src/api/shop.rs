@@ -8,7 +8,10 @@ use serde::Deserialize;
 
 use crate::api::AppState;
 use crate::api::auth::{Admin, Caller};
-use crate::api::error::{ApiError, JsonObject};
+use crate::api::docs::{
+    ActsAsUserErrors, AdminErrors, BodyErrors, RateLimited, ReadsUserErrors, ServerErrors,
+};
+use crate::api::error::{ApiError, ErrorBody, JsonObject};
 use crate::api::guard::{idempotency_key, key_reused, limit_anonymous, limit_user, replay};
 use crate::api::input::name;
 use crate::error::Classify;
@@ -16,7 +19,9 @@ use crate::event_log::OutboxEvent;
 use crate::events::EventPayload;
 use crate::ids::{CouponHistoryId, OrderId, ProductId, UserId};
 use crate::outbox::ANSWER_WAIT;
-use crate::shop::store::{Answered, NewOrderLine, ShopError};
+use crate::shop::store::{
+    Answered, Balance, NewOrderLine, Order, Payment, Product, ProductPage, ShopError, User,
+};
 
 /// How long a request waits for the product cache (a read, a fill, or a write after a
 /// change): MySQL answers a miss and the product events bring every change to the cache
@@ -63,9 +68,17 @@ fn stock(value: i64) -> Result<u32, ApiError> {
         })
 }
 
-#[derive(Debug, Deserialize)]
+/// A user to create.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateUser {
+    /// 1 to 100 characters (trimmed), no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\u0000-\u001F\u007F-\u009F\s][^\u0000-\u001F\u007F-\u009F]*$",
+        example = "Kim"
+    )]
     pub name: String,
 }
 
@@ -77,7 +90,31 @@ fn answered<T>(answered: Answered<T>, fresh: impl FnOnce(T) -> HttpResponse) -> 
     }
 }
 
+/// Creates a user, with a zero balance (admin).
+///
 /// `POST /users` (admin)
+#[utoipa::path(
+    post,
+    path = "/users",
+    tag = "shop",
+    operation_id = "createUser",
+    request_body = CreateUser,
+    responses(
+        AdminErrors,
+        BodyErrors,
+        ServerErrors,
+        (status = 201, description = "Created.", body = User,
+            headers(("Location" = String, description = "`/users/{userId}`")),
+            links(
+                ("getBalance" = (operation_id = "getBalance",
+                    parameters(("user_id" = "$response.body#/userId")))),
+                ("heldCoupons" = (operation_id = "heldCoupons",
+                    parameters(("user_id" = "$response.body#/userId")))),
+            )),
+        (status = 400, description = "`INVALID_JSON`, `INVALID_NAME`.", body = ErrorBody),
+    ),
+    security(("bearerAuth" = []))
+)]
 pub async fn create_user(
     state: web::Data<AppState>,
     _admin: Admin,
@@ -89,7 +126,25 @@ pub async fn create_user(
         .json(user))
 }
 
+/// A user's balance.
+///
 /// `GET /users/{userId}/balance`
+#[utoipa::path(
+    get,
+    path = "/users/{user_id}/balance",
+    tag = "shop",
+    operation_id = "getBalance",
+    params(("user_id" = UserId, Path, description = "The user's id.")),
+    responses(
+        ReadsUserErrors,
+        ServerErrors,
+        (status = 200, description = "The balance.", body = Balance),
+        (status = 400, description = "`INVALID_USER_ID`: not a positive integer.",
+            body = ErrorBody),
+        (status = 404, description = "`NOT_FOUND`: no such user.", body = ErrorBody),
+    ),
+    security(("bearerAuth" = []))
+)]
 pub async fn balance(
     state: web::Data<AppState>,
     caller: Caller,
@@ -109,13 +164,44 @@ pub async fn balance(
     }))
 }
 
-#[derive(Debug, Deserialize)]
+/// Money to add to a balance.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Charge {
+    /// 1 to 100,000,000.
+    #[schema(minimum = 1, maximum = 100_000_000, example = 10000)]
     pub amount: i64,
 }
 
+/// Adds money to the caller's own balance.
+///
 /// `POST /users/{userId}/balance/charge`: the user's own balance only.
+#[utoipa::path(
+    post,
+    path = "/users/{user_id}/balance/charge",
+    tag = "shop",
+    operation_id = "chargeBalance",
+    request_body = Charge,
+    params(("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1,
+        max_length = 128,
+        pattern = "^[!-~]+$",
+        description = "Names this request's retries: 1 to 128 visible ASCII characters; a \
+            retry with the same key gets the first answer again (`Idempotent-Replay: true`)."),
+        ("user_id" = UserId, Path, description = "The caller's own user id.")),
+    responses(
+        ActsAsUserErrors,
+        BodyErrors,
+        RateLimited,
+        ServerErrors,
+        (status = 200, description = "The new balance.", body = Balance),
+        (status = 400, description = "`INVALID_USER_ID`, `INVALID_JSON`, `INVALID_AMOUNT`, \
+            `INVALID_IDEMPOTENCY_KEY`, `BALANCE_LIMIT_EXCEEDED` (a balance stays at most \
+            1,000,000,000,000).", body = ErrorBody),
+        (status = 404, description = "`NOT_FOUND`: no such user.", body = ErrorBody),
+        (status = 422, description = "`IDEMPOTENCY_KEY_REUSED`.", body = ErrorBody),
+    ),
+    security(("bearerAuth" = []))
+)]
 pub async fn charge(
     state: web::Data<AppState>,
     caller: Caller,
@@ -137,15 +223,52 @@ pub async fn charge(
     }))
 }
 
-#[derive(Debug, Deserialize)]
+/// A product to create.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateProduct {
+    /// 1 to 100 characters (trimmed), no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\u0000-\u001F\u007F-\u009F\s][^\u0000-\u001F\u007F-\u009F]*$",
+        example = "Keyboard"
+    )]
     pub name: String,
+    /// 1 to 100,000,000.
+    #[schema(minimum = 1, maximum = 100_000_000, example = 25000)]
     pub price: i64,
+    /// 0 to 10,000,000.
+    #[schema(minimum = 0, maximum = 10_000_000, example = 10)]
     pub stock: i64,
 }
 
+/// Creates a product (admin); a ProductChanged event follows.
+///
 /// `POST /products` (admin)
+#[utoipa::path(
+    post,
+    path = "/products",
+    tag = "shop",
+    operation_id = "createProduct",
+    request_body = CreateProduct,
+    responses(
+        AdminErrors,
+        BodyErrors,
+        ServerErrors,
+        (status = 201, description = "Created.", body = Product,
+            headers(("Location" = String, description = "`/products/{productId}`")),
+            links(
+                ("getProduct" = (operation_id = "getProduct",
+                    parameters(("product_id" = "$response.body#/productId")))),
+                ("updateProduct" = (operation_id = "updateProduct",
+                    parameters(("product_id" = "$response.body#/productId")))),
+            )),
+        (status = 400, description = "`INVALID_JSON`, `INVALID_NAME`, `INVALID_PRICE`, \
+            `INVALID_STOCK`.", body = ErrorBody),
+    ),
+    security(("bearerAuth" = []))
+)]
 pub async fn create_product(
     state: web::Data<AppState>,
     _admin: Admin,
@@ -166,14 +289,35 @@ pub async fn create_product(
         .json(product))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
+    /// The page, from 0 (default 0).
+    #[param(format = Int64, minimum = 0, maximum = 4_294_967_295_u64)]
     pub page: Option<u32>,
+    /// Products per page: 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     pub size: Option<u32>,
 }
 
+/// Products by id, a page at a time.
+///
 /// `GET /products?page=&size=` (page from 0, size 1–100, default 20)
+#[utoipa::path(
+    get,
+    path = "/products",
+    tag = "shop",
+    operation_id = "listProducts",
+    params(PageQuery),
+    responses(
+        RateLimited,
+        ServerErrors,
+        (status = 200, description = "A page of products.", body = ProductPage),
+        (status = 400, description = "`INVALID_PAGE_SIZE`, `INVALID_QUERY` (not numbers, \
+            unknown parameters).", body = ErrorBody),
+    )
+)]
 pub async fn products(
     state: web::Data<AppState>,
     request: HttpRequest,
@@ -191,8 +335,25 @@ pub async fn products(
     Ok(HttpResponse::Ok().json(state.shop.store.products(page, size).await?))
 }
 
+/// A product.
+///
 /// `GET /products/{productId}`: read through the Redis product cache (MySQL on a miss, or
 /// when Redis is unavailable).
+#[utoipa::path(
+    get,
+    path = "/products/{product_id}",
+    tag = "shop",
+    operation_id = "getProduct",
+    params(("product_id" = ProductId, Path, description = "The product's id.")),
+    responses(
+        RateLimited,
+        ServerErrors,
+        (status = 200, description = "The product.", body = Product),
+        (status = 400, description = "`INVALID_PRODUCT_ID`: not a positive integer.",
+            body = ErrorBody),
+        (status = 404, description = "`NOT_FOUND`: no such product.", body = ErrorBody),
+    )
+)]
 pub async fn product(
     state: web::Data<AppState>,
     request: HttpRequest,
@@ -220,15 +381,41 @@ pub async fn product(
     Ok(HttpResponse::Ok().json(product))
 }
 
-#[derive(Debug, Deserialize)]
+/// What to change of a product: its price, its stock or both.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+// `minProperties: 1` is set by `docs::Fixes` (utoipa 5.5 writes `min_properties` as a maximum).
 pub struct UpdateProduct {
+    /// 1 to 100,000,000.
+    #[schema(minimum = 1, maximum = 100_000_000)]
     pub price: Option<i64>,
+    /// 0 to 10,000,000.
+    #[schema(minimum = 0, maximum = 10_000_000)]
     pub stock: Option<i64>,
 }
 
+/// Changes a product's price or stock (admin).
+///
 /// `PATCH /products/{productId}` `{"price"?, "stock"?}` (admin): a ProductChanged event
 /// follows.
+#[utoipa::path(
+    patch,
+    path = "/products/{product_id}",
+    tag = "shop",
+    operation_id = "updateProduct",
+    params(("product_id" = ProductId, Path, description = "The product's id.")),
+    request_body = UpdateProduct,
+    responses(
+        AdminErrors,
+        BodyErrors,
+        ServerErrors,
+        (status = 200, description = "The product after the change.", body = Product),
+        (status = 400, description = "`INVALID_PRODUCT_ID`, `INVALID_JSON`, \
+            `NOTHING_TO_CHANGE`, `INVALID_PRICE`, `INVALID_STOCK`.", body = ErrorBody),
+        (status = 404, description = "`NOT_FOUND`: no such product.", body = ErrorBody),
+    ),
+    security(("bearerAuth" = []))
+)]
 pub async fn update_product(
     state: web::Data<AppState>,
     _admin: Admin,
@@ -258,23 +445,70 @@ pub async fn update_product(
     Ok(HttpResponse::Ok().json(updated.value))
 }
 
-#[derive(Debug, Deserialize)]
+/// One line of an order to place.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OrderItem {
+    #[schema(minimum = 1)]
     pub product_id: i64,
+    /// 1 to 1,000.
+    #[schema(minimum = 1, maximum = 1000)]
     pub quantity: i64,
 }
 
-#[derive(Debug, Deserialize)]
+/// An order to place.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateOrder {
     /// The caller's own id, when given (the acting user is always the token's).
+    #[schema(minimum = 1)]
     pub user_id: Option<i64>,
+    /// 1 to 100 lines, one per product.
+    #[schema(min_items = 1, max_items = 100)]
     pub items: Vec<OrderItem>,
+    /// A coupon the caller holds, to take its discount.
+    #[schema(minimum = 1)]
     pub coupon_history_id: Option<i64>,
 }
 
+/// Places an order at today's prices, in the caller's name.
+///
 /// `POST /orders`: an order in the caller's name.
+#[utoipa::path(
+    post,
+    path = "/orders",
+    tag = "shop",
+    operation_id = "createOrder",
+    request_body = CreateOrder,
+    params(("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1,
+        max_length = 128,
+        pattern = "^[!-~]+$",
+        description = "Names this request's retries: 1 to 128 visible ASCII characters; a \
+            retry with the same key gets the first answer again (`Idempotent-Replay: true`)."),
+    ),
+    responses(
+        ActsAsUserErrors,
+        BodyErrors,
+        RateLimited,
+        ServerErrors,
+        (status = 201, description = "Placed (PENDING until paid).", body = Order,
+            headers(("Location" = String, description = "`/orders/{orderId}`")),
+            links(
+                ("getOrder" = (operation_id = "getOrder",
+                    parameters(("order_id" = "$response.body#/orderId")))),
+                ("payOrder" = (operation_id = "payOrder",
+                    parameters(("order_id" = "$response.body#/orderId")))),
+            )),
+        (status = 400, description = "`INVALID_JSON`, `INVALID_USER_ID`, `INVALID_ITEMS`, \
+            `INVALID_PRODUCT_ID`, `INVALID_QUANTITY`, `DUPLICATE_PRODUCT`, \
+            `INVALID_COUPON_HISTORY_ID`, `INVALID_IDEMPOTENCY_KEY`, `UNKNOWN_USER`, \
+            `UNKNOWN_PRODUCT`, `AMOUNT_TOO_LARGE`.", body = ErrorBody),
+        (status = 409, description = "`COUPON_NOT_OWNED`, `COUPON_ALREADY_USED`.",
+            body = ErrorBody),
+        (status = 422, description = "`IDEMPOTENCY_KEY_REUSED`.", body = ErrorBody),
+    ),
+    security(("bearerAuth" = []))
+)]
 pub async fn create_order(
     state: web::Data<AppState>,
     caller: Caller,
@@ -342,7 +576,25 @@ pub async fn create_order(
     }))
 }
 
+/// An order.
+///
 /// `GET /orders/{orderId}`: the buyer's own, or any for an admin.
+#[utoipa::path(
+    get,
+    path = "/orders/{order_id}",
+    tag = "shop",
+    operation_id = "getOrder",
+    params(("order_id" = OrderId, Path, description = "The order's id.")),
+    responses(
+        ReadsUserErrors,
+        ServerErrors,
+        (status = 200, description = "The order.", body = Order),
+        (status = 400, description = "`INVALID_ORDER_ID`: not a positive integer.",
+            body = ErrorBody),
+        (status = 404, description = "`NOT_FOUND`: no such order.", body = ErrorBody),
+    ),
+    security(("bearerAuth" = []))
+)]
 pub async fn order(
     state: web::Data<AppState>,
     caller: Caller,
@@ -359,8 +611,36 @@ pub async fn order(
     Ok(HttpResponse::Ok().json(order))
 }
 
+/// Pays the caller's own order with its balance (and its coupon).
+///
 /// `POST /orders/{orderId}/pay`: one transaction, then `OrderCompleted` and
 /// `PaymentCompleted` are published (the outbox relay covers a crash in between).
+#[utoipa::path(
+    post,
+    path = "/orders/{order_id}/pay",
+    tag = "shop",
+    operation_id = "payOrder",
+    params(("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1,
+        max_length = 128,
+        pattern = "^[!-~]+$",
+        description = "Names this request's retries: 1 to 128 visible ASCII characters; a \
+            retry with the same key gets the first answer again (`Idempotent-Replay: true`)."),
+        ("order_id" = OrderId, Path, description = "The order's id.")),
+    responses(
+        ActsAsUserErrors,
+        RateLimited,
+        ServerErrors,
+        (status = 200, description = "Paid.", body = Payment),
+        (status = 400, description = "`INVALID_ORDER_ID`, `INVALID_IDEMPOTENCY_KEY`.",
+            body = ErrorBody),
+        (status = 404, description = "`NOT_FOUND`: no such order.", body = ErrorBody),
+        (status = 409, description = "`ORDER_NOT_PENDING` (paid already), \
+            `INSUFFICIENT_BALANCE`, `INSUFFICIENT_STOCK`, `COUPON_NOT_OWNED`, \
+            `COUPON_ALREADY_USED`.", body = ErrorBody),
+        (status = 422, description = "`IDEMPOTENCY_KEY_REUSED`.", body = ErrorBody),
+    ),
+    security(("bearerAuth" = []))
+)]
 pub async fn pay(
     state: web::Data<AppState>,
     caller: Caller,

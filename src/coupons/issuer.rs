@@ -138,6 +138,7 @@ fn coupon_request(event: &EventEnvelope) -> Result<CouponRequest, HandlerError> 
             user_id: payload.user_id,
             requested_at: event.occurred_at,
         },
+        traceparent: event.traceparent.clone(),
     })
 }
 

@@ -54,7 +54,8 @@ pub struct NewCoupon {
     pub valid_until: DateTime<Utc>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// A coupon, with its stock.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Coupon {
     pub coupon_id: CouponId,
@@ -77,7 +78,7 @@ named_enum! {
 }
 
 /// A coupon a user holds.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HeldCoupon {
     pub coupon_history_id: CouponHistoryId,
@@ -97,10 +98,12 @@ pub enum CouponUnusable {
 }
 
 /// One coupon request to decide.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CouponRequest {
     pub coupon_id: CouponId,
     pub request: IssueRequest,
+    /// The request's trace context; its result continues the trace.
+    pub traceparent: Option<String>,
 }
 
 /// What became of one request of a batch.
@@ -406,17 +409,20 @@ async fn issue_in(
                 Some(reason)
             }
         };
-        results.push(OutboxEvent::new(EventEnvelope::new(
-            request.user_id.partition_key(),
-            EventPayload::CouponResult(CouponResult {
-                request_id: request.request_id,
-                user_id: request.user_id,
-                coupon_id: item.coupon_id,
-                success: decision == IssueDecision::Issue,
-                coupon_history_id,
-                reason,
-            }),
-        )));
+        results.push(OutboxEvent::new(
+            EventEnvelope::new(
+                request.user_id.partition_key(),
+                EventPayload::CouponResult(CouponResult {
+                    request_id: request.request_id,
+                    user_id: request.user_id,
+                    coupon_id: item.coupon_id,
+                    success: decision == IssueDecision::Issue,
+                    coupon_history_id,
+                    reason,
+                }),
+            )
+            .continuing(item.traceparent.as_deref()),
+        ));
     }
     // Decided either way, the request is COMPLETED: a refusal is its business result (the
     // reason, in `result`), not a processing failure. A success's coupon history is found

@@ -259,6 +259,16 @@ impl WebhookDeliverer {
         if let Some(key) = &self.key {
             request = request.insert_header((SIGNATURE_HEADER, key.sign(&id, timestamp, &body)));
         }
+        // The receiver joins the event's trace: one hop further down it.
+        let parent = event
+            .traceparent
+            .as_deref()
+            .and_then(crate::trace::TraceParent::parse);
+        if let Some(parent) = &parent {
+            request =
+                request.insert_header((crate::trace::TRACEPARENT, parent.child().header_value()));
+        }
+
         let answer = match request.send_body(body).await {
             Ok(mut response) => {
                 // Read the body so the connection can be reused.
@@ -274,7 +284,14 @@ impl WebhookDeliverer {
             }
             Err(error) => Answer::NoAnswer(error.to_string()),
         };
-        classify(&answer, now)
+        let outcome = classify(&answer, now);
+        tracing::debug!(
+            event_id = %id,
+            trace_id = parent.as_ref().map(|parent| parent.trace_id.as_str()),
+            ?outcome,
+            "webhook attempted"
+        );
+        outcome
     }
 
     /// Posts an alert (a JSON document) to `url`; failures are only logged by the caller.

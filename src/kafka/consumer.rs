@@ -600,21 +600,27 @@ pub struct Undecodable {
 
 impl ConsumedRecord {
     fn decode<M: Message>(message: &M, max_record_bytes: usize) -> Self {
-        let decoded = EventEnvelope::decode(message.payload(), max_record_bytes).map_err(|error| {
-            Undecodable {
-                key: message.key().map(<[u8]>::to_vec),
-                // An oversized value is not copied; its metadata is enough to find it.
-                value: match error {
-                    DecodeError::Oversized { .. } => None,
-                    _ => message.payload().map(<[u8]>::to_vec),
-                },
-                error,
-            }
-        });
+        let traceparent = crate::trace::traceparent_header(message.headers());
+        let decoded = EventEnvelope::decode(message.payload(), max_record_bytes)
+            .map(|mut envelope| {
+                envelope.traceparent = traceparent.clone();
+                envelope
+            })
+            .map_err(|error| {
+                Undecodable {
+                    key: message.key().map(<[u8]>::to_vec),
+                    // An oversized value is not copied; its metadata is enough to find it.
+                    value: match error {
+                        DecodeError::Oversized { .. } => None,
+                        _ => message.payload().map(<[u8]>::to_vec),
+                    },
+                    error,
+                }
+            });
         Self {
             offset: message.offset(),
             timestamp_ms: message.timestamp().to_millis(),
-            traceparent: crate::trace::traceparent_header(message.headers()),
+            traceparent,
             decoded,
         }
     }

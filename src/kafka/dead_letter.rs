@@ -196,7 +196,7 @@ impl DeadLetters {
 }
 
 /// A `dead_letter` row: one record sent to a dead-letter topic.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeadLetterRow {
     pub dead_letter_id: u64,

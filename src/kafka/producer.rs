@@ -78,7 +78,7 @@ impl EventPublisher {
     ) -> Result<Delivered, PublishError> {
         let value = envelope.encode();
         let event_id = envelope.event_id.to_string();
-        let headers = OwnedHeaders::new()
+        let mut headers = OwnedHeaders::new()
             .insert(Header {
                 key: EVENT_ID_HEADER,
                 value: Some(event_id.as_str()),
@@ -87,6 +87,12 @@ impl EventPublisher {
                 key: EVENT_TYPE_HEADER,
                 value: Some(envelope.event_type().as_str()),
             });
+        if let Some(traceparent) = &envelope.traceparent {
+            headers = headers.insert(Header {
+                key: crate::trace::TRACEPARENT,
+                value: Some(traceparent.as_str()),
+            });
+        }
         let record = FutureRecord::to(topic)
             .key(envelope.key.as_bytes())
             .payload(&value)

@@ -60,7 +60,8 @@ redis.call('DEL', prefix .. 'ranking:rebuilding')
 return 1
 "#;
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+/// What a rebuild of the ranking counted.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RebuildReport {
     /// Completed orders counted.

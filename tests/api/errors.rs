@@ -2,7 +2,7 @@ use actix_web::http::StatusCode;
 use awc::http::Method;
 use serde_json::json;
 
-use crate::helpers::spawn_app;
+use crate::helpers::{client, spawn_app};
 
 #[actix_web::test]
 async fn bad_requests_get_a_4xx_with_the_common_json_error_body() {
@@ -22,6 +22,11 @@ async fn bad_requests_get_a_4xx_with_the_common_json_error_body() {
             StatusCode::BAD_REQUEST,
             "INVALID_JSON",
             app.post("/admin/probes", r#"{"unexpected": true}"#).await,
+        ),
+        (
+            StatusCode::BAD_REQUEST,
+            "INVALID_JSON",
+            app.post("/admin/probes", "[null, null]").await,
         ),
         (
             StatusCode::BAD_REQUEST,
@@ -66,4 +71,12 @@ async fn bad_requests_get_a_4xx_with_the_common_json_error_body() {
         let message = body["error"]["message"].as_str().expect("a message");
         assert!(!message.is_empty());
     }
+    // A 405 names the route's methods (RFC 9110).
+    let response = client()
+        .delete(format!("{}/products/1", app.address))
+        .send()
+        .await
+        .expect("request sent");
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(response.headers().get("allow").unwrap(), "GET, PATCH");
 }

@@ -19,8 +19,14 @@ async fn metrics_are_served_to_anyone_in_the_prometheus_text_format() {
     let app = spawn_app().await;
     let (status, text) = app.anonymous().get_text("/metrics").await;
     assert_eq!(status, StatusCode::OK);
-    assert!(text.contains("# TYPE kafka_consumergroup_lag gauge"), "{text}");
-    assert!(text.contains("# TYPE process_cpu_seconds_total counter"), "{text}");
+    assert!(
+        text.contains("# TYPE kafka_consumergroup_lag gauge"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE process_cpu_seconds_total counter"),
+        "{text}"
+    );
     // The admin's helper reads the same text.
     assert_eq!(app.get_text("/metrics").await.0, StatusCode::OK);
 }

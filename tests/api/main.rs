@@ -12,6 +12,7 @@ mod external;
 mod external_kafka;
 mod health;
 mod helpers;
+mod openapi;
 mod orders;
 mod outbox;
 mod push;

@@ -10,6 +10,8 @@ mod helpers;
 
 mod browser;
 mod metrics;
+mod schemathesis;
+mod trace;
 
 use tokio::sync::{Mutex, MutexGuard};
 

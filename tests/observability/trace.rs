@@ -1,0 +1,164 @@
+//! One payment, one trace: the caller's `traceparent` reaches the consumers' log lines and
+//! the webhook's `traceparent` header.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use awc::http::StatusCode;
+use serde_json::Value;
+
+use crate::exclusive;
+use crate::helpers::{client, spawn_app_with};
+use crate::metrics::{FlakyReceiver, configure_webhooks};
+use crate::support::eventually;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Every JSON log line of the process, from the first call on.
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let writer = logs.clone();
+        // With TEST_LOG set, the tests' own subscriber may be first; then nothing is captured
+        // and the log assertions below say so.
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_env_filter(
+                "info,commerce_events::actors::domain=debug,commerce_events::delivery=debug",
+            )
+            .with_writer(move || Capture(writer.clone()))
+            .try_init();
+        logs
+    })
+    .clone()
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The captured lines that mention `trace_id`, parsed.
+fn lines_of(logs: &Mutex<Vec<u8>>, trace_id: &str) -> Vec<Value> {
+    String::from_utf8_lossy(&logs.lock().unwrap())
+        .lines()
+        .filter(|line| line.contains(trace_id))
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}
+
+/// Whether a line was logged inside a consumer's batch span of `actor` for the trace.
+fn in_batch_of(line: &Value, actor: &str, trace_id: &str) -> bool {
+    line["spans"].as_array().is_some_and(|spans| {
+        spans.iter().any(|span| {
+            span["name"] == "batch"
+                && span["actor"] == actor
+                && span["trace_ids"]
+                    .as_str()
+                    .is_some_and(|ids| ids.contains(trace_id))
+        })
+    })
+}
+
+#[actix_rt::test]
+async fn a_payments_trace_reaches_the_consumers_logs_and_the_webhooks_traceparent() {
+    let _exclusive = exclusive().await;
+    let logs = captured_logs();
+    let receiver = FlakyReceiver::start();
+    let address = receiver.address.clone();
+    let app = spawn_app_with(move |settings| configure_webhooks(settings, &address)).await;
+    let buyer = app.create_user(100_000).await;
+    let product = app.create_product("traced", 1_000, 10).await;
+    let order = app.place_order(buyer, &[(product, 1)]).await;
+
+    let trace_id = format!("{:032x}", uuid::Uuid::new_v4().as_u128());
+    let caller = format!("00-{trace_id}-00f067aa0ba902b7-01");
+    let mut answer = client()
+        .post(format!("{}/orders/{order}/pay", app.address))
+        .insert_header((
+            "authorization",
+            format!("Bearer {}", app.token(buyer, false)),
+        ))
+        .insert_header(("traceparent", caller.as_str()))
+        .send()
+        .await
+        .expect("the payment is sent");
+    let body = answer.body().await.unwrap();
+    assert_eq!(answer.status(), StatusCode::OK, "{body:?}");
+    let answered = answer
+        .headers()
+        .get("traceparent")
+        .expect("a traceparent")
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        answered.starts_with(&format!("00-{trace_id}-")),
+        "{answered}"
+    );
+    assert_ne!(answered, caller, "the server answers with its own hop");
+
+    // The webhook (refused once, then taken) carries the trace, a hop further, each time.
+    eventually("the webhook's two attempts", WAIT, || async {
+        receiver.traceparents.lock().unwrap().len() >= 2
+    })
+    .await;
+    for traceparent in receiver.traceparents.lock().unwrap().iter() {
+        let traceparent = traceparent.as_deref().expect("a traceparent header");
+        assert!(
+            traceparent.starts_with(&format!("00-{trace_id}-")),
+            "{traceparent}"
+        );
+        assert_ne!(traceparent, answered);
+    }
+
+    // The consumers' log lines carry the trace id: the ranking's, the forwarder's.
+    for actor in ["RankingUpdater", "ExternalForwarder", "OrderAnalytics"] {
+        eventually(
+            &format!("a log line of {actor} in the trace"),
+            WAIT,
+            || async {
+                lines_of(&logs, &trace_id)
+                    .iter()
+                    .any(|line| in_batch_of(line, actor, &trace_id))
+            },
+        )
+        .await;
+    }
+    assert!(
+        lines_of(&logs, &trace_id)
+            .iter()
+            .any(|line| line["message"] == "webhook attempted"
+                && line["trace_id"] == trace_id.as_str()),
+        "the webhook attempt's line names the trace"
+    );
+    // A request without a traceparent starts a trace of its own.
+    let mut fresh = client()
+        .get(format!("{}/healthz", app.address))
+        .send()
+        .await
+        .unwrap();
+    let _ = fresh.body().await;
+    let started = fresh
+        .headers()
+        .get("traceparent")
+        .expect("a traceparent")
+        .to_str()
+        .unwrap();
+    assert!(
+        commerce_events::trace::TraceParent::parse(started).is_some(),
+        "{started}"
+    );
+    assert!(!started.contains(&trace_id));
+}
