@@ -3,7 +3,10 @@ use insta::assert_json_snapshot;
 use secrecy::SecretString;
 use serde_json::json;
 
+use std::time::Duration;
+
 use crate::helpers::{spawn_app, start_app};
+use crate::support::eventually;
 
 #[actix_web::test]
 async fn the_liveness_check_answers_200() {
@@ -17,6 +20,17 @@ async fn the_liveness_check_answers_200() {
 #[actix_web::test]
 async fn metrics_are_served_to_anyone_in_the_prometheus_text_format() {
     let app = spawn_app().await;
+    // Lag is measured every `metrics.lag_interval_ms`: a scrape before the first
+    // measurement has no lag yet.
+    eventually(
+        "the first lag measurement",
+        Duration::from_secs(30),
+        || async {
+            let (_, text) = app.anonymous().get_text("/metrics").await;
+            text.contains("# TYPE kafka_consumergroup_lag gauge")
+        },
+    )
+    .await;
     let (status, text) = app.anonymous().get_text("/metrics").await;
     assert_eq!(status, StatusCode::OK);
     assert!(
