@@ -1,5 +1,5 @@
 //! `GET /metrics`: the Prometheus text format, rendered by this server; and the middleware
-//! that measures ([`Measured`]) and traces ([`Traced`]) every request.
+//! that traces and measures every request ([`Observed`]).
 
 use std::time::{Duration, Instant};
 
@@ -41,12 +41,16 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         .body(monitoring::render())
 }
 
-/// Middleware that counts and times every request by route template, method and status
-/// (`http_requests_total`, `http_request_duration_seconds`). Requests that match no route
-/// are counted under `route="unmatched"`, so a scan of random paths adds one series only.
-pub struct Measured;
+/// Middleware that observes every request:
+/// - puts it in a trace (see [`crate::trace`]): the caller's `traceparent` when valid, a new
+///   trace otherwise; the handler runs in it and in a `request` span with its `trace_id`,
+///   and the answer's `traceparent` names this server's hop;
+/// - counts and times it by route template, method and status (`http_requests_total`,
+///   `http_request_duration_seconds`). Requests that match no route are counted under
+///   `route="unmatched"`, so a scan of random paths adds one series only.
+pub struct Observed;
 
-impl<S, B> actix_web::dev::Transform<S, actix_web::dev::ServiceRequest> for Measured
+impl<S, B> actix_web::dev::Transform<S, actix_web::dev::ServiceRequest> for Observed
 where
     S: actix_web::dev::Service<
             actix_web::dev::ServiceRequest,
@@ -57,83 +61,20 @@ where
 {
     type Response = actix_web::dev::ServiceResponse<B>;
     type Error = actix_web::Error;
-    type Transform = MeasuredService<S>;
+    type Transform = ObservedService<S>;
     type InitError = ();
     type Future = std::future::Ready<Result<Self::Transform, Self::InitError>>;
 
     fn new_transform(&self, service: S) -> Self::Future {
-        std::future::ready(Ok(MeasuredService { service }))
+        std::future::ready(Ok(ObservedService { service }))
     }
 }
 
-pub struct MeasuredService<S> {
+pub struct ObservedService<S> {
     service: S,
 }
 
-impl<S, B> actix_web::dev::Service<actix_web::dev::ServiceRequest> for MeasuredService<S>
-where
-    S: actix_web::dev::Service<
-            actix_web::dev::ServiceRequest,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        > + 'static,
-    B: 'static,
-{
-    type Response = actix_web::dev::ServiceResponse<B>;
-    type Error = actix_web::Error;
-    type Future = futures::future::LocalBoxFuture<'static, Result<Self::Response, Self::Error>>;
-
-    actix_web::dev::forward_ready!(service);
-
-    fn call(&self, request: actix_web::dev::ServiceRequest) -> Self::Future {
-        let started = Instant::now();
-        let method = request.method().to_string();
-        let route = request
-            .match_pattern()
-            .unwrap_or_else(|| "unmatched".to_string());
-        let answer = self.service.call(request);
-        Box::pin(async move {
-            let answer = answer.await;
-            let status = match &answer {
-                Ok(response) => response.status().as_u16(),
-                Err(error) => error.as_response_error().status_code().as_u16(),
-            };
-            monitoring::http_request(&route, &method, status, started.elapsed());
-            answer
-        })
-    }
-}
-
-/// Middleware that puts each request in a trace (see [`crate::trace`]): the caller's
-/// `traceparent` when valid, a new trace otherwise. The handler runs in it and in a
-/// `request` span with its `trace_id`; the answer's `traceparent` names this server's hop.
-pub struct Traced;
-
-impl<S, B> actix_web::dev::Transform<S, actix_web::dev::ServiceRequest> for Traced
-where
-    S: actix_web::dev::Service<
-            actix_web::dev::ServiceRequest,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        > + 'static,
-    B: 'static,
-{
-    type Response = actix_web::dev::ServiceResponse<B>;
-    type Error = actix_web::Error;
-    type Transform = TracedService<S>;
-    type InitError = ();
-    type Future = std::future::Ready<Result<Self::Transform, Self::InitError>>;
-
-    fn new_transform(&self, service: S) -> Self::Future {
-        std::future::ready(Ok(TracedService { service }))
-    }
-}
-
-pub struct TracedService<S> {
-    service: S,
-}
-
-impl<S, B> actix_web::dev::Service<actix_web::dev::ServiceRequest> for TracedService<S>
+impl<S, B> actix_web::dev::Service<actix_web::dev::ServiceRequest> for ObservedService<S>
 where
     S: actix_web::dev::Service<
             actix_web::dev::ServiceRequest,
@@ -150,6 +91,11 @@ where
 
     fn call(&self, request: actix_web::dev::ServiceRequest) -> Self::Future {
         use tracing::Instrument as _;
+        let started = Instant::now();
+        let method = request.method().to_string();
+        let route = request
+            .match_pattern()
+            .unwrap_or_else(|| "unmatched".to_string());
         let hop = request
             .headers()
             .get(TRACEPARENT)
@@ -161,7 +107,13 @@ where
         let header = hop.header_value();
         let answer = crate::trace::in_trace(hop, self.service.call(request).instrument(span));
         Box::pin(async move {
-            let mut response = answer.await?;
+            let answer = answer.await;
+            let status = match &answer {
+                Ok(response) => response.status().as_u16(),
+                Err(error) => error.as_response_error().status_code().as_u16(),
+            };
+            monitoring::http_request(&route, &method, status, started.elapsed());
+            let mut response = answer?;
             if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&header) {
                 response.headers_mut().insert(
                     actix_web::http::header::HeaderName::from_static(TRACEPARENT),

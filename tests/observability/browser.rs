@@ -65,20 +65,8 @@ async fn the_dashboard_shows_lag_replays_a_dead_letter_and_pauses_a_group() {
         .env("GROUP", &group)
         .env("DEAD_LETTER_EVENT", &dead_letter)
         .env("SCREENSHOT", &screenshot);
-    // The daemon runs on this thread's runtime: wait for the browser off it.
-    let output = tokio::task::spawn_blocking(move || command.output())
-        .await
-        .expect("the browser run finished")
-        .expect("node runs");
-    let printed = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        output.status.success(),
-        "the browser run failed:\n{printed}"
-    );
+    let (succeeded, printed) = crate::run_tool(command, "node").await;
+    assert!(succeeded, "the browser run failed:\n{printed}");
     assert!(printed.contains("dashboard: all steps passed"), "{printed}");
 
     // What the page did, seen through the API.

@@ -64,19 +64,7 @@ async fn schemathesis_finds_no_server_error_and_no_answer_off_the_schema() {
         command.args(extra.split_whitespace());
     }
     let started = Instant::now();
-    // The daemon runs on this thread's runtime: wait for schemathesis off it.
-    let output = tokio::task::spawn_blocking(move || command.output())
-        .await
-        .expect("schemathesis ran")
-        .expect("st starts");
-    let printed = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        output.status.success(),
-        "schemathesis found failures:\n{printed}"
-    );
+    let (succeeded, printed) = crate::run_tool(command, "st").await;
+    assert!(succeeded, "schemathesis found failures:\n{printed}");
     eprintln!("schemathesis took {:?}:\n{printed}", started.elapsed());
 }
