@@ -45,6 +45,7 @@ pub struct Settings {
     pub push: PushSettings,
     pub log: LogSettings,
     pub metrics: MetricsSettings,
+    pub otlp: OtlpSettings,
 }
 
 impl Settings {
@@ -735,6 +736,38 @@ impl Default for MetricsSettings {
             lag_interval_ms: 1_000,
             outbox_interval_ms: 5_000,
             dashboard_interval_ms: 1_000,
+        }
+    }
+}
+
+/// Trace export over OTLP/HTTP (JSON), see [`crate::otlp`]. Off while `endpoint` is empty.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct OtlpSettings {
+    /// The collector's OTLP/HTTP base address (for example `http://127.0.0.1:4318`); spans
+    /// go to `{endpoint}/v1/traces`. Empty: nothing is exported.
+    pub endpoint: String,
+    /// The `service.name` the spans are reported under.
+    pub service_name: String,
+    /// Spans held in memory for export; more are dropped and counted.
+    pub queue: usize,
+    /// Spans per export request.
+    pub batch_size: usize,
+    /// The longest a span waits before its batch leaves.
+    pub interval_ms: u64,
+    /// How long one export request may take.
+    pub timeout_ms: u64,
+}
+
+impl Default for OtlpSettings {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            service_name: "commerce-events".into(),
+            queue: 8_192,
+            batch_size: 512,
+            interval_ms: 1_000,
+            timeout_ms: 10_000,
         }
     }
 }

@@ -319,15 +319,16 @@ impl EventEnvelope {
             key: key.into(),
             occurred_at: Utc::now(),
             payload,
-            traceparent: crate::trace::current().map(|parent| parent.child().header_value()),
+            // The producing span (the request's) is the event's parent.
+            traceparent: crate::trace::current().map(|parent| parent.header_value()),
         }
     }
 
     /// The event, produced in the trace `traceparent` (of an event that led to it), when
-    /// there is one.
+    /// there is one: a sibling of that event, under the same parent span.
     pub fn continuing(mut self, traceparent: Option<&str>) -> Self {
         if let Some(parent) = traceparent.and_then(crate::trace::TraceParent::parse) {
-            self.traceparent = Some(parent.child().header_value());
+            self.traceparent = Some(parent.header_value());
         }
         self
     }

@@ -23,7 +23,8 @@
 //!
 //! Modules, leaves first (no module imports one that imports it back):
 //! - [`ids`]: identifier newtypes; [`config`]: the typed settings tree; [`clock`]: time as a
-//!   dependency; [`error`]: how failures are classed; [`telemetry`]: logging.
+//!   dependency; [`error`]: how failures are classed; [`telemetry`]: logging; [`trace`]: the W3C trace
+//!   context; [`otlp`]: its spans exported over OTLP.
 //! - [`events`]: the event envelope, its payloads, the table from event type to topic.
 //! - [`stores`]: MySQL pools and migrations, Redis; [`event_log`]: the `event_log` table and
 //!   its transition table (the only writer of statuses).
@@ -58,6 +59,7 @@ pub mod ids;
 pub mod kafka;
 pub mod limits;
 pub mod monitoring;
+pub mod otlp;
 pub mod outages;
 pub mod outbox;
 pub mod progress;

@@ -171,6 +171,11 @@ fn describe() {
         "redis_ping_seconds",
         "How long the scrape's Redis ping took"
     );
+    describe_counter!("otlp_spans_exported_total", "Spans a trace collector took");
+    describe_counter!(
+        "otlp_spans_dropped_total",
+        "Spans not exported, by reason (queue_full, export_failed)"
+    );
 }
 
 /// What a partition actor settled in one batch.
@@ -309,6 +314,14 @@ pub fn push_dropped() {
 
 pub fn push_sessions_open(open: usize) {
     gauge!("push_sessions_open").set(open as f64);
+}
+
+pub fn otlp_spans_exported(spans: u64) {
+    counter!("otlp_spans_exported_total").increment(spans);
+}
+
+pub fn otlp_spans_dropped(reason: &'static str, spans: u64) {
+    counter!("otlp_spans_dropped_total", "reason" => reason).increment(spans);
 }
 
 pub fn http_request(route: &str, method: &str, status: u16, took: Duration) {

@@ -64,6 +64,8 @@ use crate::stores::{self, RedisStore};
 
 /// How long a product stays in the Redis cache without a change.
 const PRODUCT_CACHE_TTL: Duration = Duration::from_secs(3_600);
+/// How long the spans still queued may take to reach the trace collector at shutdown.
+const SPANS_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the producer may take to deliver what is queued at shutdown.
 const PRODUCER_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for the retry scheduler's running attempts.
@@ -123,6 +125,7 @@ pub struct Application {
     group_offsets: Arc<GroupOffsets>,
     arbiters: Arc<ArbiterPool>,
     sessions: Sessions,
+    spans: crate::otlp::Spans,
 }
 
 /// What every slice is wired from.
@@ -457,7 +460,11 @@ impl Wiring {
 }
 
 /// The HTTP server on the configured listener; returns it with its port.
-fn serve_http(settings: &Settings, state: AppState) -> anyhow::Result<(Server, u16)> {
+fn serve_http(
+    settings: &Settings,
+    state: AppState,
+    spans: crate::otlp::Spans,
+) -> anyhow::Result<(Server, u16)> {
     let state = web::Data::new(state);
     let http = &settings.http;
     let listener = TcpListener::bind((http.host.as_str(), http.port))
@@ -471,7 +478,7 @@ fn serve_http(settings: &Settings, state: AppState) -> anyhow::Result<(Server, u
         App::new()
             .wrap(api::json_errors())
             .wrap(TracingLogger::default())
-            .wrap(api::metrics::Observed)
+            .wrap(api::metrics::Observed::new(spans.clone()))
             .app_data(state.clone())
             .app_data(body_limits)
             .configure(api::configure)
@@ -499,7 +506,9 @@ impl Application {
         // Bad delivery settings fail the start, before anything is running.
         let targets = delivery::targets(&settings.external, &settings.analytics)?;
         let delivers_externally = !settings.external.base_url.is_empty();
-        let deliverer = WebhookDeliverer::from_settings(targets, &settings.external)?;
+        let spans = crate::otlp::Spans::start(&settings.otlp, &settings.instance)?;
+        let deliverer =
+            WebhookDeliverer::from_settings(targets, &settings.external)?.with_spans(spans.clone());
 
         let stores = Stores::connect(&settings).await?;
         let (kafka, publisher) = connect_kafka(&settings).await?;
@@ -507,7 +516,7 @@ impl Application {
         let actors_event_log = EventLog::new(stores.actors.clone());
         let mut wiring = Wiring {
             outbox: Outbox::new(actors_event_log.clone(), publisher.clone()),
-            probes: PipelineProbes::new(actors_event_log),
+            probes: PipelineProbes::new(actors_event_log).with_spans(spans.clone()),
             redis: stores.redis.clone(),
             publisher: publisher.clone(),
             bootstrap_servers: kafka.bootstrap_servers().to_string(),
@@ -607,7 +616,7 @@ impl Application {
             },
             clock,
         };
-        let (server, port) = serve_http(settings, state)?;
+        let (server, port) = serve_http(settings, state, spans.clone())?;
 
         Ok(Self {
             port,
@@ -621,6 +630,7 @@ impl Application {
             group_offsets,
             arbiters,
             sessions,
+            spans,
         })
     }
 
@@ -707,6 +717,7 @@ impl Application {
             drop(kafka);
         })
         .await;
+        self.spans.flush(SPANS_FLUSH_TIMEOUT).await;
         info!("shutdown complete");
         Ok(())
     }

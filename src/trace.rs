@@ -97,6 +97,11 @@ impl TraceParent {
         }
     }
 
+    /// Whether the caller asked for this trace to be recorded (flag `01`).
+    pub fn sampled(&self) -> bool {
+        u8::from_str_radix(&self.flags, 16).is_ok_and(|flags| flags & 1 == 1)
+    }
+
     pub fn header_value(&self) -> String {
         format!("00-{}-{}-{}", self.trace_id, self.parent_id, self.flags)
     }

@@ -244,16 +244,27 @@ pub trait DomainHandler: 'static {
     ) -> impl Future<Output = Vec<EventOutcome>>;
 }
 
-/// Completes pipeline probes, whatever the topic: a probe is done when its event-log row
-/// reaches COMPLETED; a second delivery finds it there already and is a duplicate.
+/// What every domain actor shares beside its handler. It completes pipeline probes,
+/// whatever the topic: a probe is done when its event-log row reaches COMPLETED; a second
+/// delivery finds it there already and is a duplicate. And it exports a consumer span per
+/// traced event of a batch (see [`crate::otlp`]; none unless spans are exported).
 #[derive(Clone)]
 pub struct PipelineProbes {
     event_log: EventLog,
+    spans: crate::otlp::Spans,
 }
 
 impl PipelineProbes {
     pub fn new(event_log: EventLog) -> Self {
-        Self { event_log }
+        Self {
+            event_log,
+            spans: Default::default(),
+        }
+    }
+
+    /// The same, exporting the batches' consumer spans to `spans`.
+    pub fn with_spans(self, spans: crate::otlp::Spans) -> Self {
+        Self { spans, ..self }
     }
 
     async fn complete(&self, probe: EventId) -> EventOutcome {
@@ -411,6 +422,7 @@ impl<H: DomainHandler> Handler<ProcessBatch> for DomainActor<H> {
         let generation = self.generation;
         let source = batch.origin.source.clone();
         let name = self.name;
+        let traced = TracedBatch::of(&self.probes.spans, &batch);
         // The batch's work logs under the traces of its events.
         let span = tracing::info_span!(
             "batch",
@@ -425,6 +437,7 @@ impl<H: DomainHandler> Handler<ProcessBatch> for DomainActor<H> {
                 let events = batch.events.len();
                 let outcomes = run.run(batch).await;
                 tracing::debug!(events, "batch handled");
+                traced.finish(name, &outcomes);
                 counters.record(&outcomes);
                 if outcomes.iter().any(EventOutcome::is_fatal) {
                     warn!(actor = name, %source, "fatal failure: stopping for restart");
@@ -434,6 +447,90 @@ impl<H: DomainHandler> Handler<ProcessBatch> for DomainActor<H> {
             },
             span,
         ))
+    }
+}
+
+/// The traced events of a batch being handled, for their consumer spans.
+struct TracedBatch {
+    spans: crate::otlp::Spans,
+    started: std::time::SystemTime,
+    source: crate::kafka::TopicPartition,
+    /// Each traced event's position in the batch, context, id and type.
+    events: Vec<(usize, crate::trace::TraceParent, EventId, &'static str, i64)>,
+}
+
+impl TracedBatch {
+    fn of(spans: &crate::otlp::Spans, batch: &ProcessBatch) -> Self {
+        let events = if spans.enabled() {
+            batch
+                .events
+                .iter()
+                .enumerate()
+                .filter_map(|(position, event)| {
+                    let context = event
+                        .traceparent
+                        .as_deref()
+                        .and_then(crate::trace::TraceParent::parse)?;
+                    let offset = batch.origin.offsets.get(position).copied().unwrap_or(-1);
+                    Some((
+                        position,
+                        context,
+                        event.event_id,
+                        event.event_type().as_str(),
+                        offset,
+                    ))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Self {
+            spans: spans.clone(),
+            started: std::time::SystemTime::now(),
+            source: batch.origin.source.clone(),
+            events,
+        }
+    }
+
+    /// One consumer span per traced event, a child of the span that produced it.
+    fn finish(self, actor: &'static str, outcomes: &[EventOutcome]) {
+        use crate::otlp::{SpanKind, SpanRecord};
+        for (position, context, event_id, event_type, offset) in &self.events {
+            let outcome = outcomes.get(*position);
+            self.spans.record(context, || {
+                SpanRecord::of(
+                    SpanKind::Consumer,
+                    format!("process {}", self.source.topic),
+                    &context.child(),
+                    Some(&context.parent_id),
+                    self.started,
+                )
+                .attribute("messaging.system", "kafka")
+                .attribute("messaging.operation.type", "process")
+                .attribute("messaging.destination.name", self.source.topic.as_str())
+                .attribute(
+                    "messaging.destination.partition.id",
+                    self.source.partition.to_string(),
+                )
+                .attribute("messaging.kafka.offset", *offset)
+                .attribute("messaging.message.id", event_id.to_string())
+                .attribute("commerce.actor", actor)
+                .attribute("commerce.event_type", *event_type)
+                .attribute(
+                    "commerce.outcome",
+                    match outcome {
+                        Some(EventOutcome::Done) => "done",
+                        Some(EventOutcome::Duplicate) => "duplicate",
+                        Some(EventOutcome::Failed(_)) => "failed",
+                        None => "unknown",
+                    },
+                )
+                .failed(match outcome {
+                    Some(EventOutcome::Failed(error)) => Some(error.message.clone()),
+                    _ => None,
+                })
+            });
+        }
     }
 }
 

@@ -47,8 +47,17 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 ///   and the answer's `traceparent` names this server's hop;
 /// - counts and times it by route template, method and status (`http_requests_total`,
 ///   `http_request_duration_seconds`). Requests that match no route are counted under
-///   `route="unmatched"`, so a scan of random paths adds one series only.
-pub struct Observed;
+///   `route="unmatched"`, so a scan of random paths adds one series only;
+/// - exports it as a server span when spans are exported (see [`crate::otlp`]).
+pub struct Observed {
+    spans: crate::otlp::Spans,
+}
+
+impl Observed {
+    pub fn new(spans: crate::otlp::Spans) -> Self {
+        Self { spans }
+    }
+}
 
 impl<S, B> actix_web::dev::Transform<S, actix_web::dev::ServiceRequest> for Observed
 where
@@ -66,12 +75,16 @@ where
     type Future = std::future::Ready<Result<Self::Transform, Self::InitError>>;
 
     fn new_transform(&self, service: S) -> Self::Future {
-        std::future::ready(Ok(ObservedService { service }))
+        std::future::ready(Ok(ObservedService {
+            service,
+            spans: self.spans.clone(),
+        }))
     }
 }
 
 pub struct ObservedService<S> {
     service: S,
+    spans: crate::otlp::Spans,
 }
 
 impl<S, B> actix_web::dev::Service<actix_web::dev::ServiceRequest> for ObservedService<S>
@@ -96,15 +109,24 @@ where
         let route = request
             .match_pattern()
             .unwrap_or_else(|| "unmatched".to_string());
-        let hop = request
+        let caller = request
             .headers()
             .get(TRACEPARENT)
             .and_then(|value| value.to_str().ok())
-            .and_then(TraceParent::parse)
-            .map(|caller| caller.child())
+            .and_then(TraceParent::parse);
+        let hop = caller
+            .as_ref()
+            .map(TraceParent::child)
             .unwrap_or_else(TraceParent::generate);
         let span = tracing::info_span!("request", trace_id = %hop.trace_id);
         let header = hop.header_value();
+        let exported = self.spans.enabled().then(|| {
+            (
+                self.spans.clone(),
+                hop.clone(),
+                std::time::SystemTime::now(),
+            )
+        });
         let answer = crate::trace::in_trace(hop, self.service.call(request).instrument(span));
         Box::pin(async move {
             let answer = answer.await;
@@ -113,6 +135,22 @@ where
                 Err(error) => error.as_response_error().status_code().as_u16(),
             };
             monitoring::http_request(&route, &method, status, started.elapsed());
+            if let Some((spans, hop, started_at)) = exported {
+                spans.record(&hop, || {
+                    use crate::otlp::{SpanKind, SpanRecord};
+                    SpanRecord::of(
+                        SpanKind::Server,
+                        format!("{method} {route}"),
+                        &hop,
+                        caller.as_ref().map(|caller| caller.parent_id.as_str()),
+                        started_at,
+                    )
+                    .attribute("http.request.method", method.as_str())
+                    .attribute("http.route", route.as_str())
+                    .attribute("http.response.status_code", i64::from(status))
+                    .failed((status >= 500).then(|| format!("answered {status}")))
+                });
+            }
             let mut response = answer?;
             if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&header) {
                 response.headers_mut().insert(

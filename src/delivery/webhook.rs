@@ -145,6 +145,8 @@ pub struct WebhookDeliverer {
     targets: BTreeMap<EventType, Target>,
     key: Option<SigningKey>,
     timeout: Duration,
+    /// Where each attempt's client span goes (see [`crate::otlp`]).
+    spans: crate::otlp::Spans,
 }
 
 thread_local! {
@@ -213,7 +215,13 @@ impl WebhookDeliverer {
             targets,
             key,
             timeout,
+            spans: Default::default(),
         })
+    }
+
+    /// The same deliverer, exporting a client span per attempt to `spans`.
+    pub fn with_spans(self, spans: crate::otlp::Spans) -> Self {
+        Self { spans, ..self }
     }
 
     /// Where events of this type go (a URL or a file path), as logs and views name it.
@@ -264,10 +272,11 @@ impl WebhookDeliverer {
             .traceparent
             .as_deref()
             .and_then(crate::trace::TraceParent::parse);
-        if let Some(parent) = &parent {
-            request =
-                request.insert_header((crate::trace::TRACEPARENT, parent.child().header_value()));
+        let hop = parent.as_ref().map(crate::trace::TraceParent::child);
+        if let Some(hop) = &hop {
+            request = request.insert_header((crate::trace::TRACEPARENT, hop.header_value()));
         }
+        let started = std::time::SystemTime::now();
 
         let answer = match request.send_body(body).await {
             Ok(mut response) => {
@@ -285,6 +294,32 @@ impl WebhookDeliverer {
             Err(error) => Answer::NoAnswer(error.to_string()),
         };
         let outcome = classify(&answer, now);
+        if let (Some(parent), Some(hop)) = (&parent, &hop) {
+            self.spans.record(hop, || {
+                use crate::otlp::{SpanKind, SpanRecord};
+                let span = SpanRecord::of(
+                    SpanKind::Client,
+                    format!("POST {}", event.event_type()),
+                    hop,
+                    Some(&parent.parent_id),
+                    started,
+                )
+                .attribute("http.request.method", "POST")
+                .attribute("messaging.message.id", id.clone());
+                let span = match &answer {
+                    Answer::Status { code, .. } => {
+                        span.attribute("http.response.status_code", i64::from(*code))
+                    }
+                    Answer::NoAnswer(error) => span.attribute("error.type", error.clone()),
+                };
+                span.failed(match &outcome {
+                    DeliveryOutcome::Delivered => None,
+                    DeliveryOutcome::Retry { error, .. } | DeliveryOutcome::Rejected { error } => {
+                        Some(error.clone())
+                    }
+                })
+            });
+        }
         tracing::debug!(
             event_id = %id,
             trace_id = parent.as_ref().map(|parent| parent.trace_id.as_str()),

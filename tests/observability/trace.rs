@@ -1,10 +1,12 @@
 //! One payment, one trace: the caller's `traceparent` reaches the consumers' log lines and
-//! the webhook's `traceparent` header.
+//! the webhook's `traceparent` header, and the daemon exports the trace's spans over OTLP
+//! to a collector with the ids those headers carry.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use actix_web::{App, HttpResponse, HttpServer, web};
 use awc::http::StatusCode;
 use serde_json::Value;
 
@@ -71,13 +73,102 @@ fn in_batch_of(line: &Value, actor: &str, trace_id: &str) -> bool {
     })
 }
 
+/// An OTLP/HTTP collector: keeps every span posted to `/v1/traces` (JSON encoding).
+#[derive(Clone, Default)]
+struct Collector {
+    address: String,
+    spans: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Collector {
+    fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("collector port");
+        let collector = Collector {
+            address: format!("http://{}", listener.local_addr().unwrap()),
+            ..Default::default()
+        };
+        let shared = web::Data::new(collector.clone());
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(shared.clone())
+                .app_data(web::PayloadConfig::new(16 * 1024 * 1024))
+                .route("/v1/traces", web::post().to(collect))
+        })
+        .workers(1)
+        .disable_signals()
+        .listen(listener)
+        .expect("collector listens")
+        .run();
+        actix_rt::spawn(server);
+        collector
+    }
+
+    /// The spans of one trace received so far.
+    fn trace(&self, trace_id: &str) -> Vec<Value> {
+        self.spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|span| span["traceId"] == trace_id)
+            .cloned()
+            .collect()
+    }
+}
+
+async fn collect(request: web::Bytes, collector: web::Data<Collector>) -> HttpResponse {
+    let Ok(body) = serde_json::from_slice::<Value>(&request) else {
+        return HttpResponse::BadRequest().finish();
+    };
+    let mut spans = collector.spans.lock().unwrap();
+    for resource in body["resourceSpans"].as_array().into_iter().flatten() {
+        assert_eq!(
+            resource["resource"]["attributes"][0],
+            serde_json::json!({"key": "service.name", "value": {"stringValue": "commerce-events"}})
+        );
+        for scope in resource["scopeSpans"].as_array().into_iter().flatten() {
+            spans.extend(scope["spans"].as_array().into_iter().flatten().cloned());
+        }
+    }
+    HttpResponse::Ok().json(serde_json::json!({}))
+}
+
+/// A span's attribute value (string or integer, as text).
+fn attribute(span: &Value, key: &str) -> Option<String> {
+    span["attributes"]
+        .as_array()?
+        .iter()
+        .find(|attribute| attribute["key"] == key)
+        .map(|attribute| {
+            let value = &attribute["value"];
+            value["stringValue"]
+                .as_str()
+                .or(value["intValue"].as_str())
+                .unwrap_or_default()
+                .to_string()
+        })
+}
+
+/// The span id in a `traceparent` header value.
+fn span_id_of(traceparent: &str) -> String {
+    commerce_events::trace::TraceParent::parse(traceparent)
+        .expect("a valid traceparent")
+        .parent_id
+}
+
 #[actix_rt::test]
 async fn a_payments_trace_reaches_the_consumers_logs_and_the_webhooks_traceparent() {
     let _exclusive = exclusive().await;
     let logs = captured_logs();
     let receiver = FlakyReceiver::start();
     let address = receiver.address.clone();
-    let app = spawn_app_with(move |settings| configure_webhooks(settings, &address)).await;
+    let collector = Collector::start();
+    let endpoint = collector.address.clone();
+    let app = spawn_app_with(move |settings| {
+        configure_webhooks(settings, &address);
+        settings.otlp.endpoint = endpoint;
+        settings.otlp.interval_ms = 100;
+    })
+    .await;
     let buyer = app.create_user(100_000).await;
     let product = app.create_product("traced", 1_000, 10).await;
     let order = app.place_order(buyer, &[(product, 1)]).await;
@@ -143,6 +234,79 @@ async fn a_payments_trace_reaches_the_consumers_logs_and_the_webhooks_traceparen
                 && line["trace_id"] == trace_id.as_str()),
         "the webhook attempt's line names the trace"
     );
+    // The collector has the trace: the payment's server span (the caller's child, its id
+    // the answer's), a consumer span per consumer of its events (children of the
+    // payment's span), a client span per webhook attempt (its id the webhook's header's).
+    let request_span = span_id_of(&answered);
+    let consumers = ["RankingUpdater", "ExternalForwarder", "OrderAnalytics"];
+    eventually("the trace's spans at the collector", WAIT, || async {
+        let spans = collector.trace(&trace_id);
+        let consumed = consumers.iter().all(|actor| {
+            spans.iter().any(|span| {
+                span["kind"] == 5 && attribute(span, "commerce.actor").as_deref() == Some(*actor)
+            })
+        });
+        let attempts = spans.iter().filter(|span| span["kind"] == 3).count();
+        consumed && attempts >= 2 && spans.iter().any(|span| span["kind"] == 2)
+    })
+    .await;
+    let spans = collector.trace(&trace_id);
+    let server = spans
+        .iter()
+        .find(|span| span["kind"] == 2)
+        .expect("a server span");
+    assert_eq!(server["name"], "POST /orders/{order_id}/pay");
+    assert_eq!(server["spanId"], request_span.as_str());
+    assert_eq!(server["parentSpanId"], "00f067aa0ba902b7");
+    assert_eq!(
+        attribute(server, "http.response.status_code").as_deref(),
+        Some("200")
+    );
+    for actor in consumers {
+        let consumer = spans
+            .iter()
+            .find(|span| {
+                span["kind"] == 5 && attribute(span, "commerce.actor").as_deref() == Some(actor)
+            })
+            .unwrap();
+        assert_eq!(
+            consumer["parentSpanId"],
+            request_span.as_str(),
+            "{consumer}"
+        );
+        assert_eq!(
+            attribute(consumer, "messaging.system").as_deref(),
+            Some("kafka")
+        );
+        assert!(
+            consumer["name"]
+                .as_str()
+                .is_some_and(|name| name.starts_with("process ")),
+            "{consumer}"
+        );
+    }
+    let headers: Vec<String> = receiver
+        .traceparents
+        .lock()
+        .unwrap()
+        .iter()
+        .flatten()
+        .map(|header| span_id_of(header))
+        .collect();
+    let attempts: Vec<&Value> = spans.iter().filter(|span| span["kind"] == 3).collect();
+    for attempt in &attempts {
+        assert_eq!(attempt["parentSpanId"], request_span.as_str(), "{attempt}");
+        assert!(
+            headers.iter().any(|id| attempt["spanId"] == id.as_str()),
+            "{attempt} is one of the webhook requests {headers:?}"
+        );
+    }
+    let refused = attempts
+        .iter()
+        .find(|attempt| attribute(attempt, "http.response.status_code").as_deref() == Some("500"))
+        .expect("the refused attempt's span");
+    assert_eq!(refused["status"]["code"], 2, "{refused}");
+
     // A request without a traceparent starts a trace of its own.
     let mut fresh = client()
         .get(format!("{}/healthz", app.address))
