@@ -10,13 +10,19 @@
 //! 3. Issuance: with the CouponIssuer's consumer group paused, `backlog` requests for another
 //!    hot coupon are accepted; then the group is resumed and issued coupons/s is the backlog
 //!    over the time until the last one is issued.
-//! 4. Push latency: `latency-rate` requests/s for `latency-seconds` from users with an open
-//!    WebSocket; the time from sending a request to receiving its result.
+//! 4. Push latency: `latency-rate` requests/s for `latency-seconds` from 200 users with an
+//!    open WebSocket (the per-user issue limit lifted; each round of users asks for a
+//!    coupon of its own); the time from sending a request to receiving its result.
 //! 5. Invariants: no coupon over-issued, no user holding one coupon twice, every request
 //!    decided.
+//!
+//! From the intake on, a sampler records the requests accepted and the coupons issued every
+//! 500 ms; with the push latencies they make the chart written to `--chart` (see
+//! [`crate::chart`]).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -33,6 +39,10 @@ use futures::StreamExt;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use sqlx::MySqlPool;
+
+use crate::chart::{self, Chart, Push, Sample, Sampler, Timeline};
+use crate::progress;
+use crate::report::{self, Cell, Column, Report, Table};
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -54,9 +64,12 @@ pub struct Options {
     /// How long the `/healthz` baseline runs.
     #[arg(long, default_value_t = 10)]
     pub baseline_seconds: u64,
+    /// Where the chart of the run is written (a PNG; its directories are created).
+    #[arg(long, default_value = "target/bench/coupons.png")]
+    pub chart: PathBuf,
 }
 
-pub async fn run(options: Options) -> anyhow::Result<()> {
+pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
     let database = format!("bench_coupons_{}", std::process::id());
     // The daemon's own configuration (defaults, file, APP_ variables) with a bench database.
     let mut settings = Settings::load()?;
@@ -64,7 +77,21 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     settings.database.url = SecretString::from(format!("mysql://root@127.0.0.1:3306/{database}"));
     settings.redis.key_prefix = format!("{database}:");
     settings.instance.id = "bench".into();
+    // The push-latency phase's users send many requests each: no per-user limit.
+    settings.limits.coupon_issue = commerce_events::config::RateLimit {
+        per_second: 1_000_000.0,
+        burst: 1_000_000,
+    };
     settings.log.filter = "warn".into();
+    if report.json() {
+        // Stdout carries the JSON document alone: the daemon's logs go to stderr.
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.log.filter));
+        let _already_installed = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     commerce_events::telemetry::init(&settings.log);
 
     let auth = Authenticator::from_settings(&settings.auth, &settings.kafka)?;
@@ -73,10 +100,16 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     api.wait_until_ready().await?;
     let pool = stores::connect_mysql(&settings.database, 4).await?;
     // Issue requests need existing users: every id each phase draws from.
+    let users = progress::waiting("creating users", || {
+        "app_user rows for every phase".to_string()
+    });
     for (first, last) in [
         (1, 3_000_000),
         (BACKLOG_FIRST_USER, BACKLOG_FIRST_USER + options.backlog),
-        (LATENCY_FIRST_USER, LATENCY_FIRST_USER + LATENCY_USERS),
+        (
+            LATENCY_FIRST_USER,
+            LATENCY_FIRST_USER + latency_users(options.latency_rate),
+        ),
     ] {
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "INSERT IGNORE INTO app_user (user_id, name) SELECT seq, 'bench' FROM seq_{first}_to_{last}"
@@ -84,7 +117,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         .execute(&pool)
         .await?;
     }
-    println!(
+    users.finish();
+    report.note(format!(
         "scenario coupons: daemon in this process ({} HTTP workers, {} partition threads, {} intake writers, \
          embedded Kafka with {} brokers), {} clients for {} s, push latency at {} req/s for {} s",
         settings.http.workers,
@@ -95,30 +129,35 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         options.seconds,
         options.latency_rate,
         options.latency_seconds
-    );
+    ));
 
     let baseline = hot_row_updates(&pool, Duration::from_secs(options.baseline_seconds)).await?;
-    println!("hot-row baseline: {baseline:.0} conditional updates/s");
+    report.note(format!(
+        "hot-row baseline: {baseline:.0} conditional updates/s"
+    ));
 
     let hot_coupon = api.create_coupon(10_000_000).await?;
     // The load gets its own client: after the load its idle connections are closed by the
     // server, and a client reusing them would fail.
-    let load = Api::new(&daemon.address, options.clients, auth.clone());
+    let load = api.another(options.clients);
+    let mut timeline = Timeline::start();
+    let sampler = Sampler::start(pool.clone(), api.accepted.clone(), timeline.started());
     let intake = closed_loop_intake(
         &load,
         &api,
         hot_coupon,
         options.clients,
         Duration::from_secs(options.seconds),
+        &mut timeline,
     )
     .await?;
-    println!(
+    report.note(format!(
         "intake: {} accepted in {:.1} s ({:.0}/s), {} refused",
         intake.accepted,
         intake.elapsed.as_secs_f64(),
         intake.accepted as f64 / intake.elapsed.as_secs_f64(),
         intake.errors
-    );
+    ));
     let issuance = measure_issuance(
         &api,
         &load,
@@ -127,73 +166,131 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             .group_id(commerce_events::startup::COUPON_REQUEST_GROUP),
         options.clients,
         options.backlog,
+        &mut timeline,
     )
     .await?;
-    println!(
+    report.note(format!(
         "issuance: a backlog of {} issued at {:.0}/s",
         issuance.issued, issuance.per_second
-    );
+    ));
 
-    let latency_coupon = api.create_coupon(10_000_000).await?;
-    let latency = push_latency(
+    // A user asks once per coupon (a second request is answered with the first): a coupon
+    // for each round of the users.
+    let rounds = (options.latency_rate * options.latency_seconds)
+        .div_ceil(latency_users(options.latency_rate))
+        + 1;
+    let mut latency_coupons = Vec::new();
+    for _ in 0..rounds {
+        latency_coupons.push(api.create_coupon(10_000_000).await?);
+    }
+    let pushes = push_latency(
         &api,
-        latency_coupon,
+        &latency_coupons,
         options.latency_rate,
         Duration::from_secs(options.latency_seconds),
+        &mut timeline,
     )
     .await?;
+    let samples = sampler.finish().await?;
+    write_chart(&options.chart, &samples, &timeline, &pushes, report)?;
+    let latency = Latencies::of(pushes.iter().map(|push| push.latency_ms));
 
-    let stages = stage_latencies(&pool, latency_coupon).await?;
+    let stages = stage_latencies(&pool, &latency_coupons).await?;
     let invariants = check_invariants(&pool).await?;
 
-    println!();
-    println!("| measure | value | goal |");
-    println!("|---|---:|---|");
-    println!(
-        "| accepted requests/s over {} s ({} clients) | {:.0} | ≥ 10,000 |",
-        options.seconds,
-        options.clients,
-        intake.accepted as f64 / intake.elapsed.as_secs_f64()
+    let mut table = Table::new(
+        "coupon flow",
+        vec![
+            Column::left("measure", "measure"),
+            Column::right("value", "value"),
+            Column::left("goal", "goal"),
+        ],
     );
-    println!(
-        "| 202 latency p50 / p99 under that load | {} | |",
-        p50_p99(&intake.latency)
-    );
-    println!(
-        "| … issued/s while accepting, one hot coupon (everything running) | {:.0} | |",
-        intake.issuance.per_second
-    );
-    println!(
-        "| coupons issued/s, one hot coupon (a backlog of {}) | {:.0} | ≥ 5,000 |",
-        issuance.issued, issuance.per_second
-    );
-    println!(
-        "| hot-row limit: single-row conditional UPDATE, autocommit loop | {baseline:.0}/s | |"
-    );
-    println!(
-        "| issued/s ÷ hot-row limit | {:.1}× | ≥ 2× |",
-        issuance.per_second / baseline
-    );
-    println!(
-        "| request → push latency p50 / p99 / max at {} req/s ({} pushes) | {:.1} ms / {:.1} ms / {:.1} ms | p99 ≤ 100 ms |",
-        options.latency_rate,
-        latency.count(),
+    let accepted_per_second = intake.accepted as f64 / intake.elapsed.as_secs_f64();
+    table.row(vec![
+        Cell::text(format!(
+            "accepted requests/s over {} s ({} clients)",
+            options.seconds, options.clients
+        )),
+        Cell::number(accepted_per_second, 0),
+        Cell::text("≥ 10,000"),
+    ]);
+    table.row(vec![
+        Cell::text("202 latency p50 / p99 under that load"),
+        p50_p99(&intake.latency),
+        Cell::empty(),
+    ]);
+    table.row(vec![
+        Cell::text("… issued/s while accepting, one hot coupon (everything running)"),
+        Cell::number(intake.issuance.per_second, 0),
+        Cell::empty(),
+    ]);
+    table.row(vec![
+        Cell::text(format!(
+            "coupons issued/s, one hot coupon (a backlog of {})",
+            issuance.issued
+        )),
+        Cell::number(issuance.per_second, 0),
+        Cell::text("≥ 5,000"),
+    ]);
+    table.row(vec![
+        Cell::text("hot-row limit: single-row conditional UPDATE, autocommit loop"),
+        Cell::new(format!("{baseline:.0}/s"), report::number(baseline)),
+        Cell::empty(),
+    ]);
+    let ratio = issuance.per_second / baseline;
+    table.row(vec![
+        Cell::text("issued/s ÷ hot-row limit"),
+        Cell::new(format!("{ratio:.1}×"), report::number(ratio)),
+        Cell::text("≥ 2×"),
+    ]);
+    let (p50, p99, max) = (
         latency.percentile(50.0),
         latency.percentile(99.0),
-        latency.percentile(100.0)
+        latency.percentile(100.0),
     );
-    println!(
-        "| … of which accepted → decided (issuer commit) p50 / p99 | {} | |",
-        p50_p99(&stages.decided)
-    );
-    println!(
-        "| … of which decided → notified (notifier commit) p50 / p99 | {} | |",
-        p50_p99(&stages.notified)
-    );
-    println!(
-        "| over-issued coupons / users holding one coupon twice / requests not decided | {} / {} / {} | 0 / 0 / 0 |",
-        invariants.over_issued, invariants.duplicates, invariants.undecided
-    );
+    table.row(vec![
+        Cell::text(format!(
+            "request → push latency p50 / p99 / max at {} req/s ({} pushes)",
+            options.latency_rate,
+            latency.count()
+        )),
+        Cell::new(
+            format!("{p50:.1} ms / {p99:.1} ms / {max:.1} ms"),
+            json!({
+                "p50_ms": report::number(p50),
+                "p99_ms": report::number(p99),
+                "max_ms": report::number(max),
+            }),
+        ),
+        Cell::text("p99 ≤ 100 ms"),
+    ]);
+    table.row(vec![
+        Cell::text("… of which accepted → decided (issuer commit) p50 / p99"),
+        p50_p99(&stages.decided),
+        Cell::empty(),
+    ]);
+    table.row(vec![
+        Cell::text("… of which decided → notified (notifier commit) p50 / p99"),
+        p50_p99(&stages.notified),
+        Cell::empty(),
+    ]);
+    table.row(vec![
+        Cell::text("over-issued coupons / users holding one coupon twice / requests not decided"),
+        Cell::new(
+            format!(
+                "{} / {} / {}",
+                invariants.over_issued, invariants.duplicates, invariants.undecided
+            ),
+            json!({
+                "over_issued": invariants.over_issued,
+                "duplicates": invariants.duplicates,
+                "undecided": invariants.undecided,
+            }),
+        ),
+        Cell::text("0 / 0 / 0"),
+    ]);
+    report.table(table);
 
     pool.close().await;
     daemon.stop().await?;
@@ -204,13 +301,39 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `p50 ms / p99 ms` of a latency histogram.
-fn p50_p99(latency: &Latencies) -> String {
-    format!(
-        "{:.1} ms / {:.1} ms",
-        latency.percentile(50.0),
-        latency.percentile(99.0)
+/// `p50 ms / p99 ms` of a latency histogram; `{"p50_ms", "p99_ms"}` in JSON.
+fn p50_p99(latency: &Latencies) -> Cell {
+    let (p50, p99) = (latency.percentile(50.0), latency.percentile(99.0));
+    Cell::new(
+        format!("{p50:.1} ms / {p99:.1} ms"),
+        json!({"p50_ms": report::number(p50), "p99_ms": report::number(p99)}),
     )
+}
+
+/// Writes the chart of the run to `path` and notes where; without a font, notes which to
+/// install.
+fn write_chart(
+    path: &Path,
+    samples: &[Sample],
+    timeline: &Timeline,
+    pushes: &[Push],
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let font = chart::register_font();
+    let data = Chart {
+        samples,
+        phases: timeline.phases(),
+        pushes,
+    };
+    chart::draw(path, &data, font.is_some())?;
+    report.note(format!("chart: {}", path.display()));
+    if font.is_none() {
+        report.note(
+            "chart drawn without text: no TrueType font found (set BENCH_FONT, or \
+             apt-get install fonts-dejavu-core)",
+        );
+    }
+    Ok(())
 }
 
 /// The daemon on its own thread with its own actix system.
@@ -260,29 +383,55 @@ impl Daemon {
 /// users count from 1).
 const BACKLOG_FIRST_USER: u64 = 2_000_000_000;
 const LATENCY_FIRST_USER: u64 = 1_000_000_000;
-const LATENCY_USERS: u64 = 200;
 
+/// The push-latency phase's users, each with an open WebSocket (the bench lifts the
+/// per-user issue limit, so each may send `rate` ÷ 200 requests/s).
+fn latency_users(_rate: u64) -> u64 {
+    200
+}
+
+/// The daemon's HTTP API as the bench's clients use it.
 #[derive(Clone)]
 struct Api {
     client: awc::Client,
     address: String,
     auth: Authenticator,
     admin: String,
+    /// Issue requests accepted (202) so far, by this client and every one made with
+    /// [`Api::another`].
+    accepted: Rc<std::cell::Cell<u64>>,
 }
 
 impl Api {
     fn new(address: &str, connections: usize, auth: Authenticator) -> Self {
-        let client = awc::Client::builder()
-            .connector(awc::Connector::new().limit(connections + 256))
-            .timeout(Duration::from_secs(60))
-            .finish();
         let admin = Self::token_of(&auth, 1, true);
         Self {
-            client,
+            client: Self::client(connections),
             address: address.to_string(),
             auth,
             admin,
+            accepted: Rc::default(),
         }
+    }
+
+    /// The same API through a client of its own with `connections` connections, counting
+    /// its accepted requests with this one's.
+    fn another(&self, connections: usize) -> Self {
+        Self {
+            client: Self::client(connections),
+            ..self.clone()
+        }
+    }
+
+    fn client(connections: usize) -> awc::Client {
+        awc::Client::builder()
+            .connector(awc::Connector::new().limit(connections + 256))
+            .timeout(Duration::from_secs(60))
+            .finish()
+    }
+
+    fn count_accepted(&self) {
+        self.accepted.set(self.accepted.get() + 1);
     }
 
     fn token_of(auth: &Authenticator, user: u64, admin: bool) -> String {
@@ -361,8 +510,11 @@ impl Api {
             .send_body(format!(r#"{{"userId":{user_id},"couponId":{coupon_id}}}"#))
             .await;
         match sent {
-            Ok(mut response) => response.status().as_u16() == 202 && response.body().await.is_ok(),
-            Err(_) => false,
+            Ok(mut response) if response.status().as_u16() == 202 => {
+                self.count_accepted();
+                response.body().await.is_ok()
+            }
+            _ => false,
         }
     }
 
@@ -378,6 +530,7 @@ impl Api {
         if response.status().as_u16() != 202 {
             return None;
         }
+        self.count_accepted();
         let accepted: Value = response.json().await.ok()?;
         accepted["requestId"].as_str().map(str::to_string)
     }
@@ -415,6 +568,7 @@ async fn measure_issuance(
     issuer_group: &str,
     clients: usize,
     backlog: u64,
+    timeline: &mut Timeline,
 ) -> anyhow::Result<Issuance> {
     let coupon_id = control.create_coupon(10_000_000).await?;
     control
@@ -422,9 +576,16 @@ async fn measure_issuance(
         .await?;
     let next_user = Rc::new(AtomicU64::new(BACKLOG_FIRST_USER));
     let remaining = Rc::new(AtomicU64::new(backlog));
+    let writing = Instant::now();
+    let bar = progress::counting("backlog write", backlog);
     let workers: Vec<_> = (0..clients)
         .map(|_| {
-            let (load, next_user, remaining) = (load.clone(), next_user.clone(), remaining.clone());
+            let (load, next_user, remaining, bar) = (
+                load.clone(),
+                next_user.clone(),
+                remaining.clone(),
+                bar.clone(),
+            );
             actix_rt::spawn(async move {
                 while remaining
                     .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
@@ -433,7 +594,9 @@ async fn measure_issuance(
                     .is_ok()
                 {
                     let user = next_user.fetch_add(1, Ordering::Relaxed);
-                    if !load.issue_accepted(user, coupon_id).await {
+                    if load.issue_accepted(user, coupon_id).await {
+                        bar.inc(1);
+                    } else {
                         remaining.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -441,6 +604,8 @@ async fn measure_issuance(
         })
         .collect();
     futures::future::join_all(workers).await;
+    bar.finish_and_clear();
+    timeline.phase("backlog write", writing, Instant::now());
     if control.issued_quantity(coupon_id).await? != 0 {
         bail!("the issuer consumed while paused");
     }
@@ -449,15 +614,21 @@ async fn measure_issuance(
         .await?;
     let resumed = Instant::now();
     let deadline = resumed + Duration::from_secs(600);
+    let bar = progress::counting("backlog issuance", backlog);
     loop {
         let issued = control.issued_quantity(coupon_id).await?;
+        bar.set_position(issued.min(backlog));
         if issued >= backlog {
+            bar.finish_and_clear();
+            let done = Instant::now();
+            timeline.phase("backlog issuance", resumed, done);
             return Ok(Issuance {
                 issued,
-                per_second: issued as f64 / resumed.elapsed().as_secs_f64(),
+                per_second: issued as f64 / done.duration_since(resumed).as_secs_f64(),
             });
         }
         if Instant::now() > deadline {
+            bar.finish_and_clear();
             bail!("only {issued} of a backlog of {backlog} issued");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -472,17 +643,22 @@ async fn hot_row_updates(pool: &MySqlPool, duration: Duration) -> anyhow::Result
         .execute(pool)
         .await?;
     let mut connection = pool.acquire().await?;
+    let updates = Rc::new(std::cell::Cell::new(0u64));
+    let bar = progress::timed("hot-row baseline", duration, {
+        let updates = updates.clone();
+        move || format!("{} updates", updates.get())
+    });
     let started = Instant::now();
-    let mut updates = 0u64;
     while started.elapsed() < duration {
         let updated = sqlx::query(
             "UPDATE bench_hot_row SET remaining = remaining - 1 WHERE id = 1 AND remaining > 0",
         )
         .execute(&mut *connection)
         .await?;
-        updates += updated.rows_affected();
+        updates.set(updates.get() + updated.rows_affected());
     }
-    Ok(updates as f64 / started.elapsed().as_secs_f64())
+    bar.finish();
+    Ok(updates.get() as f64 / started.elapsed().as_secs_f64())
 }
 
 struct IntakeRun {
@@ -506,6 +682,7 @@ async fn closed_loop_intake(
     coupon_id: u64,
     clients: usize,
     duration: Duration,
+    timeline: &mut Timeline,
 ) -> anyhow::Result<IntakeRun> {
     let next_user = Rc::new(AtomicU64::new(1));
     let accepted = Rc::new(AtomicU64::new(0));
@@ -513,6 +690,16 @@ async fn closed_loop_intake(
     let latencies = Rc::new(RefCell::new(Latencies::default()));
     let started = Instant::now();
     let deadline = started + duration;
+    let bar = progress::timed("intake", duration, {
+        let (accepted, errors) = (accepted.clone(), errors.clone());
+        move || {
+            format!(
+                "{} accepted, {} refused",
+                accepted.load(Ordering::Relaxed),
+                errors.load(Ordering::Relaxed)
+            )
+        }
+    });
 
     // Issuance is followed from the coupon's issued quantity while the load runs.
     let watcher = {
@@ -556,23 +743,31 @@ async fn closed_loop_intake(
         .collect();
     futures::future::join_all(workers).await;
     let elapsed = started.elapsed();
+    let ended = Instant::now();
+    bar.finish();
+    timeline.phase("intake", started, ended);
     let accepted = accepted.load(Ordering::Relaxed);
     let mut samples = watcher.await?;
 
     // Every accepted request is from a distinct user with ample stock: each must end with a
     // coupon. Follow the issued quantity until it gets there.
     let drain_deadline = Instant::now() + Duration::from_secs(600);
+    let bar = progress::counting("drain", accepted).with_message("issued of the accepted");
     loop {
         let issued = control.issued_quantity(coupon_id).await?;
         samples.push((Instant::now(), issued));
+        bar.set_position(issued.min(accepted));
         if issued >= accepted {
             break;
         }
         if Instant::now() > drain_deadline {
+            bar.finish_and_clear();
             bail!("only {issued} of {accepted} accepted requests were issued");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    bar.finish_and_clear();
+    timeline.phase("drain", ended, Instant::now());
     // From the last sample that saw nothing issued yet (conservative by up to one sampling
     // interval) to the sample that saw everything issued.
     let issuing_from = samples
@@ -596,20 +791,22 @@ async fn closed_loop_intake(
     })
 }
 
-/// Requests at a fixed rate from users with an open WebSocket; the time from sending each
-/// request to receiving its result on the socket.
+/// Requests at a fixed rate from users with an open WebSocket; for each request, when it
+/// was sent and the time from sending it to receiving its result on the socket, in the
+/// order sent.
 async fn push_latency(
     api: &Api,
-    coupon_id: u64,
+    coupons: &[u64],
     rate: u64,
     duration: Duration,
-) -> anyhow::Result<Latencies> {
-    const USERS: u64 = LATENCY_USERS;
+    timeline: &mut Timeline,
+) -> anyhow::Result<Vec<Push>> {
+    let users = latency_users(rate);
     const FIRST_USER: u64 = LATENCY_FIRST_USER;
     let received: Rc<RefCell<HashMap<String, Instant>>> = Rc::default();
     let ws_address = api.address.replace("http://", "ws://");
     let mut readers = Vec::new();
-    for user in FIRST_USER..FIRST_USER + USERS {
+    for user in FIRST_USER..FIRST_USER + users {
         let (_, mut socket) = api
             .client
             .ws(format!("{ws_address}/ws?userId={user}"))
@@ -638,12 +835,23 @@ async fn push_latency(
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let started = Instant::now();
+    let bar = progress::timed("push latency", duration, {
+        let (sent, received) = (sent.clone(), received.clone());
+        move || {
+            format!(
+                "{} accepted, {} pushed",
+                sent.borrow().len(),
+                received.borrow().len()
+            )
+        }
+    });
     let mut requests = Vec::new();
     let mut next = 0u64;
     while started.elapsed() < duration {
         ticker.tick().await;
         for _ in 0..per_tick {
-            let user = FIRST_USER + next % USERS;
+            let user = FIRST_USER + next % users;
+            let coupon_id = coupons[((next / users) as usize).min(coupons.len() - 1)];
             next += 1;
             let (api, sent) = (api.clone(), sent.clone());
             requests.push(actix_rt::spawn(async move {
@@ -655,37 +863,62 @@ async fn push_latency(
         }
     }
     futures::future::join_all(requests).await;
+    bar.finish();
     let expected = sent.borrow().len();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while received
-        .borrow()
-        .keys()
-        .filter(|id| sent.borrow().contains_key(*id))
-        .count()
-        < expected
-    {
+    let bar = progress::counting("pushes", expected as u64).with_message("received");
+    loop {
+        let pushed = received
+            .borrow()
+            .keys()
+            .filter(|id| sent.borrow().contains_key(*id))
+            .count();
+        bar.set_position(pushed as u64);
+        if pushed >= expected {
+            break;
+        }
         if Instant::now() > deadline {
+            bar.finish_and_clear();
             bail!("pushes missing after 60 s");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    bar.finish_and_clear();
+    timeline.phase("push latency", started, Instant::now());
     for reader in readers {
         reader.abort();
     }
-    let mut latencies = Latencies::default();
-    for (request_id, sent_at) in sent.borrow().iter() {
-        let received_at = received.borrow()[request_id];
-        latencies.record(received_at.saturating_duration_since(*sent_at));
-    }
-    Ok(latencies)
+    let mut pushes: Vec<Push> = sent
+        .borrow()
+        .iter()
+        .map(|(request_id, sent_at)| {
+            let received_at = received.borrow()[request_id];
+            Push {
+                sent: timeline.seconds(*sent_at),
+                latency_ms: received_at
+                    .saturating_duration_since(*sent_at)
+                    .as_secs_f64()
+                    * 1000.0,
+            }
+        })
+        .collect();
+    pushes.sort_by(|a, b| a.sent.total_cmp(&b.sent));
+    Ok(pushes)
 }
 
+/// Latencies in milliseconds.
 #[derive(Clone, Default)]
 struct Latencies {
     milliseconds: Vec<f64>,
 }
 
 impl Latencies {
+    fn of(milliseconds: impl IntoIterator<Item = f64>) -> Self {
+        Self {
+            milliseconds: milliseconds.into_iter().collect(),
+        }
+    }
+
     fn record(&mut self, latency: Duration) {
         self.milliseconds.push(latency.as_secs_f64() * 1000.0);
     }
@@ -695,13 +928,9 @@ impl Latencies {
     }
 
     fn percentile(&self, percentile: f64) -> f64 {
-        if self.milliseconds.is_empty() {
-            return f64::NAN;
-        }
         let mut sorted = self.milliseconds.clone();
         sorted.sort_by(f64::total_cmp);
-        let rank = ((percentile / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-        sorted[rank.min(sorted.len() - 1)]
+        chart::nearest_rank(&sorted, percentile)
     }
 }
 
@@ -713,7 +942,7 @@ struct Stages {
 /// Where the push latency goes, from the event log's timestamps: the request's row commit,
 /// its result event's commit (the issuer's transaction) and the request's last update
 /// (NOTIFIED, by the notifier).
-async fn stage_latencies(pool: &MySqlPool, coupon_id: u64) -> anyhow::Result<Stages> {
+async fn stage_latencies(pool: &MySqlPool, coupons: &[u64]) -> anyhow::Result<Stages> {
     type Row = (
         chrono::DateTime<Utc>,
         chrono::DateTime<Utc>,
@@ -723,10 +952,12 @@ async fn stage_latencies(pool: &MySqlPool, coupon_id: u64) -> anyhow::Result<Sta
         "SELECT request.created_at, result.created_at, request.updated_at \
          FROM event_log result JOIN event_log request \
            ON request.event_id = JSON_UNQUOTE(JSON_EXTRACT(result.payload, '$.requestId')) \
-         WHERE result.event_type = 'CouponResult' AND JSON_EXTRACT(result.payload, '$.couponId') = ? \
+         WHERE result.event_type = 'CouponResult' \
+           AND JSON_EXTRACT(result.payload, '$.couponId') BETWEEN ? AND ? \
            AND request.status = 'NOTIFIED'",
     )
-    .bind(coupon_id)
+    .bind(coupons.iter().min().copied().unwrap_or(0))
+    .bind(coupons.iter().max().copied().unwrap_or(0))
     .fetch_all(pool)
     .await?;
     let mut stages = Stages {

@@ -22,8 +22,10 @@ use commerce_events::kafka::cluster::KafkaCluster;
 use commerce_events::startup::{Application, COUPON_REQUEST_GROUP};
 
 use crate::coupons::drop_database;
+use crate::progress;
+use crate::report::{Cell, Column, Table};
 use secrecy::SecretString;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const JWT_SECRET: &str = "bench-secret-of-the-fault-drills";
 
@@ -49,7 +51,7 @@ struct Row {
     recovery: Duration,
 }
 
-pub async fn run(options: Options) -> anyhow::Result<()> {
+pub async fn run(options: Options, report: &mut crate::report::Report) -> anyhow::Result<()> {
     let binary = std::env::current_exe()?.with_file_name("commerce-events");
     if !binary.exists() {
         bail!(
@@ -57,10 +59,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             binary.display()
         );
     }
-    println!(
+    report.note(format!(
         "scenario faults: {} users per scenario, background load {} req/s, outages of {} s",
         options.users, options.rate, options.outage_seconds
-    );
+    ));
     let mut rows = Vec::new();
     for signal in ["-KILL", "-TERM"] {
         rows.push(crash(&binary, signal, &options).await?);
@@ -68,31 +70,43 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     for outage in [Outage::Broker, Outage::Mysql, Outage::Redis] {
         rows.push(outage_under_load(outage, &options).await?);
     }
-    println!();
-    println!(
-        "| scenario | accepted | ok / failed / unknown answers | lost | stranded | applied twice | dead-lettered | pushes lost | recovery s |"
+    let mut table = Table::new(
+        "fault scenarios",
+        vec![
+            Column::left("scenario", "scenario"),
+            Column::right("accepted", "accepted"),
+            Column::left("ok / failed / unknown answers", "answers"),
+            Column::right("lost", "lost"),
+            Column::right("stranded", "stranded"),
+            Column::right("applied twice", "applied_twice"),
+            Column::right("dead-lettered", "dead_lettered"),
+            Column::right("pushes lost", "pushes_lost"),
+            Column::right("recovery s", "recovery_seconds"),
+        ],
     );
-    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
     for row in &rows {
-        let report = &row.report;
-        println!(
-            "| {} | {} | {} / {} / {} | {} | {} | {} | {} | {} | {:.1} |",
-            row.scenario,
-            report.accepted,
-            row.ok,
-            row.failed,
-            row.unknown,
-            report.lost,
-            report.stranded,
-            report.applied_twice
-                + report.held_twice
-                + report.over_issued
-                + report.told_success_not_issued,
-            report.dead_lettered,
-            report.pushes_lost,
-            row.recovery.as_secs_f64()
-        );
+        let checked = &row.report;
+        table.row(vec![
+            Cell::text(row.scenario.clone()),
+            Cell::count(checked.accepted),
+            Cell::new(
+                format!("{} / {} / {}", row.ok, row.failed, row.unknown),
+                json!({"ok": row.ok, "failed": row.failed, "unknown": row.unknown}),
+            ),
+            Cell::count(checked.lost),
+            Cell::count(checked.stranded),
+            Cell::count(
+                checked.applied_twice
+                    + checked.held_twice
+                    + checked.over_issued
+                    + checked.told_success_not_issued,
+            ),
+            Cell::count(checked.dead_lettered),
+            Cell::count(checked.pushes_lost),
+            Cell::number(row.recovery.as_secs_f64(), 1),
+        ]);
     }
+    report.table(table);
     Ok(())
 }
 
@@ -134,7 +148,10 @@ async fn crash(binary: &Path, signal: &str, options: &Options) -> anyhow::Result
         .admin("/coupons", coupon_body((users / 4) as u32))
         .await;
     let coupon = coupon["couponId"].as_u64().context("a coupon")?;
+    let tag = &signal[1..];
+    let bar = answers(&clients, &format!("{tag}: first load"), users / 6);
     clients.load(1..=users / 6, coupon, 16).await;
+    bar.finish();
     let group = settings.kafka.group_id(COUPON_REQUEST_GROUP);
     clients
         .admin(
@@ -142,7 +159,10 @@ async fn crash(binary: &Path, signal: &str, options: &Options) -> anyhow::Result
             Value::Null,
         )
         .await;
+    let bar = answers(&clients, &format!("{tag}: backlog"), users / 2 - users / 6);
     clients.load(users / 6 + 1..=users / 2, coupon, 16).await;
+    bar.finish();
+    let bar = answers(&clients, &format!("{tag}: load, crash"), users - users / 2);
     let load = clients.load_in_background(users / 2 + 1..=users, coupon, options.rate);
     let before = clients.accepted();
     eventually("load under way", Duration::from_secs(120), || async {
@@ -150,21 +170,48 @@ async fn crash(binary: &Path, signal: &str, options: &Options) -> anyhow::Result
     })
     .await;
     first.signal(signal);
+    bar.set_message("signalled, restarting");
     first.exited().await;
     let restarted = Instant::now();
     let second = start();
     clients.point_at(&second.address);
     clients.wait_ready().await;
+    bar.set_message("restarted");
     load.await?;
+    bar.finish();
     clients.ask_again_unknown(coupon).await;
     let checker = Checker::connect(&url).await;
+    let bar = settling(&format!("{tag}: settling"));
     let (report, _) = checker.settle(&clients, &[coupon]).await;
+    bar.finish();
     let recovery = restarted.elapsed();
     let row = row(scenario, report, &clients, recovery);
     second.signal("-TERM");
     second.exited().await;
     drop_database(&name).await?;
     Ok(row)
+}
+
+/// Every answer the clients got so far (ok, failed, no answer).
+fn answered(clients: &Clients) -> u64 {
+    let ledger = clients.ledger.lock().unwrap();
+    ledger.ok + ledger.failed + ledger.unknown
+}
+
+/// A bar of `phase` counting the clients' answers to its `requests`.
+fn answers(clients: &Clients, phase: &str, requests: u64) -> progress::Ticking {
+    let clients = clients.clone();
+    let before = answered(&clients);
+    progress::follow(progress::counting(phase, requests), move |bar| {
+        bar.set_position(answered(&clients).saturating_sub(before).min(requests));
+    })
+}
+
+/// A spinner while the checker waits for every request to settle.
+fn settling(phase: &str) -> progress::Ticking {
+    progress::waiting(phase, || {
+        "until every request is decided and pushed".to_string()
+    })
 }
 
 fn row(scenario: String, report: Report, clients: &Clients, recovery: Duration) -> Row {
@@ -218,7 +265,14 @@ async fn outage_under_load(outage: Outage, options: &Options) -> anyhow::Result<
         .admin("/coupons", coupon_body((users / 4) as u32))
         .await;
     let coupon = coupon["couponId"].as_u64().context("a coupon")?;
+    let bar = answers(&clients, &format!("{tag}: first load"), users / 10);
     clients.load(1..=users / 10, coupon, 16).await;
+    bar.finish();
+    let bar = answers(
+        &clients,
+        &format!("{tag}: load, outage"),
+        users - users / 10,
+    );
     let load = clients.load_in_background(users / 10 + 1..=users, coupon, options.rate);
     let checker = Checker::connect(&url).await;
     let set = |down: bool| match (outage, &proxy) {
@@ -235,12 +289,18 @@ async fn outage_under_load(outage: Outage, options: &Options) -> anyhow::Result<
         (_, None) => unreachable!("a proxy for MySQL and Redis"),
     };
     set(true);
+    bar.set_message("outage");
     actix_rt::time::sleep(Duration::from_secs(options.outage_seconds)).await;
     set(false);
+    bar.set_message("recovering");
     let recovery = checker.recovery().await;
+    bar.set_message("recovered");
     load.await?;
+    bar.finish();
     clients.ask_again_unknown(coupon).await;
+    let settle = settling(&format!("{tag}: settling"));
     let (report, _) = checker.settle(&clients, &[coupon]).await;
+    settle.finish();
     let row = row(scenario, report, &clients, recovery);
     daemon.stop().await?;
     drop_database(&name).await?;

@@ -1,23 +1,33 @@
 //! Benchmarks: `cargo run --release --bin bench -- <scenario> [options]` (`--help` lists
 //! them). Each scenario prints a table; BENCHMARKS.md records them with the machine.
+//! `--json` prints one JSON document instead (see [`report`]); long phases show progress
+//! bars on stderr (see [`progress`]).
 
+mod chart;
 mod coupons;
 #[cfg(feature = "test-util")]
 mod faults;
 mod pipeline;
+mod progress;
 mod ranking;
+mod report;
 
 use clap::{Parser, Subcommand};
 use commerce_events::config::Settings;
 use commerce_events::events::topics::dead_letter_topic;
 use commerce_events::kafka::cluster::EmbeddedCluster;
 use commerce_events::kafka::producer::EventPublisher;
+use report::Report;
 
 #[derive(Parser)]
 #[command(about = "Benchmarks of commerce-events; BENCHMARKS.md records their figures")]
 struct Cli {
     #[command(subcommand)]
     scenario: Scenario,
+    /// Print one JSON document on stdout (notes and tables, numbers as numbers) instead of
+    /// Markdown.
+    #[arg(long, global = true)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -60,13 +70,31 @@ struct Arbiters {
     threads: usize,
 }
 
+impl Scenario {
+    /// The scenario's name, as on the command line.
+    fn name(&self) -> &'static str {
+        match self {
+            Scenario::Pipeline(_) => "pipeline",
+            Scenario::Coupons(_) => "coupons",
+            Scenario::Ranking(_) => "ranking",
+            #[cfg(feature = "test-util")]
+            Scenario::Faults(_) => "faults",
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let system = actix_rt::System::new();
-    match Cli::parse().scenario {
-        Scenario::Pipeline(options) => system.block_on(pipeline::run(options)),
-        Scenario::Coupons(options) => system.block_on(coupons::run(options)),
-        Scenario::Ranking(options) => system.block_on(ranking::run(options)),
+    let cli = Cli::parse();
+    let mut report = Report::new(cli.scenario.name(), cli.json);
+    let result = match cli.scenario {
+        Scenario::Pipeline(options) => system.block_on(pipeline::run(options, &mut report)),
+        Scenario::Coupons(options) => system.block_on(coupons::run(options, &mut report)),
+        Scenario::Ranking(options) => system.block_on(ranking::run(options, &mut report)),
         #[cfg(feature = "test-util")]
-        Scenario::Faults(options) => system.block_on(faults::run(options)),
-    }
+        Scenario::Faults(options) => system.block_on(faults::run(options, &mut report)),
+    };
+    // What was measured before a failure is reported too.
+    report.finish();
+    result
 }

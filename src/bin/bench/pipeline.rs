@@ -27,6 +27,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use secrecy::ExposeSecret;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 
+use crate::progress;
+use crate::report::{Cell, Column, Report, Table};
+
 const TOPIC: &str = "bench-events";
 const PARTITIONS: i32 = 3;
 
@@ -80,16 +83,16 @@ pub struct Options {
     arbiters: crate::Arbiters,
 }
 
-pub async fn run(options: Options) -> anyhow::Result<()> {
+pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
     let (records, runs, threads) = (options.records, options.runs, options.arbiters.threads);
     let (settings, cluster, publisher) = crate::embedded_bench(TOPIC, PARTITIONS, threads)?;
     let bootstrap = cluster.bootstrap_servers().to_string();
 
     let record_bytes = produce(&publisher, records).await?;
-    println!(
+    report.note(format!(
         "scenario pipeline: {records} records of {record_bytes} B over {PARTITIONS} partitions, \
          embedded cluster (1 broker), {threads} partition threads, {runs} runs each"
-    );
+    ));
 
     // The no-op domain actor never touches the database; this lazy pool is never opened.
     let pool = MySqlPoolOptions::new().connect_lazy_with(MySqlConnectOptions::from_str(
@@ -101,7 +104,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut raw = Vec::new();
     let mut raw_decoding = Vec::new();
     let mut actors = Vec::new();
+    let bar = progress::counting("consumer runs", 3 * runs as u64);
     for run in 0..runs {
+        bar.set_message(format!("run {}: raw poll", run + 1));
         raw.push(
             raw_consumer(
                 &bootstrap,
@@ -112,8 +117,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             )
             .await?,
         );
+        bar.inc(1);
+        bar.set_message(format!("run {}: raw poll + decode", run + 1));
         let group = format!("bench-raw-decoding-{run}");
         raw_decoding.push(raw_consumer(&bootstrap, &settings, &group, records, true).await?);
+        bar.inc(1);
+        bar.set_message(format!("run {}: partition actors", run + 1));
         let group = format!("bench-actors-{run}");
         actors.push(
             partition_actors(
@@ -121,35 +130,47 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             )
             .await?,
         );
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     let batches: Vec<usize> = actors.iter().filter_map(|run| run.batches).collect();
-    println!();
-    println!("| consumer | best records/s | median records/s |");
-    println!("|---|---:|---:|");
-    println!(
-        "| raw rdkafka `BaseConsumer::poll`, offset stored per record | {:.0} | {:.0} |",
-        best(&raw),
-        median(&raw)
+    let mut table = Table::new(
+        "consumers",
+        vec![
+            Column::left("consumer", "consumer"),
+            Column::right("best records/s", "best_records_per_second"),
+            Column::right("median records/s", "median_records_per_second"),
+        ],
     );
-    println!(
-        "| raw rdkafka `BaseConsumer::poll` + envelope decode, offset stored per record | {:.0} | {:.0} |",
-        best(&raw_decoding),
-        median(&raw_decoding)
-    );
-    println!(
-        "| partition actors → no-op domain actor (decode, send, store per batch, commit ≤ 10/s) | {:.0} | {:.0} |",
-        best(&actors),
-        median(&actors)
-    );
-    println!();
-    println!(
+    for (consumer, measurements) in [
+        (
+            "raw rdkafka `BaseConsumer::poll`, offset stored per record",
+            &raw,
+        ),
+        (
+            "raw rdkafka `BaseConsumer::poll` + envelope decode, offset stored per record",
+            &raw_decoding,
+        ),
+        (
+            "partition actors → no-op domain actor (decode, send, store per batch, commit ≤ 10/s)",
+            &actors,
+        ),
+    ] {
+        table.row(vec![
+            Cell::text(consumer),
+            Cell::number(best(measurements), 0),
+            Cell::number(median(measurements), 0),
+        ]);
+    }
+    report.table(table);
+    report.note(format!(
         "pipeline / raw with decode (the overhead of the actors): median {:.2} (goal ≥ 0.80)",
         median(&actors) / median(&raw_decoding)
-    );
-    println!(
+    ));
+    report.note(format!(
         "pipeline / bare raw poll: median {:.2}; batches per pipeline run: {batches:?}",
         median(&actors) / median(&raw)
-    );
+    ));
     let arbiters_to_stop = arbiters.clone();
     tokio::task::spawn_blocking(move || arbiters_to_stop.stop_blocking()).await?;
     Ok(())
@@ -172,6 +193,7 @@ fn median(measurements: &[Measurement]) -> f64 {
 /// of one record value.
 async fn produce(publisher: &EventPublisher, records: usize) -> anyhow::Result<usize> {
     let mut value_size = 0;
+    let bar = progress::counting("producing records", records as u64);
     for chunk_start in (0..records).step_by(5_000) {
         let chunk_end = (chunk_start + 5_000).min(records);
         let events: Vec<(i32, EventEnvelope, Vec<u8>)> = (chunk_start..chunk_end)
@@ -200,7 +222,9 @@ async fn produce(publisher: &EventPublisher, records: usize) -> anyhow::Result<u
         for result in futures::future::join_all(sends).await {
             result?;
         }
+        bar.set_position(chunk_end as u64);
     }
+    bar.finish_and_clear();
     Ok(value_size)
 }
 

@@ -27,6 +27,9 @@ use commerce_events::stores::RedisStore;
 use secrecy::ExposeSecret;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 
+use crate::progress;
+use crate::report::{Cell, Column, Report, Table};
+
 const PARTITIONS: i32 = 3;
 const PRODUCTS: u64 = 1_000;
 
@@ -42,7 +45,7 @@ pub struct Options {
     arbiters: crate::Arbiters,
 }
 
-pub async fn run(options: Options) -> anyhow::Result<()> {
+pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
     let (orders, lines, threads) = (options.orders, options.lines, options.arbiters.threads);
     let (mut settings, cluster, publisher) =
         crate::embedded_bench(topics::ORDER_COMPLETED, PARTITIONS, threads)?;
@@ -53,13 +56,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     redis.ping().await?;
 
     let (records, expected) = order_events(orders, lines);
-    produce(&publisher, &records).await?;
+    produce(&publisher, &records, "producing orders").await?;
     let updates = orders * lines;
-    println!(
+    report.note(format!(
         "scenario ranking: {orders} OrderCompleted events of {lines} lines ({updates} ranking \
          updates) over {PARTITIONS} partitions, {PRODUCTS} products, embedded cluster, \
          {threads} partition threads, Redis 127.0.0.1:6379"
-    );
+    ));
 
     // The RankingUpdater never touches the database; this lazy pool is never opened.
     let pool = MySqlPoolOptions::new().connect_lazy_with(MySqlConnectOptions::from_str(
@@ -87,13 +90,19 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         Default::default(),
     );
     let group = ConsumerGroup::start(spec, arbiters.clone())?;
-    let actors = wait_until(&updater, |state| state.processed as usize >= orders).await?;
+    let actors = wait_until(&updater, "counting orders", orders, |state| {
+        state.processed as usize
+    })
+    .await?;
 
     // Every event again, with the same ids: all duplicates, nothing counted twice. Timed
     // from the first record produced, since they are consumed while being produced.
     let replay_started = Instant::now();
-    produce(&publisher, &records).await?;
-    wait_until(&updater, |state| state.duplicates as usize >= orders).await?;
+    produce(&publisher, &records, "replaying orders").await?;
+    wait_until(&updater, "replay duplicates", orders, |state| {
+        state.duplicates as usize
+    })
+    .await?;
     let replay = replay_started.elapsed();
     let state = updater.send(ObserveDomain).await?;
     let counted = totals(&redis, &ranking).await?;
@@ -113,30 +122,44 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let raw = raw_zincrby(&redis, orders, lines).await?;
     let actors_rate = updates as f64 / actors.as_secs_f64();
     let raw_rate = updates as f64 / raw.as_secs_f64();
-    println!();
-    println!("| path | ranking updates/s | orders/s |");
-    println!("|---|---:|---:|");
-    println!(
-        "| partition actors → RankingUpdater (one idempotent Lua call per batch) | {actors_rate:.0} | {:.0} |",
-        orders as f64 / actors.as_secs_f64()
+    let mut table = Table::new(
+        "ranking paths",
+        vec![
+            Column::left("path", "path"),
+            Column::right("ranking updates/s", "ranking_updates_per_second"),
+            Column::right("orders/s", "orders_per_second"),
+        ],
     );
-    println!(
-        "| raw pipelined ZINCRBY, {} commands per round trip, not idempotent | {raw_rate:.0} | {:.0} |",
-        500 * lines,
-        orders as f64 / raw.as_secs_f64()
-    );
-    println!(
-        "| replay of all {orders} events, producing included (every one a duplicate) | {:.0} | {:.0} |",
-        updates as f64 / replay.as_secs_f64(),
-        orders as f64 / replay.as_secs_f64()
-    );
-    println!();
-    println!(
+    for (path, elapsed) in [
+        (
+            "partition actors → RankingUpdater (one idempotent Lua call per batch)".to_string(),
+            actors,
+        ),
+        (
+            format!(
+                "raw pipelined ZINCRBY, {} commands per round trip, not idempotent",
+                500 * lines
+            ),
+            raw,
+        ),
+        (
+            format!("replay of all {orders} events, producing included (every one a duplicate)"),
+            replay,
+        ),
+    ] {
+        table.row(vec![
+            Cell::text(path),
+            Cell::number(updates as f64 / elapsed.as_secs_f64(), 0),
+            Cell::number(orders as f64 / elapsed.as_secs_f64(), 0),
+        ]);
+    }
+    report.table(table);
+    report.note(format!(
         "ratio actors / raw ZINCRBY: {:.2}; after the replay the totals equal the true sums \
          ({} products)",
         actors_rate / raw_rate,
         expected.len()
-    );
+    ));
     let mut connection = redis.connection()?;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(redis.key("*"))
@@ -183,7 +206,8 @@ fn order_events(orders: usize, lines: usize) -> (Records, BTreeMap<u64, u64>) {
     (records, expected)
 }
 
-async fn produce(publisher: &EventPublisher, records: &Records) -> anyhow::Result<()> {
+async fn produce(publisher: &EventPublisher, records: &Records, phase: &str) -> anyhow::Result<()> {
+    let bar = progress::counting(phase, records.len() as u64);
     for chunk in records.chunks(5_000) {
         let sends = chunk.iter().map(|(partition, key, value)| {
             publisher.publish_raw(RawRecord {
@@ -197,18 +221,24 @@ async fn produce(publisher: &EventPublisher, records: &Records) -> anyhow::Resul
         for result in futures::future::join_all(sends).await {
             result?;
         }
+        bar.inc(chunk.len() as u64);
     }
+    bar.finish_and_clear();
     Ok(())
 }
 
-/// Time from the first event handled until `done` holds.
+/// Time from the first event handled until `count` of the actor's state reaches `target`,
+/// shown as the bar of `phase`.
 async fn wait_until<H: commerce_events::actors::domain::DomainHandler>(
     actor: &Addr<DomainActor<H>>,
-    done: impl Fn(&DomainActorState) -> bool,
+    phase: &str,
+    target: usize,
+    count: impl Fn(&DomainActorState) -> usize,
 ) -> anyhow::Result<Duration> {
     let deadline = Instant::now() + Duration::from_secs(300);
     let baseline = actor.send(ObserveDomain).await?;
     let mut started = None;
+    let bar = progress::counting(phase, target as u64);
     loop {
         let state = actor.send(ObserveDomain).await?;
         if started.is_none()
@@ -216,10 +246,14 @@ async fn wait_until<H: commerce_events::actors::domain::DomainHandler>(
         {
             started = Some(Instant::now());
         }
-        if done(&state) {
+        let counted = count(&state);
+        bar.set_position(counted.min(target) as u64);
+        if counted >= target {
+            bar.finish_and_clear();
             return Ok(started.unwrap_or_else(Instant::now).elapsed());
         }
         if Instant::now() > deadline {
+            bar.finish_and_clear();
             bail!("not done before the deadline: {state:?}");
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
