@@ -437,7 +437,9 @@ impl<H: DomainHandler> Handler<ProcessBatch> for DomainActor<H> {
                 let events = batch.events.len();
                 let outcomes = run.run(batch).await;
                 tracing::debug!(events, "batch handled");
-                traced.finish(name, &outcomes);
+                if let Some(traced) = traced {
+                    traced.finish(name, &outcomes);
+                }
                 counters.record(&outcomes);
                 if outcomes.iter().any(EventOutcome::is_fatal) {
                     warn!(actor = name, %source, "fatal failure: stopping for restart");
@@ -460,36 +462,36 @@ struct TracedBatch {
 }
 
 impl TracedBatch {
-    fn of(spans: &crate::otlp::Spans, batch: &ProcessBatch) -> Self {
-        let events = if spans.enabled() {
-            batch
-                .events
-                .iter()
-                .enumerate()
-                .filter_map(|(position, event)| {
-                    let context = event
-                        .traceparent
-                        .as_deref()
-                        .and_then(crate::trace::TraceParent::parse)?;
-                    let offset = batch.origin.offsets.get(position).copied().unwrap_or(-1);
-                    Some((
-                        position,
-                        context,
-                        event.event_id,
-                        event.event_type().as_str(),
-                        offset,
-                    ))
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        Self {
+    /// `None` unless spans are exported: the hot path then copies and reads nothing.
+    fn of(spans: &crate::otlp::Spans, batch: &ProcessBatch) -> Option<Self> {
+        if !spans.enabled() {
+            return None;
+        }
+        let events = batch
+            .events
+            .iter()
+            .enumerate()
+            .filter_map(|(position, event)| {
+                let context = event
+                    .traceparent
+                    .as_deref()
+                    .and_then(crate::trace::TraceParent::parse)?;
+                let offset = batch.origin.offsets.get(position).copied().unwrap_or(-1);
+                Some((
+                    position,
+                    context,
+                    event.event_id,
+                    event.event_type().as_str(),
+                    offset,
+                ))
+            })
+            .collect();
+        Some(Self {
             spans: spans.clone(),
             started: std::time::SystemTime::now(),
             source: batch.origin.source.clone(),
             events,
-        }
+        })
     }
 
     /// One consumer span per traced event, a child of the span that produced it.
