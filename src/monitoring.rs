@@ -97,6 +97,10 @@ fn describe() {
         "kafka_topic_partition_current_offset",
         "The partition's high watermark"
     );
+    describe_counter!(
+        "kafka_records_produced_total",
+        "Records the broker acknowledged, by topic"
+    );
     describe_counter!("consumer_records_total", "Records settled, by outcome");
     describe_histogram!(
         "consumer_batch_duration_seconds",
@@ -268,6 +272,11 @@ pub fn outbox_backlog(pending: u64, oldest_age: Option<Duration>) {
     gauge!("outbox_pending_rows").set(pending as f64);
     gauge!("outbox_oldest_pending_age_seconds")
         .set(oldest_age.map_or(0.0, |age| age.as_secs_f64()));
+}
+
+/// A record the broker acknowledged.
+pub fn record_produced(topic: &str) {
+    counter!("kafka_records_produced_total", "topic" => topic.to_string()).increment(1);
 }
 
 pub fn outbox_republished(count: u64) {

@@ -133,10 +133,13 @@ impl EventPublisher {
     {
         // A full local queue is waited out (the delivery timeout bounds the wait).
         match self.producer.send(record, Timeout::Never).await {
-            Ok(delivery) => Ok(Delivered {
-                partition: delivery.partition,
-                offset: delivery.offset,
-            }),
+            Ok(delivery) => {
+                crate::monitoring::record_produced(topic);
+                Ok(Delivered {
+                    partition: delivery.partition,
+                    offset: delivery.offset,
+                })
+            }
             Err((source, _message)) => Err(PublishError::Delivery {
                 topic: topic.to_string(),
                 source,

@@ -233,6 +233,13 @@ async fn metrics_move_by_exactly_the_work_done_and_lag_falls_back_to_zero() {
     ];
     assert_eq!(moved("consumer_records_total", &processed), 8.0);
     assert_eq!(
+        moved(
+            "kafka_records_produced_total",
+            &[("topic", "coupon-requests")]
+        ),
+        8.0
+    );
+    assert_eq!(
         moved("coupon_decisions_total", &[("result", "issued")]),
         5.0
     );
@@ -288,6 +295,7 @@ async fn metrics_move_by_exactly_the_work_done_and_lag_falls_back_to_zero() {
         ("kafka_consumergroup_current_offset", "gauge"),
         ("kafka_topic_partition_current_offset", "gauge"),
         ("consumer_records_total", "counter"),
+        ("kafka_records_produced_total", "counter"),
         ("consumer_batch_duration_seconds", "histogram"),
         ("coupon_request_decided_seconds", "histogram"),
         ("payment_ranking_applied_seconds", "histogram"),
