@@ -114,6 +114,9 @@ pub async fn migrate(pool: &MySqlPool) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// How long a Redis command (or connecting) may take before it fails.
+pub const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Redis through one multiplexed connection that the connection manager keeps alive.
 #[derive(Clone)]
 pub struct RedisStore {
@@ -169,8 +172,8 @@ impl RedisStore {
     /// Connects once, now.
     pub async fn try_connect(&self) -> Result<(), redis::RedisError> {
         let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)));
+            .set_connection_timeout(Some(REDIS_TIMEOUT))
+            .set_response_timeout(Some(REDIS_TIMEOUT));
         self.connection
             .get_or_try_init(|| self.client.get_connection_manager_with_config(config))
             .await?;
