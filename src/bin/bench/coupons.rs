@@ -33,14 +33,14 @@ use chrono::Utc;
 use commerce_events::auth::Authenticator;
 use commerce_events::config::Settings;
 use commerce_events::ids::UserId;
-use commerce_events::startup::Application;
 use commerce_events::stores;
 use futures::StreamExt;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use sqlx::MySqlPool;
 
 use crate::chart::{self, Chart, Push, Sample, Sampler, Timeline};
+use crate::costs::{CostTable, Meters};
 use crate::progress;
 use crate::report::{self, Cell, Column, Report, Table};
 
@@ -64,6 +64,10 @@ pub struct Options {
     /// How long the `/healthz` baseline runs.
     #[arg(long, default_value_t = 10)]
     pub baseline_seconds: u64,
+    /// Earlier requests written to the database before the phases (decided, notified, with
+    /// their results and coupon histories), to show a request's cost does not grow with them.
+    #[arg(long, default_value_t = 0)]
+    pub history: u64,
     /// Where the chart of the run is written (a PNG; its directories are created).
     #[arg(long, default_value = "target/bench/coupons.png")]
     pub chart: PathBuf,
@@ -71,31 +75,37 @@ pub struct Options {
 
 pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
     let database = format!("bench_coupons_{}", std::process::id());
-    // The daemon's own configuration (defaults, file, APP_ variables) with a bench database.
+    let database_url = format!("mysql://root@127.0.0.1:3306/{database}");
+    // The daemon's own configuration (defaults, file, APP_ variables), with a bench database
+    // and key prefix, and tokens the bench signs; the push-latency phase's users send many
+    // requests each, so no per-user limit.
     let mut settings = Settings::load()?;
-    settings.http.port = 0;
-    settings.database.url = SecretString::from(format!("mysql://root@127.0.0.1:3306/{database}"));
+    settings.database.url = SecretString::from(database_url.clone());
     settings.redis.key_prefix = format!("{database}:");
-    settings.instance.id = "bench".into();
-    // The push-latency phase's users send many requests each: no per-user limit.
-    settings.limits.coupon_issue = commerce_events::config::RateLimit {
-        per_second: 1_000_000.0,
-        burst: 1_000_000,
-    };
-    settings.log.filter = "warn".into();
+    settings.auth.jwt_secret = SecretString::from(JWT_SECRET);
+    let overrides = [
+        ("APP_DATABASE__URL", database_url.clone()),
+        ("APP_REDIS__KEY_PREFIX", settings.redis.key_prefix.clone()),
+        ("APP_INSTANCE__ID", "bench".to_string()),
+        ("APP_AUTH__JWT_SECRET", JWT_SECRET.to_string()),
+        (
+            "APP_LIMITS__COUPON_ISSUE__PER_SECOND",
+            "1000000".to_string(),
+        ),
+        ("APP_LIMITS__COUPON_ISSUE__BURST", "1000000".to_string()),
+    ];
     if report.json() {
-        // Stdout carries the JSON document alone: the daemon's logs go to stderr.
+        // Stdout carries the JSON document alone.
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.log.filter));
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
         let _already_installed = tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
             .try_init();
     }
-    commerce_events::telemetry::init(&settings.log);
 
     let auth = Authenticator::from_settings(&settings.auth, &settings.kafka)?;
-    let daemon = Daemon::start(settings.clone())?;
+    let daemon = Daemon::start(&overrides)?;
     let api = Api::new(&daemon.address, 64, auth.clone());
     api.wait_until_ready().await?;
     let pool = stores::connect_mysql(&settings.database, 4).await?;
@@ -118,13 +128,26 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
         .await?;
     }
     users.finish();
+    if options.history > 0 {
+        earlier_requests(&pool, options.history).await?;
+    }
+    let meters = Meters::connect(
+        pool.clone(),
+        settings.redis.url.expose_secret(),
+        &daemon.address,
+        daemon.pid(),
+    )
+    .await?;
+    let mut costs = CostTable::new();
     report.note(format!(
-        "scenario coupons: daemon in this process ({} HTTP workers, {} partition threads, {} intake writers, \
-         embedded Kafka with {} brokers), {} clients for {} s, push latency at {} req/s for {} s",
+        "scenario coupons: the daemon binary as its own process, driven from the bench's process \
+         ({} HTTP workers, {} partition threads, {} intake writers, embedded Kafka with {} brokers), \
+         {} earlier requests in the database, {} clients for {} s, push latency at {} req/s for {} s",
         settings.http.workers,
         settings.kafka.consumer.partition_threads,
         settings.coupons.intake_writers,
         settings.kafka.embedded_brokers,
+        options.history,
         options.clients,
         options.seconds,
         options.latency_rate,
@@ -142,6 +165,7 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
     let load = api.another(options.clients);
     let mut timeline = Timeline::start();
     let sampler = Sampler::start(pool.clone(), api.accepted.clone(), timeline.started());
+    let before = meters.read().await?;
     let intake = closed_loop_intake(
         &load,
         &api,
@@ -151,6 +175,13 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
         &mut timeline,
     )
     .await?;
+    meters.wait_settled().await?;
+    costs.add(
+        "intake and issuance together",
+        "accepted request",
+        intake.accepted,
+        before.until(&meters.read().await?),
+    );
     report.note(format!(
         "intake: {} accepted in {:.1} s ({:.0}/s), {} refused",
         intake.accepted,
@@ -167,6 +198,7 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
         options.clients,
         options.backlog,
         &mut timeline,
+        (&meters, &mut costs),
     )
     .await?;
     report.note(format!(
@@ -183,6 +215,7 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
     for _ in 0..rounds {
         latency_coupons.push(api.create_coupon(10_000_000).await?);
     }
+    let before = meters.read().await?;
     let pushes = push_latency(
         &api,
         &latency_coupons,
@@ -191,6 +224,13 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
         &mut timeline,
     )
     .await?;
+    meters.wait_settled().await?;
+    costs.add(
+        format!("push latency at {} req/s", options.latency_rate),
+        "request",
+        pushes.len() as u64,
+        before.until(&meters.read().await?),
+    );
     let samples = sampler.finish().await?;
     write_chart(&options.chart, &samples, &timeline, &pushes, report)?;
     let latency = Latencies::of(pushes.iter().map(|push| push.latency_ms));
@@ -291,6 +331,7 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
         Cell::text("0 / 0 / 0"),
     ]);
     report.table(table);
+    report.table(costs.table("costs per unit of work"));
 
     pool.close().await;
     daemon.stop().await?;
@@ -298,6 +339,90 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
     if invariants.over_issued + invariants.duplicates + invariants.undecided > 0 {
         bail!("invariants violated");
     }
+    Ok(())
+}
+
+/// Writes `count` earlier requests for one earlier coupon, as the daemon leaves them once
+/// settled: the request's row NOTIFIED with its result, the result's row COMPLETED, the claim
+/// and the coupon history. Their ids sort before every id the daemon makes (ids are
+/// time-ordered), and the reconciler's checkpoints are moved past them, as passes over them
+/// would have done.
+async fn earlier_requests(pool: &MySqlPool, count: u64) -> anyhow::Result<()> {
+    const FIRST_USER: u64 = 3_000_001;
+    let bar = progress::waiting("writing earlier requests", move || {
+        format!("{count} requests with their results")
+    });
+    let coupon: u64 = sqlx::query(
+        "INSERT INTO coupon (name, discount_amount, total_quantity, issued_quantity, valid_from, valid_until) \
+         VALUES ('earlier', 1000, ?, ?, NOW(6) - INTERVAL 2 DAY, NOW(6) - INTERVAL 1 DAY)",
+    )
+    .bind(count)
+    .bind(count)
+    .execute(pool)
+    .await?
+    .last_insert_id();
+    let last = FIRST_USER + count - 1;
+    // Request ids 00000000-…, result ids 00000001-…: before any id of today. The checkpoints
+    // first, so that no pass walks the rows while they are written.
+    let request_id = "CONCAT('00000000-0000-7000-8000-', LPAD(HEX(seq), 12, '0'))";
+    let result_id = "CONCAT('00000001-0000-7000-8000-', LPAD(HEX(seq), 12, '0'))";
+    let last_result_id = format!("00000001-0000-7000-8000-{last:012X}");
+    for statement in [
+        "INSERT IGNORE INTO reconcile_checkpoint (consumer, event_id) \
+         VALUES ('CouponIssuer', ''), ('ResultNotifier', '')"
+            .to_string(),
+        format!(
+            "UPDATE reconcile_checkpoint SET event_id = GREATEST(event_id, '{last_result_id}')"
+        ),
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+            .execute(pool)
+            .await?;
+    }
+    // In chunks: one statement for a million rows would exceed the lock table of a small
+    // buffer pool.
+    const CHUNK: u64 = 50_000;
+    let mut first = FIRST_USER;
+    while first <= last {
+        let until = (first + CHUNK - 1).min(last);
+        let seq = format!("seq_{first}_to_{until}");
+        for statement in [
+            format!(
+                "INSERT INTO event_log (event_id, event_type, topic, event_key, payload, status, \
+                   occurred_at, published_at) \
+                 SELECT {request_id}, 'CouponRequested', 'coupon-requests', CONCAT('user:', seq), \
+                   JSON_OBJECT('userId', seq, 'couponId', {coupon}), 'NOTIFIED', \
+                   NOW(6) - INTERVAL 1 DAY, NOW(6) - INTERVAL 1 DAY \
+                 FROM {seq}"
+            ),
+            format!(
+                "INSERT INTO event_log (event_id, event_type, topic, event_key, payload, status, \
+                   occurred_at, published_at) \
+                 SELECT {result_id}, 'CouponResult', 'coupon-results', CONCAT('user:', seq), \
+                   JSON_OBJECT('requestId', {request_id}, 'userId', seq, 'couponId', {coupon}, \
+                     'success', TRUE, 'couponHistoryId', NULL, 'reason', NULL), 'COMPLETED', \
+                   NOW(6) - INTERVAL 1 DAY, NOW(6) - INTERVAL 1 DAY \
+                 FROM {seq}"
+            ),
+            format!(
+                "INSERT INTO coupon_request (coupon_id, user_id, request_id) \
+                 SELECT {coupon}, seq, {request_id} FROM {seq}"
+            ),
+            format!(
+                "INSERT INTO coupon_history (coupon_id, user_id, request_id, status, issued_at) \
+                 SELECT {coupon}, seq, {request_id}, 'ISSUED', NOW(6) - INTERVAL 1 DAY FROM {seq}"
+            ),
+        ] {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+                .execute(pool)
+                .await?;
+        }
+        first = until + 1;
+    }
+    sqlx::raw_sql("ANALYZE TABLE event_log, coupon_request, coupon_history")
+        .execute(pool)
+        .await?;
+    bar.finish();
     Ok(())
 }
 
@@ -336,52 +461,97 @@ fn write_chart(
     Ok(())
 }
 
-/// The daemon on its own thread with its own actix system.
+/// The daemon binary (`commerce-events`, beside the bench's), run as its own process so the
+/// bench's clients neither flatter nor starve it by sharing its runtime, and so its CPU time
+/// is its own.
 struct Daemon {
     address: String,
-    shutdown: tokio::sync::oneshot::Sender<()>,
-    thread: std::thread::JoinHandle<anyhow::Result<()>>,
+    child: std::process::Child,
 }
 
 impl Daemon {
-    fn start(settings: Settings) -> anyhow::Result<Self> {
-        let (port_sender, port) = std::sync::mpsc::channel();
-        let (shutdown, shutdown_signal) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("daemon".into())
-            .spawn(move || {
-                actix_rt::System::new().block_on(async move {
-                    let application = Application::build(settings).await?;
-                    port_sender.send(application.port())?;
-                    application
-                        .run_until_stopped(async move {
-                            let _ = shutdown_signal.await;
-                        })
-                        .await
-                })
-            })?;
-        let port = port
-            .recv_timeout(Duration::from_secs(120))
-            .context("the daemon did not start")?;
-        Ok(Self {
-            address: format!("http://127.0.0.1:{port}"),
-            shutdown,
-            thread,
-        })
+    /// Starts the daemon with its own configuration (defaults, file, `APP_` variables) and
+    /// `overrides` (more `APP_` variables) on top.
+    fn start(overrides: &[(&str, String)]) -> anyhow::Result<Self> {
+        use std::io::BufRead;
+
+        let binary = std::env::current_exe()?.with_file_name("commerce-events");
+        if !binary.exists() {
+            bail!(
+                "{} is missing: build it first (cargo build --release --bins)",
+                binary.display()
+            );
+        }
+        let mut command = std::process::Command::new(&binary);
+        for (name, value) in overrides {
+            command.env(name, value);
+        }
+        let mut child = command
+            .env_remove("RUST_LOG")
+            .env("APP_HTTP__PORT", "0")
+            .env("APP_LOG__FORMAT", "json")
+            // Warnings, and the line that names the address.
+            .env("APP_LOG__FILTER", "warn,commerce_events::startup=info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let stdout = child.stdout.take().context("stdout is piped")?;
+        let (sender, receiver) = std::sync::mpsc::channel::<String>();
+        // Reads every line for as long as the daemon runs (a full pipe would stall it);
+        // warnings go on to stderr.
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(entry) if entry["message"] == "HTTP listening" => {
+                        if let Some(address) = entry["address"].as_str() {
+                            let _ = sender.send(address.to_string());
+                        }
+                    }
+                    Ok(entry) if entry["level"] == "INFO" => {}
+                    _ => eprintln!("{line}"),
+                }
+            }
+        });
+        let address = match receiver.recv_timeout(Duration::from_secs(120)) {
+            Ok(address) => address,
+            Err(_) => {
+                let _ = child.kill();
+                bail!("the daemon did not start (no \"HTTP listening\" line in 120 s)");
+            }
+        };
+        Ok(Self { address, child })
     }
 
-    async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.shutdown.send(());
-        let thread = self.thread;
-        tokio::task::spawn_blocking(move || thread.join())
-            .await?
-            .map_err(|_| anyhow::anyhow!("the daemon thread panicked"))?
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops the daemon with SIGTERM, as an operator would, and waits for it to exit.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        let signalled = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        if !signalled.success() {
+            bail!("could not signal the daemon");
+        }
+        let status = tokio::task::spawn_blocking(move || self.child.wait()).await??;
+        if !status.success() {
+            bail!("the daemon exited with {status}");
+        }
+        Ok(())
     }
 }
 
 /// The first user id of the backlog phase and of the push-latency phase (the intake's
 /// users count from 1).
 const BACKLOG_FIRST_USER: u64 = 2_000_000_000;
+
+/// The tokens' secret of the bench's daemon.
+const JWT_SECRET: &str = "bench-secret-of-the-coupon-scenario";
 const LATENCY_FIRST_USER: u64 = 1_000_000_000;
 
 /// The push-latency phase's users, each with an open WebSocket (the bench lifts the
@@ -501,7 +671,8 @@ impl Api {
 
     /// Sends an issue request; returns whether it was accepted (the load's lean path: no
     /// JSON is built or parsed on this side).
-    async fn issue_accepted(&self, user_id: u64, coupon_id: u64) -> bool {
+    /// Sends an issue request; `Ok` when it was accepted (202), else what went wrong.
+    async fn issue_accepted(&self, user_id: u64, coupon_id: u64) -> Result<(), String> {
         let sent = self
             .client
             .post(format!("{}/coupons/issue", self.address))
@@ -512,9 +683,19 @@ impl Api {
         match sent {
             Ok(mut response) if response.status().as_u16() == 202 => {
                 self.count_accepted();
-                response.body().await.is_ok()
+                // Accepted whatever becomes of reading the answer.
+                let _ = response.body().await;
+                Ok(())
             }
-            _ => false,
+            Ok(mut response) => {
+                let body = response.body().await.unwrap_or_default();
+                Err(format!(
+                    "{}: {}",
+                    response.status(),
+                    String::from_utf8_lossy(&body)
+                ))
+            }
+            Err(error) => Err(error.to_string()),
         }
     }
 
@@ -569,21 +750,27 @@ async fn measure_issuance(
     clients: usize,
     backlog: u64,
     timeline: &mut Timeline,
+    (meters, costs): (&Meters, &mut CostTable),
 ) -> anyhow::Result<Issuance> {
     let coupon_id = control.create_coupon(10_000_000).await?;
+    let before_writing = meters.read().await?;
     control
         .admin(&format!("/admin/consumer-groups/{issuer_group}/pause"))
         .await?;
     let next_user = Rc::new(AtomicU64::new(BACKLOG_FIRST_USER));
     let remaining = Rc::new(AtomicU64::new(backlog));
+    let failures = Rc::new(AtomicU64::new(0));
+    let abandoned = Rc::new(AtomicU64::new(0));
     let writing = Instant::now();
     let bar = progress::counting("backlog write", backlog);
     let workers: Vec<_> = (0..clients)
         .map(|_| {
-            let (load, next_user, remaining, bar) = (
+            let (load, next_user, remaining, failures, abandoned, bar) = (
                 load.clone(),
                 next_user.clone(),
                 remaining.clone(),
+                failures.clone(),
+                abandoned.clone(),
                 bar.clone(),
             );
             actix_rt::spawn(async move {
@@ -593,11 +780,24 @@ async fn measure_issuance(
                     })
                     .is_ok()
                 {
+                    // A request that failed is sent again for the same user: a repeat is
+                    // answered with the first request, so nothing is counted twice.
                     let user = next_user.fetch_add(1, Ordering::Relaxed);
-                    if load.issue_accepted(user, coupon_id).await {
+                    let mut attempts = 0;
+                    while let Err(error) = load.issue_accepted(user, coupon_id).await {
+                        attempts += 1;
+                        if attempts == 1 && failures.fetch_add(1, Ordering::Relaxed) < 3 {
+                            bar.suspend(|| eprintln!("backlog request of user {user}: {error}"));
+                        }
+                        if attempts >= 20 {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    if attempts < 20 {
                         bar.inc(1);
                     } else {
-                        remaining.fetch_add(1, Ordering::Relaxed);
+                        abandoned.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             })
@@ -606,9 +806,22 @@ async fn measure_issuance(
     futures::future::join_all(workers).await;
     bar.finish_and_clear();
     timeline.phase("backlog write", writing, Instant::now());
+    let abandoned = abandoned.load(Ordering::Relaxed);
+    if abandoned > backlog / 100 {
+        bail!("{abandoned} of {backlog} backlog requests were never accepted");
+    }
+    // The users whose requests were never accepted are not waited for.
+    let backlog = backlog - abandoned;
     if control.issued_quantity(coupon_id).await? != 0 {
         bail!("the issuer consumed while paused");
     }
+    let before_issuing = meters.read().await?;
+    costs.add(
+        "intake alone (issuer paused)",
+        "accepted request",
+        backlog,
+        before_writing.until(&before_issuing),
+    );
     control
         .admin(&format!("/admin/consumer-groups/{issuer_group}/resume"))
         .await?;
@@ -622,6 +835,13 @@ async fn measure_issuance(
             bar.finish_and_clear();
             let done = Instant::now();
             timeline.phase("backlog issuance", resumed, done);
+            meters.wait_settled().await?;
+            costs.add(
+                "issuance alone (from the backlog)",
+                "issued coupon",
+                issued,
+                before_issuing.until(&meters.read().await?),
+            );
             return Ok(Issuance {
                 issued,
                 per_second: issued as f64 / done.duration_since(resumed).as_secs_f64(),
@@ -731,11 +951,16 @@ async fn closed_loop_intake(
                 while Instant::now() < deadline {
                     let user = next_user.fetch_add(1, Ordering::Relaxed);
                     let sent = Instant::now();
-                    if api.issue_accepted(user, coupon_id).await {
-                        accepted.fetch_add(1, Ordering::Relaxed);
-                        latencies.borrow_mut().record(sent.elapsed());
-                    } else {
-                        errors.fetch_add(1, Ordering::Relaxed);
+                    match api.issue_accepted(user, coupon_id).await {
+                        Ok(()) => {
+                            accepted.fetch_add(1, Ordering::Relaxed);
+                            latencies.borrow_mut().record(sent.elapsed());
+                        }
+                        Err(error) => {
+                            if errors.fetch_add(1, Ordering::Relaxed) < 3 {
+                                eprintln!("intake request of user {user}: {error}");
+                            }
+                        }
                     }
                 }
             })

@@ -4,6 +4,7 @@
 //! bars on stderr (see [`progress`]).
 
 mod chart;
+mod costs;
 mod coupons;
 #[cfg(feature = "test-util")]
 mod faults;

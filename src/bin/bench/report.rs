@@ -230,10 +230,6 @@ impl Cell {
     }
 
     /// A count.
-    #[cfg_attr(
-        not(feature = "test-util"),
-        allow(dead_code, reason = "the faults scenario's")
-    )]
     pub fn count(value: impl Into<Value> + std::fmt::Display) -> Self {
         Self::new(value.to_string(), value)
     }
