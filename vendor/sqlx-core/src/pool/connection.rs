@@ -198,6 +198,14 @@ impl<'c, DB: Database> crate::acquire::Acquire<'c> for &'c mut PoolConnection<DB
 /// Returns the connection to the [`Pool`][crate::pool::Pool] it was checked-out from.
 impl<DB: Database> Drop for PoolConnection<DB> {
     fn drop(&mut self) {
+        // Dropped while a runtime shuts down (a task holding the connection is dropped with
+        // its runtime): nothing can be spawned any more, and spawning would panic inside a
+        // destructor, which aborts the process. The connection closes with its socket.
+        #[cfg(feature = "_rt-tokio")]
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+
         if self.close_on_drop {
             crate::rt::spawn(self.take_and_close());
             return;
