@@ -44,9 +44,12 @@ const OWN_STATEMENTS_PER_READING: u64 = 1;
 
 /// Where the readings come from.
 pub struct Meters {
-    mysql: MySqlPool,
+    /// `None` when the scenario does not use MySQL (its columns stay empty).
+    mysql: Option<MySqlPool>,
     redis: redis::aio::MultiplexedConnection,
-    metrics_url: String,
+    /// The daemon's `/metrics`; `None` when the consumers run in the bench's process (the
+    /// Kafka records column stays empty: the scenario knows what it produced).
+    metrics_url: Option<String>,
     http: awc::Client,
     /// The processes whose CPU time is read: (name, pid).
     processes: Vec<(&'static str, u32)>,
@@ -55,18 +58,20 @@ pub struct Meters {
 /// One reading of every counter.
 #[derive(Clone, Debug)]
 pub struct Reading {
+    /// Empty when MySQL is not read.
     mysql: BTreeMap<&'static str, u64>,
     redis_commands: u64,
-    records_produced: f64,
+    records_produced: Option<f64>,
     cpu_us: BTreeMap<&'static str, u64>,
 }
 
 /// What happened between two readings.
 #[derive(Clone, Debug)]
 pub struct Costs {
+    /// Empty when MySQL is not read.
     mysql: Vec<(&'static str, u64)>,
     redis_commands: u64,
-    records_produced: u64,
+    records_produced: Option<u64>,
     cpu_us: Vec<(&'static str, u64)>,
 }
 
@@ -76,6 +81,27 @@ impl Meters {
         mysql: MySqlPool,
         redis_url: &str,
         daemon_address: &str,
+        daemon_pid: u32,
+    ) -> anyhow::Result<Self> {
+        Self::with(
+            Some(mysql),
+            redis_url,
+            Some(format!("{daemon_address}/metrics")),
+            daemon_pid,
+        )
+        .await
+    }
+
+    /// For a scenario whose consumers run in the bench's process: its CPU time is the
+    /// "daemon" column.
+    pub async fn in_process(redis_url: &str) -> anyhow::Result<Self> {
+        Self::with(None, redis_url, None, std::process::id()).await
+    }
+
+    async fn with(
+        mysql: Option<MySqlPool>,
+        redis_url: &str,
+        metrics_url: Option<String>,
         daemon_pid: u32,
     ) -> anyhow::Result<Self> {
         let redis = redis::Client::open(redis_url)?
@@ -91,19 +117,22 @@ impl Meters {
         Ok(Self {
             mysql,
             redis,
-            metrics_url: format!("{daemon_address}/metrics"),
+            metrics_url,
             http: awc::Client::default(),
             processes,
         })
     }
 
     async fn scrape(&self) -> anyhow::Result<String> {
+        let Some(url) = &self.metrics_url else {
+            anyhow::bail!("no daemon to scrape: its consumers run in this process");
+        };
         let body = self
             .http
-            .get(&self.metrics_url)
+            .get(url)
             .send()
             .await
-            .map_err(|error| anyhow::anyhow!("scraping {}: {error}", self.metrics_url))?
+            .map_err(|error| anyhow::anyhow!("scraping {url}: {error}"))?
             .body()
             .limit(16 * 1024 * 1024)
             .await?;
@@ -131,13 +160,17 @@ impl Meters {
 
     pub async fn read(&self) -> anyhow::Result<Reading> {
         let names: Vec<&str> = MYSQL_COUNTERS.iter().map(|(name, ..)| *name).collect();
-        let rows: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT VARIABLE_NAME, VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS \
-             WHERE VARIABLE_NAME IN ('{}')",
-            names.join("', '")
-        )))
-        .fetch_all(&self.mysql)
-        .await?;
+        let rows: Vec<(String, String)> =
+            match &self.mysql {
+                Some(mysql) => sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT VARIABLE_NAME, VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS \
+                     WHERE VARIABLE_NAME IN ('{}')",
+                    names.join("', '")
+                )))
+                .fetch_all(mysql)
+                .await?,
+                None => Vec::new(),
+            };
         let mut mysql = BTreeMap::new();
         for (name, value) in rows {
             if let Some((known, ..)) = MYSQL_COUNTERS.iter().find(|(known, ..)| *known == name) {
@@ -149,7 +182,13 @@ impl Meters {
             .query_async(&mut self.redis.clone())
             .await?;
         let redis_commands = info_field(&info, "total_commands_processed").unwrap_or(0);
-        let records_produced = metric_sum(&self.scrape().await?, "kafka_records_produced_total");
+        let records_produced = match self.metrics_url {
+            Some(_) => Some(metric_sum(
+                &self.scrape().await?,
+                "kafka_records_produced_total",
+            )),
+            None => None,
+        };
         let cpu_us = self
             .processes
             .iter()
@@ -168,19 +207,23 @@ impl Reading {
     /// What happened from `self` to `later`, the readings' own statements and commands
     /// left out.
     pub fn until(&self, later: &Reading) -> Costs {
-        let mysql = MYSQL_COUNTERS
-            .iter()
-            .map(|(name, ..)| {
-                let count = |reading: &Reading| reading.mysql.get(name).copied().unwrap_or(0);
-                let moved = count(later).saturating_sub(count(self));
-                let own = if *name == "QUESTIONS" {
-                    OWN_STATEMENTS_PER_READING
-                } else {
-                    0
-                };
-                (*name, moved.saturating_sub(own))
-            })
-            .collect();
+        let mysql = if later.mysql.is_empty() {
+            Vec::new()
+        } else {
+            MYSQL_COUNTERS
+                .iter()
+                .map(|(name, ..)| {
+                    let count = |reading: &Reading| reading.mysql.get(name).copied().unwrap_or(0);
+                    let moved = count(later).saturating_sub(count(self));
+                    let own = if *name == "QUESTIONS" {
+                        OWN_STATEMENTS_PER_READING
+                    } else {
+                        0
+                    };
+                    (*name, moved.saturating_sub(own))
+                })
+                .collect()
+        };
         let cpu_us = later
             .cpu_us
             .iter()
@@ -198,7 +241,10 @@ impl Reading {
                 .redis_commands
                 .saturating_sub(self.redis_commands)
                 .saturating_sub(1),
-            records_produced: (later.records_produced - self.records_produced).max(0.0) as u64,
+            records_produced: later
+                .records_produced
+                .zip(self.records_produced)
+                .map(|(later, earlier)| (later - earlier).max(0.0) as u64),
             cpu_us,
         }
     }
@@ -250,11 +296,14 @@ impl CostTable {
                 Cell::text(unit.clone()),
                 Cell::count(*units),
             ];
+            if costs.mysql.is_empty() {
+                cells.extend(MYSQL_COUNTERS.iter().map(|_| Cell::empty()));
+            }
             for (_, count) in &costs.mysql {
                 cells.push(per(*count));
             }
             cells.push(per(costs.redis_commands));
-            cells.push(per(costs.records_produced));
+            cells.push(costs.records_produced.map_or_else(Cell::empty, per));
             for (process, ..) in PROCESSES {
                 match costs.cpu_us.iter().find(|(name, _)| *name == process) {
                     Some((_, us)) => cells.push(per(*us)),
@@ -368,14 +417,14 @@ mod tests {
         let reading = |questions: u64, writes: u64, redis: u64| Reading {
             mysql: BTreeMap::from([("QUESTIONS", questions), ("HANDLER_WRITE", writes)]),
             redis_commands: redis,
-            records_produced: 10.0,
+            records_produced: Some(10.0),
             cpu_us: BTreeMap::from([("daemon", 1_000)]),
         };
         let costs = reading(100, 50, 7).until(&reading(131, 90, 28));
         assert!(costs.mysql.contains(&("QUESTIONS", 30)));
         assert!(costs.mysql.contains(&("HANDLER_WRITE", 40)));
         assert_eq!(costs.redis_commands, 20);
-        assert_eq!(costs.records_produced, 0);
+        assert_eq!(costs.records_produced, Some(0));
         assert_eq!(costs.cpu_us, vec![("daemon", 0)]);
     }
 }

@@ -27,6 +27,7 @@ use commerce_events::stores::RedisStore;
 use secrecy::ExposeSecret;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 
+use crate::costs::{CostTable, Meters};
 use crate::progress;
 use crate::report::{Cell, Column, Report, Table};
 
@@ -89,11 +90,21 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
         event_log,
         Default::default(),
     );
+    let meters = Meters::in_process(settings.redis.url.expose_secret()).await?;
+    let mut costs = CostTable::new();
+    let before = meters.read().await?;
     let group = ConsumerGroup::start(spec, arbiters.clone())?;
     let actors = wait_until(&updater, "counting orders", orders, |state| {
         state.processed as usize
     })
     .await?;
+    let counted = meters.read().await?;
+    costs.add(
+        "partition actors → RankingUpdater",
+        "order",
+        orders as u64,
+        before.until(&counted),
+    );
 
     // Every event again, with the same ids: all duplicates, nothing counted twice. Timed
     // from the first record produced, since they are consumed while being produced.
@@ -104,6 +115,12 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
     })
     .await?;
     let replay = replay_started.elapsed();
+    costs.add(
+        "replay (every event a duplicate), producing included",
+        "order",
+        orders as u64,
+        counted.until(&meters.read().await?),
+    );
     let state = updater.send(ObserveDomain).await?;
     let counted = totals(&redis, &ranking).await?;
     group.shutdown().await;
@@ -154,6 +171,11 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
         ]);
     }
     report.table(table);
+    report.table(costs.table("costs per order"));
+    report.note(
+        "costs: the consumers run in the bench process, so its CPU time (producing included) \
+         is the daemon column; the RankingUpdater uses no MySQL",
+    );
     report.note(format!(
         "ratio actors / raw ZINCRBY: {:.2}; after the replay the totals equal the true sums \
          ({} products)",
