@@ -53,6 +53,8 @@ pub struct Meters {
     http: awc::Client,
     /// The processes whose CPU time is read: (name, pid).
     processes: Vec<(&'static str, u32)>,
+    /// The kernel's clock ticks per second (`/proc/{pid}/stat` counts CPU time in them).
+    ticks_per_second: u64,
 }
 
 /// One reading of every counter.
@@ -120,6 +122,7 @@ impl Meters {
             metrics_url,
             http: awc::Client::default(),
             processes,
+            ticks_per_second: clock_ticks_per_second(),
         })
     }
 
@@ -192,7 +195,7 @@ impl Meters {
         let cpu_us = self
             .processes
             .iter()
-            .filter_map(|(name, pid)| Some((*name, cpu_us_of(*pid)?)))
+            .filter_map(|(name, pid)| Some((*name, cpu_us_of(*pid, self.ticks_per_second)?)))
             .collect();
         Ok(Reading {
             mysql,
@@ -352,9 +355,9 @@ fn metric_sum(exposition: &str, name: &str) -> f64 {
 }
 
 /// User + system CPU time of a process, in microseconds.
-fn cpu_us_of(pid: u32) -> Option<u64> {
+fn cpu_us_of(pid: u32, ticks_per_second: u64) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    cpu_us_from_stat(&stat, clock_ticks_per_second())
+    cpu_us_from_stat(&stat, ticks_per_second)
 }
 
 fn cpu_us_from_stat(stat: &str, ticks_per_second: u64) -> Option<u64> {

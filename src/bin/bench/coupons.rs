@@ -1,6 +1,6 @@
-//! Scenario `coupons`: the coupon flow end to end through a daemon started in this process
-//! (its own thread and actix system, its own database, the embedded Kafka cluster), driven
-//! over HTTP and WebSocket like a client would.
+//! Scenario `coupons`: the coupon flow end to end through the daemon binary, started as its
+//! own process (its own database, the embedded Kafka cluster), driven over HTTP and
+//! WebSocket from this process like a client would.
 //!
 //! 1. The hot-row limit: one connection updating one row with a conditional decrement in
 //!    autocommit, as fast as it can.
@@ -15,6 +15,8 @@
 //!    coupon of its own); the time from sending a request to receiving its result.
 //! 5. Invariants: no coupon over-issued, no user holding one coupon twice, every request
 //!    decided.
+//!
+//! Phases 2–4 also report their costs per unit of work as counts (see [`crate::costs`]).
 //!
 //! From the intake on, a sampler records the requests accepted and the coupons issued every
 //! 500 ms; with the push latencies they make the chart written to `--chart` (see
@@ -549,10 +551,13 @@ impl Daemon {
 /// The first user id of the backlog phase and of the push-latency phase (the intake's
 /// users count from 1).
 const BACKLOG_FIRST_USER: u64 = 2_000_000_000;
+const LATENCY_FIRST_USER: u64 = 1_000_000_000;
+
+/// How often a backlog request is sent before its user is given up.
+const BACKLOG_ATTEMPTS: u32 = 20;
 
 /// The tokens' secret of the bench's daemon.
 const JWT_SECRET: &str = "bench-secret-of-the-coupon-scenario";
-const LATENCY_FIRST_USER: u64 = 1_000_000_000;
 
 /// The push-latency phase's users, each with an open WebSocket (the bench lifts the
 /// per-user issue limit, so each may send `rate` ÷ 200 requests/s).
@@ -669,9 +674,8 @@ impl Api {
         Ok(())
     }
 
-    /// Sends an issue request; returns whether it was accepted (the load's lean path: no
-    /// JSON is built or parsed on this side).
-    /// Sends an issue request; `Ok` when it was accepted (202), else what went wrong.
+    /// Sends an issue request; `Ok` when it was accepted (202), else what went wrong (the
+    /// load's lean path: no JSON is built or parsed on this side).
     async fn issue_accepted(&self, user_id: u64, coupon_id: u64) -> Result<(), String> {
         let sent = self
             .client
@@ -784,17 +788,20 @@ async fn measure_issuance(
                     // answered with the first request, so nothing is counted twice.
                     let user = next_user.fetch_add(1, Ordering::Relaxed);
                     let mut attempts = 0;
-                    while let Err(error) = load.issue_accepted(user, coupon_id).await {
+                    let accepted = loop {
+                        let Err(error) = load.issue_accepted(user, coupon_id).await else {
+                            break true;
+                        };
                         attempts += 1;
                         if attempts == 1 && failures.fetch_add(1, Ordering::Relaxed) < 3 {
                             bar.suspend(|| eprintln!("backlog request of user {user}: {error}"));
                         }
-                        if attempts >= 20 {
-                            break;
+                        if attempts == BACKLOG_ATTEMPTS {
+                            break false;
                         }
                         tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    if attempts < 20 {
+                    };
+                    if accepted {
                         bar.inc(1);
                     } else {
                         abandoned.fetch_add(1, Ordering::Relaxed);
