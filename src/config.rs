@@ -327,6 +327,12 @@ pub struct ConsumerSettings {
     pub commit_interval_ms: u64,
     /// Arbiter threads the partition actors are spread over.
     pub partition_threads: usize,
+    /// Static group membership (KIP-345): each group member is known by `instance.id`
+    /// (`group.instance.id`), so a daemon restarted within the session timeout takes its
+    /// partitions back without a rebalance of anyone else's, and a broker that does not
+    /// expire a killed member's session still hands them to its successor. The price: a
+    /// member that stops for good keeps its partitions until the session timeout ends.
+    pub static_membership: bool,
     /// Any further librdkafka consumer property, passed through unchanged.
     pub extra: BTreeMap<String, String>,
 }
@@ -344,6 +350,7 @@ impl Default for ConsumerSettings {
             drain_timeout_ms: 5_000,
             commit_interval_ms: 100,
             partition_threads: 2,
+            static_membership: true,
             extra: BTreeMap::new(),
         }
     }

@@ -3,8 +3,10 @@
 //! unknown ([`Clients`], [`Ledger`]); one [`Checker`] over MySQL that holds what the daemon
 //! did against what the clients were told (nothing accepted lost or left undecided, nothing
 //! over-issued, held twice or applied twice, nobody told of a coupon not issued, every result
-//! pushed, no dead letter); a [`TcpProxy`] that cuts a server off while it keeps running; and
-//! the built binary run as an operator runs it ([`Daemon`]), to be killed.
+//! pushed, no dead letter, each user's coupons issued in the order the user asked for them);
+//! a [`TcpProxy`] that cuts a server off while it keeps running; a separate broker process
+//! ([`TansuBroker`]); and the built binary run as an operator runs it ([`Daemon`]), to be
+//! killed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -62,10 +64,13 @@ pub struct Ledger {
     pub by_status: BTreeMap<u16, u64>,
     /// The slowest refusal, in milliseconds.
     pub slowest_refusal_ms: u128,
-    /// Accepted request ids, by user.
-    pub accepted: BTreeMap<u64, String>,
-    /// Users whose request got no answer.
-    pub unknown_users: BTreeSet<u64>,
+    /// Accepted request ids, by user and coupon.
+    pub accepted: BTreeMap<(u64, u64), String>,
+    /// Each user's accepted requests in the order they were accepted (a user's clients send
+    /// the next request once the previous one is answered).
+    pub in_order: BTreeMap<u64, Vec<String>>,
+    /// The (user, coupon) requests that got no answer.
+    pub unanswered: BTreeSet<(u64, u64)>,
     /// Refusals whose body was not `{"error": {"code", "message"}}`.
     pub refusals_without_error_body: u64,
 }
@@ -169,7 +174,7 @@ impl Clients {
         let Ok(mut response) = answer else {
             let mut ledger = self.ledger.lock().unwrap();
             ledger.unknown += 1;
-            ledger.unknown_users.insert(user);
+            ledger.unanswered.insert((user, coupon));
             return;
         };
         let status = response.status();
@@ -184,12 +189,16 @@ impl Clients {
         let mut ledger = self.ledger.lock().unwrap();
         if status == StatusCode::ACCEPTED || status == StatusCode::OK {
             ledger.ok += 1;
-            ledger.unknown_users.remove(&user);
+            ledger.unanswered.remove(&(user, coupon));
             let request_id = body["requestId"]
                 .as_str()
                 .expect("a request id")
                 .to_string();
-            ledger.accepted.insert(user, request_id);
+            let in_order = ledger.in_order.entry(user).or_default();
+            if !in_order.contains(&request_id) {
+                in_order.push(request_id.clone());
+            }
+            ledger.accepted.insert((user, coupon), request_id);
         } else {
             ledger.failed += 1;
             ledger.slowest_refusal_ms =
@@ -237,18 +246,46 @@ impl Clients {
         })
     }
 
+    /// Each of `users` asks for every one of `coupons` in turn (the next once the previous
+    /// is answered), in the background; a user starts about every `1 / per_second` s.
+    pub fn load_in_order_in_background(
+        &self,
+        users: std::ops::RangeInclusive<u64>,
+        coupons: Vec<u64>,
+        per_second: u64,
+    ) -> actix_rt::task::JoinHandle<()> {
+        let clients = self.clone();
+        let coupons = Arc::new(coupons);
+        actix_rt::spawn(async move {
+            let pause = Duration::from_micros(1_000_000 / per_second.max(1));
+            let mut in_flight = Vec::new();
+            for user in users {
+                let (clients, coupons) = (clients.clone(), coupons.clone());
+                in_flight.push(actix_rt::spawn(async move {
+                    for coupon in coupons.iter() {
+                        clients.issue(user, *coupon).await;
+                    }
+                }));
+                actix_rt::time::sleep(pause).await;
+            }
+            for request in in_flight {
+                let _ = request.await;
+            }
+        })
+    }
+
     /// Asks again for every request that got no answer: the earlier request if it was
     /// recorded (200), or a new one.
-    pub async fn ask_again_unknown(&self, coupon: u64) {
-        let users: Vec<u64> = self
+    pub async fn ask_again_unknown(&self) {
+        let unanswered: Vec<(u64, u64)> = self
             .ledger
             .lock()
             .unwrap()
-            .unknown_users
+            .unanswered
             .iter()
             .copied()
             .collect();
-        for user in users {
+        for (user, coupon) in unanswered {
             self.issue(user, coupon).await;
         }
     }
@@ -277,6 +314,9 @@ pub struct Report {
     pub dead_lettered: u64,
     /// Decided, but the result was never pushed (the notifier did not settle it).
     pub pushes_lost: u64,
+    /// Users whose coupons were issued in another order than their requests were accepted
+    /// (coupon histories are numbered in the order they are inserted).
+    pub out_of_order: u64,
 }
 
 impl Report {
@@ -306,11 +346,13 @@ impl Checker {
         .fetch_all(&self.pool)
         .await
         .unwrap();
-        let histories: Vec<(u64, u64, String)> =
-            sqlx::query_as("SELECT coupon_id, user_id, request_id FROM coupon_history")
-                .fetch_all(&self.pool)
-                .await
-                .unwrap();
+        let histories: Vec<(u64, u64, String)> = sqlx::query_as(
+            "SELECT coupon_id, user_id, request_id FROM coupon_history \
+             ORDER BY coupon_history_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
         let mut report = Report {
             recorded: rows.len() as u64,
             accepted: ledger.accepted.len() as u64,
@@ -350,6 +392,7 @@ impl Checker {
             *holders.entry((*coupon, *user)).or_default() += 1;
         }
         report.held_twice = holders.values().filter(|count| **count > 1).count() as u64;
+        report.out_of_order = Self::users_out_of_order(ledger, &histories);
         for coupon in coupons {
             let (total, issued): (u32, u32) = sqlx::query_as(
                 "SELECT total_quantity, issued_quantity FROM coupon WHERE coupon_id = ?",
@@ -368,6 +411,27 @@ impl Checker {
             .unwrap();
         report.dead_lettered = dead as u64;
         report
+    }
+
+    /// The users whose issued requests, in the order of their coupon histories, are not in
+    /// the order the user's requests were accepted.
+    fn users_out_of_order(ledger: &Ledger, histories: &[(u64, u64, String)]) -> u64 {
+        let issued_at: BTreeMap<&str, usize> = histories
+            .iter()
+            .enumerate()
+            .map(|(position, (_, _, request))| (request.as_str(), position))
+            .collect();
+        ledger
+            .in_order
+            .values()
+            .filter(|requests| {
+                let positions: Vec<usize> = requests
+                    .iter()
+                    .filter_map(|request| issued_at.get(request.as_str()).copied())
+                    .collect();
+                positions.windows(2).any(|pair| pair[0] > pair[1])
+            })
+            .count() as u64
     }
 
     /// How long after now the requests recorded until now take to be decided and pushed
@@ -408,6 +472,7 @@ impl Checker {
                 // Reports are computed from a snapshot of what the clients know.
                 Ledger {
                     accepted: ledger.accepted.clone(),
+                    in_order: ledger.in_order.clone(),
                     ..Ledger::default()
                 }
             };
@@ -516,6 +581,44 @@ impl TcpProxy {
 
     pub fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A separate Kafka-protocol broker process (tansu, in memory) on a free loopback port,
+/// killed when dropped.
+pub struct TansuBroker {
+    process: Child,
+    pub address: String,
+}
+
+impl TansuBroker {
+    pub async fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let address = format!("127.0.0.1:{port}");
+        let url = format!("tcp://{address}");
+        let process = Command::new("tansu")
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu is installed (scripts/test installs it: cargo install tansu --version 0.6.0 --locked --features dynostore)");
+        eventually("the broker listens", Duration::from_secs(20), || async {
+            TcpStream::connect(&address).is_ok()
+        })
+        .await;
+        Self { process, address }
+    }
+}
+
+impl Drop for TansuBroker {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
     }
 }
 

@@ -226,8 +226,12 @@ impl ConsumerGroupSpec {
     ) -> Self {
         let group_id = settings.kafka.group_id(group);
         let consumer = &settings.kafka.consumer;
+        let mut client_config = consumer_config(bootstrap_servers, &settings.kafka, &group_id);
+        if consumer.static_membership && !consumer.extra.contains_key("group.instance.id") {
+            client_config.set("group.instance.id", &settings.instance.id);
+        }
         Self {
-            client_config: consumer_config(bootstrap_servers, &settings.kafka, &group_id),
+            client_config,
             partitions: PartitionPolicy {
                 dead_letters: DeadLetters::new(publisher, event_log, group_id.clone()),
                 retry: RetryPolicy::from_settings(&settings.retry),

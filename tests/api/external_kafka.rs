@@ -5,16 +5,17 @@ use std::time::Duration;
 
 use commerce_events::events::EventId;
 use commerce_events::events::topics;
+use commerce_events::faults::TansuBroker;
 use commerce_events::startup::PRODUCT_EVENT_GROUP;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::helpers::spawn_app_with;
-use crate::support::{Broker, committed_offsets, eventually};
+use crate::support::{committed_offsets, eventually};
 
 #[actix_web::test]
 async fn against_an_external_broker_the_daemon_creates_its_topics_and_runs_the_pipeline() {
-    let broker = Broker::start().await;
+    let broker = TansuBroker::start().await;
     let brokers = broker.address.clone();
     let mut app = spawn_app_with(|settings| settings.kafka.brokers = brokers).await;
     assert_eq!(app.bootstrap_servers(), broker.address);
