@@ -5,7 +5,8 @@
 //!
 //! - `SIGKILL` / `SIGTERM`: the built binary (`commerce-events` beside this one) under load
 //!   with a backlog (the issuer's group paused), killed, restarted on the same database with
-//!   a fresh embedded cluster; recovery is from the restart to every request settled.
+//!   a fresh embedded cluster, or (SIGKILL) with a separate broker process (tansu) that
+//!   outlives it; recovery is from the restart to every request settled.
 //! - broker down, MySQL cut, Redis cut (through a TCP proxy): a daemon in this process;
 //!   recovery is from the end of the outage until every request recorded before it settled.
 
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use commerce_events::config::{RateLimit, Settings};
 use commerce_events::faults::{
-    Checker, Clients, Daemon, Report, TcpProxy, coupon_body, eventually, user_rows,
+    Checker, Clients, Daemon, Report, TansuBroker, TcpProxy, coupon_body, eventually, user_rows,
 };
 use commerce_events::kafka::cluster::KafkaCluster;
 use commerce_events::startup::{Application, COUPON_REQUEST_GROUP};
@@ -40,6 +41,10 @@ pub struct Options {
     /// How long each outage lasts.
     #[arg(long, default_value_t = 30)]
     pub outage_seconds: u64,
+    /// Runs of every scenario (the table gives the median recovery and its range; the
+    /// counts are summed over the runs).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
 }
 
 struct Row {
@@ -60,20 +65,27 @@ pub async fn run(options: Options, report: &mut crate::report::Report) -> anyhow
         );
     }
     report.note(format!(
-        "scenario faults: {} users per scenario, background load {} req/s, outages of {} s",
-        options.users, options.rate, options.outage_seconds
+        "scenario faults: {} users per scenario, background load {} req/s, outages of {} s, \
+         {} runs of each",
+        options.users, options.rate, options.outage_seconds, options.runs
     ));
-    let mut rows = Vec::new();
-    for signal in ["-KILL", "-TERM"] {
-        rows.push(crash(&binary, signal, &options).await?);
-    }
-    for outage in [Outage::Broker, Outage::Mysql, Outage::Redis] {
-        rows.push(outage_under_load(outage, &options).await?);
+    let mut runs: Vec<Vec<Row>> = Vec::new();
+    for run in 0..options.runs.max(1) {
+        let mut rows = Vec::new();
+        for (signal, separate_broker) in [("-KILL", false), ("-KILL", true), ("-TERM", false)] {
+            rows.push(crash(&binary, signal, separate_broker, run, &options).await?);
+        }
+        for outage in [Outage::Broker, Outage::Mysql, Outage::Redis] {
+            rows.push(outage_under_load(outage, run, &options).await?);
+        }
+        rows.push(member_joins_and_leaves(run, &options).await?);
+        runs.push(rows);
     }
     let mut table = Table::new(
         "fault scenarios",
         vec![
             Column::left("scenario", "scenario"),
+            Column::right("runs", "runs"),
             Column::right("accepted", "accepted"),
             Column::left("ok / failed / unknown answers", "answers"),
             Column::right("lost", "lost"),
@@ -81,37 +93,54 @@ pub async fn run(options: Options, report: &mut crate::report::Report) -> anyhow
             Column::right("applied twice", "applied_twice"),
             Column::right("dead-lettered", "dead_lettered"),
             Column::right("pushes lost", "pushes_lost"),
-            Column::right("recovery s", "recovery_seconds"),
+            Column::right("users out of order", "out_of_order"),
+            Column::right("recovery s, median (range)", "recovery_seconds"),
         ],
     );
-    for row in &rows {
-        let checked = &row.report;
+    for scenario in 0..runs[0].len() {
+        let rows: Vec<&Row> = runs.iter().map(|rows| &rows[scenario]).collect();
+        let sum = |count: fn(&Row) -> u64| rows.iter().map(|row| count(row)).sum::<u64>();
+        let (ok, failed, unknown) = (
+            sum(|row| row.ok),
+            sum(|row| row.failed),
+            sum(|row| row.unknown),
+        );
+        let mut recoveries: Vec<f64> = rows.iter().map(|row| row.recovery.as_secs_f64()).collect();
+        recoveries.sort_by(f64::total_cmp);
+        let median = recoveries[recoveries.len() / 2];
+        let (low, high) = (recoveries[0], recoveries[recoveries.len() - 1]);
         table.row(vec![
-            Cell::text(row.scenario.clone()),
-            Cell::count(checked.accepted),
+            Cell::text(rows[0].scenario.clone()),
+            Cell::count(rows.len() as u64),
+            Cell::count(sum(|row| row.report.accepted)),
             Cell::new(
-                format!("{} / {} / {}", row.ok, row.failed, row.unknown),
-                json!({"ok": row.ok, "failed": row.failed, "unknown": row.unknown}),
+                format!("{ok} / {failed} / {unknown}"),
+                json!({"ok": ok, "failed": failed, "unknown": unknown}),
             ),
-            Cell::count(checked.lost),
-            Cell::count(checked.stranded),
-            Cell::count(
+            Cell::count(sum(|row| row.report.lost)),
+            Cell::count(sum(|row| row.report.stranded)),
+            Cell::count(sum(|row| {
+                let checked = &row.report;
                 checked.applied_twice
                     + checked.held_twice
                     + checked.over_issued
-                    + checked.told_success_not_issued,
+                    + checked.told_success_not_issued
+            })),
+            Cell::count(sum(|row| row.report.dead_lettered)),
+            Cell::count(sum(|row| row.report.pushes_lost)),
+            Cell::count(sum(|row| row.report.out_of_order)),
+            Cell::new(
+                format!("{median:.1} ({low:.1}–{high:.1})"),
+                json!({"median": median, "min": low, "max": high, "runs": recoveries}),
             ),
-            Cell::count(checked.dead_lettered),
-            Cell::count(checked.pushes_lost),
-            Cell::number(row.recovery.as_secs_f64(), 1),
         ]);
     }
     report.table(table);
     Ok(())
 }
 
-fn database(tag: &str) -> (String, String) {
-    let name = format!("bench_faults_{tag}_{}", std::process::id());
+fn database(tag: &str, run: usize) -> (String, String) {
+    let name = format!("bench_faults_{tag}_{run}_{}", std::process::id());
     let url = format!("mysql://root@127.0.0.1:3306/{name}");
     (name, url)
 }
@@ -134,11 +163,37 @@ fn settings_for(name: &str, url: &str) -> Settings {
     settings
 }
 
-async fn crash(binary: &Path, signal: &str, options: &Options) -> anyhow::Result<Row> {
-    let scenario = format!("{} under load with a backlog", &signal[1..]);
-    let (name, url) = database(&signal[1..].to_lowercase());
+async fn crash(
+    binary: &Path,
+    signal: &str,
+    separate_broker: bool,
+    run: usize,
+    options: &Options,
+) -> anyhow::Result<Row> {
+    let (scenario, tag) = if separate_broker {
+        (
+            format!(
+                "{} under load with a backlog, separate broker (tansu)",
+                &signal[1..]
+            ),
+            format!("{}_tansu", signal[1..].to_lowercase()),
+        )
+    } else {
+        (
+            format!("{} under load with a backlog", &signal[1..]),
+            signal[1..].to_lowercase(),
+        )
+    };
+    let (name, url) = database(&tag, run);
     let settings = settings_for(&name, &url);
-    let start = || Daemon::start(binary, &url, &format!("{name}:"), JWT_SECRET, None);
+    // The separate broker outlives the daemon; the embedded cluster dies with it.
+    let broker = if separate_broker {
+        Some(TansuBroker::start().await)
+    } else {
+        None
+    };
+    let brokers = broker.as_ref().map(|broker| broker.address.as_str());
+    let start = || Daemon::start(binary, &url, &format!("{name}:"), JWT_SECRET, brokers);
     let first = start();
     let clients = Clients::new(&first.address, &settings);
     clients.wait_ready().await;
@@ -148,7 +203,6 @@ async fn crash(binary: &Path, signal: &str, options: &Options) -> anyhow::Result
         .admin("/coupons", coupon_body((users / 4) as u32))
         .await;
     let coupon = coupon["couponId"].as_u64().context("a coupon")?;
-    let tag = &signal[1..];
     let bar = answers(&clients, &format!("{tag}: first load"), users / 6);
     clients.load(1..=users / 6, coupon, 16).await;
     bar.finish();
@@ -179,7 +233,7 @@ async fn crash(binary: &Path, signal: &str, options: &Options) -> anyhow::Result
     bar.set_message("restarted");
     load.await?;
     bar.finish();
-    clients.ask_again_unknown(coupon).await;
+    clients.ask_again_unknown().await;
     let checker = Checker::connect(&url).await;
     let bar = settling(&format!("{tag}: settling"));
     let (report, _) = checker.settle(&clients, &[coupon]).await;
@@ -233,14 +287,14 @@ enum Outage {
     Redis,
 }
 
-async fn outage_under_load(outage: Outage, options: &Options) -> anyhow::Result<Row> {
+async fn outage_under_load(outage: Outage, run: usize, options: &Options) -> anyhow::Result<Row> {
     let (tag, scenario) = match outage {
         Outage::Broker => ("broker", "broker down"),
         Outage::Mysql => ("mysql", "MySQL cut (TCP proxy)"),
         Outage::Redis => ("redis", "Redis cut (TCP proxy)"),
     };
     let scenario = format!("{scenario} {} s under load", options.outage_seconds);
-    let (name, url) = database(tag);
+    let (name, url) = database(tag, run);
     let mut settings = settings_for(&name, &url);
     let proxy = match outage {
         Outage::Broker => None,
@@ -297,12 +351,64 @@ async fn outage_under_load(outage: Outage, options: &Options) -> anyhow::Result<
     bar.set_message("recovered");
     load.await?;
     bar.finish();
-    clients.ask_again_unknown(coupon).await;
+    clients.ask_again_unknown().await;
     let settle = settling(&format!("{tag}: settling"));
     let (report, _) = checker.settle(&clients, &[coupon]).await;
     settle.finish();
     let row = row(scenario, report, &clients, recovery);
     daemon.stop().await?;
+    drop_database(&name).await?;
+    Ok(row)
+}
+
+/// Coupon load (every user asking for three coupons, one after the other) while a second
+/// member joins the group and, a third of the way later, leaves it with a clean stop;
+/// recovery is from its stop until every request recorded before it settled.
+async fn member_joins_and_leaves(run: usize, options: &Options) -> anyhow::Result<Row> {
+    let scenario = "a second member joins and leaves under load".to_string();
+    let (name, url) = database("members", run);
+    let settings = settings_for(&name, &url);
+    let first = InProcess::start(settings.clone())?;
+    let clients = Clients::new(&first.address, &settings);
+    clients.wait_ready().await;
+    let users = options.users / 3;
+    user_rows(&url, users).await;
+    let mut coupons = Vec::new();
+    for _ in 0..3 {
+        let (_, coupon) = clients.admin("/coupons", coupon_body(users as u32)).await;
+        coupons.push(coupon["couponId"].as_u64().context("a coupon")?);
+    }
+    let bar = answers(&clients, "members: load", users * 3);
+    // Users start at a third of the rate: each sends three requests.
+    let load = clients.load_in_order_in_background(1..=users, coupons.clone(), options.rate / 3);
+    let third = users;
+    eventually("load under way", Duration::from_secs(120), || async {
+        clients.accepted() >= third
+    })
+    .await;
+    let mut second_settings = settings.clone();
+    second_settings.instance.id = "bench-second".into();
+    second_settings.kafka.brokers = first.kafka.bootstrap_servers().to_string();
+    let second = InProcess::start(second_settings)?;
+    bar.set_message("two members");
+    eventually(
+        "load while both members share the group",
+        Duration::from_secs(300),
+        || async { clients.accepted() >= 2 * third },
+    )
+    .await;
+    second.stop().await?;
+    bar.set_message("second member gone");
+    let checker = Checker::connect(&url).await;
+    let recovery = checker.recovery().await;
+    load.await?;
+    bar.finish();
+    clients.ask_again_unknown().await;
+    let settle = settling("members: settling");
+    let (report, _) = checker.settle(&clients, &coupons).await;
+    settle.finish();
+    let row = row(scenario, report, &clients, recovery);
+    first.stop().await?;
     drop_database(&name).await?;
     Ok(row)
 }
