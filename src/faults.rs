@@ -415,7 +415,7 @@ impl Checker {
 
     /// The users whose issued requests, in the order of their coupon histories, are not in
     /// the order the user's requests were accepted.
-    fn users_out_of_order(ledger: &Ledger, histories: &[(u64, u64, String)]) -> u64 {
+    pub fn users_out_of_order(ledger: &Ledger, histories: &[(u64, u64, String)]) -> u64 {
         let issued_at: BTreeMap<&str, usize> = histories
             .iter()
             .enumerate()

@@ -8,4 +8,5 @@ mod support;
 #[allow(dead_code)]
 mod helpers;
 
+mod checker;
 mod scenarios;
