@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Name of the environment variable that points at the optional settings file.
 pub const CONFIG_FILE_VARIABLE: &str = "APP_CONFIG_FILE";
@@ -95,6 +95,17 @@ impl Settings {
                 key: "kafka.consumer.max_batch_records",
                 reason: "must be at least 1".into(),
             });
+        }
+        for (key, max_in_flight) in [
+            ("external.max_in_flight", self.external.max_in_flight),
+            ("analytics.max_in_flight", self.analytics.max_in_flight),
+        ] {
+            if max_in_flight == 0 {
+                return Err(SettingsError::Invalid {
+                    key,
+                    reason: "must be at least 1".into(),
+                });
+            }
         }
         if self.kafka.partitions < 1 {
             return Err(SettingsError::Invalid {
@@ -467,6 +478,11 @@ pub struct AnalyticsSettings {
     pub url: String,
     /// An append-only JSON-lines file of completed orders.
     pub file: String,
+    /// How `order-analytics-group` orders a partition's records (keyed by order: an
+    /// order's events stay in order by default).
+    pub ordering: RecordOrdering,
+    /// Records of one partition delivered at once (`key`: keys at once).
+    pub max_in_flight: usize,
 }
 
 impl Default for AnalyticsSettings {
@@ -474,9 +490,65 @@ impl Default for AnalyticsSettings {
         Self {
             url: String::new(),
             file: "analytics/completed-orders.jsonl".to_string(),
+            ordering: RecordOrdering::Key,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         }
     }
 }
+
+impl AnalyticsSettings {
+    pub fn order(&self) -> DeliveryOrder {
+        DeliveryOrder::new(self.ordering, self.max_in_flight)
+    }
+}
+
+/// How a forwarder's consumer group orders the records of one partition (Confluent's
+/// Parallel Consumer's `ProcessingOrder`, Karafka's virtual partitions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordOrdering {
+    /// One record at a time, in offset order. A failed delivery goes to the retry schedule
+    /// without holding the partition, so a later record of its key may be delivered first
+    /// (as with Spring Kafka's non-blocking retries).
+    Partition,
+    /// Records of one key in offset order, different keys at once (up to `max_in_flight`).
+    /// A record whose key has an earlier record waiting for a retry waits behind it
+    /// (parked on the schedule, without holding the partition): order per key survives
+    /// retries.
+    Key,
+    /// Up to `max_in_flight` records at once, in no order.
+    Unordered,
+}
+
+impl RecordOrdering {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordOrdering::Partition => "partition",
+            RecordOrdering::Key => "key",
+            RecordOrdering::Unordered => "unordered",
+        }
+    }
+}
+
+/// A consumer group's ordering and how much of a partition it works on at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryOrder {
+    pub ordering: RecordOrdering,
+    pub max_in_flight: usize,
+}
+
+impl DeliveryOrder {
+    pub fn new(ordering: RecordOrdering, max_in_flight: usize) -> Self {
+        Self {
+            ordering,
+            max_in_flight: max_in_flight.max(1),
+        }
+    }
+}
+
+/// Records (keys, with `key` ordering) a forwarder works on at once per partition.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
 
 /// The best-seller ranking in Redis.
 #[derive(Debug, Clone, Deserialize)]
@@ -550,6 +622,17 @@ pub struct ExternalSettings {
     /// answers again (one event failing alone spends its attempts and is dead-lettered).
     pub target_down_after_failures: u32,
     pub backoff: BackoffSettings,
+    /// How `external-event-group` orders a partition's records (an order's events stay in
+    /// order by default).
+    pub ordering: RecordOrdering,
+    /// Records of one partition delivered at once (`key`: keys at once).
+    pub max_in_flight: usize,
+}
+
+impl ExternalSettings {
+    pub fn order(&self) -> DeliveryOrder {
+        DeliveryOrder::new(self.ordering, self.max_in_flight)
+    }
 }
 
 impl Default for ExternalSettings {
@@ -568,6 +651,8 @@ impl Default for ExternalSettings {
             claim_batch: 100,
             target_down_after_failures: 3,
             backoff: BackoffSettings::default(),
+            ordering: RecordOrdering::Key,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         }
     }
 }

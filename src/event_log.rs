@@ -148,6 +148,22 @@ impl Classify for EventLogError {
     }
 }
 
+/// A row of [`EventLog::unfinished_of_keys`]: id, key, offset, status, due.
+type UnfinishedRow = (EventId, String, Option<i64>, EventStatus, DateTime<Utc>);
+
+/// An event of a key that has not finished: a retry is scheduled (FAILED) or running
+/// (IN_PROGRESS) until `due`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unfinished {
+    pub event_id: EventId,
+    pub key: String,
+    /// The offset it was read from.
+    pub offset: i64,
+    pub status: EventStatus,
+    /// When its next attempt is due, or its running attempt's lease ends.
+    pub due: DateTime<Utc>,
+}
+
 /// An event on its way out through the outbox: the envelope and its topic.
 #[derive(Clone, Debug)]
 pub struct OutboxEvent {
@@ -407,9 +423,10 @@ impl EventLog {
         &self.pool
     }
 
-    /// Writes PENDING rows inside the caller's transaction (one multi-row INSERT). Only the
-    /// outbox calls this.
-    pub(crate) async fn insert_pending(
+    /// Writes PENDING rows inside the caller's transaction (one multi-row INSERT), for the
+    /// outbox relay to publish. The outbox calls this; so does `bench webhooks`, to record
+    /// its events as the payments would.
+    pub async fn insert_pending(
         connection: &mut MySqlConnection,
         events: &[OutboxEvent],
     ) -> Result<(), EventLogError> {
@@ -599,6 +616,47 @@ impl EventLog {
         }
         transaction.commit().await?;
         Ok(records)
+    }
+
+    /// The unfinished events (FAILED with a retry scheduled, or IN_PROGRESS under a lease)
+    /// of `keys` that were read from `partition` of `topic`: what later events of those
+    /// keys wait behind under `key` ordering. Unfinished rows are exactly those with a
+    /// `next_attempt_at` (every other move clears it). One statement, on the key index: its
+    /// cost grows with the history of the keys asked for, not with the table.
+    pub async fn unfinished_of_keys(
+        &self,
+        topic: &str,
+        partition: i32,
+        keys: &[&str],
+    ) -> Result<Vec<Unfinished>, EventLogError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut query = sqlx::QueryBuilder::new(
+            "SELECT event_id, event_key, source_offset, status, next_attempt_at \
+             FROM event_log WHERE next_attempt_at IS NOT NULL AND topic = ",
+        );
+        query.push_bind(topic);
+        query.push(" AND source_partition = ").push_bind(partition);
+        query.push(" AND event_key IN (");
+        let mut separated = query.separated(", ");
+        for key in keys {
+            separated.push_bind(*key);
+        }
+        query.push(")");
+        let rows: Vec<UnfinishedRow> = query.build_query_as().fetch_all(&self.pool).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(event_id, key, offset, status, due)| {
+                Some(Unfinished {
+                    event_id,
+                    key,
+                    offset: offset?,
+                    status,
+                    due,
+                })
+            })
+            .collect())
     }
 
     pub async fn find(&self, id: EventId) -> Result<Option<EventRecord>, EventLogError> {

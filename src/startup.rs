@@ -27,7 +27,7 @@ use crate::api::{
 };
 use crate::auth::Authenticator;
 use crate::clock::{SharedClock, SystemClock};
-use crate::config::Settings;
+use crate::config::{RecordOrdering, Settings};
 use crate::coupons::intake::CouponIntake;
 use crate::coupons::issuer::CouponIssuer;
 use crate::coupons::locks::RedisLocks;
@@ -368,10 +368,21 @@ impl Wiring {
             target_down_after_failures: external.target_down_after_failures,
             outages: self.outages.clone(),
         });
+        let analytics_order = self.settings.analytics.order();
+        let external_order = external.order();
+        let key_ordered = [
+            (topics::ORDER_COMPLETED, analytics_order),
+            (topics::EXTERNAL_EVENTS, external_order),
+        ]
+        .into_iter()
+        .filter(|(_, order)| order.ordering == RecordOrdering::Key)
+        .map(|(topic, _)| topic.to_string())
+        .collect();
         let scheduler = RetryScheduler::new(
             deliveries.clone(),
             Duration::from_millis(external.poll_interval_ms.max(1)),
             external.claim_batch,
+            key_ordered,
         )
         .start_supervised(&self.arbiters.next());
         self.tree
@@ -381,21 +392,23 @@ impl Wiring {
             ORDER_ANALYTICS_GROUP,
             topics::ORDER_COMPLETED,
             "OrderAnalytics",
+            analytics_order,
         )];
         if delivers_externally {
             forwarders.push((
                 EXTERNAL_EVENT_GROUP,
                 topics::EXTERNAL_EVENTS,
                 "ExternalForwarder",
+                external_order,
             ));
         } else {
             info!("external.base_url is empty: external-events is not consumed");
         }
-        for (group, topic, name) in forwarders {
+        for (group, topic, name, order) in forwarders {
             let deliveries = deliveries.clone();
             self.consume(
                 Consumer::recording_in_rows(name, group, topic),
-                move || Forwarder::new(name, deliveries.clone()),
+                move || Forwarder::new(name, deliveries.clone(), order),
                 |_| {},
             )?;
         }

@@ -15,6 +15,7 @@
 
 pub mod backoff;
 pub mod forwarder;
+pub mod ordering;
 pub mod scheduler;
 pub mod webhook;
 
@@ -198,6 +199,7 @@ pub struct DeliveryCounters {
     delivered: AtomicU64,
     scheduled: AtomicU64,
     waiting_for_target: AtomicU64,
+    parked: AtomicU64,
     dead_lettered: AtomicU64,
     replayed: AtomicU64,
     alerts: AtomicU64,
@@ -217,6 +219,9 @@ pub struct DeliveryState {
     pub scheduled: u64,
     /// Failed attempts at a target that was down: the event waited, spending no attempt.
     pub waiting_for_target: u64,
+    /// Records parked behind an earlier record of their key that waits for a retry (`key`
+    /// ordering), counted each time one is parked.
+    pub parked: u64,
     /// Targets down now.
     pub targets_down: Vec<String>,
     pub dead_lettered: u64,
@@ -239,6 +244,7 @@ impl DeliveryCounters {
             delivered: read(&self.delivered),
             scheduled: read(&self.scheduled),
             waiting_for_target: read(&self.waiting_for_target),
+            parked: read(&self.parked),
             targets_down: Vec::new(),
             dead_lettered: read(&self.dead_lettered),
             replayed: read(&self.replayed),
@@ -347,6 +353,11 @@ impl Deliveries {
             targets_down: self.inner.circuits.down(),
             ..self.inner.counters.state()
         }
+    }
+
+    /// A record was parked behind an earlier record of its key.
+    pub fn count_parked(&self) {
+        DeliveryCounters::add(&self.inner.counters.parked);
     }
 
     /// Until when an attempt starting now holds its event.

@@ -8,12 +8,18 @@
 //! while the attempt runs, so an attempt never runs twice at once) and makes the next
 //! attempt through the same path as the first.
 //!
+//! Under `key` ordering ([`super::ordering`]) the claimed records of one key run one after
+//! the other, in offset order, and a record whose key has an earlier unfinished record is
+//! parked again behind it instead of attempted.
+//!
 //! [`Replay`] puts a dead letter back on its way: a delivered event back on the schedule
 //! (due now, attempts counted afresh), any other event back to PENDING for the relay.
 //!
 //! Supervised: a pass that panics stops the actor, and the `Supervisor` restarts it
 //! (counted); the events of that pass keep their leases, which expire, and run again.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -23,8 +29,9 @@ use tracing::warn;
 
 use crate::actors::spawn_supervised_pass;
 use crate::actors::tree::ObserveBackground;
-use crate::delivery::{Attempt, Deliveries, DeliveryCounters, DeliveryState, Held};
-use crate::event_log::{EventLogError, EventStatus, Move, StatusChange, Transition};
+use crate::delivery::ordering::{self, WaitingBehind};
+use crate::delivery::{Attempt, Deliveries, DeliveryCounters, DeliveryState, Held, Settled};
+use crate::event_log::{EventLogError, EventRecord, EventStatus, Move, StatusChange, Transition};
 use crate::events::{EventId, EventType};
 
 /// How many attempts one pass runs at once.
@@ -74,6 +81,7 @@ pub struct RetryScheduler {
     event_types: Vec<EventType>,
     poll_interval: Duration,
     claim_batch: u32,
+    key_ordered: Arc<HashSet<String>>,
     busy: bool,
     stopping: bool,
     /// `true` while no pass runs.
@@ -82,12 +90,20 @@ pub struct RetryScheduler {
 }
 
 impl RetryScheduler {
-    pub fn new(deliveries: Deliveries, poll_interval: Duration, claim_batch: u32) -> Self {
+    /// A scheduler of `deliveries`' events; the records of `key_ordered` topics keep their
+    /// key's order across retries.
+    pub fn new(
+        deliveries: Deliveries,
+        poll_interval: Duration,
+        claim_batch: u32,
+        key_ordered: HashSet<String>,
+    ) -> Self {
         Self {
             event_types: deliveries.deliverer().event_types(),
             deliveries,
             poll_interval,
             claim_batch: claim_batch.max(1),
+            key_ordered: Arc::new(key_ordered),
             busy: false,
             stopping: false,
             idle: tokio::sync::watch::Sender::new(true),
@@ -111,6 +127,7 @@ impl RetryScheduler {
             deliveries: self.deliveries.clone(),
             event_types: self.event_types.clone(),
             claim_batch: self.claim_batch,
+            key_ordered: self.key_ordered.clone(),
         };
         spawn_supervised_pass(
             ctx,
@@ -129,6 +146,16 @@ struct Pass {
     deliveries: Deliveries,
     event_types: Vec<EventType>,
     claim_batch: u32,
+    /// The topics whose records keep their key's order.
+    key_ordered: Arc<HashSet<String>>,
+}
+
+/// Claimed records that run one after the other: one key's (of one partition, in offset
+/// order) under `key` ordering, else a single record.
+struct Lane {
+    /// The topic, partition and key, under `key` ordering.
+    key: Option<(String, i32, String)>,
+    records: Vec<EventRecord>,
 }
 
 impl Pass {
@@ -151,19 +178,138 @@ impl Pass {
                 return;
             }
         };
-        let deliveries = &self.deliveries;
-        futures::stream::iter(claimed)
-            .for_each_concurrent(CONCURRENT_ATTEMPTS, |record| async move {
-                let envelope = record.envelope();
-                let held = Held {
-                    envelope: &envelope,
-                    record: Some(&record),
-                };
-                if let Err(error) = deliveries.attempt(held, Attempt::Later).await {
-                    warn!(event_id = %record.event_id, %error, "recording an attempt failed; its lease will expire and it will run again");
-                }
+        let handled: HashSet<EventId> = claimed.iter().map(|record| record.event_id).collect();
+        let lanes = self.lanes(claimed);
+        let mut behind = match self.earlier_unfinished(&lanes, &handled).await {
+            Ok(behind) => behind,
+            Err(error) => {
+                // The claims' leases expire and the records run again.
+                warn!(%error, "cannot read what the claimed records' keys wait behind");
+                return;
+            }
+        };
+        let runs: Vec<_> = lanes
+            .into_iter()
+            .map(|lane| {
+                let waiting = lane.key.as_ref().and_then(|key| behind.remove(key));
+                self.run_lane(lane, waiting)
             })
+            .collect();
+        futures::stream::iter(runs)
+            .for_each_concurrent(CONCURRENT_ATTEMPTS, |run| run)
             .await;
+    }
+
+    fn lanes(&self, claimed: Vec<EventRecord>) -> Vec<Lane> {
+        let mut lanes: Vec<Lane> = Vec::new();
+        let mut lane_of: HashMap<(String, i32, String), usize> = HashMap::new();
+        for record in claimed {
+            let key = record
+                .source
+                .filter(|_| self.key_ordered.contains(&record.topic))
+                .map(|source| (record.topic.clone(), source.partition, record.key.clone()));
+            match key.as_ref().and_then(|key| lane_of.get(key)) {
+                Some(&lane) => lanes[lane].records.push(record),
+                None => {
+                    if let Some(key) = &key {
+                        lane_of.insert(key.clone(), lanes.len());
+                    }
+                    lanes.push(Lane {
+                        key,
+                        records: vec![record],
+                    });
+                }
+            }
+        }
+        for lane in &mut lanes {
+            lane.records
+                .sort_by_key(|record| record.source.map(|source| source.offset));
+        }
+        lanes
+    }
+
+    /// What each key-ordered lane waits behind: its key's earliest unfinished record that
+    /// this pass did not claim. One statement per partition.
+    async fn earlier_unfinished(
+        &self,
+        lanes: &[Lane],
+        handled: &HashSet<EventId>,
+    ) -> Result<HashMap<(String, i32, String), WaitingBehind>, EventLogError> {
+        let mut keys_of: BTreeMap<(&str, i32), Vec<&str>> = BTreeMap::new();
+        for (topic, partition, key) in lanes.iter().filter_map(|lane| lane.key.as_ref()) {
+            keys_of
+                .entry((topic.as_str(), *partition))
+                .or_default()
+                .push(key.as_str());
+        }
+        let mut behind = HashMap::new();
+        for ((topic, partition), keys) in keys_of {
+            let unfinished = self
+                .deliveries
+                .event_log()
+                .unfinished_of_keys(topic, partition, &keys)
+                .await?;
+            for (key, waiting) in ordering::waiting_behind(unfinished, handled) {
+                behind.insert((topic.to_string(), partition, key), waiting);
+            }
+        }
+        Ok(behind)
+    }
+
+    /// A lane's records in order; one waiting behind an unfinished earlier record of its
+    /// key is parked again instead of attempted.
+    async fn run_lane(&self, lane: Lane, mut behind: Option<WaitingBehind>) {
+        let deliveries = &self.deliveries;
+        for record in &lane.records {
+            let offset = record.source.map(|source| source.offset);
+            if let (Some(waiting), Some(offset)) = (&behind, offset)
+                && waiting.holds(offset)
+            {
+                let reason = waiting.reason(&record.key);
+                let park = StatusChange::new(Move::Fail)
+                    .with_error(&reason)
+                    .due_at(waiting.recheck_at(deliveries.clock().now()));
+                match deliveries
+                    .event_log()
+                    .change_status(record.event_id, park)
+                    .await
+                {
+                    Ok(_) => deliveries.count_parked(),
+                    Err(error) => {
+                        warn!(event_id = %record.event_id, %error, "cannot park a record behind its key; its lease will expire and it will be looked at again");
+                    }
+                }
+                continue;
+            }
+            let envelope = record.envelope();
+            let held = Held {
+                envelope: &envelope,
+                record: Some(record),
+            };
+            match deliveries.attempt(held, Attempt::Later).await {
+                Ok(Settled::Scheduled { at } | Settled::Waiting { at }) => {
+                    if lane.key.is_some()
+                        && let Some(offset) = offset
+                    {
+                        behind.get_or_insert(WaitingBehind::scheduled(record.event_id, offset, at));
+                    }
+                }
+                Ok(Settled::Delivered | Settled::DeadLettered { .. }) => {}
+                Err(error) => {
+                    warn!(event_id = %record.event_id, %error, "recording an attempt failed; its lease will expire and it will run again");
+                    if lane.key.is_some()
+                        && let Some(offset) = offset
+                    {
+                        behind.get_or_insert(WaitingBehind {
+                            event_id: record.event_id,
+                            offset,
+                            status: EventStatus::InProgress,
+                            due: deliveries.lease_until(),
+                        });
+                    }
+                }
+            }
+        }
     }
 }
 

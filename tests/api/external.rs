@@ -12,6 +12,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use chrono::{DateTime, Timelike, Utc};
 use commerce_events::clock::{Clock, ManualClock};
+use commerce_events::config::RecordOrdering;
 use commerce_events::event_log::{EventRecord, EventStatus, OutboxEvent};
 use commerce_events::events::topics;
 use commerce_events::events::{EventEnvelope, EventId, EventPayload, PaymentCompleted};
@@ -105,6 +106,11 @@ impl WebhookTarget {
             .filter(|received| received.webhook_id.as_deref() == Some(id.as_str()))
             .cloned()
             .collect()
+    }
+
+    /// Every request received, in order.
+    fn received(&self) -> Vec<Received> {
+        self.script.lock().unwrap().received.clone()
     }
 
     fn alerts(&self) -> Vec<Value> {
@@ -507,10 +513,15 @@ async fn a_rejection_is_dead_lettered_at_once_and_too_many_requests_waits_as_ask
 }
 
 #[actix_web::test]
-async fn later_events_of_the_partition_are_delivered_while_one_waits_for_its_retry() {
+async fn with_partition_ordering_later_events_are_delivered_while_one_waits_for_its_retry() {
     let target = WebhookTarget::start();
     let clock = test_clock();
-    let app = spawn_forwarding_app(&target, &clock).await;
+    let base_url = target.address.clone();
+    let app = spawn_app_with_clock(Arc::new(clock.clone()), move |settings| {
+        configure_external(settings, &base_url);
+        settings.external.ordering = RecordOrdering::Partition;
+    })
+    .await;
     let failing = EventId::generate();
     target.script(failing, [reply(503)], reply(200));
     // The same order key: the same partition, behind the failing event.
@@ -540,6 +551,99 @@ async fn later_events_of_the_partition_are_delivered_while_one_waits_for_its_ret
     wait_for_status(&app, failing, EventStatus::Completed).await;
 }
 
+/// Waits until `id` is parked behind an earlier event of its key; returns its row.
+async fn wait_until_parked(app: &TestApp, id: EventId, behind: EventId) -> EventRecord {
+    eventually(&format!("event {id} parked"), WAIT, || async {
+        app.event(id).await.is_some_and(|record| {
+            record.status == EventStatus::Failed
+                && record
+                    .last_error
+                    .as_deref()
+                    .is_some_and(|error| error.contains(&format!("waiting behind event {behind}")))
+        })
+    })
+    .await;
+    app.event(id).await.unwrap()
+}
+
+#[actix_web::test]
+async fn with_key_ordering_a_keys_later_events_wait_behind_its_retries_and_other_keys_go_on() {
+    let target = WebhookTarget::start();
+    let clock = test_clock();
+    let app = spawn_forwarding_app(&target, &clock).await;
+    let failing = EventId::generate();
+    target.script(failing, [reply(503), reply(503)], reply(200));
+    let failing = record_payment(&app, failing, 5).await;
+    let mut later = Vec::new();
+    for _ in 0..3 {
+        later.push(record_payment(&app, EventId::generate(), 5).await);
+    }
+    wait_until_scheduled(&app, failing, 1).await;
+    let failing_source = app.event(failing).await.unwrap().source.unwrap();
+
+    // The key's later events are parked: on the schedule, no attempt spent, not delivered.
+    for id in &later {
+        let parked = wait_until_parked(&app, *id, failing).await;
+        assert_eq!(parked.retry_count, 0, "parking spends no attempt");
+        assert!(parked.source.unwrap().offset > failing_source.offset);
+        assert!(target.deliveries_of(*id).is_empty());
+    }
+    // Other keys read from the same partition after them are delivered: the partition is
+    // not held.
+    let mut same_partition_other_key = None;
+    for order in 6..70 {
+        let id = record_payment(&app, EventId::generate(), order).await;
+        let record = wait_for_status(&app, id, EventStatus::Completed).await;
+        if record.source.unwrap().partition == failing_source.partition {
+            same_partition_other_key = Some(id);
+            break;
+        }
+    }
+    let other = same_partition_other_key.expect("some order key lands on the same partition");
+    assert!(
+        app.event(other).await.unwrap().source.unwrap().offset
+            > app.event(later[2]).await.unwrap().source.unwrap().offset
+    );
+
+    // The second attempt fails too; the parked events, due just after it was, are looked
+    // at and parked again behind its third attempt.
+    clock.advance(Duration::from_secs(1));
+    target.wait_for_deliveries(failing, 2).await;
+    let third_due = wait_until_scheduled(&app, failing, 2).await;
+    clock.advance(Duration::from_millis(1));
+    for id in &later {
+        eventually("parked behind the third attempt", WAIT, || async {
+            app.event(*id).await.unwrap().next_attempt_at
+                == Some(third_due + chrono::Duration::milliseconds(1))
+        })
+        .await;
+        assert!(target.deliveries_of(*id).is_empty());
+    }
+
+    // The third attempt goes through; the key's events follow in their order.
+    clock.advance(Duration::from_secs(2));
+    assert_eq!(clock.now(), third_due + chrono::Duration::milliseconds(1));
+    for id in later.iter().chain([&failing]) {
+        wait_for_status(&app, *id, EventStatus::Completed).await;
+    }
+    let sequence: Vec<EventId> = target
+        .received()
+        .into_iter()
+        .filter_map(|received| received.webhook_id?.parse().ok())
+        .filter(|id| *id == failing || later.contains(id))
+        .collect();
+    assert_eq!(
+        sequence,
+        [vec![failing, failing, failing], later.clone()].concat(),
+        "every attempt of the failing event comes before the key's later events, in order"
+    );
+    wait_until_attempts_settled(&app).await;
+    let state = scheduler_state(&app).await;
+    assert_eq!(
+        state["parked"], 6,
+        "three parked by the forwarder, three again: {state}"
+    );
+}
 #[actix_web::test]
 async fn a_retry_scheduled_before_a_restart_runs_once_after_it() {
     let target = WebhookTarget::start();

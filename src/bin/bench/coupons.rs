@@ -466,15 +466,15 @@ fn write_chart(
 /// The daemon binary (`commerce-events`, beside the bench's), run as its own process so the
 /// bench's clients neither flatter nor starve it by sharing its runtime, and so its CPU time
 /// is its own.
-struct Daemon {
-    address: String,
+pub(crate) struct Daemon {
+    pub(crate) address: String,
     child: std::process::Child,
 }
 
 impl Daemon {
     /// Starts the daemon with its own configuration (defaults, file, `APP_` variables) and
     /// `overrides` (more `APP_` variables) on top.
-    fn start(overrides: &[(&str, String)]) -> anyhow::Result<Self> {
+    pub(crate) fn start(overrides: &[(&str, String)]) -> anyhow::Result<Self> {
         use std::io::BufRead;
 
         let binary = std::env::current_exe()?.with_file_name("commerce-events");
@@ -528,12 +528,12 @@ impl Daemon {
         Ok(Self { address, child })
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// Stops the daemon with SIGTERM, as an operator would, and waits for it to exit.
-    async fn stop(mut self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(mut self) -> anyhow::Result<()> {
         let signalled = std::process::Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()?;

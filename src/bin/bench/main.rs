@@ -12,6 +12,7 @@ mod pipeline;
 mod progress;
 mod ranking;
 mod report;
+mod webhooks;
 
 use clap::{Parser, Subcommand};
 use commerce_events::config::Settings;
@@ -40,6 +41,8 @@ enum Scenario {
     /// Ranking updates through the RankingUpdater against raw pipelined ZINCRBY, and a
     /// replay that must count nothing.
     Ranking(ranking::Options),
+    /// Webhook deliveries per ordering of `external-event-group`, through the daemon binary.
+    Webhooks(webhooks::Options),
     /// The fault-injection scenarios at a larger scale (build with `--features test-util`).
     #[cfg(feature = "test-util")]
     Faults(faults::Options),
@@ -78,6 +81,7 @@ impl Scenario {
             Scenario::Pipeline(_) => "pipeline",
             Scenario::Coupons(_) => "coupons",
             Scenario::Ranking(_) => "ranking",
+            Scenario::Webhooks(_) => "webhooks",
             #[cfg(feature = "test-util")]
             Scenario::Faults(_) => "faults",
         }
@@ -92,6 +96,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Pipeline(options) => system.block_on(pipeline::run(options, &mut report)),
         Scenario::Coupons(options) => system.block_on(coupons::run(options, &mut report)),
         Scenario::Ranking(options) => system.block_on(ranking::run(options, &mut report)),
+        Scenario::Webhooks(options) => system.block_on(webhooks::run(options, &mut report)),
         #[cfg(feature = "test-util")]
         Scenario::Faults(options) => system.block_on(faults::run(options, &mut report)),
     };
