@@ -14,6 +14,7 @@
 //! others exhausts its own attempts and is dead-lettered.
 
 pub mod backoff;
+pub mod completions;
 pub mod forwarder;
 pub mod ordering;
 pub mod scheduler;
@@ -290,6 +291,7 @@ struct DeliveriesInner {
     alert_url: Option<String>,
     counters: DeliveryCounters,
     circuits: TargetCircuits,
+    completions: completions::Completions,
 }
 
 /// What [`Deliveries`] is made of.
@@ -319,6 +321,7 @@ impl Deliveries {
         Self {
             inner: Arc::new(DeliveriesInner {
                 deliverer: wiring.deliverer,
+                completions: completions::Completions::new(wiring.event_log.clone()),
                 event_log: wiring.event_log,
                 dead_letters: wiring.dead_letters,
                 policy: wiring.policy,
@@ -385,10 +388,7 @@ impl Deliveries {
             self.inner.circuits.delivered(&target);
             // Should recording fail, the receiver has it anyway: the lease expires and a
             // second delivery comes with the same webhook-id, which receivers deduplicate.
-            self.inner
-                .event_log
-                .change_status(event_id, StatusChange::new(Move::Complete))
-                .await?;
+            self.inner.completions.complete(event_id).await?;
             DeliveryCounters::add(&counters.delivered);
             monitoring::webhook_delivered(
                 held.envelope.event_type().as_str(),

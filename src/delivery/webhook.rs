@@ -151,8 +151,13 @@ pub struct WebhookDeliverer {
 
 thread_local! {
     /// One HTTP client (and connection pool) per arbiter thread: awc's client is bound to
-    /// the thread that made it.
-    static CLIENT: awc::Client = awc::Client::builder().disable_redirects().finish();
+    /// the thread that made it. Its connector has no connection limit of its own (awc's
+    /// default is 100 at once): the forwarders' `max_in_flight` per partition and the
+    /// scheduler's 16 attempts per pass bound the deliveries at once.
+    static CLIENT: awc::Client = awc::Client::builder()
+        .disable_redirects()
+        .connector(awc::Connector::new().limit(0))
+        .finish();
 }
 
 impl WebhookDeliverer {
