@@ -196,9 +196,7 @@ impl Forwarder {
                 }
                 Turn::Failed(error) => {
                     outcomes.push((position, EventOutcome::Failed(error.clone())));
-                    if keeps_key_order || self.order.ordering == RecordOrdering::Partition {
-                        unsettled = Some(error);
-                    }
+                    unsettled = Some(error);
                 }
             }
         }

@@ -109,7 +109,7 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
     let auth = Authenticator::from_settings(&settings.auth, &settings.kafka)?;
     let daemon = Daemon::start(&overrides)?;
     let api = Api::new(&daemon.address, 64, auth.clone());
-    api.wait_until_ready().await?;
+    daemon.wait_until_ready().await?;
     let pool = stores::connect_mysql(&settings.database, 4).await?;
     // Issue requests need existing users: every id each phase draws from.
     let users = progress::waiting("creating users", || {
@@ -528,6 +528,21 @@ impl Daemon {
         Ok(Self { address, child })
     }
 
+    /// Waits until the daemon answers `/readyz` with success (60 s at most).
+    pub(crate) async fn wait_until_ready(&self) -> anyhow::Result<()> {
+        let client = awc::Client::default();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(response) = client.get(format!("{}/readyz", self.address)).send().await
+                && response.status().is_success()
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("the daemon did not become ready")
+    }
+
     pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -621,23 +636,6 @@ impl Api {
     /// A user's token (signed per request, as a client with many users would).
     fn token(&self, user: u64) -> String {
         Self::token_of(&self.auth, user, false)
-    }
-
-    async fn wait_until_ready(&self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(response) = self
-                .client
-                .get(format!("{}/readyz", self.address))
-                .send()
-                .await
-                && response.status().is_success()
-            {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        bail!("the daemon did not become ready")
     }
 
     async fn create_coupon(&self, total_quantity: u32) -> anyhow::Result<u64> {

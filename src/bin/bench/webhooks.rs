@@ -268,7 +268,7 @@ async fn one_run(
         overrides.push(("APP_EXTERNAL__MAX_IN_FLIGHT", max_in_flight.to_string()));
     }
     let daemon = Daemon::start(&overrides)?;
-    wait_until_ready(&daemon.address).await?;
+    daemon.wait_until_ready().await?;
     let mut settings = Settings::default();
     settings.database.url = SecretString::from(database_url.clone());
     let pool = stores::connect_mysql(&settings.database, 2).await?;
@@ -324,20 +324,6 @@ async fn one_run(
     receiver.server.stop(true).await;
     drop_database(&database).await?;
     Ok((figures, costs))
-}
-
-async fn wait_until_ready(address: &str) -> anyhow::Result<()> {
-    let client = awc::Client::default();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if let Ok(response) = client.get(format!("{address}/readyz")).send().await
-            && response.status().is_success()
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("the daemon did not become ready")
 }
 
 /// Writes the events' PENDING rows, 1,000 per transaction, for the relay to publish.
