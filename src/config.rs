@@ -344,6 +344,17 @@ pub struct ConsumerSettings {
     /// expire a killed member's session still hands them to its successor. The price: a
     /// member that stops for good keeps its partitions until the session timeout ends.
     pub static_membership: bool,
+    /// How partitions move when members come and go (classic protocol): `cooperative`
+    /// (cooperative-sticky, KIP-429: only the partitions that change owner are revoked, the
+    /// others keep being consumed through the rebalance) or `eager` (range: every member
+    /// gives up everything, then takes a new share).
+    pub assignment: PartitionAssignment,
+    /// The group protocol: `classic` (JoinGroup/SyncGroup, the client assigns) or
+    /// `consumer` (KIP-848: the broker assigns, incrementally; the session timeout and
+    /// heartbeat interval are the broker's `group.consumer.*` settings, and a static member
+    /// that comes back within the session timeout keeps its partitions). Needs Kafka 4.0
+    /// or the embedded cluster.
+    pub group_protocol: GroupProtocol,
     /// Any further librdkafka consumer property, passed through unchanged.
     pub extra: BTreeMap<String, String>,
 }
@@ -362,6 +373,8 @@ impl Default for ConsumerSettings {
             commit_interval_ms: 100,
             partition_threads: 2,
             static_membership: true,
+            assignment: PartitionAssignment::Cooperative,
+            group_protocol: GroupProtocol::Classic,
             extra: BTreeMap::new(),
         }
     }
@@ -374,6 +387,44 @@ impl ConsumerSettings {
 
     pub fn commit_interval(&self) -> Duration {
         Duration::from_millis(self.commit_interval_ms)
+    }
+}
+
+/// The classic group protocol's assignment strategy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PartitionAssignment {
+    /// `cooperative-sticky` (KIP-429).
+    Cooperative,
+    /// `range`: stop-the-world rebalances.
+    Eager,
+}
+
+impl PartitionAssignment {
+    /// The `partition.assignment.strategy` it stands for.
+    pub fn strategy(self) -> &'static str {
+        match self {
+            PartitionAssignment::Cooperative => "cooperative-sticky",
+            PartitionAssignment::Eager => "range",
+        }
+    }
+}
+
+/// librdkafka's `group.protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupProtocol {
+    Classic,
+    /// KIP-848.
+    Consumer,
+}
+
+impl GroupProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupProtocol::Classic => "classic",
+            GroupProtocol::Consumer => "consumer",
+        }
     }
 }
 
@@ -905,6 +956,14 @@ mod tests {
         assert_eq!(settings.kafka.producer.linger_ms, 10);
         assert_eq!(settings.kafka.consumer.max_batch_records, 500);
         assert_eq!(settings.kafka.consumer.session_timeout_ms, 10_000);
+        assert_eq!(
+            settings.kafka.consumer.assignment,
+            PartitionAssignment::Cooperative
+        );
+        assert_eq!(
+            settings.kafka.consumer.group_protocol,
+            GroupProtocol::Classic
+        );
         assert_eq!(settings.kafka.brokers(), KafkaBrokers::Embedded);
         settings.validate().expect("defaults are valid");
     }

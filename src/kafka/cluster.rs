@@ -21,7 +21,8 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka_sys as rdsys;
 use tracing::info;
 
-use crate::config::{KafkaBrokers, KafkaSettings};
+use crate::config::{ConsumerSettings, KafkaBrokers, KafkaSettings};
+use crate::events::topics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -76,6 +77,32 @@ impl EmbeddedCluster {
 
     pub fn bootstrap_servers(&self) -> &str {
         &self.bootstrap_servers
+    }
+
+    /// The session timeout and heartbeat interval the cluster gives members of groups on
+    /// the `consumer` protocol (KIP-848: the broker owns them). Classic-protocol members
+    /// bring their own.
+    pub fn set_group_consumer_timeouts(&self, settings: &ConsumerSettings) {
+        let session = i32::try_from(settings.session_timeout_ms).unwrap_or(i32::MAX);
+        let heartbeat = i32::try_from(settings.heartbeat_interval_ms).unwrap_or(i32::MAX);
+        // SAFETY: `handle` is a live cluster.
+        unsafe {
+            rdsys::rd_kafka_mock_set_group_consumer_session_timeout_ms(self.handle, session);
+            rdsys::rd_kafka_mock_set_group_consumer_heartbeat_interval_ms(self.handle, heartbeat);
+        }
+    }
+
+    /// Starts a cluster for `settings`: its broker count, the group timeouts, and every
+    /// topic with its dead-letter topic, `settings.partitions` partitions each.
+    pub fn for_settings(settings: &KafkaSettings) -> Result<Self, ClusterError> {
+        let cluster = Self::start(settings.embedded_brokers).map_err(ClusterError::Embedded)?;
+        cluster.set_group_consumer_timeouts(&settings.consumer);
+        for topic in topics::all_with_dead_letters() {
+            cluster
+                .create_topic(&topic, settings.partitions)
+                .map_err(|source| ClusterError::CreateTopic { topic, source })?;
+        }
+        Ok(cluster)
     }
 
     pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), KafkaError> {
@@ -150,6 +177,7 @@ impl KafkaCluster {
             KafkaBrokers::Embedded => {
                 let cluster = EmbeddedCluster::start(settings.embedded_brokers)
                     .map_err(ClusterError::Embedded)?;
+                cluster.set_group_consumer_timeouts(&settings.consumer);
                 let bootstrap_servers = cluster.bootstrap_servers().to_string();
                 info!(
                     bootstrap_servers = %bootstrap_servers,

@@ -34,7 +34,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
-use crate::config::KafkaSettings;
+use crate::config::{GroupProtocol, KafkaSettings};
 use crate::events::{DecodeError, EventEnvelope};
 use crate::kafka::{TopicPartition, client_config};
 
@@ -146,10 +146,19 @@ pub enum UncommittedStart {
     /// As `auto.offset.reset` says (earliest, by default).
     #[default]
     Configured,
-    /// At the end, fixed in the assignment itself. A group that only serves live sessions
-    /// starts here; `auto.offset.reset=latest` would resolve the end only after the group
-    /// reports itself joined, and records produced in between would be skipped.
+    /// At the end, fixed in the assignment itself, and no offset is ever committed: a group
+    /// that only serves live sessions (one instance's own group) starts here every time and
+    /// leaves nothing behind when its instance goes away for good.
+    /// `auto.offset.reset=latest` would resolve the end only after the group reports itself
+    /// joined, and records produced in between would be skipped.
     End,
+}
+
+impl UncommittedStart {
+    /// Whether the group commits its offsets.
+    pub fn keeps_offsets(self) -> bool {
+        self == UncommittedStart::Configured
+    }
 }
 
 impl ClientContext for GroupContext {
@@ -248,9 +257,12 @@ impl ConsumerContext for GroupContext {
             return;
         };
         let partitions = partitions_of(list);
-        info!(group = %self.group_id, partitions = ?partitions, "partitions revoked: draining");
+        info!(group = %self.group_id, partitions = %names(&partitions), "partitions revoked: draining");
         let offsets = self.listener.revoking(partitions);
-        if offsets.is_empty() || consumer.assignment_lost() {
+        if offsets.is_empty()
+            || consumer.assignment_lost()
+            || !self.uncommitted_start.keeps_offsets()
+        {
             return;
         }
         let mut commit = TopicPartitionList::new();
@@ -278,7 +290,7 @@ impl ConsumerContext for GroupContext {
         match rebalance {
             Rebalance::Assign(list) => {
                 let partitions = partitions_of(list);
-                info!(group = %self.group_id, partitions = ?partitions, "partitions assigned");
+                info!(group = %self.group_id, partitions = %names(&partitions), "partitions assigned");
                 let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
                     error!(group = %self.group_id, "assignment after the consumer was dropped");
                     return;
@@ -321,6 +333,15 @@ impl ConsumerContext for GroupContext {
     }
 }
 
+/// `topic[0], topic[1]`, for the log (the fault drills read it).
+fn names(partitions: &[TopicPartition]) -> String {
+    partitions
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn partitions_of(list: &TopicPartitionList) -> Vec<TopicPartition> {
     let mut partitions: Vec<_> = list
         .elements()
@@ -331,14 +352,16 @@ fn partitions_of(list: &TopicPartitionList) -> Vec<TopicPartition> {
     partitions
 }
 
-/// The librdkafka settings of a group consumer, from the design document's values.
+/// The librdkafka settings of a group consumer, from the design document's values. With
+/// the `consumer` group protocol (KIP-848) the session timeout, heartbeat interval and
+/// assignment belong to the broker, and librdkafka refuses them on the client.
 pub fn consumer_config(
     bootstrap_servers: &str,
     settings: &KafkaSettings,
     group_id: &str,
 ) -> ClientConfig {
     let consumer = &settings.consumer;
-    let properties = [
+    let mut properties = vec![
         ("bootstrap.servers", bootstrap_servers.to_string()),
         ("group.id", group_id.to_string()),
         ("client.id", settings.client_id.clone()),
@@ -346,20 +369,29 @@ pub fn consumer_config(
         ("enable.auto.offset.store", "false".into()),
         ("enable.partition.eof", "false".into()),
         ("auto.offset.reset", consumer.auto_offset_reset.clone()),
-        (
-            "session.timeout.ms",
-            consumer.session_timeout_ms.to_string(),
-        ),
-        (
-            "heartbeat.interval.ms",
-            consumer.heartbeat_interval_ms.to_string(),
-        ),
         ("fetch.min.bytes", consumer.fetch_min_bytes.to_string()),
         (
             "fetch.wait.max.ms",
             settings.fetch_wait_max_ms().to_string(),
         ),
+        ("group.protocol", consumer.group_protocol.as_str().into()),
     ];
+    if consumer.group_protocol == GroupProtocol::Classic {
+        properties.extend([
+            (
+                "session.timeout.ms",
+                consumer.session_timeout_ms.to_string(),
+            ),
+            (
+                "heartbeat.interval.ms",
+                consumer.heartbeat_interval_ms.to_string(),
+            ),
+            (
+                "partition.assignment.strategy",
+                consumer.assignment.strategy().into(),
+            ),
+        ]);
+    }
     client_config(properties, &consumer.extra)
 }
 
@@ -530,10 +562,17 @@ pub struct OffsetCommitter {
 }
 
 impl OffsetCommitter {
+    fn keeps_offsets(&self) -> bool {
+        self.consumer.context().uncommitted_start.keeps_offsets()
+    }
+
     /// Records that everything before `next_offset` is processed (local, cheap). A
     /// rebalance or shutdown commits stored offsets; [`OffsetCommitter::commit`] does it
     /// sooner.
     pub fn store(&self, partition: &TopicPartition, next_offset: i64) -> Result<(), KafkaError> {
+        if !self.keeps_offsets() {
+            return Ok(());
+        }
         self.consumer
             .store_offsets(&offset_list(partition, next_offset)?)
     }
@@ -555,6 +594,9 @@ impl OffsetCommitter {
     /// Commits `next_offset` asynchronously: never blocks; failures are reported by the
     /// commit callback.
     pub fn commit(&self, partition: &TopicPartition, next_offset: i64) -> Result<(), KafkaError> {
+        if !self.keeps_offsets() {
+            return Ok(());
+        }
         self.consumer
             .commit(&offset_list(partition, next_offset)?, CommitMode::Async)
     }
@@ -673,5 +715,42 @@ impl PartitionRecords {
             }
         }
         batch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PartitionAssignment;
+
+    #[test]
+    fn the_classic_protocol_brings_its_session_and_assignment_and_the_consumer_protocol_does_not() {
+        let mut settings = KafkaSettings::default();
+        let classic = consumer_config("127.0.0.1:9092", &settings, "group");
+        assert_eq!(classic.get("group.protocol"), Some("classic"));
+        assert_eq!(
+            classic.get("partition.assignment.strategy"),
+            Some("cooperative-sticky")
+        );
+        assert_eq!(classic.get("session.timeout.ms"), Some("10000"));
+
+        settings.consumer.assignment = PartitionAssignment::Eager;
+        let eager = consumer_config("127.0.0.1:9092", &settings, "group");
+        assert_eq!(eager.get("partition.assignment.strategy"), Some("range"));
+
+        settings.consumer.group_protocol = GroupProtocol::Consumer;
+        let consumer = consumer_config("127.0.0.1:9092", &settings, "group");
+        assert_eq!(consumer.get("group.protocol"), Some("consumer"));
+        for refused in [
+            "session.timeout.ms",
+            "heartbeat.interval.ms",
+            "partition.assignment.strategy",
+        ] {
+            assert_eq!(consumer.get(refused), None, "{refused}");
+        }
+        // librdkafka accepts the configuration.
+        consumer
+            .create::<BaseConsumer>()
+            .expect("a consumer on the consumer protocol");
     }
 }
