@@ -1,7 +1,10 @@
 //! The daemon's command line: `commerce-events [serve]` runs everything;
 //! `commerce-events migrate` applies the database migrations and exits;
 //! `commerce-events token --user 42 [--admin] [--ttl 3600]` prints a bearer token;
-//! `commerce-events rebuild-ranking` recomputes the ranking from MySQL.
+//! `commerce-events rebuild-ranking` recomputes the ranking from MySQL;
+//! `commerce-events broker` runs the embedded Kafka cluster alone, for several daemons;
+//! `commerce-events ready` exits 0 when the local daemon's `/readyz` answers 200 (a
+//! container health check that needs no curl in the image).
 
 use std::time::Duration;
 
@@ -9,6 +12,7 @@ use clap::{Parser, Subcommand};
 use commerce_events::auth::Authenticator;
 use commerce_events::config::Settings;
 use commerce_events::ids::UserId;
+use commerce_events::kafka::cluster::EmbeddedCluster;
 use commerce_events::startup::{self, Application};
 use commerce_events::telemetry;
 use tracing::info;
@@ -31,6 +35,24 @@ enum Command {
     /// Recomputes the best-seller ranking in Redis from the completed orders in MySQL (the
     /// daemon may keep running: live updates wait for it) and prints what was counted.
     RebuildRanking,
+    /// Runs the embedded Kafka cluster (librdkafka's mock cluster: the Kafka protocol,
+    /// consumer groups and commits, in memory) alone in this process, with every topic
+    /// created, so that several daemons on this machine can share it
+    /// (`APP_KAFKA__BROKERS=<address>`). Prints its bootstrap address on the first line of
+    /// stdout and runs until SIGTERM or SIGINT. Group members on the `consumer` protocol
+    /// get `kafka.consumer.session_timeout_ms`.
+    Broker {
+        /// Mock brokers in the cluster (default: `kafka.embedded_brokers`).
+        #[arg(long)]
+        brokers: Option<i32>,
+    },
+    /// Asks the daemon on this host (`http.port`) for `GET /readyz` and exits 0 on 200, 1
+    /// otherwise: a container health check.
+    Ready {
+        /// How long to wait for the answer, in seconds.
+        #[arg(long, default_value_t = 3)]
+        timeout: u64,
+    },
     /// Prints a bearer token signed with the configured secret (the development secret with
     /// the embedded Kafka cluster), for curl and tests.
     Token {
@@ -58,6 +80,13 @@ fn main() -> anyhow::Result<()> {
         println!("{}", auth.mint(user, *admin, Duration::from_secs(*ttl))?);
         return Ok(());
     }
+    if let Some(Command::Ready { timeout }) = &cli.command {
+        let ready = readyz_answers_ok(settings.http.port, Duration::from_secs(*timeout));
+        std::process::exit(if ready { 0 } else { 1 });
+    }
+    if let Some(Command::Broker { brokers }) = &cli.command {
+        return run_broker(settings, *brokers);
+    }
     telemetry::init(&settings.log);
     actix_rt::System::new().block_on(async move {
         match cli.command.unwrap_or(Command::Serve) {
@@ -75,9 +104,56 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&report)?);
                 Ok(())
             }
-            Command::Token { .. } => unreachable!("handled before the runtime starts"),
+            Command::Token { .. } | Command::Broker { .. } | Command::Ready { .. } => {
+                unreachable!("handled before the runtime starts")
+            }
         }
     })
+}
+
+/// `GET /readyz` over loopback, HTTP/1.0: whether the status line says 200.
+fn readyz_answers_ok(port: u16, timeout: Duration) -> bool {
+    use std::io::{Read, Write};
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&address, timeout) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(timeout));
+    let _ = stream.set_write_timeout(Some(timeout));
+    if stream
+        .write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).is_ok() && head.ends_with(b" 200")
+}
+
+/// `commerce-events broker`: the address first (alone on its line, for scripts), then the
+/// log.
+fn run_broker(mut settings: Settings, brokers: Option<i32>) -> anyhow::Result<()> {
+    use std::io::Write;
+    if let Some(brokers) = brokers {
+        settings.kafka.embedded_brokers = brokers;
+    }
+    let cluster = EmbeddedCluster::for_settings(&settings.kafka)?;
+    {
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "{}", cluster.bootstrap_servers())?;
+        stdout.flush()?;
+    }
+    telemetry::init(&settings.log);
+    info!(
+        bootstrap_servers = cluster.bootstrap_servers(),
+        brokers = settings.kafka.embedded_brokers,
+        partitions = settings.kafka.partitions,
+        "Kafka broker listening"
+    );
+    actix_rt::System::new().block_on(shutdown_signal());
+    drop(cluster);
+    info!("Kafka broker stopped");
+    Ok(())
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -284,9 +284,14 @@ impl Wiring {
         self.consume(
             Consumer::recording_in_rows("ResultNotifier", &notifier_group, topics::COUPON_RESULTS),
             move || ResultNotifier::new(sessions.clone(), event_log.clone()),
-            // An instance's own group only serves its live sessions: a new instance starts
-            // at the end of the results, not with the history of every result.
-            |spec| spec.uncommitted_start = UncommittedStart::End,
+            // An instance's own group only serves its live sessions: it starts at the end
+            // of the results every time (a reconnecting session reads what it missed from
+            // MySQL), commits nothing and has one member, so it needs no static
+            // membership: an instance that goes away for good leaves no group behind.
+            |spec| {
+                spec.uncommitted_start = UncommittedStart::End;
+                spec.client_config.remove("group.instance.id");
+            },
         )?;
         Ok(CouponIntake::start(
             self.outbox.clone(),
