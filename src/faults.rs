@@ -4,9 +4,10 @@
 //! did against what the clients were told (nothing accepted lost or left undecided, nothing
 //! over-issued, held twice or applied twice, nobody told of a coupon not issued, every result
 //! pushed, no dead letter, each user's coupons issued in the order the user asked for them);
-//! a [`TcpProxy`] that cuts a server off while it keeps running; a separate broker process
-//! ([`TansuBroker`]); and the built binary run as an operator runs it ([`Daemon`]), to be
-//! killed.
+//! a [`TcpProxy`] that cuts a server off while it keeps running; separate broker processes
+//! ([`TansuBroker`], and the embedded cluster alone: [`BrokerProcess`]); and the built
+//! binary run as an operator runs it ([`Daemon`]), to be killed, several of them sharing one
+//! broker, each one's rebalances read from its log ([`Rebalance`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -75,10 +76,11 @@ pub struct Ledger {
     pub refusals_without_error_body: u64,
 }
 
-/// Sends coupon requests to a daemon at `address`, as the users' own clients would.
+/// Sends coupon requests to a daemon at `address`, as the users' own clients would; spread
+/// over several daemons, a user always goes to the same one.
 #[derive(Clone)]
 pub struct Clients {
-    pub address: Arc<Mutex<String>>,
+    addresses: Arc<Mutex<Vec<String>>>,
     pub auth: Arc<Authenticator>,
     pub ledger: Arc<Mutex<Ledger>>,
 }
@@ -86,7 +88,7 @@ pub struct Clients {
 impl Clients {
     pub fn new(address: &str, settings: &Settings) -> Self {
         Self {
-            address: Arc::new(Mutex::new(address.to_string())),
+            addresses: Arc::new(Mutex::new(vec![address.to_string()])),
             auth: Arc::new(
                 Authenticator::from_settings(&settings.auth, &settings.kafka)
                     .expect("the test settings authenticate"),
@@ -97,7 +99,22 @@ impl Clients {
 
     /// Points the clients at a restarted daemon.
     pub fn point_at(&self, address: &str) {
-        *self.address.lock().unwrap() = address.to_string();
+        self.spread_over(&[address]);
+    }
+
+    /// Spreads the users over these daemons (user `u` goes to `addresses[u % n]`).
+    pub fn spread_over(&self, addresses: &[&str]) {
+        *self.addresses.lock().unwrap() = addresses.iter().map(|a| a.to_string()).collect();
+    }
+
+    /// The daemon administration goes to: the first.
+    fn address(&self) -> String {
+        self.addresses.lock().unwrap()[0].clone()
+    }
+
+    fn address_of(&self, user: u64) -> String {
+        let addresses = self.addresses.lock().unwrap();
+        addresses[(user % addresses.len() as u64) as usize].clone()
     }
 
     /// A token of the administrator (user 1), valid an hour.
@@ -115,7 +132,7 @@ impl Clients {
     pub async fn wait_ready(&self) {
         let token = self.admin_token();
         let client = awc::Client::default();
-        let address = self.address.lock().unwrap().clone();
+        let address = self.address();
         eventually("the daemon is ready", Duration::from_secs(60), || async {
             client
                 .get(format!("{address}/readyz"))
@@ -138,7 +155,7 @@ impl Clients {
     pub async fn admin(&self, path: &str, body: Value) -> (StatusCode, Value) {
         let token = self.admin_token();
         let mut response = awc::Client::default()
-            .post(format!("{}{path}", self.address.lock().unwrap().clone()))
+            .post(format!("{}{path}", self.address()))
             .bearer_auth(token)
             .send_json(&body)
             .await
@@ -161,7 +178,7 @@ impl Clients {
                 Duration::from_secs(3_600),
             )
             .unwrap();
-        let address = self.address.lock().unwrap().clone();
+        let address = self.address_of(user);
         let started = Instant::now();
         let answer = awc::Client::builder()
             .timeout(Duration::from_secs(5))
@@ -627,6 +644,82 @@ pub struct Daemon {
     /// The process; `None` once [`Daemon::exited`] has taken it.
     child: Option<Child>,
     pub address: String,
+    rebalances: Arc<Mutex<Vec<Rebalance>>>,
+}
+
+/// A change of a daemon's assignment, from its log.
+#[derive(Clone, Debug)]
+pub struct Rebalance {
+    pub at: Instant,
+    pub group: String,
+    /// Assigned (`true`) or revoked.
+    pub assigned: bool,
+    /// `topic[partition]`.
+    pub partitions: Vec<String>,
+}
+
+impl Rebalance {
+    fn from_log(entry: &Value) -> Option<Self> {
+        let assigned = match entry["message"].as_str()? {
+            "partitions assigned" => true,
+            "partitions revoked: draining" => false,
+            _ => return None,
+        };
+        let partitions = entry["partitions"].as_str()?;
+        Some(Self {
+            at: Instant::now(),
+            group: entry["group"].as_str()?.to_string(),
+            assigned,
+            partitions: partitions
+                .split(", ")
+                .filter(|p| !p.is_empty())
+                .map(str::to_string)
+                .collect(),
+        })
+    }
+}
+
+/// `commerce-events broker`: the embedded cluster alone in its own process, shared by
+/// several daemons; killed when dropped.
+pub struct BrokerProcess {
+    process: Child,
+    pub address: String,
+}
+
+impl BrokerProcess {
+    /// Starts `binary broker` with one mock broker; members on the `consumer` group
+    /// protocol get `session_timeout_ms`.
+    pub fn start(binary: &Path, session_timeout_ms: u64) -> Self {
+        let mut process = Command::new(binary)
+            .args(["broker", "--brokers", "1"])
+            .env_remove("RUST_LOG")
+            .env("APP_CONFIG_FILE", "/nonexistent/commerce-events.toml")
+            .env(
+                "APP_KAFKA__CONSUMER__SESSION_TIMEOUT_MS",
+                session_timeout_ms.to_string(),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the broker starts");
+        let mut stdout = BufReader::new(process.stdout.take().expect("stdout is piped"));
+        let mut address = String::new();
+        stdout
+            .read_line(&mut address)
+            .expect("the broker prints its address");
+        // Keeps reading (a full pipe would stall the broker's log).
+        std::thread::spawn(move || for _ in stdout.lines().map_while(Result::ok) {});
+        let address = address.trim().to_string();
+        assert!(!address.is_empty(), "the broker printed no address");
+        Self { process, address }
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
 }
 
 impl Drop for Daemon {
@@ -650,11 +743,23 @@ impl Daemon {
         jwt_secret: &str,
         brokers: Option<&str>,
     ) -> Self {
+        Self::start_with(binary, database_url, key_prefix, jwt_secret, brokers, &[])
+    }
+
+    /// [`Daemon::start`] with further `APP_…` variables (an instance id, group settings).
+    pub fn start_with(
+        binary: &Path,
+        database_url: &str,
+        key_prefix: &str,
+        jwt_secret: &str,
+        brokers: Option<&str>,
+        environment: &[(&str, &str)],
+    ) -> Self {
         let mut command = Command::new(binary);
         if let Some(brokers) = brokers {
             command.env("APP_KAFKA__BROKERS", brokers);
         }
-        let mut child = command
+        command
             .env_remove("RUST_LOG")
             .env("APP_CONFIG_FILE", "/nonexistent/commerce-events.toml")
             .env("APP_HTTP__PORT", "0")
@@ -668,21 +773,33 @@ impl Daemon {
             .env("APP_LIMITS__COUPON_ISSUE__BURST", "100000")
             .env("APP_RECONCILE__AFTER_MS", "3000")
             .env("APP_RECONCILE__INTERVAL_MS", "1000")
-            .env("APP_LOG__FORMAT", "json")
+            .env("APP_LOG__FORMAT", "json");
+        for (key, value) in environment {
+            command.env(key, value);
+        }
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("the daemon starts");
         let stdout = child.stdout.take().expect("stdout is piped");
         let (sender, receiver) = std::sync::mpsc::channel::<String>();
+        let rebalances = Arc::new(Mutex::new(Vec::new()));
         // Reads every line for as long as the daemon runs (a full pipe would stall it).
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(entry) = serde_json::from_str::<Value>(&line)
-                    && entry["message"] == "HTTP listening"
-                    && let Some(address) = entry["address"].as_str()
-                {
-                    let _ = sender.send(address.to_string());
+        std::thread::spawn({
+            let rebalances = rebalances.clone();
+            move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    let Ok(entry) = serde_json::from_str::<Value>(&line) else {
+                        continue;
+                    };
+                    if entry["message"] == "HTTP listening"
+                        && let Some(address) = entry["address"].as_str()
+                    {
+                        let _ = sender.send(address.to_string());
+                    } else if let Some(rebalance) = Rebalance::from_log(&entry) {
+                        rebalances.lock().unwrap().push(rebalance);
+                    }
                 }
             }
         });
@@ -692,7 +809,28 @@ impl Daemon {
         Self {
             child: Some(child),
             address,
+            rebalances,
         }
+    }
+
+    /// The assignments and revocations this daemon has logged so far.
+    pub fn rebalances(&self) -> Vec<Rebalance> {
+        self.rebalances.lock().unwrap().clone()
+    }
+
+    /// The partitions of `group` this daemon holds now, by its log.
+    pub fn holds(&self, group: &str) -> BTreeSet<String> {
+        let mut held = BTreeSet::new();
+        for rebalance in self.rebalances().iter().filter(|r| r.group == group) {
+            for partition in &rebalance.partitions {
+                if rebalance.assigned {
+                    held.insert(partition.clone());
+                } else {
+                    held.remove(partition);
+                }
+            }
+        }
+        held
     }
 
     pub fn signal(&self, signal: &str) {

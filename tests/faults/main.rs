@@ -9,4 +9,5 @@ mod support;
 mod helpers;
 
 mod checker;
+mod members;
 mod scenarios;
