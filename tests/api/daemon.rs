@@ -85,6 +85,22 @@ async fn the_daemon_serves_until_sigterm_and_then_exits_0_within_10_seconds() {
         }
     })
     .await;
+    // The container health check says so too, and fails once the daemon is gone.
+    let port = address.rsplit(':').next().unwrap().to_string();
+    let ready = |port: String| {
+        let mut command = daemon_command(&database);
+        command.env("APP_HTTP__PORT", port).arg("ready");
+        async move {
+            tokio::task::spawn_blocking(move || command.status().expect("ready runs").code())
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        ready(port.clone()).await,
+        Some(0),
+        "`ready` on a ready daemon"
+    );
     // A token from the binary itself (the development secret: no secret configured, the
     // embedded cluster), as the README's curl examples mint it.
     let minted = daemon_command(&database)
@@ -130,6 +146,11 @@ async fn the_daemon_serves_until_sigterm_and_then_exits_0_within_10_seconds() {
             .unwrap()
             .expect("the daemon exits within 10 s of SIGTERM");
     assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        ready(port).await,
+        Some(1),
+        "`ready` once the daemon is gone"
+    );
 }
 
 #[actix_web::test]
