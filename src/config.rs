@@ -344,10 +344,13 @@ pub struct ConsumerSettings {
     /// expire a killed member's session still hands them to its successor. The price: a
     /// member that stops for good keeps its partitions until the session timeout ends.
     pub static_membership: bool,
-    /// How partitions move when members come and go (classic protocol): `cooperative`
-    /// (cooperative-sticky, KIP-429: only the partitions that change owner are revoked, the
-    /// others keep being consumed through the rebalance) or `eager` (range: every member
-    /// gives up everything, then takes a new share).
+    /// How partitions move when members come and go (classic protocol): `eager` (range,
+    /// librdkafka's default: every member gives up everything, then takes a new share) or
+    /// `cooperative` (cooperative-sticky, KIP-429: only the partitions that change owner are
+    /// revoked, the others keep being consumed through the rebalance). Eager is the default
+    /// because the embedded cluster's classic coordinator takes several times longer over a
+    /// cooperative rebalance's two rounds; against Kafka, prefer `cooperative` (or the
+    /// `consumer` protocol).
     pub assignment: PartitionAssignment,
     /// The group protocol: `classic` (JoinGroup/SyncGroup, the client assigns) or
     /// `consumer` (KIP-848: the broker assigns, incrementally; the session timeout and
@@ -373,7 +376,7 @@ impl Default for ConsumerSettings {
             commit_interval_ms: 100,
             partition_threads: 2,
             static_membership: true,
-            assignment: PartitionAssignment::Cooperative,
+            assignment: PartitionAssignment::Eager,
             group_protocol: GroupProtocol::Classic,
             extra: BTreeMap::new(),
         }
@@ -956,10 +959,7 @@ mod tests {
         assert_eq!(settings.kafka.producer.linger_ms, 10);
         assert_eq!(settings.kafka.consumer.max_batch_records, 500);
         assert_eq!(settings.kafka.consumer.session_timeout_ms, 10_000);
-        assert_eq!(
-            settings.kafka.consumer.assignment,
-            PartitionAssignment::Cooperative
-        );
+        assert_eq!(settings.kafka.consumer.assignment, PartitionAssignment::Eager);
         assert_eq!(
             settings.kafka.consumer.group_protocol,
             GroupProtocol::Classic

@@ -728,15 +728,15 @@ mod tests {
         let mut settings = KafkaSettings::default();
         let classic = consumer_config("127.0.0.1:9092", &settings, "group");
         assert_eq!(classic.get("group.protocol"), Some("classic"));
-        assert_eq!(
-            classic.get("partition.assignment.strategy"),
-            Some("cooperative-sticky")
-        );
+        assert_eq!(classic.get("partition.assignment.strategy"), Some("range"));
         assert_eq!(classic.get("session.timeout.ms"), Some("10000"));
 
-        settings.consumer.assignment = PartitionAssignment::Eager;
-        let eager = consumer_config("127.0.0.1:9092", &settings, "group");
-        assert_eq!(eager.get("partition.assignment.strategy"), Some("range"));
+        settings.consumer.assignment = PartitionAssignment::Cooperative;
+        let cooperative = consumer_config("127.0.0.1:9092", &settings, "group");
+        assert_eq!(
+            cooperative.get("partition.assignment.strategy"),
+            Some("cooperative-sticky")
+        );
 
         settings.consumer.group_protocol = GroupProtocol::Consumer;
         let consumer = consumer_config("127.0.0.1:9092", &settings, "group");
