@@ -107,6 +107,12 @@ impl Settings {
                 });
             }
         }
+        if self.coupons.stock_shards == 0 {
+            return Err(SettingsError::Invalid {
+                key: "coupons.stock_shards",
+                reason: "must be at least 1".into(),
+            });
+        }
         if self.kafka.partitions < 1 {
             return Err(SettingsError::Invalid {
                 key: "kafka.partitions",
@@ -637,6 +643,10 @@ pub struct CouponSettings {
     pub max_total_quantity: u32,
     /// Largest discount a coupon may carry.
     pub max_discount_amount: u64,
+    /// Rows a new coupon's stock is split over (1: the coupon row itself). With more, the
+    /// partitions deciding a hot coupon's requests take stock from different rows; a shard
+    /// that runs dry borrows from the others, and the total stays exact.
+    pub stock_shards: u16,
 }
 
 impl Default for CouponSettings {
@@ -647,6 +657,7 @@ impl Default for CouponSettings {
             lock_ttl_ms: 5_000,
             max_total_quantity: 10_000_000,
             max_discount_amount: 10_000_000,
+            stock_shards: 1,
         }
     }
 }
@@ -959,7 +970,10 @@ mod tests {
         assert_eq!(settings.kafka.producer.linger_ms, 10);
         assert_eq!(settings.kafka.consumer.max_batch_records, 500);
         assert_eq!(settings.kafka.consumer.session_timeout_ms, 10_000);
-        assert_eq!(settings.kafka.consumer.assignment, PartitionAssignment::Eager);
+        assert_eq!(
+            settings.kafka.consumer.assignment,
+            PartitionAssignment::Eager
+        );
         assert_eq!(
             settings.kafka.consumer.group_protocol,
             GroupProtocol::Classic

@@ -411,8 +411,9 @@ impl Checker {
         report.held_twice = holders.values().filter(|count| **count > 1).count() as u64;
         report.out_of_order = Self::users_out_of_order(ledger, &histories);
         for coupon in coupons {
-            let (total, issued): (u32, u32) = sqlx::query_as(
-                "SELECT total_quantity, issued_quantity FROM coupon WHERE coupon_id = ?",
+            // The view sums a sharded coupon's shard rows.
+            let (total, issued): (u32, u64) = sqlx::query_as(
+                "SELECT total_quantity, issued_quantity FROM coupon_stock WHERE coupon_id = ?",
             )
             .bind(coupon)
             .fetch_one(&self.pool)
@@ -420,7 +421,7 @@ impl Checker {
             .unwrap();
             let held = histories.iter().filter(|(id, _, _)| id == coupon).count() as u64;
             report.over_issued += held.saturating_sub(u64::from(total));
-            report.applied_twice += held.abs_diff(u64::from(issued));
+            report.applied_twice += held.abs_diff(issued);
         }
         let (dead,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM dead_letter")
             .fetch_one(&self.pool)

@@ -590,7 +590,8 @@ impl Application {
                 trusted_proxy_header: settings.http.trusted_proxy_header.clone(),
             },
             coupons: CouponsState {
-                store: CouponStore::new(http_outbox.clone()),
+                store: CouponStore::new(http_outbox.clone())
+                    .with_stock_shards(settings.coupons.stock_shards),
                 intake,
                 sessions: sessions.clone(),
                 push: settings.push.clone(),

@@ -82,7 +82,10 @@ impl DomainHandler for CouponIssuer {
             }
         };
         let contended = held.as_ref().map_or(0, |held| held.contended as u64);
-        let issued = self.store.issue(&requests).await;
+        let issued = self
+            .store
+            .issue(&requests, batch.origin.source.partition.unsigned_abs())
+            .await;
         if let Some(held) = held
             && let Err(error) = self.locks.release(held).await
         {

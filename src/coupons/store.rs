@@ -131,29 +131,55 @@ pub struct IssuedBatch {
 #[derive(Clone)]
 pub struct CouponStore {
     outbox: Outbox,
+    /// Shard rows a new coupon's stock is split over.
+    stock_shards: u16,
 }
 
 impl CouponStore {
     pub fn new(outbox: Outbox) -> Self {
-        Self { outbox }
+        Self {
+            outbox,
+            stock_shards: 1,
+        }
+    }
+
+    /// New coupons get their stock split over `shards` rows (at most one per unit of stock).
+    pub fn with_stock_shards(mut self, shards: u16) -> Self {
+        self.stock_shards = shards.max(1);
+        self
     }
 
     pub async fn create(&self, coupon: &NewCoupon) -> Result<Coupon, CouponStoreError> {
-        let pool = self.outbox.event_log().pool();
-        let inserted = sqlx::query!(
-            "INSERT INTO coupon (name, discount_amount, total_quantity, valid_from, valid_until) \
-             VALUES (?, ?, ?, ?, ?)",
-            coupon.name,
-            coupon.discount_amount,
-            coupon.total_quantity,
-            // As DATETIME, not TIMESTAMP: a TIMESTAMP parameter ends in 2038.
-            coupon.valid_from.naive_utc(),
-            coupon.valid_until.naive_utc(),
+        let shards = split_stock(coupon.total_quantity, self.stock_shards);
+        let mut transaction = self.outbox.event_log().pool().begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO coupon (name, discount_amount, total_quantity, stock_shards, \
+                                 valid_from, valid_until) \
+             VALUES (?, ?, ?, ?, ?, ?)",
         )
-        .execute(pool)
+        .bind(&coupon.name)
+        .bind(coupon.discount_amount)
+        .bind(coupon.total_quantity)
+        .bind(shards.len() as u16)
+        // As DATETIME, not TIMESTAMP: a TIMESTAMP parameter ends in 2038.
+        .bind(coupon.valid_from.naive_utc())
+        .bind(coupon.valid_until.naive_utc())
+        .execute(&mut *transaction)
         .await?;
         let coupon_id =
             CouponId::from_u64(inserted.last_insert_id()).expect("AUTO_INCREMENT ids start at 1");
+        if shards.len() > 1 {
+            let mut insert = QueryBuilder::new(
+                "INSERT INTO coupon_stock_shard (coupon_id, shard, total_quantity) ",
+            );
+            insert.push_values(shards.iter().enumerate(), |mut row, (shard, total)| {
+                row.push_bind(coupon_id)
+                    .push_bind(shard as u16)
+                    .push_bind(*total);
+            });
+            insert.build().execute(&mut *transaction).await?;
+        }
+        transaction.commit().await?;
         Ok(self
             .find(coupon_id)
             .await?
@@ -161,29 +187,30 @@ impl CouponStore {
     }
 
     pub async fn find(&self, coupon_id: CouponId) -> Result<Option<Coupon>, CouponStoreError> {
-        let row = sqlx::query!(
-            r#"SELECT coupon_id AS "coupon_id: CouponId", name, discount_amount,
-                      total_quantity, issued_quantity,
-                      valid_from AS "valid_from: DateTime<Utc>",
-                      valid_until AS "valid_until: DateTime<Utc>"
-               FROM coupon WHERE coupon_id = ?"#,
-            coupon_id,
+        let row: Option<FoundCoupon> = sqlx::query_as(
+            "SELECT c.coupon_id, c.name, c.discount_amount, c.total_quantity, \
+                    s.issued_quantity, c.valid_from, c.valid_until \
+             FROM coupon c JOIN coupon_stock s ON s.coupon_id = c.coupon_id \
+             WHERE c.coupon_id = ?",
         )
+        .bind(coupon_id)
         .fetch_optional(self.outbox.event_log().pool())
         .await?;
-        Ok(row.map(|row| Coupon {
-            coupon_id: row.coupon_id,
-            name: row.name,
-            discount_amount: row.discount_amount,
-            total_quantity: row.total_quantity,
-            issued_quantity: row.issued_quantity,
-            remaining: row.total_quantity.saturating_sub(row.issued_quantity),
-            valid_from: row.valid_from,
-            valid_until: row.valid_until,
+        Ok(row.map(|row| {
+            let issued_quantity = u32::try_from(row.issued_quantity).unwrap_or(u32::MAX);
+            Coupon {
+                coupon_id: row.coupon_id,
+                name: row.name,
+                discount_amount: row.discount_amount,
+                total_quantity: row.total_quantity,
+                issued_quantity,
+                remaining: row.total_quantity.saturating_sub(issued_quantity),
+                valid_from: row.valid_from,
+                valid_until: row.valid_until,
+            }
         }))
     }
 
-    /// The coupon history a request created, if it was issued.
     pub async fn history_of_request(
         &self,
         request_id: RequestId,
@@ -227,10 +254,19 @@ impl CouponStore {
     /// locked from there to the commit, not for the whole transaction. If the update finds
     /// the stock gone (or a history was inserted first by another batch), the attempt rolls
     /// back and the batch is decided again with the coupon rows locked from the start.
-    pub async fn issue(&self, batch: &[CouponRequest]) -> Result<IssuedBatch, CouponStoreError> {
-        match self.issue_with(batch, Locking::Optimistic).await {
+    ///
+    /// A sharded coupon's stock is taken from the shard `home` picks (the batch's partition:
+    /// batches of different partitions meet on different rows); when that shard cannot
+    /// cover the batch, the batch is decided again with every shard of the coupon locked and
+    /// takes what its shard lacks from the others.
+    pub async fn issue(
+        &self,
+        batch: &[CouponRequest],
+        home: u32,
+    ) -> Result<IssuedBatch, CouponStoreError> {
+        match self.issue_with(batch, Locking::Optimistic, home).await {
             Err(CouponStoreError::StaleDecision) => {
-                self.issue_with(batch, Locking::Pessimistic).await
+                self.issue_with(batch, Locking::Pessimistic, home).await
             }
             decided => decided,
         }
@@ -240,10 +276,11 @@ impl CouponStore {
         &self,
         batch: &[CouponRequest],
         locking: Locking,
+        home: u32,
     ) -> Result<IssuedBatch, CouponStoreError> {
         let mut transaction = self.outbox.begin().await?;
         // On error the transaction is dropped, which rolls it back.
-        let outcomes = issue_in(&mut transaction, batch, locking).await?;
+        let outcomes = issue_in(&mut transaction, batch, locking, home).await?;
         let results = transaction.commit().await?;
         Ok(IssuedBatch { outcomes, results })
     }
@@ -315,6 +352,7 @@ async fn issue_in(
     transaction: &mut OutboxTransaction,
     batch: &[CouponRequest],
     locking: Locking,
+    home: u32,
 ) -> Result<Vec<RequestOutcome>, CouponStoreError> {
     let event_ids: Vec<EventId> = batch
         .iter()
@@ -348,7 +386,7 @@ async fn issue_in(
     let mut issued_rows: Vec<(CouponId, IssueRequest)> = Vec::new();
     let mut stock_taken: Vec<(CouponId, u32)> = Vec::new();
     for (coupon_id, requests) in &pending {
-        let coupon = coupons.get(coupon_id);
+        let coupon = coupons.get(coupon_id).map(|read| &read.state);
         let users: Vec<UserId> = requests
             .iter()
             .map(|(_, request)| request.user_id)
@@ -444,9 +482,11 @@ async fn issue_in(
     }
     transaction.record(results).await?;
 
-    // Last, in coupon order: from here to the commit the coupon rows are locked.
+    // Last, in coupon order: from here to the commit the coupon rows (or the shard rows
+    // taken from) are locked.
     for (coupon_id, count) in stock_taken {
-        if !take_stock(transaction, coupon_id, count).await? {
+        let stock = &coupons[&coupon_id].stock;
+        if !take_stock(transaction, coupon_id, stock, count, home).await? {
             return Err(match locking {
                 Locking::Optimistic => CouponStoreError::StaleDecision,
                 Locking::Pessimistic => CouponStoreError::StockInvariant(coupon_id),
@@ -456,51 +496,164 @@ async fn issue_in(
     Ok(outcomes)
 }
 
-/// A coupon row as the issuer reads it.
+/// A coupon row as the issuer reads it (its issued count summed over its shards).
 #[derive(sqlx::FromRow)]
 struct CouponRow {
     coupon_id: CouponId,
     total_quantity: u32,
-    issued_quantity: u32,
+    issued_quantity: u64,
+    stock_shards: u16,
     valid_from: DateTime<Utc>,
     valid_until: DateTime<Utc>,
 }
 
+/// A coupon as `find` reads it.
+#[derive(sqlx::FromRow)]
+struct FoundCoupon {
+    coupon_id: CouponId,
+    name: String,
+    discount_amount: u64,
+    total_quantity: u32,
+    issued_quantity: u64,
+    valid_from: DateTime<Utc>,
+    valid_until: DateTime<Utc>,
+}
+
+/// What a batch read of a coupon: the state it decides on, and where its stock lives.
+struct ReadCoupon {
+    state: CouponState,
+    stock: Stock,
+}
+
+/// Where a coupon's stock is kept.
+enum Stock {
+    /// `coupon.issued_quantity`.
+    Row,
+    /// `shards` rows of `coupon_stock_shard`; when locked (pessimistic), what each has left.
+    Shards { shards: u16, left: Vec<u32> },
+}
+
 /// Reads the coupon rows, locking them (in key order, so concurrent batches cannot deadlock
-/// on them) when pessimistic.
+/// on them) when pessimistic, and then the shard rows of sharded coupons (in (coupon,
+/// shard) order, the order every batch takes shard rows in).
 async fn read_coupons(
     connection: &mut MySqlConnection,
     coupon_ids: Vec<CouponId>,
     locking: Locking,
-) -> Result<BTreeMap<CouponId, CouponState>, CouponStoreError> {
-    let mut select = QueryBuilder::new(
-        "SELECT coupon_id, total_quantity, issued_quantity, valid_from, valid_until \
-         FROM coupon WHERE coupon_id IN (",
-    );
+) -> Result<BTreeMap<CouponId, ReadCoupon>, CouponStoreError> {
+    // Unlocked, the view sums a sharded coupon's shards; locked, the coupon rows are read
+    // alone and the shards below.
+    let mut select = QueryBuilder::new(match locking {
+        Locking::Optimistic => {
+            "SELECT c.coupon_id, c.total_quantity, s.issued_quantity, c.stock_shards, \
+                    c.valid_from, c.valid_until \
+             FROM coupon c JOIN coupon_stock s ON s.coupon_id = c.coupon_id \
+             WHERE c.coupon_id IN ("
+        }
+        Locking::Pessimistic => {
+            "SELECT c.coupon_id, c.total_quantity, \
+                    CAST(c.issued_quantity AS UNSIGNED) AS issued_quantity, c.stock_shards, \
+                    c.valid_from, c.valid_until \
+             FROM coupon c WHERE c.coupon_id IN ("
+        }
+    });
     let mut separated = select.separated(", ");
     for coupon_id in &coupon_ids {
         separated.push_bind(*coupon_id);
     }
-    select.push(") ORDER BY coupon_id");
+    select.push(") ORDER BY c.coupon_id");
     if locking == Locking::Pessimistic {
         select.push(" FOR UPDATE");
     }
     let rows: Vec<CouponRow> = select.build_query_as().fetch_all(&mut *connection).await?;
-    Ok(rows
+    let mut coupons: BTreeMap<CouponId, ReadCoupon> = rows
         .into_iter()
         .map(|row| {
-            (
-                row.coupon_id,
-                CouponState {
-                    coupon_id: row.coupon_id,
-                    total_quantity: row.total_quantity,
-                    issued_quantity: row.issued_quantity,
-                    valid_from: row.valid_from,
-                    valid_until: row.valid_until,
-                },
-            )
+            let stock = if row.stock_shards > 1 {
+                Stock::Shards {
+                    shards: row.stock_shards,
+                    left: Vec::new(),
+                }
+            } else {
+                Stock::Row
+            };
+            let state = CouponState {
+                coupon_id: row.coupon_id,
+                total_quantity: row.total_quantity,
+                issued_quantity: u32::try_from(row.issued_quantity).unwrap_or(u32::MAX),
+                valid_from: row.valid_from,
+                valid_until: row.valid_until,
+            };
+            (row.coupon_id, ReadCoupon { state, stock })
         })
-        .collect())
+        .collect();
+    let sharded: Vec<CouponId> = coupons
+        .iter()
+        .filter(|(_, read)| matches!(read.stock, Stock::Shards { .. }))
+        .map(|(coupon_id, _)| *coupon_id)
+        .collect();
+    if locking == Locking::Pessimistic && !sharded.is_empty() {
+        let mut select = QueryBuilder::new(
+            "SELECT coupon_id, total_quantity, issued_quantity FROM coupon_stock_shard \
+             WHERE coupon_id IN (",
+        );
+        let mut separated = select.separated(", ");
+        for coupon_id in &sharded {
+            separated.push_bind(*coupon_id);
+        }
+        select.push(") ORDER BY coupon_id, shard FOR UPDATE");
+        let shards: Vec<(CouponId, u32, u32)> =
+            select.build_query_as().fetch_all(&mut *connection).await?;
+        for (coupon_id, total, issued) in shards {
+            let read = coupons.get_mut(&coupon_id).expect("read above");
+            if let Stock::Shards { left, .. } = &mut read.stock {
+                left.push(total.saturating_sub(issued));
+            }
+        }
+        // Locked, the shards' sum is exact.
+        for coupon_id in &sharded {
+            let read = coupons.get_mut(coupon_id).expect("read above");
+            if let Stock::Shards { left, .. } = &read.stock {
+                let left: u32 = left.iter().sum();
+                read.state.issued_quantity = read.state.total_quantity.saturating_sub(left);
+            }
+        }
+    }
+    Ok(coupons)
+}
+
+/// A coupon's stock split over `shards` rows: as even as can be, the first ones one larger;
+/// never a row with no stock.
+fn split_stock(total: u32, shards: u16) -> Vec<u32> {
+    let shards = u32::from(shards.max(1)).min(total.max(1));
+    (0..shards)
+        .map(|shard| total / shards + u32::from(shard < total % shards))
+        .collect()
+}
+
+/// How `count` units are taken from a coupon's shards, `left` in each, starting at `home`
+/// and going round: `(shard, units)` in shard order (the order rows are locked in), or
+/// `None` when all of them together have fewer.
+fn take_from_shards(left: &[u32], home: u32, count: u32) -> Option<Vec<(u16, u32)>> {
+    let shards = left.len();
+    let mut needed = count;
+    let mut taken = Vec::new();
+    for step in 0..shards {
+        if needed == 0 {
+            break;
+        }
+        let shard = (home as usize + step) % shards;
+        let units = left[shard].min(needed);
+        if units > 0 {
+            taken.push((shard as u16, units));
+            needed -= units;
+        }
+    }
+    if needed > 0 {
+        return None;
+    }
+    taken.sort_unstable();
+    Some(taken)
 }
 
 /// Which of `users` already hold `coupon_id`.
@@ -521,22 +674,53 @@ async fn holders_among(
 }
 
 /// Moves `count` units of stock if that many are left; the condition makes over-issuing
-/// impossible whatever was decided. Returns whether it moved.
+/// impossible whatever was decided. Returns whether it moved. A sharded coupon's units come
+/// from its `home` shard alone when its shards are not locked (the batch is decided again,
+/// locked, if that shard has too few), and from `home` then the others when they are.
 async fn take_stock(
     connection: &mut MySqlConnection,
     coupon_id: CouponId,
+    stock: &Stock,
     count: u32,
+    home: u32,
 ) -> Result<bool, CouponStoreError> {
-    let updated = sqlx::query!(
-        "UPDATE coupon SET issued_quantity = issued_quantity + ? \
-         WHERE coupon_id = ? AND issued_quantity + ? <= total_quantity",
-        count,
-        coupon_id,
-        count,
-    )
-    .execute(&mut *connection)
-    .await?;
-    Ok(updated.rows_affected() == 1)
+    let taken = match stock {
+        Stock::Row => {
+            let updated = sqlx::query!(
+                "UPDATE coupon SET issued_quantity = issued_quantity + ? \
+                 WHERE coupon_id = ? AND issued_quantity + ? <= total_quantity",
+                count,
+                coupon_id,
+                count,
+            )
+            .execute(&mut *connection)
+            .await?;
+            return Ok(updated.rows_affected() == 1);
+        }
+        Stock::Shards { shards, left } if left.is_empty() => {
+            vec![((home % u32::from(*shards)) as u16, count)]
+        }
+        Stock::Shards { left, .. } => match take_from_shards(left, home, count) {
+            Some(taken) => taken,
+            None => return Ok(false),
+        },
+    };
+    for (shard, units) in taken {
+        let updated = sqlx::query(
+            "UPDATE coupon_stock_shard SET issued_quantity = issued_quantity + ? \
+             WHERE coupon_id = ? AND shard = ? AND issued_quantity + ? <= total_quantity",
+        )
+        .bind(units)
+        .bind(coupon_id)
+        .bind(shard)
+        .bind(units)
+        .execute(&mut *connection)
+        .await?;
+        if updated.rows_affected() != 1 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Inserts the histories and returns their ids by request.
@@ -570,4 +754,34 @@ async fn insert_histories(
     let rows: Vec<(RequestId, CouponHistoryId)> =
         select.build_query_as().fetch_all(&mut *connection).await?;
     Ok(rows.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stock_is_split_evenly_and_never_into_empty_shards() {
+        assert_eq!(split_stock(10, 3), vec![4, 3, 3]);
+        assert_eq!(split_stock(9, 3), vec![3, 3, 3]);
+        assert_eq!(split_stock(2, 6), vec![1, 1]);
+        assert_eq!(split_stock(7, 1), vec![7]);
+        assert_eq!(split_stock(1_000_000, 6).iter().sum::<u32>(), 1_000_000);
+    }
+
+    #[test]
+    fn units_come_from_the_home_shard_then_the_next_ones_round() {
+        assert_eq!(take_from_shards(&[5, 5, 5], 1, 3), Some(vec![(1, 3)]));
+        assert_eq!(
+            take_from_shards(&[2, 2, 2], 1, 5),
+            Some(vec![(0, 1), (1, 2), (2, 2)])
+        );
+        assert_eq!(take_from_shards(&[0, 0, 4], 0, 4), Some(vec![(2, 4)]));
+        assert_eq!(
+            take_from_shards(&[1, 1, 1], 2, 4),
+            None,
+            "not enough in all"
+        );
+        assert_eq!(take_from_shards(&[1, 1, 1], 5, 1), Some(vec![(2, 1)]));
+    }
 }

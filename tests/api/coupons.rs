@@ -6,7 +6,7 @@ use chrono::{Duration as Span, Utc};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, domain_actor, replay_from_offset_zero, spawn_app};
+use crate::helpers::{TestApp, domain_actor, replay_from_offset_zero, spawn_app, spawn_app_with};
 use crate::support::eventually;
 
 #[actix_web::test]
@@ -40,6 +40,36 @@ async fn a_coupon_is_created_and_read_back() {
     let (status, read) = app.get(&format!("/coupons/{coupon_id}")).await;
     assert_eq!((status, &read), (StatusCode::OK, &created));
     assert_eq!(app.get("/coupons/999999").await.0, StatusCode::NOT_FOUND);
+}
+
+#[actix_web::test]
+async fn a_coupon_with_sharded_stock_issues_exactly_its_stock_and_answers_one_remaining() {
+    let app = spawn_app_with(|settings| settings.coupons.stock_shards = 3).await;
+    let coupon_id = app.create_coupon(5).await;
+    app.ensure_users(1, 12).await;
+    let requests = futures::future::join_all((1..=12).map(|user| app.issue(user, coupon_id))).await;
+    let mut issued = 0;
+    for request in &requests {
+        if app.wait_until_notified(request).await["outcome"] == "ISSUED" {
+            issued += 1;
+        }
+    }
+    assert_eq!(
+        issued, 5,
+        "the whole stock, over three shard rows, and no more"
+    );
+    let (_, coupon) = app.get(&format!("/coupons/{coupon_id}")).await;
+    assert_eq!(
+        (&coupon["issuedQuantity"], &coupon["remaining"]),
+        (&json!(5), &json!(0))
+    );
+    let (shards,): (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM coupon_stock_shard WHERE coupon_id = ?")
+            .bind(coupon_id)
+            .fetch_one(app.event_log.pool())
+            .await
+            .unwrap();
+    assert_eq!(shards, 3);
 }
 
 #[actix_web::test]

@@ -12,3 +12,4 @@ mod ranking_updater;
 mod rebalance;
 mod shutdown;
 mod snapshots;
+mod stock_shards;

@@ -116,7 +116,7 @@ impl Sampler {
                 let at = Instant::now();
                 let accepted = accepted.get();
                 let issued: Result<(u64,), _> = sqlx::query_as(
-                    "SELECT CAST(COALESCE(SUM(issued_quantity), 0) AS UNSIGNED) FROM coupon",
+                    "SELECT CAST(COALESCE(SUM(issued_quantity), 0) AS UNSIGNED) FROM coupon_stock",
                 )
                 .fetch_one(&pool)
                 .await;

@@ -1213,7 +1213,7 @@ struct Invariants {
 
 async fn check_invariants(pool: &MySqlPool) -> anyhow::Result<Invariants> {
     let (over_issued,): (i64,) = sqlx::query_as(
-        "SELECT COUNT(*) FROM coupon c WHERE c.issued_quantity > c.total_quantity \
+        "SELECT COUNT(*) FROM coupon_stock c WHERE c.issued_quantity > c.total_quantity \
          OR c.issued_quantity <> (SELECT COUNT(*) FROM coupon_history h WHERE h.coupon_id = c.coupon_id)",
     )
     .fetch_one(pool)
