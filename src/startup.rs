@@ -285,13 +285,12 @@ impl Wiring {
             Consumer::recording_in_rows("ResultNotifier", &notifier_group, topics::COUPON_RESULTS),
             move || ResultNotifier::new(sessions.clone(), event_log.clone()),
             // An instance's own group only serves its live sessions: it starts at the end
-            // of the results every time (a reconnecting session reads what it missed from
-            // MySQL), commits nothing and has one member, so it needs no static
-            // membership: an instance that goes away for good leaves no group behind.
-            |spec| {
-                spec.uncommitted_start = UncommittedStart::End;
-                spec.client_config.remove("group.instance.id");
-            },
+            // of the results when the instance starts (a reconnecting session reads what it
+            // missed from MySQL) and commits nothing, so an instance that goes away for good
+            // leaves no offsets behind. It keeps static membership: a broker that never
+            // expires a killed dynamic member (tansu) would give a restarted instance's
+            // notifier no partition.
+            |spec| spec.uncommitted_start = UncommittedStart::End,
         )?;
         Ok(CouponIntake::start(
             self.outbox.clone(),

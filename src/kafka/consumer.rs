@@ -138,6 +138,9 @@ pub struct GroupContext {
     listener: Arc<dyn RebalanceListener>,
     health: Arc<GroupHealth>,
     uncommitted_start: UncommittedStart,
+    /// For a group that keeps no offsets: the next offset of each partition this process
+    /// has processed, so a partition handed back after a rebalance goes on from there.
+    positions: std::sync::Mutex<std::collections::HashMap<TopicPartition, i64>>,
 }
 
 /// Where a partition with no committed offset starts.
@@ -147,8 +150,9 @@ pub enum UncommittedStart {
     #[default]
     Configured,
     /// At the end, fixed in the assignment itself, and no offset is ever committed: a group
-    /// that only serves live sessions (one instance's own group) starts here every time and
-    /// leaves nothing behind when its instance goes away for good.
+    /// that only serves live sessions (one instance's own group) starts here when its
+    /// process starts and leaves nothing behind when its instance goes away for good. Within
+    /// the process a partition assigned again goes on from where it was processed to.
     /// `auto.offset.reset=latest` would resolve the end only after the group reports itself
     /// joined, and records produced in between would be skipped.
     End,
@@ -180,6 +184,29 @@ impl GroupContext {
         assignment: &mut TopicPartitionList,
     ) {
         const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+        if !self.uncommitted_start.keeps_offsets() {
+            let positions = self.positions.lock().expect("positions lock");
+            for element in assignment.clone().elements() {
+                let (topic, partition) = (element.topic(), element.partition());
+                let known = positions
+                    .get(&TopicPartition::new(topic, partition))
+                    .copied();
+                let positioned = match known {
+                    Some(next) => {
+                        assignment.set_partition_offset(topic, partition, Offset::Offset(next))
+                    }
+                    None => consumer
+                        .fetch_watermarks(topic, partition, REQUEST_TIMEOUT)
+                        .and_then(|(_, high)| {
+                            assignment.set_partition_offset(topic, partition, Offset::Offset(high))
+                        }),
+                };
+                if let Err(error) = positioned {
+                    warn!(group = %self.group_id, topic, partition, %error, "cannot start at the end; starting as configured");
+                }
+            }
+            return;
+        }
         let committed = match consumer.committed_offsets(assignment.clone(), REQUEST_TIMEOUT) {
             Ok(committed) => committed,
             Err(error) => {
@@ -259,6 +286,10 @@ impl ConsumerContext for GroupContext {
         let partitions = partitions_of(list);
         info!(group = %self.group_id, partitions = %names(&partitions), "partitions revoked: draining");
         let offsets = self.listener.revoking(partitions);
+        if !self.uncommitted_start.keeps_offsets() {
+            let mut positions = self.positions.lock().expect("positions lock");
+            positions.extend(offsets.iter().cloned());
+        }
         if offsets.is_empty()
             || consumer.assignment_lost()
             || !self.uncommitted_start.keeps_offsets()
@@ -419,6 +450,7 @@ impl GroupConsumer {
             listener,
             health: health.clone(),
             uncommitted_start,
+            positions: Default::default(),
         };
         let consumer: Arc<BaseConsumer<GroupContext>> =
             Arc::new(config.create_with_context(context)?);
@@ -571,6 +603,9 @@ impl OffsetCommitter {
     /// sooner.
     pub fn store(&self, partition: &TopicPartition, next_offset: i64) -> Result<(), KafkaError> {
         if !self.keeps_offsets() {
+            let context = self.consumer.context();
+            let mut positions = context.positions.lock().expect("positions lock");
+            positions.insert(partition.clone(), next_offset);
             return Ok(());
         }
         self.consumer
