@@ -185,12 +185,22 @@ impl GroupContext {
     ) {
         const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
         if !self.uncommitted_start.keeps_offsets() {
-            let positions = self.positions.lock().expect("positions lock");
-            for element in assignment.clone().elements() {
-                let (topic, partition) = (element.topic(), element.partition());
-                let known = positions
-                    .get(&TopicPartition::new(topic, partition))
-                    .copied();
+            // Read under the lock, which partition actors take on their arbiters; the
+            // watermark requests below block, so they run without it.
+            let known: Vec<(String, i32, Option<i64>)> = {
+                let positions = self.positions.lock().expect("positions lock");
+                assignment
+                    .elements()
+                    .iter()
+                    .map(|element| {
+                        let partition = TopicPartition::new(element.topic(), element.partition());
+                        let next = positions.get(&partition).copied();
+                        (partition.topic, partition.partition, next)
+                    })
+                    .collect()
+            };
+            for (topic, partition, known) in known {
+                let topic = topic.as_str();
                 let positioned = match known {
                     Some(next) => {
                         assignment.set_partition_offset(topic, partition, Offset::Offset(next))
