@@ -81,6 +81,8 @@ pub struct Ledger {
 #[derive(Clone)]
 pub struct Clients {
     addresses: Arc<Mutex<Vec<String>>>,
+    /// Every request holds it shared; [`Clients::hold`] takes it exclusively.
+    gate: Arc<tokio::sync::RwLock<()>>,
     pub auth: Arc<Authenticator>,
     pub ledger: Arc<Mutex<Ledger>>,
 }
@@ -89,6 +91,7 @@ impl Clients {
     pub fn new(address: &str, settings: &Settings) -> Self {
         Self {
             addresses: Arc::new(Mutex::new(vec![address.to_string()])),
+            gate: Arc::default(),
             auth: Arc::new(
                 Authenticator::from_settings(&settings.auth, &settings.kafka)
                     .expect("the test settings authenticate"),
@@ -105,6 +108,12 @@ impl Clients {
     /// Spreads the users over these daemons (user `u` goes to `addresses[u % n]`).
     pub fn spread_over(&self, addresses: &[&str]) {
         *self.addresses.lock().unwrap() = addresses.iter().map(|a| a.to_string()).collect();
+    }
+
+    /// Waits until no request is in flight and holds every new one back until the guard is
+    /// dropped (moving users between daemons without a request in between).
+    pub async fn hold(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        self.gate.clone().write_owned().await
     }
 
     /// The daemon administration goes to: the first.
@@ -178,6 +187,7 @@ impl Clients {
                 Duration::from_secs(3_600),
             )
             .unwrap();
+        let _gate = self.gate.read().await;
         let address = self.address_of(user);
         let started = Instant::now();
         let answer = awc::Client::builder()

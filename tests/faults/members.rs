@@ -146,6 +146,35 @@ impl Group {
         started.elapsed()
     }
 
+    /// Moves every user to `addresses`, with no request in flight and every accepted request
+    /// on Kafka in between. Without the wait, a user's request accepted by the member being
+    /// left and its next one accepted by another go out through two producers, and the
+    /// second can reach the partition first (the rolling restart once decided one user's
+    /// coupons out of order that way).
+    async fn move_users_to(&self, addresses: &[&str]) {
+        let _held = self.clients.hold().await;
+        let pool = sqlx::MySqlPool::connect(&self.database.url())
+            .await
+            .unwrap();
+        eventually(
+            "every accepted request published",
+            Duration::from_secs(30),
+            || async {
+                let (unpublished,): (i64,) = sqlx::query_as(
+                    "SELECT COUNT(*) FROM event_log \
+                     WHERE event_type = 'CouponRequested' AND published_at IS NULL",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                unpublished == 0
+            },
+        )
+        .await;
+        pool.close().await;
+        self.clients.spread_over(addresses);
+    }
+
     /// Waits for `more` requests accepted (or the whole load).
     async fn accepted_at_least(&self, more: u64) {
         let target = (self.clients.accepted() + more).min(USERS * COUPONS as u64);
@@ -271,7 +300,7 @@ async fn members_join_die_and_leave(membership: Membership) {
 
     // A member leaves cleanly; its users move to the other first.
     let left = Instant::now();
-    group.clients.spread_over(&[&a.address]);
+    group.move_users_to(&[&a.address]).await;
     b.signal("-TERM");
     assert_eq!(b.exited().await, Some(0), "SIGTERM ends a member cleanly");
     let taken_over = group.shared_by(&[&a], Duration::from_secs(30)).await;
@@ -355,15 +384,15 @@ async fn rolling_restart(membership: Membership) -> usize {
         let old = members.remove(restarting);
         let before = old.holds(&group.group);
         let since = Instant::now();
-        group.clients.spread_over(&[&members[0].address]);
+        group.move_users_to(&[&members[0].address]).await;
         old.signal("-TERM");
         assert_eq!(old.exited().await, Some(0), "{scenario}: clean exit");
         members.insert(restarting, group.member(instance));
         let staying = 1 - restarting;
         let (first, second) = (&members[0], &members[1]);
         group
-            .clients
-            .spread_over(&[&first.address, &second.address]);
+            .move_users_to(&[&first.address, &second.address])
+            .await;
         let shared = group
             .shared_by(&[first, second], Duration::from_secs(60))
             .await;
