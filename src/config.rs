@@ -355,8 +355,7 @@ pub struct ConsumerSettings {
     /// `cooperative` (cooperative-sticky, KIP-429: only the partitions that change owner are
     /// revoked, the others keep being consumed through the rebalance). Eager is the default
     /// because the embedded cluster's classic coordinator takes several times longer over a
-    /// cooperative rebalance's two rounds; against Kafka, prefer `cooperative` (or the
-    /// `consumer` protocol).
+    /// cooperative rebalance's two rounds; against Kafka, prefer `cooperative`.
     pub assignment: PartitionAssignment,
     /// The group protocol: `classic` (JoinGroup/SyncGroup, the client assigns) or
     /// `consumer` (KIP-848: the broker assigns, incrementally; the session timeout and
