@@ -11,8 +11,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use commerce_events::auth::Authenticator;
 use commerce_events::config::Settings;
+use commerce_events::events::topics;
 use commerce_events::ids::UserId;
-use commerce_events::kafka::cluster::EmbeddedCluster;
+use commerce_events::kafka::cluster::KafkaCluster;
 use commerce_events::startup::{self, Application};
 use commerce_events::telemetry;
 use tracing::info;
@@ -130,30 +131,37 @@ fn readyz_answers_ok(port: u16, timeout: Duration) -> bool {
     stream.read_exact(&mut head).is_ok() && head.ends_with(b" 200")
 }
 
-/// `commerce-events broker`: the address first (alone on its line, for scripts), then the
+/// `commerce-events broker`: the embedded cluster the daemon would start, with the topics
+/// the daemon would create; the address first (alone on its line, for scripts), then the
 /// log.
 fn run_broker(mut settings: Settings, brokers: Option<i32>) -> anyhow::Result<()> {
     use std::io::Write;
+    settings.kafka.brokers = "embedded".into();
     if let Some(brokers) = brokers {
         settings.kafka.embedded_brokers = brokers;
     }
-    let cluster = EmbeddedCluster::for_settings(&settings.kafka)?;
-    {
-        let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, "{}", cluster.bootstrap_servers())?;
-        stdout.flush()?;
-    }
-    telemetry::init(&settings.log);
-    info!(
-        bootstrap_servers = cluster.bootstrap_servers(),
-        brokers = settings.kafka.embedded_brokers,
-        partitions = settings.kafka.partitions,
-        "Kafka broker listening"
-    );
-    actix_rt::System::new().block_on(shutdown_signal());
-    drop(cluster);
-    info!("Kafka broker stopped");
-    Ok(())
+    actix_rt::System::new().block_on(async move {
+        let cluster = KafkaCluster::connect(&settings.kafka)?;
+        cluster
+            .ensure_topics(&topics::all_with_dead_letters(), &settings.kafka)
+            .await?;
+        {
+            let mut stdout = std::io::stdout().lock();
+            writeln!(stdout, "{}", cluster.bootstrap_servers())?;
+            stdout.flush()?;
+        }
+        telemetry::init(&settings.log);
+        info!(
+            bootstrap_servers = cluster.bootstrap_servers(),
+            brokers = settings.kafka.embedded_brokers,
+            partitions = settings.kafka.partitions,
+            "Kafka broker listening"
+        );
+        shutdown_signal().await;
+        drop(cluster);
+        info!("Kafka broker stopped");
+        Ok(())
+    })
 }
 
 /// Resolves on SIGTERM or SIGINT.

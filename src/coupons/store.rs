@@ -211,6 +211,7 @@ impl CouponStore {
         }))
     }
 
+    /// The coupon history a request created, if it was issued.
     pub async fn history_of_request(
         &self,
         request_id: RequestId,

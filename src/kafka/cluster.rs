@@ -22,7 +22,6 @@ use rdkafka_sys as rdsys;
 use tracing::info;
 
 use crate::config::{ConsumerSettings, KafkaBrokers, KafkaSettings};
-use crate::events::topics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -90,19 +89,6 @@ impl EmbeddedCluster {
             rdsys::rd_kafka_mock_set_group_consumer_session_timeout_ms(self.handle, session);
             rdsys::rd_kafka_mock_set_group_consumer_heartbeat_interval_ms(self.handle, heartbeat);
         }
-    }
-
-    /// Starts a cluster for `settings`: its broker count, the group timeouts, and every
-    /// topic with its dead-letter topic, `settings.partitions` partitions each.
-    pub fn for_settings(settings: &KafkaSettings) -> Result<Self, ClusterError> {
-        let cluster = Self::start(settings.embedded_brokers).map_err(ClusterError::Embedded)?;
-        cluster.set_group_consumer_timeouts(&settings.consumer);
-        for topic in topics::all_with_dead_letters() {
-            cluster
-                .create_topic(&topic, settings.partitions)
-                .map_err(|source| ClusterError::CreateTopic { topic, source })?;
-        }
-        Ok(cluster)
     }
 
     pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), KafkaError> {

@@ -205,9 +205,14 @@ impl Group {
     }
 }
 
+/// Whether `partition` (`topic[n]`, as the log names it) is one of `coupon-requests`.
+fn is_requests_partition(partition: &str) -> bool {
+    partition.starts_with("coupon-requests[")
+}
+
 fn requests_partitions(held: &BTreeSet<String>) -> BTreeSet<String> {
     held.iter()
-        .filter(|partition| partition.starts_with("coupon-requests["))
+        .filter(|partition| is_requests_partition(partition))
         .cloned()
         .collect()
 }
@@ -219,7 +224,7 @@ fn revoked_since(member: &Daemon, group: &str, since: Instant) -> usize {
         .iter()
         .filter(|r| r.group == group && !r.assigned && r.at >= since)
         .flat_map(|r| r.partitions.iter())
-        .filter(|partition| partition.starts_with("coupon-requests["))
+        .filter(|partition| is_requests_partition(partition))
         .count()
 }
 
@@ -238,7 +243,7 @@ fn longest_pause(members: &[&Daemon], group: &str, since: Instant) -> Duration {
         for partition in event
             .partitions
             .iter()
-            .filter(|p| p.starts_with("coupon-requests["))
+            .filter(|partition| is_requests_partition(partition))
         {
             if event.assigned {
                 let from = open.remove(partition).unwrap_or(since);
