@@ -68,12 +68,22 @@ pub struct Ledger {
     /// Accepted request ids, by user and coupon.
     pub accepted: BTreeMap<(u64, u64), String>,
     /// Each user's accepted requests in the order they were accepted (a user's clients send
-    /// the next request once the previous one is answered).
+    /// the next request once the previous one is answered). A request that got no answer
+    /// holds its place until it is asked again: if it had been recorded (200), it was
+    /// accepted there, not when asked again.
     pub in_order: BTreeMap<u64, Vec<String>>,
     /// The (user, coupon) requests that got no answer.
     pub unanswered: BTreeSet<(u64, u64)>,
     /// Refusals whose body was not `{"error": {"code", "message"}}`.
     pub refusals_without_error_body: u64,
+}
+
+impl Ledger {
+    /// The place in [`Ledger::in_order`] of a request for `coupon` that got no answer, until
+    /// asking again tells whether it was recorded then.
+    fn unanswered_place(coupon: u64) -> String {
+        format!("unanswered request for coupon {coupon}")
+    }
 }
 
 /// Sends coupon requests to a daemon at `address`, as the users' own clients would; spread
@@ -121,7 +131,14 @@ impl Clients {
         self.addresses.lock().unwrap()[0].clone()
     }
 
-    fn address_of(&self, user: u64) -> String {
+    /// Waits while the clients are held ([`Clients::hold`]); a request sent while the guard
+    /// lives is never in flight when users move.
+    pub async fn pass(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.gate.read().await
+    }
+
+    /// The daemon `user`'s requests go to.
+    pub fn address_of(&self, user: u64) -> String {
         let addresses = self.addresses.lock().unwrap();
         addresses[(user % addresses.len() as u64) as usize].clone()
     }
@@ -187,7 +204,7 @@ impl Clients {
                 Duration::from_secs(3_600),
             )
             .unwrap();
-        let _gate = self.gate.read().await;
+        let _gate = self.pass().await;
         let address = self.address_of(user);
         let started = Instant::now();
         let answer = awc::Client::builder()
@@ -202,6 +219,12 @@ impl Clients {
             let mut ledger = self.ledger.lock().unwrap();
             ledger.unknown += 1;
             ledger.unanswered.insert((user, coupon));
+            // Its place among the user's requests, should it turn out to have been recorded.
+            let place = Ledger::unanswered_place(coupon);
+            let in_order = ledger.in_order.entry(user).or_default();
+            if !in_order.contains(&place) {
+                in_order.push(place);
+            }
             return;
         };
         let status = response.status();
@@ -221,10 +244,19 @@ impl Clients {
                 .as_str()
                 .expect("a request id")
                 .to_string();
+            let place = Ledger::unanswered_place(coupon);
             let in_order = ledger.in_order.entry(user).or_default();
+            let unanswered_at = in_order.iter().position(|request| *request == place);
             if !in_order.contains(&request_id) {
-                in_order.push(request_id.clone());
+                match unanswered_at {
+                    // 200: the request that got no answer had been recorded, when it was
+                    // sent: it keeps that place.
+                    Some(at) if status == StatusCode::OK => in_order[at] = request_id.clone(),
+                    // 202: it had not; this one is new, accepted now.
+                    _ => in_order.push(request_id.clone()),
+                }
             }
+            in_order.retain(|request| *request != place);
             ledger.accepted.insert((user, coupon), request_id);
         } else {
             ledger.failed += 1;
@@ -822,6 +854,11 @@ impl Daemon {
             address,
             rebalances,
         }
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The assignments and revocations this daemon has logged so far.
