@@ -47,11 +47,11 @@ pub struct Meters {
     /// `None` when the scenario does not use MySQL (its columns stay empty).
     mysql: Option<MySqlPool>,
     redis: redis::aio::MultiplexedConnection,
-    /// The daemon's `/metrics`; `None` when the consumers run in the bench's process (the
+    /// The daemons' `/metrics`; empty when the consumers run in the bench's process (the
     /// Kafka records column stays empty: the scenario knows what it produced).
-    metrics_url: Option<String>,
+    metrics_urls: Vec<String>,
     http: awc::Client,
-    /// The processes whose CPU time is read: (name, pid).
+    /// The processes whose CPU time is read: (name, pid); several daemons' are summed.
     processes: Vec<(&'static str, u32)>,
     /// The kernel's clock ticks per second (`/proc/{pid}/stat` counts CPU time in them).
     ticks_per_second: u64,
@@ -85,11 +85,24 @@ impl Meters {
         daemon_address: &str,
         daemon_pid: u32,
     ) -> anyhow::Result<Self> {
+        Self::of_daemons(mysql, redis_url, &[(daemon_address, daemon_pid)]).await
+    }
+
+    /// Several daemon processes (address, pid), counted together: their CPU time is summed
+    /// in the "daemon" column, their records produced in the Kafka column.
+    pub async fn of_daemons(
+        mysql: MySqlPool,
+        redis_url: &str,
+        daemons: &[(&str, u32)],
+    ) -> anyhow::Result<Self> {
         Self::with(
             Some(mysql),
             redis_url,
-            Some(format!("{daemon_address}/metrics")),
-            daemon_pid,
+            daemons
+                .iter()
+                .map(|(address, _)| format!("{address}/metrics"))
+                .collect(),
+            daemons.iter().map(|(_, pid)| *pid).collect(),
         )
         .await
     }
@@ -97,20 +110,21 @@ impl Meters {
     /// For a scenario whose consumers run in the bench's process: its CPU time is the
     /// "daemon" column.
     pub async fn in_process(redis_url: &str) -> anyhow::Result<Self> {
-        Self::with(None, redis_url, None, std::process::id()).await
+        Self::with(None, redis_url, Vec::new(), vec![std::process::id()]).await
     }
 
     async fn with(
         mysql: Option<MySqlPool>,
         redis_url: &str,
-        metrics_url: Option<String>,
-        daemon_pid: u32,
+        metrics_urls: Vec<String>,
+        daemon_pids: Vec<u32>,
     ) -> anyhow::Result<Self> {
         let redis = redis::Client::open(redis_url)?
             .get_multiplexed_async_connection()
             .await
             .context("connecting to Redis")?;
-        let mut processes = vec![("daemon", daemon_pid)];
+        let mut processes: Vec<(&'static str, u32)> =
+            daemon_pids.into_iter().map(|pid| ("daemon", pid)).collect();
         for (name, command) in [("MariaDB", "mariadbd"), ("Redis", "redis-server")] {
             if let Some(pid) = pid_of(command) {
                 processes.push((name, pid));
@@ -119,27 +133,33 @@ impl Meters {
         Ok(Self {
             mysql,
             redis,
-            metrics_url,
+            metrics_urls,
             http: awc::Client::default(),
             processes,
             ticks_per_second: clock_ticks_per_second(),
         })
     }
 
+    /// Every daemon's `/metrics`, one after another.
     async fn scrape(&self) -> anyhow::Result<String> {
-        let Some(url) = &self.metrics_url else {
+        if self.metrics_urls.is_empty() {
             anyhow::bail!("no daemon to scrape: its consumers run in this process");
-        };
-        let body = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .map_err(|error| anyhow::anyhow!("scraping {url}: {error}"))?
-            .body()
-            .limit(16 * 1024 * 1024)
-            .await?;
-        Ok(String::from_utf8_lossy(&body).into_owned())
+        }
+        let mut all = String::new();
+        for url in &self.metrics_urls {
+            let body = self
+                .http
+                .get(url)
+                .send()
+                .await
+                .map_err(|error| anyhow::anyhow!("scraping {url}: {error}"))?
+                .body()
+                .limit(16 * 1024 * 1024)
+                .await?;
+            all.push_str(&String::from_utf8_lossy(&body));
+            all.push('\n');
+        }
+        Ok(all)
     }
 
     /// Waits until the daemon has nothing left to do: no consumer group lags and no outbox
@@ -185,18 +205,20 @@ impl Meters {
             .query_async(&mut self.redis.clone())
             .await?;
         let redis_commands = info_field(&info, "total_commands_processed").unwrap_or(0);
-        let records_produced = match self.metrics_url {
-            Some(_) => Some(metric_sum(
+        let records_produced = if self.metrics_urls.is_empty() {
+            None
+        } else {
+            Some(metric_sum(
                 &self.scrape().await?,
                 "kafka_records_produced_total",
-            )),
-            None => None,
+            ))
         };
-        let cpu_us = self
-            .processes
-            .iter()
-            .filter_map(|(name, pid)| Some((*name, cpu_us_of(*pid, self.ticks_per_second)?)))
-            .collect();
+        let mut cpu_us: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for (name, pid) in &self.processes {
+            if let Some(us) = cpu_us_of(*pid, self.ticks_per_second) {
+                *cpu_us.entry(*name).or_default() += us;
+            }
+        }
         Ok(Reading {
             mysql,
             redis_commands,
@@ -355,7 +377,7 @@ fn metric_sum(exposition: &str, name: &str) -> f64 {
 }
 
 /// User + system CPU time of a process, in microseconds.
-fn cpu_us_of(pid: u32, ticks_per_second: u64) -> Option<u64> {
+pub fn cpu_us_of(pid: u32, ticks_per_second: u64) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     cpu_us_from_stat(&stat, ticks_per_second)
 }
@@ -370,7 +392,7 @@ fn cpu_us_from_stat(stat: &str, ticks_per_second: u64) -> Option<u64> {
     Some((utime + stime) * 1_000_000 / ticks_per_second.max(1))
 }
 
-fn clock_ticks_per_second() -> u64 {
+pub fn clock_ticks_per_second() -> u64 {
     std::process::Command::new("getconf")
         .arg("CLK_TCK")
         .output()

@@ -12,6 +12,8 @@ mod pipeline;
 mod progress;
 mod ranking;
 mod report;
+#[cfg(feature = "test-util")]
+mod scale;
 mod webhooks;
 
 use clap::{Parser, Subcommand};
@@ -46,6 +48,10 @@ enum Scenario {
     /// The fault-injection scenarios at a larger scale (build with `--features test-util`).
     #[cfg(feature = "test-util")]
     Faults(faults::Options),
+    /// The coupon flow through 1, 2 and 3 daemon processes in one consumer group on one
+    /// separate broker process (build with `--features test-util`).
+    #[cfg(feature = "test-util")]
+    Scale(scale::Options),
 }
 
 /// Settings for a scenario on the embedded cluster, that cluster (with `topic` and its
@@ -84,6 +90,8 @@ impl Scenario {
             Scenario::Webhooks(_) => "webhooks",
             #[cfg(feature = "test-util")]
             Scenario::Faults(_) => "faults",
+            #[cfg(feature = "test-util")]
+            Scenario::Scale(_) => "scale",
         }
     }
 }
@@ -99,6 +107,8 @@ fn main() -> anyhow::Result<()> {
         Scenario::Webhooks(options) => system.block_on(webhooks::run(options, &mut report)),
         #[cfg(feature = "test-util")]
         Scenario::Faults(options) => system.block_on(faults::run(options, &mut report)),
+        #[cfg(feature = "test-util")]
+        Scenario::Scale(options) => system.block_on(scale::run(options, &mut report)),
     };
     // What was measured before a failure is reported too.
     report.finish();
