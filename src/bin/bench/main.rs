@@ -8,6 +8,7 @@ mod costs;
 mod coupons;
 #[cfg(feature = "test-util")]
 mod faults;
+mod payments;
 mod pipeline;
 mod progress;
 mod ranking;
@@ -43,6 +44,9 @@ enum Scenario {
     /// Ranking updates through the RankingUpdater against raw pipelined ZINCRBY, and a
     /// replay that must count nothing.
     Ranking(ranking::Options),
+    /// Orders and payments through the daemon binary: payments/s, pay latency, and the lag
+    /// until the ranking counts them.
+    Payments(payments::Options),
     /// Webhook deliveries per ordering of `external-event-group`, through the daemon binary.
     Webhooks(webhooks::Options),
     /// The fault-injection scenarios at a larger scale (build with `--features test-util`).
@@ -87,6 +91,7 @@ impl Scenario {
             Scenario::Pipeline(_) => "pipeline",
             Scenario::Coupons(_) => "coupons",
             Scenario::Ranking(_) => "ranking",
+            Scenario::Payments(_) => "payments",
             Scenario::Webhooks(_) => "webhooks",
             #[cfg(feature = "test-util")]
             Scenario::Faults(_) => "faults",
@@ -104,6 +109,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Pipeline(options) => system.block_on(pipeline::run(options, &mut report)),
         Scenario::Coupons(options) => system.block_on(coupons::run(options, &mut report)),
         Scenario::Ranking(options) => system.block_on(ranking::run(options, &mut report)),
+        Scenario::Payments(options) => system.block_on(payments::run(options, &mut report)),
         Scenario::Webhooks(options) => system.block_on(webhooks::run(options, &mut report)),
         #[cfg(feature = "test-util")]
         Scenario::Faults(options) => system.block_on(faults::run(options, &mut report)),
