@@ -613,7 +613,8 @@ async fn push_latency(
     for user in first..first + LATENCY_USERS {
         let member = Members::of(user, members.addresses.len());
         let address = members.addresses[member].replace("http://", "ws://");
-        let (_, mut socket) = members.clients[member]
+        // A client of its own: a WebSocket holds its connection for good.
+        let (_, mut socket) = awc::Client::default()
             .ws(format!("{address}/ws?userId={user}"))
             .bearer_auth(members.token(user, false))
             .connect()
