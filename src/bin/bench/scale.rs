@@ -11,8 +11,9 @@
 //!    is counted by the clients; issued/s is the coupon's issued quantity over the time from
 //!    the first coupon issued to the last (sampled every 250 ms).
 //! 2. Push latency: `latency-rate` requests/s for `latency-seconds` from users with an open
-//!    WebSocket on their daemon (each round of users asks for a coupon of its own): the time
-//!    from sending a request to its result arriving on the socket. The result is pushed by
+//!    WebSocket on their daemon (each round of users asks for a coupon of its own; a user's
+//!    next request waits until its previous one is answered): the time from sending a
+//!    request to its result arriving on the socket. The result is pushed by
 //!    the result notifier of the daemon the user is connected to, whichever member decided
 //!    the request.
 //! 3. The shared checker (`commerce_events::faults`): accepted but lost or never decided,
@@ -635,6 +636,10 @@ async fn push_latency(
         }));
     }
     let sent: Rc<RefCell<HashMap<String, Instant>>> = Rc::default();
+    // A user's client sends its next request once the previous one is answered (the order
+    // the checker holds the users to).
+    let turns: Rc<Vec<Rc<tokio::sync::Mutex<()>>>> =
+        Rc::new((0..LATENCY_USERS).map(|_| Rc::default()).collect());
     let tick = Duration::from_millis(5);
     let per_tick = (options.latency_rate as f64 * tick.as_secs_f64())
         .round()
@@ -652,7 +657,9 @@ async fn push_latency(
             let coupon = coupons[((next / LATENCY_USERS) as usize).min(coupons.len() - 1)];
             next += 1;
             let (members, ledger, sent) = (members.clone(), ledger.clone(), sent.clone());
+            let turn = turns[((user - first) as usize) % turns.len()].clone();
             requests.push(actix_rt::spawn(async move {
+                let _turn = turn.lock().await;
                 let at = Instant::now();
                 if let Ok(request_id) = members.issue(user, coupon).await {
                     sent.borrow_mut().insert(request_id.clone(), at);
