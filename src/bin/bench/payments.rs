@@ -52,6 +52,9 @@ pub struct Options {
     pub seconds: u64,
 }
 
+/// Readings of the ranking: when, and the units counted by product.
+type Readings = Vec<(Instant, BTreeMap<u64, u64>)>;
+
 /// One payment as its client saw it.
 struct Paid {
     product: u64,
@@ -154,7 +157,7 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
     meters.wait_settled().await?;
 
     let before = meters.read().await?;
-    let readings: Rc<RefCell<Vec<(Instant, BTreeMap<u64, u64>)>>> = Rc::default();
+    let readings: Rc<RefCell<Readings>> = Rc::default();
     let reading = Rc::new(std::cell::Cell::new(true));
     let reader = actix_rt::spawn({
         let (shop, readings, reading) = (shop.clone(), readings.clone(), reading.clone());
@@ -299,7 +302,7 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
 
 /// For each payment, the ms from its answer to the first reading of the ranking that counts
 /// it (the k-th unit of its product answered, against readings of at least k units).
-fn ranking_lags(paid: &[Paid], readings: &[(Instant, BTreeMap<u64, u64>)]) -> Vec<f64> {
+fn ranking_lags(paid: &[Paid], readings: &Readings) -> Vec<f64> {
     let mut by_product: BTreeMap<u64, Vec<Instant>> = BTreeMap::new();
     for payment in paid {
         by_product
