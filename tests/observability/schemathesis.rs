@@ -53,7 +53,10 @@ async fn schemathesis_finds_no_server_error_and_no_answer_off_the_schema() {
         .args(["-H", &format!("Authorization: Bearer {token}")])
         .args(["--phases", "examples,coverage,fuzzing,stateful"])
         .args(["--max-examples", "30", "--seed", "1"])
-        .args(["--workers", "2", "--request-timeout", "30"])
+        // One worker: with two, CPython 3.11 once failed inside schemathesis ("AST
+        // constructor recursion depth mismatch", a race in its compiler between threads),
+        // an error of the tool, not of the API.
+        .args(["--workers", "1", "--request-timeout", "30"])
         .args(["--generation-database", "none", "--no-color"]);
     for path in STREAMS {
         command.args(["--exclude-path", path]);
