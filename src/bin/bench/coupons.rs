@@ -530,17 +530,7 @@ impl Daemon {
 
     /// Waits until the daemon answers `/readyz` with success (60 s at most).
     pub(crate) async fn wait_until_ready(&self) -> anyhow::Result<()> {
-        let client = awc::Client::default();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(response) = client.get(format!("{}/readyz", self.address)).send().await
-                && response.status().is_success()
-            {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        bail!("the daemon did not become ready")
+        wait_until_ready(&self.address).await
     }
 
     pub(crate) fn pid(&self) -> u32 {
@@ -561,6 +551,21 @@ impl Daemon {
         }
         Ok(())
     }
+}
+
+/// Waits until the daemon at `address` answers `/readyz` with success (60 s at most).
+pub(crate) async fn wait_until_ready(address: &str) -> anyhow::Result<()> {
+    let client = awc::Client::default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(response) = client.get(format!("{address}/readyz")).send().await
+            && response.status().is_success()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the daemon at {address} did not become ready")
 }
 
 /// The first user id of the backlog phase and of the push-latency phase (the intake's

@@ -46,7 +46,7 @@ use serde_json::{Value, json};
 
 use crate::chart::nearest_rank;
 use crate::costs::{CostTable, Costs, Meters, clock_ticks_per_second, cpu_us_of};
-use crate::coupons::drop_database;
+use crate::coupons::{drop_database, wait_until_ready};
 use crate::report::{Cell, Column, Report, Table};
 
 const JWT_SECRET: &str = "bench-secret-of-the-scale-scenario";
@@ -352,12 +352,12 @@ async fn one_run(
     };
     // The first member creates and migrates the database before the others start.
     let mut daemons = vec![start(0)];
-    wait_ready(&daemons[0].address).await?;
+    wait_until_ready(&daemons[0].address).await?;
     for member in 1..count {
         daemons.push(start(member));
     }
     for daemon in &daemons {
-        wait_ready(&daemon.address).await?;
+        wait_until_ready(&daemon.address).await?;
     }
     let mut settings = Settings::default();
     settings.auth.jwt_secret = SecretString::from(JWT_SECRET);
@@ -584,20 +584,6 @@ fn requests_partitions(daemon: &Daemon, group: &str) -> usize {
         .iter()
         .filter(|partition| partition.starts_with("coupon-requests["))
         .count()
-}
-
-async fn wait_ready(address: &str) -> anyhow::Result<()> {
-    let client = awc::Client::default();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if let Ok(response) = client.get(format!("{address}/readyz")).send().await
-            && response.status().is_success()
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("the daemon at {address} did not become ready")
 }
 
 /// Requests at `latency_rate` from users with a WebSocket open on their own daemon; the
