@@ -688,6 +688,8 @@ pub struct Daemon {
     child: Option<Child>,
     pub address: String,
     rebalances: Arc<Mutex<Vec<Rebalance>>>,
+    /// The ERROR lines it has logged, as they were written.
+    errors: Arc<Mutex<Vec<String>>>,
 }
 
 /// A change of a daemon's assignment, from its log.
@@ -828,14 +830,19 @@ impl Daemon {
         let stdout = child.stdout.take().expect("stdout is piped");
         let (sender, receiver) = std::sync::mpsc::channel::<String>();
         let rebalances = Arc::new(Mutex::new(Vec::new()));
+        let errors = Arc::new(Mutex::new(Vec::new()));
         // Reads every line for as long as the daemon runs (a full pipe would stall it).
         std::thread::spawn({
             let rebalances = rebalances.clone();
+            let errors = errors.clone();
             move || {
                 for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                     let Ok(entry) = serde_json::from_str::<Value>(&line) else {
                         continue;
                     };
+                    if entry["level"] == "ERROR" {
+                        errors.lock().unwrap().push(line.clone());
+                    }
                     if entry["message"] == "HTTP listening"
                         && let Some(address) = entry["address"].as_str()
                     {
@@ -853,12 +860,18 @@ impl Daemon {
             child: Some(child),
             address,
             rebalances,
+            errors,
         }
     }
 
     /// The process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// The ERROR lines this daemon logs, as they come (kept after it exits).
+    pub fn error_log(&self) -> Arc<Mutex<Vec<String>>> {
+        self.errors.clone()
     }
 
     /// The assignments and revocations this daemon has logged so far.

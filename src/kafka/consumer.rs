@@ -5,11 +5,14 @@
 //! commit callbacks are only served while that queue is polled (rust-rdkafka issue 738).
 //!
 //! When partitions are assigned, the rebalance callback (on that thread) splits each
-//! partition off into its own queue and hands the queues to a [`RebalanceListener`] (the
-//! consumer-group actor), which starts one partition actor per queue. Splitting there, after
-//! the assignment, is deliberate: splitting before `subscribe` made group joins stall for
-//! many seconds on the mock cluster, and an application-level split is never undone by
-//! librdkafka's own fetch start.
+//! partition off into its own queue, then assigns them, and hands the queues to a
+//! [`RebalanceListener`] (the consumer-group actor), which starts one partition actor per
+//! queue. Splitting there is deliberate: splitting before `subscribe` made group joins stall
+//! for many seconds on the mock cluster. Splitting before the assignment is too: an
+//! application-level split is never undone by librdkafka's own fetch start, whereas a split
+//! after it races the partition's first fetch, whose records would land on the group queue
+//! (they did, under load: the first record of a partition handed back in a rolling restart
+//! was skipped there, and its user's later requests were decided before it).
 //!
 //! When partitions are revoked (a rebalance, or closing the consumer on shutdown) the
 //! callback asks the listener to drain them and commits the offsets it reports,
@@ -239,6 +242,48 @@ impl GroupContext {
             }
         }
     }
+
+    /// Splits each partition of `list` off into its own queue. Done before the partitions
+    /// are assigned: librdkafka's fetch start leaves a queue the application forwarded
+    /// alone, so every record of the assignment reaches its partition's queue.
+    fn split_queues(&self, list: &TopicPartitionList) -> Vec<(TopicPartition, PartitionRecords)> {
+        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
+            error!(group = %self.group_id, "assignment after the consumer was dropped");
+            return Vec::new();
+        };
+        partitions_of(list)
+            .into_iter()
+            .filter_map(|partition| {
+                let queue = consumer.split_partition_queue(&partition.topic, partition.partition);
+                if queue.is_none() {
+                    error!(group = %self.group_id, %partition, "cannot split partition queue");
+                }
+                queue.map(|queue| (partition, PartitionRecords::new(queue)))
+            })
+            .collect()
+    }
+
+    /// Gives the newly assigned partitions' queues to the listener (paused first when the
+    /// group is paused).
+    fn hand_over(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        list: &TopicPartitionList,
+        queues: Vec<(TopicPartition, PartitionRecords)>,
+    ) {
+        info!(group = %self.group_id, partitions = %names(&partitions_of(list)), "partitions assigned");
+        let Some(owner) = self.consumer.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        if self.health.paused()
+            && let Err(error) = consumer.pause(list)
+        {
+            warn!(group = %self.group_id, %error, "cannot keep newly assigned partitions paused");
+        }
+        self.listener
+            .assigned(queues, OffsetCommitter { consumer: owner });
+        self.health.assignments.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 impl ConsumerContext for GroupContext {
@@ -259,13 +304,16 @@ impl ConsumerContext for GroupContext {
                 if self.uncommitted_start == UncommittedStart::End {
                     self.start_uncommitted_at_end(consumer, list);
                 }
-                self.pre_rebalance(consumer, &Rebalance::Assign(list));
+                // Split before assigning: once assigned, a partition's first fetch may
+                // complete at any moment, and what it brings before the split would land on
+                // the group queue, out of its partition's order.
+                let queues = self.split_queues(list);
                 let assigned = if cooperative {
                     consumer.incremental_assign(list)
                 } else {
                     consumer.assign(list)
                 };
-                self.post_rebalance(consumer, &Rebalance::Assign(list));
+                self.hand_over(consumer, list, queues);
                 assigned
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -328,37 +376,8 @@ impl ConsumerContext for GroupContext {
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(list) => {
-                let partitions = partitions_of(list);
-                info!(group = %self.group_id, partitions = %names(&partitions), "partitions assigned");
-                let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
-                    error!(group = %self.group_id, "assignment after the consumer was dropped");
-                    return;
-                };
-                let queues: Vec<_> = partitions
-                    .into_iter()
-                    .filter_map(|partition| {
-                        let queue =
-                            consumer.split_partition_queue(&partition.topic, partition.partition);
-                        if queue.is_none() {
-                            error!(group = %self.group_id, %partition, "cannot split partition queue");
-                        }
-                        queue.map(|queue| (partition, PartitionRecords::new(queue)))
-                    })
-                    .collect();
-                if self.health.paused()
-                    && let Err(error) = consumer.pause(list)
-                {
-                    warn!(group = %self.group_id, %error, "cannot keep newly assigned partitions paused");
-                }
-                self.listener.assigned(queues, OffsetCommitter { consumer });
-                self.health.assignments.fetch_add(1, Ordering::AcqRel);
-            }
-            Rebalance::Revoke(_) => {}
-            Rebalance::Error(error) => {
-                warn!(group = %self.group_id, %error, "rebalance error");
-            }
+        if let Rebalance::Error(error) = rebalance {
+            warn!(group = %self.group_id, %error, "rebalance error");
         }
     }
 
