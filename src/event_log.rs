@@ -64,6 +64,8 @@ pub enum Move {
     /// The broker acknowledged the event (its publisher, or the relay).
     Publish,
     /// A consumer takes the event for a delivery attempt (the forwarder's first attempt).
+    /// Never from FAILED: a redelivered record of an event whose retry is scheduled (or
+    /// parked) leaves it to the retry scheduler, which makes the attempt when it is due.
     Take,
     /// The retry scheduler claims a due retry, or an attempt whose lease ran out (its
     /// instance is gone): IN_PROGRESS → IN_PROGRESS takes the lease over.
@@ -101,7 +103,7 @@ impl Move {
         use EventStatus::*;
         match self {
             Move::Publish => &[Pending],
-            Move::Take => &[Pending, Published, Failed],
+            Move::Take => &[Pending, Published],
             Move::Claim => &[Failed, InProgress],
             Move::Complete => &[Pending, Published, InProgress, Failed],
             Move::Fail => &[Pending, Published, InProgress],
@@ -822,6 +824,8 @@ mod tests {
     #[test]
     fn a_first_attempt_never_takes_an_event_another_attempt_holds() {
         assert!(!Move::Take.from().contains(&EventStatus::InProgress));
+        // Nor a scheduled retry ahead of its time, when the partition redelivers its record.
+        assert!(!Move::Take.from().contains(&EventStatus::Failed));
         // Only the scheduler's claim takes over a lease, and only once it ran out.
         assert!(Move::Claim.from().contains(&EventStatus::InProgress));
     }

@@ -226,21 +226,22 @@ async fn wait_for_status(app: &TestApp, id: EventId, status: EventStatus) -> Eve
 
 /// Waits until `failed` attempts have failed and the next one is scheduled; returns when.
 async fn wait_until_scheduled(app: &TestApp, id: EventId, failed: i32) -> DateTime<Utc> {
-    eventually(
-        &format!("event {id} scheduled after {failed} failed attempts"),
-        WAIT,
-        || async {
-            app.event(id).await.is_some_and(|record| {
-                record.status == EventStatus::Failed && record.retry_count == failed
-            })
-        },
-    )
-    .await;
-    app.event(id)
-        .await
-        .unwrap()
-        .next_attempt_at
-        .expect("a due time")
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let record = app.event(id).await;
+        if let Some(record) = &record
+            && record.status == EventStatus::Failed
+            && record.retry_count == failed
+        {
+            return record.next_attempt_at.expect("a due time");
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for event {id} to be scheduled after {failed} \
+             failed attempts; it is {record:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn timestamps(deliveries: &[Received]) -> Vec<i64> {
