@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 
 use crate::helpers::{TestApp, spawn_app_with_clock};
-use crate::support::{eventually, read_records};
+use crate::support::{eventually, eventually_found, read_records};
 
 const WAIT: Duration = Duration::from_secs(30);
 /// The signing secret of these tests, in the Standard Webhooks form.
@@ -226,22 +226,21 @@ async fn wait_for_status(app: &TestApp, id: EventId, status: EventStatus) -> Eve
 
 /// Waits until `failed` attempts have failed and the next one is scheduled; returns when.
 async fn wait_until_scheduled(app: &TestApp, id: EventId, failed: i32) -> DateTime<Utc> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let record = app.event(id).await;
-        if let Some(record) = &record
-            && record.status == EventStatus::Failed
-            && record.retry_count == failed
-        {
-            return record.next_attempt_at.expect("a due time");
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for event {id} to be scheduled after {failed} \
-             failed attempts; it is {record:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_found(
+        &format!("event {id} scheduled after {failed} failed attempts"),
+        WAIT,
+        || async {
+            match app.event(id).await {
+                Some(record)
+                    if record.status == EventStatus::Failed && record.retry_count == failed =>
+                {
+                    Ok(record.next_attempt_at.expect("a due time"))
+                }
+                seen => Err(Some(format!("{seen:?}"))),
+            }
+        },
+    )
+    .await
 }
 
 fn timestamps(deliveries: &[Received]) -> Vec<i64> {
