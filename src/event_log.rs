@@ -746,22 +746,43 @@ impl EventLog {
     /// Locks up to `limit` rows that stayed PENDING for longer than `older_than`, skipping
     /// rows another relay instance holds. The caller publishes them and marks them
     /// PUBLISHED before committing.
+    ///
+    /// The search itself does not lock: a locking range scan in InnoDB also locks the first
+    /// index entry past the range, here the oldest row still younger than `older_than`,
+    /// which is usually a request's own row. That lock would last the whole relay
+    /// transaction (publishing included): the request's own PUBLISHED mark would wait for
+    /// it, and another relay would skip the row. So the candidates are found by a plain
+    /// read and only they are locked, by primary key.
     pub async fn lock_unpublished(
         connection: &mut MySqlConnection,
         older_than: Duration,
         limit: u32,
     ) -> Result<Vec<UnpublishedEvent>, EventLogError> {
-        let rows: Vec<StoredEvent> = sqlx::query_as(concat!(
-            select_event_columns!(),
-            "WHERE published_at IS NULL AND status = ? \
+        let candidates: Vec<EventId> = sqlx::query_scalar(
+            "SELECT event_id FROM event_log WHERE published_at IS NULL AND status = ? \
              AND created_at < NOW(6) - INTERVAL ? MICROSECOND \
-             ORDER BY created_at LIMIT ? FOR UPDATE SKIP LOCKED"
-        ))
+             ORDER BY created_at LIMIT ?",
+        )
         .bind(EventStatus::Pending)
         .bind(older_than.as_micros() as u64)
         .bind(limit)
-        .fetch_all(connection)
+        .fetch_all(&mut *connection)
         .await?;
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut select = sqlx::QueryBuilder::new(concat!(
+            select_event_columns!(),
+            "WHERE published_at IS NULL AND status = "
+        ));
+        select.push_bind(EventStatus::Pending);
+        select.push(" AND event_id IN (");
+        let mut separated = select.separated(", ");
+        for id in &candidates {
+            separated.push_bind(*id);
+        }
+        select.push(") ORDER BY created_at FOR UPDATE SKIP LOCKED");
+        let rows: Vec<StoredEvent> = select.build_query_as().fetch_all(connection).await?;
         Ok(rows
             .into_iter()
             .map(|row| {

@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use commerce_events::event_log::{EventLog, EventStatus};
+use commerce_events::event_log::{EventLog, EventStatus, Move, StatusChange};
 
 use crate::helpers::spawn_app;
 use crate::support::eventually;
@@ -61,6 +61,42 @@ async fn the_relay_leaves_fresh_pending_rows_to_their_request() {
         app.event(event_id).await.unwrap().status,
         EventStatus::Pending
     );
+}
+
+#[actix_web::test]
+async fn a_relay_pass_locks_no_row_younger_than_its_threshold() {
+    let app = spawn_app_with_slow_relay().await;
+    let event_id = app.commit_unpublished_probe("young").await;
+
+    // A relay pass in progress: its transaction is open and found nothing old enough.
+    let mut relay = app.event_log.pool().begin().await.unwrap();
+    let old_enough = EventLog::lock_unpublished(&mut relay, Duration::from_secs(60), 10)
+        .await
+        .unwrap();
+    assert!(old_enough.is_empty());
+
+    // The young row is still free: the request's own PUBLISHED mark does not wait for the
+    // pass, and another relay that takes any age finds it.
+    let mut other = app.event_log.pool().acquire().await.unwrap();
+    sqlx::query("SET SESSION innodb_lock_wait_timeout = 1")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let mut other_relay = sqlx::Connection::begin(&mut *other).await.unwrap();
+    let any_age = EventLog::lock_unpublished(&mut other_relay, Duration::ZERO, 10)
+        .await
+        .unwrap();
+    assert_eq!(any_age.len(), 1, "the pass locked the young row");
+    other_relay.rollback().await.unwrap();
+    let marked = EventLog::change_status_of_many_in(
+        &mut other,
+        &[event_id],
+        StatusChange::new(Move::Publish),
+    )
+    .await
+    .expect("the PUBLISHED mark does not wait for the relay's lock");
+    assert_eq!(marked, 1);
+    relay.rollback().await.unwrap();
 }
 
 async fn spawn_app_with_slow_relay() -> crate::helpers::TestApp {
