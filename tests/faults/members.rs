@@ -19,7 +19,7 @@ use commerce_events::startup::{COUPON_REQUEST_GROUP, RESULT_NOTIFIER_GROUP_PREFI
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use crate::support::{TEST_JWT_SECRET, TestDatabase, eventually};
+use crate::support::{TEST_JWT_SECRET, TestDatabase, eventually, eventually_found};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_commerce-events");
 /// The members' session timeout: a SIGKILLed member's partitions must move within it (and
@@ -391,8 +391,13 @@ impl Group {
         let target = (self.clients.accepted() + more).min(USERS * COUPONS as u64);
         // Generous: with other drills beside it on two cores, a classic rebalance takes
         // tens of seconds and the clients' pace drops.
-        eventually("the load goes on", Duration::from_secs(120), || async {
-            self.clients.accepted() >= target
+        eventually_found("the load goes on", Duration::from_secs(120), || async {
+            let accepted = self.clients.accepted();
+            if accepted >= target {
+                Ok(())
+            } else {
+                Err(Some(format!("{accepted} of {target} requests accepted")))
+            }
         })
         .await;
     }

@@ -26,7 +26,7 @@ use secrecy::ExposeSecret;
 use serde_json::Value;
 
 use crate::helpers::{TestApp, spawn_app_with};
-use crate::support::{TEST_JWT_SECRET, TestDatabase, eventually};
+use crate::support::{TEST_JWT_SECRET, TestDatabase, eventually, eventually_found};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_commerce-events");
 /// How long the outages last.
@@ -403,10 +403,20 @@ async fn a_second_member_joining_and_leaving_under_load_loses_and_repeats_nothin
     })
     .await;
     let joined_at = clients.accepted();
-    eventually(
+    eventually_found(
         "load while both members share the group",
         Duration::from_secs(60),
-        || async { clients.accepted() >= joined_at + 150 },
+        || async {
+            let accepted = clients.accepted();
+            if accepted >= joined_at + 150 {
+                Ok(())
+            } else {
+                Err(Some(format!(
+                    "{accepted} requests accepted, {} wanted",
+                    joined_at + 150
+                )))
+            }
+        },
     )
     .await;
     second
