@@ -54,6 +54,9 @@ pub struct Options {
     /// Requests written while the issuer is paused, then issued from the backlog.
     #[arg(long, default_value_t = 150_000)]
     pub backlog: u64,
+    /// Coupons the backlog asks for, round robin (1: one hot coupon).
+    #[arg(long, default_value_t = 1)]
+    pub backlog_coupons: u64,
     /// Concurrent HTTP clients.
     #[arg(long, default_value_t = 1024)]
     pub clients: usize,
@@ -199,6 +202,7 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
             .group_id(commerce_events::startup::COUPON_REQUEST_GROUP),
         options.clients,
         options.backlog,
+        options.backlog_coupons,
         &mut timeline,
         (&meters, &mut costs),
     )
@@ -269,7 +273,8 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
     ]);
     table.row(vec![
         Cell::text(format!(
-            "coupons issued/s, one hot coupon (a backlog of {})",
+            "coupons issued/s, {} (a backlog of {})",
+            coupons_named(options.backlog_coupons),
             issuance.issued
         )),
         Cell::number(issuance.per_second, 0),
@@ -725,6 +730,15 @@ impl Api {
 
     /// Reads the coupon's issued quantity; a pooled connection the server closed for idling
     /// is retried.
+    /// The coupons' issued quantities summed.
+    async fn issued_total(&self, coupon_ids: &[u64]) -> anyhow::Result<u64> {
+        let mut total = 0;
+        for coupon_id in coupon_ids {
+            total += self.issued_quantity(*coupon_id).await?;
+        }
+        Ok(total)
+    }
+
     async fn issued_quantity(&self, coupon_id: u64) -> anyhow::Result<u64> {
         let mut attempt = 0;
         loop {
@@ -748,18 +762,32 @@ impl Api {
     }
 }
 
-/// Pauses the issuer's group, has `backlog` requests accepted for a fresh hot coupon, resumes
-/// the group and times the issuing of the backlog.
+/// "one hot coupon", or "N coupons".
+fn coupons_named(count: u64) -> String {
+    match count {
+        0 | 1 => "one hot coupon".to_string(),
+        count => format!("{count} coupons"),
+    }
+}
+
+/// Pauses the issuer's group, has `backlog` requests accepted for `coupons` fresh coupons
+/// (round robin over the users), resumes the group and times the issuing of the backlog.
+#[allow(clippy::too_many_arguments)]
 async fn measure_issuance(
     control: &Api,
     load: &Api,
     issuer_group: &str,
     clients: usize,
     backlog: u64,
+    coupons: u64,
     timeline: &mut Timeline,
     (meters, costs): (&Meters, &mut CostTable),
 ) -> anyhow::Result<Issuance> {
-    let coupon_id = control.create_coupon(10_000_000).await?;
+    let mut coupon_ids = Vec::new();
+    for _ in 0..coupons.max(1) {
+        coupon_ids.push(control.create_coupon(10_000_000).await?);
+    }
+    let coupon_ids = Rc::new(coupon_ids);
     let before_writing = meters.read().await?;
     control
         .admin(&format!("/admin/consumer-groups/{issuer_group}/pause"))
@@ -772,13 +800,14 @@ async fn measure_issuance(
     let bar = progress::counting("backlog write", backlog);
     let workers: Vec<_> = (0..clients)
         .map(|_| {
-            let (load, next_user, remaining, failures, abandoned, bar) = (
+            let (load, next_user, remaining, failures, abandoned, bar, coupon_ids) = (
                 load.clone(),
                 next_user.clone(),
                 remaining.clone(),
                 failures.clone(),
                 abandoned.clone(),
                 bar.clone(),
+                coupon_ids.clone(),
             );
             actix_rt::spawn(async move {
                 while remaining
@@ -790,6 +819,7 @@ async fn measure_issuance(
                     // A request that failed is sent again for the same user: a repeat is
                     // answered with the first request, so nothing is counted twice.
                     let user = next_user.fetch_add(1, Ordering::Relaxed);
+                    let coupon_id = coupon_ids[(user % coupon_ids.len() as u64) as usize];
                     let mut attempts = 0;
                     let accepted = loop {
                         let Err(error) = load.issue_accepted(user, coupon_id).await else {
@@ -822,7 +852,7 @@ async fn measure_issuance(
     }
     // The users whose requests were never accepted are not waited for.
     let backlog = backlog - abandoned;
-    if control.issued_quantity(coupon_id).await? != 0 {
+    if control.issued_total(&coupon_ids).await? != 0 {
         bail!("the issuer consumed while paused");
     }
     let before_issuing = meters.read().await?;
@@ -839,7 +869,7 @@ async fn measure_issuance(
     let deadline = resumed + Duration::from_secs(600);
     let bar = progress::counting("backlog issuance", backlog);
     loop {
-        let issued = control.issued_quantity(coupon_id).await?;
+        let issued = control.issued_total(&coupon_ids).await?;
         bar.set_position(issued.min(backlog));
         if issued >= backlog {
             bar.finish_and_clear();
