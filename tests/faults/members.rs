@@ -19,7 +19,8 @@ use commerce_events::startup::{COUPON_REQUEST_GROUP, RESULT_NOTIFIER_GROUP_PREFI
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use crate::support::{TEST_JWT_SECRET, TestDatabase, eventually, eventually_found};
+use crate::accepted_reach;
+use crate::support::{TEST_JWT_SECRET, TestDatabase, eventually};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_commerce-events");
 /// The members' session timeout: a SIGKILLed member's partitions must move within it (and
@@ -391,14 +392,12 @@ impl Group {
         let target = (self.clients.accepted() + more).min(USERS * COUPONS as u64);
         // Generous: with other drills beside it on two cores, a classic rebalance takes
         // tens of seconds and the clients' pace drops.
-        eventually_found("the load goes on", Duration::from_secs(120), || async {
-            let accepted = self.clients.accepted();
-            if accepted >= target {
-                Ok(())
-            } else {
-                Err(Some(format!("{accepted} of {target} requests accepted")))
-            }
-        })
+        accepted_reach(
+            &self.clients,
+            target,
+            "the load goes on",
+            Duration::from_secs(120),
+        )
         .await;
     }
 
@@ -661,11 +660,13 @@ fn longest_pause(members: &[&Daemon], group: &str, since: Instant) -> Duration {
 
 #[actix_web::test]
 async fn members_joining_leaving_and_dying_under_load_lose_repeat_and_reorder_nothing() {
+    let _slot = crate::drill_slot();
     members_join_die_and_leave(Membership::Cooperative).await;
 }
 
 #[actix_web::test]
 async fn on_the_consumer_protocol_members_joining_leaving_and_dying_lose_nothing() {
+    let _slot = crate::drill_slot();
     members_join_die_and_leave(Membership::StaticConsumerProtocol).await;
 }
 
@@ -843,6 +844,7 @@ async fn rolling_restart(membership: Membership) -> usize {
 
 #[actix_web::test]
 async fn a_rolling_restart_with_static_members_moves_no_partition_of_a_member_that_stays() {
+    let _slot = crate::drill_slot();
     let moved = rolling_restart(Membership::StaticConsumerProtocol).await;
     assert_eq!(
         moved, 0,
@@ -852,6 +854,7 @@ async fn a_rolling_restart_with_static_members_moves_no_partition_of_a_member_th
 
 #[actix_web::test]
 async fn a_rolling_restart_with_eager_rebalancing_loses_nothing() {
+    let _slot = crate::drill_slot();
     // The comparison: every restart makes the member that stays give up its partitions.
     let moved = rolling_restart(Membership::Eager).await;
     assert!(moved > 0, "eager rebalancing revokes everything, twice");

@@ -25,8 +25,9 @@ use commerce_events::startup::COUPON_REQUEST_GROUP;
 use secrecy::ExposeSecret;
 use serde_json::Value;
 
+use crate::accepted_reach;
 use crate::helpers::{TestApp, spawn_app_with};
-use crate::support::{TEST_JWT_SECRET, TestDatabase, eventually, eventually_found};
+use crate::support::{TEST_JWT_SECRET, TestDatabase, eventually};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_commerce-events");
 /// How long the outages last.
@@ -98,10 +99,11 @@ async fn crash_under_load_with_a_backlog(signal: &str, brokers: Option<&str>) {
     clients.load(151..=450, coupon, 8).await;
     let load = clients.load_in_background(451..=800, coupon, 200);
     let accepted_before = clients.accepted();
-    eventually(
+    accepted_reach(
+        &clients,
+        accepted_before + 50,
         "more requests accepted under load",
         Duration::from_secs(60),
-        || async { clients.accepted() >= accepted_before + 50 },
     )
     .await;
     first.signal(signal);
@@ -129,11 +131,13 @@ async fn crash_under_load_with_a_backlog(signal: &str, brokers: Option<&str>) {
 
 #[actix_web::test]
 async fn sigkill_under_coupon_load_with_a_backlog_loses_and_strands_nothing() {
+    let _slot = crate::drill_slot();
     crash_under_load_with_a_backlog("-KILL", None).await;
 }
 
 #[actix_web::test]
 async fn sigkill_against_a_separate_broker_process_loses_and_strands_nothing() {
+    let _slot = crate::drill_slot();
     // The broker outlives the daemon: the restarted daemon rejoins the groups the killed
     // one held (the broker expires the dead member after the session timeout) and goes on
     // from the committed offsets.
@@ -143,6 +147,7 @@ async fn sigkill_against_a_separate_broker_process_loses_and_strands_nothing() {
 
 #[actix_web::test]
 async fn sigterm_under_coupon_load_with_a_backlog_loses_and_strands_nothing() {
+    let _slot = crate::drill_slot();
     crash_under_load_with_a_backlog("-TERM", None).await;
 }
 
@@ -183,6 +188,7 @@ async fn outage_under_load(
 
 #[actix_web::test]
 async fn the_broker_down_for_30_seconds_under_load_loses_nothing() {
+    let _slot = crate::drill_slot();
     let app = spawn_app_with(fault_settings).await;
     let kafka = embedded(&app);
     let (ledger, _, recovery) = outage_under_load(
@@ -206,6 +212,7 @@ async fn the_broker_down_for_30_seconds_under_load_loses_nothing() {
 
 #[actix_web::test]
 async fn mysql_cut_for_30_seconds_under_load_answers_503_fast_and_loses_nothing() {
+    let _slot = crate::drill_slot();
     let proxy = TcpProxy::start("127.0.0.1:3306".parse().unwrap());
     let port = proxy.port;
     let app = spawn_app_with(move |settings| {
@@ -237,6 +244,7 @@ const PAID_DURING_THE_CUT: u64 = 10;
 
 #[actix_web::test]
 async fn redis_cut_for_30_seconds_under_load_loses_nothing() {
+    let _slot = crate::drill_slot();
     let proxy = TcpProxy::start("127.0.0.1:6379".parse().unwrap());
     let port = proxy.port;
     let app = spawn_app_with(move |settings| {
@@ -302,6 +310,7 @@ async fn redis_cut_for_30_seconds_under_load_loses_nothing() {
 
 #[actix_web::test]
 async fn a_poisoned_coupon_row_fails_only_its_own_requests() {
+    let _slot = crate::drill_slot();
     let app = spawn_app_with(fault_settings).await;
     let good = app.create_coupon(100).await;
     let poisoned = app.create_coupon(100).await;
@@ -380,6 +389,7 @@ async fn a_poisoned_coupon_row_fails_only_its_own_requests() {
 
 #[actix_web::test]
 async fn a_second_member_joining_and_leaving_under_load_loses_and_repeats_nothing() {
+    let _slot = crate::drill_slot();
     let first = spawn_app_with(fault_settings).await;
     // Every user asks for three coupons, one after the other: the checker holds that each
     // user's coupons were issued in that order, across the partitions moving twice.
@@ -391,10 +401,7 @@ async fn a_second_member_joining_and_leaving_under_load_loses_and_repeats_nothin
     let clients = Clients::new(&first.address, &first.settings);
     let load = clients.load_in_order_in_background(1..=600, coupons.clone(), 30);
     let (brokers, database) = (first.bootstrap_servers(), first.database_url());
-    eventually("load under way", Duration::from_secs(60), || async {
-        clients.accepted() >= 100
-    })
-    .await;
+    accepted_reach(&clients, 100, "load under way", Duration::from_secs(60)).await;
     let mut second = spawn_app_with(move |settings| {
         fault_settings(settings);
         settings.instance.id = "second".into();
@@ -403,20 +410,11 @@ async fn a_second_member_joining_and_leaving_under_load_loses_and_repeats_nothin
     })
     .await;
     let joined_at = clients.accepted();
-    eventually_found(
+    accepted_reach(
+        &clients,
+        joined_at + 150,
         "load while both members share the group",
         Duration::from_secs(60),
-        || async {
-            let accepted = clients.accepted();
-            if accepted >= joined_at + 150 {
-                Ok(())
-            } else {
-                Err(Some(format!(
-                    "{accepted} requests accepted, {} wanted",
-                    joined_at + 150
-                )))
-            }
-        },
     )
     .await;
     second
