@@ -499,6 +499,11 @@ pub struct ReconcileSettings {
     /// `after_ms` for particular event types (by their names, for example
     /// `OrderCompleted`), where it must differ.
     pub after_ms_by_event_type: BTreeMap<String, u64>,
+    /// `after_ms` (at most) for the events recorded proven, whose rows are never marked
+    /// PUBLISHED (coupon requests and results): the reconciler is what publishes them again
+    /// when their publication failed, as the relay does for rows left PENDING after
+    /// `outbox.republish_after_ms`.
+    pub proven_after_ms: u64,
     /// How often the reconciler looks.
     pub interval_ms: u64,
     /// Event-log rows read per consumer and pass.
@@ -511,6 +516,7 @@ impl Default for ReconcileSettings {
             enabled: true,
             after_ms: 30_000,
             after_ms_by_event_type: BTreeMap::new(),
+            proven_after_ms: 5_000,
             interval_ms: 5_000,
             batch_size: 1_000,
         }
@@ -518,13 +524,19 @@ impl Default for ReconcileSettings {
 }
 
 impl ReconcileSettings {
-    /// How long events of `event_type` may stay unsettled before they are driven again.
-    pub fn after(&self, event_type: &str) -> Duration {
+    /// How long events of `event_type` may stay unsettled before they are driven again;
+    /// `proven`: its events are recorded proven.
+    pub fn after(&self, event_type: &str, proven: bool) -> Duration {
+        let default = if proven {
+            self.proven_after_ms.min(self.after_ms)
+        } else {
+            self.after_ms
+        };
         Duration::from_millis(
             self.after_ms_by_event_type
                 .get(event_type)
                 .copied()
-                .unwrap_or(self.after_ms),
+                .unwrap_or(default),
         )
     }
 }

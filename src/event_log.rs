@@ -398,6 +398,26 @@ impl<'a> StatusChange<'a> {
     }
 }
 
+/// How a row enters the event log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// Not published yet: the publisher marks it PUBLISHED, or the relay publishes it.
+    Pending,
+    /// PUBLISHED from its insert on, `published_at` the insert's time: its consumer's
+    /// progress proves the publication (the reconciler drives an event its consumer has not
+    /// settled although the group read past it), so no row write marks it.
+    Proven,
+}
+
+impl Entry {
+    pub fn status(self) -> EventStatus {
+        match self {
+            Entry::Pending => EventStatus::Pending,
+            Entry::Proven => EventStatus::Published,
+        }
+    }
+}
+
 /// The columns every read selects (into [`StoredEvent`]), as a literal so queries stay
 /// static strings.
 macro_rules! select_event_columns {
@@ -432,11 +452,29 @@ impl EventLog {
         connection: &mut MySqlConnection,
         events: &[OutboxEvent],
     ) -> Result<(), EventLogError> {
+        Self::insert(connection, events, Entry::Pending).await
+    }
+
+    /// Writes rows PUBLISHED, `published_at` the insert's time, inside the caller's
+    /// transaction: for events whose publication their consumer's progress proves, so that
+    /// no row write marks it (see [`crate::outbox::OutboxTransaction::record_proven`]).
+    pub async fn insert_proven(
+        connection: &mut MySqlConnection,
+        events: &[OutboxEvent],
+    ) -> Result<(), EventLogError> {
+        Self::insert(connection, events, Entry::Proven).await
+    }
+
+    async fn insert(
+        connection: &mut MySqlConnection,
+        events: &[OutboxEvent],
+        entry: Entry,
+    ) -> Result<(), EventLogError> {
         if events.is_empty() {
             return Ok(());
         }
         let mut insert = sqlx::QueryBuilder::new(
-            "INSERT INTO event_log (event_id, event_type, topic, event_key, payload, status, occurred_at, traceparent) ",
+            "INSERT INTO event_log (event_id, event_type, topic, event_key, payload, status, occurred_at, traceparent, published_at) ",
         );
         insert.push_values(events, |mut row, event| {
             let envelope = &event.envelope;
@@ -445,9 +483,13 @@ impl EventLog {
                 .push_bind(event.topic)
                 .push_bind(envelope.key.as_str())
                 .push_bind(envelope.payload_json().to_string())
-                .push_bind(EventStatus::Pending)
+                .push_bind(entry.status())
                 .push_bind(envelope.occurred_at)
                 .push_bind(envelope.traceparent.as_deref());
+            match entry {
+                Entry::Pending => row.push("NULL"),
+                Entry::Proven => row.push("NOW(6)"),
+            };
         });
         insert.build().execute(connection).await?;
         Ok(())

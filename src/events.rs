@@ -88,6 +88,12 @@ impl EventType {
             EventType::ProductChanged => Some(topics::PRODUCT_EVENTS),
         }
     }
+
+    /// Whether its events are recorded proven (see [`crate::outbox`]): PUBLISHED from their
+    /// insert on, their publication proven by their consumer's progress in the same row.
+    pub fn recorded_proven(self) -> bool {
+        matches!(self, EventType::CouponRequested | EventType::CouponResult)
+    }
 }
 
 /// Payload of [`EventType::PipelineProbe`].

@@ -4,16 +4,20 @@
 //! whatever requests are waiting (up to `max_batch`) and, in one transaction:
 //!
 //! 1. refuse the requests of users that do not exist;
-//! 2. claim `(coupon, user)` in `coupon_request` for each request: a user's repeated request
-//!    for a coupon (in this batch or ever) is answered with the first request instead of
+//! 2. write each request's event-log row (the outbox) with its claim of `(coupon, user)`
+//!    (`coupon_claim`, a unique key): a user's repeated request for a coupon (in this batch
+//!    or ever) meets the claim and is answered with the request holding it instead of
 //!    recording a new event;
-//! 3. write the new requests' event-log rows PENDING (the outbox), and the answers of those
-//!    sent with an `Idempotency-Key`;
+//! 3. write the answers of the requests sent with an `Idempotency-Key`;
 //!
-//! then commit, publish the `CouponRequested` events, mark them PUBLISHED, and answer every
-//! waiting request. Under load the batches grow by themselves; one commit then serves
-//! hundreds of requests. A request is answered only once its row is committed: if publishing
-//! fails afterwards, the outbox relay publishes it.
+//! then commit, publish the `CouponRequested` events, and answer every waiting request.
+//! Under load the batches grow by themselves; one commit then serves hundreds of requests.
+//! A request is answered only once its row is committed.
+//!
+//! The rows are written *proven* (see [`crate::outbox`]): PUBLISHED, and never marked.
+//! The CouponIssuer records its progress in the same row (COMPLETED), so a request its group
+//! has read past without deciding it was not in the log; the reconciler publishes it again.
+//! One row write per accepted request: the row itself.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -23,7 +27,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tracing::warn;
 
 use crate::error::{Classify, Dependency, ErrorClass};
-use crate::event_log::{EventLogError, OutboxEvent};
+use crate::event_log::{Entry, EventLogError, OutboxEvent};
 use crate::events::{CouponRequested, EventEnvelope, EventPayload};
 use crate::idempotency::{IdempotencyKey, StoredAnswer};
 use crate::ids::{CouponId, RequestId, UserId};
@@ -192,7 +196,8 @@ async fn record(
                 .filter(|(_, intake)| matches!(intake, Intake::Accepted(_)))
                 .map(|(pending, _)| pending.event.clone())
                 .collect();
-            transaction.record(new_events).await?;
+            // Written by `decide_intake` with their claims.
+            transaction.publish_proven(new_events);
             store_answers(&mut transaction, batch, &intakes).await?;
             Ok::<_, EventLogError>((transaction.commit().await?, intakes))
         }
@@ -233,33 +238,40 @@ async fn decide_intake(
         .collect();
     let mut owners = BTreeMap::new();
     if !claims.is_empty() {
+        // The rows as `EventLog::insert_proven` writes them, with the claim; a row whose
+        // claim is taken (by an earlier request, or one before it in this batch) is not
+        // written.
         let mut insert = QueryBuilder::new(
-            "INSERT IGNORE INTO coupon_request (coupon_id, user_id, request_id) ",
+            "INSERT IGNORE INTO event_log (event_id, event_type, topic, event_key, coupon_claim, \
+             payload, status, occurred_at, traceparent, published_at) ",
         );
         insert.push_values(&claims, |mut row, pending| {
-            row.push_bind(pending.coupon)
-                .push_bind(pending.user)
-                .push_bind(pending.request_id());
+            let envelope = &pending.event.envelope;
+            row.push_bind(envelope.event_id)
+                .push_bind(envelope.event_type().as_str())
+                .push_bind(pending.event.topic)
+                .push_bind(envelope.key.as_str())
+                .push_bind(claim_of(pending.coupon, pending.user))
+                .push_bind(envelope.payload_json().to_string())
+                .push_bind(Entry::Proven.status())
+                .push_bind(envelope.occurred_at)
+                .push_bind(envelope.traceparent.as_deref())
+                .push("NOW(6)");
         });
         insert.build().execute(&mut *connection).await?;
         let mut select = QueryBuilder::new(
-            "SELECT coupon_id, user_id, request_id FROM coupon_request WHERE (coupon_id, user_id) IN (",
+            "SELECT coupon_claim, event_id FROM event_log WHERE coupon_claim IN (",
         );
         let mut separated = select.separated(", ");
         for pending in &claims {
-            separated.push("(");
-            separated.push_bind_unseparated(pending.coupon);
-            separated.push_unseparated(", ");
-            separated.push_bind_unseparated(pending.user);
-            separated.push_unseparated(")");
+            separated.push_bind(claim_of(pending.coupon, pending.user));
         }
         select.push(")");
         owners = select
-            .build_query_as::<(CouponId, UserId, RequestId)>()
+            .build_query_as::<(String, RequestId)>()
             .fetch_all(&mut *connection)
             .await?
             .into_iter()
-            .map(|(coupon, user, request)| ((coupon, user), request))
             .collect();
     }
     Ok(batch
@@ -268,7 +280,7 @@ async fn decide_intake(
             if !known.contains(&pending.user) {
                 return Intake::UnknownUser;
             }
-            match owners.get(&(pending.coupon, pending.user)) {
+            match owners.get(&claim_of(pending.coupon, pending.user)) {
                 Some(owner) if *owner == pending.request_id() => Intake::Accepted(*owner),
                 Some(owner) => Intake::Existing(*owner),
                 // Not reachable: the claim was inserted or already there.
@@ -276,6 +288,11 @@ async fn decide_intake(
             }
         })
         .collect())
+}
+
+/// The `coupon_claim` of a request: `{couponId}/{userId}`.
+fn claim_of(coupon: CouponId, user: UserId) -> String {
+    format!("{coupon}/{user}")
 }
 
 /// The answers of the requests sent with an idempotency key, in the batch's transaction. A

@@ -8,6 +8,14 @@
 //! the rows stay PENDING and the [`relay`] republishes them once they are older than
 //! `outbox.republish_after_ms`. An event can therefore reach Kafka twice; consumers
 //! deduplicate by event id.
+//!
+//! Events whose consumer records its progress in the event's own row (a coupon request, a
+//! coupon result) are recorded *proven* instead ([`OutboxTransaction::record_proven`]):
+//! PUBLISHED from the insert on, and never marked. Their publication is proven by the
+//! consumer's progress: an event its consumer has not settled although the consumer's group
+//! has read past where the topic ended after the event's commit was not in the log, and
+//! the [reconciler] publishes it again. That saves the PUBLISHED mark, one row write per
+//! event, on the paths that carry the most events.
 
 pub mod reconciler;
 pub mod relay;
@@ -100,6 +108,7 @@ impl Outbox {
         Ok(OutboxTransaction {
             transaction: self.event_log.pool().begin().await?,
             events: Vec::new(),
+            proven: Vec::new(),
             outbox: self.clone(),
         })
     }
@@ -161,7 +170,7 @@ impl Outbox {
             .filter_map(|(event_id, result)| match result {
                 Ok(_) => Some(event_id),
                 Err(error) => {
-                    warn!(event_id = %event_id, %error, "publishing failed; the outbox relay will retry");
+                    warn!(event_id = %event_id, %error, "publishing failed; the event stays recorded and is published again");
                     None
                 }
             })
@@ -175,6 +184,8 @@ impl Outbox {
 pub struct OutboxTransaction {
     transaction: Transaction<'static, MySql>,
     events: Vec<OutboxEvent>,
+    /// Recorded proven: published, never marked.
+    proven: Vec<OutboxEvent>,
     outbox: Outbox,
 }
 
@@ -186,11 +197,27 @@ impl OutboxTransaction {
         Ok(())
     }
 
+    /// Writes the events' rows PUBLISHED now, in this transaction, for events whose
+    /// consumer's progress proves their publication (see the module documentation): they
+    /// are published after the commit and never marked.
+    pub async fn record_proven(&mut self, events: Vec<OutboxEvent>) -> Result<(), EventLogError> {
+        EventLog::insert_proven(&mut self.transaction, &events).await?;
+        self.proven.extend(events);
+        Ok(())
+    }
+
+    /// Publishes after the commit events whose rows the caller wrote itself in this
+    /// transaction, as [`Self::record_proven`] writes them (the coupon intake's claims).
+    pub fn publish_proven(&mut self, events: Vec<OutboxEvent>) {
+        self.proven.extend(events);
+    }
+
     /// Commits the business writes and the events' rows together.
     pub async fn commit(self) -> Result<Committed, EventLogError> {
         self.transaction.commit().await?;
         Ok(Committed {
             events: self.events,
+            proven: self.proven,
             outbox: self.outbox,
         })
     }
@@ -219,10 +246,12 @@ pub const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_millis(50
 #[must_use = "committed events are published by `publish`, or left to the relay"]
 pub struct Committed {
     events: Vec<OutboxEvent>,
+    proven: Vec<OutboxEvent>,
     outbox: Outbox,
 }
 
 impl Committed {
+    /// The events recorded PENDING (not those recorded proven).
     pub fn events(&self) -> &[OutboxEvent] {
         &self.events
     }
@@ -232,7 +261,7 @@ impl Committed {
     /// `wait` at most (the publication goes on, or the relay takes the rows). `None` when
     /// the publication was still running at the end of the wait.
     pub async fn publish_within(self, wait: std::time::Duration) -> Option<Publication> {
-        if self.events.is_empty() {
+        if self.events.is_empty() && self.proven.is_empty() {
             return Some(Publication::default());
         }
         let publishing = actix_rt::spawn(self.publish());
@@ -243,23 +272,30 @@ impl Committed {
             .and_then(Result::ok)
     }
 
-    /// Publishes the events, then marks them PUBLISHED. A failure is logged and left to
-    /// the relay; it is never the caller's problem.
+    /// Publishes the events, then marks those recorded PENDING as PUBLISHED. A failure is
+    /// logged and left to the relay (or, for events recorded proven, to the reconciler); it
+    /// is never the caller's problem.
     pub async fn publish(self) -> Publication {
-        if self.events.is_empty() {
+        if self.events.is_empty() && self.proven.is_empty() {
             return Publication::default();
         }
-        let published = self.outbox.publish_all(&self.events).await;
+        let (published, proven) = futures::join!(
+            self.outbox.publish_all(&self.events),
+            self.outbox.publish_all(&self.proven)
+        );
         let mut publication = Publication {
-            published: published.len() as u64,
-            failed: (self.events.len() - published.len()) as u64,
+            published: (published.len() + proven.len()) as u64,
+            failed: (self.events.len() + self.proven.len() - published.len() - proven.len()) as u64,
             undecodable: 0,
         };
+        if published.is_empty() {
+            return publication;
+        }
         if let Err(error) = self.outbox.event_log.mark_published(&published).await {
             // The events are on Kafka; their rows stay PENDING and will be published again.
             warn!(%error, events = published.len(), "cannot mark events published");
-            publication.failed += publication.published;
-            publication.published = 0;
+            publication.failed += published.len() as u64;
+            publication.published -= published.len() as u64;
         }
         publication
     }

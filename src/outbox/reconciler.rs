@@ -18,7 +18,10 @@
 //!
 //! Driving again means publishing the event to its topic once more (every consumer of the
 //! topic deduplicates it by event id), or, for the ranking, counting it directly (its
-//! applied mark makes that idempotent). Rows still PENDING are the outbox relay's.
+//! applied mark makes that idempotent). Rows still PENDING are the outbox relay's. Events
+//! recorded proven (coupon requests and results, see [`crate::outbox`]) have no PENDING
+//! state: the reconciler is what publishes them again when their publication failed, after
+//! `reconcile.proven_after_ms` (5 s, at most `after_ms`).
 //!
 //! One instance reconciles a consumer at a time: its pass holds the consumer's checkpoint
 //! row under a lock the other instances skip. Supervised like the relay.
@@ -297,7 +300,7 @@ impl Inner {
         let now = Utc::now();
         let shortest_after = event_types
             .iter()
-            .map(|event_type| settings.after(event_type.as_str()))
+            .map(|event_type| settings.after(event_type.as_str(), event_type.recorded_proven()))
             .min()
             .unwrap_or_default();
         let mut transaction = self.wiring.event_log.pool().begin().await?;
@@ -446,7 +449,10 @@ impl Inner {
         if published_at >= before {
             return false;
         }
-        let after = self.wiring.settings.after(record.event_type.as_str());
+        let after = self.wiring.settings.after(
+            record.event_type.as_str(),
+            record.event_type.recorded_proven(),
+        );
         if !fresh && now - published_at < chrono::Duration::from_std(after).unwrap_or_default() {
             return false;
         }
@@ -496,7 +502,6 @@ impl Actor for Reconciler {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         let interval = Duration::from_millis(self.inner.wiring.settings.interval_ms.max(10));
-        // The first pass runs as soon as the groups have their partitions.
         // The first pass runs as soon as the groups have their partitions; a pass asked
         // for while one runs follows it.
         ctx.run_interval(

@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, domain_actor, replay_from_offset_zero, spawn_app, spawn_app_with};
 use crate::support::eventually;
+use commerce_events::event_log::EventStatus;
 
 #[actix_web::test]
 async fn a_coupon_is_created_and_read_back() {
@@ -203,6 +204,26 @@ async fn a_request_committed_but_never_published_is_relayed_and_decided() {
     );
     let view = app.wait_until_notified(&request_id.to_string()).await;
     assert!(view["couponHistoryId"].is_u64(), "{view}");
+}
+
+#[actix_web::test]
+async fn an_accepted_request_never_published_is_published_again_by_the_reconciler() {
+    let app = spawn_app().await;
+    let coupon_id = app.create_coupon(5).await;
+    let request_id = app.commit_proven_coupon_request(78, coupon_id).await;
+    // As the intake writes it: PUBLISHED, and so nothing for the relay.
+    assert_eq!(
+        app.event(request_id).await.unwrap().status,
+        EventStatus::Published
+    );
+    let view = app.wait_until_notified(&request_id.to_string()).await;
+    assert!(view["couponHistoryId"].is_u64(), "{view}");
+    let (_, tree) = app.get("/admin/actors").await;
+    assert_eq!(tree["outboxRelay"]["republished"], 0, "{tree}");
+    let redriven = tree["reconciler"]["consumers"]["CouponIssuer"]["redriven"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(redriven >= 1, "{}", tree["reconciler"]);
 }
 
 #[actix_web::test]

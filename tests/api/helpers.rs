@@ -551,6 +551,29 @@ impl TestApp {
         event_id
     }
 
+    /// Commits a coupon request as the intake records it (PUBLISHED, proven by the issuer's
+    /// progress) without publishing it: a request whose publication failed after its
+    /// commit, or whose daemon died before it.
+    pub async fn commit_proven_coupon_request(&self, user_id: u64, coupon_id: u64) -> EventId {
+        let envelope = EventEnvelope::new(
+            format!("user:{user_id}"),
+            EventPayload::CouponRequested(commerce_events::events::CouponRequested {
+                user_id: UserId::from_u64(user_id).unwrap(),
+                coupon_id: CouponId::from_u64(coupon_id).unwrap(),
+            }),
+        );
+        let event_id = envelope.event_id;
+        let outbox = Outbox::new(self.event_log.clone(), self.publisher.clone());
+        let mut transaction = outbox.begin().await.unwrap();
+        transaction
+            .record_proven(vec![OutboxEvent::new(envelope)])
+            .await
+            .unwrap();
+        // Never published: the reconciler is what may publish it.
+        let _unpublished = transaction.commit().await.unwrap();
+        event_id
+    }
+
     /// Creates a user and charges `balance` (when positive); returns the user id.
     pub async fn create_user(&self, balance: u64) -> u64 {
         let (status, user) = self.post("/users", r#"{"name": "Kim"}"#).await;

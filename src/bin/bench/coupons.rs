@@ -395,10 +395,10 @@ async fn earlier_requests(pool: &MySqlPool, count: u64) -> anyhow::Result<()> {
         let seq = format!("seq_{first}_to_{until}");
         for statement in [
             format!(
-                "INSERT INTO event_log (event_id, event_type, topic, event_key, payload, status, \
-                   occurred_at, published_at) \
+                "INSERT INTO event_log (event_id, event_type, topic, event_key, coupon_claim, \
+                   payload, status, occurred_at, published_at) \
                  SELECT {request_id}, 'CouponRequested', 'coupon-requests', CONCAT('user:', seq), \
-                   JSON_OBJECT('userId', seq, 'couponId', {coupon}), 'NOTIFIED', \
+                   CONCAT({coupon}, '/', seq), JSON_OBJECT('userId', seq, 'couponId', {coupon}), 'NOTIFIED', \
                    NOW(6) - INTERVAL 1 DAY, NOW(6) - INTERVAL 1 DAY \
                  FROM {seq}"
             ),
@@ -412,10 +412,6 @@ async fn earlier_requests(pool: &MySqlPool, count: u64) -> anyhow::Result<()> {
                  FROM {seq}"
             ),
             format!(
-                "INSERT INTO coupon_request (coupon_id, user_id, request_id) \
-                 SELECT {coupon}, seq, {request_id} FROM {seq}"
-            ),
-            format!(
                 "INSERT INTO coupon_history (coupon_id, user_id, request_id, status, issued_at) \
                  SELECT {coupon}, seq, {request_id}, 'ISSUED', NOW(6) - INTERVAL 1 DAY FROM {seq}"
             ),
@@ -426,7 +422,7 @@ async fn earlier_requests(pool: &MySqlPool, count: u64) -> anyhow::Result<()> {
         }
         first = until + 1;
     }
-    sqlx::raw_sql("ANALYZE TABLE event_log, coupon_request, coupon_history")
+    sqlx::raw_sql("ANALYZE TABLE event_log, coupon_history")
         .execute(pool)
         .await?;
     bar.finish();
