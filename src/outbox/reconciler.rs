@@ -73,7 +73,8 @@ pub struct ConsumerReconciliation {
     /// Passes that left the consumer alone because its group had not read past the end of
     /// the previous pass (it lags, or is paused or waiting for a dependency).
     pub lagging: u64,
-    /// Unsettled events seen at the last pass (waiting for their group, or driven again).
+    /// Unsettled events seen at the last pass (waiting for their group, or driven again);
+    /// while the group lags, those of the first page that holds one (the pass stops there).
     pub unsettled: u64,
     /// The last event passed by the checkpoint.
     pub checkpoint: Option<EventId>,
@@ -364,7 +365,11 @@ impl Inner {
                     redriven_count += 1;
                 }
             }
-            if page.len() < settings.batch_size.max(1) as usize {
+            // A group that lags strands nothing, and the checkpoint cannot pass the first
+            // unsettled event: walking on would read a backlog page after page, each pass,
+            // for nothing.
+            let nothing_more = stranded_before.is_none() && !prefix_settled;
+            if nothing_more || page.len() < settings.batch_size.max(1) as usize {
                 break;
             }
         }
