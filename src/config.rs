@@ -500,7 +500,7 @@ pub struct ReconcileSettings {
     /// `OrderCompleted`), where it must differ.
     pub after_ms_by_event_type: BTreeMap<String, u64>,
     /// `after_ms` (at most) for the events recorded proven, whose rows are never marked
-    /// PUBLISHED (coupon requests and results): the reconciler is what publishes them again
+    /// PUBLISHED (coupon requests): the reconciler is what publishes them again
     /// when their publication failed, as the relay does for rows left PENDING after
     /// `outbox.republish_after_ms`.
     pub proven_after_ms: u64,

@@ -91,8 +91,12 @@ impl EventType {
 
     /// Whether its events are recorded proven (see [`crate::outbox`]): PUBLISHED from their
     /// insert on, their publication proven by their consumer's progress in the same row.
+    /// Coupon requests only: their consumer is one shared group whose committed offsets
+    /// outlive its members. Coupon results are not, because each instance's notifier group
+    /// starts at the topic's end and has no committed offset on a partition it has not yet
+    /// read from, so its progress cannot prove an older result's publication.
     pub fn recorded_proven(self) -> bool {
-        matches!(self, EventType::CouponRequested | EventType::CouponResult)
+        matches!(self, EventType::CouponRequested)
     }
 }
 

@@ -5,10 +5,8 @@
 //! MySQL transaction ([`CouponStore::issue`]), releases the locks, answers the partition
 //! actor and publishes the result events that the transaction wrote to the outbox — so a
 //! success is never announced before it is committed, and a result lost between the commit
-//! and the send is published again by the reconciler (results are recorded proven: the
-//! ResultNotifier's progress proves their publication, see [`crate::outbox`]). Publishing
-//! runs beside the next batch rather than before it: the results are durable in the outbox
-//! once committed. A redelivered request finds its event-log row decided and changes
+//! and the send is republished by the relay. Publishing runs beside the next batch rather
+//! than before it: the results are durable in the outbox once committed. A redelivered request finds its event-log row decided and changes
 //! nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -38,7 +36,7 @@ pub struct IssuerStats {
     /// Batches decided without locks because Redis did not answer.
     pub locks_unavailable: u64,
     pub results_published: u64,
-    /// Results whose publication failed; the reconciler publishes them again.
+    /// Results whose publication failed; the outbox relay republishes them.
     pub results_left_to_relay: u64,
 }
 

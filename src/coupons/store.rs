@@ -247,8 +247,8 @@ impl CouponStore {
     /// requests already decided are skipped (their event-log rows are locked and read
     /// first), [`decide_issues`] decides each coupon's requests, histories are inserted
     /// (unique per coupon and user, and per request), the requests' event-log rows become
-    /// COMPLETED (issued, or refused with its reason), the result events go into the outbox
-    /// (recorded proven: PUBLISHED, never marked), and last the stock moves
+    /// COMPLETED (issued, or refused with its reason), the result events go into the outbox,
+    /// and last the stock moves
     /// with a conditional update.
     ///
     /// The first attempt reads the coupons without locking them, so batches of different
@@ -482,8 +482,10 @@ async fn issue_in(
         )
         .await?;
     }
-    // Proven: the ResultNotifier records its progress in the result's row.
-    transaction.record_proven(results).await?;
+    // PENDING, marked PUBLISHED after the publication: each instance's notifier has a group
+    // of its own that starts at the topic's end, so its committed offsets cannot prove a
+    // result's publication (see `EventType::recorded_proven`).
+    transaction.record(results).await?;
 
     // Last, in coupon order: from here to the commit the coupon rows (or the shard rows
     // taken from) are locked.

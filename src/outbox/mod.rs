@@ -9,13 +9,13 @@
 //! `outbox.republish_after_ms`. An event can therefore reach Kafka twice; consumers
 //! deduplicate by event id.
 //!
-//! Events whose consumer records its progress in the event's own row (a coupon request, a
-//! coupon result) are recorded *proven* instead ([`OutboxTransaction::record_proven`]):
+//! Events whose consumer (one shared group) records its progress in the event's own row (a
+//! coupon request) are recorded *proven* instead ([`OutboxTransaction::record_proven`]):
 //! PUBLISHED from the insert on, and never marked. Their publication is proven by the
 //! consumer's progress: an event its consumer has not settled although the consumer's group
 //! has read past where the topic ended after the event's commit was not in the log, and
 //! the [reconciler] publishes it again. That saves the PUBLISHED mark, one row write per
-//! event, on the paths that carry the most events.
+//! event, on the path that carries the most events.
 
 pub mod reconciler;
 pub mod relay;

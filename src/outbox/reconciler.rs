@@ -19,7 +19,7 @@
 //! Driving again means publishing the event to its topic once more (every consumer of the
 //! topic deduplicates it by event id), or, for the ranking, counting it directly (its
 //! applied mark makes that idempotent). Rows still PENDING are the outbox relay's. Events
-//! recorded proven (coupon requests and results, see [`crate::outbox`]) have no PENDING
+//! recorded proven (coupon requests, see [`crate::outbox`]) have no PENDING
 //! state: the reconciler is what publishes them again when their publication failed, after
 //! `reconcile.proven_after_ms` (5 s, at most `after_ms`).
 //!
