@@ -567,13 +567,40 @@ impl EventLog {
         ids: &[EventId],
         change: StatusChange<'_>,
     ) -> Result<u64, EventLogError> {
+        Self::change_many_in(connection, ids, None, change).await
+    }
+
+    /// As [`Self::change_status_of_many_in`], writing each row's own `result` (`results`:
+    /// one per id, in the same statement).
+    pub async fn change_status_of_many_with_results_in(
+        connection: &mut MySqlConnection,
+        results: &[(EventId, serde_json::Value)],
+        change: StatusChange<'_>,
+    ) -> Result<u64, EventLogError> {
+        let ids: Vec<EventId> = results.iter().map(|(id, _)| *id).collect();
+        Self::change_many_in(connection, &ids, Some(results), change).await
+    }
+
+    async fn change_many_in(
+        connection: &mut MySqlConnection,
+        ids: &[EventId],
+        results: Option<&[(EventId, serde_json::Value)]>,
+        change: StatusChange<'_>,
+    ) -> Result<u64, EventLogError> {
         if ids.is_empty() {
             return Ok(0);
         }
         let to = change.step.to();
         let mut update = sqlx::QueryBuilder::new("UPDATE event_log SET status = ");
         update.push_bind(to);
-        if let Some(result) = change.result {
+        if let Some(results) = results {
+            update.push(", result = CASE event_id");
+            for (id, result) in results {
+                update.push(" WHEN ").push_bind(*id);
+                update.push(" THEN ").push_bind(result.to_string());
+            }
+            update.push(" END");
+        } else if let Some(result) = change.result {
             update.push(", result = ").push_bind(result.to_string());
         }
         update.push(", next_attempt_at = NULL");

@@ -91,10 +91,10 @@ impl EventType {
 
     /// Whether its events are recorded proven (see [`crate::outbox`]): PUBLISHED from their
     /// insert on, their publication proven by their consumer's progress in the same row.
-    /// Coupon requests only: their consumer is one shared group whose committed offsets
-    /// outlive its members. Coupon results are not, because each instance's notifier group
-    /// starts at the topic's end and has no committed offset on a partition it has not yet
-    /// read from, so its progress cannot prove an older result's publication.
+    /// Coupon requests: their consumer is one shared group whose committed offsets outlive
+    /// its members. Coupon results have no row at all: each is recorded in its request's row
+    /// (see [`crate::coupons::results`]), and their notifier's progress, NOTIFIED in that
+    /// row, proves their publication against the notifier member's own positions.
     pub fn recorded_proven(self) -> bool {
         matches!(self, EventType::CouponRequested)
     }

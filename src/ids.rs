@@ -117,6 +117,15 @@ impl EventId {
     }
 }
 
+impl EventId {
+    /// When the id was generated: the millisecond of its UUIDv7 (`None` for another
+    /// version).
+    pub fn generated_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        let (seconds, nanos) = self.0.get_timestamp()?.to_unix();
+        chrono::DateTime::from_timestamp(i64::try_from(seconds).ok()?, nanos)
+    }
+}
+
 impl RequestId {
     /// When the request was accepted: the millisecond of its UUIDv7 (`None` for an id
     /// generated elsewhere, of another version).

@@ -7,7 +7,7 @@
 //! | consumer (group)                              | events            | progress recorded in |
 //! |-----------------------------------------------|-------------------|----------------------|
 //! | CouponIssuer (`coupon-request-group`)         | `CouponRequested` | the event-log row, in the issuing transaction: COMPLETED (issued, or refused with its reason) |
-//! | ResultNotifier (`coupon-result-notifier-*`)   | `CouponResult`    | the result's row: COMPLETED once pushed by an instance (and the request's row NOTIFIED) |
+//! | ResultNotifier (`coupon-result-notifier-*`)   | `CouponResult`    | the request's row, which holds the decision and its result's event id: NOTIFIED once an instance pushed it (a result has no row of its own) |
 //! | ProductEventProcessor (`product-event-group`) | `ProductChanged`  | the row: COMPLETED after the cache write |
 //! | OrderAnalytics (`order-analytics-group`)      | `OrderCompleted`  | the row: IN_PROGRESS (leased), COMPLETED, FAILED with `next_attempt_at`, DEAD_LETTER |
 //! | ExternalForwarder (`external-event-group`)    | external events   | the row, as OrderAnalytics |
@@ -35,6 +35,10 @@ pub enum RecordedIn {
     EventLog,
     /// The ranking's applied marks in Redis.
     RankingMarks,
+    /// The row of the event that led to the consumer's event: a coupon result is recorded
+    /// in its request's row (the decision in `result`, with the result's event id), and
+    /// its push moves that row from COMPLETED to NOTIFIED.
+    RequestRow,
 }
 
 /// One consumer of a topic.
@@ -53,6 +57,10 @@ impl ConsumerSpec {
     /// The business event types published to its topic (probes are left out: they are
     /// the operator's check, not work).
     pub fn event_types(&self) -> Vec<EventType> {
+        if self.recorded_in == RecordedIn::RequestRow {
+            // The rows walked are the requests, which hold the results.
+            return vec![EventType::CouponRequested];
+        }
         EventType::ALL
             .iter()
             .copied()
@@ -74,18 +82,32 @@ impl Consumers {
         &self.0
     }
 
-    /// The consumers of events of `event_type` (for a probe: of its topic).
+    /// The consumers whose progress a row of `record`'s type records (for a probe: the
+    /// consumers of its topic): a coupon request's row holds the issuer's and the
+    /// notifier's.
     pub fn of(&self, record: &EventRecord) -> Vec<&ConsumerSpec> {
-        let topic = record
-            .event_type
-            .topic()
-            .unwrap_or(record.topic.as_str())
-            .to_string();
+        if record.event_type.topic().is_none() {
+            return self
+                .0
+                .iter()
+                .filter(|consumer| consumer.topic == record.topic)
+                .collect();
+        }
         self.0
             .iter()
-            .filter(|consumer| consumer.topic == topic)
+            .filter(|consumer| consumer.event_types().contains(&record.event_type))
             .collect()
     }
+}
+
+/// Whether the notifier, whose progress is the request's row, has settled the request's
+/// result: pushed (NOTIFIED), or the request dead-lettered. A request not yet decided has
+/// no result to push; one COMPLETED has its result waiting.
+pub fn result_settled(request_status: EventStatus) -> bool {
+    matches!(
+        request_status,
+        EventStatus::Notified | EventStatus::DeadLetter
+    )
 }
 
 /// Whether the consumer whose progress is the row has settled the event.
@@ -125,6 +147,28 @@ impl ConsumerProgress {
             attempts: record.retry_count,
             last_error: record.last_error.clone(),
             next_attempt_at: record.next_attempt_at,
+        }
+    }
+
+    /// The progress of the notifier, recorded in the request's row: NOTIFIED (shown
+    /// COMPLETED: pushed), its result published and waiting (PUBLISHED, the request
+    /// COMPLETED), or no result yet (PENDING, the request undecided).
+    pub fn of_request_row(consumer: &ConsumerSpec, record: &EventRecord) -> Self {
+        let status = match record.status {
+            EventStatus::Notified => EventStatus::Completed,
+            EventStatus::DeadLetter => EventStatus::DeadLetter,
+            EventStatus::Completed => EventStatus::Published,
+            _ => EventStatus::Pending,
+        };
+        Self {
+            consumer: consumer.name,
+            group_id: consumer.group_id.clone(),
+            recorded_in: RecordedIn::RequestRow,
+            status,
+            settled: result_settled(record.status),
+            attempts: 0,
+            last_error: None,
+            next_attempt_at: None,
         }
     }
 
@@ -173,5 +217,13 @@ mod tests {
         assert!(!row_settled(EventStatus::Published, None));
         assert!(!row_settled(EventStatus::Pending, None));
         assert!(!row_settled(EventStatus::InProgress, None));
+    }
+
+    #[test]
+    fn a_result_is_settled_once_pushed_or_its_request_dead() {
+        assert!(result_settled(EventStatus::Notified));
+        assert!(result_settled(EventStatus::DeadLetter));
+        assert!(!result_settled(EventStatus::Completed));
+        assert!(!result_settled(EventStatus::Published));
     }
 }

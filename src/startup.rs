@@ -282,7 +282,12 @@ impl Wiring {
             self.settings.instance.id
         );
         self.consume(
-            Consumer::recording_in_rows("ResultNotifier", &notifier_group, topics::COUPON_RESULTS),
+            Consumer {
+                name: "ResultNotifier",
+                group: &notifier_group,
+                topic: topics::COUPON_RESULTS,
+                recorded_in: RecordedIn::RequestRow,
+            },
             move || ResultNotifier::new(sessions.clone(), event_log.clone()),
             // An instance's own group only serves its live sessions: it starts at the end
             // of the results when the instance starts (a reconnecting session reads what it
@@ -439,7 +444,16 @@ impl Wiring {
             offsets: offsets.clone(),
             settings: self.settings.reconcile.clone(),
             fresh_cluster_since: fresh_cluster.then(chrono::Utc::now),
-            groups_ready: Arc::new(move || groups.iter().all(|group| group.health().joined())),
+            groups_ready: Arc::new({
+                let groups = groups.clone();
+                move || groups.iter().all(|group| group.health().joined())
+            }),
+            local_positions: Arc::new(move |group_id, topic| {
+                groups
+                    .iter()
+                    .find(|group| group.group_id() == group_id)
+                    .and_then(|group| group.local_positions(topic))
+            }),
         };
         let reconciler = Reconciler::start_supervised(&self.arbiters.next(), move || wiring);
         self.tree

@@ -29,11 +29,11 @@ use crate::actors::retry::{OutagePolicy, RetryPolicy};
 use crate::config::Settings;
 use crate::event_log::EventLog;
 use crate::kafka::TopicPartition;
-use crate::kafka::consumer::UncommittedStart;
 use crate::kafka::consumer::{
     GroupConsumer, GroupHealth, OffsetCommitter, PartitionRecords, RebalanceListener,
     consumer_config,
 };
+use crate::kafka::consumer::{LocalPositions, UncommittedStart};
 use crate::kafka::dead_letter::DeadLetters;
 use crate::kafka::producer::EventPublisher;
 use crate::outages::Outages;
@@ -272,6 +272,7 @@ pub struct ConsumerGroup {
     health: Arc<GroupHealth>,
     progress: GroupProgress,
     starts_at_end: bool,
+    positions: LocalPositions,
     consumer: std::sync::Mutex<Option<GroupConsumer>>,
 }
 
@@ -309,6 +310,7 @@ impl ConsumerGroup {
             health: consumer.health(),
             progress,
             starts_at_end: spec.uncommitted_start == UncommittedStart::End,
+            positions: consumer.local_positions(),
             consumer: std::sync::Mutex::new(Some(consumer)),
         })
     }
@@ -333,6 +335,23 @@ impl ConsumerGroup {
     /// Whether a partition without a committed offset starts at its end.
     pub fn starts_at_end(&self) -> bool {
         self.starts_at_end
+    }
+
+    /// For a group that keeps no offsets (it starts at the end): the next offset of each
+    /// partition of `topic` as this member stands, from where it started; `None` for a group
+    /// that commits (its committed offsets say it).
+    pub fn local_positions(&self, topic: &str) -> Option<BTreeMap<i32, i64>> {
+        if !self.starts_at_end {
+            return None;
+        }
+        let positions = self.positions.lock().expect("positions lock");
+        Some(
+            positions
+                .iter()
+                .filter(|(partition, _)| partition.topic == topic)
+                .map(|(partition, next)| (partition.partition, *next))
+                .collect(),
+        )
     }
 
     pub async fn observe(&self) -> ConsumerGroupState {

@@ -220,6 +220,7 @@ pub async fn event(
     for consumer in operations.consumers.of(&record) {
         consumers.push(match consumer.recorded_in {
             RecordedIn::EventLog => ConsumerProgress::from_row(consumer, &record),
+            RecordedIn::RequestRow => ConsumerProgress::of_request_row(consumer, &record),
             RecordedIn::RankingMarks => {
                 let counted = state
                     .ranking

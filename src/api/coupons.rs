@@ -16,6 +16,7 @@ use crate::api::guard::{idempotency_key, key_reused, limit_user, replay};
 use crate::api::input::{name, storable_instant};
 use crate::coupons::RefusalReason;
 use crate::coupons::intake::Intake;
+use crate::coupons::results::RecordedDecision;
 use crate::coupons::store::{Coupon, HeldCoupon, NewCoupon};
 use crate::error::{Classify, ErrorClass};
 use crate::event_log::{EventRecord, EventStatus};
@@ -428,10 +429,15 @@ pub async fn request(
             EventStatus::Completed | EventStatus::Notified
         )
     });
-    let coupon_history_id = if decided {
-        state.coupons.store.history_of_request(request_id).await?
-    } else {
-        None
+    // The row records an issued request's history; rows decided before it did are looked up.
+    let recorded = record
+        .as_ref()
+        .and_then(RecordedDecision::recorded_in)
+        .filter(|decision| decision.result_event_id.is_some());
+    let coupon_history_id = match recorded {
+        Some(decision) => decision.coupon_history_id,
+        None if decided => state.coupons.store.history_of_request(request_id).await?,
+        None => None,
     };
     let view = record
         .as_ref()

@@ -31,6 +31,7 @@ use crate::api::docs::{ActsAsUserErrors, Authenticated, ServerErrors};
 use crate::api::error::{ApiError, ErrorBody};
 use crate::auth::AuthError;
 use crate::coupons::notifier::push_message;
+use crate::coupons::results::result_event;
 use crate::coupons::sessions::{PushMessage, Subscription};
 use crate::events::{EventId, EventPayload, EventType};
 use crate::ids::UserId;
@@ -38,7 +39,7 @@ use crate::ids::UserId;
 /// How often an idle channel is pinged (WebSocket) or sent a comment (SSE), so proxies and
 /// clients see it alive.
 const KEEPALIVE: Duration = Duration::from_secs(15);
-/// The most missed results a reconnecting channel is sent.
+/// The most requests of a user a reconnecting channel reads its missed results from.
 const RESUME_LIMIT: u32 = 1_000;
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -149,26 +150,32 @@ impl ResultFeed {
         if after.is_some() {
             let since = state.clock.now()
                 - chrono::Duration::seconds(state.coupons.push.resume_max_age_secs as i64);
+            // A result has no row of its own: the user's requests' rows hold them (see
+            // `coupons::results`). A request older than `after` may have been decided after
+            // it, so the requests of the whole window are read, and their results compared.
             let records = state
                 .operations
                 .event_log
                 .of_key_after(
                     &user.partition_key(),
-                    EventType::CouponResult,
-                    after,
+                    EventType::CouponRequested,
+                    None,
                     since,
                     RESUME_LIMIT,
                 )
                 .await?;
             missed = records
                 .iter()
-                .filter_map(|record| match &record.payload {
-                    EventPayload::CouponResult(result) => {
-                        Some(push_message(record.event_id, result))
+                .filter_map(result_event)
+                .filter(|result| after.is_none_or(|after| result.event_id > after))
+                .filter_map(|result| match &result.payload {
+                    EventPayload::CouponResult(payload) => {
+                        Some(push_message(result.event_id, payload))
                     }
                     _ => None,
                 })
                 .collect();
+            missed.sort_by_key(|message| message.id);
         }
         Ok(Self {
             sent: missed.iter().map(|message| message.id).collect(),

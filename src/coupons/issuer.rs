@@ -2,11 +2,13 @@
 //!
 //! For each batch from a partition it takes the design document's Redis locks
 //! (`coupon:{couponId}:user:{userId}`, advisory), decides and applies the whole batch in one
-//! MySQL transaction ([`CouponStore::issue`]), releases the locks, answers the partition
-//! actor and publishes the result events that the transaction wrote to the outbox — so a
-//! success is never announced before it is committed, and a result lost between the commit
-//! and the send is republished by the relay. Publishing runs beside the next batch rather
-//! than before it: the results are durable in the outbox once committed. A redelivered request finds its event-log row decided and changes
+//! MySQL transaction ([`CouponStore::issue`]: each request's row records its decision and
+//! the id of the result event announcing it), releases the locks, answers the partition
+//! actor and publishes the result events — so a success is never announced before it is
+//! committed, and a result lost between the commit and the send is published again from
+//! its request's row by the reconciler (see [`crate::coupons::results`]). Publishing runs
+//! beside the next batch rather than before it: the results are durable in the requests'
+//! rows once committed. A redelivered request finds its event-log row decided and changes
 //! nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -36,8 +38,9 @@ pub struct IssuerStats {
     /// Batches decided without locks because Redis did not answer.
     pub locks_unavailable: u64,
     pub results_published: u64,
-    /// Results whose publication failed; the outbox relay republishes them.
-    pub results_left_to_relay: u64,
+    /// Results whose publication failed; the reconciler publishes them again from their
+    /// requests' rows.
+    pub results_left_to_reconciler: u64,
 }
 
 pub struct CouponIssuer {
@@ -108,13 +111,13 @@ impl DomainHandler for CouponIssuer {
                     record(stats, &batch.outcomes);
                 });
                 // Publishing runs beside the next batch: the results are durable once
-                // committed, and the relay covers a failure.
+                // committed, and the reconciler covers a failure.
                 let stats = stats.clone();
                 actix_rt::spawn(async move {
                     let publication = batch.results.publish().await;
                     stats.update(|stats| {
                         stats.results_published += publication.published;
-                        stats.results_left_to_relay += publication.failed;
+                        stats.results_left_to_reconciler += publication.failed;
                     });
                 });
                 outcomes

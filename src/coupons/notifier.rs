@@ -3,11 +3,12 @@
 //! Every daemon instance consumes the results with a consumer group of its own, so a user
 //! connected to any instance gets the push. For each result it pushes
 //! `{"type": "COUPON_RESULT", ...}` to the user's open sessions on this instance, then marks
-//! the result's row COMPLETED and the request's row NOTIFIED (once, whichever instance is
-//! first: conditional updates). The result's row is this consumer's progress: a result
-//! still PUBLISHED long after it was published is one no instance has seen, which the
-//! reconciler publishes again. A result redelivered to the same instance is pushed again;
-//! clients recognise it by its `eventId`.
+//! the request's row NOTIFIED (once, whichever instance is first: a conditional update). A
+//! result has no row of its own (see [`crate::coupons::results`]): the request's row is this
+//! consumer's progress, and a request still COMPLETED (decided, not pushed) after its
+//! instance's group has read past where its result would be is one whose result no instance
+//! saw, which the reconciler publishes again from the row. A result redelivered to the same
+//! instance is pushed again; clients recognise it by its `eventId`.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -114,23 +115,10 @@ impl DomainHandler for ResultNotifier {
             outcomes.push(EventOutcome::Done);
         }
         let requests: Vec<EventId> = requests.into_iter().collect();
-        let results: Vec<EventId> = batch
-            .events
-            .iter()
-            .filter(|event| matches!(event.payload, EventPayload::CouponResult(_)))
-            .map(|event| event.event_id)
-            .collect();
-        // The result's own row records this consumer's progress (COMPLETED: pushed by some
-        // instance); the request's row moves on to NOTIFIED, the design document's last
-        // state of a request.
+        // The request's row records this consumer's progress: NOTIFIED (pushed by some
+        // instance), the design document's last state of a request.
         let marked = async {
             let mut connection = self.event_log.pool().acquire().await?;
-            EventLog::change_status_of_many_in(
-                &mut connection,
-                &results,
-                StatusChange::new(Move::Complete),
-            )
-            .await?;
             EventLog::change_status_of_many_in(
                 &mut connection,
                 &requests,

@@ -5,11 +5,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::json;
 use sqlx::{MySqlConnection, QueryBuilder};
 
 use crate::columns::named_enum;
-use crate::coupons::{CouponState, IssueDecision, IssueRequest, RefusalReason, decide_issues};
+use crate::coupons::results::RecordedDecision;
+use crate::coupons::{CouponState, IssueDecision, IssueRequest, decide_issues};
 use crate::error::{Classify, ErrorClass};
 use crate::event_log::{EventLog, EventLogError, EventStatus, Move, OutboxEvent, StatusChange};
 use crate::events::{CouponResult, EventEnvelope, EventId, EventPayload};
@@ -247,8 +247,9 @@ impl CouponStore {
     /// requests already decided are skipped (their event-log rows are locked and read
     /// first), [`decide_issues`] decides each coupon's requests, histories are inserted
     /// (unique per coupon and user, and per request), the requests' event-log rows become
-    /// COMPLETED (issued, or refused with its reason), the result events go into the outbox,
-    /// and last the stock moves
+    /// COMPLETED with their decisions (issued with its coupon history, or refused with its
+    /// reason, and the id of the result event, published after the commit), and last the
+    /// stock moves
     /// with a conditional update.
     ///
     /// The first attempt reads the coupons without locking them, so batches of different
@@ -423,8 +424,12 @@ async fn issue_in(
         inserted => inserted?,
     };
 
-    let mut issued_requests = Vec::new();
-    let mut refused_requests: BTreeMap<RefusalReason, Vec<EventId>> = BTreeMap::new();
+    // Decided either way, the request is COMPLETED: a refusal is its business result (the
+    // reason), not a processing failure. Its row records the decision with the id of the
+    // result event announcing it, so the result needs no row of its own: it is published
+    // after the commit, and the request's row is rebuilt into it when it must be published
+    // again (see `coupons::results`).
+    let mut decisions = Vec::new();
     let mut results = Vec::new();
     for (position, item) in batch.iter().enumerate() {
         let RequestOutcome::Decided { decision, .. } = outcomes[position] else {
@@ -437,55 +442,35 @@ async fn issue_in(
             coupon_history_id,
         };
         let reason = match decision {
-            IssueDecision::Issue => {
-                issued_requests.push(request.request_id.into());
-                None
-            }
-            IssueDecision::Refuse(reason) => {
-                refused_requests
-                    .entry(reason)
-                    .or_default()
-                    .push(request.request_id.into());
-                Some(reason)
-            }
+            IssueDecision::Issue => None,
+            IssueDecision::Refuse(reason) => Some(reason),
         };
-        results.push(OutboxEvent::new(
-            EventEnvelope::new(
-                request.user_id.partition_key(),
-                EventPayload::CouponResult(CouponResult {
-                    request_id: request.request_id,
-                    user_id: request.user_id,
-                    coupon_id: item.coupon_id,
-                    success: decision == IssueDecision::Issue,
-                    coupon_history_id,
-                    reason,
-                }),
-            )
-            .continuing(item.traceparent.as_deref()),
+        let result = CouponResult {
+            request_id: request.request_id,
+            user_id: request.user_id,
+            coupon_id: item.coupon_id,
+            success: decision == IssueDecision::Issue,
+            coupon_history_id,
+            reason,
+        };
+        let envelope = EventEnvelope::new(
+            request.user_id.partition_key(),
+            EventPayload::CouponResult(result.clone()),
+        )
+        .continuing(item.traceparent.as_deref());
+        decisions.push((
+            EventId::from(request.request_id),
+            RecordedDecision::of(envelope.event_id, &result).to_json(),
         ));
+        results.push(OutboxEvent::new(envelope));
     }
-    // Decided either way, the request is COMPLETED: a refusal is its business result (the
-    // reason, in `result`), not a processing failure. A success's coupon history is found
-    // by its request id.
-    EventLog::change_status_of_many_in(
+    EventLog::change_status_of_many_with_results_in(
         transaction,
-        &issued_requests,
+        &decisions,
         StatusChange::new(Move::Complete),
     )
     .await?;
-    for (reason, requests) in &refused_requests {
-        let result = json!({ "reason": reason });
-        EventLog::change_status_of_many_in(
-            transaction,
-            requests,
-            StatusChange::new(Move::Complete).with_result(&result),
-        )
-        .await?;
-    }
-    // PENDING, marked PUBLISHED after the publication: each instance's notifier has a group
-    // of its own that starts at the topic's end, so its committed offsets cannot prove a
-    // result's publication (see `EventType::recorded_proven`).
-    transaction.record(results).await?;
+    transaction.publish_proven(results);
 
     // Last, in coupon order: from here to the commit the coupon rows (or the shard rows
     // taken from) are locked.

@@ -143,8 +143,14 @@ pub struct GroupContext {
     uncommitted_start: UncommittedStart,
     /// For a group that keeps no offsets: the next offset of each partition this process
     /// has processed, so a partition handed back after a rebalance goes on from there.
-    positions: std::sync::Mutex<std::collections::HashMap<TopicPartition, i64>>,
+    positions: LocalPositions,
 }
+
+/// For a group that keeps no offsets (see [`UncommittedStart::End`]): the next offset of
+/// each partition, as far as this process is concerned. A partition enters at the end it
+/// started from (everything before was not this member's to read) and moves with every
+/// processed record. It is what the reconciler reads instead of committed offsets.
+pub type LocalPositions = Arc<std::sync::Mutex<std::collections::HashMap<TopicPartition, i64>>>;
 
 /// Where a partition with no committed offset starts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -211,6 +217,13 @@ impl GroupContext {
                     None => consumer
                         .fetch_watermarks(topic, partition, REQUEST_TIMEOUT)
                         .and_then(|(_, high)| {
+                            // Where it starts is where it stands: what came before is not
+                            // this member's to read.
+                            self.positions
+                                .lock()
+                                .expect("positions lock")
+                                .entry(TopicPartition::new(topic, partition))
+                                .or_insert(high);
                             assignment.set_partition_offset(topic, partition, Offset::Offset(high))
                         }),
                 };
@@ -459,6 +472,7 @@ pub fn consumer_config(
 pub struct GroupConsumer {
     group_id: String,
     health: Arc<GroupHealth>,
+    positions: LocalPositions,
     stop: Arc<AtomicBool>,
     poller: Option<JoinHandle<()>>,
 }
@@ -473,13 +487,14 @@ impl GroupConsumer {
         listener: Arc<dyn RebalanceListener>,
     ) -> Result<Self, KafkaError> {
         let health = Arc::new(GroupHealth::default());
+        let positions = LocalPositions::default();
         let context = GroupContext {
             group_id: group_id.to_string(),
             consumer: OnceLock::new(),
             listener,
             health: health.clone(),
             uncommitted_start,
-            positions: Default::default(),
+            positions: positions.clone(),
         };
         let consumer: Arc<BaseConsumer<GroupContext>> =
             Arc::new(config.create_with_context(context)?);
@@ -505,6 +520,7 @@ impl GroupConsumer {
         Ok(Self {
             group_id: group_id.to_string(),
             health,
+            positions,
             stop,
             poller: Some(poller),
         })
@@ -512,6 +528,11 @@ impl GroupConsumer {
 
     pub fn health(&self) -> Arc<GroupHealth> {
         self.health.clone()
+    }
+
+    /// The member's own positions (meaningful for a group that keeps no offsets).
+    pub fn local_positions(&self) -> LocalPositions {
+        self.positions.clone()
     }
 
     /// Stops (`true`) or resumes (`false`) fetching for every assigned partition, and for

@@ -16,6 +16,13 @@
 //! has read past where the topic ended after the event's commit was not in the log, and
 //! the [reconciler] publishes it again. That saves the PUBLISHED mark, one row write per
 //! event, on the path that carries the most events.
+//!
+//! Coupon results go one step further: they have no row of their own. The issuer records
+//! each decision, with the id of the result event that announces it, in the request's row
+//! in the transaction that decides, and hands the results over with
+//! [`OutboxTransaction::publish_proven`]. The notifier's progress is that row's NOTIFIED,
+//! and the reconciler rebuilds a result from the row when its publication is not proven
+//! (see [`crate::coupons::results`]).
 
 pub mod reconciler;
 pub mod relay;
@@ -207,7 +214,9 @@ impl OutboxTransaction {
     }
 
     /// Publishes after the commit events whose rows the caller wrote itself in this
-    /// transaction, as [`Self::record_proven`] writes them (the coupon intake's claims).
+    /// transaction, as [`Self::record_proven`] writes them (the coupon intake's claims), or
+    /// that are recorded in another event's row (coupon results, in their requests' rows):
+    /// never marked, their publication proven by their consumer's progress.
     pub fn publish_proven(&mut self, events: Vec<OutboxEvent>) {
         self.proven.extend(events);
     }

@@ -9,7 +9,10 @@
 //!   `reconcile.after_ms_by_event_type`), and
 //! - the consumer's group has committed, on every partition, past the end the partition had
 //!   at the previous pass, which was after the event was published: had the record been in
-//!   the log, the group would have settled it. A group that lags behind (a backlog, a
+//!   the log, the group would have settled it. A group that commits nothing (an instance's
+//!   notifier, which starts at the end) is judged by its member's own positions in this
+//!   process instead: where it started on each partition, moved by every record it
+//!   processed. A group that lags behind (a backlog, a
 //!   pause, a dependency outage) is left alone, so a backlog is never published twice.
 //!
 //! On a freshly started embedded cluster (memory only: it starts empty with the process)
@@ -21,7 +24,10 @@
 //! applied mark makes that idempotent). Rows still PENDING are the outbox relay's. Events
 //! recorded proven (coupon requests, see [`crate::outbox`]) have no PENDING
 //! state: the reconciler is what publishes them again when their publication failed, after
-//! `reconcile.proven_after_ms` (5 s, at most `after_ms`).
+//! `reconcile.proven_after_ms` (5 s, at most `after_ms`). Coupon results have no row: the
+//! notifier's walk is over the requests' rows, a request COMPLETED (decided, not NOTIFIED)
+//! waits since its decision (`updated_at`), and driving it again publishes its result
+//! rebuilt from the row, with the result's own event id.
 //!
 //! One instance reconciles a consumer at a time: its pass holds the consumer's checkpoint
 //! row under a lock the other instances skip. Supervised like the relay.
@@ -40,12 +46,13 @@ use tracing::{info, warn};
 use crate::actors::spawn_supervised_pass;
 use crate::actors::tree::ObserveBackground;
 use crate::config::ReconcileSettings;
-use crate::event_log::{EventLog, EventLogError, EventRecord};
+use crate::coupons::results::result_event;
+use crate::event_log::{EventLog, EventLogError, EventRecord, EventStatus};
 use crate::events::{EventId, EventPayload};
 use crate::kafka::dead_letter::DeadLetterLog;
 use crate::kafka::offsets::{GroupOffsets, PartitionPosition};
 use crate::kafka::producer::{EventPublisher, PublishError};
-use crate::progress::{ConsumerSpec, Consumers, RecordedIn, row_settled};
+use crate::progress::{ConsumerSpec, Consumers, RecordedIn, result_settled, row_settled};
 use crate::ranking::rebuild::{RebuildError, rebuild_if_missing};
 use crate::ranking::{RankedOrder, RankingError, RankingStore};
 use crate::stores::RedisStoreError;
@@ -108,7 +115,15 @@ pub struct ReconcilerWiring {
     /// Whether every consumer group of this instance has its partitions (the first pass
     /// waits for it, so what it publishes is read by groups that start at the end).
     pub groups_ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// For a group of this instance that keeps no offsets (it starts at the end: the
+    /// notifier's), its member's position on each partition of a topic (group id, topic):
+    /// such a group has no committed offsets to read.
+    pub local_positions: LocalPositionsOf,
 }
+
+/// A group's member's own position on each partition of a topic (group id, topic), for a
+/// group that commits nothing; `None` for the others.
+pub type LocalPositionsOf = Arc<dyn Fn(&str, &str) -> Option<BTreeMap<i32, i64>> + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 enum ReconcileError {
@@ -270,9 +285,15 @@ impl Inner {
         let Some(previous) = previous else {
             return Ok(None);
         };
+        let local = (self.wiring.local_positions)(&consumer.group_id, consumer.topic);
         let read_past = positions.iter().all(|position| {
             let end = previous.ends.get(&position.partition).copied().unwrap_or(0);
-            position.committed.unwrap_or(0) >= end
+            let next = match &local {
+                // A partition this member has not been given is not read past.
+                Some(local) => local.get(&position.partition).copied().unwrap_or(-1),
+                None => position.committed.unwrap_or(0),
+            };
+            next >= end
         });
         Ok(read_past.then_some(previous.at))
     }
@@ -417,6 +438,16 @@ impl Inner {
                 .iter()
                 .map(|record| row_settled(record.status, record.next_attempt_at))
                 .collect()),
+            RecordedIn::RequestRow => Ok(page
+                .iter()
+                .map(|record| {
+                    // A request decided before results were recorded in their requests'
+                    // rows has a result row of its own, which the relay publishes.
+                    let legacy =
+                        record.status == EventStatus::Completed && result_event(record).is_none();
+                    result_settled(record.status) || legacy
+                })
+                .collect()),
             RecordedIn::RankingMarks => {
                 let ids: Vec<EventId> = page.iter().map(|record| record.event_id).collect();
                 let counted = self.wiring.ranking.counted(&ids).await?;
@@ -448,7 +479,16 @@ impl Inner {
         fresh: bool,
         now: DateTime<Utc>,
     ) -> bool {
-        let (Some(before), Some(published_at)) = (stranded_before, record.published_at) else {
+        // What the consumer's event waits since: the event's publication, or for a result
+        // recorded in its request's row, the decision (a request not decided yet has no
+        // result to drive).
+        let since = match consumer.recorded_in {
+            RecordedIn::RequestRow => {
+                (record.status == EventStatus::Completed).then_some(record.updated_at)
+            }
+            _ => record.published_at,
+        };
+        let (Some(before), Some(published_at)) = (stranded_before, since) else {
             return false;
         };
         if published_at >= before {
@@ -475,6 +515,19 @@ impl Inner {
         record: &EventRecord,
     ) -> Result<(), ReconcileError> {
         match (&record.payload, consumer.recorded_in) {
+            (_, RecordedIn::RequestRow) => {
+                let Some(result) = result_event(record) else {
+                    return Ok(());
+                };
+                self.wiring
+                    .publisher
+                    .publish(consumer.topic, &result)
+                    .await
+                    .map_err(|source| ReconcileError::Publish {
+                        event_id: result.event_id,
+                        source,
+                    })?;
+            }
             (EventPayload::OrderCompleted(order), RecordedIn::RankingMarks) => {
                 let ranked = RankedOrder {
                     event_id: record.event_id,

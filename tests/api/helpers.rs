@@ -574,6 +574,37 @@ impl TestApp {
         event_id
     }
 
+    /// Commits a coupon request decided as the issuer decides it (its row COMPLETED with
+    /// the decision, a refusal for lack of stock here, and its result's event id) without
+    /// publishing the result: an issuer that died between its commit and the result's
+    /// publication. Returns the request's and the result's event ids.
+    pub async fn commit_decided_request_unpublished(
+        &self,
+        user_id: u64,
+        coupon_id: u64,
+    ) -> (EventId, EventId) {
+        use commerce_events::coupons::RefusalReason;
+        use commerce_events::coupons::results::RecordedDecision;
+        use commerce_events::event_log::{Move, StatusChange};
+        let request_id = self.commit_proven_coupon_request(user_id, coupon_id).await;
+        let result_id = EventId::generate();
+        let decision = RecordedDecision {
+            result_event_id: Some(result_id),
+            coupon_history_id: None,
+            reason: Some(RefusalReason::OutOfStock),
+        };
+        let mut connection = self.event_log.pool().acquire().await.unwrap();
+        let moved = EventLog::change_status_of_many_with_results_in(
+            &mut connection,
+            &[(request_id, decision.to_json())],
+            StatusChange::new(Move::Complete),
+        )
+        .await
+        .unwrap();
+        assert_eq!(moved, 1);
+        (request_id, result_id)
+    }
+
     /// Creates a user and charges `balance` (when positive); returns the user id.
     pub async fn create_user(&self, balance: u64) -> u64 {
         let (status, user) = self.post("/users", r#"{"name": "Kim"}"#).await;

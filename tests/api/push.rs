@@ -124,6 +124,57 @@ async fn a_websocket_receives_its_users_results_and_never_another_users() {
     }
 }
 
+#[actix_web::test]
+async fn a_result_never_published_is_pushed_from_its_requests_row() {
+    let app = spawn_app().await;
+    let user = 41;
+    app.ensure_users(user, user).await;
+    let ws_url = app.address.replace("http://", "ws://");
+    let (_, mut socket) = awc::Client::new()
+        .ws(format!("{ws_url}/ws"))
+        .bearer_auth(app.token(user, false))
+        .connect()
+        .await
+        .unwrap();
+    let coupon_id = app.create_coupon(5).await;
+    // Decided and committed, its result lost before it reached Kafka: there is no result row
+    // for a relay to find, only the request's row.
+    let (request_id, result_id) = app
+        .commit_decided_request_unpublished(user, coupon_id)
+        .await;
+    let pushed = receive_results(&mut socket, 1).await;
+    assert_eq!(pushed[0]["eventId"], result_id.to_string().as_str());
+    assert_eq!(pushed[0]["requestId"], request_id.to_string().as_str());
+    assert_eq!(
+        (pushed[0]["success"].as_bool(), pushed[0]["reason"].as_str()),
+        (Some(false), Some("OUT_OF_STOCK"))
+    );
+    let view = app.wait_until_notified(&request_id.to_string()).await;
+    assert_eq!(view["reason"], "OUT_OF_STOCK", "{view}");
+    let (_, tree) = app.get("/admin/actors").await;
+    let redriven = tree["reconciler"]["consumers"]["ResultNotifier"]["redriven"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(redriven >= 1, "{}", tree["reconciler"]);
+    // The admin view shows the notifier's progress in the request's row.
+    let (_, event) = app.get(&format!("/admin/events/{request_id}")).await;
+    let notifier = event["consumers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|consumer| consumer["consumer"] == "ResultNotifier")
+        .cloned()
+        .unwrap_or_else(|| panic!("no notifier progress: {event}"));
+    assert_eq!(
+        (
+            notifier["recordedIn"].as_str(),
+            notifier["settled"].as_bool()
+        ),
+        (Some("requestRow"), Some(true)),
+        "{notifier}"
+    );
+}
+
 /// Reads an SSE body until `count` `data:` events arrived.
 async fn receive_events<S>(body: &mut S, count: usize) -> Vec<Value>
 where

@@ -34,6 +34,7 @@ use awc::ws::Frame;
 use chrono::Utc;
 use commerce_events::auth::Authenticator;
 use commerce_events::config::Settings;
+use commerce_events::events::EventId;
 use commerce_events::ids::UserId;
 use commerce_events::stores;
 use futures::StreamExt;
@@ -350,14 +351,14 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
 }
 
 /// Writes `count` earlier requests for one earlier coupon, as the daemon leaves them once
-/// settled: the request's row NOTIFIED with its result, the result's row COMPLETED, the claim
-/// and the coupon history. Their ids sort before every id the daemon makes (ids are
+/// settled: the request's row NOTIFIED with its claim and its decision (the coupon history's
+/// id and the result's event id), and the coupon history. Their ids sort before every id the daemon makes (ids are
 /// time-ordered), and the reconciler's checkpoints are moved past them, as passes over them
 /// would have done.
 async fn earlier_requests(pool: &MySqlPool, count: u64) -> anyhow::Result<()> {
     const FIRST_USER: u64 = 3_000_001;
     let bar = progress::waiting("writing earlier requests", move || {
-        format!("{count} requests with their results")
+        format!("{count} decided requests")
     });
     let coupon: u64 = sqlx::query(
         "INSERT INTO coupon (name, discount_amount, total_quantity, issued_quantity, valid_from, valid_until) \
@@ -369,17 +370,17 @@ async fn earlier_requests(pool: &MySqlPool, count: u64) -> anyhow::Result<()> {
     .await?
     .last_insert_id();
     let last = FIRST_USER + count - 1;
-    // Request ids 00000000-…, result ids 00000001-…: before any id of today. The checkpoints
-    // first, so that no pass walks the rows while they are written.
+    // Request ids 00000000-…, their results' ids 00000001-…: before any id of today. The
+    // checkpoints first, so that no pass walks the rows while they are written.
     let request_id = "CONCAT('00000000-0000-7000-8000-', LPAD(HEX(seq), 12, '0'))";
     let result_id = "CONCAT('00000001-0000-7000-8000-', LPAD(HEX(seq), 12, '0'))";
-    let last_result_id = format!("00000001-0000-7000-8000-{last:012X}");
+    let last_request_id = format!("00000000-0000-7000-8000-{last:012X}");
     for statement in [
         "INSERT IGNORE INTO reconcile_checkpoint (consumer, event_id) \
          VALUES ('CouponIssuer', ''), ('ResultNotifier', '')"
             .to_string(),
         format!(
-            "UPDATE reconcile_checkpoint SET event_id = GREATEST(event_id, '{last_result_id}')"
+            "UPDATE reconcile_checkpoint SET event_id = GREATEST(event_id, '{last_request_id}')"
         ),
     ] {
         sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
@@ -387,7 +388,8 @@ async fn earlier_requests(pool: &MySqlPool, count: u64) -> anyhow::Result<()> {
             .await?;
     }
     // In chunks: one statement for a million rows would exceed the lock table of a small
-    // buffer pool.
+    // buffer pool. The histories first: each request's row records its decision with its
+    // coupon history's id (and its result's event id), as the issuer writes it.
     const CHUNK: u64 = 50_000;
     let mut first = FIRST_USER;
     while first <= last {
@@ -395,25 +397,17 @@ async fn earlier_requests(pool: &MySqlPool, count: u64) -> anyhow::Result<()> {
         let seq = format!("seq_{first}_to_{until}");
         for statement in [
             format!(
-                "INSERT INTO event_log (event_id, event_type, topic, event_key, coupon_claim, \
-                   payload, status, occurred_at, published_at) \
-                 SELECT {request_id}, 'CouponRequested', 'coupon-requests', CONCAT('user:', seq), \
-                   CONCAT({coupon}, '/', seq), JSON_OBJECT('userId', seq, 'couponId', {coupon}), 'NOTIFIED', \
-                   NOW(6) - INTERVAL 1 DAY, NOW(6) - INTERVAL 1 DAY \
-                 FROM {seq}"
-            ),
-            format!(
-                "INSERT INTO event_log (event_id, event_type, topic, event_key, payload, status, \
-                   occurred_at, published_at) \
-                 SELECT {result_id}, 'CouponResult', 'coupon-results', CONCAT('user:', seq), \
-                   JSON_OBJECT('requestId', {request_id}, 'userId', seq, 'couponId', {coupon}, \
-                     'success', TRUE, 'couponHistoryId', NULL, 'reason', NULL), 'COMPLETED', \
-                   NOW(6) - INTERVAL 1 DAY, NOW(6) - INTERVAL 1 DAY \
-                 FROM {seq}"
-            ),
-            format!(
                 "INSERT INTO coupon_history (coupon_id, user_id, request_id, status, issued_at) \
                  SELECT {coupon}, seq, {request_id}, 'ISSUED', NOW(6) - INTERVAL 1 DAY FROM {seq}"
+            ),
+            format!(
+                "INSERT INTO event_log (event_id, event_type, topic, event_key, coupon_claim, \
+                   payload, status, result, occurred_at, published_at) \
+                 SELECT {request_id}, 'CouponRequested', 'coupon-requests', CONCAT('user:', seq), \
+                   CONCAT({coupon}, '/', seq), JSON_OBJECT('userId', seq, 'couponId', {coupon}), 'NOTIFIED', \
+                   JSON_OBJECT('resultEventId', {result_id}, 'couponHistoryId', h.coupon_history_id), \
+                   NOW(6) - INTERVAL 1 DAY, NOW(6) - INTERVAL 1 DAY \
+                 FROM {seq} JOIN coupon_history h ON h.request_id = {request_id}"
             ),
         ] {
             sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
@@ -1200,22 +1194,16 @@ struct Stages {
     notified: Latencies,
 }
 
-/// Where the push latency goes, from the event log's timestamps: the request's row commit,
-/// its result event's commit (the issuer's transaction) and the request's last update
-/// (NOTIFIED, by the notifier).
+/// Where the push latency goes, from the request's row: its commit (`created_at`), the
+/// decision (the millisecond of its result's event id, generated in the issuer's
+/// transaction) and its last update (NOTIFIED, by the notifier).
 async fn stage_latencies(pool: &MySqlPool, coupons: &[u64]) -> anyhow::Result<Stages> {
-    type Row = (
-        chrono::DateTime<Utc>,
-        chrono::DateTime<Utc>,
-        chrono::DateTime<Utc>,
-    );
+    type Row = (chrono::DateTime<Utc>, String, chrono::DateTime<Utc>);
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT request.created_at, result.created_at, request.updated_at \
-         FROM event_log result JOIN event_log request \
-           ON request.event_id = JSON_UNQUOTE(JSON_EXTRACT(result.payload, '$.requestId')) \
-         WHERE result.event_type = 'CouponResult' \
-           AND JSON_EXTRACT(result.payload, '$.couponId') BETWEEN ? AND ? \
-           AND request.status = 'NOTIFIED'",
+        "SELECT created_at, JSON_UNQUOTE(JSON_EXTRACT(result, '$.resultEventId')), updated_at \
+         FROM event_log \
+         WHERE event_type = 'CouponRequested' AND status = 'NOTIFIED' \
+           AND JSON_EXTRACT(payload, '$.couponId') BETWEEN ? AND ?",
     )
     .bind(coupons.iter().min().copied().unwrap_or(0))
     .bind(coupons.iter().max().copied().unwrap_or(0))
@@ -1225,7 +1213,14 @@ async fn stage_latencies(pool: &MySqlPool, coupons: &[u64]) -> anyhow::Result<St
         decided: Latencies::default(),
         notified: Latencies::default(),
     };
-    for (accepted, decided, notified) in rows {
+    for (accepted, result_id, notified) in rows {
+        let Some(decided) = result_id
+            .parse::<EventId>()
+            .ok()
+            .and_then(|id| id.generated_at())
+        else {
+            continue;
+        };
         stages
             .decided
             .record((decided - accepted).to_std().unwrap_or_default());
