@@ -389,7 +389,16 @@ impl Inner {
             // A group that lags strands nothing, and the checkpoint cannot pass the first
             // unsettled event: walking on would read a backlog page after page, each pass,
             // for nothing.
-            let nothing_more = stranded_before.is_none() && !prefix_settled;
+            // Likewise the notifier behind requests the issuer has not decided yet (a
+            // backlog of the issuer's): their results do not exist yet.
+            let undecided_ahead = consumer.recorded_in == RecordedIn::RequestRow
+                && page.iter().any(|record| {
+                    !matches!(
+                        record.status,
+                        EventStatus::Completed | EventStatus::Notified | EventStatus::DeadLetter
+                    )
+                });
+            let nothing_more = (stranded_before.is_none() || undecided_ahead) && !prefix_settled;
             if nothing_more || page.len() < settings.batch_size.max(1) as usize {
                 break;
             }

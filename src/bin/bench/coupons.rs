@@ -70,8 +70,8 @@ pub struct Options {
     /// How long the `/healthz` baseline runs.
     #[arg(long, default_value_t = 10)]
     pub baseline_seconds: u64,
-    /// Earlier requests written to the database before the phases (decided, notified, with
-    /// their results and coupon histories), to show a request's cost does not grow with them.
+    /// Earlier requests written to the database before the phases (decided and notified,
+    /// with their coupon histories), to show a request's cost does not grow with them.
     #[arg(long, default_value_t = 0)]
     pub history: u64,
     /// Where the chart of the run is written (a PNG; its directories are created).
