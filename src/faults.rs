@@ -23,9 +23,9 @@ use actix_web::http::StatusCode;
 use serde_json::Value;
 use sqlx::MySqlPool;
 
-use crate::auth::Authenticator;
+use crate::common::ids::UserId;
 use crate::config::Settings;
-use crate::ids::UserId;
+use crate::guards::tokens::Authenticator;
 
 /// How long everything accepted may take to become terminal once a fault is over.
 pub const SETTLE: Duration = Duration::from_secs(120);

@@ -9,13 +9,13 @@
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use commerce_events::auth::Authenticator;
+use commerce_events::common::ids::UserId;
 use commerce_events::config::Settings;
 use commerce_events::events::topics;
-use commerce_events::ids::UserId;
+use commerce_events::guards::tokens::Authenticator;
 use commerce_events::kafka::cluster::KafkaCluster;
+use commerce_events::observability::logging;
 use commerce_events::startup::{self, Application};
-use commerce_events::telemetry;
 use tracing::info;
 
 /// An actor-based Kafka event processor for an e-commerce backend. Settings come from
@@ -88,7 +88,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(Command::Broker { brokers }) = &cli.command {
         return run_broker(settings, *brokers);
     }
-    telemetry::init(&settings.log);
+    logging::init(&settings.log);
     actix_rt::System::new().block_on(async move {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => {
@@ -150,7 +150,7 @@ fn run_broker(mut settings: Settings, brokers: Option<i32>) -> anyhow::Result<()
             writeln!(stdout, "{}", cluster.bootstrap_servers())?;
             stdout.flush()?;
         }
-        telemetry::init(&settings.log);
+        logging::init(&settings.log);
         info!(
             bootstrap_servers = cluster.bootstrap_servers(),
             brokers = settings.kafka.embedded_brokers,

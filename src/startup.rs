@@ -25,8 +25,8 @@ use crate::api::error::BodyLimits;
 use crate::api::{
     self, AppState, CouponsState, LimitsState, OperationsState, RankingState, ShopState,
 };
-use crate::auth::Authenticator;
-use crate::clock::{SharedClock, SystemClock};
+use crate::common::clock::{SharedClock, SystemClock};
+use crate::common::connections::{self, RedisStore};
 use crate::config::{RecordOrdering, Settings};
 use crate::coupons::intake::CouponIntake;
 use crate::coupons::issuer::CouponIssuer;
@@ -41,26 +41,26 @@ use crate::delivery::scheduler::{RetryScheduler, StopScheduler};
 use crate::delivery::webhook::WebhookDeliverer;
 use crate::delivery::{self, Deliveries, DeliveriesWiring};
 use crate::event_log::EventLog;
+use crate::event_log::progress::{ConsumerSpec, Consumers, RecordedIn};
 use crate::events::topics;
+use crate::guards::limits::RateLimiter;
+use crate::guards::tokens::Authenticator;
 use crate::kafka::cluster::KafkaCluster;
 use crate::kafka::consumer::UncommittedStart;
 use crate::kafka::dead_letter::DeadLetterLog;
 use crate::kafka::dead_letter::DeadLetters;
 use crate::kafka::offsets::GroupOffsets;
 use crate::kafka::producer::EventPublisher;
-use crate::limits::RateLimiter;
-use crate::outages::Outages;
+use crate::observability::outages::Outages;
 use crate::outbox::reconciler::{Reconciler, ReconcilerWiring, StopReconciler};
 use crate::outbox::relay::{OutboxRelay, StopRelay};
 use crate::outbox::{Outbox, OutboxBacklogView};
-use crate::progress::{ConsumerSpec, Consumers, RecordedIn};
 use crate::ranking::RankingStore;
 use crate::ranking::rebuild::{RebuildReport, rebuild};
 use crate::ranking::updater::RankingUpdater;
 use crate::shop::cache::ProductCache;
 use crate::shop::product_events::ProductEventProcessor;
 use crate::shop::store::ShopStore;
-use crate::stores::{self, RedisStore};
 
 /// How long a product stays in the Redis cache without a change.
 const PRODUCT_CACHE_TTL: Duration = Duration::from_secs(3_600);
@@ -86,16 +86,16 @@ pub const EXTERNAL_EVENT_GROUP: &str = "external-event-group";
 
 /// Applies the migrations to the configured database (creating it if missing) and returns.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
-    stores::create_database_if_missing(&settings.database).await?;
-    let pool = stores::connect_mysql(&settings.database, 1).await?;
-    stores::migrate(&pool).await?;
+    connections::create_database_if_missing(&settings.database).await?;
+    let pool = connections::connect_mysql(&settings.database, 1).await?;
+    connections::migrate(&pool).await?;
     pool.close().await;
     Ok(())
 }
 
 /// Rebuilds the ranking from MySQL (the `rebuild-ranking` command).
 pub async fn rebuild_ranking(settings: &Settings) -> anyhow::Result<RebuildReport> {
-    let pool = stores::connect_mysql(&settings.database, 2).await?;
+    let pool = connections::connect_mysql(&settings.database, 2).await?;
     let redis = RedisStore::new(&settings.redis)?;
     redis
         .try_connect()
@@ -125,7 +125,7 @@ pub struct Application {
     group_offsets: Arc<GroupOffsets>,
     arbiters: Arc<ArbiterPool>,
     sessions: Sessions,
-    spans: crate::otlp::Spans,
+    spans: crate::observability::otlp::Spans,
 }
 
 /// What every slice is wired from.
@@ -182,11 +182,12 @@ struct Stores {
 
 impl Stores {
     async fn connect(settings: &Settings) -> anyhow::Result<Self> {
-        stores::create_database_if_missing(&settings.database).await?;
+        connections::create_database_if_missing(&settings.database).await?;
         let actors =
-            stores::connect_mysql(&settings.database, settings.database.max_connections).await?;
-        stores::migrate(&actors).await?;
-        let http = stores::connect_mysql_waiting(
+            connections::connect_mysql(&settings.database, settings.database.max_connections)
+                .await?;
+        connections::migrate(&actors).await?;
+        let http = connections::connect_mysql_waiting(
             &settings.database,
             settings.database.http_max_connections,
             Duration::from_millis(settings.database.http_acquire_timeout_ms),
@@ -465,7 +466,7 @@ impl Wiring {
     /// The lag monitor and the outbox backlog count, on a partition arbiter (their broker
     /// requests and queries run on blocking threads and the actors' pool).
     fn start_monitors(&mut self, offsets: Arc<GroupOffsets>) -> (LagView, OutboxBacklogView) {
-        crate::monitoring::install();
+        crate::observability::metrics::install();
         let metrics = &self.settings.metrics;
         let monitor = LagMonitor::new(self.tree.consumer_groups.clone(), offsets);
         let lag = monitor.view();
@@ -494,7 +495,7 @@ impl Wiring {
 fn serve_http(
     settings: &Settings,
     state: AppState,
-    spans: crate::otlp::Spans,
+    spans: crate::observability::otlp::Spans,
 ) -> anyhow::Result<(Server, u16)> {
     let state = web::Data::new(state);
     let http = &settings.http;
@@ -537,7 +538,7 @@ impl Application {
         // Bad delivery settings fail the start, before anything is running.
         let targets = delivery::targets(&settings.external, &settings.analytics)?;
         let delivers_externally = !settings.external.base_url.is_empty();
-        let spans = crate::otlp::Spans::start(&settings.otlp, &settings.instance)?;
+        let spans = crate::observability::otlp::Spans::start(&settings.otlp, &settings.instance)?;
         let deliverer =
             WebhookDeliverer::from_settings(targets, &settings.external)?.with_spans(spans.clone());
 

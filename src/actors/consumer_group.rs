@@ -36,7 +36,7 @@ use crate::kafka::consumer::{
 use crate::kafka::consumer::{LocalPositions, UncommittedStart};
 use crate::kafka::dead_letter::DeadLetters;
 use crate::kafka::producer::EventPublisher;
-use crate::outages::Outages;
+use crate::observability::outages::Outages;
 
 /// Partitions were assigned; start their actors.
 #[derive(Message)]

@@ -30,7 +30,7 @@ use futures::FutureExt;
 use serde::Serialize;
 use tracing::{error, warn};
 
-use crate::error::{Classify, Dependency, ErrorClass, panic_message};
+use crate::common::error::{Classify, Dependency, ErrorClass, panic_message};
 use crate::event_log::{EventLog, Move, StatusChange};
 use crate::events::{EventEnvelope, EventId, EventPayload};
 use crate::kafka::TopicPartition;
@@ -247,11 +247,11 @@ pub trait DomainHandler: 'static {
 /// What every domain actor shares beside its handler. It completes pipeline probes,
 /// whatever the topic: a probe is done when its event-log row reaches COMPLETED; a second
 /// delivery finds it there already and is a duplicate. And it exports a consumer span per
-/// traced event of a batch (see [`crate::otlp`]; none unless spans are exported).
+/// traced event of a batch (see [`crate::observability::otlp`]; none unless spans are exported).
 #[derive(Clone)]
 pub struct PipelineProbes {
     event_log: EventLog,
-    spans: crate::otlp::Spans,
+    spans: crate::observability::otlp::Spans,
 }
 
 impl PipelineProbes {
@@ -263,7 +263,7 @@ impl PipelineProbes {
     }
 
     /// The same, exporting the batches' consumer spans to `spans`.
-    pub fn with_spans(self, spans: crate::otlp::Spans) -> Self {
+    pub fn with_spans(self, spans: crate::observability::otlp::Spans) -> Self {
         Self { spans, ..self }
     }
 
@@ -396,7 +396,7 @@ impl<H: DomainHandler> Actor for DomainActor<H> {
 impl<H: DomainHandler> Supervised for DomainActor<H> {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
         self.restarts += 1;
-        crate::monitoring::actor_restarted(self.name);
+        crate::observability::metrics::actor_restarted(self.name);
         warn!(
             actor = self.name,
             restarts = self.restarts,
@@ -428,7 +428,7 @@ impl<H: DomainHandler> Handler<ProcessBatch> for DomainActor<H> {
             "batch",
             actor = name,
             source = %source,
-            trace_ids = %crate::trace::trace_ids(&batch.events),
+            trace_ids = %crate::observability::trace::trace_ids(&batch.events),
         );
         // Not tied to the actor's context: a restart for another batch's fatal error
         // cancels nothing here.
@@ -454,16 +454,22 @@ impl<H: DomainHandler> Handler<ProcessBatch> for DomainActor<H> {
 
 /// The traced events of a batch being handled, for their consumer spans.
 struct TracedBatch {
-    spans: crate::otlp::Spans,
+    spans: crate::observability::otlp::Spans,
     started: std::time::SystemTime,
     source: crate::kafka::TopicPartition,
     /// Each traced event's position in the batch, context, id and type.
-    events: Vec<(usize, crate::trace::TraceParent, EventId, &'static str, i64)>,
+    events: Vec<(
+        usize,
+        crate::observability::trace::TraceParent,
+        EventId,
+        &'static str,
+        i64,
+    )>,
 }
 
 impl TracedBatch {
     /// `None` unless spans are exported: the hot path then copies and reads nothing.
-    fn of(spans: &crate::otlp::Spans, batch: &ProcessBatch) -> Option<Self> {
+    fn of(spans: &crate::observability::otlp::Spans, batch: &ProcessBatch) -> Option<Self> {
         if !spans.enabled() {
             return None;
         }
@@ -475,7 +481,7 @@ impl TracedBatch {
                 let context = event
                     .traceparent
                     .as_deref()
-                    .and_then(crate::trace::TraceParent::parse)?;
+                    .and_then(crate::observability::trace::TraceParent::parse)?;
                 let offset = batch.origin.offsets.get(position).copied().unwrap_or(-1);
                 Some((
                     position,
@@ -496,7 +502,7 @@ impl TracedBatch {
 
     /// One consumer span per traced event, a child of the span that produced it.
     fn finish(self, actor: &'static str, outcomes: &[EventOutcome]) {
-        use crate::otlp::{SpanKind, SpanRecord};
+        use crate::observability::otlp::{SpanKind, SpanRecord};
         for (position, context, event_id, event_type, offset) in &self.events {
             let outcome = outcomes.get(*position);
             self.spans.record(context, || {

@@ -26,7 +26,7 @@ use tracing::debug;
 use crate::actors::consumer_group::ConsumerGroup;
 use crate::kafka::TopicPartition;
 use crate::kafka::offsets::GroupOffsets;
-use crate::monitoring;
+use crate::observability::metrics;
 
 const UNKNOWN: i64 = i64::MIN;
 
@@ -202,7 +202,7 @@ impl LagMonitor {
                 }
             }
             for lag in &lags {
-                monitoring::partition_lag(
+                metrics::partition_lag(
                     &lag.consumer_group,
                     &lag.topic,
                     lag.partition,

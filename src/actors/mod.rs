@@ -33,7 +33,7 @@ use actix::{Arbiter, ArbiterHandle};
 use futures::FutureExt;
 use tracing::error;
 
-use crate::error::panic_message;
+use crate::common::error::panic_message;
 
 /// Runs one pass of a periodic background actor (the outbox relay, the retry scheduler) in
 /// its context and hands its output to `done`. A pass that panics stops the actor instead,

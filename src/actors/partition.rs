@@ -8,7 +8,7 @@
 //! flight at a time, so a slow domain actor holds back only this partition, and records are
 //! settled in offset order.
 //!
-//! How a failed outcome is settled depends on its class ([`crate::error`]):
+//! How a failed outcome is settled depends on its class ([`crate::common::error`]):
 //! - **an outage** of a dependency (MySQL, Redis, Kafka, a delivery target): the partition
 //!   stops fetching, reports the outage ([`Outages`]), and sends the batch again after a
 //!   doubling, capped delay ([`OutagePolicy`]) until the dependency answers. Nothing is
@@ -44,14 +44,14 @@ use tracing::{debug, warn};
 use crate::actors::domain::{BatchOrigin, EventOutcome, HandlerError, ProcessBatch};
 use crate::actors::lag::PartitionProgress;
 use crate::actors::retry::{OutagePolicy, RetryPolicy};
-use crate::error::Dependency;
+use crate::common::error::Dependency;
 use crate::events::EventEnvelope;
 use crate::kafka::TopicPartition;
 use crate::kafka::consumer::{ConsumedRecord, OffsetCommitter, PartitionRecords};
 use crate::kafka::dead_letter::{DeadLetter, DeadLetterError, DeadLetters};
 use crate::kafka::producer::Delivered;
-use crate::monitoring::{self, BatchOutcomes};
-use crate::outages::Outages;
+use crate::observability::metrics::{self, BatchOutcomes};
+use crate::observability::outages::Outages;
 
 /// Stop taking records, finish the batch in flight, report and stop.
 #[derive(Message)]
@@ -247,7 +247,7 @@ impl PartitionActor {
         self.state.dead_lettered += report.dead_lettered;
         self.state.retries += report.retries;
         self.wiring.progress.batch_settled(report.next_offset);
-        monitoring::batch_settled(
+        metrics::batch_settled(
             &self.wiring.group_id,
             &self.source.topic,
             &BatchOutcomes {

@@ -10,12 +10,12 @@ use crate::api::auth::Admin;
 use crate::api::docs::{AdminErrors, BodyErrors, ServerErrors};
 use crate::api::error::{ApiError, ErrorBody, parse_object};
 use crate::delivery::scheduler::{Replay, Replayed};
+use crate::event_log::progress::{ConsumerProgress, RecordedIn};
 use crate::event_log::{EventRecord, EventStatus, OutboxEvent};
 use crate::events::topics;
 use crate::events::{EventEnvelope, EventId, EventPayload, PipelineProbe};
 use crate::kafka::dead_letter::DeadLetterRow;
 use crate::outbox::reconciler::ReconcileNow;
-use crate::progress::{ConsumerProgress, RecordedIn};
 use crate::ranking::RankedOrder;
 use crate::ranking::rebuild::{RebuildError, RebuildReport, rebuild};
 

@@ -20,8 +20,8 @@ use futures::future::{Ready, ready};
 
 use crate::api::AppState;
 use crate::api::error::ApiError;
-use crate::auth::{AuthError, Identity};
-use crate::ids::UserId;
+use crate::common::ids::UserId;
+use crate::guards::tokens::{AuthError, Identity};
 
 /// An authenticated caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -14,15 +14,15 @@ use crate::api::docs::{
 use crate::api::error::{ApiError, ErrorBody, JsonObject};
 use crate::api::guard::{idempotency_key, key_reused, limit_user, replay};
 use crate::api::input::{name, storable_instant};
+use crate::common::error::{Classify, ErrorClass};
+use crate::common::ids::{CouponHistoryId, CouponId, RequestId, UserId};
 use crate::coupons::RefusalReason;
 use crate::coupons::intake::Intake;
 use crate::coupons::results::RecordedDecision;
 use crate::coupons::store::{Coupon, HeldCoupon, NewCoupon};
-use crate::error::{Classify, ErrorClass};
 use crate::event_log::{EventRecord, EventStatus};
 use crate::events::EventPayload;
-use crate::idempotency::{self, Claim};
-use crate::ids::{CouponHistoryId, CouponId, RequestId, UserId};
+use crate::guards::idempotency::{self, Claim};
 
 /// A coupon to create.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]

@@ -23,7 +23,7 @@ use crate::api::AppState;
 use crate::api::auth::Admin;
 use crate::api::error::ApiError;
 use crate::kafka::dead_letter::DeadLetterRow;
-use crate::outages::OutageView;
+use crate::observability::outages::OutageView;
 use crate::outbox::OutboxBacklog;
 
 /// The page.
@@ -68,7 +68,7 @@ struct GroupView {
 #[serde(rename_all = "camelCase")]
 struct BestSeller {
     rank: usize,
-    product_id: crate::ids::ProductId,
+    product_id: crate::common::ids::ProductId,
     name: Option<String>,
     quantity: u64,
 }

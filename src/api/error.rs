@@ -15,8 +15,8 @@ use futures::StreamExt;
 use serde::Serialize;
 use tracing::error;
 
-use crate::auth::AuthError;
-use crate::error::Classify;
+use crate::common::error::Classify;
+use crate::guards::tokens::AuthError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -219,8 +219,8 @@ impl ResponseError for ApiError {
 }
 
 /// A malformed id (in a path, a query or a body) is a 400 with its own code.
-impl From<crate::ids::InvalidId> for ApiError {
-    fn from(invalid: crate::ids::InvalidId) -> Self {
+impl From<crate::common::ids::InvalidId> for ApiError {
+    fn from(invalid: crate::common::ids::InvalidId) -> Self {
         ApiError::bad_request(invalid.code, invalid.to_string())
     }
 }
@@ -245,7 +245,7 @@ macro_rules! store_errors {
 store_errors!(
     crate::event_log::EventLogError,
     crate::coupons::store::CouponStoreError,
-    crate::stores::RedisStoreError,
+    crate::common::connections::RedisStoreError,
     sqlx::Error
 );
 

@@ -7,8 +7,8 @@ use crate::api::AppState;
 use crate::api::auth::{Caller, client_address};
 use crate::api::error::ApiError;
 use crate::config::RateLimit;
-use crate::idempotency::{IdempotencyKey, StoredAnswer};
-use crate::limits::Decision;
+use crate::guards::idempotency::{IdempotencyKey, StoredAnswer};
+use crate::guards::limits::Decision;
 
 /// The header a client names its retries with.
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";

@@ -10,7 +10,7 @@ use serde_json::json;
 use crate::api::AppState;
 use crate::api::docs::ServerErrors;
 use crate::api::error::{ApiError, ErrorBody};
-use crate::outages::OutageView;
+use crate::observability::outages::OutageView;
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 

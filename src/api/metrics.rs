@@ -6,15 +6,15 @@ use std::time::{Duration, Instant};
 use actix_web::{HttpResponse, web};
 
 use crate::api::AppState;
-use crate::monitoring;
-use crate::trace::{TRACEPARENT, TraceParent};
+use crate::observability::metrics;
+use crate::observability::trace::{TRACEPARENT, TraceParent};
 
 /// How long a scrape waits for Redis to answer its ping.
 const REDIS_PING_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Prometheus metrics.
 ///
-/// Every metric of the process (see [`crate::monitoring`]), after reading the values
+/// Every metric of the process (see [`crate::observability::metrics`]), after reading the values
 /// only a scrape reads: pool use, push sessions, Redis's ping.
 #[utoipa::path(
     get,
@@ -30,31 +30,31 @@ const REDIS_PING_TIMEOUT: Duration = Duration::from_millis(500);
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let operations = &state.operations;
     for (name, pool) in &operations.pools {
-        monitoring::db_pool(name, pool);
+        metrics::db_pool(name, pool);
     }
-    monitoring::push_sessions_open(state.coupons.sessions.state().sessions);
+    metrics::push_sessions_open(state.coupons.sessions.state().sessions);
     let started = Instant::now();
     let ping = tokio::time::timeout(REDIS_PING_TIMEOUT, operations.redis.ping()).await;
-    monitoring::redis_ping(matches!(ping, Ok(Ok(()))), started.elapsed());
+    metrics::redis_ping(matches!(ping, Ok(Ok(()))), started.elapsed());
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(monitoring::render())
+        .body(metrics::render())
 }
 
 /// Middleware that observes every request:
-/// - puts it in a trace (see [`crate::trace`]): the caller's `traceparent` when valid, a new
+/// - puts it in a trace (see [`crate::observability::trace`]): the caller's `traceparent` when valid, a new
 ///   trace otherwise; the handler runs in it and in a `request` span with its `trace_id`,
 ///   and the answer's `traceparent` names this server's hop;
 /// - counts and times it by route template, method and status (`http_requests_total`,
 ///   `http_request_duration_seconds`). Requests that match no route are counted under
 ///   `route="unmatched"`, so a scan of random paths adds one series only;
-/// - exports it as a server span when spans are exported (see [`crate::otlp`]).
+/// - exports it as a server span when spans are exported (see [`crate::observability::otlp`]).
 pub struct Observed {
-    spans: crate::otlp::Spans,
+    spans: crate::observability::otlp::Spans,
 }
 
 impl Observed {
-    pub fn new(spans: crate::otlp::Spans) -> Self {
+    pub fn new(spans: crate::observability::otlp::Spans) -> Self {
         Self { spans }
     }
 }
@@ -84,7 +84,7 @@ where
 
 pub struct ObservedService<S> {
     service: S,
-    spans: crate::otlp::Spans,
+    spans: crate::observability::otlp::Spans,
 }
 
 impl<S, B> actix_web::dev::Service<actix_web::dev::ServiceRequest> for ObservedService<S>
@@ -127,17 +127,18 @@ where
                 std::time::SystemTime::now(),
             )
         });
-        let answer = crate::trace::in_trace(hop, self.service.call(request).instrument(span));
+        let answer =
+            crate::observability::trace::in_trace(hop, self.service.call(request).instrument(span));
         Box::pin(async move {
             let answer = answer.await;
             let status = match &answer {
                 Ok(response) => response.status().as_u16(),
                 Err(error) => error.as_response_error().status_code().as_u16(),
             };
-            monitoring::http_request(&route, &method, status, started.elapsed());
+            metrics::http_request(&route, &method, status, started.elapsed());
             if let Some((spans, hop, started_at)) = exported {
                 spans.record(&hop, || {
-                    use crate::otlp::{SpanKind, SpanRecord};
+                    use crate::observability::otlp::{SpanKind, SpanRecord};
                     SpanRecord::of(
                         SpanKind::Server,
                         format!("{method} {route}"),

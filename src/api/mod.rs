@@ -43,8 +43,8 @@ use actix_web::web;
 
 use crate::actors::lag::LagView;
 use crate::actors::tree::ActorTree;
-use crate::auth::Authenticator;
-use crate::clock::SharedClock;
+use crate::common::clock::SharedClock;
+use crate::common::connections::RedisStore;
 use crate::config::{LimitSettings, PushSettings};
 use crate::coupons::intake::CouponIntake;
 use crate::coupons::sessions::PushTickets;
@@ -52,17 +52,17 @@ use crate::coupons::sessions::Sessions;
 use crate::coupons::store::CouponStore;
 use crate::delivery::scheduler::RetryScheduler;
 use crate::event_log::EventLog;
+use crate::event_log::progress::Consumers;
+use crate::guards::limits::RateLimiter;
+use crate::guards::tokens::Authenticator;
 use crate::kafka::dead_letter::DeadLetterLog;
 use crate::kafka::producer::EventPublisher;
-use crate::limits::RateLimiter;
-use crate::outages::Outages;
+use crate::observability::outages::Outages;
 use crate::outbox::reconciler::Reconciler;
 use crate::outbox::{Outbox, OutboxBacklogView};
-use crate::progress::Consumers;
 use crate::ranking::RankingStore;
 use crate::shop::cache::ProductCache;
 use crate::shop::store::ShopStore;
-use crate::stores::RedisStore;
 
 /// What request handlers share, by slice.
 pub struct AppState {

@@ -29,12 +29,12 @@ use crate::api::AppState;
 use crate::api::auth::{Caller, bearer_token};
 use crate::api::docs::{ActsAsUserErrors, Authenticated, ServerErrors};
 use crate::api::error::{ApiError, ErrorBody};
-use crate::auth::AuthError;
+use crate::common::ids::UserId;
 use crate::coupons::notifier::push_message;
 use crate::coupons::results::result_event;
 use crate::coupons::sessions::{PushMessage, Subscription};
 use crate::events::{EventId, EventPayload, EventType};
-use crate::ids::UserId;
+use crate::guards::tokens::AuthError;
 
 /// How often an idle channel is pinged (WebSocket) or sent a comment (SSE), so proxies and
 /// clients see it alive.
@@ -117,7 +117,7 @@ async fn channel_user(
             None => state.auth.verify(bearer_token(request)?)?.user,
         };
     let claimed = claimed.map(str::parse::<UserId>).transpose()?;
-    Caller(crate::auth::Identity { user, admin: false }).acts_as(claimed)
+    Caller(crate::guards::tokens::Identity { user, admin: false }).acts_as(claimed)
 }
 
 /// Where a reconnecting channel resumes: `?after=`, or SSE's `Last-Event-ID`.

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::AppState;
 use crate::api::docs::ServerErrors;
 use crate::api::error::{ApiError, ErrorBody};
-use crate::ids::ProductId;
+use crate::common::ids::ProductId;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]

@@ -14,10 +14,10 @@ use crate::api::docs::{
 use crate::api::error::{ApiError, ErrorBody, JsonObject};
 use crate::api::guard::{idempotency_key, key_reused, limit_anonymous, limit_user, replay};
 use crate::api::input::name;
-use crate::error::Classify;
+use crate::common::error::Classify;
+use crate::common::ids::{CouponHistoryId, OrderId, ProductId, UserId};
 use crate::event_log::OutboxEvent;
 use crate::events::EventPayload;
-use crate::ids::{CouponHistoryId, OrderId, ProductId, UserId};
 use crate::outbox::ANSWER_WAIT;
 use crate::shop::store::{
     Answered, Balance, NewOrderLine, Order, Payment, Product, ProductPage, ShopError, User,

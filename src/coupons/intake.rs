@@ -26,11 +26,11 @@ use sqlx::{MySqlConnection, QueryBuilder};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tracing::warn;
 
-use crate::error::{Classify, Dependency, ErrorClass};
+use crate::common::error::{Classify, Dependency, ErrorClass};
+use crate::common::ids::{CouponId, RequestId, UserId};
 use crate::event_log::{Entry, EventLogError, OutboxEvent};
 use crate::events::{CouponRequested, EventEnvelope, EventPayload};
-use crate::idempotency::{IdempotencyKey, StoredAnswer};
-use crate::ids::{CouponId, RequestId, UserId};
+use crate::guards::idempotency::{IdempotencyKey, StoredAnswer};
 use crate::outbox::{Committed, Outbox};
 
 #[derive(Debug, Clone, thiserror::Error)]

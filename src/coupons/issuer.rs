@@ -17,12 +17,12 @@ use serde::Serialize;
 use tracing::warn;
 
 use crate::actors::domain::{Batch, DomainHandler, EventOutcome, HandlerError, Stats};
+use crate::common::ids::RequestId;
 use crate::coupons::locks::RedisLocks;
 use crate::coupons::store::{CouponRequest, CouponStore, RequestOutcome};
 use crate::coupons::{IssueDecision, IssueRequest};
 use crate::events::{EventEnvelope, EventPayload};
-use crate::ids::RequestId;
-use crate::monitoring;
+use crate::observability::metrics;
 
 /// Counters shown in the admin view.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -100,7 +100,7 @@ impl DomainHandler for CouponIssuer {
                 let outcomes = batch.outcomes.iter().map(outcome_of).collect();
                 for (request, outcome) in requests.iter().zip(&batch.outcomes) {
                     if let RequestOutcome::Decided { decision, .. } = outcome {
-                        monitoring::coupon_decided(
+                        metrics::coupon_decided(
                             request.request.requested_at,
                             *decision == IssueDecision::Issue,
                         );

@@ -11,8 +11,8 @@ use std::time::Duration;
 use redis::Script;
 use uuid::Uuid;
 
-use crate::ids::{CouponId, UserId};
-use crate::stores::{RedisStore, RedisStoreError};
+use crate::common::connections::{RedisStore, RedisStoreError};
+use crate::common::ids::{CouponId, UserId};
 
 const RELEASE_SCRIPT: &str = r"
 local released = 0

@@ -18,8 +18,8 @@ use std::collections::BTreeSet;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::common::ids::{CouponId, RequestId, UserId};
 pub use crate::events::RefusalReason;
-use crate::ids::{CouponId, RequestId, UserId};
 
 /// What the issuer knows of a coupon when it decides.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -16,12 +16,12 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::actors::domain::{Batch, DomainHandler, EventOutcome, HandlerError, Stats};
+use crate::common::ids::{CouponHistoryId, CouponId, RequestId};
 use crate::coupons::RefusalReason;
 use crate::coupons::sessions::{PushMessage, Sessions};
 use crate::event_log::{EventLog, Move, StatusChange};
 use crate::events::{CouponResult, EventId, EventPayload};
-use crate::ids::{CouponHistoryId, CouponId, RequestId};
-use crate::monitoring;
+use crate::observability::metrics;
 
 /// What a session receives for a coupon result.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -103,9 +103,9 @@ impl DomainHandler for ResultNotifier {
                 .sessions
                 .push(result.user_id, push_message(event.event_id, result));
             if sessions > 0 {
-                monitoring::push_sent(sessions);
+                metrics::push_sent(sessions);
                 if let Some(accepted_at) = result.request_id.accepted_at() {
-                    monitoring::coupon_pushed(accepted_at);
+                    metrics::coupon_pushed(accepted_at);
                 }
                 pushed += 1;
             } else {

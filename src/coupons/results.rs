@@ -10,10 +10,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::common::ids::{CouponHistoryId, RequestId};
 use crate::coupons::RefusalReason;
 use crate::event_log::{EventRecord, EventStatus};
 use crate::events::{CouponResult, EventEnvelope, EventId, EventPayload};
-use crate::ids::{CouponHistoryId, RequestId};
 
 /// The `result` of a decided coupon request's row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

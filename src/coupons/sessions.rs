@@ -14,8 +14,8 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::ids::{EventId, UserId};
-use crate::stores::{RedisStore, RedisStoreError};
+use crate::common::connections::{RedisStore, RedisStoreError};
+use crate::common::ids::{EventId, UserId};
 
 /// One message for a user's sessions: the JSON text, and the id of the event it comes from
 /// (what a reconnecting client resumes after).
@@ -121,7 +121,7 @@ impl Sessions {
                 Ok(()) => delivered += 1,
                 Err(_) => {
                     self.inner.dropped.fetch_add(1, Ordering::Relaxed);
-                    crate::monitoring::push_dropped();
+                    crate::observability::metrics::push_dropped();
                 }
             }
         }

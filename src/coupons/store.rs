@@ -7,15 +7,15 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{MySqlConnection, QueryBuilder};
 
-use crate::columns::named_enum;
+use crate::common::columns::named_enum;
+use crate::common::connections::is_duplicate_key;
+use crate::common::error::{Classify, ErrorClass};
+use crate::common::ids::{CouponHistoryId, CouponId, OrderId, RequestId, UserId};
 use crate::coupons::results::RecordedDecision;
 use crate::coupons::{CouponState, IssueDecision, IssueRequest, decide_issues};
-use crate::error::{Classify, ErrorClass};
 use crate::event_log::{EventLog, EventLogError, EventStatus, Move, OutboxEvent, StatusChange};
 use crate::events::{CouponResult, EventEnvelope, EventId, EventPayload};
-use crate::ids::{CouponHistoryId, CouponId, OrderId, RequestId, UserId};
 use crate::outbox::{Committed, Outbox, OutboxTransaction};
-use crate::stores::is_duplicate_key;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CouponStoreError {

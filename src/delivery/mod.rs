@@ -31,15 +31,15 @@ use serde::Serialize;
 use serde_json::json;
 use tracing::{error, info, warn};
 
-use crate::clock::SharedClock;
+use crate::common::clock::SharedClock;
+use crate::common::error::{Classify, Dependency, ErrorClass};
 use crate::config::{AnalyticsSettings, ExternalSettings};
-use crate::error::{Classify, Dependency, ErrorClass};
 use crate::event_log::{EventLog, EventLogError, EventRecord, Move, StatusChange};
 use crate::events::{EventEnvelope, EventId, EventType};
 use crate::kafka::TopicPartition;
 use crate::kafka::dead_letter::{DeadLetter, DeadLetterError, DeadLetters};
-use crate::monitoring;
-use crate::outages::Outages;
+use crate::observability::metrics;
+use crate::observability::outages::Outages;
 use backoff::BackoffPolicy;
 use webhook::{DeliveryOutcome, Target, WebhookDeliverer};
 
@@ -390,11 +390,11 @@ impl Deliveries {
             // second delivery comes with the same webhook-id, which receivers deduplicate.
             self.inner.completions.complete(event_id).await?;
             DeliveryCounters::add(&counters.delivered);
-            monitoring::webhook_delivered(
+            metrics::webhook_delivered(
                 held.envelope.event_type().as_str(),
                 held.envelope.occurred_at,
             );
-            monitoring::delivery_attempt(attempt == Attempt::Later, "delivered");
+            metrics::delivery_attempt(attempt == Attempt::Later, "delivered");
             return Ok(Settled::Delivered);
         }
         let loaded;
@@ -410,7 +410,7 @@ impl Deliveries {
                 &loaded
             }
         };
-        monitoring::delivery_attempt(
+        metrics::delivery_attempt(
             attempt == Attempt::Later,
             match outcome {
                 DeliveryOutcome::Rejected { .. } => "rejected",
@@ -472,7 +472,7 @@ impl Deliveries {
             .change_status(record.event_id, change)
             .await?;
         DeliveryCounters::add(&self.inner.counters.scheduled);
-        monitoring::retry_scheduled();
+        metrics::retry_scheduled();
         info!(event_id = %record.event_id, attempt = failed_attempts, %error, next_attempt_at = %at, "delivery failed; retry scheduled");
         Ok(Settled::Scheduled { at })
     }
@@ -512,7 +512,7 @@ impl Deliveries {
         let counters = &self.inner.counters;
         DeliveryCounters::add(&counters.dead_lettered);
         DeliveryCounters::add(&counters.alerts);
-        monitoring::alert_raised("delivery_dead_lettered");
+        metrics::alert_raised("delivery_dead_lettered");
         error!(
             alert = true,
             event_id = %record.event_id,

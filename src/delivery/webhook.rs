@@ -145,8 +145,8 @@ pub struct WebhookDeliverer {
     targets: BTreeMap<EventType, Target>,
     key: Option<SigningKey>,
     timeout: Duration,
-    /// Where each attempt's client span goes (see [`crate::otlp`]).
-    spans: crate::otlp::Spans,
+    /// Where each attempt's client span goes (see [`crate::observability::otlp`]).
+    spans: crate::observability::otlp::Spans,
 }
 
 thread_local! {
@@ -225,7 +225,7 @@ impl WebhookDeliverer {
     }
 
     /// The same deliverer, exporting a client span per attempt to `spans`.
-    pub fn with_spans(self, spans: crate::otlp::Spans) -> Self {
+    pub fn with_spans(self, spans: crate::observability::otlp::Spans) -> Self {
         Self { spans, ..self }
     }
 
@@ -276,10 +276,13 @@ impl WebhookDeliverer {
         let parent = event
             .traceparent
             .as_deref()
-            .and_then(crate::trace::TraceParent::parse);
-        let hop = parent.as_ref().map(crate::trace::TraceParent::child);
+            .and_then(crate::observability::trace::TraceParent::parse);
+        let hop = parent
+            .as_ref()
+            .map(crate::observability::trace::TraceParent::child);
         if let Some(hop) = &hop {
-            request = request.insert_header((crate::trace::TRACEPARENT, hop.header_value()));
+            request = request
+                .insert_header((crate::observability::trace::TRACEPARENT, hop.header_value()));
         }
         let started = std::time::SystemTime::now();
 
@@ -301,7 +304,7 @@ impl WebhookDeliverer {
         let outcome = classify(&answer, now);
         if let (Some(parent), Some(hop)) = (&parent, &hop) {
             self.spans.record(hop, || {
-                use crate::otlp::{SpanKind, SpanRecord};
+                use crate::observability::otlp::{SpanKind, SpanRecord};
                 let span = SpanRecord::of(
                     SpanKind::Client,
                     format!("POST {}", event.event_type()),

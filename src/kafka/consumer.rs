@@ -727,7 +727,7 @@ pub struct Undecodable {
 
 impl ConsumedRecord {
     fn decode<M: Message>(message: &M, max_record_bytes: usize) -> Self {
-        let traceparent = crate::trace::traceparent_header(message.headers());
+        let traceparent = crate::observability::trace::traceparent_header(message.headers());
         let decoded = EventEnvelope::decode(message.payload(), max_record_bytes)
             .map(|mut envelope| {
                 envelope.traceparent = traceparent.clone();

@@ -12,7 +12,7 @@
 //! Only failures that belong to one record come here: a record that is not an event, an
 //! event its handler refuses (a business row that cannot be read, a delivery rejected with
 //! a 4xx), an event whose in-place retries or delivery attempts ran out. An outage of a
-//! dependency never does: the partition waits for it (see [`crate::error`]).
+//! dependency never does: the partition waits for it (see [`crate::common::error`]).
 
 use std::collections::BTreeSet;
 
@@ -21,7 +21,7 @@ use serde::Serialize;
 use sqlx::MySqlPool;
 use tracing::error;
 
-use crate::error::{Classify, ErrorClass};
+use crate::common::error::{Classify, ErrorClass};
 use crate::event_log::{EventLog, EventLogError, Move, StatusChange};
 use crate::events::EventId;
 use crate::events::topics::dead_letter_topic;
@@ -84,7 +84,7 @@ pub struct DeadLetters {
     event_log: EventLog,
     group_id: String,
     /// Whether this group's progress is the event-log row's status (see
-    /// [`crate::progress`]); a consumer that records its progress elsewhere (the ranking)
+    /// [`crate::event_log::progress`]); a consumer that records its progress elsewhere (the ranking)
     /// leaves the row to the event type's owner.
     owns_event_rows: bool,
 }
@@ -139,7 +139,7 @@ impl DeadLetters {
                 ],
             })
             .await?;
-        crate::monitoring::dead_lettered(&letter.source.topic);
+        crate::observability::metrics::dead_lettered(&letter.source.topic);
         error!(
             group = %self.group_id,
             topic = %letter.source.topic,

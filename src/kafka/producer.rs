@@ -9,8 +9,8 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 
+use crate::common::error::{Classify, Dependency, ErrorClass};
 use crate::config::KafkaSettings;
-use crate::error::{Classify, Dependency, ErrorClass};
 use crate::events::EventEnvelope;
 use crate::kafka::client_config;
 use crate::kafka::consumer::TracingContext;
@@ -89,7 +89,7 @@ impl EventPublisher {
             });
         if let Some(traceparent) = &envelope.traceparent {
             headers = headers.insert(Header {
-                key: crate::trace::TRACEPARENT,
+                key: crate::observability::trace::TRACEPARENT,
                 value: Some(traceparent.as_str()),
             });
         }
@@ -134,7 +134,7 @@ impl EventPublisher {
         // A full local queue is waited out (the delivery timeout bounds the wait).
         match self.producer.send(record, Timeout::Never).await {
             Ok(delivery) => {
-                crate::monitoring::record_produced(topic);
+                crate::observability::metrics::record_produced(topic);
                 Ok(Delivered {
                     partition: delivery.partition,
                     offset: delivery.offset,

@@ -73,7 +73,7 @@ impl OutboxBacklogView {
             ticks.tick().await;
             match event_log.unpublished_backlog().await {
                 Ok((pending, oldest_age)) => {
-                    crate::monitoring::outbox_backlog(pending, oldest_age);
+                    crate::observability::metrics::outbox_backlog(pending, oldest_age);
                     *self.0.lock().expect("outbox backlog") = OutboxBacklog {
                         pending,
                         oldest_age_seconds: oldest_age.map_or(0.0, |age| age.as_secs_f64()),
@@ -151,7 +151,7 @@ impl Outbox {
         )
         .await?;
         transaction.commit().await?;
-        crate::monitoring::outbox_republished(published.len() as u64);
+        crate::observability::metrics::outbox_republished(published.len() as u64);
         let publication = Publication {
             published: published.len() as u64,
             failed: (events.len() - published.len()) as u64,

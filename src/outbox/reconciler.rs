@@ -2,7 +2,7 @@
 //!
 //! Every `reconcile.interval_ms`, for each consumer of this instance ([`Consumers`]), it
 //! walks the consumer's events in id order (ids are time-ordered) from its checkpoint and
-//! asks, for each, whether the consumer has settled it ([`crate::progress`]). The checkpoint
+//! asks, for each, whether the consumer has settled it ([`crate::event_log::progress`]). The checkpoint
 //! moves past the settled prefix, so each event is looked at until it is settled, and then
 //! never again. An unsettled event is **stranded**, and driven again, when
 //! - it was published at least `reconcile.after_ms` ago (per event type:
@@ -45,17 +45,19 @@ use tracing::{info, warn};
 
 use crate::actors::spawn_supervised_pass;
 use crate::actors::tree::ObserveBackground;
+use crate::common::connections::RedisStoreError;
 use crate::config::ReconcileSettings;
 use crate::coupons::results::result_event;
+use crate::event_log::progress::{
+    ConsumerSpec, Consumers, RecordedIn, result_settled, row_settled,
+};
 use crate::event_log::{EventLog, EventLogError, EventRecord, EventStatus};
 use crate::events::{EventId, EventPayload};
 use crate::kafka::dead_letter::DeadLetterLog;
 use crate::kafka::offsets::{GroupOffsets, PartitionPosition};
 use crate::kafka::producer::{EventPublisher, PublishError};
-use crate::progress::{ConsumerSpec, Consumers, RecordedIn, result_settled, row_settled};
 use crate::ranking::rebuild::{RebuildError, rebuild_if_missing};
 use crate::ranking::{RankedOrder, RankingError, RankingStore};
-use crate::stores::RedisStoreError;
 
 /// Pages of `reconcile.batch_size` rows one consumer's pass reads at most.
 const PAGES_PER_PASS: usize = 20;

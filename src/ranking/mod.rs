@@ -20,10 +20,10 @@ pub mod updater;
 use chrono::{Duration, NaiveDate};
 use redis::Script;
 
-use crate::error::{Classify, Dependency, ErrorClass};
+use crate::common::connections::{RedisStore, RedisStoreError};
+use crate::common::error::{Classify, Dependency, ErrorClass};
+use crate::common::ids::ProductId;
 use crate::events::{EventId, OrderedProduct};
-use crate::ids::ProductId;
-use crate::stores::{RedisStore, RedisStoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RankingError {

@@ -23,11 +23,11 @@ use redis::Script;
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::error::{Classify, ErrorClass};
+use crate::common::connections::RedisStoreError;
+use crate::common::error::{Classify, ErrorClass};
 use crate::event_log::{EventLog, EventLogError};
 use crate::events::{EventId, EventPayload, EventType};
 use crate::ranking::RankingStore;
-use crate::stores::RedisStoreError;
 
 /// How long the rebuilding flag lives unless renewed (a rebuild that died releases the
 /// updater after this).

@@ -65,7 +65,7 @@ impl DomainHandler for RankingUpdater {
                 .filter(|(_, counted)| **counted)
             {
                 if let Some(at) = committed_at.get(&order.event_id) {
-                    crate::monitoring::payment_ranked(*at);
+                    crate::observability::metrics::payment_ranked(*at);
                 }
             }
             stats.update(|stats| {

@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use redis::Script;
 
+use crate::common::connections::{RedisStore, RedisStoreError};
+use crate::common::ids::ProductId;
 use crate::events::ProductChanged;
-use crate::ids::ProductId;
 use crate::shop::store::Product;
-use crate::stores::{RedisStore, RedisStoreError};
 
 const APPLY_SCRIPT: &str = r#"
 local ttl = tonumber(ARGV[1])

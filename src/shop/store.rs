@@ -6,16 +6,16 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::{MySqlConnection, QueryBuilder};
 
-use crate::columns::named_enum;
+use crate::common::columns::named_enum;
+use crate::common::error::{Classify, ErrorClass};
+use crate::common::ids::{CouponHistoryId, OrderId, PaymentId, ProductId, UserId};
 use crate::coupons::store::{CouponUnusable, usable_discount, use_coupon};
-use crate::error::{Classify, ErrorClass};
 use crate::event_log::{EventLogError, OutboxEvent};
 use crate::events::{
     EventEnvelope, EventPayload, OrderCompleted, OrderedProduct, PaymentCompleted, ProductChange,
     ProductChanged,
 };
-use crate::idempotency::{self, Claim, IdempotencyKey, StoredAnswer};
-use crate::ids::{CouponHistoryId, OrderId, PaymentId, ProductId, UserId};
+use crate::guards::idempotency::{self, Claim, IdempotencyKey, StoredAnswer};
 use crate::outbox::{Committed, Outbox, OutboxTransaction};
 use crate::shop::{PaymentRefusal, order_amounts};
 

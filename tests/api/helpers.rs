@@ -2,18 +2,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
-use commerce_events::auth::Authenticator;
-use commerce_events::clock::{SharedClock, SystemClock};
+use commerce_events::common::clock::{SharedClock, SystemClock};
+use commerce_events::common::connections;
+use commerce_events::common::ids::{CouponId, UserId};
 use commerce_events::config::Settings;
 use commerce_events::event_log::{EventLog, EventRecord, OutboxEvent};
 use commerce_events::events::topics;
 use commerce_events::events::{EventEnvelope, EventId, EventPayload, PipelineProbe};
-use commerce_events::ids::{CouponId, UserId};
+use commerce_events::guards::tokens::Authenticator;
 use commerce_events::kafka::cluster::KafkaCluster;
 use commerce_events::kafka::producer::EventPublisher;
 use commerce_events::outbox::{Committed, Outbox};
 use commerce_events::startup::Application;
-use commerce_events::stores;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
@@ -285,7 +285,7 @@ async fn start_app_with_clock(
     let kafka = application.kafka();
     let publisher = application.publisher();
     let arbiters = application.arbiter_stopper();
-    let pool = stores::connect_mysql(&settings.database, 2)
+    let pool = connections::connect_mysql(&settings.database, 2)
         .await
         .expect("test pool");
     let (shutdown, shutdown_signal) = oneshot::channel::<()>();

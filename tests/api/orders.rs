@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
+use commerce_events::common::ids::ProductId;
 use commerce_events::event_log::{EventStatus, OutboxEvent};
 use commerce_events::events::{EventEnvelope, EventPayload, ProductChange, ProductChanged};
-use commerce_events::ids::ProductId;
 use futures::StreamExt;
 use futures::future::join_all;
 use serde_json::{Value, json};

@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use chrono::{DateTime, Utc};
-use commerce_events::clock::{Clock, ManualClock};
+use commerce_events::common::clock::{Clock, ManualClock};
+use commerce_events::common::ids::{OrderId, ProductId, UserId};
 use commerce_events::event_log::OutboxEvent;
 use commerce_events::events::topics;
 use commerce_events::events::{EventEnvelope, EventPayload, OrderCompleted, OrderedProduct};
-use commerce_events::ids::{OrderId, ProductId, UserId};
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, domain_actor, replay_from_offset_zero, spawn_app_with_clock};

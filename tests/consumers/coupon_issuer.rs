@@ -9,6 +9,8 @@ use chrono::{Duration as Span, Utc};
 use commerce_events::actors::domain::{
     BatchOrigin, DomainActor, ObserveDomain, PipelineProbes, ProcessBatch,
 };
+use commerce_events::common::connections::RedisStore;
+use commerce_events::common::ids::UserId;
 use commerce_events::coupons::issuer::CouponIssuer;
 use commerce_events::coupons::locks::RedisLocks;
 use commerce_events::coupons::results::result_event;
@@ -16,10 +18,8 @@ use commerce_events::coupons::store::{CouponStore, NewCoupon};
 use commerce_events::event_log::{EventLog, OutboxEvent};
 use commerce_events::events::topics;
 use commerce_events::events::{CouponRequested, EventEnvelope, EventId, EventPayload};
-use commerce_events::ids::UserId;
 use commerce_events::kafka::TopicPartition;
 use commerce_events::outbox::Outbox;
-use commerce_events::stores::RedisStore;
 use insta::assert_json_snapshot;
 use serde_json::{Value, json};
 

@@ -12,6 +12,7 @@ use commerce_events::actors::consumer_group::{
 use commerce_events::actors::domain::{
     DomainActor, DomainActorState, ObserveDomain, PipelineProbes,
 };
+use commerce_events::common::connections;
 use commerce_events::config::Settings;
 use commerce_events::event_log::{EventLog, OutboxEvent};
 use commerce_events::events::EventEnvelope;
@@ -19,7 +20,6 @@ use commerce_events::events::topics::dead_letter_topic;
 use commerce_events::kafka::cluster::EmbeddedCluster;
 use commerce_events::kafka::producer::{EventPublisher, RawRecord};
 use commerce_events::outbox::Outbox;
-use commerce_events::stores;
 
 use crate::support::{
     ReadRecord, ScriptedHandler, TestDatabase, committed_offsets, eventually, init_tracing,
@@ -61,13 +61,13 @@ impl Pipeline {
         if let Ok(debug) = std::env::var("KAFKA_DEBUG") {
             settings.kafka.consumer.extra.insert("debug".into(), debug);
         }
-        stores::create_database_if_missing(&settings.database)
+        connections::create_database_if_missing(&settings.database)
             .await
             .expect("test database");
-        let pool = stores::connect_mysql(&settings.database, 4)
+        let pool = connections::connect_mysql(&settings.database, 4)
             .await
             .expect("database pool");
-        stores::migrate(&pool).await.expect("migrations");
+        connections::migrate(&pool).await.expect("migrations");
         let cluster = EmbeddedCluster::start(1).expect("embedded cluster");
         cluster.create_topic(TOPIC, PARTITIONS).expect("topic");
         cluster

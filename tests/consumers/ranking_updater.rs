@@ -8,15 +8,15 @@ use chrono::{TimeZone, Utc};
 use commerce_events::actors::domain::{
     BatchOrigin, DomainActor, ObserveDomain, PipelineProbes, ProcessBatch,
 };
+use commerce_events::common::connections::RedisStore;
+use commerce_events::common::ids::{CouponId, OrderId, ProductId, UserId};
 use commerce_events::events::topics;
 use commerce_events::events::{
     CouponRequested, EventEnvelope, EventPayload, OrderCompleted, OrderedProduct,
 };
-use commerce_events::ids::{CouponId, OrderId, ProductId, UserId};
 use commerce_events::kafka::TopicPartition;
 use commerce_events::ranking::RankingStore;
 use commerce_events::ranking::updater::RankingUpdater;
-use commerce_events::stores::RedisStore;
 use insta::assert_json_snapshot;
 use serde_json::{Value, json};
 

@@ -3,11 +3,11 @@
 //! others, the total stays exact and `find` answers one `remaining`.
 
 use chrono::{Duration as Span, Utc};
+use commerce_events::common::ids::{CouponId, RequestId, UserId};
 use commerce_events::coupons::IssueRequest;
 use commerce_events::coupons::store::{CouponRequest, CouponStore, NewCoupon, RequestOutcome};
 use commerce_events::event_log::OutboxEvent;
 use commerce_events::events::{CouponRequested, EventEnvelope, EventPayload};
-use commerce_events::ids::{CouponId, RequestId, UserId};
 use commerce_events::outbox::Outbox;
 use sqlx::MySqlPool;
 

@@ -586,7 +586,7 @@ async fn as_buyer(
     let token = clients
         .auth
         .mint(
-            commerce_events::ids::UserId::from_u64(buyer).unwrap(),
+            commerce_events::common::ids::UserId::from_u64(buyer).unwrap(),
             false,
             Duration::from_secs(3_600),
         )

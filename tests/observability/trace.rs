@@ -150,7 +150,7 @@ fn attribute(span: &Value, key: &str) -> Option<String> {
 
 /// The span id in a `traceparent` header value.
 fn span_id_of(traceparent: &str) -> String {
-    commerce_events::trace::TraceParent::parse(traceparent)
+    commerce_events::observability::trace::TraceParent::parse(traceparent)
         .expect("a valid traceparent")
         .parent_id
 }
@@ -321,7 +321,7 @@ async fn a_payments_trace_reaches_the_consumers_logs_and_the_webhooks_traceparen
         .to_str()
         .unwrap();
     assert!(
-        commerce_events::trace::TraceParent::parse(started).is_some(),
+        commerce_events::observability::trace::TraceParent::parse(started).is_some(),
         "{started}"
     );
     assert!(!started.contains(&trace_id));

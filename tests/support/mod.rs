@@ -8,13 +8,13 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
 use commerce_events::actors::domain::{Batch, DomainHandler, EventOutcome, HandlerError, Stats};
+use commerce_events::common::ids::{CouponId, UserId};
 use commerce_events::config::{LogFormat, LogSettings, Settings};
 use commerce_events::events::{
     CouponRequested, EventEnvelope, EventId, EventPayload, PipelineProbe,
 };
-use commerce_events::ids::{CouponId, UserId};
 
-use commerce_events::telemetry;
+use commerce_events::observability::logging;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -33,7 +33,7 @@ pub fn init_tracing() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         if let Ok(filter) = std::env::var("TEST_LOG") {
-            telemetry::init(&LogSettings {
+            logging::init(&LogSettings {
                 filter,
                 format: LogFormat::Pretty,
             });

@@ -32,11 +32,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use awc::ws::Frame;
 use chrono::Utc;
-use commerce_events::auth::Authenticator;
+use commerce_events::common::connections;
+use commerce_events::common::ids::UserId;
 use commerce_events::config::Settings;
 use commerce_events::events::EventId;
-use commerce_events::ids::UserId;
-use commerce_events::stores;
+use commerce_events::guards::tokens::Authenticator;
 use futures::StreamExt;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
@@ -114,7 +114,7 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
     let daemon = Daemon::start(&overrides)?;
     let api = Api::new(&daemon.address, 64, auth.clone());
     daemon.wait_until_ready().await?;
-    let pool = stores::connect_mysql(&settings.database, 4).await?;
+    let pool = connections::connect_mysql(&settings.database, 4).await?;
     // Issue requests need existing users: every id each phase draws from.
     let users = progress::waiting("creating users", || {
         "app_user rows for every phase".to_string()

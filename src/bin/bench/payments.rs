@@ -20,10 +20,10 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use commerce_events::auth::Authenticator;
+use commerce_events::common::connections;
+use commerce_events::common::ids::UserId;
 use commerce_events::config::Settings;
-use commerce_events::ids::UserId;
-use commerce_events::stores;
+use commerce_events::guards::tokens::Authenticator;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
@@ -146,7 +146,7 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
         }
         buyers.push(buyer);
     }
-    let pool = stores::connect_mysql(&settings.database, 2).await?;
+    let pool = connections::connect_mysql(&settings.database, 2).await?;
     let meters = Meters::connect(
         pool.clone(),
         settings.redis.url.expose_secret(),

@@ -15,10 +15,10 @@ use commerce_events::actors::consumer_group::{ConsumerGroup, ConsumerGroupSpec};
 use commerce_events::actors::domain::{
     Batch, DomainActor, DomainHandler, EventOutcome, PipelineProbes, Stats,
 };
+use commerce_events::common::ids::{CouponId, UserId};
 use commerce_events::config::Settings;
 use commerce_events::event_log::EventLog;
 use commerce_events::events::{CouponRequested, EventEnvelope, EventPayload};
-use commerce_events::ids::{CouponId, UserId};
 
 use commerce_events::kafka::consumer::consumer_config;
 use commerce_events::kafka::producer::{EventPublisher, RawRecord};

@@ -16,14 +16,14 @@ use commerce_events::actors::consumer_group::{ConsumerGroup, ConsumerGroupSpec};
 use commerce_events::actors::domain::{
     DomainActor, DomainActorState, ObserveDomain, PipelineProbes,
 };
+use commerce_events::common::connections::RedisStore;
+use commerce_events::common::ids::{OrderId, ProductId, UserId};
 use commerce_events::event_log::EventLog;
 use commerce_events::events::topics;
 use commerce_events::events::{EventEnvelope, EventPayload, OrderCompleted, OrderedProduct};
-use commerce_events::ids::{OrderId, ProductId, UserId};
 use commerce_events::kafka::producer::{EventPublisher, RawRecord};
 use commerce_events::ranking::RankingStore;
 use commerce_events::ranking::updater::RankingUpdater;
-use commerce_events::stores::RedisStore;
 use secrecy::ExposeSecret;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 

@@ -32,13 +32,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use awc::ws::Frame;
-use commerce_events::auth::Authenticator;
+use commerce_events::common::ids::UserId;
 use commerce_events::config::Settings;
 use commerce_events::faults::{
     BrokerProcess, Checker, Daemon, Ledger, Report as CheckerReport, coupon_body, eventually,
     user_rows,
 };
-use commerce_events::ids::UserId;
+use commerce_events::guards::tokens::Authenticator;
 use commerce_events::startup::COUPON_REQUEST_GROUP;
 use futures::StreamExt;
 use secrecy::{ExposeSecret, SecretString};

@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use anyhow::{Context, bail};
 use chrono::Utc;
+use commerce_events::common::connections;
+use commerce_events::common::ids::{OrderId, PaymentId, UserId};
 use commerce_events::config::{RecordOrdering, Settings};
 use commerce_events::event_log::{EventLog, OutboxEvent};
 use commerce_events::events::{EventEnvelope, EventId, EventPayload, PaymentCompleted};
-use commerce_events::ids::{OrderId, PaymentId, UserId};
-use commerce_events::stores;
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::MySqlPool;
 
@@ -271,7 +271,7 @@ async fn one_run(
     daemon.wait_until_ready().await?;
     let mut settings = Settings::default();
     settings.database.url = SecretString::from(database_url.clone());
-    let pool = stores::connect_mysql(&settings.database, 2).await?;
+    let pool = connections::connect_mysql(&settings.database, 2).await?;
     let meters = Meters::connect(
         pool.clone(),
         settings.redis.url.expose_secret(),

@@ -17,8 +17,8 @@ use std::time::Duration;
 use redis::Script;
 use tracing::warn;
 
+use crate::common::connections::RedisStore;
 use crate::config::RateLimit;
-use crate::stores::RedisStore;
 
 /// How long a request waits for Redis to count it: past that, it goes through unchecked
 /// (counted in [`RateLimiter::unchecked`]), so a slow Redis never slows every request.
@@ -80,7 +80,7 @@ impl RateLimiter {
                 .arg(tolerance)
                 .invoke_async(&mut connection)
                 .await?;
-            Ok::<_, crate::stores::RedisStoreError>(wait_micros)
+            Ok::<_, crate::common::connections::RedisStoreError>(wait_micros)
         };
         match tokio::time::timeout(CHECK_TIMEOUT, attempt).await {
             Ok(Ok(0)) => Decision::Allowed,

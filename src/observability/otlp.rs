@@ -1,5 +1,5 @@
 //! Trace export over OTLP (OTLP/HTTP, JSON bodies, `POST {otlp.endpoint}/v1/traces`), off
-//! unless `otlp.endpoint` is set. The spans are the hops of [`crate::trace`]'s context, with
+//! unless `otlp.endpoint` is set. The spans are the hops of [`crate::observability::trace`]'s context, with
 //! the same ids the `traceparent` headers carry, so a collector (the OpenTelemetry
 //! Collector, Jaeger, Tempo) joins them with the caller's and the webhook receiver's spans:
 //!
@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{InstanceSettings, OtlpSettings};
-use crate::trace::TraceParent;
+use crate::observability::trace::TraceParent;
 
 /// What a span is to its trace (OTLP's `SpanKind`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,7 +165,7 @@ impl Spans {
             return;
         }
         if sender.try_send(Message::Span(Box::new(build()))).is_err() {
-            crate::monitoring::otlp_spans_dropped("queue_full", 1);
+            crate::observability::metrics::otlp_spans_dropped("queue_full", 1);
         }
     }
 
@@ -262,7 +262,7 @@ impl Exporter {
                     tracing::info!(url = %self.url, "the trace collector takes spans again");
                 }
                 *failing = false;
-                crate::monitoring::otlp_spans_exported(spans);
+                crate::observability::metrics::otlp_spans_exported(spans);
             }
             Some(error) => {
                 // One line per failing streak, not per batch.
@@ -270,7 +270,7 @@ impl Exporter {
                     tracing::warn!(url = %self.url, %error, "trace export failed: spans dropped");
                 }
                 *failing = true;
-                crate::monitoring::otlp_spans_dropped("export_failed", spans);
+                crate::observability::metrics::otlp_spans_dropped("export_failed", spans);
             }
         }
     }

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
+use crate::common::error::{Classify, Dependency, ErrorClass};
 use crate::config::{DatabaseSettings, RedisSettings};
-use crate::error::{Classify, Dependency, ErrorClass};
 
 /// Whether MySQL refused a row for a unique key another row holds.
 pub fn is_duplicate_key(error: &sqlx::Error) -> bool {

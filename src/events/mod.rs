@@ -15,9 +15,11 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::columns::{UnknownName, named_enum};
-pub use crate::ids::EventId;
-use crate::ids::{CouponHistoryId, CouponId, OrderId, PaymentId, ProductId, RequestId, UserId};
+use crate::common::columns::{UnknownName, named_enum};
+pub use crate::common::ids::EventId;
+use crate::common::ids::{
+    CouponHistoryId, CouponId, OrderId, PaymentId, ProductId, RequestId, UserId,
+};
 
 /// The design document's topics.
 pub mod topics {
@@ -322,7 +324,7 @@ pub struct EventEnvelope {
 }
 
 impl EventEnvelope {
-    /// A new event, in the current trace (see [`crate::trace::current`]) when there is one.
+    /// A new event, in the current trace (see [`crate::observability::trace::current`]) when there is one.
     pub fn new(key: impl Into<String>, payload: EventPayload) -> Self {
         Self {
             event_id: EventId::generate(),
@@ -330,14 +332,15 @@ impl EventEnvelope {
             occurred_at: Utc::now(),
             payload,
             // The producing span (the request's) is the event's parent.
-            traceparent: crate::trace::current().map(|parent| parent.header_value()),
+            traceparent: crate::observability::trace::current().map(|parent| parent.header_value()),
         }
     }
 
     /// The event, produced in the trace `traceparent` (of an event that led to it), when
     /// there is one: a sibling of that event, under the same parent span.
     pub fn continuing(mut self, traceparent: Option<&str>) -> Self {
-        if let Some(parent) = traceparent.and_then(crate::trace::TraceParent::parse) {
+        if let Some(parent) = traceparent.and_then(crate::observability::trace::TraceParent::parse)
+        {
             self.traceparent = Some(parent.header_value());
         }
         self

@@ -21,6 +21,8 @@
 //! finds its row already moved on and changes nothing, which is how consumers deduplicate by
 //! event id. The statuses in SQL are always bound from the table, never written as literals.
 
+pub mod progress;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -28,8 +30,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{MySqlConnection, MySqlPool};
 
-use crate::columns::{UnknownName, named_enum};
-use crate::error::{Classify, ErrorClass};
+use crate::common::columns::{UnknownName, named_enum};
+use crate::common::error::{Classify, ErrorClass};
 use crate::events::{DecodeError, EventEnvelope, EventId, EventPayload, EventType, topics};
 
 named_enum! {

@@ -9,7 +9,7 @@
 use sha2::{Digest, Sha256};
 use sqlx::MySqlConnection;
 
-use crate::ids::UserId;
+use crate::common::ids::UserId;
 
 /// The longest key accepted.
 pub const MAX_KEY_LENGTH: usize = 128;
@@ -78,7 +78,7 @@ impl StoredAnswer {
 /// Whether a store error is two first requests with one key meeting (the second retries,
 /// and replays the first's answer).
 pub fn is_key_race(error: &sqlx::Error) -> bool {
-    crate::stores::is_duplicate_key(error)
+    crate::common::connections::is_duplicate_key(error)
 }
 
 /// What a claim found.

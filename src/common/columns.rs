@@ -83,21 +83,21 @@ macro_rules! named_enum {
         }
 
         impl std::str::FromStr for $name {
-            type Err = $crate::columns::UnknownName;
+            type Err = $crate::common::columns::UnknownName;
 
             fn from_str(text: &str) -> Result<Self, Self::Err> {
                 $name::ALL
                     .iter()
                     .copied()
                     .find(|known| known.as_str() == text)
-                    .ok_or_else(|| $crate::columns::UnknownName {
+                    .ok_or_else(|| $crate::common::columns::UnknownName {
                         what: $what,
                         name: text.to_string(),
                     })
             }
         }
 
-        $crate::columns::sql_column!(
+        $crate::common::columns::sql_column!(
             $name,
             &str,
             encode: |value| value.as_str(),

@@ -20,8 +20,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 
+use crate::common::ids::UserId;
 use crate::config::{AuthSettings, KafkaBrokers, KafkaSettings};
-use crate::ids::UserId;
 
 /// Signs tokens when no secret is configured and Kafka is the embedded cluster (local use
 /// only; a warning is logged).

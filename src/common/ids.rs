@@ -66,7 +66,7 @@ macro_rules! uuid_id {
             }
         }
 
-        $crate::columns::sql_column!(
+        $crate::common::columns::sql_column!(
             $name,
             String,
             encode: |id| id.to_string(),
@@ -218,7 +218,7 @@ macro_rules! positive_id {
             }
         }
 
-        $crate::columns::sql_column!(
+        $crate::common::columns::sql_column!(
             $name,
             u64,
             encode: |id| id.0,

@@ -19,8 +19,8 @@ use serde::Serialize;
 use serde_json::json;
 use tracing::{error, info, warn};
 
+use crate::common::error::Dependency;
 use crate::delivery::webhook::WebhookDeliverer;
-use crate::error::Dependency;
 
 /// The shared register of outages (cheap to clone).
 #[derive(Clone)]
@@ -173,7 +173,7 @@ impl Outages {
 
     fn alert(&self, dependency: Dependency, since: DateTime<Utc>, waiting: usize, error: String) {
         self.inner.alerts.fetch_add(1, Ordering::Relaxed);
-        crate::monitoring::alert_raised("dependency_outage");
+        crate::observability::metrics::alert_raised("dependency_outage");
         error!(
             alert = true,
             %dependency,
