@@ -908,7 +908,8 @@ impl Default for MetricsSettings {
     }
 }
 
-/// Trace export over OTLP/HTTP (JSON), see [`crate::observability::otlp`]. Off while `endpoint` is empty.
+/// Trace export over OTLP/HTTP (JSON), see `observability/otlp.rs`. Off while `endpoint` is
+/// empty.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct OtlpSettings {

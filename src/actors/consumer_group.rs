@@ -20,11 +20,11 @@ use tracing::{error, warn};
 
 use crate::actors::ArbiterPool;
 use crate::actors::domain::ProcessBatch;
-use crate::actors::lag::GroupProgress;
 use crate::actors::partition::{
     Drain, DrainReport, ObservePartition, PartitionActor, PartitionActorState, PartitionPolicy,
     PartitionWiring,
 };
+use crate::actors::progress::GroupProgress;
 use crate::actors::retry::{OutagePolicy, RetryPolicy};
 use crate::config::Settings;
 use crate::event_log::EventLog;

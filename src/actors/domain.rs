@@ -428,7 +428,9 @@ impl<H: DomainHandler> Handler<ProcessBatch> for DomainActor<H> {
             "batch",
             actor = name,
             source = %source,
-            trace_ids = %crate::observability::trace::trace_ids(&batch.events),
+            trace_ids = %crate::observability::trace::trace_ids(
+                batch.events.iter().filter_map(|event| event.traceparent.as_deref())
+            ),
         );
         // Not tied to the actor's context: a restart for another batch's fatal error
         // cancels nothing here.

@@ -1,7 +1,8 @@
 //! Consumer lag: how far each consumer group of this instance is behind the end of each
 //! partition, in records and in time.
 //!
-//! Each partition actor publishes where it stands ([`PartitionProgress`]: the next offset to
+//! Each partition actor publishes where it stands ([`PartitionProgress`], in
+//! [`crate::actors::progress`]: the next offset to
 //! process, and the timestamp of the oldest record of the batch it is working on). Every
 //! `metrics.lag_interval_ms` the [`LagMonitor`] reads each group's committed offsets and
 //! each partition's high watermark from the brokers (on a blocking thread), joins them with
@@ -15,82 +16,17 @@
 //!   paused), the time since the lag was first seen above zero, a lower bound.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dashmap::DashMap;
 use serde::Serialize;
 use tracing::debug;
 
 use crate::actors::consumer_group::ConsumerGroup;
+use crate::actors::progress::PartitionProgress;
 use crate::kafka::TopicPartition;
 use crate::kafka::offsets::GroupOffsets;
 use crate::observability::metrics;
-
-const UNKNOWN: i64 = i64::MIN;
-
-/// Where one partition actor stands, shared with the lag monitor.
-#[derive(Debug)]
-pub struct PartitionProgress {
-    next_offset: AtomicI64,
-    /// Milliseconds since the epoch of the first record of the batch in flight.
-    oldest_in_flight_ms: AtomicI64,
-}
-
-impl Default for PartitionProgress {
-    fn default() -> Self {
-        Self {
-            next_offset: AtomicI64::new(UNKNOWN),
-            oldest_in_flight_ms: AtomicI64::new(UNKNOWN),
-        }
-    }
-}
-
-impl PartitionProgress {
-    /// A batch whose first record was written at `timestamp_ms` is being processed.
-    pub fn batch_started(&self, timestamp_ms: Option<i64>) {
-        let at = timestamp_ms.unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
-        self.oldest_in_flight_ms.store(at, Ordering::Relaxed);
-    }
-
-    /// The batch is settled; `next_offset` is the next record to process, when known.
-    pub fn batch_settled(&self, next_offset: Option<i64>) {
-        if let Some(next_offset) = next_offset {
-            self.next_offset.store(next_offset, Ordering::Relaxed);
-        }
-        self.oldest_in_flight_ms.store(UNKNOWN, Ordering::Relaxed);
-    }
-
-    fn next_offset(&self) -> Option<i64> {
-        Some(self.next_offset.load(Ordering::Relaxed)).filter(|offset| *offset != UNKNOWN)
-    }
-
-    fn oldest_in_flight_ms(&self) -> Option<i64> {
-        Some(self.oldest_in_flight_ms.load(Ordering::Relaxed)).filter(|at| *at != UNKNOWN)
-    }
-}
-
-/// The progress of a group's partitions on this instance, by partition.
-#[derive(Clone, Debug, Default)]
-pub struct GroupProgress(Arc<DashMap<TopicPartition, Arc<PartitionProgress>>>);
-
-impl GroupProgress {
-    /// A partition was assigned: its actor reports to the returned progress.
-    pub fn assigned(&self, partition: &TopicPartition) -> Arc<PartitionProgress> {
-        let progress = Arc::new(PartitionProgress::default());
-        self.0.insert(partition.clone(), progress.clone());
-        progress
-    }
-
-    pub fn revoked(&self, partition: &TopicPartition) {
-        self.0.remove(partition);
-    }
-
-    fn of(&self, partition: &TopicPartition) -> Option<Arc<PartitionProgress>> {
-        self.0.get(partition).map(|entry| entry.value().clone())
-    }
-}
 
 /// One partition of one group's topic.
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -21,6 +21,7 @@ pub mod consumer_group;
 pub mod domain;
 pub mod lag;
 pub mod partition;
+pub mod progress;
 pub mod retry;
 pub mod tree;
 

@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::actors::domain::{BatchOrigin, EventOutcome, HandlerError, ProcessBatch};
-use crate::actors::lag::PartitionProgress;
+use crate::actors::progress::PartitionProgress;
 use crate::actors::retry::{OutagePolicy, RetryPolicy};
 use crate::common::error::Dependency;
 use crate::events::EventEnvelope;

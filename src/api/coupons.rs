@@ -7,13 +7,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::AppState;
 use crate::api::auth::{Admin, Caller};
-use crate::api::docs::{
-    ActsAsUserErrors, AdminErrors, Authenticated, BodyErrors, RateLimited, ReadsUserErrors,
-    ServerErrors,
-};
 use crate::api::error::{ApiError, ErrorBody, JsonObject};
 use crate::api::guard::{idempotency_key, key_reused, limit_user, replay};
 use crate::api::input::{name, storable_instant};
+use crate::api::responses::{
+    ActsAsUserErrors, AdminErrors, Authenticated, BodyErrors, RateLimited, ReadsUserErrors,
+    ServerErrors,
+};
 use crate::common::error::{Classify, ErrorClass};
 use crate::common::ids::{CouponHistoryId, CouponId, RequestId, UserId};
 use crate::coupons::RefusalReason;

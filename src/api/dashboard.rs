@@ -45,7 +45,7 @@ const BEST_SELLERS_SHOWN: usize = 10;
     operation_id = "dashboardPage",
     responses(
         (status = 200, description = "The page.", content_type = "text/html", body = String),
-        crate::api::docs::ServerErrors,
+        crate::api::responses::ServerErrors,
     )
 )]
 pub async fn page() -> HttpResponse {
@@ -195,8 +195,8 @@ async fn best_sellers(state: &AppState) -> Result<Vec<BestSeller>, ApiError> {
     operation_id = "dashboardSnapshot",
     responses(
         (status = 200, description = "The view.", body = Object),
-        crate::api::docs::AdminErrors,
-        crate::api::docs::ServerErrors,
+        crate::api::responses::AdminErrors,
+        crate::api::responses::ServerErrors,
     ),
     security(("bearerAuth" = []))
 )]
@@ -216,8 +216,8 @@ pub async fn snapshot(state: web::Data<AppState>, _admin: Admin) -> HttpResponse
     responses(
         (status = 200, description = "A stream of views (`text/event-stream`).",
             content_type = "text/event-stream", body = String),
-        crate::api::docs::AdminErrors,
-        crate::api::docs::ServerErrors,
+        crate::api::responses::AdminErrors,
+        crate::api::responses::ServerErrors,
     ),
     security(("bearerAuth" = []))
 )]

@@ -8,8 +8,8 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::api::AppState;
-use crate::api::docs::ServerErrors;
 use crate::api::error::{ApiError, ErrorBody};
+use crate::api::responses::ServerErrors;
 use crate::observability::outages::OutageView;
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);

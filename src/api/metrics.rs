@@ -22,7 +22,7 @@ const REDIS_PING_TIMEOUT: Duration = Duration::from_millis(500);
     tag = "observability",
     operation_id = "metrics",
     responses(
-        crate::api::docs::ServerErrors,
+        crate::api::responses::ServerErrors,
         (status = 200, description = "The Prometheus text exposition format (0.0.4).",
             content_type = "text/plain", body = String),
     )

@@ -26,14 +26,15 @@ pub mod admin;
 pub mod auth;
 pub mod coupons;
 pub mod dashboard;
-pub mod docs;
 pub mod error;
 pub mod guard;
 pub mod health;
 pub mod input;
 pub mod metrics;
+pub mod openapi;
 pub mod push;
 pub mod ranking;
+pub mod responses;
 pub mod shop;
 
 use actix::Addr;
@@ -220,9 +221,9 @@ route_table! {
     "/orders" => { POST shop::create_order: ActsAsUser }
     "/orders/{order_id}" => { GET shop::order: ReadsUser }
     "/orders/{order_id}/pay" => { POST shop::pay: ActsAsUser }
-    "/openapi.json" => { GET docs::openapi: Public }
-    "/docs" => { GET docs::swagger_ui: Public }
-    "/docs/{file}" => { GET docs::asset: Public }
+    "/openapi.json" => { GET openapi::openapi: Public }
+    "/docs" => { GET openapi::swagger_ui: Public }
+    "/docs/{file}" => { GET openapi::asset: Public }
 }
 
 /// Registers every route and the common error handling.

@@ -27,8 +27,8 @@ use tracing::warn;
 
 use crate::api::AppState;
 use crate::api::auth::{Caller, bearer_token};
-use crate::api::docs::{ActsAsUserErrors, Authenticated, ServerErrors};
 use crate::api::error::{ApiError, ErrorBody};
+use crate::api::responses::{ActsAsUserErrors, Authenticated, ServerErrors};
 use crate::common::ids::UserId;
 use crate::coupons::notifier::push_message;
 use crate::coupons::results::result_event;

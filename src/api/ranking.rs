@@ -4,8 +4,8 @@ use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
 
 use crate::api::AppState;
-use crate::api::docs::ServerErrors;
 use crate::api::error::{ApiError, ErrorBody};
+use crate::api::responses::ServerErrors;
 use crate::common::ids::ProductId;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

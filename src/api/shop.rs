@@ -8,12 +8,12 @@ use serde::Deserialize;
 
 use crate::api::AppState;
 use crate::api::auth::{Admin, Caller};
-use crate::api::docs::{
-    ActsAsUserErrors, AdminErrors, BodyErrors, RateLimited, ReadsUserErrors, ServerErrors,
-};
 use crate::api::error::{ApiError, ErrorBody, JsonObject};
 use crate::api::guard::{idempotency_key, key_reused, limit_anonymous, limit_user, replay};
 use crate::api::input::name;
+use crate::api::responses::{
+    ActsAsUserErrors, AdminErrors, BodyErrors, RateLimited, ReadsUserErrors, ServerErrors,
+};
 use crate::common::error::Classify;
 use crate::common::ids::{CouponHistoryId, OrderId, ProductId, UserId};
 use crate::event_log::OutboxEvent;
@@ -384,7 +384,7 @@ pub async fn product(
 /// What to change of a product: its price, its stock or both.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-// `minProperties: 1` is set by `docs::Fixes` (utoipa 5.5 writes `min_properties` as a maximum).
+// `minProperties: 1` is set by `openapi::Fixes` (utoipa 5.5 writes `min_properties` as a maximum).
 pub struct UpdateProduct {
     /// 1 to 100,000,000.
     #[schema(minimum = 1, maximum = 100_000_000)]

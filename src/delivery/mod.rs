@@ -38,8 +38,8 @@ use crate::event_log::{EventLog, EventLogError, EventRecord, Move, StatusChange}
 use crate::events::{EventEnvelope, EventId, EventType};
 use crate::kafka::TopicPartition;
 use crate::kafka::dead_letter::{DeadLetter, DeadLetterError, DeadLetters};
-use crate::observability::metrics;
 use crate::observability::outages::Outages;
+use crate::observability::{alerts, metrics};
 use backoff::BackoffPolicy;
 use webhook::{DeliveryOutcome, Target, WebhookDeliverer};
 
@@ -532,7 +532,7 @@ impl Deliveries {
             "attempts": attempts,
             "lastError": message,
         });
-        match WebhookDeliverer::post_alert(url, &alert, Duration::from_secs(5)).await {
+        match alerts::post(url, &alert).await {
             Ok(()) => Ok(Alert::Posted),
             Err(alert_error) => {
                 DeliveryCounters::add(&counters.alerts_failed);

@@ -336,25 +336,6 @@ impl WebhookDeliverer {
         );
         outcome
     }
-
-    /// Posts an alert (a JSON document) to `url`; failures are only logged by the caller.
-    pub async fn post_alert(
-        url: &str,
-        alert: &serde_json::Value,
-        timeout: Duration,
-    ) -> Result<(), String> {
-        let response = CLIENT
-            .with(|client| client.post(url))
-            .timeout(timeout)
-            .send_json(alert)
-            .await
-            .map_err(|error| error.to_string())?;
-        if response.status().is_success() {
-            Ok(())
-        } else {
-            Err(format!("HTTP {}", response.status().as_u16()))
-        }
-    }
 }
 
 /// Appends `body` and a newline to the file at `path` (created if missing) on a blocking

@@ -470,7 +470,7 @@ impl EventLog {
 
     /// Writes rows PUBLISHED, `published_at` the insert's time, inside the caller's
     /// transaction: for events whose publication their consumer's progress proves, so that
-    /// no row write marks it (see [`crate::outbox::OutboxTransaction::record_proven`]).
+    /// no row write marks it (see the outbox's `OutboxTransaction::record_proven`).
     pub async fn insert_proven(
         connection: &mut MySqlConnection,
         events: &[OutboxEvent],

@@ -91,11 +91,11 @@ impl EventType {
         }
     }
 
-    /// Whether its events are recorded proven (see [`crate::outbox`]): PUBLISHED from their
+    /// Whether its events are recorded proven (see the outbox): PUBLISHED from their
     /// insert on, their publication proven by their consumer's progress in the same row.
     /// Coupon requests: their consumer is one shared group whose committed offsets outlive
     /// its members. Coupon results have no row at all: each is recorded in its request's row
-    /// (see [`crate::coupons::results`]), and their notifier's progress, NOTIFIED in that
+    /// (see the coupon slice's `results`), and their notifier's progress, NOTIFIED in that
     /// row, proves their publication against the notifier member's own positions.
     pub fn recorded_proven(self) -> bool {
         matches!(self, EventType::CouponRequested)

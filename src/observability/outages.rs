@@ -20,7 +20,7 @@ use serde_json::json;
 use tracing::{error, info, warn};
 
 use crate::common::error::Dependency;
-use crate::delivery::webhook::WebhookDeliverer;
+use crate::observability::alerts;
 
 /// The shared register of outages (cheap to clone).
 #[derive(Clone)]
@@ -193,9 +193,7 @@ impl Outages {
             "lastError": error,
         });
         actix_rt::spawn(async move {
-            if let Err(post_error) =
-                WebhookDeliverer::post_alert(&url, &body, Duration::from_secs(5)).await
-            {
+            if let Err(post_error) = alerts::post(&url, &body).await {
                 warn!(%dependency, error = %post_error, "outage alert not delivered");
             }
         });

@@ -4,7 +4,7 @@
 //! - An HTTP request continues the caller's `traceparent` or starts a trace; its handler
 //!   runs [`in_trace`], its log lines carry `trace_id`, and the answer has a `traceparent`
 //!   header.
-//! - An event created in a trace ([`crate::events::EventEnvelope::new`]) keeps the trace
+//! - An event created in a trace (`EventEnvelope::new`) keeps the trace
 //!   context in its event-log row and sends it as the record's `traceparent` header; the
 //!   consumer reads it back into the envelope.
 //! - A consumer's batch runs in a span listing the `trace_ids` of its events; events a
@@ -28,11 +28,11 @@ pub async fn in_trace<F: Future>(parent: TraceParent, work: F) -> F::Output {
     CURRENT.scope(parent, work).await
 }
 
-/// The distinct trace ids of `events`, comma-separated (a batch's span field).
-pub fn trace_ids(events: &[crate::events::EventEnvelope]) -> String {
-    let mut ids: Vec<&str> = events
-        .iter()
-        .filter_map(|event| event.traceparent.as_deref())
+/// The distinct trace ids of the events whose `traceparent`s these are, comma-separated (a
+/// batch's span field).
+pub fn trace_ids<'a>(traceparents: impl IntoIterator<Item = &'a str>) -> String {
+    let mut ids: Vec<&str> = traceparents
+        .into_iter()
         .filter_map(|traceparent| traceparent.get(3..35))
         .collect();
     ids.sort_unstable();
