@@ -34,6 +34,7 @@ use crate::coupons::locks::RedisLocks;
 use crate::coupons::notifier::ResultNotifier;
 use crate::coupons::sessions::PushTickets;
 use crate::coupons::sessions::Sessions;
+use crate::coupons::settlement::ResultSettlement;
 use crate::coupons::store::CouponStore;
 use crate::delivery::backoff::BackoffPolicy;
 use crate::delivery::forwarder::Forwarder;
@@ -41,7 +42,7 @@ use crate::delivery::scheduler::{RetryScheduler, StopScheduler};
 use crate::delivery::webhook::WebhookDeliverer;
 use crate::delivery::{self, Deliveries, DeliveriesWiring};
 use crate::event_log::EventLog;
-use crate::event_log::progress::{ConsumerSpec, Consumers, RecordedIn};
+use crate::event_log::progress::{ConsumerSpec, RecordedIn};
 use crate::events::topics;
 use crate::guards::limits::RateLimiter;
 use crate::guards::tokens::Authenticator;
@@ -54,9 +55,11 @@ use crate::kafka::producer::EventPublisher;
 use crate::observability::outages::Outages;
 use crate::outbox::reconciler::{Reconciler, ReconcilerWiring, StopReconciler};
 use crate::outbox::relay::{OutboxRelay, StopRelay};
+use crate::outbox::settlement::{Consumers, RowSettlement, Settlement};
 use crate::outbox::{Outbox, OutboxBacklogView};
 use crate::ranking::RankingStore;
 use crate::ranking::rebuild::{RebuildReport, rebuild};
+use crate::ranking::settlement::RankingSettlement;
 use crate::ranking::updater::RankingUpdater;
 use crate::shop::cache::ProductCache;
 use crate::shop::product_events::ProductEventProcessor;
@@ -141,20 +144,23 @@ struct Wiring {
     probes: PipelineProbes,
     /// Where the partitions report the outages they wait out.
     outages: Outages,
-    /// The consumers started so far, with where each records its progress.
-    consumers: Vec<ConsumerSpec>,
+    /// The consumers started so far, each with its settlement.
+    consumers: Vec<Arc<dyn Settlement>>,
     /// Every long-lived actor, as it is started.
     tree: ActorTree,
 }
 
-/// A consumer to start: its domain actor's name, group, topic, and where it records its
-/// progress.
+/// A consumer to start: its domain actor's name, group, topic, where it records its
+/// progress, and the settlement that reads it there (none: the event's own row).
 struct Consumer<'a> {
     name: &'static str,
     group: &'a str,
     topic: &'static str,
     recorded_in: RecordedIn,
+    settlement: Option<MakeSettlement>,
 }
+
+type MakeSettlement = Box<dyn FnOnce(ConsumerSpec) -> Arc<dyn Settlement>>;
 
 impl<'a> Consumer<'a> {
     fn recording_in_rows(name: &'static str, group: &'a str, topic: &'static str) -> Self {
@@ -163,6 +169,7 @@ impl<'a> Consumer<'a> {
             group,
             topic,
             recorded_in: RecordedIn::EventLog,
+            settlement: None,
         }
     }
 }
@@ -232,12 +239,17 @@ impl Wiring {
             group,
             topic,
             recorded_in,
+            settlement,
         } = consumer;
-        self.consumers.push(ConsumerSpec {
+        let spec = ConsumerSpec {
             name,
             group_id: self.settings.kafka.group_id(group),
             topic,
             recorded_in,
+        };
+        self.consumers.push(match settlement {
+            Some(make) => make(spec),
+            None => Arc::new(RowSettlement::new(spec, self.publisher.clone())),
         });
         let domain = DomainActor::start(&self.arbiters.next(), self.probes.clone(), factory);
         let mut spec = ConsumerGroupSpec::from_settings(
@@ -288,6 +300,10 @@ impl Wiring {
                 group: &notifier_group,
                 topic: topics::COUPON_RESULTS,
                 recorded_in: RecordedIn::RequestRow,
+                settlement: Some(Box::new({
+                    let publisher = self.publisher.clone();
+                    move |spec| Arc::new(ResultSettlement::new(spec, publisher))
+                })),
             },
             move || ResultNotifier::new(sessions.clone(), event_log.clone()),
             // An instance's own group only serves its live sessions: it starts at the end
@@ -331,6 +347,20 @@ impl Wiring {
                 group: RANKING_GROUP,
                 topic: topics::ORDER_COMPLETED,
                 recorded_in: RecordedIn::RankingMarks,
+                // Its MySQL reads (rebuilds, dead letters) run on the reconciler's arbiter,
+                // on the actors' pool.
+                settlement: Some(Box::new({
+                    let (ranking, event_log) = (ranking.clone(), self.event_log().clone());
+                    move |spec| {
+                        let dead_letters = DeadLetterLog::new(event_log.pool().clone());
+                        Arc::new(RankingSettlement::new(
+                            spec,
+                            ranking,
+                            event_log,
+                            dead_letters,
+                        ))
+                    }
+                })),
             },
             move || RankingUpdater::new(updater_ranking.clone()),
             // The ranking's progress is its applied marks in Redis; the event-log row of a
@@ -426,11 +456,7 @@ impl Wiring {
     }
 
     /// The reconciler, on an arbiter of its own.
-    fn start_reconciler(
-        &mut self,
-        ranking: RankingStore,
-        fresh_cluster: bool,
-    ) -> (Addr<Reconciler>, Arc<GroupOffsets>) {
+    fn start_reconciler(&mut self, fresh_cluster: bool) -> (Addr<Reconciler>, Arc<GroupOffsets>) {
         let offsets = Arc::new(GroupOffsets::new(
             &self.bootstrap_servers,
             &self.settings.kafka,
@@ -439,9 +465,6 @@ impl Wiring {
         let wiring = ReconcilerWiring {
             consumers: Consumers::new(self.consumers.clone()),
             event_log: self.event_log().clone(),
-            dead_letters: DeadLetterLog::new(self.event_log().pool().clone()),
-            publisher: self.publisher.clone(),
-            ranking,
             offsets: offsets.clone(),
             settings: self.settings.reconcile.clone(),
             fresh_cluster_since: fresh_cluster.then(chrono::Utc::now),
@@ -583,8 +606,7 @@ impl Application {
         let ranking = wiring.start_ranking()?;
         let scheduler = wiring.start_deliveries(deliverer, delivers_externally)?;
         let relay = wiring.start_relay();
-        let (reconciler, group_offsets) =
-            wiring.start_reconciler(ranking.clone(), kafka.is_embedded());
+        let (reconciler, group_offsets) = wiring.start_reconciler(kafka.is_embedded());
         let (lag, outbox_backlog) = wiring.start_monitors(group_offsets.clone());
 
         let settings = &wiring.settings;

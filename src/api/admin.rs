@@ -217,32 +217,12 @@ pub async fn event(
         .await
         .map_err(ApiError::from_store)?;
     let mut consumers = Vec::new();
-    for consumer in operations.consumers.of(&record) {
-        consumers.push(match consumer.recorded_in {
-            RecordedIn::EventLog => ConsumerProgress::from_row(consumer, &record),
-            RecordedIn::RequestRow => ConsumerProgress::of_request_row(consumer, &record),
-            RecordedIn::RankingMarks => {
-                let counted = state
-                    .ranking
-                    .store
-                    .counted(&[event_id])
-                    .await
-                    .map_err(ApiError::from_store)?;
-                let open_letter = dead_letters
-                    .iter()
-                    .rev()
-                    .find(|letter| {
-                        letter.consumer_group == consumer.group_id && letter.replayed_at.is_none()
-                    })
-                    .map(|letter| letter.error.clone());
-                ConsumerProgress::of_ranking(
-                    consumer,
-                    &record,
-                    counted.first().copied().unwrap_or(false),
-                    open_letter,
-                )
-            }
-        });
+    for settlement in operations.consumers.of(&record) {
+        let progress = settlement
+            .progress(&record, &dead_letters)
+            .await
+            .map_err(ApiError::from_store)?;
+        consumers.push(progress);
     }
     Ok(HttpResponse::Ok().json(EventView {
         record,
@@ -605,7 +585,8 @@ pub async fn replay(
         .filter(|letter| letter.replayed_at.is_none())
         .collect();
     let mut consumers = Vec::new();
-    for consumer in operations.consumers.of(&record) {
+    for settlement in operations.consumers.of(&record) {
+        let consumer = settlement.consumer();
         let dead_lettered_here = open
             .iter()
             .any(|letter| letter.consumer_group == consumer.group_id);
@@ -642,7 +623,8 @@ pub async fn replay(
             Replayed::NotFound => return Err(ApiError::not_found(format!("event {event_id}"))),
             Replayed::NotDeadLettered { status } => return Err(not_replayable(event_id, status)),
         };
-        for consumer in operations.consumers.of(&record) {
+        for settlement in operations.consumers.of(&record) {
+            let consumer = settlement.consumer();
             if consumer.recorded_in == RecordedIn::EventLog {
                 operations
                     .dead_letters

@@ -28,9 +28,9 @@ use tracing::warn;
 
 use crate::common::error::{Classify, Dependency, ErrorClass};
 use crate::common::ids::{CouponId, RequestId, UserId};
-use crate::event_log::{Entry, EventLogError, OutboxEvent};
-use crate::events::{CouponRequested, EventEnvelope, EventPayload};
-use crate::guards::idempotency::{IdempotencyKey, StoredAnswer};
+use crate::event_log::{EventLogError, OutboxEvent};
+use crate::events::{CouponRequested, EventEnvelope, EventId, EventPayload};
+use crate::guards::idempotency::{self, IdempotencyKey, StoredAnswer};
 use crate::outbox::{Committed, Outbox};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -73,6 +73,29 @@ struct Pending {
 }
 
 impl Pending {
+    /// A new request of `user` for `coupon`, answered through `answer`.
+    fn new(
+        user: UserId,
+        coupon: CouponId,
+        idempotency: Option<(IdempotencyKey, AnswerOf)>,
+        answer: oneshot::Sender<Result<Intake, IntakeError>>,
+    ) -> Self {
+        let envelope = EventEnvelope::new(
+            user.partition_key(),
+            EventPayload::CouponRequested(CouponRequested {
+                user_id: user,
+                coupon_id: coupon,
+            }),
+        );
+        Self {
+            user,
+            coupon,
+            event: OutboxEvent::new(envelope),
+            idempotency,
+            answer,
+        }
+    }
+
     fn request_id(&self) -> RequestId {
         RequestId::of_event(self.event.envelope.event_id)
     }
@@ -108,21 +131,8 @@ impl CouponIntake {
         coupon: CouponId,
         idempotency: Option<(IdempotencyKey, AnswerOf)>,
     ) -> Result<Intake, IntakeError> {
-        let envelope = EventEnvelope::new(
-            user.partition_key(),
-            EventPayload::CouponRequested(CouponRequested {
-                user_id: user,
-                coupon_id: coupon,
-            }),
-        );
         let (answer, answered) = oneshot::channel();
-        let pending = Pending {
-            user,
-            coupon,
-            event: OutboxEvent::new(envelope),
-            idempotency,
-            answer,
-        };
+        let pending = Pending::new(user, coupon, idempotency, answer);
         self.queue
             .send(pending)
             .await
@@ -189,16 +199,28 @@ async fn record(
     loop {
         let written = async {
             let mut transaction = outbox.begin().await?;
-            let intakes = decide_intake(&mut transaction, batch).await?;
-            let new_events: Vec<OutboxEvent> = batch
+            let known = known_users(&mut transaction, batch).await?;
+            let claimed = batch
+                .iter()
+                .filter(|pending| known.contains(&pending.user))
+                .map(|pending| {
+                    (
+                        pending.event.clone(),
+                        claim_of(pending.coupon, pending.user),
+                    )
+                })
+                .collect();
+            let owners = transaction.record_proven_claiming(claimed).await?;
+            let intakes = decide_intake(batch, &known, &owners);
+            let answers: Vec<(&IdempotencyKey, StoredAnswer)> = batch
                 .iter()
                 .zip(&intakes)
-                .filter(|(_, intake)| matches!(intake, Intake::Accepted(_)))
-                .map(|(pending, _)| pending.event.clone())
+                .filter_map(|(pending, intake)| {
+                    let (key, answer_of) = pending.idempotency.as_ref()?;
+                    Some((key, answer_of(intake)))
+                })
                 .collect();
-            // Written by `decide_intake` with their claims.
-            transaction.publish_proven(new_events);
-            store_answers(&mut transaction, batch, &intakes).await?;
+            idempotency::store_keeping_first(&mut transaction, &answers).await?;
             Ok::<_, EventLogError>((transaction.commit().await?, intakes))
         }
         .await;
@@ -212,11 +234,11 @@ async fn record(
     }
 }
 
-/// Which requests are new, repeated, or of unknown users (see the module documentation).
-async fn decide_intake(
+/// The users of the batch that exist.
+async fn known_users(
     connection: &mut MySqlConnection,
     batch: &[Pending],
-) -> Result<Vec<Intake>, sqlx::Error> {
+) -> Result<BTreeSet<UserId>, sqlx::Error> {
     let users: BTreeSet<UserId> = batch.iter().map(|pending| pending.user).collect();
     let mut select = QueryBuilder::new("SELECT user_id FROM app_user WHERE user_id IN (");
     let mut separated = select.separated(", ");
@@ -224,70 +246,38 @@ async fn decide_intake(
         separated.push_bind(*user);
     }
     select.push(")");
-    let known: BTreeSet<UserId> = select
+    Ok(select
         .build_query_as::<(UserId,)>()
         .fetch_all(&mut *connection)
         .await?
         .into_iter()
         .map(|(user,)| user)
-        .collect();
+        .collect())
+}
 
-    let claims: Vec<&Pending> = batch
-        .iter()
-        .filter(|pending| known.contains(&pending.user))
-        .collect();
-    let mut owners = BTreeMap::new();
-    if !claims.is_empty() {
-        // The rows as `EventLog::insert_proven` writes them, with the claim; a row whose
-        // claim is taken (by an earlier request, or one before it in this batch) is not
-        // written.
-        let mut insert = QueryBuilder::new(
-            "INSERT IGNORE INTO event_log (event_id, event_type, topic, event_key, coupon_claim, \
-             payload, status, occurred_at, traceparent, published_at) ",
-        );
-        insert.push_values(&claims, |mut row, pending| {
-            let envelope = &pending.event.envelope;
-            row.push_bind(envelope.event_id)
-                .push_bind(envelope.event_type().as_str())
-                .push_bind(pending.event.topic)
-                .push_bind(envelope.key.as_str())
-                .push_bind(claim_of(pending.coupon, pending.user))
-                .push_bind(envelope.payload_json().to_string())
-                .push_bind(Entry::Proven.status())
-                .push_bind(envelope.occurred_at)
-                .push_bind(envelope.traceparent.as_deref())
-                .push("NOW(6)");
-        });
-        insert.build().execute(&mut *connection).await?;
-        let mut select = QueryBuilder::new(
-            "SELECT coupon_claim, event_id FROM event_log WHERE coupon_claim IN (",
-        );
-        let mut separated = select.separated(", ");
-        for pending in &claims {
-            separated.push_bind(claim_of(pending.coupon, pending.user));
-        }
-        select.push(")");
-        owners = select
-            .build_query_as::<(String, RequestId)>()
-            .fetch_all(&mut *connection)
-            .await?
-            .into_iter()
-            .collect();
-    }
-    Ok(batch
+/// What became of each request of the batch (see the module documentation), given the users
+/// that exist and which request holds each `(coupon, user)` claim now.
+fn decide_intake(
+    batch: &[Pending],
+    known: &BTreeSet<UserId>,
+    owners: &BTreeMap<String, EventId>,
+) -> Vec<Intake> {
+    batch
         .iter()
         .map(|pending| {
             if !known.contains(&pending.user) {
                 return Intake::UnknownUser;
             }
             match owners.get(&claim_of(pending.coupon, pending.user)) {
-                Some(owner) if *owner == pending.request_id() => Intake::Accepted(*owner),
-                Some(owner) => Intake::Existing(*owner),
+                Some(owner) if *owner == pending.event.envelope.event_id => {
+                    Intake::Accepted(RequestId::of_event(*owner))
+                }
+                Some(owner) => Intake::Existing(RequestId::of_event(*owner)),
                 // Not reachable: the claim was inserted or already there.
                 None => Intake::Accepted(pending.request_id()),
             }
         })
-        .collect())
+        .collect()
 }
 
 /// The `coupon_claim` of a request: `{couponId}/{userId}`.
@@ -295,36 +285,41 @@ fn claim_of(coupon: CouponId, user: UserId) -> String {
     format!("{coupon}/{user}")
 }
 
-/// The answers of the requests sent with an idempotency key, in the batch's transaction. A
-/// key already stored (the same key sent twice at once) keeps its first answer.
-async fn store_answers(
-    connection: &mut MySqlConnection,
-    batch: &[Pending],
-    intakes: &[Intake],
-) -> Result<(), sqlx::Error> {
-    let answers: Vec<(&IdempotencyKey, StoredAnswer)> = batch
-        .iter()
-        .zip(intakes)
-        .filter_map(|(pending, intake)| {
-            let (key, answer_of) = pending.idempotency.as_ref()?;
-            Some((key, answer_of(intake)))
-        })
-        .collect();
-    if answers.is_empty() {
-        return Ok(());
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(user: u64, coupon: u64) -> Pending {
+        let (answer, _answered) = oneshot::channel();
+        Pending::new(
+            UserId::from_u64(user).unwrap(),
+            CouponId::from_u64(coupon).unwrap(),
+            None,
+            answer,
+        )
     }
-    let mut insert = QueryBuilder::new(
-        "INSERT IGNORE INTO idempotency_key \
-         (user_id, route, idempotency_key, request_hash, response_status, response_body) ",
-    );
-    insert.push_values(&answers, |mut row, (key, answer)| {
-        row.push_bind(key.user)
-            .push_bind(key.route)
-            .push_bind(key.key.as_str())
-            .push_bind(key.request_hash.as_str())
-            .push_bind(answer.status)
-            .push_bind(answer.body.as_str());
-    });
-    insert.build().execute(&mut *connection).await?;
-    Ok(())
+
+    #[test]
+    fn a_request_is_accepted_when_it_holds_its_claim_and_answered_with_the_holder_otherwise() {
+        let first = request(1, 7);
+        let repeated = request(1, 7);
+        let other_coupon = request(1, 8);
+        let stranger = request(2, 7);
+        let known = BTreeSet::from([UserId::from_u64(1).unwrap()]);
+        let owners = BTreeMap::from([
+            ("7/1".to_string(), first.event.envelope.event_id),
+            ("8/1".to_string(), other_coupon.event.envelope.event_id),
+        ]);
+        let batch = [first, repeated, other_coupon, stranger];
+        let intakes = decide_intake(&batch, &known, &owners);
+        assert_eq!(
+            intakes,
+            vec![
+                Intake::Accepted(batch[0].request_id()),
+                Intake::Existing(batch[0].request_id()),
+                Intake::Accepted(batch[2].request_id()),
+                Intake::UnknownUser,
+            ]
+        );
+    }
 }

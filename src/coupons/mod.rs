@@ -11,6 +11,7 @@ pub mod locks;
 pub mod notifier;
 pub mod results;
 pub mod sessions;
+pub mod settlement;
 pub mod store;
 
 use std::collections::BTreeSet;

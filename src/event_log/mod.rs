@@ -478,6 +478,51 @@ impl EventLog {
         Self::insert(connection, events, Entry::Proven).await
     }
 
+    /// Writes rows as [`Self::insert_proven`] does, each holding a claim (`coupon_claim`, a
+    /// unique key: one row holds a claim): a row whose claim is already held, by an earlier
+    /// row or one before it in `claimed`, is not written. Answers which event holds each
+    /// claim now.
+    pub async fn insert_proven_claiming(
+        connection: &mut MySqlConnection,
+        claimed: &[(OutboxEvent, String)],
+    ) -> Result<BTreeMap<String, EventId>, EventLogError> {
+        if claimed.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let mut insert = sqlx::QueryBuilder::new(
+            "INSERT IGNORE INTO event_log (event_id, event_type, topic, event_key, coupon_claim, \
+             payload, status, occurred_at, traceparent, published_at) ",
+        );
+        insert.push_values(claimed, |mut row, (event, claim)| {
+            let envelope = &event.envelope;
+            row.push_bind(envelope.event_id)
+                .push_bind(envelope.event_type().as_str())
+                .push_bind(event.topic)
+                .push_bind(envelope.key.as_str())
+                .push_bind(claim.as_str())
+                .push_bind(envelope.payload_json().to_string())
+                .push_bind(Entry::Proven.status())
+                .push_bind(envelope.occurred_at)
+                .push_bind(envelope.traceparent.as_deref())
+                .push("NOW(6)");
+        });
+        insert.build().execute(&mut *connection).await?;
+        let mut select = sqlx::QueryBuilder::new(
+            "SELECT coupon_claim, event_id FROM event_log WHERE coupon_claim IN (",
+        );
+        let mut separated = select.separated(", ");
+        for (_, claim) in claimed {
+            separated.push_bind(claim.as_str());
+        }
+        select.push(")");
+        Ok(select
+            .build_query_as::<(String, EventId)>()
+            .fetch_all(&mut *connection)
+            .await?
+            .into_iter()
+            .collect())
+    }
+
     async fn insert(
         connection: &mut MySqlConnection,
         events: &[OutboxEvent],

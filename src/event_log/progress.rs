@@ -17,15 +17,14 @@
 //! **settled** an event when its effect is done (COMPLETED, NOTIFIED, counted), when the
 //! event is dead-lettered, or when a retry of it is scheduled or leased (the retry
 //! scheduler owns it then). An event published long ago that a consumer has not settled,
-//! although its group has read past it, is stranded: the reconciler drives it again.
-
-use std::sync::Arc;
+//! although its group has read past it, is stranded: the reconciler drives it again. How a
+//! consumer's progress is read is its settlement (`outbox/settlement.rs`), which the slices
+//! implement for the consumers that record it outside the event's row.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::event_log::{EventRecord, EventStatus};
-use crate::events::EventType;
 
 /// Where a consumer records its progress.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -51,63 +50,6 @@ pub struct ConsumerSpec {
     pub group_id: String,
     pub topic: &'static str,
     pub recorded_in: RecordedIn,
-}
-
-impl ConsumerSpec {
-    /// The business event types published to its topic (probes are left out: they are
-    /// the operator's check, not work).
-    pub fn event_types(&self) -> Vec<EventType> {
-        if self.recorded_in == RecordedIn::RequestRow {
-            // The rows walked are the requests, which hold the results.
-            return vec![EventType::CouponRequested];
-        }
-        EventType::ALL
-            .iter()
-            .copied()
-            .filter(|event_type| event_type.topic() == Some(self.topic))
-            .collect()
-    }
-}
-
-/// The consumers of this instance, as they were started.
-#[derive(Clone, Debug, Default)]
-pub struct Consumers(Arc<Vec<ConsumerSpec>>);
-
-impl Consumers {
-    pub fn new(consumers: Vec<ConsumerSpec>) -> Self {
-        Self(Arc::new(consumers))
-    }
-
-    pub fn all(&self) -> &[ConsumerSpec] {
-        &self.0
-    }
-
-    /// The consumers whose progress a row of `record`'s type records (for a probe: the
-    /// consumers of its topic): a coupon request's row holds the issuer's and the
-    /// notifier's.
-    pub fn of(&self, record: &EventRecord) -> Vec<&ConsumerSpec> {
-        if record.event_type.topic().is_none() {
-            return self
-                .0
-                .iter()
-                .filter(|consumer| consumer.topic == record.topic)
-                .collect();
-        }
-        self.0
-            .iter()
-            .filter(|consumer| consumer.event_types().contains(&record.event_type))
-            .collect()
-    }
-}
-
-/// Whether the notifier, whose progress is the request's row, has settled the request's
-/// result: pushed (NOTIFIED), or the request dead-lettered. A request not yet decided has
-/// no result to push; one COMPLETED has its result waiting.
-pub fn result_settled(request_status: EventStatus) -> bool {
-    matches!(
-        request_status,
-        EventStatus::Notified | EventStatus::DeadLetter
-    )
 }
 
 /// Whether the consumer whose progress is the row has settled the event.
@@ -149,57 +91,6 @@ impl ConsumerProgress {
             next_attempt_at: record.next_attempt_at,
         }
     }
-
-    /// The progress of the notifier, recorded in the request's row: NOTIFIED (shown
-    /// COMPLETED: pushed), its result published and waiting (PUBLISHED, the request
-    /// COMPLETED), or no result yet (PENDING, the request undecided).
-    pub fn of_request_row(consumer: &ConsumerSpec, record: &EventRecord) -> Self {
-        let status = match record.status {
-            EventStatus::Notified => EventStatus::Completed,
-            EventStatus::DeadLetter => EventStatus::DeadLetter,
-            EventStatus::Completed => EventStatus::Published,
-            _ => EventStatus::Pending,
-        };
-        Self {
-            consumer: consumer.name,
-            group_id: consumer.group_id.clone(),
-            recorded_in: RecordedIn::RequestRow,
-            status,
-            settled: result_settled(record.status),
-            attempts: 0,
-            last_error: None,
-            next_attempt_at: None,
-        }
-    }
-
-    /// The progress of the ranking: counted, dead-lettered (with the letter's error), or
-    /// still ahead (PUBLISHED once the event is, PENDING before).
-    pub fn of_ranking(
-        consumer: &ConsumerSpec,
-        record: &EventRecord,
-        counted: bool,
-        dead_letter_error: Option<String>,
-    ) -> Self {
-        let status = if counted {
-            EventStatus::Completed
-        } else if dead_letter_error.is_some() {
-            EventStatus::DeadLetter
-        } else if record.published_at.is_some() {
-            EventStatus::Published
-        } else {
-            EventStatus::Pending
-        };
-        Self {
-            consumer: consumer.name,
-            group_id: consumer.group_id.clone(),
-            recorded_in: RecordedIn::RankingMarks,
-            status,
-            settled: status != EventStatus::Published && status != EventStatus::Pending,
-            attempts: 0,
-            last_error: dead_letter_error,
-            next_attempt_at: None,
-        }
-    }
 }
 
 #[cfg(test)]
@@ -217,13 +108,5 @@ mod tests {
         assert!(!row_settled(EventStatus::Published, None));
         assert!(!row_settled(EventStatus::Pending, None));
         assert!(!row_settled(EventStatus::InProgress, None));
-    }
-
-    #[test]
-    fn a_result_is_settled_once_pushed_or_its_request_dead() {
-        assert!(result_settled(EventStatus::Notified));
-        assert!(result_settled(EventStatus::DeadLetter));
-        assert!(!result_settled(EventStatus::Completed));
-        assert!(!result_settled(EventStatus::Published));
     }
 }

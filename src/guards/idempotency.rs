@@ -140,6 +140,32 @@ pub async fn store(
     Ok(())
 }
 
+/// Stores the answers of many first requests at once (one statement), in the caller's
+/// transaction; a key already stored (the same key sent twice at once) keeps its first
+/// answer.
+pub async fn store_keeping_first(
+    connection: &mut MySqlConnection,
+    answers: &[(&IdempotencyKey, StoredAnswer)],
+) -> Result<(), sqlx::Error> {
+    if answers.is_empty() {
+        return Ok(());
+    }
+    let mut insert = sqlx::QueryBuilder::new(
+        "INSERT IGNORE INTO idempotency_key \
+         (user_id, route, idempotency_key, request_hash, response_status, response_body) ",
+    );
+    insert.push_values(answers, |mut row, (key, answer)| {
+        row.push_bind(key.user)
+            .push_bind(key.route)
+            .push_bind(key.key.as_str())
+            .push_bind(key.request_hash.as_str())
+            .push_bind(answer.status)
+            .push_bind(answer.body.as_str());
+    });
+    insert.build().execute(&mut *connection).await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,12 +21,14 @@
 //! each decision, with the id of the result event that announces it, in the request's row
 //! in the transaction that decides, and hands the results over with
 //! [`OutboxTransaction::publish_proven`]. The notifier's progress is that row's NOTIFIED,
-//! and the reconciler rebuilds a result from the row when its publication is not proven
-//! (see [`crate::coupons::results`]).
+//! and the reconciler, through the notifier's settlement ([`settlement`]), rebuilds a result
+//! from the row when its publication is not proven.
 
 pub mod reconciler;
 pub mod relay;
+pub mod settlement;
 
+use std::collections::BTreeMap;
 use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 
@@ -213,10 +215,26 @@ impl OutboxTransaction {
         Ok(())
     }
 
-    /// Publishes after the commit events whose rows the caller wrote itself in this
-    /// transaction, as [`Self::record_proven`] writes them (the coupon intake's claims), or
-    /// that are recorded in another event's row (coupon results, in their requests' rows):
-    /// never marked, their publication proven by their consumer's progress.
+    /// Writes the events' rows as [`Self::record_proven`] does, each holding a claim (see
+    /// [`EventLog::insert_proven_claiming`]); those whose row got its claim are published
+    /// after the commit. Answers which event holds each claim.
+    pub async fn record_proven_claiming(
+        &mut self,
+        claimed: Vec<(OutboxEvent, String)>,
+    ) -> Result<BTreeMap<String, EventId>, EventLogError> {
+        let owners = EventLog::insert_proven_claiming(&mut self.transaction, &claimed).await?;
+        self.proven.extend(
+            claimed
+                .into_iter()
+                .filter(|(event, claim)| owners.get(claim) == Some(&event.envelope.event_id))
+                .map(|(event, _)| event),
+        );
+        Ok(owners)
+    }
+
+    /// Publishes after the commit events that are recorded in another event's row (coupon
+    /// results, in their requests' rows): never marked, their publication proven by their
+    /// consumer's progress.
     pub fn publish_proven(&mut self, events: Vec<OutboxEvent>) {
         self.proven.extend(events);
     }

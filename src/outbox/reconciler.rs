@@ -2,7 +2,7 @@
 //!
 //! Every `reconcile.interval_ms`, for each consumer of this instance ([`Consumers`]), it
 //! walks the consumer's events in id order (ids are time-ordered) from its checkpoint and
-//! asks, for each, whether the consumer has settled it ([`crate::event_log::progress`]). The checkpoint
+//! asks the consumer's [`Settlement`] whether it has settled each of them. The checkpoint
 //! moves past the settled prefix, so each event is looked at until it is settled, and then
 //! never again. An unsettled event is **stranded**, and driven again, when
 //! - it was published at least `reconcile.after_ms` ago (per event type:
@@ -19,15 +19,14 @@
 //! whatever was published before the start is gone, and the first pass drives it again at
 //! once, without either condition.
 //!
-//! Driving again means publishing the event to its topic once more (every consumer of the
-//! topic deduplicates it by event id), or, for the ranking, counting it directly (its
-//! applied mark makes that idempotent). Rows still PENDING are the outbox relay's. Events
-//! recorded proven (coupon requests, see [`crate::outbox`]) have no PENDING
-//! state: the reconciler is what publishes them again when their publication failed, after
-//! `reconcile.proven_after_ms` (5 s, at most `after_ms`). Coupon results have no row: the
-//! notifier's walk is over the requests' rows, a request COMPLETED (decided, not NOTIFIED)
-//! waits since its decision (`updated_at`), and driving it again publishes its result
-//! rebuilt from the row, with the result's own event id.
+//! Driving again is the settlement's: publishing the event to its topic once more (every
+//! consumer of the topic deduplicates it by event id), or, for a consumer whose progress
+//! lives elsewhere, handing it over there (idempotently). Rows still PENDING are the outbox
+//! relay's. Events recorded proven (see [`crate::outbox`]) have no PENDING state: the
+//! reconciler is what publishes them again when their publication failed, after
+//! `reconcile.proven_after_ms` (5 s, at most `after_ms`). A consumer whose events are
+//! recorded in other events' rows walks those rows, and its settlement says since when each
+//! waits.
 //!
 //! One instance reconciles a consumer at a time: its pass holds the consumer's checkpoint
 //! row under a lock the other instances skip. Supervised like the relay.
@@ -45,19 +44,11 @@ use tracing::{info, warn};
 
 use crate::actors::spawn_supervised_pass;
 use crate::actors::tree::ObserveBackground;
-use crate::common::connections::RedisStoreError;
 use crate::config::ReconcileSettings;
-use crate::coupons::results::result_event;
-use crate::event_log::progress::{
-    ConsumerSpec, Consumers, RecordedIn, result_settled, row_settled,
-};
-use crate::event_log::{EventLog, EventLogError, EventRecord, EventStatus};
-use crate::events::{EventId, EventPayload};
-use crate::kafka::dead_letter::DeadLetterLog;
+use crate::event_log::{EventLog, EventLogError, EventRecord};
+use crate::events::EventId;
 use crate::kafka::offsets::{GroupOffsets, PartitionPosition};
-use crate::kafka::producer::{EventPublisher, PublishError};
-use crate::ranking::rebuild::{RebuildError, rebuild_if_missing};
-use crate::ranking::{RankedOrder, RankingError, RankingStore};
+use crate::outbox::settlement::{Consumers, Settlement, SettlementError};
 
 /// Pages of `reconcile.batch_size` rows one consumer's pass reads at most.
 const PAGES_PER_PASS: usize = 20;
@@ -98,18 +89,17 @@ pub struct ReconcilerState {
     pub last_error: Option<String>,
     /// Whether the first pass after a fresh embedded cluster is still to run.
     pub fresh_cluster_pending: bool,
-    /// Rebuilds of the ranking it started because `ranking:built` was missing.
-    pub ranking_rebuilds: u64,
     pub consumers: BTreeMap<&'static str, ConsumerReconciliation>,
+    /// The settlements' own figures (for example the ranking's rebuilds), by name.
+    #[serde(flatten)]
+    pub figures: BTreeMap<&'static str, u64>,
 }
 
 /// What the reconciler is made of.
 pub struct ReconcilerWiring {
+    /// Every consumer of this instance, with its settlement.
     pub consumers: Consumers,
     pub event_log: EventLog,
-    pub dead_letters: DeadLetterLog,
-    pub publisher: EventPublisher,
-    pub ranking: RankingStore,
     pub offsets: Arc<GroupOffsets>,
     pub settings: ReconcileSettings,
     /// When this process started an embedded cluster: what was published before is gone.
@@ -131,21 +121,12 @@ pub type LocalPositionsOf = Arc<dyn Fn(&str, &str) -> Option<BTreeMap<i32, i64>>
 enum ReconcileError {
     #[error(transparent)]
     EventLog(#[from] EventLogError),
-    #[error("dead letters unreadable: {0}")]
-    DeadLetters(#[from] sqlx::Error),
-    #[error("ranking marks unreadable: {0}")]
-    Ranking(#[from] RedisStoreError),
-    #[error("counting an order again failed: {0}")]
-    Count(#[from] RankingError),
-    #[error(transparent)]
-    Rebuild(#[from] RebuildError),
+    #[error("checkpoint unreadable: {0}")]
+    Checkpoint(#[from] sqlx::Error),
     #[error("group offsets unreadable: {0}")]
     Offsets(String),
-    #[error("driving {event_id} again failed: {source}")]
-    Publish {
-        event_id: EventId,
-        source: PublishError,
-    },
+    #[error(transparent)]
+    Settlement(#[from] SettlementError),
 }
 
 /// The end of each partition at one pass.
@@ -238,12 +219,13 @@ impl Reconciler {
 
 impl Inner {
     async fn pass(&self) {
-        for consumer in self.wiring.consumers.all() {
-            if let Err(error) = self.reconcile(consumer).await {
-                warn!(consumer = consumer.name, %error, "reconciliation pass failed");
+        for settlement in self.wiring.consumers.all() {
+            let name = settlement.consumer().name;
+            if let Err(error) = self.reconcile(settlement.as_ref()).await {
+                warn!(consumer = name, %error, "reconciliation pass failed");
                 let mut memory = self.memory.borrow_mut();
                 memory.state.errors += 1;
-                memory.state.last_error = Some(format!("{}: {error}", consumer.name));
+                memory.state.last_error = Some(format!("{name}: {error}"));
             }
         }
         let mut memory = self.memory.borrow_mut();
@@ -253,16 +235,22 @@ impl Inner {
         memory.state.fresh_cluster_pending = fresh_pending;
     }
 
+    /// Whether this pass is the first on a freshly started embedded cluster for `name`.
+    fn fresh_for(&self, name: &'static str) -> Option<DateTime<Utc>> {
+        self.wiring
+            .fresh_cluster_since
+            .filter(|_| !self.memory.borrow().fresh_done.contains(name))
+    }
+
     /// Until when an unsettled event of `consumer` counts as stranded (`None`: its group
     /// lags, nothing is).
     async fn stranded_before(
         &self,
-        consumer: &ConsumerSpec,
+        settlement: &dyn Settlement,
         now: DateTime<Utc>,
     ) -> Result<Option<DateTime<Utc>>, ReconcileError> {
-        if let Some(since) = self.wiring.fresh_cluster_since
-            && !self.memory.borrow().fresh_done.contains(consumer.name)
-        {
+        let consumer = settlement.consumer();
+        if let Some(since) = self.fresh_for(consumer.name) {
             return Ok(Some(since));
         }
         let offsets = self.wiring.offsets.clone();
@@ -288,124 +276,33 @@ impl Inner {
             return Ok(None);
         };
         let local = (self.wiring.local_positions)(&consumer.group_id, consumer.topic);
-        let read_past = positions.iter().all(|position| {
-            let end = previous.ends.get(&position.partition).copied().unwrap_or(0);
-            let next = match &local {
-                // A partition this member has not been given is not read past.
-                Some(local) => local.get(&position.partition).copied().unwrap_or(-1),
-                None => position.committed.unwrap_or(0),
-            };
-            next >= end
-        });
-        Ok(read_past.then_some(previous.at))
+        Ok(read_past(&positions, &previous.ends, local.as_ref()).then_some(previous.at))
     }
 
-    async fn reconcile(&self, consumer: &ConsumerSpec) -> Result<(), ReconcileError> {
-        let event_types = consumer.event_types();
+    async fn reconcile(&self, settlement: &dyn Settlement) -> Result<(), ReconcileError> {
+        let consumer = settlement.consumer();
+        let event_types = settlement.event_types();
         if event_types.is_empty() {
             return Ok(());
         }
-        if consumer.recorded_in == RecordedIn::RankingMarks {
-            // A Redis that lost its data lost the ranking with the marks: recompute it
-            // rather than count every order of the window again one by one.
-            let rebuilt = rebuild_if_missing(
-                &self.wiring.ranking,
-                &self.wiring.event_log,
-                Utc::now().date_naive(),
-            )
-            .await;
-            match rebuilt {
-                Ok(Some(_)) => self.memory.borrow_mut().state.ranking_rebuilds += 1,
-                Ok(None) | Err(RebuildError::AlreadyRunning) => {}
-                Err(error) => return Err(error.into()),
-            }
-        }
-        let settings = &self.wiring.settings;
-        let now = Utc::now();
-        let shortest_after = event_types
-            .iter()
-            .map(|event_type| settings.after(event_type.as_str(), event_type.recorded_proven()))
-            .min()
-            .unwrap_or_default();
+        settlement.prepare().await?;
         let mut transaction = self.wiring.event_log.pool().begin().await?;
-        sqlx::query!(
-            "INSERT IGNORE INTO reconcile_checkpoint (consumer, event_id) VALUES (?, '')",
-            consumer.name
-        )
-        .execute(&mut *transaction)
-        .await?;
-        let checkpoint: Option<String> = sqlx::query_scalar!(
-            "SELECT event_id FROM reconcile_checkpoint WHERE consumer = ? FOR UPDATE SKIP LOCKED",
-            consumer.name
-        )
-        .fetch_optional(&mut *transaction)
-        .await?;
-        let Some(checkpoint) = checkpoint else {
+        let Some(checkpoint) = lock_checkpoint(&mut transaction, consumer.name).await? else {
             // Another instance is reconciling this consumer right now.
             return Ok(());
         };
-        let mut after: Option<EventId> = checkpoint.parse().ok();
-        let stranded_before = self.stranded_before(consumer, now).await?;
-        let fresh = stranded_before.is_some()
-            && self.wiring.fresh_cluster_since.is_some()
-            && !self.memory.borrow().fresh_done.contains(consumer.name);
-        let walk_before = if fresh {
-            EventId::first_at(now)
-        } else {
-            EventId::first_at(now - chrono::Duration::from_std(shortest_after).unwrap_or_default())
+        let now = Utc::now();
+        let stranded_before = self.stranded_before(settlement, now).await?;
+        let fresh = stranded_before.is_some() && self.fresh_for(consumer.name).is_some();
+        let walk = Walk {
+            settlement,
+            event_types: &event_types,
+            stranded_before,
+            fresh,
+            now,
         };
-
-        let mut checkpoint_moved_to: Option<EventId> = None;
-        let mut prefix_settled = true;
-        let (mut settled_count, mut redriven_count, mut unsettled_count) = (0u64, 0u64, 0u64);
-        for _ in 0..PAGES_PER_PASS {
-            let page = self
-                .wiring
-                .event_log
-                .of_types_between(&event_types, after, walk_before, settings.batch_size.max(1))
-                .await?;
-            let Some(last) = page.last() else {
-                break;
-            };
-            after = Some(last.event_id);
-            let settled = self.settled(consumer, &page).await?;
-            for (record, settled) in page.iter().zip(settled) {
-                if settled {
-                    self.memory
-                        .borrow_mut()
-                        .redriven
-                        .remove(&(consumer.name, record.event_id));
-                    if prefix_settled {
-                        checkpoint_moved_to = Some(record.event_id);
-                        settled_count += 1;
-                    }
-                    continue;
-                }
-                prefix_settled = false;
-                unsettled_count += 1;
-                if self.is_stranded(consumer, record, stranded_before, fresh, now) {
-                    self.drive_again(consumer, record).await?;
-                    redriven_count += 1;
-                }
-            }
-            // A group that lags strands nothing, and the checkpoint cannot pass the first
-            // unsettled event: walking on would read a backlog page after page, each pass,
-            // for nothing.
-            // Likewise the notifier behind requests the issuer has not decided yet (a
-            // backlog of the issuer's): their results do not exist yet.
-            let undecided_ahead = consumer.recorded_in == RecordedIn::RequestRow
-                && page.iter().any(|record| {
-                    !matches!(
-                        record.status,
-                        EventStatus::Completed | EventStatus::Notified | EventStatus::DeadLetter
-                    )
-                });
-            let nothing_more = (stranded_before.is_none() || undecided_ahead) && !prefix_settled;
-            if nothing_more || page.len() < settings.batch_size.max(1) as usize {
-                break;
-            }
-        }
-        if let Some(moved_to) = checkpoint_moved_to {
+        let walked = self.walk(&walk, checkpoint.parse().ok()).await?;
+        if let Some(moved_to) = walked.checkpoint_moved_to {
             sqlx::query!(
                 "UPDATE reconcile_checkpoint SET event_id = ? WHERE consumer = ?",
                 moved_to,
@@ -415,155 +312,230 @@ impl Inner {
             .await?;
         }
         transaction.commit().await?;
-        if redriven_count > 0 {
+        if walked.redriven > 0 {
             info!(
                 consumer = consumer.name,
-                redriven = redriven_count,
+                redriven = walked.redriven,
                 fresh_cluster = fresh,
                 "stranded events driven again"
             );
         }
-        let mut memory = self.memory.borrow_mut();
-        if fresh {
-            memory.fresh_done.insert(consumer.name);
-        }
-        let entry = memory.state.consumers.entry(consumer.name).or_default();
-        entry.settled += settled_count;
-        entry.redriven += redriven_count;
-        entry.unsettled = unsettled_count;
-        entry.lagging += u64::from(stranded_before.is_none());
-        if checkpoint_moved_to.is_some() {
-            entry.checkpoint = checkpoint_moved_to;
-        }
+        self.record(consumer.name, &walked, fresh, stranded_before.is_none());
         Ok(())
     }
 
-    /// Whether each event of `page` is settled by `consumer`.
-    async fn settled(
+    /// Walks the consumer's events from `after` page by page: the settled prefix moves the
+    /// checkpoint, stranded events are driven again.
+    async fn walk(
         &self,
-        consumer: &ConsumerSpec,
-        page: &[EventRecord],
-    ) -> Result<Vec<bool>, ReconcileError> {
-        match consumer.recorded_in {
-            RecordedIn::EventLog => Ok(page
+        walk: &Walk<'_>,
+        mut after: Option<EventId>,
+    ) -> Result<Walked, ReconcileError> {
+        let settings = &self.wiring.settings;
+        let consumer = walk.settlement.consumer();
+        let walk_before = if walk.fresh {
+            EventId::first_at(walk.now)
+        } else {
+            let shortest_after = walk
+                .event_types
                 .iter()
-                .map(|record| row_settled(record.status, record.next_attempt_at))
-                .collect()),
-            RecordedIn::RequestRow => Ok(page
-                .iter()
-                .map(|record| {
-                    // A request decided before results were recorded in their requests'
-                    // rows has a result row of its own, which the relay publishes.
-                    let legacy =
-                        record.status == EventStatus::Completed && result_event(record).is_none();
-                    result_settled(record.status) || legacy
-                })
-                .collect()),
-            RecordedIn::RankingMarks => {
-                let ids: Vec<EventId> = page.iter().map(|record| record.event_id).collect();
-                let counted = self.wiring.ranking.counted(&ids).await?;
-                let uncounted: Vec<EventId> = ids
-                    .iter()
-                    .zip(&counted)
-                    .filter(|(_, counted)| !**counted)
-                    .map(|(id, _)| *id)
-                    .collect();
-                let dead = self
-                    .wiring
-                    .dead_letters
-                    .open_among(&consumer.group_id, &uncounted)
-                    .await?;
-                Ok(ids
-                    .iter()
-                    .zip(counted)
-                    .map(|(id, counted)| counted || dead.contains(id))
-                    .collect())
+                .map(|event_type| settings.after(event_type.as_str(), event_type.recorded_proven()))
+                .min()
+                .unwrap_or_default();
+            EventId::first_at(walk.now - to_chrono(shortest_after))
+        };
+        let page_size = settings.batch_size.max(1);
+        let mut walked = Walked::default();
+        let mut prefix_settled = true;
+        for _ in 0..PAGES_PER_PASS {
+            let page = self
+                .wiring
+                .event_log
+                .of_types_between(walk.event_types, after, walk_before, page_size)
+                .await?;
+            let Some(last) = page.last() else {
+                break;
+            };
+            after = Some(last.event_id);
+            let settled = walk.settlement.settled(&page).await?;
+            for (record, settled) in page.iter().zip(settled) {
+                if settled {
+                    self.memory
+                        .borrow_mut()
+                        .redriven
+                        .remove(&(consumer.name, record.event_id));
+                    if prefix_settled {
+                        walked.checkpoint_moved_to = Some(record.event_id);
+                        walked.settled += 1;
+                    }
+                    continue;
+                }
+                prefix_settled = false;
+                walked.unsettled += 1;
+                if self.is_stranded(walk, record) {
+                    walk.settlement.drive_again(record).await?;
+                    self.memory
+                        .borrow_mut()
+                        .redriven
+                        .insert((consumer.name, record.event_id), Instant::now());
+                    walked.redriven += 1;
+                }
+            }
+            // A group that lags strands nothing, and the checkpoint cannot pass the first
+            // unsettled event: walking on would read a backlog page after page, each pass,
+            // for nothing. Likewise behind events that wait for another consumer's work.
+            let nothing_more = (walk.stranded_before.is_none()
+                || walk.settlement.waits_for_earlier_work(&page))
+                && !prefix_settled;
+            if nothing_more || page.len() < page_size as usize {
+                break;
             }
         }
+        Ok(walked)
     }
 
-    fn is_stranded(
-        &self,
-        consumer: &ConsumerSpec,
-        record: &EventRecord,
-        stranded_before: Option<DateTime<Utc>>,
-        fresh: bool,
-        now: DateTime<Utc>,
-    ) -> bool {
-        // What the consumer's event waits since: the event's publication, or for a result
-        // recorded in its request's row, the decision (a request not decided yet has no
-        // result to drive).
-        let since = match consumer.recorded_in {
-            RecordedIn::RequestRow => {
-                (record.status == EventStatus::Completed).then_some(record.updated_at)
-            }
-            _ => record.published_at,
-        };
-        let (Some(before), Some(published_at)) = (stranded_before, since) else {
-            return false;
-        };
-        if published_at >= before {
-            return false;
-        }
+    fn is_stranded(&self, walk: &Walk<'_>, record: &EventRecord) -> bool {
         let after = self.wiring.settings.after(
             record.event_type.as_str(),
             record.event_type.recorded_proven(),
         );
-        if !fresh && now - published_at < chrono::Duration::from_std(after).unwrap_or_default() {
-            return false;
-        }
-        // Driven again already, recently: give that record the same time.
-        let memory = self.memory.borrow();
-        memory
+        let last_driven = self
+            .memory
+            .borrow()
             .redriven
-            .get(&(consumer.name, record.event_id))
-            .is_none_or(|at| at.elapsed() >= after)
+            .get(&(walk.settlement.consumer().name, record.event_id))
+            .map(Instant::elapsed);
+        is_stranded(
+            walk.settlement.waiting_since(record),
+            walk.stranded_before,
+            StrandedRule {
+                after,
+                fresh: walk.fresh,
+                now: walk.now,
+            },
+            last_driven,
+        )
     }
 
-    async fn drive_again(
-        &self,
-        consumer: &ConsumerSpec,
-        record: &EventRecord,
-    ) -> Result<(), ReconcileError> {
-        match (&record.payload, consumer.recorded_in) {
-            (_, RecordedIn::RequestRow) => {
-                let Some(result) = result_event(record) else {
-                    return Ok(());
-                };
-                self.wiring
-                    .publisher
-                    .publish(consumer.topic, &result)
-                    .await
-                    .map_err(|source| ReconcileError::Publish {
-                        event_id: result.event_id,
-                        source,
-                    })?;
-            }
-            (EventPayload::OrderCompleted(order), RecordedIn::RankingMarks) => {
-                let ranked = RankedOrder {
-                    event_id: record.event_id,
-                    day: record.occurred_at.date_naive(),
-                    products: &order.products,
-                };
-                self.wiring.ranking.apply(&[ranked]).await?;
-            }
-            _ => {
-                self.wiring
-                    .publisher
-                    .publish(&record.topic, &record.envelope())
-                    .await
-                    .map_err(|source| ReconcileError::Publish {
-                        event_id: record.event_id,
-                        source,
-                    })?;
-            }
+    /// Adds one consumer's pass to the observable state.
+    fn record(&self, name: &'static str, walked: &Walked, fresh: bool, lagging: bool) {
+        let mut memory = self.memory.borrow_mut();
+        if fresh {
+            memory.fresh_done.insert(name);
         }
-        self.memory
-            .borrow_mut()
-            .redriven
-            .insert((consumer.name, record.event_id), Instant::now());
-        Ok(())
+        let entry = memory.state.consumers.entry(name).or_default();
+        entry.settled += walked.settled;
+        entry.redriven += walked.redriven;
+        entry.unsettled = walked.unsettled;
+        entry.lagging += u64::from(lagging);
+        if walked.checkpoint_moved_to.is_some() {
+            entry.checkpoint = walked.checkpoint_moved_to;
+        }
     }
+
+    /// The state, with the settlements' own figures.
+    fn observe(&self) -> ReconcilerState {
+        let mut state = self.memory.borrow().state.clone();
+        for settlement in self.wiring.consumers.all() {
+            state.figures.extend(settlement.figures());
+        }
+        state
+    }
+}
+
+/// One consumer's walk at one pass.
+struct Walk<'a> {
+    settlement: &'a dyn Settlement,
+    event_types: &'a [crate::events::EventType],
+    stranded_before: Option<DateTime<Utc>>,
+    fresh: bool,
+    now: DateTime<Utc>,
+}
+
+/// What one consumer's walk found.
+#[derive(Default)]
+struct Walked {
+    checkpoint_moved_to: Option<EventId>,
+    settled: u64,
+    redriven: u64,
+    unsettled: u64,
+}
+
+/// The consumer's checkpoint, its row locked for this pass; `None` while another instance
+/// holds it.
+async fn lock_checkpoint(
+    transaction: &mut sqlx::MySqlConnection,
+    consumer: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query!(
+        "INSERT IGNORE INTO reconcile_checkpoint (consumer, event_id) VALUES (?, '')",
+        consumer
+    )
+    .execute(&mut *transaction)
+    .await?;
+    sqlx::query_scalar!(
+        "SELECT event_id FROM reconcile_checkpoint WHERE consumer = ? FOR UPDATE SKIP LOCKED",
+        consumer
+    )
+    .fetch_optional(&mut *transaction)
+    .await
+}
+
+fn to_chrono(duration: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(duration).unwrap_or_default()
+}
+
+/// Whether a group has read past the ends its partitions had at the previous pass
+/// (`previous_ends`): on every partition, its next offset is at or beyond that end. The
+/// next offset is the group's committed one, or, for a group that commits nothing, its
+/// member's own position in this process (`local`; a partition the member has not been
+/// given is not read past).
+pub fn read_past(
+    positions: &[PartitionPosition],
+    previous_ends: &BTreeMap<i32, i64>,
+    local: Option<&BTreeMap<i32, i64>>,
+) -> bool {
+    positions.iter().all(|position| {
+        let end = previous_ends.get(&position.partition).copied().unwrap_or(0);
+        let next = match local {
+            Some(local) => local.get(&position.partition).copied().unwrap_or(-1),
+            None => position.committed.unwrap_or(0),
+        };
+        next >= end
+    })
+}
+
+/// The settings of one pass that the stranded rule reads.
+#[derive(Clone, Copy, Debug)]
+pub struct StrandedRule {
+    /// How long an event must have waited (`reconcile.after_ms`, or its type's).
+    pub after: Duration,
+    /// The first pass on a fresh embedded cluster: no wait.
+    pub fresh: bool,
+    pub now: DateTime<Utc>,
+}
+
+/// Whether an unsettled event is stranded: it waits (`waiting_since`) from before the time
+/// up to which its group has read past (`stranded_before`; `None`: the group lags), for at
+/// least `after` (unless the cluster is fresh), and was not driven again within `after`
+/// (`last_driven`: how long ago it was).
+pub fn is_stranded(
+    waiting_since: Option<DateTime<Utc>>,
+    stranded_before: Option<DateTime<Utc>>,
+    rule: StrandedRule,
+    last_driven: Option<Duration>,
+) -> bool {
+    let (Some(before), Some(since)) = (stranded_before, waiting_since) else {
+        return false;
+    };
+    if since >= before {
+        return false;
+    }
+    if !rule.fresh && rule.now - since < to_chrono(rule.after) {
+        return false;
+    }
+    // Driven again already, recently: give that record the same time.
+    last_driven.is_none_or(|ago| ago >= rule.after)
 }
 
 impl Actor for Reconciler {
@@ -614,7 +586,7 @@ impl Handler<ObserveBackground> for Reconciler {
     type Result = MessageResult<ObserveBackground>;
 
     fn handle(&mut self, _: ObserveBackground, _ctx: &mut Self::Context) -> Self::Result {
-        let state = self.inner.memory.borrow().state.clone();
+        let state = self.inner.observe();
         MessageResult(serde_json::to_value(state).expect("reconciler state serializes"))
     }
 }

@@ -15,6 +15,7 @@
 //! The script builds its keys from its arguments: it needs a single Redis (not a cluster).
 
 pub mod rebuild;
+pub mod settlement;
 pub mod updater;
 
 use chrono::{Duration, NaiveDate};
