@@ -18,8 +18,12 @@ COPY .sqlx .sqlx
 COPY migrations migrations
 COPY static static
 COPY src src
+# The workspace's other members (the test kit, the benchmarks) are named by Cargo.toml, so
+# their manifests must be there; only the daemon's package is built.
+COPY testkit testkit
+COPY bench bench
 ENV SQLX_OFFLINE=true
-RUN cargo build --release --locked --bin commerce-events \
+RUN cargo build --release --locked -p commerce-events --bin commerce-events \
  && strip target/release/commerce-events
 
 FROM debian:bookworm-slim

@@ -37,7 +37,6 @@
 //!   [`coupons`] (intake, issuer, result notifier, push sessions, locks), [`shop`] (users,
 //!   products, orders, payments, the product cache), [`ranking`] (store, updater),
 //!   [`delivery`] (webhooks, forwarders, retry scheduler, back-off, replay).
-//! - [`faults`] (feature `test-util`): fault drills shared by the fault tests and `bench faults`.
 //! - [`api`]: the HTTP API, one file per route area, and the common error body.
 //! - [`startup`]: builds, runs and shuts down the whole daemon ([`startup::Application`]).
 
@@ -49,8 +48,6 @@ pub mod coupons;
 pub mod delivery;
 pub mod event_log;
 pub mod events;
-#[cfg(feature = "test-util")]
-pub mod faults;
 pub mod guards;
 pub mod kafka;
 pub mod observability;

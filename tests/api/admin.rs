@@ -8,8 +8,8 @@ use serde_json::json;
 
 use commerce_events::startup::PRODUCT_EVENT_GROUP;
 
-use crate::helpers::{domain_actor, group, spawn_app};
-use crate::support::eventually;
+use testkit::app::{domain_actor, group, spawn_app};
+use testkit::wait::eventually;
 
 #[actix_web::test]
 async fn a_probe_travels_the_pipeline_and_is_completed() {

@@ -6,9 +6,9 @@ use chrono::{Duration as Span, Utc};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, domain_actor, replay_from_offset_zero, spawn_app, spawn_app_with};
-use crate::support::eventually;
 use commerce_events::event_log::EventStatus;
+use testkit::app::{TestApp, domain_actor, replay_from_offset_zero, spawn_app, spawn_app_with};
+use testkit::wait::eventually;
 
 #[actix_web::test]
 async fn a_coupon_is_created_and_read_back() {

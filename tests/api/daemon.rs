@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use actix_web::http::StatusCode;
 use sqlx::Connection;
 
-use crate::support::{TestDatabase, eventually};
+use testkit::database::TestDatabase;
+use testkit::wait::eventually;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_commerce-events");
 
@@ -56,7 +57,7 @@ fn wait_for_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
 
 #[actix_web::test]
 async fn the_daemon_serves_until_sigterm_and_then_exits_0_within_10_seconds() {
-    let _slot = crate::helpers::DaemonSlot::claim().await;
+    let _slot = testkit::app::DaemonSlot::claim().await;
     let database = TestDatabase::new();
     let mut child = daemon_command(&database)
         .spawn()
@@ -128,7 +129,7 @@ async fn the_daemon_serves_until_sigterm_and_then_exits_0_within_10_seconds() {
         .await
         .unwrap();
     assert_eq!(
-        crate::helpers::group(&tree, commerce_events::startup::PRODUCT_EVENT_GROUP)["partitions"]
+        testkit::app::group(&tree, commerce_events::startup::PRODUCT_EVENT_GROUP)["partitions"]
             .as_array()
             .unwrap()
             .len(),
@@ -198,7 +199,7 @@ async fn an_unknown_command_is_refused() {
 
 #[actix_web::test]
 async fn a_500_logs_one_json_line_with_its_error_chain_and_no_backtrace() {
-    let _slot = crate::helpers::DaemonSlot::claim().await;
+    let _slot = testkit::app::DaemonSlot::claim().await;
     let database = TestDatabase::new();
     let mut child = daemon_command(&database)
         .env("RUST_BACKTRACE", "1")

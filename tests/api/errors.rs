@@ -2,7 +2,7 @@ use actix_web::http::StatusCode;
 use awc::http::Method;
 use serde_json::json;
 
-use crate::helpers::{client, spawn_app};
+use testkit::app::{client, spawn_app};
 
 #[actix_web::test]
 async fn bad_requests_get_a_4xx_with_the_common_json_error_body() {

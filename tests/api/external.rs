@@ -21,8 +21,9 @@ use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-use crate::helpers::{TestApp, spawn_app_with_clock};
-use crate::support::{eventually, eventually_found, read_records};
+use testkit::app::{TestApp, spawn_app_with_clock};
+use testkit::records::read_records;
+use testkit::wait::{eventually, eventually_found};
 
 const WAIT: Duration = Duration::from_secs(30);
 /// The signing secret of these tests, in the Standard Webhooks form.
@@ -929,7 +930,7 @@ async fn pay_an_order(app: &TestApp, quantity: u32) -> u64 {
 async fn analytics_receives_each_completed_order_once_even_after_a_replay() {
     let target = WebhookTarget::start();
     let analytics_url = format!("{}/analytics/orders", target.address);
-    let app = crate::helpers::spawn_app_with(move |settings| {
+    let app = testkit::app::spawn_app_with(move |settings| {
         settings.analytics.url = analytics_url;
         settings.external.poll_interval_ms = 20;
     })
@@ -954,14 +955,14 @@ async fn analytics_receives_each_completed_order_once_even_after_a_replay() {
     })
     .await;
     let analytics_actor = || async {
-        crate::helpers::domain_actor(&app.get("/admin/actors").await.1, "OrderAnalytics").clone()
+        testkit::app::domain_actor(&app.get("/admin/actors").await.1, "OrderAnalytics").clone()
     };
     eventually("the deliveries recorded", WAIT, || async {
         analytics_actor().await["processed"] == 3
     })
     .await;
 
-    let replayed = crate::helpers::replay_from_offset_zero(&app, topics::ORDER_COMPLETED).await;
+    let replayed = testkit::app::replay_from_offset_zero(&app, topics::ORDER_COMPLETED).await;
     assert_eq!(replayed, 3);
     eventually("the replay seen as duplicates", WAIT, || async {
         analytics_actor().await["duplicates"] == 3
@@ -990,7 +991,7 @@ async fn analytics_receives_each_completed_order_once_even_after_a_replay() {
 
 #[actix_web::test]
 async fn without_an_analytics_url_completed_orders_are_appended_to_a_json_lines_file() {
-    let app = crate::helpers::spawn_app().await;
+    let app = testkit::app::spawn_app().await;
     let order_id = pay_an_order(&app, 2).await;
     let file = app.settings.analytics.file.clone();
     eventually("the order in the analytics file", WAIT, || async {

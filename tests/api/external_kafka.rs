@@ -6,15 +6,20 @@ use std::time::Duration;
 use commerce_events::config::Settings;
 use commerce_events::events::EventId;
 use commerce_events::events::topics;
-use commerce_events::faults::TansuBroker;
 use commerce_events::startup::PRODUCT_EVENT_GROUP;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use testkit::process::TansuBroker;
 
-use crate::helpers::spawn_app_with;
-use crate::support::{committed_offsets, eventually};
+use testkit::app::spawn_app_with;
+use testkit::records::committed_offsets;
+use testkit::wait::eventually;
 
 #[actix_web::test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs the tansu broker (feature external-tools; scripts/test installs it)"
+)]
 async fn against_an_external_broker_the_daemon_creates_its_topics_and_runs_the_pipeline() {
     let broker = TansuBroker::start().await;
     let brokers = broker.address.clone();

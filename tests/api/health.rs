@@ -5,8 +5,8 @@ use serde_json::json;
 
 use std::time::Duration;
 
-use crate::helpers::{spawn_app, start_app};
-use crate::support::eventually;
+use testkit::app::{spawn_app, start_app};
+use testkit::wait::eventually;
 
 #[actix_web::test]
 async fn the_liveness_check_answers_200() {

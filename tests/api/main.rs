@@ -1,9 +1,6 @@
 //! The whole daemon, started on an ephemeral port with its own database, Redis key prefix
 //! and embedded Kafka cluster.
 
-#[path = "../support/mod.rs"]
-mod support;
-
 mod admin;
 mod coupons;
 mod daemon;
@@ -11,7 +8,6 @@ mod errors;
 mod external;
 mod external_kafka;
 mod health;
-mod helpers;
 mod openapi;
 mod orders;
 mod outbox;

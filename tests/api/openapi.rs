@@ -7,7 +7,7 @@ use actix_web::http::StatusCode;
 use commerce_events::api::{Access, ROUTES};
 use serde_json::Value;
 
-use crate::helpers::{TestApp, client, spawn_app};
+use testkit::app::{TestApp, client, spawn_app};
 
 /// `(METHOD, path)` of every operation of the document.
 fn operations(document: &Value) -> BTreeSet<(String, String)> {

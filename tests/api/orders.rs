@@ -10,8 +10,8 @@ use futures::StreamExt;
 use futures::future::join_all;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, spawn_app};
-use crate::support::eventually;
+use testkit::app::{TestApp, spawn_app};
+use testkit::wait::eventually;
 
 /// Places an order as the body's `userId`.
 async fn create_order(app: &TestApp, body: Value) -> (StatusCode, Value) {
@@ -378,7 +378,7 @@ async fn product_changes_reach_the_cache_that_product_reads_go_through() {
     let cached = cached_product(&app, product).await.unwrap();
     assert_eq!(cached["price"], 2_000);
     let processor = || async {
-        crate::helpers::domain_actor(&app.get("/admin/actors").await.1, "ProductEventProcessor")
+        testkit::app::domain_actor(&app.get("/admin/actors").await.1, "ProductEventProcessor")
             .clone()
     };
     let duplicates_before = processor().await["duplicates"].as_u64().unwrap();

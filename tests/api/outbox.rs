@@ -2,8 +2,8 @@ use std::time::Duration;
 
 use commerce_events::event_log::{EventLog, EventStatus, Move, StatusChange};
 
-use crate::helpers::spawn_app;
-use crate::support::eventually;
+use testkit::app::spawn_app;
+use testkit::wait::eventually;
 
 #[actix_web::test]
 async fn an_event_committed_but_never_published_is_relayed_and_processed() {
@@ -99,6 +99,6 @@ async fn a_relay_pass_locks_no_row_younger_than_its_threshold() {
     relay.rollback().await.unwrap();
 }
 
-async fn spawn_app_with_slow_relay() -> crate::helpers::TestApp {
-    crate::helpers::spawn_app_with(|settings| settings.outbox.republish_after_ms = 60_000).await
+async fn spawn_app_with_slow_relay() -> testkit::app::TestApp {
+    testkit::app::spawn_app_with(|settings| settings.outbox.republish_after_ms = 60_000).await
 }

@@ -8,7 +8,7 @@ use awc::ws::Frame;
 use futures::StreamExt;
 use serde_json::Value;
 
-use crate::helpers::{TestApp, spawn_app};
+use testkit::app::{TestApp, spawn_app};
 
 /// Reads text frames until `count` results arrived (or the deadline passes).
 async fn receive_results<S>(socket: &mut S, count: usize) -> Vec<Value>
@@ -277,7 +277,7 @@ async fn a_push_channel_needs_a_valid_user() {
 async fn a_user_connected_to_another_instance_gets_the_push_and_is_notified_once() {
     use secrecy::SecretString;
 
-    use crate::helpers::{domain_actor, spawn_app_with};
+    use testkit::app::{domain_actor, spawn_app_with};
 
     let first = spawn_app_with(|settings| settings.instance.id = "first".into()).await;
     let coupon_id = first.create_coupon(1_000).await;

@@ -12,8 +12,8 @@ use commerce_events::events::topics;
 use commerce_events::events::{EventEnvelope, EventPayload, OrderCompleted, OrderedProduct};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, domain_actor, replay_from_offset_zero, spawn_app_with_clock};
-use crate::support::eventually;
+use testkit::app::{TestApp, domain_actor, replay_from_offset_zero, spawn_app_with_clock};
+use testkit::wait::eventually;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -163,7 +163,7 @@ async fn lose_the_ranking(app: &TestApp) {
 
 #[actix_web::test]
 async fn a_lost_ranking_is_rebuilt_from_mysql_exactly_and_a_rebuild_counts_nothing_twice() {
-    let app = crate::helpers::spawn_app().await;
+    let app = testkit::app::spawn_app().await;
     let keyboard = app.create_product("Keyboard", 100, 100).await;
     let mouse = app.create_product("Mouse", 100, 100).await;
     let user_id = app.create_user(1_000_000).await;

@@ -13,8 +13,9 @@ use futures::StreamExt;
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::{Value, json};
 
-use crate::helpers::{ADMIN_USER, TestApp, client, spawn_app, spawn_app_with};
-use crate::support::{TEST_JWT_SECRET, eventually};
+use testkit::app::{ADMIN_USER, TestApp, client, spawn_app, spawn_app_with};
+use testkit::database::TEST_JWT_SECRET;
+use testkit::wait::eventually;
 
 /// The kinds of caller the matrix tries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

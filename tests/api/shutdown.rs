@@ -4,8 +4,9 @@ use commerce_events::events::EventId;
 use commerce_events::events::topics;
 use commerce_events::startup::PRODUCT_EVENT_GROUP;
 
-use crate::helpers::spawn_app;
-use crate::support::{committed_offsets, eventually};
+use testkit::app::spawn_app;
+use testkit::records::committed_offsets;
+use testkit::wait::eventually;
 
 #[actix_web::test]
 async fn shutdown_drains_partitions_commits_offsets_and_returns() {

@@ -23,8 +23,8 @@ use commerce_events::outbox::Outbox;
 use insta::assert_json_snapshot;
 use serde_json::{Value, json};
 
-use crate::helpers::Pipeline;
-use crate::support::eventually;
+use testkit::pipeline::Pipeline;
+use testkit::wait::eventually;
 
 struct Script {
     names: BTreeMap<EventId, String>,

@@ -7,8 +7,10 @@ use commerce_events::kafka::dead_letter::{
     ORIGINAL_PARTITION_HEADER, ORIGINAL_TOPIC_HEADER,
 };
 
-use crate::helpers::{GROUP, Pipeline, TOPIC};
-use crate::support::{ScriptedHandler, Step, coupon_request, eventually};
+use testkit::handler::{ScriptedHandler, Step};
+use testkit::pipeline::{GROUP, Pipeline, TOPIC};
+use testkit::records::coupon_request;
+use testkit::wait::eventually;
 
 #[actix_web::test]
 async fn a_poison_pill_goes_to_the_dead_letter_topic_and_the_next_record_is_processed() {

@@ -1,7 +1,9 @@
 use std::time::Duration;
 
-use crate::helpers::Pipeline;
-use crate::support::{ScriptedHandler, coupon_request, eventually};
+use testkit::handler::ScriptedHandler;
+use testkit::pipeline::Pipeline;
+use testkit::records::coupon_request;
+use testkit::wait::eventually;
 
 #[actix_web::test]
 async fn a_record_flows_through_its_partition_actor_to_the_domain_actor_and_its_offset_is_committed()

@@ -20,7 +20,7 @@ use commerce_events::ranking::updater::RankingUpdater;
 use insta::assert_json_snapshot;
 use serde_json::{Value, json};
 
-use crate::helpers::Pipeline;
+use testkit::pipeline::Pipeline;
 
 fn order(order_id: u64, day: u32, lines: &[(u64, u32)]) -> EventEnvelope {
     let mut event = EventEnvelope::new(

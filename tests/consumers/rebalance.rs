@@ -1,8 +1,10 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use crate::helpers::Pipeline;
-use crate::support::{ScriptedHandler, coupon_request, eventually};
+use testkit::handler::ScriptedHandler;
+use testkit::pipeline::Pipeline;
+use testkit::records::coupon_request;
+use testkit::wait::eventually;
 
 /// The embedded (librdkafka mock) coordinator refuses offset commits while a rebalance is
 /// in progress, where a real broker accepts them from the current generation; so here some

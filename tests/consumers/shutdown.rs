@@ -1,7 +1,9 @@
 use std::time::Duration;
 
-use crate::helpers::Pipeline;
-use crate::support::{ScriptedHandler, coupon_request, eventually};
+use testkit::handler::ScriptedHandler;
+use testkit::pipeline::Pipeline;
+use testkit::records::coupon_request;
+use testkit::wait::eventually;
 
 #[actix_web::test]
 async fn shutdown_lets_the_batch_in_flight_finish_and_commits_it() {

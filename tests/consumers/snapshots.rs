@@ -6,8 +6,10 @@ use commerce_events::actors::domain::HandlerError;
 use insta::assert_json_snapshot;
 use serde_json::json;
 
-use crate::helpers::{Member, Pipeline};
-use crate::support::{ScriptedHandler, Step, coupon_request, eventually};
+use testkit::handler::{ScriptedHandler, Step};
+use testkit::pipeline::{Member, Pipeline};
+use testkit::records::coupon_request;
+use testkit::wait::eventually;
 
 async fn snapshot_of(member: &Member) -> serde_json::Value {
     let (group, domain) = member.observe().await;

@@ -11,7 +11,7 @@ use commerce_events::events::{CouponRequested, EventEnvelope, EventPayload};
 use commerce_events::outbox::Outbox;
 use sqlx::MySqlPool;
 
-use crate::helpers::Pipeline;
+use testkit::pipeline::Pipeline;
 
 fn new_coupon(total_quantity: u32) -> NewCoupon {
     let now = Utc::now();

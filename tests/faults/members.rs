@@ -12,15 +12,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix_web::http::StatusCode;
-use commerce_events::faults::{
-    BrokerProcess, Checker, Clients, Daemon, assert_kept_every_promise, coupon_body, user_rows,
-};
 use commerce_events::startup::{COUPON_REQUEST_GROUP, RESULT_NOTIFIER_GROUP_PREFIX};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use testkit::faults::{Checker, Clients, assert_kept_every_promise, coupon_body, user_rows};
+use testkit::process::{BrokerProcess, Daemon};
 
-use crate::accepted_reach;
-use crate::support::{TEST_JWT_SECRET, TestDatabase, eventually};
+use testkit::database::{TEST_JWT_SECRET, TestDatabase};
+use testkit::faults::accepted_reach;
+use testkit::wait::eventually;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_commerce-events");
 /// The members' session timeout: a SIGKILLed member's partitions must move within it (and
@@ -660,13 +660,13 @@ fn longest_pause(members: &[&Daemon], group: &str, since: Instant) -> Duration {
 
 #[actix_web::test]
 async fn members_joining_leaving_and_dying_under_load_lose_repeat_and_reorder_nothing() {
-    let _slot = crate::drill_slot();
+    let _slot = testkit::faults::drill_slot();
     members_join_die_and_leave(Membership::Cooperative).await;
 }
 
 #[actix_web::test]
 async fn on_the_consumer_protocol_members_joining_leaving_and_dying_lose_nothing() {
-    let _slot = crate::drill_slot();
+    let _slot = testkit::faults::drill_slot();
     members_join_die_and_leave(Membership::StaticConsumerProtocol).await;
 }
 
@@ -844,7 +844,7 @@ async fn rolling_restart(membership: Membership) -> usize {
 
 #[actix_web::test]
 async fn a_rolling_restart_with_static_members_moves_no_partition_of_a_member_that_stays() {
-    let _slot = crate::drill_slot();
+    let _slot = testkit::faults::drill_slot();
     let moved = rolling_restart(Membership::StaticConsumerProtocol).await;
     assert_eq!(
         moved, 0,
@@ -854,7 +854,7 @@ async fn a_rolling_restart_with_static_members_moves_no_partition_of_a_member_th
 
 #[actix_web::test]
 async fn a_rolling_restart_with_eager_rebalancing_loses_nothing() {
-    let _slot = crate::drill_slot();
+    let _slot = testkit::faults::drill_slot();
     // The comparison: every restart makes the member that stays give up its partitions.
     let moved = rolling_restart(Membership::Eager).await;
     assert!(moved > 0, "eager rebalancing revokes everything, twice");

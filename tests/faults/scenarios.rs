@@ -16,18 +16,20 @@ use std::time::{Duration, Instant};
 
 use actix_web::http::StatusCode;
 use commerce_events::config::Settings;
-use commerce_events::faults::{
-    Checker, Clients, Daemon, Ledger, Report, SETTLE, TansuBroker, TcpProxy,
-    assert_kept_every_promise, coupon_body, user_rows,
-};
 use commerce_events::kafka::cluster::KafkaCluster;
 use commerce_events::startup::COUPON_REQUEST_GROUP;
 use secrecy::ExposeSecret;
 use serde_json::Value;
+use testkit::faults::{
+    Checker, Clients, Ledger, Report, SETTLE, assert_kept_every_promise, coupon_body, user_rows,
+};
+use testkit::process::{Daemon, TansuBroker};
+use testkit::proxy::TcpProxy;
 
-use crate::accepted_reach;
-use crate::helpers::{TestApp, spawn_app_with};
-use crate::support::{TEST_JWT_SECRET, TestDatabase, eventually};
+use testkit::app::{TestApp, spawn_app_with};
+use testkit::database::{TEST_JWT_SECRET, TestDatabase};
+use testkit::faults::accepted_reach;
+use testkit::wait::eventually;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_commerce-events");
 /// How long the outages last.
@@ -131,13 +133,17 @@ async fn crash_under_load_with_a_backlog(signal: &str, brokers: Option<&str>) {
 
 #[actix_web::test]
 async fn sigkill_under_coupon_load_with_a_backlog_loses_and_strands_nothing() {
-    let _slot = crate::drill_slot();
+    let _slot = testkit::faults::drill_slot();
     crash_under_load_with_a_backlog("-KILL", None).await;
 }
 
 #[actix_web::test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs the tansu broker (feature external-tools; scripts/test installs it)"
+)]
 async fn sigkill_against_a_separate_broker_process_loses_and_strands_nothing() {
-    let _slot = crate::drill_slot();
+    let _slot = testkit::faults::drill_slot();
     // The broker outlives the daemon: the restarted daemon rejoins the groups the killed
     // one held (the broker expires the dead member after the session timeout) and goes on
     // from the committed offsets.
@@ -147,7 +153,7 @@ async fn sigkill_against_a_separate_broker_process_loses_and_strands_nothing() {
 
 #[actix_web::test]
 async fn sigterm_under_coupon_load_with_a_backlog_loses_and_strands_nothing() {
-    let _slot = crate::drill_slot();
+    let _slot = testkit::faults::drill_slot();
     crash_under_load_with_a_backlog("-TERM", None).await;
 }
 
@@ -188,7 +194,7 @@ async fn outage_under_load(
 
 #[actix_web::test]
 async fn the_broker_down_for_30_seconds_under_load_loses_nothing() {
-    let _slot = crate::drill_slot();
+    let _slot = testkit::faults::drill_slot();
     let app = spawn_app_with(fault_settings).await;
     let kafka = embedded(&app);
     let (ledger, _, recovery) = outage_under_load(
@@ -212,7 +218,7 @@ async fn the_broker_down_for_30_seconds_under_load_loses_nothing() {
 
 #[actix_web::test]
 async fn mysql_cut_for_30_seconds_under_load_answers_503_fast_and_loses_nothing() {
-    let _slot = crate::drill_slot();
+    let _slot = testkit::faults::drill_slot();
     let proxy = TcpProxy::start("127.0.0.1:3306".parse().unwrap());
     let port = proxy.port;
     let app = spawn_app_with(move |settings| {
@@ -244,7 +250,7 @@ const PAID_DURING_THE_CUT: u64 = 10;
 
 #[actix_web::test]
 async fn redis_cut_for_30_seconds_under_load_loses_nothing() {
-    let _slot = crate::drill_slot();
+    let _slot = testkit::faults::drill_slot();
     let proxy = TcpProxy::start("127.0.0.1:6379".parse().unwrap());
     let port = proxy.port;
     let app = spawn_app_with(move |settings| {
@@ -310,7 +316,7 @@ async fn redis_cut_for_30_seconds_under_load_loses_nothing() {
 
 #[actix_web::test]
 async fn a_poisoned_coupon_row_fails_only_its_own_requests() {
-    let _slot = crate::drill_slot();
+    let _slot = testkit::faults::drill_slot();
     let app = spawn_app_with(fault_settings).await;
     let good = app.create_coupon(100).await;
     let poisoned = app.create_coupon(100).await;
@@ -389,7 +395,7 @@ async fn a_poisoned_coupon_row_fails_only_its_own_requests() {
 
 #[actix_web::test]
 async fn a_second_member_joining_and_leaving_under_load_loses_and_repeats_nothing() {
-    let _slot = crate::drill_slot();
+    let _slot = testkit::faults::drill_slot();
     let first = spawn_app_with(fault_settings).await;
     // Every user asks for three coupons, one after the other: the checker holds that each
     // user's coupons were issued in that order, across the partitions moving twice.

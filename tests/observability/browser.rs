@@ -7,13 +7,17 @@ use std::time::Duration;
 use awc::http::StatusCode;
 
 use crate::exclusive;
-use crate::helpers::{ADMIN_USER, spawn_app_with};
 use crate::metrics::{FlakyReceiver, configure_webhooks};
-use crate::support::eventually;
+use testkit::app::{ADMIN_USER, spawn_app_with};
+use testkit::wait::eventually;
 
 const WAIT: Duration = Duration::from_secs(30);
 
 #[actix_rt::test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs chromium and playwright-core (feature external-tools; scripts/test installs it)"
+)]
 async fn the_dashboard_shows_lag_replays_a_dead_letter_and_pauses_a_group() {
     let _exclusive = exclusive().await;
     let browser_tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
@@ -77,5 +81,5 @@ async fn the_dashboard_shows_lag_replays_a_dead_letter_and_pauses_a_group() {
         "the dead letter was replayed: {event}"
     );
     let (_, tree) = app.get("/admin/actors").await;
-    assert_eq!(crate::helpers::group(&tree, &group)["paused"], false);
+    assert_eq!(testkit::app::group(&tree, &group)["paused"], false);
 }

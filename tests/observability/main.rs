@@ -1,13 +1,6 @@
 //! Observability, a test binary of its own: the Prometheus recorder is one per process,
 //! so counters here move only by the work of the test that holds [`exclusive`].
 
-#[path = "../support/mod.rs"]
-mod support;
-
-#[path = "../api/helpers.rs"]
-#[allow(dead_code)]
-mod helpers;
-
 mod browser;
 mod metrics;
 mod schemathesis;

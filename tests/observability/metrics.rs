@@ -10,8 +10,8 @@ use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use awc::http::StatusCode;
 
 use crate::exclusive;
-use crate::helpers::{TestApp, spawn_app_with};
-use crate::support::eventually;
+use testkit::app::{TestApp, spawn_app_with};
+use testkit::wait::eventually;
 
 const WAIT: Duration = Duration::from_secs(30);
 

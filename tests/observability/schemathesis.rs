@@ -8,12 +8,16 @@ use std::time::Instant;
 use awc::http::StatusCode;
 
 use crate::exclusive;
-use crate::helpers::spawn_app_with;
+use testkit::app::spawn_app_with;
 
 /// The streaming routes: they answer once the stream ends, which it never does.
 const STREAMS: &[&str] = &["/ws", "/users/{user_id}/events", "/admin/dashboard/events"];
 
 #[actix_rt::test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs schemathesis (feature external-tools; scripts/test installs it)"
+)]
 async fn schemathesis_finds_no_server_error_and_no_answer_off_the_schema() {
     let _exclusive = exclusive().await;
     let installed = std::process::Command::new("st")

@@ -11,9 +11,9 @@ use awc::http::StatusCode;
 use serde_json::Value;
 
 use crate::exclusive;
-use crate::helpers::{client, spawn_app_with};
 use crate::metrics::{FlakyReceiver, configure_webhooks};
-use crate::support::eventually;
+use testkit::app::{client, spawn_app_with};
+use testkit::wait::eventually;
 
 const WAIT: Duration = Duration::from_secs(30);
 

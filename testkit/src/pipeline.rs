@@ -21,10 +21,10 @@ use commerce_events::kafka::cluster::EmbeddedCluster;
 use commerce_events::kafka::producer::{EventPublisher, RawRecord};
 use commerce_events::outbox::Outbox;
 
-use crate::support::{
-    ReadRecord, ScriptedHandler, TestDatabase, committed_offsets, eventually, init_tracing,
-    read_records,
-};
+use crate::database::{TestDatabase, init_tracing};
+use crate::handler::ScriptedHandler;
+use crate::records::{ReadRecord, committed_offsets, read_records};
+use crate::wait::eventually;
 
 pub const TOPIC: &str = "test-events";
 pub const GROUP: &str = "test-group";

@@ -16,11 +16,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use commerce_events::config::{RateLimit, Settings};
-use commerce_events::faults::{
-    Checker, Clients, Daemon, Report, TansuBroker, TcpProxy, coupon_body, eventually, user_rows,
-};
 use commerce_events::kafka::cluster::KafkaCluster;
 use commerce_events::startup::{Application, COUPON_REQUEST_GROUP};
+use testkit::faults::{Checker, Clients, Report, coupon_body, user_rows};
+use testkit::process::{Daemon, TansuBroker};
+use testkit::proxy::TcpProxy;
+use testkit::wait::eventually;
 
 use crate::coupons::drop_database;
 use crate::progress;

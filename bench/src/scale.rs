@@ -34,15 +34,14 @@ use anyhow::{Context, bail};
 use awc::ws::Frame;
 use commerce_events::common::ids::UserId;
 use commerce_events::config::Settings;
-use commerce_events::faults::{
-    BrokerProcess, Checker, Daemon, Ledger, Report as CheckerReport, coupon_body, eventually,
-    user_rows,
-};
 use commerce_events::guards::tokens::Authenticator;
 use commerce_events::startup::COUPON_REQUEST_GROUP;
 use futures::StreamExt;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
+use testkit::faults::{Checker, Ledger, Report as CheckerReport, coupon_body, user_rows};
+use testkit::process::{BrokerProcess, Daemon};
+use testkit::wait::eventually;
 
 use crate::chart::nearest_rank;
 use crate::costs::{CostTable, Costs, Meters, clock_ticks_per_second, cpu_us_of};

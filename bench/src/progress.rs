@@ -63,10 +63,6 @@ pub fn waiting(phase: &str, message: impl Fn() -> String + 'static) -> Ticking {
 }
 
 /// `bar` updated by `update` every 200 ms (a phase whose count is read, not pushed).
-#[cfg_attr(
-    not(feature = "test-util"),
-    allow(dead_code, reason = "the faults scenario's")
-)]
 pub fn follow(bar: ProgressBar, update: impl Fn(&ProgressBar) + 'static) -> Ticking {
     Ticking::start(bar, update)
 }
@@ -93,10 +89,6 @@ impl Ticking {
     }
 
     /// Sets the message shown after the bar (kept until the next update sets one).
-    #[cfg_attr(
-        not(feature = "test-util"),
-        allow(dead_code, reason = "the faults scenario's")
-    )]
     pub fn set_message(&self, message: impl Into<std::borrow::Cow<'static, str>>) {
         self.bar.set_message(message);
     }

@@ -17,7 +17,8 @@ use commerce_events::startup::Application;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use crate::support::{TestDatabase, eventually, init_tracing};
+use crate::database::{TestDatabase, init_tracing};
+use crate::wait::eventually;
 
 /// How long a test request may take: generous, because eight tests may share two cores;
 /// tests assert outcomes, never speed.

@@ -1,19 +1,18 @@
-//! Benchmarks: `cargo run --release --bin bench -- <scenario> [options]` (`--help` lists
-//! them). Each scenario prints a table; BENCHMARKS.md records them with the machine.
+//! Benchmarks: `cargo build --release --workspace`, then `target/release/bench <scenario>
+//! [options]` (`--help` lists them). Each scenario prints a table; docs/benchmarks/ records
+//! them with the machine.
 //! `--json` prints one JSON document instead (see [`report`]); long phases show progress
 //! bars on stderr (see [`progress`]).
 
 mod chart;
 mod costs;
 mod coupons;
-#[cfg(feature = "test-util")]
 mod faults;
 mod payments;
 mod pipeline;
 mod progress;
 mod ranking;
 mod report;
-#[cfg(feature = "test-util")]
 mod scale;
 mod webhooks;
 
@@ -50,11 +49,9 @@ enum Scenario {
     /// Webhook deliveries per ordering of `external-event-group`, through the daemon binary.
     Webhooks(webhooks::Options),
     /// The fault-injection scenarios at a larger scale (build with `--features test-util`).
-    #[cfg(feature = "test-util")]
     Faults(faults::Options),
     /// The coupon flow through 1, 2 and 3 daemon processes in one consumer group on one
     /// separate broker process (build with `--features test-util`).
-    #[cfg(feature = "test-util")]
     Scale(scale::Options),
 }
 
@@ -93,9 +90,7 @@ impl Scenario {
             Scenario::Ranking(_) => "ranking",
             Scenario::Payments(_) => "payments",
             Scenario::Webhooks(_) => "webhooks",
-            #[cfg(feature = "test-util")]
             Scenario::Faults(_) => "faults",
-            #[cfg(feature = "test-util")]
             Scenario::Scale(_) => "scale",
         }
     }
@@ -111,9 +106,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Ranking(options) => system.block_on(ranking::run(options, &mut report)),
         Scenario::Payments(options) => system.block_on(payments::run(options, &mut report)),
         Scenario::Webhooks(options) => system.block_on(webhooks::run(options, &mut report)),
-        #[cfg(feature = "test-util")]
         Scenario::Faults(options) => system.block_on(faults::run(options, &mut report)),
-        #[cfg(feature = "test-util")]
         Scenario::Scale(options) => system.block_on(scale::run(options, &mut report)),
     };
     // What was measured before a failure is reported too.

@@ -1,56 +1,26 @@
-//! Fault drills: the pieces the fault-injection tests and `bench faults` share (built with
-//! the `test-util` feature). Coupon load whose every request is counted as ok / failed /
-//! unknown ([`Clients`], [`Ledger`]); one [`Checker`] over MySQL that holds what the daemon
-//! did against what the clients were told (nothing accepted lost or left undecided, nothing
+//! Fault drills: coupon load whose every request is counted as ok / failed / unknown
+//! ([`Clients`], [`Ledger`]), and one [`Checker`] over MySQL that holds what the daemon did
+//! against what the clients were told (nothing accepted lost or left undecided, nothing
 //! over-issued, held twice or applied twice, nobody told of a coupon not issued, every result
-//! pushed, no dead letter, each user's coupons issued in the order the user asked for them);
-//! a [`TcpProxy`] that cuts a server off while it keeps running; separate broker processes
-//! ([`TansuBroker`], and the embedded cluster alone: [`BrokerProcess`]); and the built
-//! binary run as an operator runs it ([`Daemon`]), to be killed, several of them sharing one
-//! broker, each one's rebalances read from its log ([`Rebalance`]).
+//! pushed, no dead letter, each user's coupons issued in the order the user asked for them).
+//! The faults themselves come from the edges: [`crate::proxy::TcpProxy`], the processes of
+//! [`crate::process`], the embedded cluster's own fault injection.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
-use std::io::{BufRead, BufReader};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix_web::http::StatusCode;
+use commerce_events::common::ids::UserId;
+use commerce_events::config::Settings;
+use commerce_events::guards::tokens::Authenticator;
 use serde_json::Value;
 use sqlx::MySqlPool;
 
-use crate::common::ids::UserId;
-use crate::config::Settings;
-use crate::guards::tokens::Authenticator;
+use crate::wait::eventually;
 
 /// How long everything accepted may take to become terminal once a fault is over.
 pub const SETTLE: Duration = Duration::from_secs(120);
-
-/// Polls `condition` every 20 ms until it holds; panics after `timeout` naming `what`.
-pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if condition().await {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for: {what}"
-        );
-        actix_rt::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// The client side: coupon requests, counted.
 
 /// What the clients saw.
 #[derive(Debug, Default)]
@@ -350,9 +320,6 @@ impl Clients {
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// The shared checker.
-
 /// What MySQL holds after a scenario, against what the clients were told.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Report {
@@ -577,343 +544,6 @@ pub fn assert_kept_every_promise(scenario: &str, report: &Report, ledger: &Ledge
     );
 }
 
-// ---------------------------------------------------------------------------------------
-// Fault injection.
-
-/// A TCP proxy in front of a server; [`TcpProxy::cut`] drops every connection and refuses
-/// new ones (reset at once) until [`TcpProxy::restore`], as a stopped server would.
-pub struct TcpProxy {
-    pub port: u16,
-    pub up: Arc<AtomicBool>,
-    pub connections: Arc<Mutex<Vec<TcpStream>>>,
-}
-
-impl TcpProxy {
-    pub fn start(upstream: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy port");
-        let port = listener.local_addr().unwrap().port();
-        let up = Arc::new(AtomicBool::new(true));
-        let connections: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (accepting_up, accepting_connections) = (up.clone(), connections.clone());
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { continue };
-                if !accepting_up.load(Ordering::SeqCst) {
-                    let _ = client.shutdown(Shutdown::Both);
-                    continue;
-                }
-                let Ok(server) = TcpStream::connect(upstream) else {
-                    continue;
-                };
-                let _ = client.set_nodelay(true);
-                let _ = server.set_nodelay(true);
-                {
-                    let mut open = accepting_connections.lock().unwrap();
-                    open.push(client.try_clone().unwrap());
-                    open.push(server.try_clone().unwrap());
-                }
-                let (mut client_reader, mut server_writer) =
-                    (client.try_clone().unwrap(), server.try_clone().unwrap());
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut client_reader, &mut server_writer);
-                    let _ = server_writer.shutdown(Shutdown::Both);
-                });
-                let (mut server_reader, mut client_writer) = (server, client);
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut server_reader, &mut client_writer);
-                    let _ = client_writer.shutdown(Shutdown::Both);
-                });
-            }
-        });
-        Self {
-            port,
-            up,
-            connections,
-        }
-    }
-
-    pub fn cut(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        for connection in self.connections.lock().unwrap().drain(..) {
-            let _ = connection.shutdown(Shutdown::Both);
-        }
-    }
-
-    pub fn restore(&self) {
-        self.up.store(true, Ordering::SeqCst);
-    }
-}
-
-/// A separate Kafka-protocol broker process (tansu, in memory) on a free loopback port,
-/// killed when dropped.
-pub struct TansuBroker {
-    process: Child,
-    pub address: String,
-}
-
-impl TansuBroker {
-    pub async fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let address = format!("127.0.0.1:{port}");
-        let url = format!("tcp://{address}");
-        let process = Command::new("tansu")
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tansu is installed (scripts/test installs it: cargo install tansu --version 0.6.0 --locked --features dynostore)");
-        eventually("the broker listens", Duration::from_secs(20), || async {
-            TcpStream::connect(&address).is_ok()
-        })
-        .await;
-        Self { process, address }
-    }
-}
-
-impl Drop for TansuBroker {
-    fn drop(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
-    }
-}
-
-/// The built binary, run as an operator runs it, on `database`.
-pub struct Daemon {
-    /// The process; `None` once [`Daemon::exited`] has taken it.
-    child: Option<Child>,
-    pub address: String,
-    rebalances: Arc<Mutex<Vec<Rebalance>>>,
-    /// The ERROR lines it has logged, as they were written.
-    errors: Arc<Mutex<Vec<String>>>,
-}
-
-/// A change of a daemon's assignment, from its log.
-#[derive(Clone, Debug)]
-pub struct Rebalance {
-    pub at: Instant,
-    pub group: String,
-    /// Assigned (`true`) or revoked.
-    pub assigned: bool,
-    /// `topic[partition]`.
-    pub partitions: Vec<String>,
-}
-
-impl Rebalance {
-    fn from_log(entry: &Value) -> Option<Self> {
-        let assigned = match entry["message"].as_str()? {
-            "partitions assigned" => true,
-            "partitions revoked: draining" => false,
-            _ => return None,
-        };
-        let partitions = entry["partitions"].as_str()?;
-        Some(Self {
-            at: Instant::now(),
-            group: entry["group"].as_str()?.to_string(),
-            assigned,
-            partitions: partitions
-                .split(", ")
-                .filter(|p| !p.is_empty())
-                .map(str::to_string)
-                .collect(),
-        })
-    }
-}
-
-/// `commerce-events broker`: the embedded cluster alone in its own process, shared by
-/// several daemons; killed when dropped.
-pub struct BrokerProcess {
-    process: Child,
-    pub address: String,
-}
-
-impl BrokerProcess {
-    /// Starts `binary broker` with one mock broker; members on the `consumer` group
-    /// protocol get `session_timeout_ms`.
-    pub fn start(binary: &Path, session_timeout_ms: u64) -> Self {
-        let mut process = Command::new(binary)
-            .args(["broker", "--brokers", "1"])
-            .env_remove("RUST_LOG")
-            .env("APP_CONFIG_FILE", "/nonexistent/commerce-events.toml")
-            .env(
-                "APP_KAFKA__CONSUMER__SESSION_TIMEOUT_MS",
-                session_timeout_ms.to_string(),
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the broker starts");
-        let mut stdout = BufReader::new(process.stdout.take().expect("stdout is piped"));
-        let mut address = String::new();
-        stdout
-            .read_line(&mut address)
-            .expect("the broker prints its address");
-        // Keeps reading (a full pipe would stall the broker's log).
-        std::thread::spawn(move || for _ in stdout.lines().map_while(Result::ok) {});
-        let address = address.trim().to_string();
-        assert!(!address.is_empty(), "the broker printed no address");
-        Self { process, address }
-    }
-}
-
-impl Drop for BrokerProcess {
-    fn drop(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
-    }
-}
-
-impl Drop for Daemon {
-    /// A drill that fails half-way must not leave its daemon running (holding MySQL
-    /// connections the next drills need).
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Daemon {
-    /// Starts `binary` on the database at `database_url`, keys under `key_prefix`, tokens
-    /// signed with `jwt_secret`, with the embedded cluster unless `brokers` names others.
-    pub fn start(
-        binary: &Path,
-        database_url: &str,
-        key_prefix: &str,
-        jwt_secret: &str,
-        brokers: Option<&str>,
-    ) -> Self {
-        Self::start_with(binary, database_url, key_prefix, jwt_secret, brokers, &[])
-    }
-
-    /// [`Daemon::start`] with further `APP_…` variables (an instance id, group settings).
-    pub fn start_with(
-        binary: &Path,
-        database_url: &str,
-        key_prefix: &str,
-        jwt_secret: &str,
-        brokers: Option<&str>,
-        environment: &[(&str, &str)],
-    ) -> Self {
-        let mut command = Command::new(binary);
-        if let Some(brokers) = brokers {
-            command.env("APP_KAFKA__BROKERS", brokers);
-        }
-        command
-            .env_remove("RUST_LOG")
-            .env("APP_CONFIG_FILE", "/nonexistent/commerce-events.toml")
-            .env("APP_HTTP__PORT", "0")
-            .env("APP_DATABASE__URL", database_url)
-            .env("APP_DATABASE__MAX_CONNECTIONS", "6")
-            .env("APP_DATABASE__HTTP_MAX_CONNECTIONS", "6")
-            .env("APP_REDIS__KEY_PREFIX", key_prefix)
-            .env("APP_KAFKA__EMBEDDED_BROKERS", "1")
-            .env("APP_AUTH__JWT_SECRET", jwt_secret)
-            .env("APP_LIMITS__COUPON_ISSUE__PER_SECOND", "100000")
-            .env("APP_LIMITS__COUPON_ISSUE__BURST", "100000")
-            .env("APP_RECONCILE__AFTER_MS", "3000")
-            .env("APP_RECONCILE__INTERVAL_MS", "1000")
-            .env("APP_LOG__FORMAT", "json");
-        for (key, value) in environment {
-            command.env(key, value);
-        }
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the daemon starts");
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let (sender, receiver) = std::sync::mpsc::channel::<String>();
-        let rebalances = Arc::new(Mutex::new(Vec::new()));
-        let errors = Arc::new(Mutex::new(Vec::new()));
-        // Reads every line for as long as the daemon runs (a full pipe would stall it).
-        std::thread::spawn({
-            let rebalances = rebalances.clone();
-            let errors = errors.clone();
-            move || {
-                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    let Ok(entry) = serde_json::from_str::<Value>(&line) else {
-                        continue;
-                    };
-                    if entry["level"] == "ERROR" {
-                        errors.lock().unwrap().push(line.clone());
-                    }
-                    if entry["message"] == "HTTP listening"
-                        && let Some(address) = entry["address"].as_str()
-                    {
-                        let _ = sender.send(address.to_string());
-                    } else if let Some(rebalance) = Rebalance::from_log(&entry) {
-                        rebalances.lock().unwrap().push(rebalance);
-                    }
-                }
-            }
-        });
-        let address = receiver
-            .recv_timeout(Duration::from_secs(120))
-            .expect("the daemon logs its address");
-        Self {
-            child: Some(child),
-            address,
-            rebalances,
-            errors,
-        }
-    }
-
-    /// The process id, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// The ERROR lines this daemon logs, as they come (kept after it exits).
-    pub fn error_log(&self) -> Arc<Mutex<Vec<String>>> {
-        self.errors.clone()
-    }
-
-    /// The assignments and revocations this daemon has logged so far.
-    pub fn rebalances(&self) -> Vec<Rebalance> {
-        self.rebalances.lock().unwrap().clone()
-    }
-
-    /// The partitions of `group` this daemon holds now, by its log.
-    pub fn holds(&self, group: &str) -> BTreeSet<String> {
-        let mut held = BTreeSet::new();
-        for rebalance in self.rebalances().iter().filter(|r| r.group == group) {
-            for partition in &rebalance.partitions {
-                if rebalance.assigned {
-                    held.insert(partition.clone());
-                } else {
-                    held.remove(partition);
-                }
-            }
-        }
-        held
-    }
-
-    pub fn signal(&self, signal: &str) {
-        let sent = Command::new("kill")
-            .args([
-                signal,
-                &self.child.as_ref().expect("running").id().to_string(),
-            ])
-            .status()
-            .expect("kill runs");
-        assert!(sent.success());
-    }
-
-    /// Waits for the process to end; its exit code (`None`: killed by a signal).
-    pub async fn exited(mut self) -> Option<i32> {
-        let mut child = self.child.take().expect("running");
-        actix_rt::task::spawn_blocking(move || child.wait().expect("the daemon ends").code())
-            .await
-            .unwrap()
-    }
-}
-
 pub async fn user_rows(database_url: &str, last: u64) {
     let pool = MySqlPool::connect(database_url).await.unwrap();
     sqlx::query(
@@ -935,4 +565,81 @@ pub fn coupon_body(stock: u32) -> Value {
         "validFrom": now - chrono::Duration::hours(1),
         "validUntil": now + chrono::Duration::days(1),
     })
+}
+
+/// A drill's turn: held for the whole drill. Each drill runs daemon processes, a broker
+/// and a load, and its progress deadlines assume a machine it shares with at most as many
+/// drills as it has cores: with `--test-threads=8` on two cores, eight drills at once would
+/// starve one another (every load's pace drops to a crawl and the drills fail on their
+/// progress deadlines, not on an invariant), so the rest wait for a slot instead.
+pub struct DrillSlot;
+
+static SLOTS_TAKEN: Mutex<usize> = Mutex::new(0);
+static SLOT_FREED: std::sync::Condvar = std::sync::Condvar::new();
+
+/// Waits until fewer drills than the machine has cores are running, and takes a slot.
+/// Called first thing in a drill, before its runtime has anything to do.
+pub fn drill_slot() -> DrillSlot {
+    let slots = std::thread::available_parallelism().map_or(2, usize::from);
+    let mut taken = SLOTS_TAKEN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    while *taken >= slots {
+        taken = SLOT_FREED
+            .wait(taken)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    }
+    *taken += 1;
+    DrillSlot
+}
+
+impl Drop for DrillSlot {
+    fn drop(&mut self) {
+        let mut taken = SLOTS_TAKEN
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *taken -= 1;
+        SLOT_FREED.notify_one();
+    }
+}
+
+/// Waits until `clients` have had `target` requests accepted in all; after `timeout`
+/// panics naming `what` and how many were accepted.
+pub async fn accepted_reach(clients: &Clients, target: u64, what: &str, timeout: Duration) {
+    crate::wait::eventually_found(what, timeout, || async {
+        let accepted = clients.accepted();
+        if accepted >= target {
+            Ok(())
+        } else {
+            Err(Some(format!("{accepted} of {target} requests accepted")))
+        }
+    })
+    .await
+}
+
+/// The checker's own rules, on hand-made inputs: each can fail.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    fn history(request: &str) -> (u64, u64, String) {
+        (1, 7, request.to_string())
+    }
+
+    #[test]
+    fn a_user_whose_coupons_were_issued_in_another_order_is_counted_once() {
+        let mut ledger = Ledger::default();
+        ledger
+            .in_order
+            .insert(7, vec!["a".into(), "b".into(), "c".into()]);
+        ledger.in_order.insert(8, vec!["d".into(), "e".into()]);
+        let in_order = [history("a"), history("b"), history("d"), history("c")];
+        assert_eq!(Checker::users_out_of_order(&ledger, &in_order), 0);
+        // A request not issued (refused) says nothing about the order of the others.
+        let refused_between = [history("a"), history("c")];
+        assert_eq!(Checker::users_out_of_order(&ledger, &refused_between), 0);
+        let swapped = [history("b"), history("a"), history("e"), history("d")];
+        assert_eq!(Checker::users_out_of_order(&ledger, &swapped), 2);
+        let last_first = [history("c"), history("a"), history("b"), history("d")];
+        assert_eq!(Checker::users_out_of_order(&ledger, &last_first), 1);
+    }
 }

@@ -1,0 +1,286 @@
+//! Processes a test or a benchmark runs as an operator would: the built daemon binary
+//! ([`Daemon`]: killed, signalled, several sharing one broker, each one's rebalances and
+//! error lines read from its JSON log), the embedded cluster alone ([`BrokerProcess`],
+//! `commerce-events broker`) and a separate Kafka-protocol broker ([`TansuBroker`]).
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::wait::eventually;
+
+/// A separate Kafka-protocol broker process (tansu, in memory) on a free loopback port,
+/// killed when dropped.
+pub struct TansuBroker {
+    process: Child,
+    pub address: String,
+}
+
+impl TansuBroker {
+    pub async fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let address = format!("127.0.0.1:{port}");
+        let url = format!("tcp://{address}");
+        let process = Command::new("tansu")
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu is installed (scripts/test installs it: cargo install tansu --version 0.6.0 --locked --features dynostore)");
+        eventually("the broker listens", Duration::from_secs(20), || async {
+            TcpStream::connect(&address).is_ok()
+        })
+        .await;
+        Self { process, address }
+    }
+}
+
+impl Drop for TansuBroker {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// The built binary, run as an operator runs it, on `database`.
+pub struct Daemon {
+    /// The process; `None` once [`Daemon::exited`] has taken it.
+    child: Option<Child>,
+    pub address: String,
+    rebalances: Arc<Mutex<Vec<Rebalance>>>,
+    /// The ERROR lines it has logged, as they were written.
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+/// A change of a daemon's assignment, from its log.
+#[derive(Clone, Debug)]
+pub struct Rebalance {
+    pub at: Instant,
+    pub group: String,
+    /// Assigned (`true`) or revoked.
+    pub assigned: bool,
+    /// `topic[partition]`.
+    pub partitions: Vec<String>,
+}
+
+impl Rebalance {
+    fn from_log(entry: &Value) -> Option<Self> {
+        let assigned = match entry["message"].as_str()? {
+            "partitions assigned" => true,
+            "partitions revoked: draining" => false,
+            _ => return None,
+        };
+        let partitions = entry["partitions"].as_str()?;
+        Some(Self {
+            at: Instant::now(),
+            group: entry["group"].as_str()?.to_string(),
+            assigned,
+            partitions: partitions
+                .split(", ")
+                .filter(|p| !p.is_empty())
+                .map(str::to_string)
+                .collect(),
+        })
+    }
+}
+
+/// `commerce-events broker`: the embedded cluster alone in its own process, shared by
+/// several daemons; killed when dropped.
+pub struct BrokerProcess {
+    process: Child,
+    pub address: String,
+}
+
+impl BrokerProcess {
+    /// Starts `binary broker` with one mock broker; members on the `consumer` group
+    /// protocol get `session_timeout_ms`.
+    pub fn start(binary: &Path, session_timeout_ms: u64) -> Self {
+        let mut process = Command::new(binary)
+            .args(["broker", "--brokers", "1"])
+            .env_remove("RUST_LOG")
+            .env("APP_CONFIG_FILE", "/nonexistent/commerce-events.toml")
+            .env(
+                "APP_KAFKA__CONSUMER__SESSION_TIMEOUT_MS",
+                session_timeout_ms.to_string(),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the broker starts");
+        let mut stdout = BufReader::new(process.stdout.take().expect("stdout is piped"));
+        let mut address = String::new();
+        stdout
+            .read_line(&mut address)
+            .expect("the broker prints its address");
+        // Keeps reading (a full pipe would stall the broker's log).
+        std::thread::spawn(move || for _ in stdout.lines().map_while(Result::ok) {});
+        let address = address.trim().to_string();
+        assert!(!address.is_empty(), "the broker printed no address");
+        Self { process, address }
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+impl Drop for Daemon {
+    /// A drill that fails half-way must not leave its daemon running (holding MySQL
+    /// connections the next drills need).
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Daemon {
+    /// Starts `binary` on the database at `database_url`, keys under `key_prefix`, tokens
+    /// signed with `jwt_secret`, with the embedded cluster unless `brokers` names others.
+    pub fn start(
+        binary: &Path,
+        database_url: &str,
+        key_prefix: &str,
+        jwt_secret: &str,
+        brokers: Option<&str>,
+    ) -> Self {
+        Self::start_with(binary, database_url, key_prefix, jwt_secret, brokers, &[])
+    }
+
+    /// [`Daemon::start`] with further `APP_…` variables (an instance id, group settings).
+    pub fn start_with(
+        binary: &Path,
+        database_url: &str,
+        key_prefix: &str,
+        jwt_secret: &str,
+        brokers: Option<&str>,
+        environment: &[(&str, &str)],
+    ) -> Self {
+        let mut command = Command::new(binary);
+        if let Some(brokers) = brokers {
+            command.env("APP_KAFKA__BROKERS", brokers);
+        }
+        command
+            .env_remove("RUST_LOG")
+            .env("APP_CONFIG_FILE", "/nonexistent/commerce-events.toml")
+            .env("APP_HTTP__PORT", "0")
+            .env("APP_DATABASE__URL", database_url)
+            .env("APP_DATABASE__MAX_CONNECTIONS", "6")
+            .env("APP_DATABASE__HTTP_MAX_CONNECTIONS", "6")
+            .env("APP_REDIS__KEY_PREFIX", key_prefix)
+            .env("APP_KAFKA__EMBEDDED_BROKERS", "1")
+            .env("APP_AUTH__JWT_SECRET", jwt_secret)
+            .env("APP_LIMITS__COUPON_ISSUE__PER_SECOND", "100000")
+            .env("APP_LIMITS__COUPON_ISSUE__BURST", "100000")
+            .env("APP_RECONCILE__AFTER_MS", "3000")
+            .env("APP_RECONCILE__INTERVAL_MS", "1000")
+            .env("APP_LOG__FORMAT", "json");
+        for (key, value) in environment {
+            command.env(key, value);
+        }
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the daemon starts");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (sender, receiver) = std::sync::mpsc::channel::<String>();
+        let rebalances = Arc::new(Mutex::new(Vec::new()));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        // Reads every line for as long as the daemon runs (a full pipe would stall it).
+        std::thread::spawn({
+            let rebalances = rebalances.clone();
+            let errors = errors.clone();
+            move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    let Ok(entry) = serde_json::from_str::<Value>(&line) else {
+                        continue;
+                    };
+                    if entry["level"] == "ERROR" {
+                        errors.lock().unwrap().push(line.clone());
+                    }
+                    if entry["message"] == "HTTP listening"
+                        && let Some(address) = entry["address"].as_str()
+                    {
+                        let _ = sender.send(address.to_string());
+                    } else if let Some(rebalance) = Rebalance::from_log(&entry) {
+                        rebalances.lock().unwrap().push(rebalance);
+                    }
+                }
+            }
+        });
+        let address = receiver
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the daemon logs its address");
+        Self {
+            child: Some(child),
+            address,
+            rebalances,
+            errors,
+        }
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The ERROR lines this daemon logs, as they come (kept after it exits).
+    pub fn error_log(&self) -> Arc<Mutex<Vec<String>>> {
+        self.errors.clone()
+    }
+
+    /// The assignments and revocations this daemon has logged so far.
+    pub fn rebalances(&self) -> Vec<Rebalance> {
+        self.rebalances.lock().unwrap().clone()
+    }
+
+    /// The partitions of `group` this daemon holds now, by its log.
+    pub fn holds(&self, group: &str) -> BTreeSet<String> {
+        let mut held = BTreeSet::new();
+        for rebalance in self.rebalances().iter().filter(|r| r.group == group) {
+            for partition in &rebalance.partitions {
+                if rebalance.assigned {
+                    held.insert(partition.clone());
+                } else {
+                    held.remove(partition);
+                }
+            }
+        }
+        held
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([
+                signal,
+                &self.child.as_ref().expect("running").id().to_string(),
+            ])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success());
+    }
+
+    /// Waits for the process to end; its exit code (`None`: killed by a signal).
+    pub async fn exited(mut self) -> Option<i32> {
+        let mut child = self.child.take().expect("running");
+        actix_rt::task::spawn_blocking(move || child.wait().expect("the daemon ends").code())
+            .await
+            .unwrap()
+    }
+}
