@@ -6,6 +6,8 @@
 //! `APP_KAFKA__BROKERS=host1:9092,host2:9092`). Every struct carries `#[serde(default)]`, so
 //! a file or the environment only has to name what it changes.
 
+mod paths;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -49,6 +51,12 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The dotted path of every setting (`kafka.producer.linger_ms`), in declaration order;
+    /// a map or a list is one setting.
+    pub fn paths() -> Vec<String> {
+        paths::setting_paths::<Settings>()
+    }
+
     /// Loads defaults, then the optional file, then `APP_` environment variables.
     pub fn load() -> Result<Self, SettingsError> {
         let file = std::env::var_os(CONFIG_FILE_VARIABLE)
@@ -974,6 +982,44 @@ pub fn database_url(settings: &DatabaseSettings) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_settings_tree_lists_every_setting_by_its_dotted_path() {
+        let paths = Settings::paths();
+        for expected in [
+            "http.port",
+            "kafka.producer.linger_ms",
+            "kafka.consumer.extra",
+            "reconcile.after_ms_by_event_type",
+            "external.backoff.jitter",
+            "limits.charge.burst",
+            "otlp.timeout_ms",
+        ] {
+            assert!(
+                paths.iter().any(|path| path == expected),
+                "{expected} in {paths:?}"
+            );
+        }
+        assert!(
+            !paths
+                .iter()
+                .any(|path| path == "kafka" || path == "limits.charge")
+        );
+        assert!(paths.len() > 100, "{} settings", paths.len());
+    }
+
+    #[test]
+    fn the_configuration_reference_documents_every_setting() {
+        let reference = include_str!("../docs/configuration.md");
+        let missing: Vec<String> = Settings::paths()
+            .into_iter()
+            .filter(|path| !reference.contains(&format!("`{path}`")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "settings missing from docs/configuration.md (each as `section.key`): {missing:?}"
+        );
+    }
 
     #[test]
     fn defaults_match_the_design_document() {
