@@ -41,6 +41,7 @@ use futures::StreamExt;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use sqlx::MySqlPool;
+use testkit::process::{Daemon, DaemonCommand};
 
 use crate::chart::{self, Chart, Push, Sample, Sampler, Timeline};
 use crate::costs::{CostTable, Meters};
@@ -111,7 +112,7 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
     }
 
     let auth = Authenticator::from_settings(&settings.auth, &settings.kafka)?;
-    let daemon = Daemon::start(&overrides)?;
+    let daemon = start_daemon(&overrides)?;
     let api = Api::new(&daemon.address, 64, auth.clone());
     daemon.wait_until_ready().await?;
     let pool = connections::connect_mysql(&settings.database, 4).await?;
@@ -141,7 +142,7 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
         pool.clone(),
         settings.redis.url.expose_secret(),
         &daemon.address,
-        daemon.pid(),
+        daemon.pid().expect("running"),
     )
     .await?;
     let mut costs = CostTable::new();
@@ -460,107 +461,16 @@ fn write_chart(
 
 /// The daemon binary (`commerce-events`, beside the bench's), run as its own process so the
 /// bench's clients neither flatter nor starve it by sharing its runtime, and so its CPU time
-/// is its own.
-pub(crate) struct Daemon {
-    pub(crate) address: String,
-    child: std::process::Child,
-}
-
-impl Daemon {
-    /// Starts the daemon with its own configuration (defaults, file, `APP_` variables) and
-    /// `overrides` (more `APP_` variables) on top.
-    pub(crate) fn start(overrides: &[(&str, String)]) -> anyhow::Result<Self> {
-        use std::io::BufRead;
-
-        let binary = std::env::current_exe()?.with_file_name("commerce-events");
-        if !binary.exists() {
-            bail!(
-                "{} is missing: build it first (cargo build --release --bins)",
-                binary.display()
-            );
-        }
-        let mut command = std::process::Command::new(&binary);
-        for (name, value) in overrides {
-            command.env(name, value);
-        }
-        let mut child = command
-            .env_remove("RUST_LOG")
-            .env("APP_HTTP__PORT", "0")
-            .env("APP_LOG__FORMAT", "json")
-            // Warnings, and the line that names the address.
-            .env("APP_LOG__FILTER", "warn,commerce_events::startup=info")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let stdout = child.stdout.take().context("stdout is piped")?;
-        let (sender, receiver) = std::sync::mpsc::channel::<String>();
-        // Reads every line for as long as the daemon runs (a full pipe would stall it);
-        // warnings go on to stderr.
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                match serde_json::from_str::<Value>(&line) {
-                    Ok(entry) if entry["message"] == "HTTP listening" => {
-                        if let Some(address) = entry["address"].as_str() {
-                            let _ = sender.send(address.to_string());
-                        }
-                    }
-                    Ok(entry) if entry["level"] == "INFO" => {}
-                    _ => eprintln!("{line}"),
-                }
-            }
-        });
-        let address = match receiver.recv_timeout(Duration::from_secs(120)) {
-            Ok(address) => address,
-            Err(_) => {
-                let _ = child.kill();
-                bail!("the daemon did not start (no \"HTTP listening\" line in 120 s)");
-            }
-        };
-        Ok(Self { address, child })
+/// is its own: its own configuration (defaults, file, `APP_` variables) with `overrides` on
+/// top, logging its warnings (passed on to stderr) and the line that names its address.
+pub(crate) fn start_daemon(overrides: &[(&str, String)]) -> anyhow::Result<Daemon> {
+    let mut command = DaemonCommand::beside_this_executable()?
+        .env("APP_LOG__FILTER", "warn,commerce_events::startup=info")
+        .echoing_warnings();
+    for (name, value) in overrides {
+        command = command.env(*name, value.as_str());
     }
-
-    /// Waits until the daemon answers `/readyz` with success (60 s at most).
-    pub(crate) async fn wait_until_ready(&self) -> anyhow::Result<()> {
-        wait_until_ready(&self.address).await
-    }
-
-    pub(crate) fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Stops the daemon with SIGTERM, as an operator would, and waits for it to exit.
-    pub(crate) async fn stop(mut self) -> anyhow::Result<()> {
-        let signalled = std::process::Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()?;
-        if !signalled.success() {
-            bail!("could not signal the daemon");
-        }
-        let status = tokio::task::spawn_blocking(move || self.child.wait()).await??;
-        if !status.success() {
-            bail!("the daemon exited with {status}");
-        }
-        Ok(())
-    }
-}
-
-/// Waits until the daemon at `address` answers `/readyz` with success (60 s at most).
-pub(crate) async fn wait_until_ready(address: &str) -> anyhow::Result<()> {
-    let client = awc::Client::default();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if let Ok(response) = client.get(format!("{address}/readyz")).send().await
-            && response.status().is_success()
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("the daemon at {address} did not become ready")
+    command.start()
 }
 
 /// The first user id of the backlog phase and of the push-latency phase (the intake's

@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 
 use crate::chart::nearest_rank;
 use crate::costs::{CostTable, Meters};
-use crate::coupons::{Daemon, drop_database};
+use crate::coupons::{drop_database, start_daemon};
 use crate::report::{Cell, Column, Report, Table};
 
 const JWT_SECRET: &str = "bench-secret-of-the-payment-scenario";
@@ -99,7 +99,7 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
         READING_INTERVAL.as_millis()
     ));
     let auth = Authenticator::from_settings(&settings.auth, &settings.kafka)?;
-    let daemon = Daemon::start(&overrides)?;
+    let daemon = start_daemon(&overrides)?;
     daemon.wait_until_ready().await?;
     let shop = Shop {
         client: awc::Client::builder()
@@ -151,7 +151,7 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
         pool.clone(),
         settings.redis.url.expose_secret(),
         &daemon.address,
-        daemon.pid(),
+        daemon.pid().expect("running"),
     )
     .await?;
     meters.wait_settled().await?;

@@ -40,12 +40,12 @@ use futures::StreamExt;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use testkit::faults::{Checker, Ledger, Report as CheckerReport, coupon_body, user_rows};
-use testkit::process::{BrokerProcess, Daemon};
+use testkit::process::{BrokerProcess, Daemon, wait_until_ready};
 use testkit::wait::eventually;
 
 use crate::chart::nearest_rank;
 use crate::costs::{CostTable, Costs, Meters, clock_ticks_per_second, cpu_us_of};
-use crate::coupons::{drop_database, wait_until_ready};
+use crate::coupons::drop_database;
 use crate::report::{Cell, Column, Report, Table};
 
 const JWT_SECRET: &str = "bench-secret-of-the-scale-scenario";

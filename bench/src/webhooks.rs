@@ -10,12 +10,8 @@
 //! publish at once (`outbox.republish_after_ms = 0`, a 20 ms poll, 2,000 rows per pass).
 
 use std::collections::HashMap;
-use std::net::TcpListener;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use anyhow::{Context, bail};
 use chrono::Utc;
 use commerce_events::common::connections;
@@ -25,9 +21,10 @@ use commerce_events::event_log::{EventLog, OutboxEvent};
 use commerce_events::events::{EventEnvelope, EventId, EventPayload, PaymentCompleted};
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::MySqlPool;
+use testkit::receiver::{self, Receiver};
 
 use crate::costs::{CostTable, Meters};
-use crate::coupons::{Daemon, drop_database};
+use crate::coupons::{drop_database, start_daemon};
 use crate::progress;
 use crate::report::{Cell, Column, Report, Table};
 
@@ -59,84 +56,6 @@ pub struct Options {
 }
 
 const JWT_SECRET: &str = "bench-secret-of-the-webhook-scenario";
-
-/// What the receiver saw.
-#[derive(Default)]
-struct Received {
-    /// Each request's webhook-id, in the order the requests arrived.
-    arrivals: Mutex<Vec<String>>,
-    first_arrival: Mutex<Option<Instant>>,
-    last_answer: Mutex<Option<Instant>>,
-    in_flight: AtomicU64,
-    most_in_flight: AtomicU64,
-}
-
-/// A webhook receiver answering 200 after `latency`, on its own workers.
-struct Receiver {
-    address: String,
-    received: Arc<Received>,
-    server: actix_web::dev::ServerHandle,
-}
-
-impl Receiver {
-    fn start(latency: Duration) -> anyhow::Result<Self> {
-        let received = Arc::new(Received::default());
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let address = format!("http://{}", listener.local_addr()?);
-        let shared = web::Data::from(received.clone());
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(shared.clone())
-                .app_data(web::Data::new(latency))
-                .default_service(web::to(receive))
-        })
-        .workers(1)
-        .backlog(4_096)
-        .disable_signals()
-        .listen(listener)?
-        .run();
-        let handle = server.handle();
-        actix_rt::spawn(server);
-        Ok(Self {
-            address,
-            received,
-            server: handle,
-        })
-    }
-
-    fn distinct(&self) -> usize {
-        let arrivals = self.received.arrivals.lock().unwrap();
-        let mut ids: Vec<&String> = arrivals.iter().collect();
-        ids.sort();
-        ids.dedup();
-        ids.len()
-    }
-}
-
-async fn receive(
-    request: HttpRequest,
-    received: web::Data<Received>,
-    latency: web::Data<Duration>,
-) -> HttpResponse {
-    let now = received.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-    received.most_in_flight.fetch_max(now, Ordering::Relaxed);
-    if let Some(id) = request
-        .headers()
-        .get("webhook-id")
-        .and_then(|value| value.to_str().ok())
-    {
-        received.arrivals.lock().unwrap().push(id.to_string());
-    }
-    received
-        .first_arrival
-        .lock()
-        .unwrap()
-        .get_or_insert_with(Instant::now);
-    actix_rt::time::sleep(**latency).await;
-    *received.last_answer.lock().unwrap() = Some(Instant::now());
-    received.in_flight.fetch_sub(1, Ordering::Relaxed);
-    HttpResponse::Ok().finish()
-}
 
 /// One run's figures.
 struct Run {
@@ -251,7 +170,10 @@ async fn one_run(
     );
     let database_url = format!("mysql://root@127.0.0.1:3306/{database}");
     drop_database(&database).await?;
-    let receiver = Receiver::start(Duration::from_millis(options.latency_ms))?;
+    let receiver = Receiver::start_with(receiver::Options {
+        latency: Duration::from_millis(options.latency_ms),
+        ..receiver::Options::default()
+    });
     let mut overrides = vec![
         ("APP_DATABASE__URL", database_url.clone()),
         ("APP_REDIS__KEY_PREFIX", format!("{database}:")),
@@ -267,7 +189,7 @@ async fn one_run(
     if let Some(max_in_flight) = options.max_in_flight {
         overrides.push(("APP_EXTERNAL__MAX_IN_FLIGHT", max_in_flight.to_string()));
     }
-    let daemon = Daemon::start(&overrides)?;
+    let daemon = start_daemon(&overrides)?;
     daemon.wait_until_ready().await?;
     let mut settings = Settings::default();
     settings.database.url = SecretString::from(database_url.clone());
@@ -276,7 +198,7 @@ async fn one_run(
         pool.clone(),
         settings.redis.url.expose_secret(),
         &daemon.address,
-        daemon.pid(),
+        daemon.pid().expect("running"),
     )
     .await?;
     let before = meters.read().await?;
@@ -287,7 +209,7 @@ async fn one_run(
     );
     let deadline = Instant::now() + Duration::from_secs(900);
     loop {
-        let distinct = receiver.distinct() as u64;
+        let distinct = receiver.distinct_webhooks() as u64;
         bar.set_position(distinct);
         if distinct >= events {
             break;
@@ -301,27 +223,24 @@ async fn one_run(
     meters.wait_settled().await?;
     let after = meters.read().await?;
     let costs = before.until(&after);
-    let received = &receiver.received;
-    let elapsed = received
-        .last_answer
-        .lock()
-        .unwrap()
-        .zip(*received.first_arrival.lock().unwrap())
+    let elapsed = receiver
+        .last_answer()
+        .zip(receiver.first_arrival())
         .map(|(last, first)| last - first)
         .unwrap_or_default();
-    let arrivals = received.arrivals.lock().unwrap().clone();
+    let arrivals = receiver.webhook_ids();
     let (keys_out_of_order, not_completed) = check_order(&pool, &arrivals).await?;
     let figures = Run {
         events,
         deliveries_per_second: events as f64 / elapsed.as_secs_f64().max(1e-9),
-        most_in_flight: received.most_in_flight.load(Ordering::Relaxed),
+        most_in_flight: receiver.most_in_flight(),
         keys_out_of_order,
         duplicates: arrivals.len() as u64 - events.min(arrivals.len() as u64),
         not_completed,
     };
     pool.close().await;
     daemon.stop().await?;
-    receiver.server.stop(true).await;
+    receiver.stop().await;
     drop_database(&database).await?;
     Ok((figures, costs))
 }

@@ -236,77 +236,97 @@ impl Drop for DaemonSlot {
     }
 }
 
+/// The daemon with the test settings, once it is ready: `TestApp::builder().start()`.
 pub async fn spawn_app() -> TestApp {
-    spawn_app_with(|_| {}).await
+    TestApp::builder().start().await
 }
 
-/// Starts the daemon with test settings adjusted by `customize`, and waits until it is ready.
-pub async fn spawn_app_with(customize: impl FnOnce(&mut Settings)) -> TestApp {
-    let app = start_app(customize).await;
-    eventually("the daemon is ready", Duration::from_secs(30), || async {
-        app.get("/readyz").await.0 == StatusCode::OK
-    })
-    .await;
-    app.after_first_reconcile().await;
-    app
-}
-
-/// Starts the daemon without waiting for readiness.
-pub async fn start_app(customize: impl FnOnce(&mut Settings)) -> TestApp {
-    start_app_with_clock(Arc::new(SystemClock), customize).await
-}
-
-/// [`spawn_app_with`] whose retry schedule reads `clock`.
-pub async fn spawn_app_with_clock(
+/// How a test's daemon starts: the test settings ([`TestDatabase::settings`]) adjusted by
+/// the test, the clock its retry schedule reads, and whether to wait until it is ready
+/// (`/readyz` answers 200 and a first reconciler pass is behind it).
+pub struct AppBuilder<'a> {
+    customize: Box<dyn FnOnce(&mut Settings) + 'a>,
     clock: SharedClock,
-    customize: impl FnOnce(&mut Settings),
-) -> TestApp {
-    let app = start_app_with_clock(clock, customize).await;
-    eventually("the daemon is ready", Duration::from_secs(30), || async {
-        app.get("/readyz").await.0 == StatusCode::OK
-    })
-    .await;
-    app.after_first_reconcile().await;
-    app
+    wait_until_ready: bool,
 }
 
-async fn start_app_with_clock(
-    clock: SharedClock,
-    customize: impl FnOnce(&mut Settings),
-) -> TestApp {
-    init_tracing();
-    let slot = DaemonSlot::claim().await;
-    let database = TestDatabase::new();
-    let mut settings = database.settings();
-    customize(&mut settings);
-    let application = Application::build_with_clock(settings.clone(), clock)
-        .await
-        .expect("the daemon starts");
-    let address = format!("http://127.0.0.1:{}", application.port());
-    let kafka = application.kafka();
-    let publisher = application.publisher();
-    let arbiters = application.arbiter_stopper();
-    let pool = connections::connect_mysql(&settings.database, 2)
-        .await
-        .expect("test pool");
-    let (shutdown, shutdown_signal) = oneshot::channel::<()>();
-    let running = actix_rt::spawn(application.run_until_stopped(async move {
-        let _ = shutdown_signal.await;
-    }));
-    TestApp {
-        auth: Authenticator::from_settings(&settings.auth, &settings.kafka)
-            .expect("the test settings authenticate"),
-        address,
-        kafka,
-        publisher,
-        event_log: EventLog::new(pool),
-        settings,
-        shutdown: Some(shutdown),
-        running: Some(running),
-        known_users: Default::default(),
-        _database: database,
-        arbiters,
-        _slot: slot,
+impl<'a> AppBuilder<'a> {
+    /// Adjusts the test settings.
+    pub fn settings(mut self, customize: impl FnOnce(&mut Settings) + 'a) -> Self {
+        self.customize = Box::new(customize);
+        self
+    }
+
+    /// The clock the retry schedule reads (a test moves it instead of waiting).
+    pub fn clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Answers as soon as the daemon is built, before it is ready.
+    pub fn not_waiting_until_ready(mut self) -> Self {
+        self.wait_until_ready = false;
+        self
+    }
+
+    pub async fn start(self) -> TestApp {
+        let app = TestApp::build(self.clock, self.customize).await;
+        if self.wait_until_ready {
+            eventually("the daemon is ready", Duration::from_secs(30), || async {
+                app.get("/readyz").await.0 == StatusCode::OK
+            })
+            .await;
+            app.after_first_reconcile().await;
+        }
+        app
+    }
+}
+
+impl TestApp {
+    /// Starts a daemon in the test's process: see [`AppBuilder`].
+    pub fn builder<'a>() -> AppBuilder<'a> {
+        AppBuilder {
+            customize: Box::new(|_| {}),
+            clock: Arc::new(SystemClock),
+            wait_until_ready: true,
+        }
+    }
+
+    async fn build(clock: SharedClock, customize: Box<dyn FnOnce(&mut Settings) + '_>) -> Self {
+        init_tracing();
+        let slot = DaemonSlot::claim().await;
+        let database = TestDatabase::new();
+        let mut settings = database.settings();
+        customize(&mut settings);
+        let application = Application::build_with_clock(settings.clone(), clock)
+            .await
+            .expect("the daemon starts");
+        let address = format!("http://127.0.0.1:{}", application.port());
+        let kafka = application.kafka();
+        let publisher = application.publisher();
+        let arbiters = application.arbiter_stopper();
+        let pool = connections::connect_mysql(&settings.database, 2)
+            .await
+            .expect("test pool");
+        let (shutdown, shutdown_signal) = oneshot::channel::<()>();
+        let running = actix_rt::spawn(application.run_until_stopped(async move {
+            let _ = shutdown_signal.await;
+        }));
+        TestApp {
+            auth: Authenticator::from_settings(&settings.auth, &settings.kafka)
+                .expect("the test settings authenticate"),
+            address,
+            kafka,
+            publisher,
+            event_log: EventLog::new(pool),
+            settings,
+            shutdown: Some(shutdown),
+            running: Some(running),
+            known_users: Default::default(),
+            _database: database,
+            arbiters,
+            _slot: slot,
+        }
     }
 }
 

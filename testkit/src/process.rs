@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -53,7 +53,8 @@ impl Drop for TansuBroker {
     }
 }
 
-/// The built binary, run as an operator runs it, on `database`.
+/// The built daemon binary, run as an operator runs it ([`DaemonCommand`]): its address
+/// read from its log, its rebalances and error lines kept, killed when dropped.
 pub struct Daemon {
     /// The process; `None` once [`Daemon::exited`] has taken it.
     child: Option<Child>,
@@ -61,6 +62,158 @@ pub struct Daemon {
     rebalances: Arc<Mutex<Vec<Rebalance>>>,
     /// The ERROR lines it has logged, as they were written.
     errors: Arc<Mutex<Vec<String>>>,
+}
+
+/// How to start the daemon binary: its path and the `APP_…` variables on top of its own
+/// configuration.
+pub struct DaemonCommand {
+    binary: PathBuf,
+    environment: Vec<(String, String)>,
+    /// Whether the lines it logs above INFO go on to this process's stderr.
+    echo_warnings: bool,
+}
+
+impl DaemonCommand {
+    /// `binary` on an ephemeral HTTP port, logging JSON lines (which [`Daemon`] reads).
+    pub fn new(binary: impl Into<PathBuf>) -> Self {
+        Self {
+            binary: binary.into(),
+            environment: Vec::new(),
+            echo_warnings: false,
+        }
+        .env("APP_HTTP__PORT", "0")
+        .env("APP_LOG__FORMAT", "json")
+    }
+
+    /// The `commerce-events` binary built beside the running executable (the bench's).
+    pub fn beside_this_executable() -> anyhow::Result<Self> {
+        let binary = std::env::current_exe()?.with_file_name("commerce-events");
+        if !binary.exists() {
+            anyhow::bail!(
+                "{} is missing: build it first (cargo build --release --workspace)",
+                binary.display()
+            );
+        }
+        Ok(Self::new(binary))
+    }
+
+    /// A test's daemon: no configuration file, the database at `database_url`, Redis keys
+    /// under `key_prefix`, tokens signed with `jwt_secret`, limits no test meets, a quick
+    /// reconciler; the embedded cluster unless `brokers` names others.
+    pub fn for_test(
+        binary: impl Into<PathBuf>,
+        database_url: &str,
+        key_prefix: &str,
+        jwt_secret: &str,
+        brokers: Option<&str>,
+    ) -> Self {
+        let command = Self::new(binary)
+            .env("APP_CONFIG_FILE", "/nonexistent/commerce-events.toml")
+            .env("APP_DATABASE__URL", database_url)
+            .env("APP_DATABASE__MAX_CONNECTIONS", "6")
+            .env("APP_DATABASE__HTTP_MAX_CONNECTIONS", "6")
+            .env("APP_REDIS__KEY_PREFIX", key_prefix)
+            .env("APP_KAFKA__EMBEDDED_BROKERS", "1")
+            .env("APP_AUTH__JWT_SECRET", jwt_secret)
+            .env("APP_LIMITS__COUPON_ISSUE__PER_SECOND", "100000")
+            .env("APP_LIMITS__COUPON_ISSUE__BURST", "100000")
+            .env("APP_RECONCILE__AFTER_MS", "3000")
+            .env("APP_RECONCILE__INTERVAL_MS", "1000");
+        match brokers {
+            Some(brokers) => command.env("APP_KAFKA__BROKERS", brokers),
+            None => command,
+        }
+    }
+
+    /// One more `APP_…` variable (a later one wins).
+    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.environment.push((name.into(), value.into()));
+        self
+    }
+
+    /// Passes the lines it logs above INFO (and any that are not JSON) on to stderr.
+    pub fn echoing_warnings(mut self) -> Self {
+        self.echo_warnings = true;
+        self
+    }
+
+    /// Starts it and waits (two minutes at most) for the line that names its address.
+    pub fn start(self) -> anyhow::Result<Daemon> {
+        let mut command = Command::new(&self.binary);
+        command.env_remove("RUST_LOG");
+        for (name, value) in &self.environment {
+            command.env(name, value);
+        }
+        let stderr = if self.echo_warnings {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        };
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|error| anyhow::anyhow!("starting {}: {error}", self.binary.display()))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (sender, receiver) = std::sync::mpsc::channel::<String>();
+        let rebalances = Arc::new(Mutex::new(Vec::new()));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let log = Log {
+            address: sender,
+            rebalances: rebalances.clone(),
+            errors: errors.clone(),
+            echo_warnings: self.echo_warnings,
+        };
+        // Reads every line for as long as the daemon runs (a full pipe would stall it).
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                log.read(&line);
+            }
+        });
+        let Ok(address) = receiver.recv_timeout(Duration::from_secs(120)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("the daemon did not start (no \"HTTP listening\" line in 120 s)");
+        };
+        Ok(Daemon {
+            child: Some(child),
+            address,
+            rebalances,
+            errors,
+        })
+    }
+}
+
+/// What the daemon's log tells, as its lines come.
+struct Log {
+    address: std::sync::mpsc::Sender<String>,
+    rebalances: Arc<Mutex<Vec<Rebalance>>>,
+    errors: Arc<Mutex<Vec<String>>>,
+    echo_warnings: bool,
+}
+
+impl Log {
+    fn read(&self, line: &str) {
+        let Ok(entry) = serde_json::from_str::<Value>(line) else {
+            if self.echo_warnings {
+                eprintln!("{line}");
+            }
+            return;
+        };
+        if entry["level"] == "ERROR" {
+            self.errors.lock().unwrap().push(line.to_string());
+        }
+        if self.echo_warnings && !matches!(entry["level"].as_str(), Some("INFO" | "DEBUG")) {
+            eprintln!("{line}");
+        }
+        if entry["message"] == "HTTP listening"
+            && let Some(address) = entry["address"].as_str()
+        {
+            let _ = self.address.send(address.to_string());
+        } else if let Some(rebalance) = Rebalance::from_log(&entry) {
+            self.rebalances.lock().unwrap().push(rebalance);
+        }
+    }
 }
 
 /// A change of a daemon's assignment, from its log.
@@ -150,8 +303,7 @@ impl Drop for Daemon {
 }
 
 impl Daemon {
-    /// Starts `binary` on the database at `database_url`, keys under `key_prefix`, tokens
-    /// signed with `jwt_secret`, with the embedded cluster unless `brokers` names others.
+    /// A test's daemon ([`DaemonCommand::for_test`]).
     pub fn start(
         binary: &Path,
         database_url: &str,
@@ -171,67 +323,25 @@ impl Daemon {
         brokers: Option<&str>,
         environment: &[(&str, &str)],
     ) -> Self {
-        let mut command = Command::new(binary);
-        if let Some(brokers) = brokers {
-            command.env("APP_KAFKA__BROKERS", brokers);
+        let mut command =
+            DaemonCommand::for_test(binary, database_url, key_prefix, jwt_secret, brokers);
+        for (name, value) in environment {
+            command = command.env(*name, *value);
         }
-        command
-            .env_remove("RUST_LOG")
-            .env("APP_CONFIG_FILE", "/nonexistent/commerce-events.toml")
-            .env("APP_HTTP__PORT", "0")
-            .env("APP_DATABASE__URL", database_url)
-            .env("APP_DATABASE__MAX_CONNECTIONS", "6")
-            .env("APP_DATABASE__HTTP_MAX_CONNECTIONS", "6")
-            .env("APP_REDIS__KEY_PREFIX", key_prefix)
-            .env("APP_KAFKA__EMBEDDED_BROKERS", "1")
-            .env("APP_AUTH__JWT_SECRET", jwt_secret)
-            .env("APP_LIMITS__COUPON_ISSUE__PER_SECOND", "100000")
-            .env("APP_LIMITS__COUPON_ISSUE__BURST", "100000")
-            .env("APP_RECONCILE__AFTER_MS", "3000")
-            .env("APP_RECONCILE__INTERVAL_MS", "1000")
-            .env("APP_LOG__FORMAT", "json");
-        for (key, value) in environment {
-            command.env(key, value);
-        }
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the daemon starts");
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let (sender, receiver) = std::sync::mpsc::channel::<String>();
-        let rebalances = Arc::new(Mutex::new(Vec::new()));
-        let errors = Arc::new(Mutex::new(Vec::new()));
-        // Reads every line for as long as the daemon runs (a full pipe would stall it).
-        std::thread::spawn({
-            let rebalances = rebalances.clone();
-            let errors = errors.clone();
-            move || {
-                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    let Ok(entry) = serde_json::from_str::<Value>(&line) else {
-                        continue;
-                    };
-                    if entry["level"] == "ERROR" {
-                        errors.lock().unwrap().push(line.clone());
-                    }
-                    if entry["message"] == "HTTP listening"
-                        && let Some(address) = entry["address"].as_str()
-                    {
-                        let _ = sender.send(address.to_string());
-                    } else if let Some(rebalance) = Rebalance::from_log(&entry) {
-                        rebalances.lock().unwrap().push(rebalance);
-                    }
-                }
-            }
-        });
-        let address = receiver
-            .recv_timeout(Duration::from_secs(120))
-            .expect("the daemon logs its address");
-        Self {
-            child: Some(child),
-            address,
-            rebalances,
-            errors,
+        command.start().expect("the daemon starts")
+    }
+
+    /// Waits until it answers `/readyz` with 200 (a minute at most).
+    pub async fn wait_until_ready(&self) -> anyhow::Result<()> {
+        wait_until_ready(&self.address).await
+    }
+
+    /// Stops it with SIGTERM, as an operator would, and waits for it to exit 0.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.signal("-TERM");
+        match self.exited().await {
+            Some(0) => Ok(()),
+            other => anyhow::bail!("the daemon exited with {other:?}"),
         }
     }
 
@@ -283,4 +393,19 @@ impl Daemon {
             .await
             .unwrap()
     }
+}
+
+/// Waits until the daemon at `address` answers `/readyz` with 200 (a minute at most).
+pub async fn wait_until_ready(address: &str) -> anyhow::Result<()> {
+    let client = awc::Client::default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(response) = client.get(format!("{address}/readyz")).send().await
+            && response.status().is_success()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("the daemon at {address} did not become ready")
 }

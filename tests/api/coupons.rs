@@ -7,7 +7,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 
 use commerce_events::event_log::EventStatus;
-use testkit::app::{TestApp, domain_actor, replay_from_offset_zero, spawn_app, spawn_app_with};
+use testkit::app::{TestApp, domain_actor, replay_from_offset_zero, spawn_app};
 use testkit::wait::eventually;
 
 #[actix_web::test]
@@ -45,7 +45,10 @@ async fn a_coupon_is_created_and_read_back() {
 
 #[actix_web::test]
 async fn a_coupon_with_sharded_stock_issues_exactly_its_stock_and_answers_one_remaining() {
-    let app = spawn_app_with(|settings| settings.coupons.stock_shards = 3).await;
+    let app = TestApp::builder()
+        .settings(|settings| settings.coupons.stock_shards = 3)
+        .start()
+        .await;
     let coupon_id = app.create_coupon(5).await;
     app.ensure_users(1, 12).await;
     let requests = futures::future::join_all((1..=12).map(|user| app.issue(user, coupon_id))).await;

@@ -1,13 +1,10 @@
 //! Deliveries to an external system: a local webhook receiver scripted per test, the
 //! ExternalForwarder, the RetryScheduler on a clock the test moves, dead letters and replay.
 
-use std::collections::{HashMap, VecDeque};
-use std::net::TcpListener;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
-use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use chrono::{DateTime, Timelike, Utc};
@@ -21,7 +18,8 @@ use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-use testkit::app::{TestApp, spawn_app_with_clock};
+use testkit::app::TestApp;
+use testkit::receiver::{Received, Receiver, Reply, reply};
 use testkit::records::read_records;
 use testkit::wait::{eventually, eventually_found};
 
@@ -29,158 +27,34 @@ const WAIT: Duration = Duration::from_secs(30);
 /// The signing secret of these tests, in the Standard Webhooks form.
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
-/// One answer of the receiver.
-#[derive(Clone, Copy, Debug)]
-struct Reply {
-    status: u16,
-    retry_after: Option<&'static str>,
+/// The alerts `target` received, in order.
+fn alerts(target: &Receiver) -> Vec<Value> {
+    target
+        .received_at("/alerts")
+        .iter()
+        .map(Received::json)
+        .collect()
 }
 
-fn reply(status: u16) -> Reply {
-    Reply {
-        status,
-        retry_after: None,
-    }
-}
-
-/// A request the receiver got.
-#[derive(Clone, Debug)]
-struct Received {
-    path: String,
-    webhook_id: Option<String>,
-    timestamp: Option<i64>,
-    signature: Option<String>,
-    body: Vec<u8>,
-}
-
-#[derive(Default)]
-struct Script {
-    /// Answers per webhook-id, in order; then `after`, then 200.
-    queued: HashMap<String, VecDeque<Reply>>,
-    after: HashMap<String, Reply>,
-    received: Vec<Received>,
-}
-
-/// A local HTTP receiver of webhooks and alerts.
-struct WebhookTarget {
-    address: String,
-    script: Arc<Mutex<Script>>,
-}
-
-impl WebhookTarget {
-    fn start() -> Self {
-        let script = Arc::new(Mutex::new(Script::default()));
-        let listener = TcpListener::bind("127.0.0.1:0").expect("receiver port");
-        let address = format!("http://{}", listener.local_addr().unwrap());
-        let shared = web::Data::from(script.clone());
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(shared.clone())
-                .app_data(web::PayloadConfig::new(1 << 20))
-                .default_service(web::to(receive))
-        })
-        .workers(1)
-        .disable_signals()
-        .listen(listener)
-        .expect("receiver listens")
-        .run();
-        actix_rt::spawn(server);
-        Self { address, script }
-    }
-
-    /// The answers to the deliveries of `id`, in order; any later one gets `then`.
-    fn script(&self, id: EventId, replies: impl IntoIterator<Item = Reply>, then: Reply) {
-        let mut script = self.script.lock().unwrap();
-        script
-            .queued
-            .insert(id.to_string(), replies.into_iter().collect());
-        script.after.insert(id.to_string(), then);
-    }
-
-    fn deliveries_of(&self, id: EventId) -> Vec<Received> {
-        let id = id.to_string();
-        self.script
-            .lock()
-            .unwrap()
-            .received
-            .iter()
-            .filter(|received| received.webhook_id.as_deref() == Some(id.as_str()))
-            .cloned()
-            .collect()
-    }
-
-    /// Every request received, in order.
-    fn received(&self) -> Vec<Received> {
-        self.script.lock().unwrap().received.clone()
-    }
-
-    fn alerts(&self) -> Vec<Value> {
-        self.script
-            .lock()
-            .unwrap()
-            .received
-            .iter()
-            .filter(|received| received.path == "/alerts")
-            .map(|received| serde_json::from_slice(&received.body).expect("alert JSON"))
-            .collect()
-    }
-
-    async fn wait_for_deliveries(&self, id: EventId, count: usize) -> Vec<Received> {
-        eventually(&format!("{count} deliveries of {id}"), WAIT, || async {
-            self.deliveries_of(id).len() >= count
-        })
-        .await;
-        let deliveries = self.deliveries_of(id);
-        assert_eq!(deliveries.len(), count, "no more deliveries than expected");
-        deliveries
-    }
-}
-
-async fn receive(
-    request: HttpRequest,
-    body: web::Bytes,
-    script: web::Data<Mutex<Script>>,
-) -> HttpResponse {
-    let header = |name: &str| {
-        request
-            .headers()
-            .get(name)
-            .and_then(|value| value.to_str().ok())
-            .map(str::to_string)
-    };
-    let received = Received {
-        path: request.path().to_string(),
-        webhook_id: header("webhook-id"),
-        timestamp: header("webhook-timestamp").and_then(|value| value.parse().ok()),
-        signature: header("webhook-signature"),
-        body: body.to_vec(),
-    };
-    let mut script = script.lock().unwrap();
-    let answer = match &received.webhook_id {
-        Some(id) => script
-            .queued
-            .get_mut(id)
-            .and_then(VecDeque::pop_front)
-            .or_else(|| script.after.get(id).cloned())
-            .unwrap_or(reply(200)),
-        None => reply(200),
-    };
-    script.received.push(received);
-    let mut response =
-        HttpResponse::build(StatusCode::from_u16(answer.status).expect("a valid status"));
-    if let Some(after) = answer.retry_after {
-        response.insert_header(("retry-after", after));
-    }
-    response.finish()
+/// Waits for `count` deliveries of `id`, and no more.
+async fn wait_for_deliveries(target: &Receiver, id: EventId, count: usize) -> Vec<Received> {
+    eventually(&format!("{count} deliveries of {id}"), WAIT, || async {
+        target.deliveries_of(id).len() >= count
+    })
+    .await;
+    let deliveries = target.deliveries_of(id);
+    assert_eq!(deliveries.len(), count, "no more deliveries than expected");
+    deliveries
 }
 
 /// A daemon delivering to `target`, on `clock`.
-async fn spawn_forwarding_app(target: &WebhookTarget, clock: &ManualClock) -> TestApp {
+async fn spawn_forwarding_app(target: &Receiver, clock: &ManualClock) -> TestApp {
     let base_url = target.address.clone();
-    spawn_app_with_clock(Arc::new(clock.clone()), move |settings| {
-        configure_external(settings, &base_url)
-    })
-    .await
+    TestApp::builder()
+        .clock(Arc::new(clock.clone()))
+        .settings(move |settings| configure_external(settings, &base_url))
+        .start()
+        .await
 }
 
 fn configure_external(settings: &mut commerce_events::config::Settings, base_url: &str) {
@@ -247,7 +121,7 @@ async fn wait_until_scheduled(app: &TestApp, id: EventId, failed: i32) -> DateTi
 fn timestamps(deliveries: &[Received]) -> Vec<i64> {
     deliveries
         .iter()
-        .map(|delivery| delivery.timestamp.expect("webhook-timestamp"))
+        .map(|delivery| delivery.timestamp().expect("webhook-timestamp"))
         .collect()
 }
 
@@ -291,7 +165,7 @@ async fn wait_for_scheduler(app: &TestApp, field: &str, value: u64) -> Value {
 
 #[actix_web::test]
 async fn a_receiver_failing_three_times_gets_four_attempts_one_two_four_seconds_apart() {
-    let target = WebhookTarget::start();
+    let target = Receiver::start();
     let clock = test_clock();
     let app = spawn_forwarding_app(&target, &clock).await;
     let started = clock.now().timestamp();
@@ -300,12 +174,12 @@ async fn a_receiver_failing_three_times_gets_four_attempts_one_two_four_seconds_
     let id = record_payment(&app, id, 1).await;
 
     for (failed, delay) in [(1, 1), (2, 2), (3, 4)] {
-        target.wait_for_deliveries(id, failed as usize).await;
+        wait_for_deliveries(&target, id, failed as usize).await;
         let due = wait_until_scheduled(&app, id, failed).await;
         assert_eq!(due, clock.now() + chrono::Duration::seconds(delay));
         clock.advance(Duration::from_secs(delay as u64));
     }
-    let deliveries = target.wait_for_deliveries(id, 4).await;
+    let deliveries = wait_for_deliveries(&target, id, 4).await;
     let record = wait_for_status(&app, id, EventStatus::Completed).await;
 
     assert_eq!(gaps(&deliveries), vec![1, 2, 4]);
@@ -313,7 +187,7 @@ async fn a_receiver_failing_three_times_gets_four_attempts_one_two_four_seconds_
     assert!(
         deliveries
             .iter()
-            .all(|delivery| delivery.webhook_id == Some(id.to_string())),
+            .all(|delivery| delivery.webhook_id() == Some(id.to_string().as_str())),
         "the same webhook-id on every attempt"
     );
     assert!(
@@ -332,7 +206,7 @@ async fn a_receiver_failing_three_times_gets_four_attempts_one_two_four_seconds_
 
 #[actix_web::test]
 async fn a_receiver_that_always_fails_gets_five_attempts_then_the_event_is_dead_lettered() {
-    let target = WebhookTarget::start();
+    let target = Receiver::start();
     let clock = test_clock();
     let app = spawn_forwarding_app(&target, &clock).await;
     let id = EventId::generate();
@@ -340,12 +214,12 @@ async fn a_receiver_that_always_fails_gets_five_attempts_then_the_event_is_dead_
     let id = record_payment(&app, id, 2).await;
 
     for (failed, delay) in [(1, 1), (2, 2), (3, 4), (4, 8)] {
-        target.wait_for_deliveries(id, failed as usize).await;
+        wait_for_deliveries(&target, id, failed as usize).await;
         wait_until_scheduled(&app, id, failed).await;
         clock.advance(Duration::from_secs(delay));
     }
     let record = wait_for_status(&app, id, EventStatus::DeadLetter).await;
-    let deliveries = target.wait_for_deliveries(id, 5).await;
+    let deliveries = wait_for_deliveries(&target, id, 5).await;
 
     assert_eq!(gaps(&deliveries), vec![1, 2, 4, 8]);
     assert_eq!(record.retry_count, 5);
@@ -389,10 +263,10 @@ async fn a_receiver_that_always_fails_gets_five_attempts_then_the_event_is_dead_
 
     // The alert: the counter, and the post to the alert URL.
     eventually("the alert posted", WAIT, || async {
-        !target.alerts().is_empty()
+        !alerts(&target).is_empty()
     })
     .await;
-    let alerts = target.alerts();
+    let alerts = alerts(&target);
     assert_eq!(alerts.len(), 1);
     assert_eq!(alerts[0]["alert"], "EVENT_DEAD_LETTERED");
     assert_eq!(alerts[0]["eventId"], id.to_string());
@@ -404,7 +278,7 @@ async fn a_receiver_that_always_fails_gets_five_attempts_then_the_event_is_dead_
 
 #[actix_web::test]
 async fn a_target_failing_for_every_event_is_waited_out_without_dead_letters() {
-    let target = WebhookTarget::start();
+    let target = Receiver::start();
     let clock = test_clock();
     let app = spawn_forwarding_app(&target, &clock).await;
     let mut ids = Vec::new();
@@ -414,7 +288,7 @@ async fn a_target_failing_for_every_event_is_waited_out_without_dead_letters() {
         ids.push(record_payment(&app, id, 40 + order).await);
     }
     for id in &ids {
-        target.wait_for_deliveries(*id, 1).await;
+        wait_for_deliveries(&target, *id, 1).await;
     }
     eventually("the target counted down", WAIT, || async {
         scheduler_state(&app).await["targetsDown"]
@@ -470,7 +344,7 @@ async fn a_target_failing_for_every_event_is_waited_out_without_dead_letters() {
 
 #[actix_web::test]
 async fn a_rejection_is_dead_lettered_at_once_and_too_many_requests_waits_as_asked() {
-    let target = WebhookTarget::start();
+    let target = Receiver::start();
     let clock = test_clock();
     let app = spawn_forwarding_app(&target, &clock).await;
     let rejected = EventId::generate();
@@ -495,7 +369,7 @@ async fn a_rejection_is_dead_lettered_at_once_and_too_many_requests_waits_as_ask
     );
     assert_eq!(target.deliveries_of(rejected).len(), 1);
 
-    target.wait_for_deliveries(throttled, 1).await;
+    wait_for_deliveries(&target, throttled, 1).await;
     let due = wait_until_scheduled(&app, throttled, 1).await;
     assert_eq!(
         due,
@@ -503,7 +377,7 @@ async fn a_rejection_is_dead_lettered_at_once_and_too_many_requests_waits_as_ask
         "Retry-After: 3 outweighs the 1 s back-off"
     );
     clock.advance(Duration::from_secs(3));
-    let deliveries = target.wait_for_deliveries(throttled, 2).await;
+    let deliveries = wait_for_deliveries(&target, throttled, 2).await;
     wait_for_status(&app, throttled, EventStatus::Completed).await;
     assert_eq!(gaps(&deliveries), vec![3]);
     assert_eq!(
@@ -515,14 +389,17 @@ async fn a_rejection_is_dead_lettered_at_once_and_too_many_requests_waits_as_ask
 
 #[actix_web::test]
 async fn with_partition_ordering_later_events_are_delivered_while_one_waits_for_its_retry() {
-    let target = WebhookTarget::start();
+    let target = Receiver::start();
     let clock = test_clock();
     let base_url = target.address.clone();
-    let app = spawn_app_with_clock(Arc::new(clock.clone()), move |settings| {
-        configure_external(settings, &base_url);
-        settings.external.ordering = RecordOrdering::Partition;
-    })
-    .await;
+    let app = TestApp::builder()
+        .clock(Arc::new(clock.clone()))
+        .settings(move |settings| {
+            configure_external(settings, &base_url);
+            settings.external.ordering = RecordOrdering::Partition;
+        })
+        .start()
+        .await;
     let failing = EventId::generate();
     target.script(failing, [reply(503)], reply(200));
     // The same order key: the same partition, behind the failing event.
@@ -548,7 +425,7 @@ async fn with_partition_ordering_later_events_are_delivered_while_one_waits_for_
     }
 
     clock.advance(Duration::from_secs(1));
-    target.wait_for_deliveries(failing, 2).await;
+    wait_for_deliveries(&target, failing, 2).await;
     wait_for_status(&app, failing, EventStatus::Completed).await;
 }
 
@@ -569,7 +446,7 @@ async fn wait_until_parked(app: &TestApp, id: EventId, behind: EventId) -> Event
 
 #[actix_web::test]
 async fn with_key_ordering_a_keys_later_events_wait_behind_its_retries_and_other_keys_go_on() {
-    let target = WebhookTarget::start();
+    let target = Receiver::start();
     let clock = test_clock();
     let app = spawn_forwarding_app(&target, &clock).await;
     let failing = EventId::generate();
@@ -609,7 +486,7 @@ async fn with_key_ordering_a_keys_later_events_wait_behind_its_retries_and_other
     // The second attempt fails too; the parked events, due just after it was, are looked
     // at and parked again behind its third attempt.
     clock.advance(Duration::from_secs(1));
-    target.wait_for_deliveries(failing, 2).await;
+    wait_for_deliveries(&target, failing, 2).await;
     let third_due = wait_until_scheduled(&app, failing, 2).await;
     clock.advance(Duration::from_millis(1));
     for id in &later {
@@ -630,7 +507,7 @@ async fn with_key_ordering_a_keys_later_events_wait_behind_its_retries_and_other
     let sequence: Vec<EventId> = target
         .received()
         .into_iter()
-        .filter_map(|received| received.webhook_id?.parse().ok())
+        .filter_map(|received| received.webhook_id()?.parse().ok())
         .filter(|id| *id == failing || later.contains(id))
         .collect();
     assert_eq!(
@@ -647,13 +524,13 @@ async fn with_key_ordering_a_keys_later_events_wait_behind_its_retries_and_other
 }
 #[actix_web::test]
 async fn a_retry_scheduled_before_a_restart_runs_once_after_it() {
-    let target = WebhookTarget::start();
+    let target = Receiver::start();
     let clock = test_clock();
     let mut first = spawn_forwarding_app(&target, &clock).await;
     let id = EventId::generate();
     target.script(id, [reply(500)], reply(200));
     let id = record_payment(&first, id, 6).await;
-    target.wait_for_deliveries(id, 1).await;
+    wait_for_deliveries(&target, id, 1).await;
     let due = wait_until_scheduled(&first, id, 1).await;
     first.stop().await.expect("clean stop");
 
@@ -661,22 +538,25 @@ async fn a_retry_scheduled_before_a_restart_runs_once_after_it() {
     let (brokers, database) = (first.bootstrap_servers(), first.database_url());
     let later = ManualClock::starting_at(due + chrono::Duration::seconds(5));
     let base_url = target.address.clone();
-    let second = spawn_app_with_clock(Arc::new(later), move |settings| {
-        configure_external(settings, &base_url);
-        settings.instance.id = "second".into();
-        settings.kafka.brokers = brokers;
-        settings.database.url = database.into();
-    })
-    .await;
+    let second = TestApp::builder()
+        .clock(Arc::new(later))
+        .settings(move |settings| {
+            configure_external(settings, &base_url);
+            settings.instance.id = "second".into();
+            settings.kafka.brokers = brokers;
+            settings.database.url = database.into();
+        })
+        .start()
+        .await;
     wait_for_status(&second, id, EventStatus::Completed).await;
-    let deliveries = target.wait_for_deliveries(id, 2).await;
+    let deliveries = wait_for_deliveries(&target, id, 2).await;
     assert_eq!(gaps(&deliveries), vec![6]);
     wait_for_scheduler(&second, "delivered", 1).await;
 }
 
 #[actix_web::test]
 async fn two_instances_never_make_the_same_attempt_twice() {
-    let target = WebhookTarget::start();
+    let target = Receiver::start();
     let clock = test_clock();
     // Twenty events failing at once would count the target down (and spend no attempts);
     // here each failure is its event's own.
@@ -684,21 +564,27 @@ async fn two_instances_never_make_the_same_attempt_twice() {
         settings.external.target_down_after_failures = 1_000;
     };
     let base_url = target.address.clone();
-    let first = spawn_app_with_clock(Arc::new(clock.clone()), move |settings| {
-        configure_external(settings, &base_url);
-        individually(settings);
-    })
-    .await;
+    let first = TestApp::builder()
+        .clock(Arc::new(clock.clone()))
+        .settings(move |settings| {
+            configure_external(settings, &base_url);
+            individually(settings);
+        })
+        .start()
+        .await;
     let (brokers, database) = (first.bootstrap_servers(), first.database_url());
     let base_url = target.address.clone();
-    let second = spawn_app_with_clock(Arc::new(clock.clone()), move |settings| {
-        configure_external(settings, &base_url);
-        individually(settings);
-        settings.instance.id = "second".into();
-        settings.kafka.brokers = brokers;
-        settings.database.url = database.into();
-    })
-    .await;
+    let second = TestApp::builder()
+        .clock(Arc::new(clock.clone()))
+        .settings(move |settings| {
+            configure_external(settings, &base_url);
+            individually(settings);
+            settings.instance.id = "second".into();
+            settings.kafka.brokers = brokers;
+            settings.database.url = database.into();
+        })
+        .start()
+        .await;
     let mut ids = Vec::new();
     for order in 0..20 {
         let id = EventId::generate();
@@ -725,7 +611,7 @@ async fn two_instances_never_make_the_same_attempt_twice() {
 
 #[actix_web::test]
 async fn dead_letters_are_listed_and_replayed_and_completed_events_are_not() {
-    let target = WebhookTarget::start();
+    let target = Receiver::start();
     let clock = test_clock();
     let app = spawn_forwarding_app(&target, &clock).await;
     let mut dead = Vec::new();
@@ -821,7 +707,7 @@ async fn dead_letters_are_listed_and_replayed_and_completed_events_are_not() {
 
 #[actix_web::test]
 async fn deliveries_are_signed_as_standard_webhooks_documents() {
-    let target = WebhookTarget::start();
+    let target = Receiver::start();
     let clock = test_clock();
     let app = spawn_forwarding_app(&target, &clock).await;
     let id = record_payment(&app, EventId::generate(), 30).await;
@@ -836,15 +722,15 @@ async fn deliveries_are_signed_as_standard_webhooks_documents() {
     mac.update(
         format!(
             "{}.{}.",
-            delivery.webhook_id.as_deref().unwrap(),
-            delivery.timestamp.unwrap()
+            delivery.webhook_id().unwrap(),
+            delivery.timestamp().unwrap()
         )
         .as_bytes(),
     );
     mac.update(&delivery.body);
     let expected = format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()));
-    assert_eq!(delivery.signature.as_deref(), Some(expected.as_str()));
-    assert_eq!(delivery.timestamp, Some(clock.now().timestamp()));
+    assert_eq!(delivery.signature(), Some(expected.as_str()));
+    assert_eq!(delivery.timestamp(), Some(clock.now().timestamp()));
 
     let body: Value = serde_json::from_slice(&delivery.body).unwrap();
     assert_eq!(body["type"], "PaymentCompleted");
@@ -858,7 +744,7 @@ async fn deliveries_are_signed_as_standard_webhooks_documents() {
 
 #[actix_web::test]
 async fn the_retry_scheduler_through_schedule_fire_fail_dead_letter_and_replay() {
-    let target = WebhookTarget::start();
+    let target = Receiver::start();
     let clock = test_clock();
     let app = spawn_forwarding_app(&target, &clock).await;
     let started = clock.now();
@@ -882,7 +768,7 @@ async fn the_retry_scheduler_through_schedule_fire_fail_dead_letter_and_replay()
         })
     };
 
-    target.wait_for_deliveries(id, 1).await;
+    wait_for_deliveries(&target, id, 1).await;
     wait_until_scheduled(&app, id, 1).await;
     let state = wait_for_scheduler(&app, "scheduled", 1).await;
     insta::assert_json_snapshot!(
@@ -891,7 +777,7 @@ async fn the_retry_scheduler_through_schedule_fire_fail_dead_letter_and_replay()
     );
 
     clock.advance(Duration::from_secs(1));
-    target.wait_for_deliveries(id, 2).await;
+    wait_for_deliveries(&target, id, 2).await;
     wait_until_scheduled(&app, id, 2).await;
     let state = wait_for_scheduler(&app, "scheduled", 2).await;
     insta::assert_json_snapshot!(
@@ -904,7 +790,7 @@ async fn the_retry_scheduler_through_schedule_fire_fail_dead_letter_and_replay()
             wait_until_scheduled(&app, id, failed).await;
         }
         clock.advance(Duration::from_secs(delay));
-        target.wait_for_deliveries(id, failed as usize + 1).await;
+        wait_for_deliveries(&target, id, failed as usize + 1).await;
     }
     let record = wait_for_status(&app, id, EventStatus::DeadLetter).await;
     let state = wait_for_scheduler(&app, "deadLettered", 1).await;
@@ -928,28 +814,20 @@ async fn pay_an_order(app: &TestApp, quantity: u32) -> u64 {
 
 #[actix_web::test]
 async fn analytics_receives_each_completed_order_once_even_after_a_replay() {
-    let target = WebhookTarget::start();
+    let target = Receiver::start();
     let analytics_url = format!("{}/analytics/orders", target.address);
-    let app = testkit::app::spawn_app_with(move |settings| {
-        settings.analytics.url = analytics_url;
-        settings.external.poll_interval_ms = 20;
-    })
-    .await;
+    let app = TestApp::builder()
+        .settings(move |settings| {
+            settings.analytics.url = analytics_url;
+            settings.external.poll_interval_ms = 20;
+        })
+        .start()
+        .await;
     let mut orders = Vec::new();
     for quantity in 1..=3 {
         orders.push(pay_an_order(&app, quantity).await);
     }
-    let analytics = || {
-        target
-            .script
-            .lock()
-            .unwrap()
-            .received
-            .iter()
-            .filter(|received| received.path == "/analytics/orders")
-            .cloned()
-            .collect::<Vec<_>>()
-    };
+    let analytics = || target.received_at("/analytics/orders");
     eventually("three orders at the analytics platform", WAIT, || async {
         analytics().len() >= 3
     })
@@ -972,7 +850,7 @@ async fn analytics_receives_each_completed_order_once_even_after_a_replay() {
     assert_eq!(received.len(), 3, "once per event id");
     let mut ids: Vec<_> = received
         .iter()
-        .map(|delivery| delivery.webhook_id.clone().unwrap())
+        .map(|delivery| delivery.webhook_id().unwrap().to_string())
         .collect();
     ids.sort();
     ids.dedup();

@@ -11,7 +11,7 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use testkit::process::TansuBroker;
 
-use testkit::app::spawn_app_with;
+use testkit::app::TestApp;
 use testkit::records::committed_offsets;
 use testkit::wait::eventually;
 
@@ -23,16 +23,18 @@ use testkit::wait::eventually;
 async fn against_an_external_broker_the_daemon_creates_its_topics_and_runs_the_pipeline() {
     let broker = TansuBroker::start().await;
     let brokers = broker.address.clone();
-    let mut app = spawn_app_with(|settings| {
-        settings.kafka.brokers = brokers;
-        // tansu 0.6 holds every JoinGroup ~3 s and, with a session timeout of 6 s (the
-        // other tests' setting), expires a static member right after its SyncGroup: the
-        // group rebalances every 6 s and never settles. At the daemon's default (10 s) it
-        // settles at once, as it does against a Kafka cluster.
-        settings.kafka.consumer.session_timeout_ms =
-            Settings::default().kafka.consumer.session_timeout_ms;
-    })
-    .await;
+    let mut app = TestApp::builder()
+        .settings(|settings| {
+            settings.kafka.brokers = brokers;
+            // tansu 0.6 holds every JoinGroup ~3 s and, with a session timeout of 6 s (the
+            // other tests' setting), expires a static member right after its SyncGroup: the
+            // group rebalances every 6 s and never settles. At the daemon's default (10 s) it
+            // settles at once, as it does against a Kafka cluster.
+            settings.kafka.consumer.session_timeout_ms =
+                Settings::default().kafka.consumer.session_timeout_ms;
+        })
+        .start()
+        .await;
     assert_eq!(app.bootstrap_servers(), broker.address);
 
     let metadata_address = broker.address.clone();

@@ -5,7 +5,7 @@ use serde_json::json;
 
 use std::time::Duration;
 
-use testkit::app::{spawn_app, start_app};
+use testkit::app::{TestApp, spawn_app};
 use testkit::wait::eventually;
 
 #[actix_web::test]
@@ -62,11 +62,14 @@ async fn readiness_reports_every_dependency_and_the_partition_assignment() {
 
 #[actix_web::test]
 async fn readiness_is_503_naming_redis_when_redis_is_unreachable() {
-    let app = start_app(|settings| {
-        // Nothing listens on port 1.
-        settings.redis.url = SecretString::from("redis://127.0.0.1:1");
-    })
-    .await;
+    let app = TestApp::builder()
+        .settings(|settings| {
+            // Nothing listens on port 1.
+            settings.redis.url = SecretString::from("redis://127.0.0.1:1");
+        })
+        .not_waiting_until_ready()
+        .start()
+        .await;
     let (status, body) = app.get("/readyz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body["error"]["code"], "NOT_READY");

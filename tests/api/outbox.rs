@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use commerce_events::event_log::{EventLog, EventStatus, Move, StatusChange};
 
-use testkit::app::spawn_app;
+use testkit::app::{TestApp, spawn_app};
 use testkit::wait::eventually;
 
 #[actix_web::test]
@@ -99,6 +99,9 @@ async fn a_relay_pass_locks_no_row_younger_than_its_threshold() {
     relay.rollback().await.unwrap();
 }
 
-async fn spawn_app_with_slow_relay() -> testkit::app::TestApp {
-    testkit::app::spawn_app_with(|settings| settings.outbox.republish_after_ms = 60_000).await
+async fn spawn_app_with_slow_relay() -> TestApp {
+    TestApp::builder()
+        .settings(|settings| settings.outbox.republish_after_ms = 60_000)
+        .start()
+        .await
 }

@@ -277,9 +277,12 @@ async fn a_push_channel_needs_a_valid_user() {
 async fn a_user_connected_to_another_instance_gets_the_push_and_is_notified_once() {
     use secrecy::SecretString;
 
-    use testkit::app::{domain_actor, spawn_app_with};
+    use testkit::app::domain_actor;
 
-    let first = spawn_app_with(|settings| settings.instance.id = "first".into()).await;
+    let first = TestApp::builder()
+        .settings(|settings| settings.instance.id = "first".into())
+        .start()
+        .await;
     let coupon_id = first.create_coupon(1_000).await;
     // Requests decided before the second instance starts; its notifier starts after them.
     let mut all_requests = Vec::new();
@@ -287,12 +290,14 @@ async fn a_user_connected_to_another_instance_gets_the_push_and_is_notified_once
         all_requests.push(first.issue(user, coupon_id).await);
     }
     let (brokers, database) = (first.bootstrap_servers(), first.database_url());
-    let second = spawn_app_with(move |settings| {
-        settings.instance.id = "second".into();
-        settings.kafka.brokers = brokers;
-        settings.database.url = SecretString::from(database);
-    })
-    .await;
+    let second = TestApp::builder()
+        .settings(move |settings| {
+            settings.instance.id = "second".into();
+            settings.kafka.brokers = brokers;
+            settings.database.url = SecretString::from(database);
+        })
+        .start()
+        .await;
 
     let ws_url = second.address.replace("http://", "ws://");
     let (_, mut socket) = awc::Client::new()

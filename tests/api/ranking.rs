@@ -12,7 +12,7 @@ use commerce_events::events::topics;
 use commerce_events::events::{EventEnvelope, EventPayload, OrderCompleted, OrderedProduct};
 use serde_json::{Value, json};
 
-use testkit::app::{TestApp, domain_actor, replay_from_offset_zero, spawn_app_with_clock};
+use testkit::app::{TestApp, domain_actor, replay_from_offset_zero};
 use testkit::wait::eventually;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -78,7 +78,11 @@ fn days_ago(clock: &ManualClock, days: i64) -> DateTime<Utc> {
 #[actix_web::test]
 async fn paid_orders_are_ranked_and_a_replay_from_offset_zero_counts_nothing_twice() {
     let clock = ManualClock::starting_at(Utc::now());
-    let app = spawn_app_with_clock(Arc::new(clock.clone()), |_| {}).await;
+    let app = TestApp::builder()
+        .clock(Arc::new(clock.clone()))
+        .settings(|_| {})
+        .start()
+        .await;
     let keyboard = app.create_product("Keyboard", 100, 100).await;
     let mouse = app.create_product("Mouse", 100, 100).await;
     let monitor = app.create_product("Monitor", 100, 100).await;
@@ -112,7 +116,11 @@ async fn paid_orders_are_ranked_and_a_replay_from_offset_zero_counts_nothing_twi
 #[actix_web::test]
 async fn the_window_covers_the_last_days_and_drops_older_ones_as_time_passes() {
     let clock = ManualClock::starting_at(Utc::now());
-    let app = spawn_app_with_clock(Arc::new(clock.clone()), |_| {}).await;
+    let app = TestApp::builder()
+        .clock(Arc::new(clock.clone()))
+        .settings(|_| {})
+        .start()
+        .await;
     publish_order(&app, 1, &[(501, 10)], days_ago(&clock, 3)).await;
     publish_order(&app, 2, &[(502, 4), (503, 1)], days_ago(&clock, 2)).await;
     publish_order(&app, 3, &[(503, 2)], days_ago(&clock, 1)).await;

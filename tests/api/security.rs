@@ -13,7 +13,7 @@ use futures::StreamExt;
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::{Value, json};
 
-use testkit::app::{ADMIN_USER, TestApp, client, spawn_app, spawn_app_with};
+use testkit::app::{ADMIN_USER, TestApp, client, spawn_app};
 use testkit::database::TEST_JWT_SECRET;
 use testkit::wait::eventually;
 
@@ -235,7 +235,10 @@ async fn every_route_answers_each_kind_of_caller_as_its_access_rule_says() {
 
 #[actix_web::test]
 async fn tickets_open_one_channel_once_and_expire() {
-    let app = spawn_app_with(|settings| settings.push.ticket_ttl_secs = 1).await;
+    let app = TestApp::builder()
+        .settings(|settings| settings.push.ticket_ttl_secs = 1)
+        .start()
+        .await;
     let user = app.as_user(21).await;
     let ticket = |answer: (StatusCode, Value)| {
         assert_eq!(answer.0, StatusCode::CREATED, "{}", answer.1);
@@ -300,7 +303,10 @@ async fn a_browser_page_from_an_unknown_origin_cannot_open_a_channel() {
 
 #[actix_web::test]
 async fn a_frame_over_the_limit_closes_the_websocket_with_1009() {
-    let app = spawn_app_with(|settings| settings.push.max_frame_bytes = 1_024).await;
+    let app = TestApp::builder()
+        .settings(|settings| settings.push.max_frame_bytes = 1_024)
+        .start()
+        .await;
     let ws_url = app.address.replace("http://", "ws://");
     let (_, mut socket) = awc::Client::new()
         .ws(format!("{ws_url}/ws"))
@@ -434,14 +440,19 @@ async fn a_channel_that_reconnects_gets_the_results_it_missed_once_and_in_order(
 #[actix_web::test]
 async fn a_user_authenticated_as_a_never_receives_bs_results_on_either_instance() {
     use secrecy::SecretString;
-    let first = spawn_app_with(|settings| settings.instance.id = "first".into()).await;
+    let first = TestApp::builder()
+        .settings(|settings| settings.instance.id = "first".into())
+        .start()
+        .await;
     let (brokers, database) = (first.bootstrap_servers(), first.database_url());
-    let second = spawn_app_with(move |settings| {
-        settings.instance.id = "second".into();
-        settings.kafka.brokers = brokers;
-        settings.database.url = SecretString::from(database);
-    })
-    .await;
+    let second = TestApp::builder()
+        .settings(move |settings| {
+            settings.instance.id = "second".into();
+            settings.kafka.brokers = brokers;
+            settings.database.url = SecretString::from(database);
+        })
+        .start()
+        .await;
     let (alice, bob) = (41, 42);
     let coupon = first.create_coupon(10).await;
     let ws_url = second.address.replace("http://", "ws://");
@@ -490,21 +501,25 @@ async fn a_burst_from_one_user_meets_the_limit_shared_by_two_instances() {
         per_second: 5.0,
         burst: 10,
     };
-    let first = spawn_app_with(move |settings| {
-        settings.instance.id = "first".into();
-        settings.limits.coupon_issue = limit;
-    })
-    .await;
+    let first = TestApp::builder()
+        .settings(move |settings| {
+            settings.instance.id = "first".into();
+            settings.limits.coupon_issue = limit;
+        })
+        .start()
+        .await;
     let (brokers, database) = (first.bootstrap_servers(), first.database_url());
     let prefix = first.settings.redis.key_prefix.clone();
-    let second = spawn_app_with(move |settings| {
-        settings.instance.id = "second".into();
-        settings.kafka.brokers = brokers;
-        settings.database.url = SecretString::from(database);
-        settings.redis.key_prefix = prefix;
-        settings.limits.coupon_issue = limit;
-    })
-    .await;
+    let second = TestApp::builder()
+        .settings(move |settings| {
+            settings.instance.id = "second".into();
+            settings.kafka.brokers = brokers;
+            settings.database.url = SecretString::from(database);
+            settings.redis.key_prefix = prefix;
+            settings.limits.coupon_issue = limit;
+        })
+        .start()
+        .await;
     let user = 51;
     first.ensure_user(user).await;
     let coupon = first.create_coupon(10).await;
@@ -641,11 +656,13 @@ async fn an_idempotency_key_replays_the_first_answer_and_refuses_another_body() 
 
 #[actix_web::test]
 async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
-    let app = spawn_app_with(|settings| {
-        settings.http.body_limit_bytes = 4_096;
-        settings.http.body_timeout_ms = 1_000;
-    })
-    .await;
+    let app = TestApp::builder()
+        .settings(|settings| {
+            settings.http.body_limit_bytes = 4_096;
+            settings.http.body_timeout_ms = 1_000;
+        })
+        .start()
+        .await;
     let coupon = |from: &str, until: &str| {
         format!(
             r#"{{"name": "Welcome", "discountAmount": 1000, "totalQuantity": 10, "validFrom": "{from}", "validUntil": "{until}"}}"#
@@ -739,7 +756,10 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
 #[actix_web::test]
 async fn a_body_that_trickles_in_is_timed_out() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let app = spawn_app_with(|settings| settings.http.body_timeout_ms = 500).await;
+    let app = TestApp::builder()
+        .settings(|settings| settings.http.body_timeout_ms = 500)
+        .start()
+        .await;
     let address = app.address.trim_start_matches("http://").to_string();
     let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
     let head = format!(

@@ -26,7 +26,7 @@ use testkit::faults::{
 use testkit::process::{Daemon, TansuBroker};
 use testkit::proxy::TcpProxy;
 
-use testkit::app::{TestApp, spawn_app_with};
+use testkit::app::TestApp;
 use testkit::database::{TEST_JWT_SECRET, TestDatabase};
 use testkit::faults::accepted_reach;
 use testkit::wait::eventually;
@@ -195,7 +195,7 @@ async fn outage_under_load(
 #[actix_web::test]
 async fn the_broker_down_for_30_seconds_under_load_loses_nothing() {
     let _slot = testkit::faults::drill_slot();
-    let app = spawn_app_with(fault_settings).await;
+    let app = TestApp::builder().settings(fault_settings).start().await;
     let kafka = embedded(&app);
     let (ledger, _, recovery) = outage_under_load(
         "broker down 30 s",
@@ -221,12 +221,14 @@ async fn mysql_cut_for_30_seconds_under_load_answers_503_fast_and_loses_nothing(
     let _slot = testkit::faults::drill_slot();
     let proxy = TcpProxy::start("127.0.0.1:3306".parse().unwrap());
     let port = proxy.port;
-    let app = spawn_app_with(move |settings| {
-        fault_settings(settings);
-        let direct = settings.database.url.expose_secret().to_string();
-        settings.database.url = direct.replace(":3306/", &format!(":{port}/")).into();
-    })
-    .await;
+    let app = TestApp::builder()
+        .settings(move |settings| {
+            fault_settings(settings);
+            let direct = settings.database.url.expose_secret().to_string();
+            settings.database.url = direct.replace(":3306/", &format!(":{port}/")).into();
+        })
+        .start()
+        .await;
     let (ledger, _, _) = outage_under_load(
         "MySQL cut 30 s",
         &app,
@@ -253,11 +255,13 @@ async fn redis_cut_for_30_seconds_under_load_loses_nothing() {
     let _slot = testkit::faults::drill_slot();
     let proxy = TcpProxy::start("127.0.0.1:6379".parse().unwrap());
     let port = proxy.port;
-    let app = spawn_app_with(move |settings| {
-        fault_settings(settings);
-        settings.redis.url = format!("redis://127.0.0.1:{port}").into();
-    })
-    .await;
+    let app = TestApp::builder()
+        .settings(move |settings| {
+            fault_settings(settings);
+            settings.redis.url = format!("redis://127.0.0.1:{port}").into();
+        })
+        .start()
+        .await;
     let product = app.create_product("Lamp", 100, 100).await;
     let buyer = app.create_user(1_000_000).await;
     // Orders paid while Redis is away: the payments are not held up by the product cache,
@@ -317,7 +321,7 @@ async fn redis_cut_for_30_seconds_under_load_loses_nothing() {
 #[actix_web::test]
 async fn a_poisoned_coupon_row_fails_only_its_own_requests() {
     let _slot = testkit::faults::drill_slot();
-    let app = spawn_app_with(fault_settings).await;
+    let app = TestApp::builder().settings(fault_settings).start().await;
     let good = app.create_coupon(100).await;
     let poisoned = app.create_coupon(100).await;
     // One connection for both statements: the session's sql_mode lets the zero date in.
@@ -396,7 +400,7 @@ async fn a_poisoned_coupon_row_fails_only_its_own_requests() {
 #[actix_web::test]
 async fn a_second_member_joining_and_leaving_under_load_loses_and_repeats_nothing() {
     let _slot = testkit::faults::drill_slot();
-    let first = spawn_app_with(fault_settings).await;
+    let first = TestApp::builder().settings(fault_settings).start().await;
     // Every user asks for three coupons, one after the other: the checker holds that each
     // user's coupons were issued in that order, across the partitions moving twice.
     let mut coupons = Vec::new();
@@ -408,13 +412,15 @@ async fn a_second_member_joining_and_leaving_under_load_loses_and_repeats_nothin
     let load = clients.load_in_order_in_background(1..=600, coupons.clone(), 30);
     let (brokers, database) = (first.bootstrap_servers(), first.database_url());
     accepted_reach(&clients, 100, "load under way", Duration::from_secs(60)).await;
-    let mut second = spawn_app_with(move |settings| {
-        fault_settings(settings);
-        settings.instance.id = "second".into();
-        settings.kafka.brokers = brokers;
-        settings.database.url = database.into();
-    })
-    .await;
+    let mut second = TestApp::builder()
+        .settings(move |settings| {
+            fault_settings(settings);
+            settings.instance.id = "second".into();
+            settings.kafka.brokers = brokers;
+            settings.database.url = database.into();
+        })
+        .start()
+        .await;
     let joined_at = clients.accepted();
     accepted_reach(
         &clients,

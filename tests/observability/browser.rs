@@ -7,8 +7,8 @@ use std::time::Duration;
 use awc::http::StatusCode;
 
 use crate::exclusive;
-use crate::metrics::{FlakyReceiver, configure_webhooks};
-use testkit::app::{ADMIN_USER, spawn_app_with};
+use crate::metrics::{configure_webhooks, receiver_refusing_first_attempts};
+use testkit::app::{ADMIN_USER, TestApp};
 use testkit::wait::eventually;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -30,13 +30,15 @@ async fn the_dashboard_shows_lag_replays_a_dead_letter_and_pauses_a_group() {
         "chromium is not installed: run scripts/test (or apt-get install chromium)"
     );
     // Each webhook's first attempt is refused for good (410): it is dead-lettered at once.
-    let receiver = FlakyReceiver::answering_first(410);
+    let receiver = receiver_refusing_first_attempts(410);
     let address = receiver.address.clone();
-    let app = spawn_app_with(move |settings| {
-        configure_webhooks(settings, &address);
-        settings.metrics.dashboard_interval_ms = 200;
-    })
-    .await;
+    let app = TestApp::builder()
+        .settings(move |settings| {
+            configure_webhooks(settings, &address);
+            settings.metrics.dashboard_interval_ms = 200;
+        })
+        .start()
+        .await;
 
     let buyer = app.create_user(100_000).await;
     let product = app.create_product("dashboarded", 1_000, 10).await;

@@ -1,16 +1,13 @@
 //! `GET /metrics` while coupons, payments and a failing webhook run through the daemon.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use awc::http::StatusCode;
 
 use crate::exclusive;
-use testkit::app::{TestApp, spawn_app_with};
+use testkit::app::TestApp;
+use testkit::receiver::{Options, Receiver, reply};
 use testkit::wait::eventually;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -87,72 +84,13 @@ pub async fn scrape(app: &TestApp) -> Scrape {
     Scrape::parse(&text)
 }
 
-/// A webhook receiver that answers the first attempt at each webhook with `first_status`
-/// and takes the next; it keeps the `traceparent` header of every request.
-#[derive(Clone, Default)]
-pub struct FlakyReceiver {
-    pub address: String,
-    first_status: u16,
-    attempts: Arc<Mutex<BTreeMap<String, usize>>>,
-    pub traceparents: Arc<Mutex<Vec<Option<String>>>>,
-    pub received: Arc<AtomicUsize>,
-}
-
-impl FlakyReceiver {
-    /// Refuses each first attempt with a 500 (worth another attempt).
-    pub fn start() -> Self {
-        Self::answering_first(500)
-    }
-
-    pub fn answering_first(first_status: u16) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("receiver port");
-        let receiver = FlakyReceiver {
-            address: format!("http://{}", listener.local_addr().unwrap()),
-            first_status,
-            ..Default::default()
-        };
-        let shared = web::Data::new(receiver.clone());
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(shared.clone())
-                .default_service(web::to(receive))
-        })
-        .workers(1)
-        .disable_signals()
-        .listen(listener)
-        .expect("receiver listens")
-        .run();
-        actix_rt::spawn(server);
-        receiver
-    }
-}
-
-async fn receive(request: HttpRequest, receiver: web::Data<FlakyReceiver>) -> HttpResponse {
-    let header = |name: &str| {
-        request
-            .headers()
-            .get(name)
-            .and_then(|value| value.to_str().ok())
-            .map(str::to_string)
-    };
-    receiver.received.fetch_add(1, Ordering::SeqCst);
-    receiver
-        .traceparents
-        .lock()
-        .unwrap()
-        .push(header("traceparent"));
-    let id = header("webhook-id").unwrap_or_default();
-    let attempt = {
-        let mut attempts = receiver.attempts.lock().unwrap();
-        let count = attempts.entry(id).or_default();
-        *count += 1;
-        *count
-    };
-    if attempt == 1 {
-        HttpResponse::build(StatusCode::from_u16(receiver.first_status).expect("a status")).finish()
-    } else {
-        HttpResponse::Ok().finish()
-    }
+/// A webhook receiver that refuses each webhook's first attempt with `status`, then takes
+/// the next.
+pub fn receiver_refusing_first_attempts(status: u16) -> Receiver {
+    Receiver::start_with(Options {
+        first_attempt: Some(reply(status)),
+        ..Options::default()
+    })
 }
 
 pub fn configure_webhooks(settings: &mut commerce_events::config::Settings, base_url: &str) {
@@ -169,9 +107,12 @@ pub fn configure_webhooks(settings: &mut commerce_events::config::Settings, base
 #[actix_rt::test]
 async fn metrics_move_by_exactly_the_work_done_and_lag_falls_back_to_zero() {
     let _exclusive = exclusive().await;
-    let receiver = FlakyReceiver::start();
+    let receiver = receiver_refusing_first_attempts(500);
     let address = receiver.address.clone();
-    let app = spawn_app_with(move |settings| configure_webhooks(settings, &address)).await;
+    let app = TestApp::builder()
+        .settings(move |settings| configure_webhooks(settings, &address))
+        .start()
+        .await;
     let coupon_group = app
         .settings
         .kafka
@@ -203,7 +144,7 @@ async fn metrics_move_by_exactly_the_work_done_and_lag_falls_back_to_zero() {
         "both webhooks delivered on their second attempt",
         WAIT,
         || async {
-            receiver.received.load(Ordering::SeqCst) >= 4
+            receiver.received_count() >= 4
                 && scrape(&app).await.sum(
                     "webhook_delivered_seconds_count",
                     &[("event_type", "PaymentCompleted")],

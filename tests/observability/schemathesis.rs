@@ -8,7 +8,7 @@ use std::time::Instant;
 use awc::http::StatusCode;
 
 use crate::exclusive;
-use testkit::app::spawn_app_with;
+use testkit::app::TestApp;
 
 /// The streaming routes: they answer once the stream ends, which it never does.
 const STREAMS: &[&str] = &["/ws", "/users/{user_id}/events", "/admin/dashboard/events"];
@@ -29,7 +29,7 @@ async fn schemathesis_finds_no_server_error_and_no_answer_off_the_schema() {
         "schemathesis (`st`) is not installed: run scripts/test (or pip install \
          schemathesis==4.32.5)"
     );
-    let app = spawn_app_with(|_| {}).await;
+    let app = TestApp::builder().settings(|_| {}).start().await;
 
     // Things for generated ids to find: ids start at 1 in a fresh database, and 1 is each
     // id's example in the document. The token is an admin's whose subject is that user 1,

@@ -6,13 +6,13 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use actix_web::{App, HttpResponse, HttpServer, web};
 use awc::http::StatusCode;
 use serde_json::Value;
 
 use crate::exclusive;
-use crate::metrics::{FlakyReceiver, configure_webhooks};
-use testkit::app::{client, spawn_app_with};
+use crate::metrics::{configure_webhooks, receiver_refusing_first_attempts};
+use testkit::app::{TestApp, client};
+use testkit::receiver::Receiver;
 use testkit::wait::eventually;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -73,63 +73,30 @@ fn in_batch_of(line: &Value, actor: &str, trace_id: &str) -> bool {
     })
 }
 
-/// An OTLP/HTTP collector: keeps every span posted to `/v1/traces` (JSON encoding).
-#[derive(Clone, Default)]
-struct Collector {
-    address: String,
-    spans: Arc<Mutex<Vec<Value>>>,
-}
-
-impl Collector {
-    fn start() -> Self {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("collector port");
-        let collector = Collector {
-            address: format!("http://{}", listener.local_addr().unwrap()),
-            ..Default::default()
-        };
-        let shared = web::Data::new(collector.clone());
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(shared.clone())
-                .app_data(web::PayloadConfig::new(16 * 1024 * 1024))
-                .route("/v1/traces", web::post().to(collect))
-        })
-        .workers(1)
-        .disable_signals()
-        .listen(listener)
-        .expect("collector listens")
-        .run();
-        actix_rt::spawn(server);
-        collector
-    }
-
-    /// The spans of one trace received so far.
-    fn trace(&self, trace_id: &str) -> Vec<Value> {
-        self.spans
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|span| span["traceId"] == trace_id)
-            .cloned()
-            .collect()
-    }
-}
-
-async fn collect(request: web::Bytes, collector: web::Data<Collector>) -> HttpResponse {
-    let Ok(body) = serde_json::from_slice::<Value>(&request) else {
-        return HttpResponse::BadRequest().finish();
-    };
-    let mut spans = collector.spans.lock().unwrap();
-    for resource in body["resourceSpans"].as_array().into_iter().flatten() {
-        assert_eq!(
-            resource["resource"]["attributes"][0],
-            serde_json::json!({"key": "service.name", "value": {"stringValue": "commerce-events"}})
-        );
-        for scope in resource["scopeSpans"].as_array().into_iter().flatten() {
-            spans.extend(scope["spans"].as_array().into_iter().flatten().cloned());
+/// The spans of one trace an OTLP/HTTP collector (a receiver) was posted at `/v1/traces`
+/// (JSON encoding), each post's resource naming the service.
+fn spans_of_trace(collector: &Receiver, trace_id: &str) -> Vec<Value> {
+    let mut spans = Vec::new();
+    for post in collector.received_at("/v1/traces") {
+        let body = post.json();
+        for resource in body["resourceSpans"].as_array().into_iter().flatten() {
+            assert_eq!(
+                resource["resource"]["attributes"][0],
+                serde_json::json!({"key": "service.name", "value": {"stringValue": "commerce-events"}})
+            );
+            for scope in resource["scopeSpans"].as_array().into_iter().flatten() {
+                spans.extend(
+                    scope["spans"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|span| span["traceId"] == trace_id)
+                        .cloned(),
+                );
+            }
         }
     }
-    HttpResponse::Ok().json(serde_json::json!({}))
+    spans
 }
 
 /// A span's attribute value (string or integer, as text).
@@ -159,16 +126,18 @@ fn span_id_of(traceparent: &str) -> String {
 async fn a_payments_trace_reaches_the_consumers_logs_and_the_webhooks_traceparent() {
     let _exclusive = exclusive().await;
     let logs = captured_logs();
-    let receiver = FlakyReceiver::start();
+    let receiver = receiver_refusing_first_attempts(500);
     let address = receiver.address.clone();
-    let collector = Collector::start();
+    let collector = Receiver::start();
     let endpoint = collector.address.clone();
-    let app = spawn_app_with(move |settings| {
-        configure_webhooks(settings, &address);
-        settings.otlp.endpoint = endpoint;
-        settings.otlp.interval_ms = 100;
-    })
-    .await;
+    let app = TestApp::builder()
+        .settings(move |settings| {
+            configure_webhooks(settings, &address);
+            settings.otlp.endpoint = endpoint;
+            settings.otlp.interval_ms = 100;
+        })
+        .start()
+        .await;
     let buyer = app.create_user(100_000).await;
     let product = app.create_product("traced", 1_000, 10).await;
     let order = app.place_order(buyer, &[(product, 1)]).await;
@@ -202,11 +171,11 @@ async fn a_payments_trace_reaches_the_consumers_logs_and_the_webhooks_traceparen
 
     // The webhook (refused once, then taken) carries the trace, a hop further, each time.
     eventually("the webhook's two attempts", WAIT, || async {
-        receiver.traceparents.lock().unwrap().len() >= 2
+        receiver.received().len() >= 2
     })
     .await;
-    for traceparent in receiver.traceparents.lock().unwrap().iter() {
-        let traceparent = traceparent.as_deref().expect("a traceparent header");
+    for attempt in receiver.received() {
+        let traceparent = attempt.header("traceparent").expect("a traceparent header");
         assert!(
             traceparent.starts_with(&format!("00-{trace_id}-")),
             "{traceparent}"
@@ -240,7 +209,7 @@ async fn a_payments_trace_reaches_the_consumers_logs_and_the_webhooks_traceparen
     let request_span = span_id_of(&answered);
     let consumers = ["RankingUpdater", "ExternalForwarder", "OrderAnalytics"];
     eventually("the trace's spans at the collector", WAIT, || async {
-        let spans = collector.trace(&trace_id);
+        let spans = spans_of_trace(&collector, &trace_id);
         let consumed = consumers.iter().all(|actor| {
             spans.iter().any(|span| {
                 span["kind"] == 5 && attribute(span, "commerce.actor").as_deref() == Some(*actor)
@@ -250,7 +219,7 @@ async fn a_payments_trace_reaches_the_consumers_logs_and_the_webhooks_traceparen
         consumed && attempts >= 2 && spans.iter().any(|span| span["kind"] == 2)
     })
     .await;
-    let spans = collector.trace(&trace_id);
+    let spans = spans_of_trace(&collector, &trace_id);
     let server = spans
         .iter()
         .find(|span| span["kind"] == 2)
@@ -286,12 +255,10 @@ async fn a_payments_trace_reaches_the_consumers_logs_and_the_webhooks_traceparen
         );
     }
     let headers: Vec<String> = receiver
-        .traceparents
-        .lock()
-        .unwrap()
+        .received()
         .iter()
-        .flatten()
-        .map(|header| span_id_of(header))
+        .filter_map(|attempt| attempt.header("traceparent"))
+        .map(span_id_of)
         .collect();
     let attempts: Vec<&Value> = spans.iter().filter(|span| span["kind"] == 3).collect();
     for attempt in &attempts {
