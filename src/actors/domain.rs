@@ -643,3 +643,166 @@ fn all_fatal(count: usize, message: &str) -> Vec<EventOutcome> {
     error!(message, "domain handler failed fatally");
     vec![EventOutcome::Failed(HandlerError::fatal(message)); count]
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::common::ids::{CouponId, UserId};
+    use crate::events::CouponRequested;
+
+    fn event(key: &str) -> EventEnvelope {
+        EventEnvelope::new(
+            key,
+            EventPayload::CouponRequested(CouponRequested {
+                user_id: UserId::from_u64(1).unwrap(),
+                coupon_id: CouponId::from_u64(1).unwrap(),
+            }),
+        )
+    }
+
+    fn batch(keys: &[&str]) -> ProcessBatch {
+        ProcessBatch {
+            origin: BatchOrigin {
+                source: TopicPartition::new("test-events", 0),
+                offsets: (0..keys.len() as i64).collect(),
+            },
+            events: keys.iter().map(|key| event(key)).collect(),
+        }
+    }
+
+    /// Done, unless an event's key says otherwise: `bad` fails it for its own reason,
+    /// `panic` panics, `short` answers one outcome too few.
+    struct KeyedHandler;
+
+    impl DomainHandler for KeyedHandler {
+        type Stats = ();
+
+        fn name(&self) -> &'static str {
+            "KeyedHandler"
+        }
+
+        async fn handle(&self, batch: &Batch, _stats: &Stats<()>) -> Vec<EventOutcome> {
+            let keys: Vec<&str> = batch
+                .events
+                .iter()
+                .map(|event| event.key.as_str())
+                .collect();
+            assert!(!keys.contains(&"panic"), "a panic in the handler");
+            let mut outcomes: Vec<EventOutcome> = keys
+                .iter()
+                .map(|key| match *key {
+                    "bad" => EventOutcome::Failed(HandlerError::permanent("a bad event")),
+                    _ => EventOutcome::Done,
+                })
+                .collect();
+            if keys.contains(&"short") {
+                outcomes.pop();
+            }
+            outcomes
+        }
+    }
+
+    /// A domain actor on this arbiter; its probes' pool never connects (no probe is sent).
+    fn start(built: Arc<AtomicUsize>) -> Addr<DomainActor<KeyedHandler>> {
+        let pool = sqlx::mysql::MySqlPoolOptions::new()
+            .connect_lazy("mysql://root@127.0.0.1:1/unused")
+            .expect("a lazy pool");
+        DomainActor::start(
+            &Arbiter::current(),
+            PipelineProbes::new(EventLog::new(pool)),
+            move || {
+                built.fetch_add(1, Ordering::SeqCst);
+                KeyedHandler
+            },
+        )
+    }
+
+    fn fatal(outcome: &EventOutcome) -> bool {
+        matches!(outcome, EventOutcome::Failed(error) if error.class == ErrorClass::Fatal)
+    }
+
+    #[actix_rt::test]
+    async fn outcomes_come_back_in_event_order_and_are_counted() {
+        let actor = start(Arc::default());
+        let outcomes = actor.send(batch(&["a", "bad", "c"])).await.unwrap();
+        assert_eq!(outcomes[0], EventOutcome::Done);
+        assert!(outcomes[1].is_failure() && !outcomes[1].is_transient());
+        assert_eq!(outcomes[2], EventOutcome::Done);
+        let state = actor.send(ObserveDomain).await.unwrap();
+        assert_eq!((state.processed, state.failed, state.restarts), (2, 1, 0));
+    }
+
+    #[actix_rt::test]
+    async fn a_panic_fails_its_batch_fatally_and_the_actor_restarts_with_a_new_handler() {
+        let built = Arc::new(AtomicUsize::new(0));
+        let actor = start(built.clone());
+        let outcomes = actor.send(batch(&["a", "panic"])).await.unwrap();
+        assert_eq!(outcomes.len(), 2);
+        assert!(outcomes.iter().all(fatal), "{outcomes:?}");
+        // The restart was asked for before this batch was sent: the new handler takes it.
+        let outcomes = actor.send(batch(&["a", "b"])).await.unwrap();
+        assert_eq!(outcomes, vec![EventOutcome::Done, EventOutcome::Done]);
+        let state = actor.send(ObserveDomain).await.unwrap();
+        assert_eq!(state.restarts, 1);
+        assert_eq!(built.load(Ordering::SeqCst), 2);
+        // Counters survive the restart.
+        assert_eq!((state.processed, state.failed), (2, 2));
+    }
+
+    #[actix_rt::test]
+    async fn a_handler_answering_the_wrong_number_of_outcomes_fails_the_batch_fatally() {
+        let actor = start(Arc::default());
+        let outcomes = actor.send(batch(&["a", "short", "c"])).await.unwrap();
+        assert_eq!(outcomes.len(), 3);
+        assert!(outcomes.iter().all(fatal), "{outcomes:?}");
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0:?}")]
+    struct StoreFailure(ErrorClass);
+
+    impl Classify for StoreFailure {
+        fn class(&self) -> ErrorClass {
+            self.0
+        }
+    }
+
+    #[test]
+    fn applied_in_one_call_marks_changes_done_repeats_duplicate_and_refuses_foreign_events() {
+        let events = [event("one"), event("foreign"), event("two")];
+        let selected = AppliedInOneCall::select(&events, "a test event", |event| {
+            (event.key != "foreign").then(|| event.key.clone())
+        });
+        assert_eq!(selected.items, vec!["one".to_string(), "two".to_string()]);
+        let outcomes = selected.settle(Ok::<_, StoreFailure>(vec![true, false]), "applying");
+        assert_eq!(outcomes[0], EventOutcome::Done);
+        assert!(outcomes[1].is_failure() && !outcomes[1].is_transient());
+        assert_eq!(outcomes[2], EventOutcome::Duplicate);
+    }
+
+    #[test]
+    fn a_failed_call_fails_every_event_retryable_or_as_an_outage_of_its_store() {
+        let events = [event("one"), event("two")];
+        let pick = |event: &EventEnvelope| Some(event.key.clone());
+        let refused = AppliedInOneCall::select(&events, "a test event", pick).settle(
+            Err::<Vec<bool>, _>(StoreFailure(ErrorClass::Permanent)),
+            "applying",
+        );
+        assert!(
+            refused
+                .iter()
+                .all(|outcome| outcome.is_transient() && outcome.outage().is_none()),
+            "a permanent store error is retried in place: {refused:?}"
+        );
+        let down = AppliedInOneCall::select(&events, "a test event", pick).settle(
+            Err::<Vec<bool>, _>(StoreFailure(ErrorClass::Unavailable(Dependency::Redis))),
+            "applying",
+        );
+        assert!(
+            down.iter()
+                .all(|outcome| outcome.outage() == Some(Dependency::Redis))
+        );
+    }
+}

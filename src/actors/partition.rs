@@ -441,33 +441,28 @@ impl BatchJob {
             .await
     }
 
-    /// Sends the events to the domain actor and settles the outcomes in order. From the
-    /// first transient failure on, the rest is sent again: while a dependency is down,
-    /// after the outage back-off and without end; otherwise after the fixed delay, until
-    /// the attempts run out. A batch of several whose events all fail for their own
-    /// reasons is split in two.
+    /// Sends the events to the domain actor and settles the outcomes in order, then does
+    /// what [`next_step`] says: done; split in two; or the rest again, after the outage
+    /// back-off while a dependency is down (without end), otherwise after the fixed delay
+    /// until the attempts run out.
     async fn process_events(
         &self,
         mut events: Arc<[EventEnvelope]>,
         mut offsets: Arc<[i64]>,
         report: &mut BatchReport,
     ) -> Result<(), Abandoned> {
-        let mut delays = self.wiring.policy.retry.delays();
+        let mut delays = self.wiring.policy.retry.delays().peekable();
         let mut waiting: Option<Waiting> = None;
         loop {
             let outcomes = self.send_to_domain(events.clone(), &offsets).await;
-            let first_transient = outcomes.iter().position(EventOutcome::is_transient);
-            let outage = first_transient.and_then(|first| outcomes[first].outage());
-            if outage.is_none() {
+            let step = next_step(&outcomes, delays.peek().is_some());
+            if !matches!(step, NextStep::WaitOutOutage { .. }) {
                 self.end_waiting(&mut waiting);
             }
-            if first_transient.is_none()
-                && outcomes.len() > 1
-                && outcomes.iter().all(EventOutcome::is_failure)
-            {
+            if step == NextStep::Split {
                 return self.split(events, offsets, report).await;
             }
-            let settled_until = first_transient.unwrap_or(outcomes.len());
+            let settled_until = step.settled_until().unwrap_or(outcomes.len());
             for position in 0..settled_until {
                 self.settle_outcome(
                     &events[position],
@@ -478,52 +473,47 @@ impl BatchJob {
                 )
                 .await?;
             }
-            let Some(first_transient) = first_transient else {
-                return Ok(());
-            };
-            let delay = match outage {
-                Some(dependency) => {
-                    let message = failure_message(&outcomes[first_transient]);
+            let delay = match step {
+                NextStep::Settle | NextStep::Split => return Ok(()),
+                NextStep::SplitRest { .. } => {
+                    return self
+                        .split(
+                            events[settled_until..].into(),
+                            offsets[settled_until..].into(),
+                            report,
+                        )
+                        .await;
+                }
+                NextStep::GiveUpRest { .. } => {
+                    for position in settled_until..outcomes.len() {
+                        self.settle_outcome(
+                            &events[position],
+                            offsets[position],
+                            &outcomes[position],
+                            true,
+                            report,
+                        )
+                        .await?;
+                    }
+                    return Ok(());
+                }
+                NextStep::WaitOutOutage { dependency, .. } => {
+                    let message = failure_message(&outcomes[settled_until]);
                     let delay = self.wait_for(&mut waiting, dependency, &message);
                     self.live.outage_retries.fetch_add(1, Ordering::Relaxed);
                     delay
                 }
-                None => match delays.next() {
-                    Some(delay) => {
-                        report.retries += 1;
-                        delay
-                    }
-                    None => {
-                        let rest = &outcomes[first_transient..];
-                        if rest.len() > 1 && rest.iter().all(EventOutcome::is_failure) {
-                            return self
-                                .split(
-                                    events[first_transient..].into(),
-                                    offsets[first_transient..].into(),
-                                    report,
-                                )
-                                .await;
-                        }
-                        for position in first_transient..outcomes.len() {
-                            self.settle_outcome(
-                                &events[position],
-                                offsets[position],
-                                &outcomes[position],
-                                true,
-                                report,
-                            )
-                            .await?;
-                        }
-                        return Ok(());
-                    }
-                },
+                NextStep::RetryRest { .. } => {
+                    report.retries += 1;
+                    delays.next().expect("an attempt is left")
+                }
             };
-            if let Err(abandoned) = self.pause_for(delay).await {
+            if let Err(abandoned) = pause_unless_stopped(&self.stop, delay).await {
                 self.end_waiting(&mut waiting);
                 return Err(abandoned);
             }
-            events = events[first_transient..].into();
-            offsets = offsets[first_transient..].into();
+            events = events[settled_until..].into();
+            offsets = offsets[settled_until..].into();
         }
     }
 
@@ -590,15 +580,6 @@ impl BatchJob {
             warn!(source = %self.source, %error, "cannot resume fetching");
         }
         debug!(source = %self.source, dependency = %ended.dependency, "dependency answers again: partition resumed");
-    }
-
-    /// Waits `delay`, or returns early when the partition stops.
-    async fn pause_for(&self, delay: Duration) -> Result<(), Abandoned> {
-        tokio::select! {
-            biased;
-            _ = self.stop.cancelled() => Err(Abandoned),
-            _ = tokio::time::sleep(delay) => Ok(()),
-        }
     }
 
     async fn send_to_domain(
@@ -709,7 +690,7 @@ impl BatchJob {
             };
             warn!(source = %self.source, offset = letter.offset, %error, "dead letter not done; retrying");
             let delay = self.wait_for(&mut waiting, dependency, &error.to_string());
-            if let Err(abandoned) = self.pause_for(delay).await {
+            if let Err(abandoned) = pause_unless_stopped(&self.stop, delay).await {
                 self.end_waiting(&mut waiting);
                 return Err(abandoned);
             }
@@ -717,9 +698,226 @@ impl BatchJob {
     }
 }
 
+/// What a batch does once the domain actor answered it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NextStep {
+    /// Settle every outcome: the batch is done.
+    Settle,
+    /// Every event of several failed for its own reason: send each half on its own, so an
+    /// event that fails alone fails alone (batch isolation).
+    Split,
+    /// Settle the outcomes before `settled_until`; the event there found a dependency down:
+    /// wait the outage out and send it and the rest again, without end.
+    WaitOutOutage {
+        settled_until: usize,
+        dependency: Dependency,
+    },
+    /// Settle the outcomes before `settled_until`; the event there may succeed if tried
+    /// again: send it and the rest again after the in-place retry's delay.
+    RetryRest { settled_until: usize },
+    /// The in-place attempts are spent, and every event from `settled_until` on failed, more
+    /// than one: settle those before, split the rest.
+    SplitRest { settled_until: usize },
+    /// The in-place attempts are spent: settle those before `settled_until` as they are and
+    /// the rest as having run out of attempts (dead letters for the failures).
+    GiveUpRest { settled_until: usize },
+}
+
+impl NextStep {
+    /// Where the outcomes settled as they are end, when not all of them are.
+    fn settled_until(self) -> Option<usize> {
+        match self {
+            NextStep::Settle | NextStep::Split => None,
+            NextStep::WaitOutOutage { settled_until, .. }
+            | NextStep::RetryRest { settled_until }
+            | NextStep::SplitRest { settled_until }
+            | NextStep::GiveUpRest { settled_until } => Some(settled_until),
+        }
+    }
+}
+
+/// The next step of a batch whose events answered `outcomes`, while in-place attempts are
+/// left (`attempts_left`) or not. Outcomes are settled in order up to the first transient
+/// failure; an outage never spends an attempt.
+fn next_step(outcomes: &[EventOutcome], attempts_left: bool) -> NextStep {
+    let Some(first_transient) = outcomes.iter().position(EventOutcome::is_transient) else {
+        if outcomes.len() > 1 && outcomes.iter().all(EventOutcome::is_failure) {
+            return NextStep::Split;
+        }
+        return NextStep::Settle;
+    };
+    if let Some(dependency) = outcomes[first_transient].outage() {
+        return NextStep::WaitOutOutage {
+            settled_until: first_transient,
+            dependency,
+        };
+    }
+    if attempts_left {
+        return NextStep::RetryRest {
+            settled_until: first_transient,
+        };
+    }
+    let rest = &outcomes[first_transient..];
+    if rest.len() > 1 && rest.iter().all(EventOutcome::is_failure) {
+        NextStep::SplitRest {
+            settled_until: first_transient,
+        }
+    } else {
+        NextStep::GiveUpRest {
+            settled_until: first_transient,
+        }
+    }
+}
+
+/// Waits `delay`, or returns early when the partition stops.
+async fn pause_unless_stopped(stop: &CancellationToken, delay: Duration) -> Result<(), Abandoned> {
+    tokio::select! {
+        biased;
+        _ = stop.cancelled() => Err(Abandoned),
+        _ = tokio::time::sleep(delay) => Ok(()),
+    }
+}
+
 fn failure_message(outcome: &EventOutcome) -> String {
     match outcome {
         EventOutcome::Failed(error) => error.message.clone(),
         _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::common::error::ErrorClass;
+
+    fn done() -> EventOutcome {
+        EventOutcome::Done
+    }
+
+    fn permanent() -> EventOutcome {
+        EventOutcome::Failed(HandlerError::permanent("bad event"))
+    }
+
+    fn retryable() -> EventOutcome {
+        EventOutcome::Failed(HandlerError::retryable("deadlock"))
+    }
+
+    fn outage(dependency: Dependency) -> EventOutcome {
+        EventOutcome::Failed(HandlerError::new(
+            ErrorClass::Unavailable(dependency),
+            "connection refused",
+        ))
+    }
+
+    #[test]
+    fn a_batch_whose_every_event_failed_for_its_own_reason_is_split() {
+        assert_eq!(
+            next_step(&[permanent(), permanent()], true),
+            NextStep::Split
+        );
+        assert_eq!(
+            next_step(&[permanent(), permanent()], false),
+            NextStep::Split
+        );
+        // Alone, an event's own failure is settled: it becomes a dead letter.
+        assert_eq!(next_step(&[permanent()], true), NextStep::Settle);
+        // One event decided is enough to settle the batch as it is.
+        assert_eq!(next_step(&[permanent(), done()], true), NextStep::Settle);
+    }
+
+    #[test]
+    fn isolation_leaves_each_failing_event_alone_and_decides_the_others() {
+        // A handler that applies a batch in one transaction fails all of it for one bad
+        // event; splitting the batch as next_step says ends with each bad event alone.
+        let bad = [2usize, 5];
+        let handle = |events: &[usize]| -> Vec<EventOutcome> {
+            if events.iter().any(|event| bad.contains(event)) {
+                vec![permanent(); events.len()]
+            } else {
+                vec![done(); events.len()]
+            }
+        };
+        let mut batches = vec![(0..8).collect::<Vec<usize>>()];
+        let mut settled: Vec<(usize, EventOutcome)> = Vec::new();
+        let mut splits = 0;
+        while let Some(batch) = batches.pop() {
+            let outcomes = handle(&batch);
+            match next_step(&outcomes, true) {
+                NextStep::Split => {
+                    splits += 1;
+                    let (first, second) = batch.split_at(batch.len() / 2);
+                    batches.push(second.to_vec());
+                    batches.push(first.to_vec());
+                }
+                NextStep::Settle => settled.extend(batch.into_iter().zip(outcomes)),
+                other => panic!("unexpected step {other:?}"),
+            }
+        }
+        settled.sort_by_key(|(event, _)| *event);
+        let failed: Vec<usize> = settled
+            .iter()
+            .filter(|(_, outcome)| outcome.is_failure())
+            .map(|(event, _)| *event)
+            .collect();
+        assert_eq!(failed, bad);
+        assert_eq!(settled.len(), 8, "every event settled once");
+        assert_eq!(splits, 5);
+    }
+
+    #[test]
+    fn an_outage_waits_without_spending_an_attempt_after_settling_what_came_before() {
+        let outcomes = [done(), outage(Dependency::Mysql), permanent()];
+        for attempts_left in [true, false] {
+            assert_eq!(
+                next_step(&outcomes, attempts_left),
+                NextStep::WaitOutOutage {
+                    settled_until: 1,
+                    dependency: Dependency::Mysql
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn a_transient_failure_is_tried_again_then_given_up_or_isolated() {
+        let outcomes = [done(), retryable(), done()];
+        assert_eq!(
+            next_step(&outcomes, true),
+            NextStep::RetryRest { settled_until: 1 }
+        );
+        assert_eq!(
+            next_step(&outcomes, false),
+            NextStep::GiveUpRest { settled_until: 1 }
+        );
+        let rest_failed = [done(), retryable(), permanent()];
+        assert_eq!(
+            next_step(&rest_failed, false),
+            NextStep::SplitRest { settled_until: 1 }
+        );
+        assert_eq!(
+            next_step(&[retryable()], false),
+            NextStep::GiveUpRest { settled_until: 0 }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_lasts_its_delay_unless_the_partition_stops() {
+        let stop = CancellationToken::new();
+        let started = tokio::time::Instant::now();
+        assert!(
+            pause_unless_stopped(&stop, Duration::from_secs(10))
+                .await
+                .is_ok()
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+
+        let pausing = tokio::spawn({
+            let stop = stop.clone();
+            async move { pause_unless_stopped(&stop, Duration::from_secs(3_600)).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stop.cancel();
+        assert!(pausing.await.unwrap().is_err(), "abandoned when stopping");
+        assert!(started.elapsed() < Duration::from_secs(12));
     }
 }

@@ -598,3 +598,97 @@ impl Handler<StopReconciler> for Reconciler {
         self.stopping = true;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn position(partition: i32, committed: Option<i64>, end: i64) -> PartitionPosition {
+        PartitionPosition {
+            partition,
+            committed,
+            end,
+            start: 0,
+        }
+    }
+
+    #[test]
+    fn a_group_has_read_past_when_every_partition_is_beyond_the_previous_end() {
+        let previous_ends = BTreeMap::from([(0, 10), (1, 5)]);
+        let caught_up = [position(0, Some(10), 12), position(1, Some(7), 9)];
+        assert!(read_past(&caught_up, &previous_ends, None));
+        let one_behind = [position(0, Some(10), 12), position(1, Some(4), 9)];
+        assert!(!read_past(&one_behind, &previous_ends, None));
+        // Nothing committed counts as offset 0: behind any record.
+        let never_committed = [position(0, None, 12), position(1, Some(7), 9)];
+        assert!(!read_past(&never_committed, &previous_ends, None));
+        // A partition new since the previous pass had no end then.
+        let new_partition = [position(2, None, 3)];
+        assert!(read_past(&new_partition, &previous_ends, None));
+    }
+
+    #[test]
+    fn a_group_that_commits_nothing_is_judged_by_its_members_own_positions() {
+        let previous_ends = BTreeMap::from([(0, 10), (1, 5)]);
+        let positions = [position(0, None, 12), position(1, None, 9)];
+        let local = BTreeMap::from([(0, 11), (1, 5)]);
+        assert!(read_past(&positions, &previous_ends, Some(&local)));
+        // A partition this member has not been given is not read past.
+        let only_one = BTreeMap::from([(0, 11)]);
+        assert!(!read_past(&positions, &previous_ends, Some(&only_one)));
+    }
+
+    fn at(seconds: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + seconds, 0).unwrap()
+    }
+
+    fn rule(now: i64, fresh: bool) -> StrandedRule {
+        StrandedRule {
+            after: Duration::from_secs(30),
+            fresh,
+            now: at(now),
+        }
+    }
+
+    #[test]
+    fn an_event_is_stranded_once_its_group_read_past_it_and_it_waited_long_enough() {
+        let published = Some(at(0));
+        // The group read past the ends of a pass 40 s after the event; it waited 60 s.
+        assert!(is_stranded(published, Some(at(40)), rule(60, false), None));
+        // Its group lags: nothing is stranded.
+        assert!(!is_stranded(published, None, rule(60, false), None));
+        // The group read past a pass from before the event: the record may still come.
+        assert!(!is_stranded(published, Some(at(0)), rule(60, false), None));
+        // Not waited `after` yet.
+        assert!(!is_stranded(published, Some(at(10)), rule(20, false), None));
+        // Nothing to drive yet (not published, or its result not decided).
+        assert!(!is_stranded(None, Some(at(40)), rule(60, false), None));
+    }
+
+    #[test]
+    fn on_a_fresh_cluster_the_wait_is_waived_but_not_the_order() {
+        let published = Some(at(0));
+        assert!(is_stranded(published, Some(at(5)), rule(10, true), None));
+        assert!(!is_stranded(published, Some(at(0)), rule(10, true), None));
+    }
+
+    #[test]
+    fn an_event_driven_again_gets_the_same_wait_before_the_next_time() {
+        let published = Some(at(0));
+        let stranded_before = Some(at(40));
+        let recently = Some(Duration::from_secs(5));
+        let long_ago = Some(Duration::from_secs(31));
+        assert!(!is_stranded(
+            published,
+            stranded_before,
+            rule(60, false),
+            recently
+        ));
+        assert!(is_stranded(
+            published,
+            stranded_before,
+            rule(60, false),
+            long_ago
+        ));
+    }
+}
