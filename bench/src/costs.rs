@@ -88,6 +88,24 @@ impl Meters {
         Self::of_daemons(mysql, redis_url, &[(daemon_address, daemon_pid)]).await
     }
 
+    /// The meters of one daemon process, with MySQL through `mysql` and Redis as `settings`
+    /// name it.
+    pub async fn of_daemon(
+        mysql: MySqlPool,
+        settings: &commerce_events::config::Settings,
+        daemon: &testkit::process::Daemon,
+    ) -> anyhow::Result<Self> {
+        use secrecy::ExposeSecret;
+        let pid = daemon.pid().context("the daemon runs")?;
+        Self::connect(
+            mysql,
+            settings.redis.url.expose_secret(),
+            &daemon.address,
+            pid,
+        )
+        .await
+    }
+
     /// Several daemon processes (address, pid), counted together: their CPU time is summed
     /// in the "daemon" column, their records produced in the Kafka column.
     pub async fn of_daemons(

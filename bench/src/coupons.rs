@@ -30,21 +30,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use awc::ws::Frame;
 use chrono::Utc;
 use commerce_events::common::connections;
-use commerce_events::common::ids::UserId;
 use commerce_events::config::Settings;
 use commerce_events::events::EventId;
 use commerce_events::guards::tokens::Authenticator;
-use futures::StreamExt;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde_json::{Value, json};
 use sqlx::MySqlPool;
 use testkit::process::{Daemon, DaemonCommand};
 
 use crate::chart::{self, Chart, Push, Sample, Sampler, Timeline};
 use crate::costs::{CostTable, Meters};
+use crate::load;
 use crate::progress;
 use crate::report::{self, Cell, Column, Report, Table};
 
@@ -138,13 +136,7 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
     if options.history > 0 {
         earlier_requests(&pool, options.history).await?;
     }
-    let meters = Meters::connect(
-        pool.clone(),
-        settings.redis.url.expose_secret(),
-        &daemon.address,
-        daemon.pid().expect("running"),
-    )
-    .await?;
+    let meters = Meters::of_daemon(pool.clone(), &settings, &daemon).await?;
     let mut costs = CostTable::new();
     report.note(format!(
         "scenario coupons: the daemon binary as its own process, driven from the bench's process \
@@ -535,12 +527,7 @@ impl Api {
     }
 
     fn token_of(auth: &Authenticator, user: u64, admin: bool) -> String {
-        auth.mint(
-            UserId::from_u64(user).expect("positive user ids"),
-            admin,
-            Duration::from_secs(86_400),
-        )
-        .expect("the bench signs HS256 tokens")
+        load::token(auth, user, admin)
     }
 
     /// A user's token (signed per request, as a client with many users would).
@@ -599,14 +586,7 @@ impl Api {
                 let _ = response.body().await;
                 Ok(())
             }
-            Ok(mut response) => {
-                let body = response.body().await.unwrap_or_default();
-                Err(format!(
-                    "{}: {}",
-                    response.status(),
-                    String::from_utf8_lossy(&body)
-                ))
-            }
+            Ok(mut response) => Err(load::refusal(&mut response).await),
             Err(error) => Err(error.to_string()),
         }
     }
@@ -968,30 +948,13 @@ async fn push_latency(
 ) -> anyhow::Result<Vec<Push>> {
     let users = latency_users(rate);
     const FIRST_USER: u64 = LATENCY_FIRST_USER;
-    let received: Rc<RefCell<HashMap<String, Instant>>> = Rc::default();
+    let received = load::Arrivals::default();
     let ws_address = api.address.replace("http://", "ws://");
     let mut readers = Vec::new();
     for user in FIRST_USER..FIRST_USER + users {
-        let (_, mut socket) = api
-            .client
-            .ws(format!("{ws_address}/ws?userId={user}"))
-            .bearer_auth(api.token(user))
-            .connect()
-            .await
-            .map_err(|error| anyhow::anyhow!("websocket: {error}"))?;
-        let received = received.clone();
-        readers.push(actix_rt::spawn(async move {
-            while let Some(Ok(frame)) = socket.next().await {
-                if let Frame::Text(text) = frame
-                    && let Ok(message) = serde_json::from_slice::<Value>(&text)
-                    && let Some(request_id) = message["requestId"].as_str()
-                {
-                    received
-                        .borrow_mut()
-                        .insert(request_id.to_string(), Instant::now());
-                }
-            }
-        }));
+        readers.push(
+            load::read_results(&api.client, &ws_address, user, api.token(user), &received).await?,
+        );
     }
 
     let sent: Rc<RefCell<HashMap<String, Instant>>> = Rc::default();

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use commerce_events::config::{RateLimit, Settings};
 use commerce_events::kafka::cluster::KafkaCluster;
 use commerce_events::startup::{Application, COUPON_REQUEST_GROUP};
@@ -58,13 +58,7 @@ struct Row {
 }
 
 pub async fn run(options: Options, report: &mut crate::report::Report) -> anyhow::Result<()> {
-    let binary = std::env::current_exe()?.with_file_name("commerce-events");
-    if !binary.exists() {
-        bail!(
-            "{} is missing: build it first (cargo build --release --features test-util --bins)",
-            binary.display()
-        );
-    }
+    let binary = testkit::process::binary_beside_this_executable()?;
     report.note(format!(
         "scenario faults: {} users per scenario, background load {} req/s, outages of {} s, \
          {} runs of each",
@@ -164,6 +158,16 @@ fn settings_for(name: &str, url: &str) -> Settings {
     settings
 }
 
+/// Once the daemon is ready: `users` users, and a coupon for a quarter of them.
+async fn users_and_a_coupon(clients: &Clients, url: &str, users: u64) -> anyhow::Result<u64> {
+    clients.wait_ready().await;
+    user_rows(url, users).await;
+    let (_, coupon) = clients
+        .admin("/coupons", coupon_body((users / 4) as u32))
+        .await;
+    coupon["couponId"].as_u64().context("a coupon")
+}
+
 async fn crash(
     binary: &Path,
     signal: &str,
@@ -197,13 +201,8 @@ async fn crash(
     let start = || Daemon::start(binary, &url, &format!("{name}:"), JWT_SECRET, brokers);
     let first = start();
     let clients = Clients::new(&first.address, &settings);
-    clients.wait_ready().await;
     let users = options.users;
-    user_rows(&url, users).await;
-    let (_, coupon) = clients
-        .admin("/coupons", coupon_body((users / 4) as u32))
-        .await;
-    let coupon = coupon["couponId"].as_u64().context("a coupon")?;
+    let coupon = users_and_a_coupon(&clients, &url, users).await?;
     let bar = answers(&clients, &format!("{tag}: first load"), users / 6);
     clients.load(1..=users / 6, coupon, 16).await;
     bar.finish();
@@ -313,13 +312,8 @@ async fn outage_under_load(outage: Outage, run: usize, options: &Options) -> any
     };
     let daemon = InProcess::start(settings.clone())?;
     let clients = Clients::new(&daemon.address, &settings);
-    clients.wait_ready().await;
     let users = options.users;
-    user_rows(&url, users).await;
-    let (_, coupon) = clients
-        .admin("/coupons", coupon_body((users / 4) as u32))
-        .await;
-    let coupon = coupon["couponId"].as_u64().context("a coupon")?;
+    let coupon = users_and_a_coupon(&clients, &url, users).await?;
     let bar = answers(&clients, &format!("{tag}: first load"), users / 10);
     clients.load(1..=users / 10, coupon, 16).await;
     bar.finish();

@@ -8,6 +8,7 @@ mod chart;
 mod costs;
 mod coupons;
 mod faults;
+mod load;
 mod payments;
 mod pipeline;
 mod progress;

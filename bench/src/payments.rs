@@ -21,15 +21,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use commerce_events::common::connections;
-use commerce_events::common::ids::UserId;
 use commerce_events::config::Settings;
 use commerce_events::guards::tokens::Authenticator;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde_json::{Value, json};
 
 use crate::chart::nearest_rank;
 use crate::costs::{CostTable, Meters};
 use crate::coupons::{drop_database, start_daemon};
+use crate::load;
 use crate::report::{Cell, Column, Report, Table};
 
 const JWT_SECRET: &str = "bench-secret-of-the-payment-scenario";
@@ -147,13 +147,7 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
         buyers.push(buyer);
     }
     let pool = connections::connect_mysql(&settings.database, 2).await?;
-    let meters = Meters::connect(
-        pool.clone(),
-        settings.redis.url.expose_secret(),
-        &daemon.address,
-        daemon.pid().expect("running"),
-    )
-    .await?;
+    let meters = Meters::of_daemon(pool.clone(), &settings, &daemon).await?;
     meters.wait_settled().await?;
 
     let before = meters.read().await?;
@@ -208,12 +202,7 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
                             order_ms,
                             pay_ms,
                         }),
-                        Err(error) => {
-                            failures.set(failures.get() + 1);
-                            if failures.get() <= 3 {
-                                eprintln!("payments: {error}");
-                            }
-                        }
+                        Err(error) => load::count_failure(&failures, format!("payments: {error}")),
                     }
                 }
             })
@@ -339,13 +328,7 @@ struct Shop {
 
 impl Shop {
     fn token(&self, user: u64, admin: bool) -> String {
-        self.auth
-            .mint(
-                UserId::from_u64(user).expect("positive user ids"),
-                admin,
-                Duration::from_secs(86_400),
-            )
-            .expect("the bench signs HS256 tokens")
+        load::token(&self.auth, user, admin)
     }
 
     async fn post(

@@ -30,13 +30,10 @@ use std::path::Path;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use awc::ws::Frame;
-use commerce_events::common::ids::UserId;
+use anyhow::Context;
 use commerce_events::config::Settings;
 use commerce_events::guards::tokens::Authenticator;
 use commerce_events::startup::COUPON_REQUEST_GROUP;
-use futures::StreamExt;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use testkit::faults::{Checker, Ledger, Report as CheckerReport, coupon_body, user_rows};
@@ -46,6 +43,7 @@ use testkit::wait::eventually;
 use crate::chart::nearest_rank;
 use crate::costs::{CostTable, Costs, Meters, clock_ticks_per_second, cpu_us_of};
 use crate::coupons::drop_database;
+use crate::load;
 use crate::report::{Cell, Column, Report, Table};
 
 const JWT_SECRET: &str = "bench-secret-of-the-scale-scenario";
@@ -97,13 +95,7 @@ struct Run {
 }
 
 pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
-    let binary = std::env::current_exe()?.with_file_name("commerce-events");
-    if !binary.exists() {
-        bail!(
-            "{} is missing: build it first (cargo build --release --features test-util --bins)",
-            binary.display()
-        );
-    }
+    let binary = testkit::process::binary_beside_this_executable()?;
     report.note(format!(
         "scenario scale: {:?} daemon processes on one `commerce-events broker` process, \
          {} runs each; intake {} s from {} clients (one hot coupon, distinct users), push \
@@ -250,13 +242,7 @@ impl Members {
     }
 
     fn token(&self, user: u64, admin: bool) -> String {
-        self.auth
-            .mint(
-                UserId::from_u64(user).expect("positive user ids"),
-                admin,
-                Duration::from_secs(86_400),
-            )
-            .expect("the bench signs HS256 tokens")
+        load::token(&self.auth, user, admin)
     }
 
     /// An issue request of `user`; its request id when accepted (202), else what happened.
@@ -276,14 +262,7 @@ impl Members {
                     .map(str::to_string)
                     .ok_or_else(|| "no requestId".to_string())
             }
-            Ok(mut response) => {
-                let body = response.body().await.unwrap_or_default();
-                Err(format!(
-                    "{}: {}",
-                    response.status(),
-                    String::from_utf8_lossy(&body)
-                ))
-            }
+            Ok(mut response) => Err(load::refusal(&mut response).await),
             Err(error) => Err(error.to_string()),
         }
     }
@@ -474,12 +453,10 @@ async fn one_run(
                     next_user.set(user + 1);
                     match members.issue(user, hot).await {
                         Ok(request_id) => accepted(&ledger, user, hot, request_id),
-                        Err(error) => {
-                            refused.set(refused.get() + 1);
-                            if refused.get() <= 3 {
-                                eprintln!("scale: intake request of user {user}: {error}");
-                            }
-                        }
+                        Err(error) => load::count_failure(
+                            &refused,
+                            format!("scale: intake request of user {user}: {error}"),
+                        ),
                     }
                 }
             })
@@ -594,31 +571,15 @@ async fn push_latency(
     options: &Options,
 ) -> anyhow::Result<(f64, f64)> {
     let first = INTAKE_USERS + 1;
-    let received: Rc<RefCell<HashMap<String, Instant>>> = Rc::default();
+    let received = load::Arrivals::default();
     let mut readers = Vec::new();
     for user in first..first + LATENCY_USERS {
         let member = Members::of(user, members.addresses.len());
         let address = members.addresses[member].replace("http://", "ws://");
         // A client of its own: a WebSocket holds its connection for good.
-        let (_, mut socket) = awc::Client::default()
-            .ws(format!("{address}/ws?userId={user}"))
-            .bearer_auth(members.token(user, false))
-            .connect()
-            .await
-            .map_err(|error| anyhow::anyhow!("websocket: {error}"))?;
-        let received = received.clone();
-        readers.push(actix_rt::spawn(async move {
-            while let Some(Ok(frame)) = socket.next().await {
-                if let Frame::Text(text) = frame
-                    && let Ok(message) = serde_json::from_slice::<Value>(&text)
-                    && let Some(request_id) = message["requestId"].as_str()
-                {
-                    received
-                        .borrow_mut()
-                        .insert(request_id.to_string(), Instant::now());
-                }
-            }
-        }));
+        let client = awc::Client::default();
+        let token = members.token(user, false);
+        readers.push(load::read_results(&client, &address, user, token, &received).await?);
     }
     let sent: Rc<RefCell<HashMap<String, Instant>>> = Rc::default();
     // A user's client sends its next request once the previous one is answered (the order

@@ -19,7 +19,7 @@ use commerce_events::common::ids::{OrderId, PaymentId, UserId};
 use commerce_events::config::{RecordOrdering, Settings};
 use commerce_events::event_log::{EventLog, OutboxEvent};
 use commerce_events::events::{EventEnvelope, EventId, EventPayload, PaymentCompleted};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use sqlx::MySqlPool;
 use testkit::receiver::{self, Receiver};
 
@@ -194,13 +194,7 @@ async fn one_run(
     let mut settings = Settings::default();
     settings.database.url = SecretString::from(database_url.clone());
     let pool = connections::connect_mysql(&settings.database, 2).await?;
-    let meters = Meters::connect(
-        pool.clone(),
-        settings.redis.url.expose_secret(),
-        &daemon.address,
-        daemon.pid().expect("running"),
-    )
-    .await?;
+    let meters = Meters::of_daemon(pool.clone(), &settings, &daemon).await?;
     let before = meters.read().await?;
     record_payments(&pool, events, options.keys).await?;
     let bar = progress::counting(

@@ -87,14 +87,7 @@ impl DaemonCommand {
 
     /// The `commerce-events` binary built beside the running executable (the bench's).
     pub fn beside_this_executable() -> anyhow::Result<Self> {
-        let binary = std::env::current_exe()?.with_file_name("commerce-events");
-        if !binary.exists() {
-            anyhow::bail!(
-                "{} is missing: build it first (cargo build --release --workspace)",
-                binary.display()
-            );
-        }
-        Ok(Self::new(binary))
+        Ok(Self::new(binary_beside_this_executable()?))
     }
 
     /// A test's daemon: no configuration file, the database at `database_url`, Redis keys
@@ -182,6 +175,18 @@ impl DaemonCommand {
             errors,
         })
     }
+}
+
+/// The `commerce-events` binary built beside the running executable (the bench's).
+pub fn binary_beside_this_executable() -> anyhow::Result<PathBuf> {
+    let binary = std::env::current_exe()?.with_file_name("commerce-events");
+    if !binary.exists() {
+        anyhow::bail!(
+            "{} is missing: build it first (cargo build --release --workspace)",
+            binary.display()
+        );
+    }
+    Ok(binary)
 }
 
 /// What the daemon's log tells, as its lines come.
