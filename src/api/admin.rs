@@ -5,12 +5,12 @@ use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
 
 use crate::actors::tree::ObserveBackground;
-use crate::api::AppState;
 use crate::api::auth::Admin;
 use crate::api::error::{ApiError, ErrorBody, parse_object};
 use crate::api::responses::{AdminErrors, BodyErrors, ServerErrors};
+use crate::api::{AppState, OperationsState};
 use crate::delivery::scheduler::{Replay, Replayed};
-use crate::event_log::progress::{ConsumerProgress, RecordedIn};
+use crate::event_log::progress::{ConsumerProgress, ConsumerSpec, RecordedIn};
 use crate::event_log::{EventRecord, EventStatus, OutboxEvent};
 use crate::events::topics;
 use crate::events::{EventEnvelope, EventId, EventPayload, PipelineProbe};
@@ -603,12 +603,7 @@ pub async fn replay(
                     .await
                     .map_err(ApiError::from_store)?;
             }
-            operations
-                .dead_letters
-                .mark_replayed(event_id, Some(&consumer.group_id))
-                .await
-                .map_err(ApiError::from_store)?;
-            consumers.push(consumer.name);
+            mark_replayed_for(operations, event_id, consumer, &mut consumers).await?;
         }
     }
     let (status, next_attempt_at) = if record.status == EventStatus::DeadLetter {
@@ -626,12 +621,7 @@ pub async fn replay(
         for settlement in operations.consumers.of(&record) {
             let consumer = settlement.consumer();
             if consumer.recorded_in == RecordedIn::EventLog {
-                operations
-                    .dead_letters
-                    .mark_replayed(event_id, Some(&consumer.group_id))
-                    .await
-                    .map_err(ApiError::from_store)?;
-                consumers.push(consumer.name);
+                mark_replayed_for(operations, event_id, consumer, &mut consumers).await?;
             }
         }
         moved
@@ -646,6 +636,23 @@ pub async fn replay(
         next_attempt_at,
         consumers,
     }))
+}
+
+/// Marks `consumer`'s dead letters of the event replayed, and counts it among the
+/// consumers the event was handed back to.
+async fn mark_replayed_for(
+    operations: &OperationsState,
+    event_id: EventId,
+    consumer: &ConsumerSpec,
+    consumers: &mut Vec<&'static str>,
+) -> Result<(), ApiError> {
+    operations
+        .dead_letters
+        .mark_replayed(event_id, Some(&consumer.group_id))
+        .await
+        .map_err(ApiError::from_store)?;
+    consumers.push(consumer.name);
+    Ok(())
 }
 
 /// Why an event in `status` (not DEAD_LETTER) is not replayed.
