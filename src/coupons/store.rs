@@ -152,18 +152,18 @@ impl CouponStore {
     pub async fn create(&self, coupon: &NewCoupon) -> Result<Coupon, CouponStoreError> {
         let shards = split_stock(coupon.total_quantity, self.stock_shards);
         let mut transaction = self.outbox.event_log().pool().begin().await?;
-        let inserted = sqlx::query(
+        let inserted = sqlx::query!(
             "INSERT INTO coupon (name, discount_amount, total_quantity, stock_shards, \
                                  valid_from, valid_until) \
              VALUES (?, ?, ?, ?, ?, ?)",
+            coupon.name,
+            coupon.discount_amount,
+            coupon.total_quantity,
+            shards.len() as u16,
+            // As DATETIME, not TIMESTAMP: a TIMESTAMP parameter ends in 2038.
+            coupon.valid_from.naive_utc(),
+            coupon.valid_until.naive_utc(),
         )
-        .bind(&coupon.name)
-        .bind(coupon.discount_amount)
-        .bind(coupon.total_quantity)
-        .bind(shards.len() as u16)
-        // As DATETIME, not TIMESTAMP: a TIMESTAMP parameter ends in 2038.
-        .bind(coupon.valid_from.naive_utc())
-        .bind(coupon.valid_until.naive_utc())
         .execute(&mut *transaction)
         .await?;
         let coupon_id =
@@ -187,13 +187,16 @@ impl CouponStore {
     }
 
     pub async fn find(&self, coupon_id: CouponId) -> Result<Option<Coupon>, CouponStoreError> {
-        let row: Option<FoundCoupon> = sqlx::query_as(
-            "SELECT c.coupon_id, c.name, c.discount_amount, c.total_quantity, \
-                    s.issued_quantity, c.valid_from, c.valid_until \
-             FROM coupon c JOIN coupon_stock s ON s.coupon_id = c.coupon_id \
-             WHERE c.coupon_id = ?",
+        let row = sqlx::query_as!(
+            FoundCoupon,
+            r#"SELECT c.coupon_id AS "coupon_id: CouponId", c.name, c.discount_amount,
+                      c.total_quantity, s.issued_quantity AS "issued_quantity!: u64",
+                      c.valid_from AS "valid_from: DateTime<Utc>",
+                      c.valid_until AS "valid_until: DateTime<Utc>"
+               FROM coupon c JOIN coupon_stock s ON s.coupon_id = c.coupon_id
+               WHERE c.coupon_id = ?"#,
+            coupon_id,
         )
-        .bind(coupon_id)
         .fetch_optional(self.outbox.event_log().pool())
         .await?;
         Ok(row.map(|row| {
@@ -571,7 +574,6 @@ struct CouponRow {
 }
 
 /// A coupon as `find` reads it.
-#[derive(sqlx::FromRow)]
 struct FoundCoupon {
     coupon_id: CouponId,
     name: String,
@@ -797,14 +799,14 @@ async fn take_stock(
         },
     };
     for (shard, units) in taken {
-        let updated = sqlx::query(
+        let updated = sqlx::query!(
             "UPDATE coupon_stock_shard SET issued_quantity = issued_quantity + ? \
              WHERE coupon_id = ? AND shard = ? AND issued_quantity + ? <= total_quantity",
+            units,
+            coupon_id,
+            shard,
+            units,
         )
-        .bind(units)
-        .bind(coupon_id)
-        .bind(shard)
-        .bind(units)
         .execute(&mut *connection)
         .await?;
         if updated.rows_affected() != 1 {
