@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::actors::tree::ObserveBackground;
 use crate::api::auth::Admin;
 use crate::api::error::{ApiError, ErrorBody, parse_object};
-use crate::api::responses::{AdminErrors, BodyErrors, ServerErrors};
+use crate::api::responses::{AdminErrors, BodyErrors, EventLookupErrors, ServerErrors};
 use crate::api::{AppState, OperationsState};
 use crate::delivery::scheduler::{Replay, Replayed};
 use crate::event_log::progress::{ConsumerProgress, ConsumerSpec, RecordedIn};
@@ -197,10 +197,9 @@ pub struct EventView {
     params(("event_id" = EventId, Path, description = "The event's id.")),
     responses(
         AdminErrors,
+        EventLookupErrors,
         ServerErrors,
         (status = 200, description = "The event.", body = EventView),
-        (status = 400, description = "`INVALID_EVENT_ID`: not a UUID.", body = ErrorBody),
-        (status = 404, description = "`NOT_FOUND`: no such event.", body = ErrorBody),
     ),
     security(("bearerAuth" = []))
 )]
@@ -560,10 +559,9 @@ pub struct ReplayAccepted {
     params(("event_id" = EventId, Path, description = "The dead-lettered event's id.")),
     responses(
         AdminErrors,
+        EventLookupErrors,
         ServerErrors,
         (status = 202, description = "Replayed.", body = ReplayAccepted),
-        (status = 400, description = "`INVALID_EVENT_ID`: not a UUID.", body = ErrorBody),
-        (status = 404, description = "`NOT_FOUND`: no such event.", body = ErrorBody),
         (status = 409, description = "`ALREADY_COMPLETED` (replaying would deliver it twice), \
             `NOT_DEAD_LETTERED` (no consumer dead-lettered it).", body = ErrorBody),
     ),
@@ -669,7 +667,8 @@ fn not_replayable(event_id: EventId, status: EventStatus) -> ApiError {
     }
 }
 
-/// The event-log row of the event id in `path`: 400 for a malformed id, 404 for no row.
+/// The event-log row of the event id in `path`: 400 for a malformed id, 404 for no row (as
+/// [`EventLookupErrors`] documents them).
 async fn find_event(state: &AppState, path: &str) -> Result<(EventId, EventRecord), ApiError> {
     let event_id = parse_event_id(path)?;
     let record = state

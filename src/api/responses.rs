@@ -97,6 +97,19 @@ impl IntoResponses for ActsAsUserErrors {
     }
 }
 
+/// 400 for an event id that is not a UUID and 404 for no such event: what the admin routes
+/// that read one event by the id in their path refuse.
+pub struct EventLookupErrors;
+
+impl IntoResponses for EventLookupErrors {
+    fn responses() -> Responses {
+        responses([
+            ("400", error_response("`INVALID_EVENT_ID`: not a UUID.")),
+            ("404", error_response("`NOT_FOUND`: no such event.")),
+        ])
+    }
+}
+
 /// What reading a request body may refuse, past the 400s each operation lists.
 pub struct BodyErrors;
 
