@@ -20,7 +20,7 @@ use crate::actors::consumer_group::ConsumerGroupState;
 use crate::actors::domain::DomainActorState;
 use crate::actors::lag::PartitionLag;
 use crate::api::auth::Admin;
-use crate::api::ranking::{RankingEntry, best_sellers};
+use crate::api::ranking::{self, RankingEntry};
 use crate::api::{AppState, uncached};
 use crate::kafka::dead_letter::DeadLetterRow;
 use crate::observability::outages::OutageView;
@@ -127,7 +127,7 @@ async fn view(state: &AppState) -> DashboardView {
             Vec::new()
         }
     };
-    let best_sellers = match best_sellers(state, 1, BEST_SELLERS_SHOWN).await {
+    let best_sellers = match ranking::best_sellers(state, 1, BEST_SELLERS_SHOWN).await {
         Ok(best) => best,
         Err(error) => {
             unavailable.push(format!("bestSellers: {error}"));
