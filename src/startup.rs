@@ -222,8 +222,108 @@ async fn connect_kafka(settings: &Settings) -> anyhow::Result<(Arc<KafkaCluster>
 }
 
 impl Wiring {
+    /// The wiring of the actors: on the actors' pool, with no actor started yet.
+    fn new(
+        settings: Settings,
+        clock: SharedClock,
+        stores: &Stores,
+        kafka: &KafkaCluster,
+        publisher: EventPublisher,
+        arbiters: Arc<ArbiterPool>,
+        spans: &crate::observability::otlp::Spans,
+    ) -> Self {
+        let actors_event_log = EventLog::new(stores.actors.clone());
+        Self {
+            outbox: Outbox::new(actors_event_log.clone(), publisher.clone()),
+            probes: PipelineProbes::new(actors_event_log).with_spans(spans.clone()),
+            redis: stores.redis.clone(),
+            publisher,
+            bootstrap_servers: kafka.bootstrap_servers().to_string(),
+            arbiters,
+            clock,
+            tree: ActorTree::default(),
+            consumers: Vec::new(),
+            outages: Outages::new(
+                Duration::from_secs(settings.retry.outage_alert_after_secs),
+                Some(settings.external.alert_url.clone()).filter(|url| !url.is_empty()),
+            ),
+            settings,
+        }
+    }
+
     fn event_log(&self) -> &EventLog {
         self.outbox.event_log()
+    }
+
+    /// Adds the push sessions' counters and the outages to the actor tree's views.
+    fn observe_sessions_and_outages(&mut self, sessions: &Sessions) {
+        let observed_sessions = sessions.clone();
+        self.tree.views.push((
+            "pushSessions",
+            Arc::new(move || {
+                serde_json::to_value(observed_sessions.state()).expect("session counters serialize")
+            }),
+        ));
+        let observed_outages = self.outages.clone();
+        self.tree.views.push((
+            "outages",
+            Arc::new(move || {
+                serde_json::to_value(observed_outages.state()).expect("outages serialize")
+            }),
+        ));
+    }
+
+    /// What the HTTP handlers work with. They have their own MySQL pool (see [`Stores`]),
+    /// and their own outbox on it.
+    fn app_state(
+        &self,
+        stores: &Stores,
+        sessions: &Sessions,
+        auth: Authenticator,
+        started: StartedForHttp,
+    ) -> AppState {
+        let settings = &self.settings;
+        let http_outbox = Outbox::new(EventLog::new(stores.http.clone()), self.publisher.clone());
+        AppState {
+            auth,
+            limits: LimitsState {
+                limiter: RateLimiter::new(stores.redis.clone()),
+                settings: settings.limits.clone(),
+                trusted_proxy_header: settings.http.trusted_proxy_header.clone(),
+            },
+            coupons: coupons_state(settings, stores, &http_outbox, sessions, started.intake),
+            shop: ShopState {
+                store: ShopStore::new(http_outbox.clone()),
+                cache: started.product_cache,
+            },
+            ranking: RankingState {
+                store: started.ranking,
+                max_days: settings
+                    .ranking
+                    .max_days
+                    .min(settings.ranking.retention_days),
+            },
+            operations: OperationsState {
+                event_log: http_outbox.event_log().clone(),
+                outbox: http_outbox,
+                redis: stores.redis.clone(),
+                publisher: self.publisher.clone(),
+                actors: self.tree.clone(),
+                scheduler: started.scheduler,
+                reconciler: started.reconciler,
+                outages: self.outages.clone(),
+                dead_letters: DeadLetterLog::new(stores.http.clone()),
+                consumers: Consumers::new(self.consumers.clone()),
+                pools: vec![
+                    ("actors", stores.actors.clone()),
+                    ("http", stores.http.clone()),
+                ],
+                lag: started.lag,
+                outbox_backlog: started.outbox_backlog,
+                dashboard_interval_ms: settings.metrics.dashboard_interval_ms,
+            },
+            clock: self.clock.clone(),
+        }
     }
 
     /// Starts a domain actor (its handler built by `factory` on the actor's arbiter) and the
@@ -514,6 +614,54 @@ impl Wiring {
     }
 }
 
+/// What the started slices hand to the HTTP handlers.
+struct StartedForHttp {
+    intake: CouponIntake,
+    product_cache: ProductCache,
+    ranking: RankingStore,
+    scheduler: Addr<RetryScheduler>,
+    reconciler: Addr<Reconciler>,
+    lag: LagView,
+    outbox_backlog: OutboxBacklogView,
+}
+
+/// The bearer-token verifier; warns when tokens are signed with the development secret.
+fn authenticator(settings: &Settings) -> anyhow::Result<Authenticator> {
+    let auth = Authenticator::from_settings(&settings.auth, &settings.kafka)?;
+    if auth.uses_development_secret() {
+        warn!(
+            "auth.jwt_secret is not set: tokens are signed with the development secret \
+             (embedded Kafka only); mint one with `commerce-events token --user <id>`"
+        );
+    }
+    Ok(auth)
+}
+
+/// What the coupon handlers work with: the store on the HTTP handlers' outbox, the intake,
+/// this instance's push sessions and tickets, and the configured bounds.
+fn coupons_state(
+    settings: &Settings,
+    stores: &Stores,
+    http_outbox: &Outbox,
+    sessions: &Sessions,
+    intake: CouponIntake,
+) -> CouponsState {
+    CouponsState {
+        store: CouponStore::new(http_outbox.clone())
+            .with_stock_shards(settings.coupons.stock_shards),
+        intake,
+        sessions: sessions.clone(),
+        push: settings.push.clone(),
+        tickets: PushTickets::new(
+            stores.redis.clone(),
+            Duration::from_secs(settings.push.ticket_ttl_secs),
+        ),
+        allowed_origins: settings.http.allowed_origins.clone(),
+        max_total_quantity: settings.coupons.max_total_quantity,
+        max_discount_amount: settings.coupons.max_discount_amount,
+    }
+}
+
 /// The HTTP server on the configured listener; returns it with its port.
 fn serve_http(
     settings: &Settings,
@@ -568,39 +716,18 @@ impl Application {
         let stores = Stores::connect(&settings).await?;
         let (kafka, publisher) = connect_kafka(&settings).await?;
         let arbiters = Arc::new(ArbiterPool::new(settings.kafka.consumer.partition_threads));
-        let actors_event_log = EventLog::new(stores.actors.clone());
-        let mut wiring = Wiring {
-            outbox: Outbox::new(actors_event_log.clone(), publisher.clone()),
-            probes: PipelineProbes::new(actors_event_log).with_spans(spans.clone()),
-            redis: stores.redis.clone(),
-            publisher: publisher.clone(),
-            bootstrap_servers: kafka.bootstrap_servers().to_string(),
-            arbiters: arbiters.clone(),
-            clock: clock.clone(),
-            tree: ActorTree::default(),
-            consumers: Vec::new(),
-            outages: Outages::new(
-                Duration::from_secs(settings.retry.outage_alert_after_secs),
-                Some(settings.external.alert_url.clone()).filter(|url| !url.is_empty()),
-            ),
+        let mut wiring = Wiring::new(
             settings,
-        };
-
+            clock.clone(),
+            &stores,
+            &kafka,
+            publisher.clone(),
+            arbiters.clone(),
+            &spans,
+        );
         let sessions = Sessions::default();
-        let observed_sessions = sessions.clone();
-        wiring.tree.views.push((
-            "pushSessions",
-            Arc::new(move || {
-                serde_json::to_value(observed_sessions.state()).expect("session counters serialize")
-            }),
-        ));
-        let observed_outages = wiring.outages.clone();
-        wiring.tree.views.push((
-            "outages",
-            Arc::new(move || {
-                serde_json::to_value(observed_outages.state()).expect("outages serialize")
-            }),
-        ));
+        wiring.observe_sessions_and_outages(&sessions);
+
         let intake = wiring.start_coupons(&sessions)?;
         let product_cache = wiring.start_shop()?;
         let ranking = wiring.start_ranking()?;
@@ -609,69 +736,18 @@ impl Application {
         let (reconciler, group_offsets) = wiring.start_reconciler(kafka.is_embedded());
         let (lag, outbox_backlog) = wiring.start_monitors(group_offsets.clone());
 
-        let settings = &wiring.settings;
-        let auth = Authenticator::from_settings(&settings.auth, &settings.kafka)?;
-        if auth.uses_development_secret() {
-            warn!(
-                "auth.jwt_secret is not set: tokens are signed with the development secret \
-                 (embedded Kafka only); mint one with `commerce-events token --user <id>`"
-            );
-        }
-        let http_outbox = Outbox::new(EventLog::new(stores.http.clone()), publisher.clone());
-        let state = AppState {
-            auth,
-            limits: LimitsState {
-                limiter: RateLimiter::new(stores.redis.clone()),
-                settings: settings.limits.clone(),
-                trusted_proxy_header: settings.http.trusted_proxy_header.clone(),
-            },
-            coupons: CouponsState {
-                store: CouponStore::new(http_outbox.clone())
-                    .with_stock_shards(settings.coupons.stock_shards),
-                intake,
-                sessions: sessions.clone(),
-                push: settings.push.clone(),
-                tickets: PushTickets::new(
-                    stores.redis.clone(),
-                    Duration::from_secs(settings.push.ticket_ttl_secs),
-                ),
-                allowed_origins: settings.http.allowed_origins.clone(),
-                max_total_quantity: settings.coupons.max_total_quantity,
-                max_discount_amount: settings.coupons.max_discount_amount,
-            },
-            shop: ShopState {
-                store: ShopStore::new(http_outbox.clone()),
-                cache: product_cache,
-            },
-            ranking: RankingState {
-                store: ranking,
-                max_days: settings
-                    .ranking
-                    .max_days
-                    .min(settings.ranking.retention_days),
-            },
-            operations: OperationsState {
-                event_log: http_outbox.event_log().clone(),
-                outbox: http_outbox,
-                redis: stores.redis.clone(),
-                publisher: publisher.clone(),
-                actors: wiring.tree.clone(),
-                scheduler: scheduler.clone(),
-                reconciler: reconciler.clone(),
-                outages: wiring.outages.clone(),
-                dead_letters: DeadLetterLog::new(stores.http.clone()),
-                consumers: Consumers::new(wiring.consumers.clone()),
-                pools: vec![
-                    ("actors", stores.actors.clone()),
-                    ("http", stores.http.clone()),
-                ],
-                lag,
-                outbox_backlog,
-                dashboard_interval_ms: settings.metrics.dashboard_interval_ms,
-            },
-            clock,
+        let auth = authenticator(&wiring.settings)?;
+        let started = StartedForHttp {
+            intake,
+            product_cache,
+            ranking,
+            scheduler: scheduler.clone(),
+            reconciler: reconciler.clone(),
+            lag,
+            outbox_backlog,
         };
-        let (server, port) = serve_http(settings, state, spans.clone())?;
+        let state = wiring.app_state(&stores, &sessions, auth, started);
+        let (server, port) = serve_http(&wiring.settings, state, spans.clone())?;
 
         Ok(Self {
             port,

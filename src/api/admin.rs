@@ -5,12 +5,12 @@ use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
 
 use crate::actors::tree::ObserveBackground;
-use crate::api::AppState;
 use crate::api::auth::Admin;
 use crate::api::error::{ApiError, ErrorBody, parse_object};
-use crate::api::responses::{AdminErrors, BodyErrors, ServerErrors};
+use crate::api::responses::{AdminErrors, BodyErrors, EventLookupErrors, ServerErrors};
+use crate::api::{AppState, OperationsState};
 use crate::delivery::scheduler::{Replay, Replayed};
-use crate::event_log::progress::{ConsumerProgress, RecordedIn};
+use crate::event_log::progress::{ConsumerProgress, ConsumerSpec, RecordedIn};
 use crate::event_log::{EventRecord, EventStatus, OutboxEvent};
 use crate::events::topics;
 use crate::events::{EventEnvelope, EventId, EventPayload, PipelineProbe};
@@ -197,10 +197,9 @@ pub struct EventView {
     params(("event_id" = EventId, Path, description = "The event's id.")),
     responses(
         AdminErrors,
+        EventLookupErrors,
         ServerErrors,
         (status = 200, description = "The event.", body = EventView),
-        (status = 400, description = "`INVALID_EVENT_ID`: not a UUID.", body = ErrorBody),
-        (status = 404, description = "`NOT_FOUND`: no such event.", body = ErrorBody),
     ),
     security(("bearerAuth" = []))
 )]
@@ -560,10 +559,9 @@ pub struct ReplayAccepted {
     params(("event_id" = EventId, Path, description = "The dead-lettered event's id.")),
     responses(
         AdminErrors,
+        EventLookupErrors,
         ServerErrors,
         (status = 202, description = "Replayed.", body = ReplayAccepted),
-        (status = 400, description = "`INVALID_EVENT_ID`: not a UUID.", body = ErrorBody),
-        (status = 404, description = "`NOT_FOUND`: no such event.", body = ErrorBody),
         (status = 409, description = "`ALREADY_COMPLETED` (replaying would deliver it twice), \
             `NOT_DEAD_LETTERED` (no consumer dead-lettered it).", body = ErrorBody),
     ),
@@ -603,12 +601,7 @@ pub async fn replay(
                     .await
                     .map_err(ApiError::from_store)?;
             }
-            operations
-                .dead_letters
-                .mark_replayed(event_id, Some(&consumer.group_id))
-                .await
-                .map_err(ApiError::from_store)?;
-            consumers.push(consumer.name);
+            mark_replayed_for(operations, event_id, consumer, &mut consumers).await?;
         }
     }
     let (status, next_attempt_at) = if record.status == EventStatus::DeadLetter {
@@ -626,12 +619,7 @@ pub async fn replay(
         for settlement in operations.consumers.of(&record) {
             let consumer = settlement.consumer();
             if consumer.recorded_in == RecordedIn::EventLog {
-                operations
-                    .dead_letters
-                    .mark_replayed(event_id, Some(&consumer.group_id))
-                    .await
-                    .map_err(ApiError::from_store)?;
-                consumers.push(consumer.name);
+                mark_replayed_for(operations, event_id, consumer, &mut consumers).await?;
             }
         }
         moved
@@ -648,6 +636,23 @@ pub async fn replay(
     }))
 }
 
+/// Marks `consumer`'s dead letters of the event replayed, and counts it among the
+/// consumers the event was handed back to.
+async fn mark_replayed_for(
+    operations: &OperationsState,
+    event_id: EventId,
+    consumer: &ConsumerSpec,
+    consumers: &mut Vec<&'static str>,
+) -> Result<(), ApiError> {
+    operations
+        .dead_letters
+        .mark_replayed(event_id, Some(&consumer.group_id))
+        .await
+        .map_err(ApiError::from_store)?;
+    consumers.push(consumer.name);
+    Ok(())
+}
+
 /// Why an event in `status` (not DEAD_LETTER) is not replayed.
 fn not_replayable(event_id: EventId, status: EventStatus) -> ApiError {
     match status {
@@ -662,7 +667,8 @@ fn not_replayable(event_id: EventId, status: EventStatus) -> ApiError {
     }
 }
 
-/// The event-log row of the event id in `path`: 400 for a malformed id, 404 for no row.
+/// The event-log row of the event id in `path`: 400 for a malformed id, 404 for no row (as
+/// [`EventLookupErrors`] documents them).
 async fn find_event(state: &AppState, path: &str) -> Result<(EventId, EventRecord), ApiError> {
     let event_id = parse_event_id(path)?;
     let record = state

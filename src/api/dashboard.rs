@@ -19,9 +19,9 @@ use serde::Serialize;
 use crate::actors::consumer_group::ConsumerGroupState;
 use crate::actors::domain::DomainActorState;
 use crate::actors::lag::PartitionLag;
-use crate::api::AppState;
 use crate::api::auth::Admin;
-use crate::api::error::ApiError;
+use crate::api::ranking::{self, RankingEntry};
+use crate::api::{AppState, uncached};
 use crate::kafka::dead_letter::DeadLetterRow;
 use crate::observability::outages::OutageView;
 use crate::outbox::OutboxBacklog;
@@ -49,10 +49,7 @@ const BEST_SELLERS_SHOWN: usize = 10;
     )
 )]
 pub async fn page() -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/html; charset=utf-8")
-        .insert_header((header::CACHE_CONTROL, "no-cache"))
-        .body(PAGE)
+    uncached("text/html; charset=utf-8", PAGE)
 }
 
 #[derive(Debug, Serialize)]
@@ -62,15 +59,6 @@ struct GroupView {
     group: ConsumerGroupState,
     /// Every partition of the group's topics, owned here or not.
     lag: Vec<PartitionLag>,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct BestSeller {
-    rank: usize,
-    product_id: crate::common::ids::ProductId,
-    name: Option<String>,
-    quantity: u64,
 }
 
 /// One view of the dashboard.
@@ -85,7 +73,7 @@ pub struct DashboardView {
     outbox_relay: serde_json::Value,
     retry_scheduler: serde_json::Value,
     outages: Vec<OutageView>,
-    best_sellers: Vec<BestSeller>,
+    best_sellers: Vec<RankingEntry>,
     /// Coupon requests decided by this instance since it started.
     coupon_decisions: CouponDecisions,
     /// Where a part of the view could not be read (a dependency down), by part.
@@ -139,7 +127,7 @@ async fn view(state: &AppState) -> DashboardView {
             Vec::new()
         }
     };
-    let best_sellers = match best_sellers(state).await {
+    let best_sellers = match ranking::best_sellers(state, 1, BEST_SELLERS_SHOWN).await {
         Ok(best) => best,
         Err(error) => {
             unavailable.push(format!("bestSellers: {error}"));
@@ -160,27 +148,6 @@ async fn view(state: &AppState) -> DashboardView {
         best_sellers,
         unavailable,
     }
-}
-
-async fn best_sellers(state: &AppState) -> Result<Vec<BestSeller>, ApiError> {
-    let today = state.clock.now().date_naive();
-    let ranked = state
-        .ranking
-        .store
-        .top(today, 1, BEST_SELLERS_SHOWN)
-        .await?;
-    let ids: Vec<_> = ranked.iter().map(|place| place.product_id).collect();
-    let names = state.shop.store.product_names(&ids).await?;
-    Ok(ranked
-        .into_iter()
-        .enumerate()
-        .map(|(index, place)| BestSeller {
-            rank: index + 1,
-            product_id: place.product_id,
-            name: names.get(&place.product_id).cloned(),
-            quantity: place.quantity,
-        })
-        .collect())
 }
 
 /// One view of the dashboard.

@@ -77,6 +77,36 @@ pub fn idempotency_key(
     Ok(Some(key))
 }
 
+/// The `Idempotency-Key` header as the document describes it, for the routes that replay
+/// a retry's first answer (`params(IdempotencyKeyHeader)`).
+pub struct IdempotencyKeyHeader;
+
+impl utoipa::IntoParams for IdempotencyKeyHeader {
+    fn into_params(
+        _parameter_in: impl Fn() -> Option<utoipa::openapi::path::ParameterIn>,
+    ) -> Vec<utoipa::openapi::path::Parameter> {
+        use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
+        use utoipa::openapi::{ObjectBuilder, Required, schema::Type};
+        let key = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(1))
+            .max_length(Some(128))
+            .pattern(Some("^[!-~]+$"));
+        vec![
+            ParameterBuilder::new()
+                .name("Idempotency-Key")
+                .parameter_in(ParameterIn::Header)
+                .description(Some(
+                    "Names this request's retries: 1 to 128 visible ASCII characters; a retry \
+                     with the same key gets the first answer again (`Idempotent-Replay: true`).",
+                ))
+                .required(Required::False)
+                .schema(Some(key))
+                .build(),
+        ]
+    }
+}
+
 /// 422 for a key reused with another request.
 pub fn key_reused() -> ApiError {
     ApiError::Unprocessable {

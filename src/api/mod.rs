@@ -240,6 +240,15 @@ pub fn configure(config: &mut web::ServiceConfig) {
     register(config);
 }
 
+/// A document served as it is, to be fetched again each time (`Cache-Control: no-cache`):
+/// the dashboard's page, the OpenAPI document, Swagger UI's page.
+pub fn uncached(content_type: &'static str, body: &'static str) -> actix_web::HttpResponse {
+    actix_web::HttpResponse::Ok()
+        .content_type(content_type)
+        .insert_header((actix_web::http::header::CACHE_CONTROL, "no-cache"))
+        .body(body)
+}
+
 /// The middleware that gives actix-web's own error responses the common JSON shape.
 pub fn json_errors<B: actix_web::body::MessageBody + 'static>() -> ErrorHandlers<B> {
     let mut handlers = ErrorHandlers::new().default_handler(error::into_json_error);

@@ -19,6 +19,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::responses::ServerErrors;
+use crate::api::uncached;
 
 /// The name of the bearer security scheme in the document.
 pub const BEARER: &str = "bearerAuth";
@@ -165,10 +166,7 @@ pub fn document() -> &'static str {
     )
 )]
 pub async fn openapi() -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("application/json")
-        .insert_header((header::CACHE_CONTROL, "no-cache"))
-        .body(document())
+    uncached("application/json", document())
 }
 
 /// Swagger UI, reading `/openapi.json` (its assets are served under `/docs/`).
@@ -212,10 +210,7 @@ const SWAGGER_UI_PAGE: &str = r##"<!doctype html>
     )
 )]
 pub async fn swagger_ui() -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/html; charset=utf-8")
-        .insert_header((header::CACHE_CONTROL, "no-cache"))
-        .body(SWAGGER_UI_PAGE)
+    uncached("text/html; charset=utf-8", SWAGGER_UI_PAGE)
 }
 
 /// The vendored Swagger UI files: name, content type, content.

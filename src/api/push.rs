@@ -56,6 +56,15 @@ pub struct ChannelQuery {
     pub after: Option<String>,
 }
 
+/// SSE's `Last-Event-ID` header, which either channel takes.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct ResumeHeader {
+    /// Resume after this event (as `?after=`).
+    #[param(rename = "Last-Event-ID", nullable = false)]
+    pub last_event_id: Option<EventId>,
+}
+
 /// A single-use ticket that opens one push channel.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -211,11 +220,7 @@ impl ResultFeed {
     path = "/ws",
     tag = "push",
     operation_id = "pushWebSocket",
-    params(
-        ChannelQuery,
-        ("Last-Event-ID" = Option<EventId>, Header, nullable = false,
-            description = "Resume after this event (as `?after=`)."),
-    ),
+    params(ChannelQuery, ResumeHeader),
     responses(
         ActsAsUserErrors,
         ServerErrors,
@@ -302,8 +307,7 @@ pub async fn websocket(
     params(
         ("user_id" = UserId, Path, description = "The caller's own user id."),
         ChannelQuery,
-        ("Last-Event-ID" = Option<EventId>, Header, nullable = false,
-            description = "Resume after this event (as `?after=`)."),
+        ResumeHeader,
     ),
     responses(
         ActsAsUserErrors,

@@ -72,11 +72,22 @@ pub async fn ranking(
             format!("limit must be between 1 and {MAX_RANKING_LIMIT}"),
         ));
     }
+    let entries = best_sellers(&state, days, limit as usize).await?;
+    Ok(HttpResponse::Ok().json(entries))
+}
+
+/// The `limit` best sellers over the last `days` days (today included), best first, with
+/// their products' names.
+pub async fn best_sellers(
+    state: &AppState,
+    days: u32,
+    limit: usize,
+) -> Result<Vec<RankingEntry>, ApiError> {
     let today = state.clock.now().date_naive();
-    let ranked = state.ranking.store.top(today, days, limit as usize).await?;
+    let ranked = state.ranking.store.top(today, days, limit).await?;
     let ids: Vec<ProductId> = ranked.iter().map(|place| place.product_id).collect();
     let names = state.shop.store.product_names(&ids).await?;
-    let entries: Vec<RankingEntry> = ranked
+    Ok(ranked
         .into_iter()
         .enumerate()
         .map(|(index, place)| RankingEntry {
@@ -85,6 +96,5 @@ pub async fn ranking(
             name: names.get(&place.product_id).cloned(),
             quantity: place.quantity,
         })
-        .collect();
-    Ok(HttpResponse::Ok().json(entries))
+        .collect())
 }

@@ -50,6 +50,12 @@ fn unauthorized() -> openapi::ResponseBuilder {
     )
 }
 
+/// 401 for a token that is missing or not valid, and 403 (`forbidden`) for a valid one
+/// that may not do this.
+fn unauthorized_or_forbidden(forbidden: &str) -> Responses {
+    responses([("401", unauthorized()), ("403", error_response(forbidden))])
+}
+
 /// 401 for a route any valid token may call.
 pub struct Authenticated;
 
@@ -64,13 +70,7 @@ pub struct AdminErrors;
 
 impl IntoResponses for AdminErrors {
     fn responses() -> Responses {
-        responses([
-            ("401", unauthorized()),
-            (
-                "403",
-                error_response("`FORBIDDEN`: the token does not have the admin role."),
-            ),
-        ])
+        unauthorized_or_forbidden("`FORBIDDEN`: the token does not have the admin role.")
     }
 }
 
@@ -79,16 +79,9 @@ pub struct ReadsUserErrors;
 
 impl IntoResponses for ReadsUserErrors {
     fn responses() -> Responses {
-        responses([
-            ("401", unauthorized()),
-            (
-                "403",
-                error_response(
-                    "`FORBIDDEN`: the resource is another user's (only its user or an admin \
-                     reads it).",
-                ),
-            ),
-        ])
+        unauthorized_or_forbidden(
+            "`FORBIDDEN`: the resource is another user's (only its user or an admin reads it).",
+        )
     }
 }
 
@@ -97,15 +90,22 @@ pub struct ActsAsUserErrors;
 
 impl IntoResponses for ActsAsUserErrors {
     fn responses() -> Responses {
+        unauthorized_or_forbidden(
+            "`FORBIDDEN`: the request names another user than the token's (nobody, an admin \
+             neither, acts in another user's name).",
+        )
+    }
+}
+
+/// 400 for an event id that is not a UUID and 404 for no such event: what the admin routes
+/// that read one event by the id in their path refuse.
+pub struct EventLookupErrors;
+
+impl IntoResponses for EventLookupErrors {
+    fn responses() -> Responses {
         responses([
-            ("401", unauthorized()),
-            (
-                "403",
-                error_response(
-                    "`FORBIDDEN`: the request names another user than the token's (nobody, \
-                     an admin neither, acts in another user's name).",
-                ),
-            ),
+            ("400", error_response("`INVALID_EVENT_ID`: not a UUID.")),
+            ("404", error_response("`NOT_FOUND`: no such event.")),
         ])
     }
 }

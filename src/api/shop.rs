@@ -9,7 +9,9 @@ use serde::Deserialize;
 use crate::api::AppState;
 use crate::api::auth::{Admin, Caller};
 use crate::api::error::{ApiError, ErrorBody, JsonObject};
-use crate::api::guard::{idempotency_key, key_reused, limit_anonymous, limit_user, replay};
+use crate::api::guard::{
+    IdempotencyKeyHeader, idempotency_key, key_reused, limit_anonymous, limit_user, replay,
+};
 use crate::api::input::name;
 use crate::api::responses::{
     ActsAsUserErrors, AdminErrors, BodyErrors, RateLimited, ReadsUserErrors, ServerErrors,
@@ -182,12 +184,10 @@ pub struct Charge {
     tag = "shop",
     operation_id = "chargeBalance",
     request_body = Charge,
-    params(("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1,
-        max_length = 128,
-        pattern = "^[!-~]+$",
-        description = "Names this request's retries: 1 to 128 visible ASCII characters; a \
-            retry with the same key gets the first answer again (`Idempotent-Replay: true`)."),
-        ("user_id" = UserId, Path, description = "The caller's own user id.")),
+    params(
+        IdempotencyKeyHeader,
+        ("user_id" = UserId, Path, description = "The caller's own user id."),
+    ),
     responses(
         ActsAsUserErrors,
         BodyErrors,
@@ -480,12 +480,7 @@ pub struct CreateOrder {
     tag = "shop",
     operation_id = "createOrder",
     request_body = CreateOrder,
-    params(("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1,
-        max_length = 128,
-        pattern = "^[!-~]+$",
-        description = "Names this request's retries: 1 to 128 visible ASCII characters; a \
-            retry with the same key gets the first answer again (`Idempotent-Replay: true`)."),
-    ),
+    params(IdempotencyKeyHeader),
     responses(
         ActsAsUserErrors,
         BodyErrors,
@@ -600,13 +595,7 @@ pub async fn order(
     caller: Caller,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let order_id: OrderId = path.parse()?;
-    let order = state
-        .shop
-        .store
-        .order(order_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("order {order_id}")))?;
+    let order = existing_order(&state, path.parse()?).await?;
     caller.may_read(order.user_id)?;
     Ok(HttpResponse::Ok().json(order))
 }
@@ -620,12 +609,10 @@ pub async fn order(
     path = "/orders/{order_id}/pay",
     tag = "shop",
     operation_id = "payOrder",
-    params(("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1,
-        max_length = 128,
-        pattern = "^[!-~]+$",
-        description = "Names this request's retries: 1 to 128 visible ASCII characters; a \
-            retry with the same key gets the first answer again (`Idempotent-Replay: true`)."),
-        ("order_id" = OrderId, Path, description = "The order's id.")),
+    params(
+        IdempotencyKeyHeader,
+        ("order_id" = OrderId, Path, description = "The order's id."),
+    ),
     responses(
         ActsAsUserErrors,
         RateLimited,
@@ -648,12 +635,7 @@ pub async fn pay(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let order_id: OrderId = path.parse()?;
-    let order = state
-        .shop
-        .store
-        .order(order_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("order {order_id}")))?;
+    let order = existing_order(&state, order_id).await?;
     // Only the buyer pays, with their balance and coupon; never an admin for them.
     caller.acts_as(Some(order.user_id))?;
     let key = idempotency_key(&request, &caller, "pay", order_id.to_string().as_bytes())?;
@@ -671,6 +653,16 @@ pub async fn pay(
         }
         Answered::Replay(answer) => Ok(replay(&answer)),
     }
+}
+
+/// The order `order_id`, or 404.
+async fn existing_order(state: &AppState, order_id: OrderId) -> Result<Order, ApiError> {
+    state
+        .shop
+        .store
+        .order(order_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("order {order_id}")))
 }
 
 /// Writes the committed product changes among `events` to the cache at once (the same

@@ -15,7 +15,7 @@ use crate::event_log::{EventRecord, EventStatus};
 use crate::events::EventType;
 use crate::kafka::dead_letter::DeadLetterRow;
 use crate::kafka::producer::EventPublisher;
-use crate::outbox::settlement::{Settlement, SettlementError, publish_again};
+use crate::outbox::settlement::{Settlement, SettlementError, publish_again, settled_each};
 
 pub struct ResultSettlement {
     consumer: ConsumerSpec,
@@ -63,17 +63,12 @@ impl Settlement for ResultSettlement {
         &'a self,
         page: &'a [EventRecord],
     ) -> LocalBoxFuture<'a, Result<Vec<bool>, SettlementError>> {
-        let settled = page
-            .iter()
-            .map(|record| {
-                // A request decided before results were recorded in their requests' rows
-                // has a result row of its own, which the relay publishes.
-                let legacy =
-                    record.status == EventStatus::Completed && result_event(record).is_none();
-                result_settled(record.status) || legacy
-            })
-            .collect();
-        Box::pin(async move { Ok(settled) })
+        settled_each(page, |record| {
+            // A request decided before results were recorded in their requests' rows has a
+            // result row of its own, which the relay publishes.
+            let legacy = record.status == EventStatus::Completed && result_event(record).is_none();
+            result_settled(record.status) || legacy
+        })
     }
 
     fn waiting_since(&self, record: &EventRecord) -> Option<DateTime<Utc>> {

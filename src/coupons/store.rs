@@ -152,18 +152,18 @@ impl CouponStore {
     pub async fn create(&self, coupon: &NewCoupon) -> Result<Coupon, CouponStoreError> {
         let shards = split_stock(coupon.total_quantity, self.stock_shards);
         let mut transaction = self.outbox.event_log().pool().begin().await?;
-        let inserted = sqlx::query(
+        let inserted = sqlx::query!(
             "INSERT INTO coupon (name, discount_amount, total_quantity, stock_shards, \
                                  valid_from, valid_until) \
              VALUES (?, ?, ?, ?, ?, ?)",
+            coupon.name,
+            coupon.discount_amount,
+            coupon.total_quantity,
+            shards.len() as u16,
+            // As DATETIME, not TIMESTAMP: a TIMESTAMP parameter ends in 2038.
+            coupon.valid_from.naive_utc(),
+            coupon.valid_until.naive_utc(),
         )
-        .bind(&coupon.name)
-        .bind(coupon.discount_amount)
-        .bind(coupon.total_quantity)
-        .bind(shards.len() as u16)
-        // As DATETIME, not TIMESTAMP: a TIMESTAMP parameter ends in 2038.
-        .bind(coupon.valid_from.naive_utc())
-        .bind(coupon.valid_until.naive_utc())
         .execute(&mut *transaction)
         .await?;
         let coupon_id =
@@ -187,13 +187,16 @@ impl CouponStore {
     }
 
     pub async fn find(&self, coupon_id: CouponId) -> Result<Option<Coupon>, CouponStoreError> {
-        let row: Option<FoundCoupon> = sqlx::query_as(
-            "SELECT c.coupon_id, c.name, c.discount_amount, c.total_quantity, \
-                    s.issued_quantity, c.valid_from, c.valid_until \
-             FROM coupon c JOIN coupon_stock s ON s.coupon_id = c.coupon_id \
-             WHERE c.coupon_id = ?",
+        let row = sqlx::query_as!(
+            FoundCoupon,
+            r#"SELECT c.coupon_id AS "coupon_id: CouponId", c.name, c.discount_amount,
+                      c.total_quantity, s.issued_quantity AS "issued_quantity!: u64",
+                      c.valid_from AS "valid_from: DateTime<Utc>",
+                      c.valid_until AS "valid_until: DateTime<Utc>"
+               FROM coupon c JOIN coupon_stock s ON s.coupon_id = c.coupon_id
+               WHERE c.coupon_id = ?"#,
+            coupon_id,
         )
-        .bind(coupon_id)
         .fetch_optional(self.outbox.event_log().pool())
         .await?;
         Ok(row.map(|row| {
@@ -351,6 +354,10 @@ enum Locking {
     Pessimistic,
 }
 
+/// Decides and applies one batch in the caller's transaction (see [`CouponStore::issue`]),
+/// step by step, in the order its statements run: lock the requests' event-log rows, read
+/// the coupons, decide each coupon's requests, insert the histories, record the decisions,
+/// and last take the stock.
 async fn issue_in(
     transaction: &mut OutboxTransaction,
     batch: &[CouponRequest],
@@ -363,11 +370,36 @@ async fn issue_in(
         .collect();
     let statuses = EventLog::lock_statuses_in(transaction, &event_ids).await?;
     let mut outcomes = vec![RequestOutcome::AlreadyDecided; batch.len()];
+    let pending = pending_by_coupon(batch, &event_ids, &statuses, &mut outcomes);
+    if pending.is_empty() {
+        return Ok(outcomes);
+    }
+    let coupons = read_coupons(transaction, pending.keys().copied().collect(), locking).await?;
+    let decided = decide_pending(transaction, &pending, &coupons, &mut outcomes).await?;
+    let history_ids = match insert_histories(transaction, &decided.issued).await {
+        Err(CouponStoreError::Database(error)) if is_duplicate_key(&error) => {
+            return Err(CouponStoreError::StaleDecision);
+        }
+        inserted => inserted?,
+    };
+    record_decisions(transaction, batch, &mut outcomes, &history_ids).await?;
+    take_decided_stock(transaction, &coupons, decided.stock_taken, locking, home).await?;
+    Ok(outcomes)
+}
 
-    // Pending requests per coupon, in batch (offset) order, remembering their position.
+/// The requests of a batch still to decide, per coupon, in batch (offset) order with their
+/// position in the batch. A request without an event-log row is marked
+/// [`RequestOutcome::NotRecorded`]; one already decided, or repeated in the batch, is left
+/// [`RequestOutcome::AlreadyDecided`].
+fn pending_by_coupon(
+    batch: &[CouponRequest],
+    event_ids: &[EventId],
+    statuses: &BTreeMap<EventId, EventStatus>,
+    outcomes: &mut [RequestOutcome],
+) -> BTreeMap<CouponId, Vec<(usize, IssueRequest)>> {
     let mut pending: BTreeMap<CouponId, Vec<(usize, IssueRequest)>> = BTreeMap::new();
     let mut seen_in_batch = BTreeSet::new();
-    for (position, (item, event_id)) in batch.iter().zip(&event_ids).enumerate() {
+    for (position, (item, event_id)) in batch.iter().zip(event_ids).enumerate() {
         let undecided = matches!(
             statuses.get(event_id),
             Some(EventStatus::Pending | EventStatus::Published | EventStatus::InProgress)
@@ -381,21 +413,38 @@ async fn issue_in(
                 .push((position, item.request));
         }
     }
-    if pending.is_empty() {
-        return Ok(outcomes);
-    }
+    pending
+}
 
-    let coupons = read_coupons(transaction, pending.keys().copied().collect(), locking).await?;
-    let mut issued_rows: Vec<(CouponId, IssueRequest)> = Vec::new();
-    let mut stock_taken: Vec<(CouponId, u32)> = Vec::new();
-    for (coupon_id, requests) in &pending {
+/// What deciding a batch's pending requests leaves to write.
+struct Decided {
+    /// The requests issued, a coupon history each.
+    issued: Vec<(CouponId, IssueRequest)>,
+    /// How many units each coupon gives, in coupon order.
+    stock_taken: Vec<(CouponId, u32)>,
+}
+
+/// Decides each coupon's pending requests with [`decide_issues`] (reading which of their
+/// users already hold the coupon) and marks them [`RequestOutcome::Decided`], without their
+/// coupon histories yet.
+async fn decide_pending(
+    connection: &mut MySqlConnection,
+    pending: &BTreeMap<CouponId, Vec<(usize, IssueRequest)>>,
+    coupons: &BTreeMap<CouponId, ReadCoupon>,
+    outcomes: &mut [RequestOutcome],
+) -> Result<Decided, CouponStoreError> {
+    let mut decided = Decided {
+        issued: Vec::new(),
+        stock_taken: Vec::new(),
+    };
+    for (coupon_id, requests) in pending {
         let coupon = coupons.get(coupon_id).map(|read| &read.state);
         let users: Vec<UserId> = requests
             .iter()
             .map(|(_, request)| request.user_id)
             .collect();
         let holders = match coupon {
-            Some(_) => holders_among(transaction, *coupon_id, &users).await?,
+            Some(_) => holders_among(connection, *coupon_id, &users).await?,
             None => BTreeSet::new(),
         };
         let plain: Vec<IssueRequest> = requests.iter().map(|(_, request)| *request).collect();
@@ -405,7 +454,7 @@ async fn issue_in(
             .filter(|decision| **decision == IssueDecision::Issue)
             .count() as u32;
         if issued_now > 0 {
-            stock_taken.push((*coupon_id, issued_now));
+            decided.stock_taken.push((*coupon_id, issued_now));
         }
         for ((position, request), decision) in requests.iter().zip(decisions) {
             outcomes[*position] = RequestOutcome::Decided {
@@ -413,53 +462,42 @@ async fn issue_in(
                 coupon_history_id: None,
             };
             if decision == IssueDecision::Issue {
-                issued_rows.push((*coupon_id, *request));
+                decided.issued.push((*coupon_id, *request));
             }
         }
     }
-    let history_ids = match insert_histories(transaction, &issued_rows).await {
-        Err(CouponStoreError::Database(error)) if is_duplicate_key(&error) => {
-            return Err(CouponStoreError::StaleDecision);
-        }
-        inserted => inserted?,
-    };
+    Ok(decided)
+}
 
-    // Decided either way, the request is COMPLETED: a refusal is its business result (the
-    // reason), not a processing failure. Its row records the decision with the id of the
-    // result event announcing it, so the result needs no row of its own: it is published
-    // after the commit, and the request's row is rebuilt into it when it must be published
-    // again (see `coupons::results`).
+/// Completes the decided requests' event-log rows, each with its decision and the id of
+/// the result event announcing it, and hands those result events to the transaction to
+/// publish after the commit. The outcomes get their coupon histories.
+///
+/// Decided either way, the request is COMPLETED: a refusal is its business result (the
+/// reason), not a processing failure. Its row records the decision with the id of the
+/// result event, so the result needs no row of its own: it is published after the commit,
+/// and the request's row is rebuilt into it when it must be published again (see
+/// `coupons::results`).
+async fn record_decisions(
+    transaction: &mut OutboxTransaction,
+    batch: &[CouponRequest],
+    outcomes: &mut [RequestOutcome],
+    history_ids: &BTreeMap<RequestId, CouponHistoryId>,
+) -> Result<(), CouponStoreError> {
     let mut decisions = Vec::new();
     let mut results = Vec::new();
     for (position, item) in batch.iter().enumerate() {
         let RequestOutcome::Decided { decision, .. } = outcomes[position] else {
             continue;
         };
-        let request = item.request;
-        let coupon_history_id = history_ids.get(&request.request_id).copied();
+        let coupon_history_id = history_ids.get(&item.request.request_id).copied();
         outcomes[position] = RequestOutcome::Decided {
             decision,
             coupon_history_id,
         };
-        let reason = match decision {
-            IssueDecision::Issue => None,
-            IssueDecision::Refuse(reason) => Some(reason),
-        };
-        let result = CouponResult {
-            request_id: request.request_id,
-            user_id: request.user_id,
-            coupon_id: item.coupon_id,
-            success: decision == IssueDecision::Issue,
-            coupon_history_id,
-            reason,
-        };
-        let envelope = EventEnvelope::new(
-            request.user_id.partition_key(),
-            EventPayload::CouponResult(result.clone()),
-        )
-        .continuing(item.traceparent.as_deref());
+        let (envelope, result) = result_of(item, decision, coupon_history_id);
         decisions.push((
-            EventId::from(request.request_id),
+            EventId::from(item.request.request_id),
             RecordedDecision::of(envelope.event_id, &result).to_json(),
         ));
         results.push(OutboxEvent::new(envelope));
@@ -471,19 +509,57 @@ async fn issue_in(
     )
     .await?;
     transaction.publish_proven(results);
+    Ok(())
+}
 
-    // Last, in coupon order: from here to the commit the coupon rows (or the shard rows
-    // taken from) are locked.
+/// The result event of a decided request, continuing the request's trace, and the result
+/// it carries.
+fn result_of(
+    item: &CouponRequest,
+    decision: IssueDecision,
+    coupon_history_id: Option<CouponHistoryId>,
+) -> (EventEnvelope, CouponResult) {
+    let request = item.request;
+    let reason = match decision {
+        IssueDecision::Issue => None,
+        IssueDecision::Refuse(reason) => Some(reason),
+    };
+    let result = CouponResult {
+        request_id: request.request_id,
+        user_id: request.user_id,
+        coupon_id: item.coupon_id,
+        success: decision == IssueDecision::Issue,
+        coupon_history_id,
+        reason,
+    };
+    let envelope = EventEnvelope::new(
+        request.user_id.partition_key(),
+        EventPayload::CouponResult(result.clone()),
+    )
+    .continuing(item.traceparent.as_deref());
+    (envelope, result)
+}
+
+/// Takes the decided units from each coupon's stock, in coupon order: from here to the
+/// commit the coupon rows (or the shard rows taken from) are locked. A coupon whose stock
+/// cannot give them means the decision was stale (optimistic) or wrong (pessimistic).
+async fn take_decided_stock(
+    connection: &mut MySqlConnection,
+    coupons: &BTreeMap<CouponId, ReadCoupon>,
+    stock_taken: Vec<(CouponId, u32)>,
+    locking: Locking,
+    home: u32,
+) -> Result<(), CouponStoreError> {
     for (coupon_id, count) in stock_taken {
         let stock = &coupons[&coupon_id].stock;
-        if !take_stock(transaction, coupon_id, stock, count, home).await? {
+        if !take_stock(connection, coupon_id, stock, count, home).await? {
             return Err(match locking {
                 Locking::Optimistic => CouponStoreError::StaleDecision,
                 Locking::Pessimistic => CouponStoreError::StockInvariant(coupon_id),
             });
         }
     }
-    Ok(outcomes)
+    Ok(())
 }
 
 /// A coupon row as the issuer reads it (its issued count summed over its shards).
@@ -498,7 +574,6 @@ struct CouponRow {
 }
 
 /// A coupon as `find` reads it.
-#[derive(sqlx::FromRow)]
 struct FoundCoupon {
     coupon_id: CouponId,
     name: String,
@@ -531,8 +606,25 @@ async fn read_coupons(
     coupon_ids: Vec<CouponId>,
     locking: Locking,
 ) -> Result<BTreeMap<CouponId, ReadCoupon>, CouponStoreError> {
-    // Unlocked, the view sums a sharded coupon's shards; locked, the coupon rows are read
-    // alone and the shards below.
+    let rows = select_coupon_rows(connection, &coupon_ids, locking).await?;
+    let mut coupons: BTreeMap<CouponId, ReadCoupon> = rows
+        .into_iter()
+        .map(|row| (row.coupon_id, ReadCoupon::from_row(row)))
+        .collect();
+    if locking == Locking::Pessimistic {
+        lock_shards(connection, &mut coupons).await?;
+    }
+    Ok(coupons)
+}
+
+/// The coupon rows of `coupon_ids`, in key order. Unlocked, the view sums a sharded
+/// coupon's shards; locked (`FOR UPDATE`), the coupon rows are read alone and the shards
+/// by [`lock_shards`].
+async fn select_coupon_rows(
+    connection: &mut MySqlConnection,
+    coupon_ids: &[CouponId],
+    locking: Locking,
+) -> Result<Vec<CouponRow>, CouponStoreError> {
     let mut select = QueryBuilder::new(match locking {
         Locking::Optimistic => {
             "SELECT c.coupon_id, c.total_quantity, s.issued_quantity, c.stock_shards, \
@@ -548,68 +640,79 @@ async fn read_coupons(
         }
     });
     let mut separated = select.separated(", ");
-    for coupon_id in &coupon_ids {
+    for coupon_id in coupon_ids {
         separated.push_bind(*coupon_id);
     }
     select.push(") ORDER BY c.coupon_id");
     if locking == Locking::Pessimistic {
         select.push(" FOR UPDATE");
     }
-    let rows: Vec<CouponRow> = select.build_query_as().fetch_all(&mut *connection).await?;
-    let mut coupons: BTreeMap<CouponId, ReadCoupon> = rows
-        .into_iter()
-        .map(|row| {
-            let stock = if row.stock_shards > 1 {
-                Stock::Shards {
-                    shards: row.stock_shards,
-                    left: Vec::new(),
-                }
-            } else {
-                Stock::Row
-            };
-            let state = CouponState {
-                coupon_id: row.coupon_id,
-                total_quantity: row.total_quantity,
-                issued_quantity: u32::try_from(row.issued_quantity).unwrap_or(u32::MAX),
-                valid_from: row.valid_from,
-                valid_until: row.valid_until,
-            };
-            (row.coupon_id, ReadCoupon { state, stock })
-        })
-        .collect();
+    Ok(select.build_query_as().fetch_all(&mut *connection).await?)
+}
+
+impl ReadCoupon {
+    /// The state a coupon row gives, its stock kept in the row or in shards (whose units
+    /// left are read only when they are locked).
+    fn from_row(row: CouponRow) -> Self {
+        let stock = if row.stock_shards > 1 {
+            Stock::Shards {
+                shards: row.stock_shards,
+                left: Vec::new(),
+            }
+        } else {
+            Stock::Row
+        };
+        let state = CouponState {
+            coupon_id: row.coupon_id,
+            total_quantity: row.total_quantity,
+            issued_quantity: u32::try_from(row.issued_quantity).unwrap_or(u32::MAX),
+            valid_from: row.valid_from,
+            valid_until: row.valid_until,
+        };
+        ReadCoupon { state, stock }
+    }
+}
+
+/// Locks the shard rows of the sharded coupons among `coupons` (in (coupon, shard) order)
+/// and records what each shard has left; locked, the shards' sum is exact, so it becomes
+/// the coupon's issued count.
+async fn lock_shards(
+    connection: &mut MySqlConnection,
+    coupons: &mut BTreeMap<CouponId, ReadCoupon>,
+) -> Result<(), CouponStoreError> {
     let sharded: Vec<CouponId> = coupons
         .iter()
         .filter(|(_, read)| matches!(read.stock, Stock::Shards { .. }))
         .map(|(coupon_id, _)| *coupon_id)
         .collect();
-    if locking == Locking::Pessimistic && !sharded.is_empty() {
-        let mut select = QueryBuilder::new(
-            "SELECT coupon_id, total_quantity, issued_quantity FROM coupon_stock_shard \
-             WHERE coupon_id IN (",
-        );
-        let mut separated = select.separated(", ");
-        for coupon_id in &sharded {
-            separated.push_bind(*coupon_id);
-        }
-        select.push(") ORDER BY coupon_id, shard FOR UPDATE");
-        let shards: Vec<(CouponId, u32, u32)> =
-            select.build_query_as().fetch_all(&mut *connection).await?;
-        for (coupon_id, total, issued) in shards {
-            let read = coupons.get_mut(&coupon_id).expect("read above");
-            if let Stock::Shards { left, .. } = &mut read.stock {
-                left.push(total.saturating_sub(issued));
-            }
-        }
-        // Locked, the shards' sum is exact.
-        for coupon_id in &sharded {
-            let read = coupons.get_mut(coupon_id).expect("read above");
-            if let Stock::Shards { left, .. } = &read.stock {
-                let left: u32 = left.iter().sum();
-                read.state.issued_quantity = read.state.total_quantity.saturating_sub(left);
-            }
+    if sharded.is_empty() {
+        return Ok(());
+    }
+    let mut select = QueryBuilder::new(
+        "SELECT coupon_id, total_quantity, issued_quantity FROM coupon_stock_shard \
+         WHERE coupon_id IN (",
+    );
+    let mut separated = select.separated(", ");
+    for coupon_id in &sharded {
+        separated.push_bind(*coupon_id);
+    }
+    select.push(") ORDER BY coupon_id, shard FOR UPDATE");
+    let shards: Vec<(CouponId, u32, u32)> =
+        select.build_query_as().fetch_all(&mut *connection).await?;
+    for (coupon_id, total, issued) in shards {
+        let read = coupons.get_mut(&coupon_id).expect("read above");
+        if let Stock::Shards { left, .. } = &mut read.stock {
+            left.push(total.saturating_sub(issued));
         }
     }
-    Ok(coupons)
+    for coupon_id in &sharded {
+        let read = coupons.get_mut(coupon_id).expect("read above");
+        if let Stock::Shards { left, .. } = &read.stock {
+            let units_left: u32 = left.iter().sum();
+            read.state.issued_quantity = read.state.total_quantity.saturating_sub(units_left);
+        }
+    }
+    Ok(())
 }
 
 /// A coupon's stock split over `shards` rows: as even as can be, the first ones one larger;
@@ -696,14 +799,14 @@ async fn take_stock(
         },
     };
     for (shard, units) in taken {
-        let updated = sqlx::query(
+        let updated = sqlx::query!(
             "UPDATE coupon_stock_shard SET issued_quantity = issued_quantity + ? \
              WHERE coupon_id = ? AND shard = ? AND issued_quantity + ? <= total_quantity",
+            units,
+            coupon_id,
+            shard,
+            units,
         )
-        .bind(units)
-        .bind(coupon_id)
-        .bind(shard)
-        .bind(units)
         .execute(&mut *connection)
         .await?;
         if updated.rows_affected() != 1 {

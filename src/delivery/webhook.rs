@@ -28,6 +28,8 @@ use sha2::Sha256;
 
 use crate::config::ExternalSettings;
 use crate::events::{EventEnvelope, EventType};
+use crate::observability::otlp::{SpanKind, SpanRecord};
+use crate::observability::trace::{TRACEPARENT, TraceParent};
 
 pub const ID_HEADER: &str = "webhook-id";
 pub const TIMESTAMP_HEADER: &str = "webhook-timestamp";
@@ -243,7 +245,9 @@ impl WebhookDeliverer {
         self.targets.contains_key(&event_type)
     }
 
-    /// One attempt at delivering `event`, made at `now`.
+    /// One attempt at delivering `event`, made at `now`: its body written to its type's
+    /// target, the answer classed, and the attempt exported as a client span when the event
+    /// is part of a trace.
     pub async fn deliver(&self, event: &EventEnvelope, now: DateTime<Utc>) -> DeliveryOutcome {
         let Some(target) = self.targets.get(&event.event_type()) else {
             return DeliveryOutcome::Rejected {
@@ -251,81 +255,21 @@ impl WebhookDeliverer {
             };
         };
         let id = event.event_id.to_string();
-        let body = serde_json::to_vec(&WebhookBody {
-            kind: event.event_type().as_str(),
-            event_id: id.clone(),
-            timestamp: event.occurred_at,
-            data: event.payload_json(),
-        })
-        .expect("a webhook body serializes");
+        let body = webhook_body(event, &id);
         let url = match target {
             Target::Http(url) => url,
             Target::File(path) => return append_line(path.clone(), body).await,
         };
-        let timestamp = now.timestamp();
-        let mut request = CLIENT
-            .with(|client| client.post(url.as_str()))
-            .timeout(self.timeout)
-            .insert_header(("content-type", "application/json"))
-            .insert_header((ID_HEADER, id.as_str()))
-            .insert_header((TIMESTAMP_HEADER, timestamp.to_string()));
-        if let Some(key) = &self.key {
-            request = request.insert_header((SIGNATURE_HEADER, key.sign(&id, timestamp, &body)));
-        }
         // The receiver joins the event's trace: one hop further down it.
-        let parent = event
-            .traceparent
-            .as_deref()
-            .and_then(crate::observability::trace::TraceParent::parse);
-        let hop = parent
-            .as_ref()
-            .map(crate::observability::trace::TraceParent::child);
-        if let Some(hop) = &hop {
-            request = request
-                .insert_header((crate::observability::trace::TRACEPARENT, hop.header_value()));
-        }
+        let parent = event.traceparent.as_deref().and_then(TraceParent::parse);
+        let hop = parent.as_ref().map(TraceParent::child);
+        let request = self.request(url, &id, now.timestamp(), &body, hop.as_ref());
         let started = std::time::SystemTime::now();
-
-        let answer = match request.send_body(body).await {
-            Ok(mut response) => {
-                // Read the body so the connection can be reused.
-                let _ = response.body().limit(64 * 1024).await;
-                Answer::Status {
-                    code: response.status().as_u16(),
-                    retry_after: response
-                        .headers()
-                        .get("retry-after")
-                        .and_then(|value| value.to_str().ok())
-                        .map(str::to_string),
-                }
-            }
-            Err(error) => Answer::NoAnswer(error.to_string()),
-        };
+        let answer = send(request, body).await;
         let outcome = classify(&answer, now);
         if let (Some(parent), Some(hop)) = (&parent, &hop) {
             self.spans.record(hop, || {
-                use crate::observability::otlp::{SpanKind, SpanRecord};
-                let span = SpanRecord::of(
-                    SpanKind::Client,
-                    format!("POST {}", event.event_type()),
-                    hop,
-                    Some(&parent.parent_id),
-                    started,
-                )
-                .attribute("http.request.method", "POST")
-                .attribute("messaging.message.id", id.clone());
-                let span = match &answer {
-                    Answer::Status { code, .. } => {
-                        span.attribute("http.response.status_code", i64::from(*code))
-                    }
-                    Answer::NoAnswer(error) => span.attribute("error.type", error.clone()),
-                };
-                span.failed(match &outcome {
-                    DeliveryOutcome::Delivered => None,
-                    DeliveryOutcome::Retry { error, .. } | DeliveryOutcome::Rejected { error } => {
-                        Some(error.clone())
-                    }
-                })
+                attempt_span(event, &id, parent, hop, started, &answer, &outcome)
             });
         }
         tracing::debug!(
@@ -336,6 +280,97 @@ impl WebhookDeliverer {
         );
         outcome
     }
+
+    /// The POST of a webhook to `url` with its headers: content type, id, timestamp, the
+    /// signature when a key is configured, and `traceparent` naming `hop` when there is one.
+    fn request(
+        &self,
+        url: &str,
+        id: &str,
+        timestamp: i64,
+        body: &[u8],
+        hop: Option<&TraceParent>,
+    ) -> awc::ClientRequest {
+        let mut request = CLIENT
+            .with(|client| client.post(url))
+            .timeout(self.timeout)
+            .insert_header(("content-type", "application/json"))
+            .insert_header((ID_HEADER, id))
+            .insert_header((TIMESTAMP_HEADER, timestamp.to_string()));
+        if let Some(key) = &self.key {
+            request = request.insert_header((SIGNATURE_HEADER, key.sign(id, timestamp, body)));
+        }
+        if let Some(hop) = hop {
+            request = request.insert_header((TRACEPARENT, hop.header_value()));
+        }
+        request
+    }
+}
+
+/// The JSON body of `event`'s webhook (`id` is its event id).
+fn webhook_body(event: &EventEnvelope, id: &str) -> Vec<u8> {
+    serde_json::to_vec(&WebhookBody {
+        kind: event.event_type().as_str(),
+        event_id: id.to_string(),
+        timestamp: event.occurred_at,
+        data: event.payload_json(),
+    })
+    .expect("a webhook body serializes")
+}
+
+/// Sends `request` with `body`, and reads what came back: the status and `Retry-After`, or
+/// why nothing did.
+async fn send(request: awc::ClientRequest, body: Vec<u8>) -> Answer {
+    match request.send_body(body).await {
+        Ok(mut response) => {
+            // Read the body so the connection can be reused.
+            let _ = response.body().limit(64 * 1024).await;
+            Answer::Status {
+                code: response.status().as_u16(),
+                retry_after: response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|value| value.to_str().ok())
+                    .map(str::to_string),
+            }
+        }
+        Err(error) => Answer::NoAnswer(error.to_string()),
+    }
+}
+
+/// The client span of one attempt: `POST <event type>` from `started`, one `hop` below the
+/// event's `parent`, with the answer's status (or why there was none) and, unless it was
+/// delivered, the error.
+fn attempt_span(
+    event: &EventEnvelope,
+    id: &str,
+    parent: &TraceParent,
+    hop: &TraceParent,
+    started: std::time::SystemTime,
+    answer: &Answer,
+    outcome: &DeliveryOutcome,
+) -> SpanRecord {
+    let span = SpanRecord::of(
+        SpanKind::Client,
+        format!("POST {}", event.event_type()),
+        hop,
+        Some(&parent.parent_id),
+        started,
+    )
+    .attribute("http.request.method", "POST")
+    .attribute("messaging.message.id", id.to_string());
+    let span = match answer {
+        Answer::Status { code, .. } => {
+            span.attribute("http.response.status_code", i64::from(*code))
+        }
+        Answer::NoAnswer(error) => span.attribute("error.type", error.clone()),
+    };
+    span.failed(match outcome {
+        DeliveryOutcome::Delivered => None,
+        DeliveryOutcome::Retry { error, .. } | DeliveryOutcome::Rejected { error } => {
+            Some(error.clone())
+        }
+    })
 }
 
 /// Appends `body` and a newline to the file at `path` (created if missing) on a blocking

@@ -420,26 +420,38 @@ impl Entry {
     }
 }
 
-/// The columns every read selects (into [`StoredEvent`]), as a literal so queries stay
-/// static strings.
-macro_rules! select_event_columns {
-    () => {
-        select_event_columns_from!("event_log")
+/// Reads event rows into [`StoredEvent`] with the checked `query_as!`: every column, typed,
+/// from `$from` (`"event_log"`, or with an index hint), then `$rest` (the conditions), with
+/// its arguments.
+macro_rules! select_events {
+    ($from:literal, $rest:literal $(, $argument:expr)* $(,)?) => {
+        sqlx::query_as!(
+            StoredEvent,
+            r#"SELECT event_id AS "event_id: EventId", event_type, topic, event_key,
+                      CAST(payload AS CHAR) AS "payload!", status AS "status: EventStatus",
+                      retry_count, last_error, CAST(result AS CHAR) AS "result?",
+                      occurred_at AS "occurred_at: DateTime<Utc>",
+                      created_at AS "created_at: DateTime<Utc>",
+                      updated_at AS "updated_at: DateTime<Utc>",
+                      published_at AS "published_at: DateTime<Utc>",
+                      next_attempt_at AS "next_attempt_at: DateTime<Utc>",
+                      source_partition, source_offset,
+                      dead_lettered_at AS "dead_lettered_at: DateTime<Utc>", traceparent
+               FROM "# + $from + " " + $rest
+            $(, $argument)*
+        )
     };
 }
 
-/// The event columns read from `$from` (`event_log` with an index hint).
-macro_rules! select_event_columns_from {
-    ($from:literal) => {
-        concat!(
-            "SELECT event_id, event_type, topic, event_key, CAST(payload AS CHAR) AS payload, \
-             status, retry_count, last_error, CAST(result AS CHAR) AS result, occurred_at, \
-             created_at, updated_at, published_at, next_attempt_at, source_partition, \
-             source_offset, dead_lettered_at, traceparent \
-             FROM ",
-            $from,
-            " "
-        )
+/// The same columns as a plain literal, for the statement that has to be built at run time
+/// (an IN-list, in [`EventLog::lock_unpublished`]) and is read through `FromRow`.
+macro_rules! select_event_columns {
+    () => {
+        "SELECT event_id, event_type, topic, event_key, CAST(payload AS CHAR) AS payload, \
+         status, retry_count, last_error, CAST(result AS CHAR) AS result, occurred_at, \
+         created_at, updated_at, published_at, next_attempt_at, source_partition, \
+         source_offset, dead_lettered_at, traceparent \
+         FROM event_log "
     };
 }
 
@@ -717,16 +729,16 @@ impl EventLog {
         }
         let types: Vec<&str> = event_types.iter().map(EventType::as_str).collect();
         let mut transaction = self.pool.begin().await?;
-        let rows: Vec<StoredEvent> = sqlx::query_as(concat!(
-            select_event_columns!(),
+        let rows = select_events!(
+            "event_log",
             "WHERE next_attempt_at <= ? AND FIND_IN_SET(status, ?) \
              AND FIND_IN_SET(event_type, ?) \
-             ORDER BY next_attempt_at LIMIT ? FOR UPDATE SKIP LOCKED"
-        ))
-        .bind(now)
-        .bind(Move::Claim.starting_states())
-        .bind(types.join(","))
-        .bind(limit)
+             ORDER BY next_attempt_at LIMIT ? FOR UPDATE SKIP LOCKED",
+            now,
+            Move::Claim.starting_states(),
+            types.join(","),
+            limit,
+        )
         .fetch_all(&mut *transaction)
         .await?;
         let records: Vec<EventRecord> = rows.into_iter().map(typed).collect::<Result<_, _>>()?;
@@ -789,11 +801,9 @@ impl EventLog {
     }
 
     pub async fn find(&self, id: EventId) -> Result<Option<EventRecord>, EventLogError> {
-        let row: Option<StoredEvent> =
-            sqlx::query_as(concat!(select_event_columns!(), "WHERE event_id = ?"))
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
+        let row = select_events!("event_log", "WHERE event_id = ?", id)
+            .fetch_optional(&self.pool)
+            .await?;
         row.map(typed).transpose()
     }
 
@@ -815,14 +825,14 @@ impl EventLog {
         let after = after.map_or_else(String::new, |id| id.to_string());
         let mut rows: Vec<StoredEvent> = Vec::new();
         for event_type in event_types {
-            let page: Vec<StoredEvent> = sqlx::query_as(concat!(
-                select_event_columns_from!("event_log FORCE INDEX (event_log_by_type)"),
-                "WHERE event_type = ? AND event_id > ? AND event_id < ? ORDER BY event_id LIMIT ?"
-            ))
-            .bind(event_type.as_str())
-            .bind(&after)
-            .bind(before)
-            .bind(limit)
+            let page = select_events!(
+                "event_log FORCE INDEX (event_log_by_type)",
+                "WHERE event_type = ? AND event_id > ? AND event_id < ? ORDER BY event_id LIMIT ?",
+                event_type.as_str(),
+                after,
+                before,
+                limit,
+            )
             .fetch_all(&self.pool)
             .await?;
             rows.extend(page);
@@ -842,16 +852,16 @@ impl EventLog {
         since: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<EventRecord>, EventLogError> {
-        let rows: Vec<StoredEvent> = sqlx::query_as(concat!(
-            select_event_columns!(),
+        let rows = select_events!(
+            "event_log",
             "WHERE event_key = ? AND event_id > ? AND event_type = ? AND created_at >= ? \
-             ORDER BY event_id LIMIT ?"
-        ))
-        .bind(key)
-        .bind(after.map_or_else(String::new, |id| id.to_string()))
-        .bind(event_type)
-        .bind(since)
-        .bind(limit)
+             ORDER BY event_id LIMIT ?",
+            key,
+            after.map_or_else(String::new, |id| id.to_string()),
+            event_type,
+            since,
+            limit,
+        )
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(typed).collect()
@@ -860,16 +870,19 @@ impl EventLog {
     /// How many rows are PENDING (written, not published), and how long the oldest has
     /// waited. Reads the `event_log_unpublished` index's range of unpublished rows only.
     pub async fn unpublished_backlog(&self) -> Result<(u64, Option<Duration>), EventLogError> {
-        let (pending, oldest_age_us): (i64, Option<i64>) = sqlx::query_as(
-            "SELECT COUNT(*), TIMESTAMPDIFF(MICROSECOND, MIN(created_at), NOW(6)) \
-             FROM event_log WHERE published_at IS NULL AND status = ?",
+        let backlog = sqlx::query!(
+            r#"SELECT COUNT(*) AS "pending!: i64",
+                      TIMESTAMPDIFF(MICROSECOND, MIN(created_at), NOW(6)) AS "oldest_age_us?: i64"
+               FROM event_log WHERE published_at IS NULL AND status = ?"#,
+            EventStatus::Pending,
         )
-        .bind(EventStatus::Pending)
         .fetch_one(&self.pool)
         .await?;
         Ok((
-            u64::try_from(pending).unwrap_or(0),
-            oldest_age_us.map(|micros| Duration::from_micros(u64::try_from(micros).unwrap_or(0))),
+            u64::try_from(backlog.pending).unwrap_or(0),
+            backlog
+                .oldest_age_us
+                .map(|micros| Duration::from_micros(u64::try_from(micros).unwrap_or(0))),
         ))
     }
 
@@ -888,14 +901,15 @@ impl EventLog {
         older_than: Duration,
         limit: u32,
     ) -> Result<Vec<UnpublishedEvent>, EventLogError> {
-        let candidates: Vec<EventId> = sqlx::query_scalar(
-            "SELECT event_id FROM event_log WHERE published_at IS NULL AND status = ? \
-             AND created_at < NOW(6) - INTERVAL ? MICROSECOND \
-             ORDER BY created_at LIMIT ?",
+        let candidates = sqlx::query_scalar!(
+            r#"SELECT event_id AS "event_id: EventId" FROM event_log
+               WHERE published_at IS NULL AND status = ?
+                 AND created_at < NOW(6) - INTERVAL ? MICROSECOND
+               ORDER BY created_at LIMIT ?"#,
+            EventStatus::Pending,
+            older_than.as_micros() as u64,
+            limit,
         )
-        .bind(EventStatus::Pending)
-        .bind(older_than.as_micros() as u64)
-        .bind(limit)
         .fetch_all(&mut *connection)
         .await?;
         if candidates.is_empty() {

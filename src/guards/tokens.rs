@@ -262,36 +262,30 @@ mod tests {
         let other = Authenticator::from_settings(&settings("other"), &kafka).unwrap();
         let forged = other.mint(user(1), true, Duration::from_secs(60)).unwrap();
         assert_eq!(auth.verify(&forged), Err(AuthError::BadSignature));
-        let expired = jsonwebtoken::encode(
-            &Header::default(),
-            &Claims {
-                sub: "1".into(),
-                exp: 1_000,
-                roles: vec![],
-                iss: None,
-                aud: None,
-            },
-            &EncodingKey::from_secret(b"s3cret"),
-        )
-        .unwrap();
-        assert_eq!(auth.verify(&expired), Err(AuthError::Expired));
+        // A token signed with the right secret, for `sub` until `exp`.
+        let signed = |sub: &str, exp: u64| {
+            jsonwebtoken::encode(
+                &Header::default(),
+                &Claims {
+                    sub: sub.into(),
+                    exp,
+                    roles: vec![],
+                    iss: None,
+                    aud: None,
+                },
+                &EncodingKey::from_secret(b"s3cret"),
+            )
+            .unwrap()
+        };
+        assert_eq!(auth.verify(&signed("1", 1_000)), Err(AuthError::Expired));
         assert!(matches!(
             auth.verify("not.a.token"),
             Err(AuthError::Malformed(_))
         ));
-        let zero = jsonwebtoken::encode(
-            &Header::default(),
-            &Claims {
-                sub: "0".into(),
-                exp: u64::MAX / 2,
-                roles: vec![],
-                iss: None,
-                aud: None,
-            },
-            &EncodingKey::from_secret(b"s3cret"),
-        )
-        .unwrap();
-        assert_eq!(auth.verify(&zero), Err(AuthError::BadSubject));
+        assert_eq!(
+            auth.verify(&signed("0", u64::MAX / 2)),
+            Err(AuthError::BadSubject)
+        );
     }
 
     #[test]

@@ -215,27 +215,14 @@ impl KafkaCluster {
                 Ok(())
             }
             KafkaCluster::External { bootstrap_servers } => {
-                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-                    .set("bootstrap.servers", bootstrap_servers)
-                    .set("client.id", format!("{}-admin", settings.client_id))
-                    .create()
-                    .map_err(|source| ClusterError::CreateTopic {
-                        topic: topics.join(","),
-                        source,
-                    })?;
+                let for_every_topic = |source| ClusterError::CreateTopic {
+                    topic: topics.join(","),
+                    source,
+                };
+                let admin = admin_client(bootstrap_servers, settings).map_err(for_every_topic)?;
                 // Only what is missing is created: clusters often refuse CreateTopics to
                 // applications, and there is nothing to ask for when the topics exist.
-                let existing: Vec<String> = admin
-                    .inner()
-                    .fetch_metadata(None, Duration::from_secs(30))
-                    .map_err(|source| ClusterError::CreateTopic {
-                        topic: topics.join(","),
-                        source,
-                    })?
-                    .topics()
-                    .iter()
-                    .map(|topic| topic.name().to_string())
-                    .collect();
+                let existing = existing_topics(&admin).map_err(for_every_topic)?;
                 let missing: Vec<&str> = topics
                     .iter()
                     .filter(|topic| !existing.contains(topic))
@@ -244,39 +231,70 @@ impl KafkaCluster {
                 if missing.is_empty() {
                     return Ok(());
                 }
-                let new_topics: Vec<NewTopic<'_>> = missing
-                    .iter()
-                    .map(|topic| {
-                        NewTopic::new(
-                            topic,
-                            settings.partitions,
-                            TopicReplication::Fixed(settings.replication_factor),
-                        )
-                    })
-                    .collect();
-                let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-                let results =
-                    admin
-                        .create_topics(&new_topics, &options)
-                        .await
-                        .map_err(|source| ClusterError::CreateTopic {
-                            topic: missing.join(","),
-                            source,
-                        })?;
-                for result in results {
-                    match result {
-                        Ok(topic) => info!(topic = %topic, "topic created"),
-                        Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                        Err((topic, code)) => {
-                            return Err(ClusterError::CreateTopic {
-                                topic,
-                                source: KafkaError::AdminOp(code),
-                            });
-                        }
-                    }
-                }
-                Ok(())
+                create_topics(&admin, &missing, settings).await
             }
         }
     }
+}
+
+/// An admin client of an external cluster.
+fn admin_client(
+    bootstrap_servers: &str,
+    settings: &KafkaSettings,
+) -> Result<AdminClient<DefaultClientContext>, KafkaError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap_servers)
+        .set("client.id", format!("{}-admin", settings.client_id))
+        .create()
+}
+
+/// The names of the topics the cluster has.
+fn existing_topics(admin: &AdminClient<DefaultClientContext>) -> Result<Vec<String>, KafkaError> {
+    Ok(admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(30))?
+        .topics()
+        .iter()
+        .map(|topic| topic.name().to_string())
+        .collect())
+}
+
+/// Creates the `missing` topics with the configured partitions and replication factor; a
+/// topic created meanwhile by someone else is as good as created.
+async fn create_topics(
+    admin: &AdminClient<DefaultClientContext>,
+    missing: &[&str],
+    settings: &KafkaSettings,
+) -> Result<(), ClusterError> {
+    let new_topics: Vec<NewTopic<'_>> = missing
+        .iter()
+        .map(|topic| {
+            NewTopic::new(
+                topic,
+                settings.partitions,
+                TopicReplication::Fixed(settings.replication_factor),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(&new_topics, &options)
+        .await
+        .map_err(|source| ClusterError::CreateTopic {
+            topic: missing.join(","),
+            source,
+        })?;
+    for result in results {
+        match result {
+            Ok(topic) => info!(topic = %topic, "topic created"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(ClusterError::CreateTopic {
+                    topic,
+                    source: KafkaError::AdminOp(code),
+                });
+            }
+        }
+    }
+    Ok(())
 }

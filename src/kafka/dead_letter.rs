@@ -213,6 +213,23 @@ pub struct DeadLetterRow {
     pub replayed_at: Option<DateTime<Utc>>,
 }
 
+/// Reads `dead_letter` rows into [`DeadLetterRow`] with the checked `query_as!`: every
+/// column, typed, then `$rest` (the conditions) with its arguments.
+macro_rules! select_dead_letters {
+    ($rest:literal $(, $argument:expr)* $(,)?) => {
+        sqlx::query_as!(
+            DeadLetterRow,
+            r#"SELECT dead_letter_id, consumer_group, topic, source_partition, source_offset,
+                      event_id AS "event_id: EventId", error_kind, error,
+                      dead_letter_partition, dead_letter_offset,
+                      created_at AS "created_at: DateTime<Utc>",
+                      replayed_at AS "replayed_at: DateTime<Utc>"
+               FROM dead_letter "# + $rest
+            $(, $argument)*
+        )
+    };
+}
+
 /// Reads and replays what [`DeadLetters::record`] wrote.
 #[derive(Clone, Debug)]
 pub struct DeadLetterLog {
@@ -226,16 +243,8 @@ impl DeadLetterLog {
 
     /// Dead letters not replayed yet, oldest first, after `after` (a `deadLetterId`).
     pub async fn open(&self, after: u64, limit: u32) -> Result<Vec<DeadLetterRow>, sqlx::Error> {
-        sqlx::query_as!(
-            DeadLetterRow,
-            r#"SELECT dead_letter_id, consumer_group, topic, source_partition, source_offset,
-                      event_id AS "event_id: EventId", error_kind, error,
-                      dead_letter_partition, dead_letter_offset,
-                      created_at AS "created_at: DateTime<Utc>",
-                      replayed_at AS "replayed_at: DateTime<Utc>"
-               FROM dead_letter
-               WHERE replayed_at IS NULL AND dead_letter_id > ?
-               ORDER BY dead_letter_id LIMIT ?"#,
+        select_dead_letters!(
+            "WHERE replayed_at IS NULL AND dead_letter_id > ? ORDER BY dead_letter_id LIMIT ?",
             after,
             limit,
         )
@@ -245,18 +254,9 @@ impl DeadLetterLog {
 
     /// The dead letters of one event, every group's, replayed or not, oldest first.
     pub async fn of_event(&self, event_id: EventId) -> Result<Vec<DeadLetterRow>, sqlx::Error> {
-        sqlx::query_as!(
-            DeadLetterRow,
-            r#"SELECT dead_letter_id, consumer_group, topic, source_partition, source_offset,
-                      event_id AS "event_id: EventId", error_kind, error,
-                      dead_letter_partition, dead_letter_offset,
-                      created_at AS "created_at: DateTime<Utc>",
-                      replayed_at AS "replayed_at: DateTime<Utc>"
-               FROM dead_letter WHERE event_id = ? ORDER BY dead_letter_id"#,
-            event_id,
-        )
-        .fetch_all(&self.pool)
-        .await
+        select_dead_letters!("WHERE event_id = ? ORDER BY dead_letter_id", event_id)
+            .fetch_all(&self.pool)
+            .await
     }
 
     /// Which of `events` `group` has dead-lettered and nobody replayed.

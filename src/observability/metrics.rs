@@ -79,7 +79,17 @@ pub fn render() -> String {
     text
 }
 
+/// Describes every metric (the `# HELP` lines), by area.
 fn describe() {
+    describe_kafka();
+    describe_latencies();
+    describe_recovery();
+    describe_serving();
+    describe_dependencies();
+}
+
+/// Kafka: each partition's lag and offsets, records produced, and what consumers settle.
+fn describe_kafka() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_gauge!(
         "kafka_consumergroup_lag",
@@ -106,6 +116,11 @@ fn describe() {
         "consumer_batch_duration_seconds",
         "Time to settle one batch of a partition"
     );
+}
+
+/// How long events take to take effect, end to end, and the coupon decisions.
+fn describe_latencies() {
+    use metrics::{describe_counter, describe_histogram};
     describe_histogram!(
         "coupon_request_decided_seconds",
         "From a coupon request accepted to its decision"
@@ -123,6 +138,11 @@ fn describe() {
         "webhook_delivered_seconds",
         "From the event to its webhook delivered (the first attempt follows the event within the consumer lag)"
     );
+}
+
+/// The outbox, retries, dead letters, outage alerts and actor restarts.
+fn describe_recovery() {
+    use metrics::{describe_counter, describe_gauge};
     describe_gauge!(
         "outbox_pending_rows",
         "Event rows written but not yet published"
@@ -151,6 +171,11 @@ fn describe() {
     );
     describe_counter!("alerts_raised_total", "Outage alerts raised");
     describe_counter!("actor_restarts_total", "Supervised actors restarted");
+}
+
+/// Push sessions and HTTP requests.
+fn describe_serving() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_gauge!(
         "push_sessions_open",
         "Open push sessions (WebSocket and SSE)"
@@ -165,6 +190,11 @@ fn describe() {
         "http_request_duration_seconds",
         "HTTP request handling time"
     );
+}
+
+/// MySQL pools, Redis, and the trace exporter.
+fn describe_dependencies() {
+    use metrics::{describe_counter, describe_gauge};
     describe_gauge!("db_pool_connections", "MySQL pool connections, by state");
     describe_gauge!("db_pool_max_connections", "MySQL pool size limit");
     describe_gauge!(

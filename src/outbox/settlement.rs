@@ -183,6 +183,16 @@ impl RowSettlement {
     }
 }
 
+/// [`Settlement::settled`] for a consumer whose progress each row shows by itself: every
+/// record judged on its own by `settled`, with nothing to read.
+pub fn settled_each<'a>(
+    page: &'a [EventRecord],
+    settled: impl Fn(&EventRecord) -> bool,
+) -> LocalBoxFuture<'a, Result<Vec<bool>, SettlementError>> {
+    let settled = page.iter().map(settled).collect();
+    Box::pin(async move { Ok(settled) })
+}
+
 impl Settlement for RowSettlement {
     fn consumer(&self) -> &ConsumerSpec {
         &self.consumer
@@ -192,11 +202,9 @@ impl Settlement for RowSettlement {
         &'a self,
         page: &'a [EventRecord],
     ) -> LocalBoxFuture<'a, Result<Vec<bool>, SettlementError>> {
-        let settled = page
-            .iter()
-            .map(|record| row_settled(record.status, record.next_attempt_at))
-            .collect();
-        Box::pin(async move { Ok(settled) })
+        settled_each(page, |record| {
+            row_settled(record.status, record.next_attempt_at)
+        })
     }
 
     fn drive_again<'a>(

@@ -20,12 +20,13 @@ use std::time::{Duration, Instant};
 
 use chrono::{NaiveDate, Utc};
 use redis::Script;
+use redis::aio::ConnectionManager;
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::common::connections::RedisStoreError;
+use crate::common::connections::{RedisStore, RedisStoreError};
 use crate::common::error::{Classify, ErrorClass};
-use crate::event_log::{EventLog, EventLogError};
+use crate::event_log::{EventLog, EventLogError, EventRecord};
 use crate::events::{EventId, EventPayload, EventType};
 use crate::ranking::RankingStore;
 
@@ -135,17 +136,12 @@ pub async fn rebuild(
     let started = Instant::now();
     let redis = ranking.redis();
     let token = EventId::generate().to_string();
-    let flag = redis.key("ranking:rebuilding");
     let mut connection = redis.connection()?;
-    let taken: Option<String> = redis::cmd("SET")
-        .arg(&flag)
-        .arg(&token)
-        .arg("NX")
-        .arg("PX")
-        .arg(FLAG_TTL.as_millis() as u64)
-        .query_async(&mut connection)
-        .await?;
-    if taken.is_none() {
+    let flag = Flag {
+        redis,
+        token: &token,
+    };
+    if !flag.take(&mut connection).await? {
         return Err(RebuildError::AlreadyRunning);
     }
     let built = async {
@@ -153,9 +149,9 @@ pub async fn rebuild(
             .arg(redis.key("ranking:built"))
             .query_async::<()>(&mut connection)
             .await?;
-        let report = stage(ranking, event_log, today, &token).await?;
+        let report = stage(ranking, event_log, today, &flag).await?;
         let days = window(today, ranking.retention_days());
-        let ttl = u64::from(ranking.retention_days()) * 86_400;
+        let ttl = retention_secs(ranking);
         let script = Script::new(SWAP_SCRIPT);
         let mut swap = script.prepare_invoke();
         swap.arg(redis.key("")).arg(ttl).arg(&token);
@@ -197,27 +193,120 @@ fn window(today: NaiveDate, retention_days: u32) -> Vec<NaiveDate> {
         .collect()
 }
 
+/// A rebuild's hold on the `ranking:rebuilding` flag: its value is the rebuild's token.
+struct Flag<'a> {
+    redis: &'a RedisStore,
+    token: &'a str,
+}
+
+impl Flag<'_> {
+    /// Takes the flag for [`FLAG_TTL`] if nobody holds it; whether it was taken.
+    async fn take(&self, connection: &mut ConnectionManager) -> Result<bool, redis::RedisError> {
+        self.set(connection, "NX").await
+    }
+
+    /// Renews the flag for another [`FLAG_TTL`] if it is still set; whether it was.
+    async fn renew(&self, connection: &mut ConnectionManager) -> Result<bool, redis::RedisError> {
+        self.set(connection, "XX").await
+    }
+
+    /// `SET flag token <condition> PX <ttl>`; whether it was set.
+    async fn set(
+        &self,
+        connection: &mut ConnectionManager,
+        condition: &str,
+    ) -> Result<bool, redis::RedisError> {
+        let set: Option<String> = redis::cmd("SET")
+            .arg(self.redis.key("ranking:rebuilding"))
+            .arg(self.token)
+            .arg(condition)
+            .arg("PX")
+            .arg(FLAG_TTL.as_millis() as u64)
+            .query_async(connection)
+            .await?;
+        Ok(set.is_some())
+    }
+}
+
+/// How long the ranking's day sets and applied marks live, in seconds.
+fn retention_secs(ranking: &RankingStore) -> u64 {
+    u64::from(ranking.retention_days()) * 86_400
+}
+
 /// Reads the completed orders, writes the temporary day sets and the applied marks.
 async fn stage(
     ranking: &RankingStore,
     event_log: &EventLog,
     today: NaiveDate,
-    token: &str,
+    flag: &Flag<'_>,
 ) -> Result<RebuildReport, RebuildError> {
     let redis = ranking.redis();
     let days = window(today, ranking.retention_days());
+    let mut connection = redis.connection()?;
+    let counted = count_completed_orders(event_log, &days, today, flag, &mut connection).await?;
+    let days_with_sales = write_day_sets(&mut connection, redis, &days, &counted.sums).await?;
+    write_applied_marks(
+        &mut connection,
+        redis,
+        &counted.orders,
+        retention_secs(ranking),
+    )
+    .await?;
+    Ok(RebuildReport {
+        orders: counted.orders.len() as u64,
+        days: days.len() as u32,
+        days_with_sales,
+        quantity: counted.quantity,
+        took_ms: 0,
+    })
+}
+
+/// What the completed orders of a rebuild's window add up to.
+#[derive(Default)]
+struct Counted {
+    /// Units sold, by product id, by day.
+    sums: BTreeMap<NaiveDate, BTreeMap<u64, u64>>,
+    /// The orders counted, to mark applied.
+    orders: Vec<EventId>,
+    /// Units summed over every product and day.
+    quantity: u64,
+}
+
+impl Counted {
+    /// Adds the completed orders of `page` that occurred from `first_day` to `today`.
+    fn add(&mut self, page: &[EventRecord], first_day: NaiveDate, today: NaiveDate) {
+        for record in page {
+            let day = record.occurred_at.date_naive();
+            let EventPayload::OrderCompleted(order) = &record.payload else {
+                continue;
+            };
+            if day < first_day || day > today {
+                continue;
+            }
+            let products = self.sums.entry(day).or_default();
+            for line in &order.products {
+                *products.entry(line.id.get()).or_default() += u64::from(line.qty);
+                self.quantity += u64::from(line.qty);
+            }
+            self.orders.push(record.event_id);
+        }
+    }
+}
+
+/// Reads the completed orders of `days` (oldest first, up to `today`) page by page and sums
+/// them, renewing the flag after each page: a rebuild that lost it stops, superseded.
+async fn count_completed_orders(
+    event_log: &EventLog,
+    days: &[NaiveDate],
+    today: NaiveDate,
+    flag: &Flag<'_>,
+    connection: &mut ConnectionManager,
+) -> Result<Counted, RebuildError> {
     let first_day = days[0];
     let since = first_day.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
     let mut after = Some(EventId::first_at(since - chrono::Duration::seconds(1)));
     let before = EventId::first_at(Utc::now() + chrono::Duration::minutes(1));
-    let mut sums: BTreeMap<NaiveDate, BTreeMap<u64, u64>> = BTreeMap::new();
-    let mut counted: Vec<EventId> = Vec::new();
-    let mut report = RebuildReport {
-        days: days.len() as u32,
-        ..RebuildReport::default()
-    };
-    let ttl = u64::from(ranking.retention_days()) * 86_400;
-    let mut connection = redis.connection()?;
+    let mut counted = Counted::default();
     loop {
         let page = event_log
             .of_types_between(&[EventType::OrderCompleted], after, before, PAGE)
@@ -226,58 +315,58 @@ async fn stage(
             break;
         };
         after = Some(last.event_id);
-        for record in &page {
-            let day = record.occurred_at.date_naive();
-            let EventPayload::OrderCompleted(order) = &record.payload else {
-                continue;
-            };
-            if day < first_day || day > today {
-                continue;
-            }
-            let products = sums.entry(day).or_default();
-            for line in &order.products {
-                *products.entry(line.id.get()).or_default() += u64::from(line.qty);
-                report.quantity += u64::from(line.qty);
-            }
-            counted.push(record.event_id);
-            report.orders += 1;
-        }
+        counted.add(&page, first_day, today);
         // Still ours, for another lease.
-        let renewed: Option<String> = redis::cmd("SET")
-            .arg(redis.key("ranking:rebuilding"))
-            .arg(token)
-            .arg("XX")
-            .arg("PX")
-            .arg(FLAG_TTL.as_millis() as u64)
-            .query_async(&mut connection)
-            .await?;
-        if renewed.is_none() {
+        if !flag.renew(connection).await? {
             return Err(RebuildError::Superseded);
         }
         if page.len() < PAGE as usize {
             break;
         }
     }
-    for day in &days {
+    Ok(counted)
+}
+
+/// Writes each day's sums to its temporary set `ranking:rebuild:<day>` (emptied first);
+/// returns how many days had sales.
+async fn write_day_sets(
+    connection: &mut ConnectionManager,
+    redis: &RedisStore,
+    days: &[NaiveDate],
+    sums: &BTreeMap<NaiveDate, BTreeMap<u64, u64>>,
+) -> Result<u32, RebuildError> {
+    let mut days_with_sales = 0;
+    for day in days {
         let staged = redis.key(&format!("ranking:rebuild:{}", day.format("%Y%m%d")));
         redis::cmd("DEL")
             .arg(&staged)
-            .query_async::<()>(&mut connection)
+            .query_async::<()>(&mut *connection)
             .await?;
         let Some(products) = sums.get(day) else {
             continue;
         };
-        report.days_with_sales += 1;
+        days_with_sales += 1;
         let members: Vec<(u64, u64)> = products.iter().map(|(id, qty)| (*qty, *id)).collect();
         for chunk in members.chunks(CHUNK) {
             redis::cmd("ZADD")
                 .arg(&staged)
                 .arg(chunk)
-                .query_async::<()>(&mut connection)
+                .query_async::<()>(&mut *connection)
                 .await?;
         }
     }
-    for chunk in counted.chunks(CHUNK) {
+    Ok(days_with_sales)
+}
+
+/// Marks every counted order applied (`ranking:applied:<id>`, for `ttl_secs`), so the
+/// updater does not count it again when it resumes.
+async fn write_applied_marks(
+    connection: &mut ConnectionManager,
+    redis: &RedisStore,
+    orders: &[EventId],
+    ttl_secs: u64,
+) -> Result<(), RebuildError> {
+    for chunk in orders.chunks(CHUNK) {
         let mut marks = redis::pipe();
         for id in chunk {
             marks
@@ -285,12 +374,12 @@ async fn stage(
                 .arg(redis.key(&format!("ranking:applied:{id}")))
                 .arg("1")
                 .arg("EX")
-                .arg(ttl)
+                .arg(ttl_secs)
                 .ignore();
         }
-        marks.query_async::<()>(&mut connection).await?;
+        marks.query_async::<()>(&mut *connection).await?;
     }
-    Ok(report)
+    Ok(())
 }
 
 /// Removes the rebuilding flag if it is still `token`'s.

@@ -546,25 +546,58 @@ async fn insert_order(
     Ok(order_id)
 }
 
-/// Pays an order in the caller's transaction.
+/// Pays an order in the caller's transaction: locks the order (still PENDING), spends its
+/// coupon, takes the stock, debits the balance, records the payment and completes the
+/// order, then records its events (OrderCompleted, PaymentCompleted and the products'
+/// stock changes).
 async fn pay_in(
     transaction: &mut OutboxTransaction,
     order_id: OrderId,
     now: DateTime<Utc>,
 ) -> Result<Payment, ShopError> {
-    let order = read_order(transaction, order_id, Lock::ForUpdate)
-        .await?
-        .ok_or_else(|| ShopError::NotFound(format!("order {order_id}")))?;
-    if order.status != OrderStatus::Pending {
-        return Err(PaymentRefusal::OrderNotPending.into());
-    }
+    let order = lock_pending_order(transaction, order_id).await?;
     if let Some(history_id) = order.coupon_history_id {
         use_coupon(transaction, history_id, order.user_id, order_id).await??;
     }
     // Products in id order, so payments sharing products lock them in one order.
     let mut lines = order.items.clone();
     lines.sort_by_key(|line| line.product_id);
-    for line in &lines {
+    take_product_stock(transaction, &lines).await?;
+    debit_balance(transaction, &order).await?;
+    let payment_id = insert_payment(transaction, &order, now).await?;
+    complete_order(transaction, order_id, now).await?;
+    let events = payment_events(transaction, &order, payment_id, &lines, now).await?;
+    transaction.record(events).await?;
+    Ok(Payment {
+        payment_id,
+        order_id,
+        status: OrderStatus::Completed,
+        amount: order.pay_amount,
+    })
+}
+
+/// Reads and locks an order to pay: not found, or refused when it is not PENDING (paid
+/// already).
+async fn lock_pending_order(
+    connection: &mut MySqlConnection,
+    order_id: OrderId,
+) -> Result<Order, ShopError> {
+    let order = read_order(connection, order_id, Lock::ForUpdate)
+        .await?
+        .ok_or_else(|| ShopError::NotFound(format!("order {order_id}")))?;
+    if order.status != OrderStatus::Pending {
+        return Err(PaymentRefusal::OrderNotPending.into());
+    }
+    Ok(order)
+}
+
+/// Takes each line's quantity from its product's stock, in the order of `lines`; refused
+/// when a product has fewer left.
+async fn take_product_stock(
+    connection: &mut MySqlConnection,
+    lines: &[OrderLine],
+) -> Result<(), ShopError> {
+    for line in lines {
         let taken = sqlx::query!(
             "UPDATE product SET stock = stock - ?, version = version + 1, updated_at = NOW(6) \
                  WHERE product_id = ? AND stock >= ?",
@@ -572,45 +605,79 @@ async fn pay_in(
             line.product_id,
             line.quantity,
         )
-        .execute(&mut **transaction)
+        .execute(&mut *connection)
         .await?;
         if taken.rows_affected() == 0 {
             return Err(PaymentRefusal::InsufficientStock.into());
         }
     }
+    Ok(())
+}
+
+/// Debits the order's amount to pay from its user's balance; refused when the balance is
+/// smaller.
+async fn debit_balance(connection: &mut MySqlConnection, order: &Order) -> Result<(), ShopError> {
     let debited = sqlx::query!(
         "UPDATE app_user SET balance = balance - ? WHERE user_id = ? AND balance >= ?",
         order.pay_amount,
         order.user_id,
         order.pay_amount,
     )
-    .execute(&mut **transaction)
+    .execute(&mut *connection)
     .await?;
     if debited.rows_affected() == 0 {
         return Err(PaymentRefusal::InsufficientBalance.into());
     }
+    Ok(())
+}
+
+/// Inserts the payment of an order, made at `now`; returns its id.
+async fn insert_payment(
+    connection: &mut MySqlConnection,
+    order: &Order,
+    now: DateTime<Utc>,
+) -> Result<PaymentId, ShopError> {
     let inserted = sqlx::query!(
         "INSERT INTO payment (order_id, user_id, amount, paid_at) VALUES (?, ?, ?, ?)",
-        order_id,
+        order.order_id,
         order.user_id,
         order.pay_amount,
         now,
     )
-    .execute(&mut **transaction)
+    .execute(&mut *connection)
     .await?;
-    let payment_id =
-        PaymentId::from_u64(inserted.last_insert_id()).expect("AUTO_INCREMENT ids start at 1");
+    Ok(PaymentId::from_u64(inserted.last_insert_id()).expect("AUTO_INCREMENT ids start at 1"))
+}
+
+/// Marks an order COMPLETED, paid at `now`.
+async fn complete_order(
+    connection: &mut MySqlConnection,
+    order_id: OrderId,
+    now: DateTime<Utc>,
+) -> Result<(), ShopError> {
     sqlx::query!(
         "UPDATE customer_order SET status = ?, paid_at = ? WHERE order_id = ?",
         OrderStatus::Completed,
         now,
         order_id,
     )
-    .execute(&mut **transaction)
+    .execute(&mut *connection)
     .await?;
-    let key = order_id.partition_key();
+    Ok(())
+}
+
+/// The events of a payment: OrderCompleted and PaymentCompleted (keyed by the order), then
+/// a StockChanged product change per product of `lines`, read after the stock was taken.
+async fn payment_events(
+    connection: &mut MySqlConnection,
+    order: &Order,
+    payment_id: PaymentId,
+    lines: &[OrderLine],
+    now: DateTime<Utc>,
+) -> Result<Vec<OutboxEvent>, ShopError> {
+    let key = order.order_id.partition_key();
     let ids: Vec<ProductId> = lines.iter().map(|line| line.product_id).collect();
-    let stock_changes = products_in(transaction, &ids)
+    let stock_changes = products_in(connection, &ids)
         .await?
         .iter()
         .map(|product| product.changed(ProductChange::StockChanged))
@@ -619,7 +686,7 @@ async fn pay_in(
         OutboxEvent::new(EventEnvelope::new(
             key.clone(),
             EventPayload::OrderCompleted(OrderCompleted {
-                order_id,
+                order_id: order.order_id,
                 user_id: order.user_id,
                 products: order
                     .items
@@ -636,7 +703,7 @@ async fn pay_in(
             key,
             EventPayload::PaymentCompleted(PaymentCompleted {
                 payment_id,
-                order_id,
+                order_id: order.order_id,
                 user_id: order.user_id,
                 amount: order.pay_amount,
                 timestamp: now,
@@ -644,13 +711,7 @@ async fn pay_in(
         )),
     ];
     events.extend(stock_changes);
-    transaction.record(events).await?;
-    Ok(Payment {
-        payment_id,
-        order_id,
-        status: OrderStatus::Completed,
-        amount: order.pay_amount,
-    })
+    Ok(events)
 }
 
 /// The products among `ids` that exist, by id.
