@@ -1,5 +1,5 @@
 //! Wiring: builds every component from the settings, runs them, and shuts them down in
-//! order. [`Application::build_with_clock`] reads as the list of its steps: the stores, Kafka,
+//! order. [`Application::build_with_clock`] reads as the list of its steps: the connections, Kafka,
 //! then each slice's actors and consumer groups, the outbox relay, and the HTTP server.
 
 use std::collections::BTreeMap;
@@ -26,7 +26,7 @@ use crate::api::{
     self, AppState, CouponsState, LimitsState, OperationsState, RankingState, ShopState,
 };
 use crate::common::clock::{SharedClock, SystemClock};
-use crate::common::connections::{self, RedisStore};
+use crate::common::connections::{self, RedisConnection};
 use crate::config::{RecordOrdering, Settings};
 use crate::coupons::intake::CouponIntake;
 use crate::coupons::issuer::CouponIssuer;
@@ -99,7 +99,7 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 /// Rebuilds the ranking from MySQL (the `rebuild-ranking` command).
 pub async fn rebuild_ranking(settings: &Settings) -> anyhow::Result<RebuildReport> {
     let pool = connections::connect_mysql(&settings.database, 2).await?;
-    let redis = RedisStore::new(&settings.redis)?;
+    let redis = RedisConnection::new(&settings.redis)?;
     redis
         .try_connect()
         .await
@@ -135,9 +135,9 @@ pub struct Application {
 struct Wiring {
     settings: Settings,
     clock: SharedClock,
-    /// The actors' pool. The HTTP handlers have their own (see [`Stores`]).
+    /// The actors' pool. The HTTP handlers have their own (see [`Connections`]).
     outbox: Outbox,
-    redis: RedisStore,
+    redis: RedisConnection,
     publisher: EventPublisher,
     bootstrap_servers: String,
     arbiters: Arc<ArbiterPool>,
@@ -174,20 +174,20 @@ impl<'a> Consumer<'a> {
     }
 }
 
-/// The stores of one daemon.
+/// The connections of one daemon.
 ///
 /// Two MySQL pools, for one reason: a connection is registered with the I/O driver of the
 /// runtime that opened it, and the HTTP workers' runtimes end first at shutdown while the
 /// actors still drain their partitions. The actors' connections must not come from them.
-struct Stores {
+struct Connections {
     /// Opened and used by the actors' arbiters (`database.max_connections`).
     actors: MySqlPool,
     /// Opened and used by the HTTP workers (`database.http_max_connections`).
     http: MySqlPool,
-    redis: RedisStore,
+    redis: RedisConnection,
 }
 
-impl Stores {
+impl Connections {
     async fn connect(settings: &Settings) -> anyhow::Result<Self> {
         connections::create_database_if_missing(&settings.database).await?;
         let actors =
@@ -200,7 +200,7 @@ impl Stores {
             Duration::from_millis(settings.database.http_acquire_timeout_ms),
         )
         .await?;
-        let redis = RedisStore::new(&settings.redis)?;
+        let redis = RedisConnection::new(&settings.redis)?;
         redis.connect().await;
         Ok(Self {
             actors,
@@ -226,17 +226,17 @@ impl Wiring {
     fn new(
         settings: Settings,
         clock: SharedClock,
-        stores: &Stores,
+        connections: &Connections,
         kafka: &KafkaCluster,
         publisher: EventPublisher,
         arbiters: Arc<ArbiterPool>,
         spans: &crate::observability::otlp::Spans,
     ) -> Self {
-        let actors_event_log = EventLog::new(stores.actors.clone());
+        let actors_event_log = EventLog::new(connections.actors.clone());
         Self {
             outbox: Outbox::new(actors_event_log.clone(), publisher.clone()),
             probes: PipelineProbes::new(actors_event_log).with_spans(spans.clone()),
-            redis: stores.redis.clone(),
+            redis: connections.redis.clone(),
             publisher,
             bootstrap_servers: kafka.bootstrap_servers().to_string(),
             arbiters,
@@ -273,25 +273,34 @@ impl Wiring {
         ));
     }
 
-    /// What the HTTP handlers work with. They have their own MySQL pool (see [`Stores`]),
+    /// What the HTTP handlers work with. They have their own MySQL pool (see [`Connections`]),
     /// and their own outbox on it.
     fn app_state(
         &self,
-        stores: &Stores,
+        connections: &Connections,
         sessions: &Sessions,
         auth: Authenticator,
         started: StartedForHttp,
     ) -> AppState {
         let settings = &self.settings;
-        let http_outbox = Outbox::new(EventLog::new(stores.http.clone()), self.publisher.clone());
+        let http_outbox = Outbox::new(
+            EventLog::new(connections.http.clone()),
+            self.publisher.clone(),
+        );
         AppState {
             auth,
             limits: LimitsState {
-                limiter: RateLimiter::new(stores.redis.clone()),
+                limiter: RateLimiter::new(connections.redis.clone()),
                 settings: settings.limits.clone(),
                 trusted_proxy_header: settings.http.trusted_proxy_header.clone(),
             },
-            coupons: coupons_state(settings, stores, &http_outbox, sessions, started.intake),
+            coupons: coupons_state(
+                settings,
+                connections,
+                &http_outbox,
+                sessions,
+                started.intake,
+            ),
             shop: ShopState {
                 store: ShopStore::new(http_outbox.clone()),
                 cache: started.product_cache,
@@ -306,17 +315,17 @@ impl Wiring {
             operations: OperationsState {
                 event_log: http_outbox.event_log().clone(),
                 outbox: http_outbox,
-                redis: stores.redis.clone(),
+                redis: connections.redis.clone(),
                 publisher: self.publisher.clone(),
                 actors: self.tree.clone(),
                 scheduler: started.scheduler,
                 reconciler: started.reconciler,
                 outages: self.outages.clone(),
-                dead_letters: DeadLetterLog::new(stores.http.clone()),
+                dead_letters: DeadLetterLog::new(connections.http.clone()),
                 consumers: Consumers::new(self.consumers.clone()),
                 pools: vec![
-                    ("actors", stores.actors.clone()),
-                    ("http", stores.http.clone()),
+                    ("actors", connections.actors.clone()),
+                    ("http", connections.http.clone()),
                 ],
                 lag: started.lag,
                 outbox_backlog: started.outbox_backlog,
@@ -641,7 +650,7 @@ fn authenticator(settings: &Settings) -> anyhow::Result<Authenticator> {
 /// this instance's push sessions and tickets, and the configured bounds.
 fn coupons_state(
     settings: &Settings,
-    stores: &Stores,
+    connections: &Connections,
     http_outbox: &Outbox,
     sessions: &Sessions,
     intake: CouponIntake,
@@ -653,7 +662,7 @@ fn coupons_state(
         sessions: sessions.clone(),
         push: settings.push.clone(),
         tickets: PushTickets::new(
-            stores.redis.clone(),
+            connections.redis.clone(),
             Duration::from_secs(settings.push.ticket_ttl_secs),
         ),
         allowed_origins: settings.http.allowed_origins.clone(),
@@ -697,7 +706,7 @@ fn serve_http(
 }
 
 impl Application {
-    /// Connects the stores, applies migrations, starts Kafka (embedded or external), the
+    /// Connects the connections, applies migrations, starts Kafka (embedded or external), the
     /// actors and the HTTP listener. Must run inside an actix system.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         Self::build_with_clock(settings, Arc::new(SystemClock)).await
@@ -713,13 +722,13 @@ impl Application {
         let deliverer =
             WebhookDeliverer::from_settings(targets, &settings.external)?.with_spans(spans.clone());
 
-        let stores = Stores::connect(&settings).await?;
+        let connections = Connections::connect(&settings).await?;
         let (kafka, publisher) = connect_kafka(&settings).await?;
         let arbiters = Arc::new(ArbiterPool::new(settings.kafka.consumer.partition_threads));
         let mut wiring = Wiring::new(
             settings,
             clock.clone(),
-            &stores,
+            &connections,
             &kafka,
             publisher.clone(),
             arbiters.clone(),
@@ -746,7 +755,7 @@ impl Application {
             lag,
             outbox_backlog,
         };
-        let state = wiring.app_state(&stores, &sessions, auth, started);
+        let state = wiring.app_state(&connections, &sessions, auth, started);
         let (server, port) = serve_http(&wiring.settings, state, spans.clone())?;
 
         Ok(Self {

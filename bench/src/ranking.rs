@@ -16,7 +16,7 @@ use commerce_events::actors::consumer_group::{ConsumerGroup, ConsumerGroupSpec};
 use commerce_events::actors::domain::{
     DomainActor, DomainActorState, ObserveDomain, PipelineProbes,
 };
-use commerce_events::common::connections::RedisStore;
+use commerce_events::common::connections::RedisConnection;
 use commerce_events::common::ids::{OrderId, ProductId, UserId};
 use commerce_events::event_log::EventLog;
 use commerce_events::events::topics;
@@ -52,7 +52,7 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
         crate::embedded_bench(topics::ORDER_COMPLETED, PARTITIONS, threads)?;
     settings.redis.key_prefix = format!("bench-ranking-{}:", uuid::Uuid::now_v7().simple());
     let bootstrap = cluster.bootstrap_servers().to_string();
-    let redis = RedisStore::new(&settings.redis)?;
+    let redis = RedisConnection::new(&settings.redis)?;
     redis.connect().await;
     redis.ping().await?;
 
@@ -282,7 +282,10 @@ async fn wait_until<H: commerce_events::actors::domain::DomainHandler>(
     }
 }
 
-async fn totals(redis: &RedisStore, ranking: &RankingStore) -> anyhow::Result<BTreeMap<u64, u64>> {
+async fn totals(
+    redis: &RedisConnection,
+    ranking: &RankingStore,
+) -> anyhow::Result<BTreeMap<u64, u64>> {
     let mut connection = redis.connection()?;
     let scores: Vec<(u64, f64)> = redis::cmd("ZRANGE")
         .arg(ranking.day_key(Utc::now().date_naive()))
@@ -298,7 +301,11 @@ async fn totals(redis: &RedisStore, ranking: &RankingStore) -> anyhow::Result<BT
 }
 
 /// The same increments as plain ZINCRBY, pipelined per 500 orders.
-async fn raw_zincrby(redis: &RedisStore, orders: usize, lines: usize) -> anyhow::Result<Duration> {
+async fn raw_zincrby(
+    redis: &RedisConnection,
+    orders: usize,
+    lines: usize,
+) -> anyhow::Result<Duration> {
     let mut connection = redis.connection()?;
     let key = redis.key("raw-zincrby");
     let started = Instant::now();

@@ -1,4 +1,4 @@
-//! A consumer group: its librdkafka member ([`GroupConsumer`]) and the actor that manages
+//! A consumer group: its librdkafka member ([`GroupMember`]) and the actor that manages
 //! its partition actors ([`ConsumerGroupActor`]).
 //!
 //! The group's polling thread calls into the actor on every rebalance and waits for the
@@ -30,8 +30,7 @@ use crate::config::Settings;
 use crate::event_log::EventLog;
 use crate::kafka::TopicPartition;
 use crate::kafka::consumer::{
-    GroupConsumer, GroupHealth, OffsetCommitter, PartitionRecords, RebalanceListener,
-    consumer_config,
+    GroupHealth, GroupMember, OffsetCommitter, PartitionRecords, RebalanceListener, consumer_config,
 };
 use crate::kafka::consumer::{LocalPositions, UncommittedStart};
 use crate::kafka::dead_letter::DeadLetters;
@@ -273,7 +272,7 @@ pub struct ConsumerGroup {
     progress: GroupProgress,
     starts_at_end: bool,
     positions: LocalPositions,
-    consumer: std::sync::Mutex<Option<GroupConsumer>>,
+    consumer: std::sync::Mutex<Option<GroupMember>>,
 }
 
 impl ConsumerGroup {
@@ -296,7 +295,7 @@ impl ConsumerGroup {
             group_id: spec.group_id.clone(),
         });
         let topic_names: Vec<&str> = topics.iter().map(String::as_str).collect();
-        let consumer = GroupConsumer::start(
+        let consumer = GroupMember::start(
             &spec.client_config,
             &spec.group_id,
             &topic_names,

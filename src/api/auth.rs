@@ -8,7 +8,7 @@
 //!   charging).
 //! - [`Caller::may_read`]: a user's resources are read by that user, or by an admin
 //!   (support staff).
-//! - [`ClientAddress`]: who a request without a token comes from, for its rate limit
+//! - [`client_address`]: who a request without a token comes from, for its rate limit
 //!   (`http.trusted_proxy_header` behind a gateway).
 
 use std::net::IpAddr;

@@ -245,7 +245,7 @@ macro_rules! store_errors {
 store_errors!(
     crate::event_log::EventLogError,
     crate::coupons::store::CouponStoreError,
-    crate::common::connections::RedisStoreError,
+    crate::common::connections::RedisConnectionError,
     sqlx::Error
 );
 

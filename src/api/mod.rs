@@ -20,7 +20,7 @@
 //! |               | `POST/GET /products`, `GET/PATCH /products/{id}`, `POST /orders`,       |
 //! |               | `GET /orders/{id}`, `POST /orders/{id}/pay`                             |
 //! | [`ranking`]   | `GET /products/ranking`                                                 |
-//! | [`docs`]      | `GET /openapi.json` (OpenAPI 3.1), `GET /docs` (Swagger UI), its files  |
+//! | [`openapi`]   | `GET /openapi.json` (OpenAPI 3.1), `GET /docs` (Swagger UI), its files  |
 
 pub mod admin;
 pub mod auth;
@@ -45,7 +45,7 @@ use actix_web::web;
 use crate::actors::lag::LagView;
 use crate::actors::tree::ActorTree;
 use crate::common::clock::SharedClock;
-use crate::common::connections::RedisStore;
+use crate::common::connections::RedisConnection;
 use crate::config::{LimitSettings, PushSettings};
 use crate::coupons::intake::CouponIntake;
 use crate::coupons::sessions::PushTickets;
@@ -115,7 +115,7 @@ pub struct RankingState {
 pub struct OperationsState {
     pub event_log: EventLog,
     pub outbox: Outbox,
-    pub redis: RedisStore,
+    pub redis: RedisConnection,
     pub publisher: EventPublisher,
     pub actors: ActorTree,
     /// Replays dead letters.

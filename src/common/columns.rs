@@ -1,9 +1,9 @@
 //! How values travel in and out of MySQL columns and text: two macros every slice uses for
 //! its identifiers and statuses. A leaf module.
 //!
-//! - [`sql_column!`] stores a type as an inner column type (`u64`, `String`, `&str`), with a
+//! - `sql_column!` stores a type as an inner column type (`u64`, `String`, `&str`), with a
 //!   conversion each way.
-//! - [`named_enum!`] declares an enum of named states (`PENDING`, `ISSUED`, …) with its
+//! - `named_enum!` declares an enum of named states (`PENDING`, `ISSUED`, …) with its
 //!   `ALL` list, `as_str`, `Display`, `FromStr` (an [`UnknownName`] error) and its column
 //!   type: statuses are bound as text, never written into SQL as literals; its OpenAPI
 //!   schema is a string enum of the names.

@@ -29,7 +29,7 @@ pub fn is_duplicate_key(error: &sqlx::Error) -> bool {
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub enum ConnectionError {
     #[error("invalid database url: {0}")]
     InvalidUrl(sqlx::Error),
     #[error("cannot create database {database}: {source}")]
@@ -50,11 +50,13 @@ pub enum StoreError {
 }
 
 /// Creates the configured database when it does not exist yet.
-pub async fn create_database_if_missing(settings: &DatabaseSettings) -> Result<(), StoreError> {
+pub async fn create_database_if_missing(
+    settings: &DatabaseSettings,
+) -> Result<(), ConnectionError> {
     let url = settings.url.expose_secret();
-    let options = MySqlConnectOptions::from_str(url).map_err(StoreError::InvalidUrl)?;
+    let options = MySqlConnectOptions::from_str(url).map_err(ConnectionError::InvalidUrl)?;
     let database = options.get_database().unwrap_or_default().to_string();
-    let failed = |source| StoreError::CreateDatabase {
+    let failed = |source| ConnectionError::CreateDatabase {
         database: database.clone(),
         source,
     };
@@ -75,7 +77,7 @@ pub async fn create_database_if_missing(settings: &DatabaseSettings) -> Result<(
 pub async fn connect_mysql(
     settings: &DatabaseSettings,
     max_connections: u32,
-) -> Result<MySqlPool, StoreError> {
+) -> Result<MySqlPool, ConnectionError> {
     connect_mysql_waiting(
         settings,
         max_connections,
@@ -89,9 +91,9 @@ pub async fn connect_mysql_waiting(
     settings: &DatabaseSettings,
     max_connections: u32,
     acquire_timeout: Duration,
-) -> Result<MySqlPool, StoreError> {
+) -> Result<MySqlPool, ConnectionError> {
     let options = MySqlConnectOptions::from_str(settings.url.expose_secret())
-        .map_err(StoreError::InvalidUrl)?;
+        .map_err(ConnectionError::InvalidUrl)?;
     let (host, port) = (options.get_host().to_string(), options.get_port());
     MySqlPoolOptions::new()
         .max_connections(max_connections.max(1))
@@ -106,10 +108,10 @@ pub async fn connect_mysql_waiting(
         })
         .connect_with(options)
         .await
-        .map_err(|source| StoreError::Connect { host, port, source })
+        .map_err(|source| ConnectionError::Connect { host, port, source })
 }
 
-pub async fn migrate(pool: &MySqlPool) -> Result<(), StoreError> {
+pub async fn migrate(pool: &MySqlPool) -> Result<(), ConnectionError> {
     MIGRATOR.run(pool).await?;
     Ok(())
 }
@@ -119,33 +121,33 @@ pub const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Redis through one multiplexed connection that the connection manager keeps alive.
 #[derive(Clone)]
-pub struct RedisStore {
+pub struct RedisConnection {
     client: redis::Client,
     connection: Arc<OnceCell<ConnectionManager>>,
     key_prefix: String,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum RedisStoreError {
+pub enum RedisConnectionError {
     #[error("redis is not connected yet")]
     NotConnected,
     #[error("redis command failed: {0}")]
     Command(#[from] redis::RedisError),
 }
 
-impl Classify for RedisStoreError {
+impl Classify for RedisConnectionError {
     fn class(&self) -> ErrorClass {
         match self {
-            RedisStoreError::NotConnected => ErrorClass::Unavailable(Dependency::Redis),
-            RedisStoreError::Command(error) => error.class(),
+            RedisConnectionError::NotConnected => ErrorClass::Unavailable(Dependency::Redis),
+            RedisConnectionError::Command(error) => error.class(),
         }
     }
 }
 
-impl RedisStore {
-    pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
+impl RedisConnection {
+    pub fn new(settings: &RedisSettings) -> Result<Self, ConnectionError> {
         let client =
-            redis::Client::open(settings.url.expose_secret()).map_err(StoreError::RedisUrl)?;
+            redis::Client::open(settings.url.expose_secret()).map_err(ConnectionError::RedisUrl)?;
         Ok(Self {
             client,
             connection: Arc::default(),
@@ -181,11 +183,11 @@ impl RedisStore {
     }
 
     /// The shared connection (cheap to clone).
-    pub fn connection(&self) -> Result<ConnectionManager, RedisStoreError> {
+    pub fn connection(&self) -> Result<ConnectionManager, RedisConnectionError> {
         self.connection
             .get()
             .cloned()
-            .ok_or(RedisStoreError::NotConnected)
+            .ok_or(RedisConnectionError::NotConnected)
     }
 
     /// `key` with this deployment's prefix.
@@ -193,7 +195,7 @@ impl RedisStore {
         format!("{}{}", self.key_prefix, key)
     }
 
-    pub async fn ping(&self) -> Result<(), RedisStoreError> {
+    pub async fn ping(&self) -> Result<(), RedisConnectionError> {
         let mut connection = self.connection()?;
         redis::cmd("PING")
             .query_async::<String>(&mut connection)

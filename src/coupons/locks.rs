@@ -11,7 +11,7 @@ use std::time::Duration;
 use redis::Script;
 use uuid::Uuid;
 
-use crate::common::connections::{RedisStore, RedisStoreError};
+use crate::common::connections::{RedisConnection, RedisConnectionError};
 use crate::common::ids::{CouponId, UserId};
 
 const RELEASE_SCRIPT: &str = r"
@@ -27,7 +27,7 @@ return released
 
 #[derive(Clone)]
 pub struct RedisLocks {
-    redis: RedisStore,
+    redis: RedisConnection,
     ttl: Duration,
     release: Script,
 }
@@ -42,7 +42,7 @@ pub struct HeldLocks {
 }
 
 impl RedisLocks {
-    pub fn new(redis: RedisStore, ttl: Duration) -> Self {
+    pub fn new(redis: RedisConnection, ttl: Duration) -> Self {
         Self {
             redis,
             ttl,
@@ -58,7 +58,7 @@ impl RedisLocks {
 
     /// Tries every key in one round trip; returns those taken and how many were held by
     /// someone else.
-    pub async fn acquire(&self, keys: Vec<String>) -> Result<HeldLocks, RedisStoreError> {
+    pub async fn acquire(&self, keys: Vec<String>) -> Result<HeldLocks, RedisConnectionError> {
         let token = Uuid::new_v4().to_string();
         if keys.is_empty() {
             return Ok(HeldLocks::default());
@@ -90,7 +90,7 @@ impl RedisLocks {
     }
 
     /// Releases what `held` took (never someone else's lock); returns how many were released.
-    pub async fn release(&self, held: HeldLocks) -> Result<u64, RedisStoreError> {
+    pub async fn release(&self, held: HeldLocks) -> Result<u64, RedisConnectionError> {
         if held.keys.is_empty() {
             return Ok(0);
         }

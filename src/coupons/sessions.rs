@@ -14,7 +14,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::common::connections::{RedisStore, RedisStoreError};
+use crate::common::connections::{RedisConnection, RedisConnectionError};
 use crate::common::ids::{EventId, UserId};
 
 /// One message for a user's sessions: the JSON text, and the id of the event it comes from
@@ -158,12 +158,12 @@ impl Sessions {
 /// ticket from one instance opens a channel on any other, once.
 #[derive(Clone)]
 pub struct PushTickets {
-    redis: RedisStore,
+    redis: RedisConnection,
     ttl: std::time::Duration,
 }
 
 impl PushTickets {
-    pub fn new(redis: RedisStore, ttl: std::time::Duration) -> Self {
+    pub fn new(redis: RedisConnection, ttl: std::time::Duration) -> Self {
         Self { redis, ttl }
     }
 
@@ -172,7 +172,7 @@ impl PushTickets {
     }
 
     /// A new ticket for `user`.
-    pub async fn issue(&self, user: UserId) -> Result<String, RedisStoreError> {
+    pub async fn issue(&self, user: UserId) -> Result<String, RedisConnectionError> {
         let ticket = uuid::Uuid::new_v4().simple().to_string();
         let mut connection = self.redis.connection()?;
         redis::cmd("SET")
@@ -186,7 +186,7 @@ impl PushTickets {
     }
 
     /// The user a ticket was issued to, if it is valid; it cannot be used again.
-    pub async fn redeem(&self, ticket: &str) -> Result<Option<UserId>, RedisStoreError> {
+    pub async fn redeem(&self, ticket: &str) -> Result<Option<UserId>, RedisConnectionError> {
         if ticket.is_empty()
             || ticket.len() > 64
             || !ticket.bytes().all(|b| b.is_ascii_alphanumeric())

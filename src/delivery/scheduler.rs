@@ -4,7 +4,7 @@
 //! The schedule is the event-log row: a failed attempt leaves it FAILED with
 //! `next_attempt_at` ([`Deliveries::attempt`] decides when, with the pure back-off policy),
 //! so it survives restarts with nothing to reload. Every `poll_interval_ms` the scheduler
-//! claims due events ([`EventLog::claim_due`]: row locks other instances skip, and a lease
+//! claims due events ([`crate::event_log::EventLog::claim_due`]: row locks other instances skip, and a lease
 //! while the attempt runs, so an attempt never runs twice at once) and makes the next
 //! attempt through the same path as the first.
 //!

@@ -17,7 +17,7 @@ use std::time::Duration;
 use redis::Script;
 use tracing::warn;
 
-use crate::common::connections::RedisStore;
+use crate::common::connections::RedisConnection;
 use crate::config::RateLimit;
 
 /// How long a request waits for Redis to count it: past that, it goes through unchecked
@@ -53,14 +53,14 @@ pub enum Decision {
 /// The limiter shared by the HTTP workers.
 #[derive(Clone)]
 pub struct RateLimiter {
-    redis: RedisStore,
+    redis: RedisConnection,
     script: Script,
     /// Requests let through because Redis did not answer.
     unchecked: Arc<AtomicU64>,
 }
 
 impl RateLimiter {
-    pub fn new(redis: RedisStore) -> Self {
+    pub fn new(redis: RedisConnection) -> Self {
         Self {
             redis,
             script: Script::new(GCRA_SCRIPT),
@@ -80,7 +80,7 @@ impl RateLimiter {
                 .arg(tolerance)
                 .invoke_async(&mut connection)
                 .await?;
-            Ok::<_, crate::common::connections::RedisStoreError>(wait_micros)
+            Ok::<_, crate::common::connections::RedisConnectionError>(wait_micros)
         };
         match tokio::time::timeout(CHECK_TIMEOUT, attempt).await {
             Ok(Ok(0)) => Decision::Allowed,

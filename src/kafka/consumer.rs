@@ -1,6 +1,6 @@
 //! Consumer groups at the librdkafka level.
 //!
-//! One [`GroupConsumer`] per consumer group owns a `BaseConsumer` and a dedicated thread
+//! One [`GroupMember`] per consumer group owns a `BaseConsumer` and a dedicated thread
 //! that keeps polling its main queue: group membership, heartbeats' results, rebalance and
 //! commit callbacks are only served while that queue is polled (rust-rdkafka issue 738).
 //!
@@ -469,7 +469,7 @@ pub fn consumer_config(
 }
 
 /// A running consumer group member and its polling thread.
-pub struct GroupConsumer {
+pub struct GroupMember {
     group_id: String,
     health: Arc<GroupHealth>,
     positions: LocalPositions,
@@ -477,7 +477,7 @@ pub struct GroupConsumer {
     poller: Option<JoinHandle<()>>,
 }
 
-impl GroupConsumer {
+impl GroupMember {
     /// Creates the consumer, subscribes and starts polling.
     pub fn start(
         config: &ClientConfig,
@@ -554,7 +554,7 @@ impl GroupConsumer {
     }
 }
 
-impl Drop for GroupConsumer {
+impl Drop for GroupMember {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
     }

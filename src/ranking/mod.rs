@@ -21,7 +21,7 @@ pub mod updater;
 use chrono::{Duration, NaiveDate};
 use redis::Script;
 
-use crate::common::connections::{RedisStore, RedisStoreError};
+use crate::common::connections::{RedisConnection, RedisConnectionError};
 use crate::common::error::{Classify, Dependency, ErrorClass};
 use crate::common::ids::ProductId;
 use crate::events::{EventId, OrderedProduct};
@@ -29,7 +29,7 @@ use crate::events::{EventId, OrderedProduct};
 #[derive(Debug, thiserror::Error)]
 pub enum RankingError {
     #[error(transparent)]
-    Redis(#[from] RedisStoreError),
+    Redis(#[from] RedisConnectionError),
     /// A rebuild is replacing the day sets; counting waits for it.
     #[error("the ranking is being rebuilt")]
     Rebuilding,
@@ -88,13 +88,13 @@ pub struct Ranked {
 
 #[derive(Clone)]
 pub struct RankingStore {
-    redis: RedisStore,
+    redis: RedisConnection,
     script: Script,
     retention_days: u32,
 }
 
 impl RankingStore {
-    pub fn new(redis: RedisStore, retention_days: u32) -> Self {
+    pub fn new(redis: RedisConnection, retention_days: u32) -> Self {
         Self {
             redis,
             script: Script::new(APPLY_SCRIPT),
@@ -128,14 +128,14 @@ impl RankingStore {
         let flags: Vec<i64> = invocation
             .invoke_async(&mut connection)
             .await
-            .map_err(RedisStoreError::from)?;
+            .map_err(RedisConnectionError::from)?;
         if flags.first() == Some(&-1) {
             return Err(RankingError::Rebuilding);
         }
         Ok(flags.into_iter().map(|flag| flag == 1).collect())
     }
 
-    pub(crate) fn redis(&self) -> &RedisStore {
+    pub(crate) fn redis(&self) -> &RedisConnection {
         &self.redis
     }
 
@@ -145,7 +145,7 @@ impl RankingStore {
 
     /// Whether each event has been counted (its applied mark is there): the ranking's
     /// progress, which the reconciler and `GET /admin/events/{id}` read.
-    pub async fn counted(&self, events: &[EventId]) -> Result<Vec<bool>, RedisStoreError> {
+    pub async fn counted(&self, events: &[EventId]) -> Result<Vec<bool>, RedisConnectionError> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
@@ -167,7 +167,7 @@ impl RankingStore {
         today: NaiveDate,
         days: u32,
         limit: usize,
-    ) -> Result<Vec<Ranked>, RedisStoreError> {
+    ) -> Result<Vec<Ranked>, RedisConnectionError> {
         let keys: Vec<String> = (0..days.max(1))
             .map(|back| self.day_key(today - Duration::days(i64::from(back))))
             .collect();

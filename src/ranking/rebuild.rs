@@ -24,7 +24,7 @@ use redis::aio::ConnectionManager;
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::common::connections::{RedisStore, RedisStoreError};
+use crate::common::connections::{RedisConnection, RedisConnectionError};
 use crate::common::error::{Classify, ErrorClass};
 use crate::event_log::{EventLog, EventLogError, EventRecord};
 use crate::events::{EventId, EventPayload, EventType};
@@ -82,7 +82,7 @@ pub enum RebuildError {
     #[error("the rebuild lost its flag (it ran longer than its lease): nothing was swapped in")]
     Superseded,
     #[error(transparent)]
-    Redis(#[from] RedisStoreError),
+    Redis(#[from] RedisConnectionError),
     #[error(transparent)]
     EventLog(#[from] EventLogError),
 }
@@ -104,7 +104,7 @@ impl Classify for RebuildError {
 }
 
 /// Whether the ranking was built (by a rebuild) since Redis last lost its data.
-pub async fn is_built(ranking: &RankingStore) -> Result<bool, RedisStoreError> {
+pub async fn is_built(ranking: &RankingStore) -> Result<bool, RedisConnectionError> {
     let redis = ranking.redis();
     let mut connection = redis.connection()?;
     let exists: bool = redis::cmd("EXISTS")
@@ -195,7 +195,7 @@ fn window(today: NaiveDate, retention_days: u32) -> Vec<NaiveDate> {
 
 /// A rebuild's hold on the `ranking:rebuilding` flag: its value is the rebuild's token.
 struct Flag<'a> {
-    redis: &'a RedisStore,
+    redis: &'a RedisConnection,
     token: &'a str,
 }
 
@@ -331,7 +331,7 @@ async fn count_completed_orders(
 /// returns how many days had sales.
 async fn write_day_sets(
     connection: &mut ConnectionManager,
-    redis: &RedisStore,
+    redis: &RedisConnection,
     days: &[NaiveDate],
     sums: &BTreeMap<NaiveDate, BTreeMap<u64, u64>>,
 ) -> Result<u32, RebuildError> {
@@ -362,7 +362,7 @@ async fn write_day_sets(
 /// updater does not count it again when it resumes.
 async fn write_applied_marks(
     connection: &mut ConnectionManager,
-    redis: &RedisStore,
+    redis: &RedisConnection,
     orders: &[EventId],
     ttl_secs: u64,
 ) -> Result<(), RebuildError> {

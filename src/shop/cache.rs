@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use redis::Script;
 
-use crate::common::connections::{RedisStore, RedisStoreError};
+use crate::common::connections::{RedisConnection, RedisConnectionError};
 use crate::common::ids::ProductId;
 use crate::events::ProductChanged;
 use crate::shop::store::Product;
@@ -36,13 +36,13 @@ return flags
 
 #[derive(Clone)]
 pub struct ProductCache {
-    redis: RedisStore,
+    redis: RedisConnection,
     script: Script,
     ttl: Duration,
 }
 
 impl ProductCache {
-    pub fn new(redis: RedisStore, ttl: Duration) -> Self {
+    pub fn new(redis: RedisConnection, ttl: Duration) -> Self {
         Self {
             redis,
             script: Script::new(APPLY_SCRIPT),
@@ -55,7 +55,10 @@ impl ProductCache {
     }
 
     /// Writes each change newer than what the cache holds; `true` for each one written.
-    pub async fn apply(&self, changes: &[&ProductChanged]) -> Result<Vec<bool>, RedisStoreError> {
+    pub async fn apply(
+        &self,
+        changes: &[&ProductChanged],
+    ) -> Result<Vec<bool>, RedisConnectionError> {
         if changes.is_empty() {
             return Ok(Vec::new());
         }
@@ -80,7 +83,10 @@ impl ProductCache {
     }
 
     /// The cached product, if any (an unreadable entry counts as a miss).
-    pub async fn get(&self, product_id: ProductId) -> Result<Option<Product>, RedisStoreError> {
+    pub async fn get(
+        &self,
+        product_id: ProductId,
+    ) -> Result<Option<Product>, RedisConnectionError> {
         let mut connection = self.redis.connection()?;
         let cached: Option<String> = redis::cmd("GET")
             .arg(self.key(product_id))
@@ -90,7 +96,7 @@ impl ProductCache {
     }
 
     /// Stores a product read from MySQL unless the key holds one already.
-    pub async fn fill(&self, product: &Product) -> Result<(), RedisStoreError> {
+    pub async fn fill(&self, product: &Product) -> Result<(), RedisConnectionError> {
         let mut connection = self.redis.connection()?;
         redis::cmd("SET")
             .arg(self.key(product.product_id))

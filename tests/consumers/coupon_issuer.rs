@@ -9,7 +9,7 @@ use chrono::{Duration as Span, Utc};
 use commerce_events::actors::domain::{
     BatchOrigin, DomainActor, ObserveDomain, PipelineProbes, ProcessBatch,
 };
-use commerce_events::common::connections::RedisStore;
+use commerce_events::common::connections::RedisConnection;
 use commerce_events::common::ids::UserId;
 use commerce_events::coupons::issuer::CouponIssuer;
 use commerce_events::coupons::locks::RedisLocks;
@@ -124,7 +124,7 @@ async fn the_coupon_issuer_through_success_duplicate_sold_out_expired_and_redeli
     transaction.record(rows).await.unwrap();
     let _unpublished = transaction.commit().await.unwrap();
 
-    let redis = RedisStore::new(&pipeline.settings.redis).unwrap();
+    let redis = RedisConnection::new(&pipeline.settings.redis).unwrap();
     redis.connect().await;
     let issuer_store = store.clone();
     let issuer = DomainActor::start(

@@ -8,7 +8,7 @@ use chrono::{TimeZone, Utc};
 use commerce_events::actors::domain::{
     BatchOrigin, DomainActor, ObserveDomain, PipelineProbes, ProcessBatch,
 };
-use commerce_events::common::connections::RedisStore;
+use commerce_events::common::connections::RedisConnection;
 use commerce_events::common::ids::{CouponId, OrderId, ProductId, UserId};
 use commerce_events::events::topics;
 use commerce_events::events::{
@@ -43,7 +43,7 @@ fn order(order_id: u64, day: u32, lines: &[(u64, u32)]) -> EventEnvelope {
 }
 
 /// Every ranking set under the test's prefix: day → [(product, quantity)].
-async fn ranking_sets(redis: &RedisStore) -> BTreeMap<String, Vec<(String, u64)>> {
+async fn ranking_sets(redis: &RedisConnection) -> BTreeMap<String, Vec<(String, u64)>> {
     let mut connection = redis.connection().unwrap();
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(redis.key("ranking:products:*"))
@@ -75,7 +75,7 @@ async fn ranking_sets(redis: &RedisStore) -> BTreeMap<String, Vec<(String, u64)>
 #[actix_web::test]
 async fn the_ranking_updater_through_new_orders_a_redelivery_and_a_foreign_event() {
     let pipeline = Pipeline::start().await;
-    let redis = RedisStore::new(&pipeline.settings.redis).unwrap();
+    let redis = RedisConnection::new(&pipeline.settings.redis).unwrap();
     redis.connect().await;
     let ranking = RankingStore::new(redis.clone(), 8);
     let updater = DomainActor::start(
