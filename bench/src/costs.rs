@@ -4,7 +4,7 @@
 //! Redis's `total_commands_processed`, the daemon's `kafka_records_produced_total` (from its
 //! `/metrics`) and the CPU time of the daemon, MariaDB and Redis processes (`/proc/{pid}/stat`).
 //! The difference of two readings divided by the phase's units of work (accepted requests,
-//! issued coupons) is what BENCHMARKS.md compares across commits: counts do not drift with a
+//! issued coupons) is what docs/benchmarks/ compares across commits: counts do not drift with a
 //! noisy machine as times do. The counters are the server's, so anything else using the same
 //! MariaDB or Redis during the run is counted too: run the bench on a quiet machine.
 

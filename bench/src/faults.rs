@@ -1,4 +1,4 @@
-//! Scenario `faults` (built with `--features test-util`): the fault-injection suite's
+//! Scenario `faults`: the fault-injection suite's
 //! scenarios at a larger scale, one table. Each scenario has its own database; coupon load
 //! runs through the fault, every request counted, then the shared checker
 //! (`commerce_events::faults`) reports what MySQL holds against what the clients were told.

@@ -25,7 +25,7 @@ use commerce_events::kafka::producer::EventPublisher;
 use report::Report;
 
 #[derive(Parser)]
-#[command(about = "Benchmarks of commerce-events; BENCHMARKS.md records their figures")]
+#[command(about = "Benchmarks of commerce-events; docs/benchmarks/ records their figures")]
 struct Cli {
     #[command(subcommand)]
     scenario: Scenario,
@@ -39,7 +39,7 @@ struct Cli {
 enum Scenario {
     /// The cost of the partition actors against raw rdkafka consumption.
     Pipeline(pipeline::Options),
-    /// The coupon flow end to end through a daemon started in this process.
+    /// The coupon flow end to end through the daemon binary, run as its own process.
     Coupons(coupons::Options),
     /// Ranking updates through the RankingUpdater against raw pipelined ZINCRBY, and a
     /// replay that must count nothing.
@@ -49,10 +49,10 @@ enum Scenario {
     Payments(payments::Options),
     /// Webhook deliveries per ordering of `external-event-group`, through the daemon binary.
     Webhooks(webhooks::Options),
-    /// The fault-injection scenarios at a larger scale (build with `--features test-util`).
+    /// The fault-injection scenarios at a larger scale.
     Faults(faults::Options),
     /// The coupon flow through 1, 2 and 3 daemon processes in one consumer group on one
-    /// separate broker process (build with `--features test-util`).
+    /// separate broker process.
     Scale(scale::Options),
 }
 

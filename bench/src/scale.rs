@@ -1,4 +1,4 @@
-//! Scenario `scale` (built with `--features test-util`): the coupon flow through 1, 2 and 3
+//! Scenario `scale`: the coupon flow through 1, 2 and 3
 //! daemon processes (the `commerce-events` binary beside the bench's) in one consumer group,
 //! on one separate broker process (`commerce-events broker`), one MySQL database and one
 //! Redis. A user's requests always go to the same daemon (user id modulo the members).
