@@ -4,7 +4,7 @@ use std::time::Duration;
 use actix_web::http::StatusCode;
 use commerce_events::common::clock::{SharedClock, SystemClock};
 use commerce_events::common::connections;
-use commerce_events::common::ids::{CouponId, UserId};
+use commerce_events::common::ids::UserId;
 use commerce_events::config::Settings;
 use commerce_events::event_log::{EventLog, EventRecord, OutboxEvent};
 use commerce_events::events::topics;
@@ -18,6 +18,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use crate::database::{TestDatabase, init_tracing};
+use crate::records::coupon_request_for;
 use crate::wait::eventually;
 
 /// How long a test request may take: generous, because eight tests may share two cores;
@@ -560,13 +561,7 @@ impl TestApp {
     /// Commits a PENDING coupon request without publishing it (a request that died right
     /// after its commit).
     pub async fn commit_unpublished_coupon_request(&self, user_id: u64, coupon_id: u64) -> EventId {
-        let envelope = EventEnvelope::new(
-            format!("user:{user_id}"),
-            EventPayload::CouponRequested(commerce_events::events::CouponRequested {
-                user_id: UserId::from_u64(user_id).unwrap(),
-                coupon_id: CouponId::from_u64(coupon_id).unwrap(),
-            }),
-        );
+        let envelope = coupon_request_for(user_id, coupon_id);
         let event_id = envelope.event_id;
         self.record_in_outbox(&OutboxEvent::new(envelope)).await;
         event_id
@@ -576,13 +571,7 @@ impl TestApp {
     /// progress) without publishing it: a request whose publication failed after its
     /// commit, or whose daemon died before it.
     pub async fn commit_proven_coupon_request(&self, user_id: u64, coupon_id: u64) -> EventId {
-        let envelope = EventEnvelope::new(
-            format!("user:{user_id}"),
-            EventPayload::CouponRequested(commerce_events::events::CouponRequested {
-                user_id: UserId::from_u64(user_id).unwrap(),
-                coupon_id: CouponId::from_u64(coupon_id).unwrap(),
-            }),
-        );
+        let envelope = coupon_request_for(user_id, coupon_id);
         let event_id = envelope.event_id;
         let outbox = Outbox::new(self.event_log.clone(), self.publisher.clone());
         let mut transaction = outbox.begin().await.unwrap();

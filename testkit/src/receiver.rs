@@ -146,12 +146,12 @@ impl Receiver {
 
     /// Every request received, in order.
     pub fn received(&self) -> Vec<Received> {
-        self.state.script.lock().unwrap().received.clone()
+        self.reading(<[Received]>::to_vec)
     }
 
     /// How many requests arrived.
     pub fn received_count(&self) -> usize {
-        self.state.script.lock().unwrap().received.len()
+        self.reading(<[Received]>::len)
     }
 
     /// The requests to `path`, in order.
@@ -166,15 +166,18 @@ impl Receiver {
     }
 
     fn matching(&self, keep: impl Fn(&Received) -> bool) -> Vec<Received> {
-        self.state
-            .script
-            .lock()
-            .unwrap()
-            .received
-            .iter()
-            .filter(|received| keep(received))
-            .cloned()
-            .collect()
+        self.reading(|received| {
+            received
+                .iter()
+                .filter(|received| keep(received))
+                .cloned()
+                .collect()
+        })
+    }
+
+    /// Reads the requests received so far, in order, under the receiver's lock.
+    fn reading<T>(&self, read: impl FnOnce(&[Received]) -> T) -> T {
+        read(&self.state.script.lock().unwrap().received)
     }
 
     /// How many different webhooks (`webhook-id`s) arrived: cheap to ask often.
@@ -184,20 +187,17 @@ impl Receiver {
 
     /// Each webhook request's `webhook-id`, in the order they arrived.
     pub fn webhook_ids(&self) -> Vec<String> {
-        self.state
-            .script
-            .lock()
-            .unwrap()
-            .received
-            .iter()
-            .filter_map(|received| received.webhook_id().map(str::to_string))
-            .collect()
+        self.reading(|received| {
+            received
+                .iter()
+                .filter_map(|received| received.webhook_id().map(str::to_string))
+                .collect()
+        })
     }
 
     /// When the first request arrived.
     pub fn first_arrival(&self) -> Option<Instant> {
-        let script = self.state.script.lock().unwrap();
-        script.received.first().map(|received| received.at)
+        self.reading(|received| received.first().map(|received| received.at))
     }
 
     /// The most requests it was answering at once.

@@ -22,13 +22,18 @@ pub fn probe_event(note: &str) -> EventEnvelope {
     envelope
 }
 
-/// A domain event that reaches the domain handler.
+/// A domain event that reaches the domain handler: `user_id`'s request for coupon 1.
 pub fn coupon_request(user_id: u64) -> EventEnvelope {
+    coupon_request_for(user_id, 1)
+}
+
+/// `user_id`'s request for `coupon_id`, keyed by the user as the intake keys it.
+pub fn coupon_request_for(user_id: u64, coupon_id: u64) -> EventEnvelope {
     EventEnvelope::new(
         format!("user:{user_id}"),
         EventPayload::CouponRequested(CouponRequested {
             user_id: UserId::from_u64(user_id).expect("a positive user id"),
-            coupon_id: CouponId::from_u64(1).expect("a positive coupon id"),
+            coupon_id: CouponId::from_u64(coupon_id).expect("a positive coupon id"),
         }),
     )
 }
