@@ -190,6 +190,11 @@ pub struct DatabaseSettings {
     /// How long a request waits for a connection: past it, the answer is 503 with
     /// `Retry-After` (a MySQL outage is answered within this, never by a hanging request).
     pub http_acquire_timeout_ms: u64,
+    /// How long a pooled connection may stay idle before the pool closes it. Keep it below
+    /// the server's `wait_timeout` (MariaDB's and MySQL's default: 28,800 s): a connection
+    /// is not pinged when it is taken from the pool, so one the server closed would fail
+    /// its first statement (classed as the outage it looks like, and retried).
+    pub idle_timeout_secs: u64,
 }
 
 impl Default for DatabaseSettings {
@@ -200,6 +205,7 @@ impl Default for DatabaseSettings {
             http_max_connections: 8,
             acquire_timeout_ms: 5_000,
             http_acquire_timeout_ms: 1_000,
+            idle_timeout_secs: 300,
         }
     }
 }

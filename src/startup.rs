@@ -56,7 +56,7 @@ use crate::observability::outages::Outages;
 use crate::outbox::reconciler::{Reconciler, ReconcilerWiring, StopReconciler};
 use crate::outbox::relay::{OutboxRelay, StopRelay};
 use crate::outbox::settlement::{Consumers, RowSettlement, Settlement};
-use crate::outbox::{Outbox, OutboxBacklogView};
+use crate::outbox::{Outbox, OutboxBacklogView, PublishedMarks};
 use crate::ranking::RankingStore;
 use crate::ranking::rebuild::{RebuildReport, rebuild};
 use crate::ranking::settlement::RankingSettlement;
@@ -137,6 +137,9 @@ struct Wiring {
     clock: SharedClock,
     /// The actors' pool. The HTTP handlers have their own (see [`Connections`]).
     outbox: Outbox,
+    /// The writer that marks published rows in batches, for both outboxes; on an actors'
+    /// arbiter, through the actors' pool (HTTP workers stop first).
+    published_marks: PublishedMarks,
     redis: RedisConnection,
     publisher: EventPublisher,
     bootstrap_servers: String,
@@ -233,8 +236,11 @@ impl Wiring {
         spans: &crate::observability::otlp::Spans,
     ) -> Self {
         let actors_event_log = EventLog::new(connections.actors.clone());
+        let published_marks = PublishedMarks::start(&arbiters.next(), actors_event_log.clone());
         Self {
-            outbox: Outbox::new(actors_event_log.clone(), publisher.clone()),
+            outbox: Outbox::new(actors_event_log.clone(), publisher.clone())
+                .with_marks(published_marks.clone()),
+            published_marks,
             probes: PipelineProbes::new(actors_event_log).with_spans(spans.clone()),
             redis: connections.redis.clone(),
             publisher,
@@ -286,7 +292,8 @@ impl Wiring {
         let http_outbox = Outbox::new(
             EventLog::new(connections.http.clone()),
             self.publisher.clone(),
-        );
+        )
+        .with_marks(self.published_marks.clone());
         AppState {
             auth,
             limits: LimitsState {

@@ -42,6 +42,7 @@ impl From<ShopError> for ApiError {
     fn from(error: ShopError) -> Self {
         match error {
             ShopError::NotFound(what) => ApiError::not_found(what),
+            ShopError::Forbidden(message) => ApiError::forbidden(message),
             ShopError::Invalid { code, message } => ApiError::bad_request(code, message),
             ShopError::Refused(refusal) => ApiError::conflict(refusal.code(), refusal.to_string()),
             ShopError::KeyReused => key_reused(),
@@ -440,7 +441,7 @@ pub async fn update_product(
         .store
         .update_product(product_id, price, stock)
         .await?;
-    cache_changes(&state, updated.events.events()).await;
+    cache_changes(state.clone(), updated.events.events().to_vec()).await;
     updated.events.publish_within(ANSWER_WAIT).await;
     Ok(HttpResponse::Ok().json(updated.value))
 }
@@ -562,7 +563,13 @@ pub async fn create_order(
     let created = state
         .shop
         .store
-        .create_order(user_id, &lines, coupon_history_id, key.as_ref())
+        .create_order(
+            user_id,
+            &lines,
+            coupon_history_id,
+            state.clock.now(),
+            key.as_ref(),
+        )
         .await?;
     Ok(answered(created, |order| {
         HttpResponse::Created()
@@ -635,19 +642,20 @@ pub async fn pay(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let order_id: OrderId = path.parse()?;
-    let order = existing_order(&state, order_id).await?;
-    // Only the buyer pays, with their balance and coupon; never an admin for them.
-    caller.acts_as(Some(order.user_id))?;
+    // Only the buyer pays, with their balance and coupon; never an admin for them: checked
+    // on the order's locked row, before any effect.
+    let payer = caller.acts_as(None)?;
     let key = idempotency_key(&request, &caller, "pay", order_id.to_string().as_bytes())?;
     limit_user(&state, "pay", &caller, state.limits.settings.payment).await?;
     match state
         .shop
         .store
-        .pay(order_id, state.clock.now(), key.as_ref())
+        .pay(order_id, payer, state.clock.now(), key.as_ref())
         .await?
     {
         Answered::Fresh(paid) => {
-            cache_changes(&state, paid.events.events()).await;
+            // The cache is written after the answer: the product events repair it anyway.
+            actix_rt::spawn(cache_changes(state.clone(), paid.events.events().to_vec()));
             paid.events.publish_within(ANSWER_WAIT).await;
             Ok(HttpResponse::Ok().json(paid.value))
         }
@@ -666,9 +674,10 @@ async fn existing_order(state: &AppState, order_id: OrderId) -> Result<Order, Ap
 }
 
 /// Writes the committed product changes among `events` to the cache at once (the same
-/// version compare-and-set as the consumer's), so a read right after a change sees it; the
-/// events bring the change to the cache anyway (best effort here).
-async fn cache_changes(state: &AppState, events: &[OutboxEvent]) {
+/// version compare-and-set as the consumer's): awaited before a product change's answer, so
+/// a read right after it sees it; after a payment's answer, in the background. The events
+/// bring the change to the cache anyway (best effort here).
+async fn cache_changes(state: web::Data<AppState>, events: Vec<OutboxEvent>) {
     let changes: Vec<_> = events
         .iter()
         .filter_map(|event| match &event.envelope.payload {

@@ -98,6 +98,10 @@ pub async fn connect_mysql_waiting(
     MySqlPoolOptions::new()
         .max_connections(max_connections.max(1))
         .acquire_timeout(acquire_timeout)
+        // No ping on every acquire (one round trip per statement run through the pool); idle
+        // connections are closed before the server's wait_timeout would.
+        .test_before_acquire(false)
+        .idle_timeout(Some(Duration::from_secs(settings.idle_timeout_secs.max(1))))
         .after_connect(|connection, _| {
             Box::pin(async move {
                 sqlx::query!("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")

@@ -45,6 +45,89 @@ use crate::kafka::producer::EventPublisher;
 pub struct Outbox {
     event_log: EventLog,
     publisher: EventPublisher,
+    /// The writer that marks published rows in batches; without one, each publication
+    /// marks its own rows.
+    marks: Option<PublishedMarks>,
+}
+
+/// The rows a [`PublishedMarks`] writer marks with one statement at most.
+const MARKS_PER_STATEMENT: usize = 1_000;
+
+/// Marks rows PUBLISHED in batches: one writer task takes whatever publications are
+/// waiting (no timer: batches grow with load) and marks their rows with one statement, so
+/// requests that each publish a few events cost one row-marking statement between them,
+/// not one each; each publication is told when its rows are marked. A mark that fails, or
+/// never runs because the process stops, leaves its rows PENDING: the relay publishes them
+/// again (consumers deduplicate).
+#[derive(Clone)]
+pub struct PublishedMarks {
+    queue: tokio::sync::mpsc::UnboundedSender<MarkRequest>,
+}
+
+/// Rows to mark, and who waits for the mark (told whether it was written).
+struct MarkRequest {
+    published: Vec<EventId>,
+    marked: tokio::sync::oneshot::Sender<bool>,
+}
+
+impl PublishedMarks {
+    /// Starts the writer on `arbiter`, marking rows through `event_log` (whose pool belongs
+    /// to the threads of that arbiter's kind).
+    pub fn start(arbiter: &actix::ArbiterHandle, event_log: EventLog) -> Self {
+        let (queue, receiver) = tokio::sync::mpsc::unbounded_channel();
+        arbiter.spawn(write_marks(receiver, event_log));
+        Self { queue }
+    }
+
+    /// Has the writer mark the rows of published events and waits for it: whether they
+    /// were marked; the rows back when the writer has stopped.
+    async fn mark(&self, published: Vec<EventId>) -> Result<bool, Vec<EventId>> {
+        let (marked, answer) = tokio::sync::oneshot::channel();
+        self.queue
+            .send(MarkRequest { published, marked })
+            .map_err(|unsent| unsent.0.published)?;
+        Ok(answer.await.unwrap_or(false))
+    }
+}
+
+/// Marks the rows of published events; whether they were marked. A failure leaves them
+/// PENDING: the events are on Kafka, and the relay publishes them again.
+async fn mark_published(event_log: &EventLog, published: &[EventId]) -> bool {
+    match event_log.mark_published(published).await {
+        Ok(_) => true,
+        Err(error) => {
+            warn!(%error, events = published.len(), "cannot mark events published");
+            false
+        }
+    }
+}
+
+/// The writer of [`PublishedMarks`]: until every handle is dropped.
+async fn write_marks(
+    mut receiver: tokio::sync::mpsc::UnboundedReceiver<MarkRequest>,
+    event_log: EventLog,
+) {
+    while let Some(first) = receiver.recv().await {
+        let mut batch = vec![first];
+        let mut rows = batch[0].published.len();
+        while rows < MARKS_PER_STATEMENT {
+            match receiver.try_recv() {
+                Ok(more) => {
+                    rows += more.published.len();
+                    batch.push(more);
+                }
+                Err(_) => break,
+            }
+        }
+        let ids: Vec<EventId> = batch
+            .iter()
+            .flat_map(|request| request.published.iter().copied())
+            .collect();
+        let marked = mark_published(&event_log, &ids).await;
+        for request in batch {
+            let _ = request.marked.send(marked);
+        }
+    }
 }
 
 /// The rows written and not yet published.
@@ -105,6 +188,15 @@ impl Outbox {
         Self {
             event_log,
             publisher,
+            marks: None,
+        }
+    }
+
+    /// The same outbox, its publications marked PUBLISHED by `marks` in batches.
+    pub fn with_marks(self, marks: PublishedMarks) -> Self {
+        Self {
+            marks: Some(marks),
+            ..self
         }
     }
 
@@ -318,11 +410,19 @@ impl Committed {
         if published.is_empty() {
             return publication;
         }
-        if let Err(error) = self.outbox.event_log.mark_published(&published).await {
+        let marking = published.len() as u64;
+        let marked = match &self.outbox.marks {
+            // Through the writer when there is one (and it runs), else here.
+            Some(marks) => match marks.mark(published).await {
+                Ok(marked) => marked,
+                Err(unsent) => mark_published(&self.outbox.event_log, &unsent).await,
+            },
+            None => mark_published(&self.outbox.event_log, &published).await,
+        };
+        if !marked {
             // The events are on Kafka; their rows stay PENDING and will be published again.
-            warn!(%error, events = published.len(), "cannot mark events published");
-            publication.failed += published.len() as u64;
-            publication.published -= published.len() as u64;
+            publication.failed += marking;
+            publication.published -= marking;
         }
         publication
     }

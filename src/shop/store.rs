@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Timelike, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::{MySqlConnection, QueryBuilder};
 
@@ -30,6 +30,9 @@ pub enum ShopError {
     EventLog(#[from] EventLogError),
     #[error("{0} not found")]
     NotFound(String),
+    /// The caller may not do this to this resource (HTTP 403).
+    #[error("{0}")]
+    Forbidden(String),
     /// A request naming things that do not exist or cannot be combined (HTTP 400).
     #[error("{message}")]
     Invalid { code: &'static str, message: String },
@@ -352,7 +355,7 @@ impl ShopStore {
         if updated.rows_affected() == 0 {
             return Err(ShopError::NotFound(format!("product {product_id}")));
         }
-        let product = products_in(&mut transaction, &[product_id])
+        let product = products_in(&mut transaction, &[product_id], Lock::None)
             .await?
             .pop()
             .expect("the product just updated");
@@ -386,7 +389,7 @@ impl ShopStore {
         ids: &[ProductId],
     ) -> Result<BTreeMap<ProductId, String>, ShopError> {
         let mut connection = self.pool().acquire().await?;
-        Ok(products_in(&mut connection, ids)
+        Ok(products_in(&mut connection, ids, Lock::None)
             .await?
             .into_iter()
             .map(|product| (product.product_id, product.name))
@@ -415,20 +418,19 @@ impl ShopStore {
         })
     }
 
-    /// Places an order at today's prices, with the coupon's discount.
+    /// Places an order at today's prices, with the coupon's discount, created at `now`; the
+    /// answer is built from what was written (no read-back).
     pub async fn create_order(
         &self,
         user_id: UserId,
         lines: &[NewOrderLine],
         coupon_history_id: Option<CouponHistoryId>,
+        now: DateTime<Utc>,
         key: Option<&IdempotencyKey>,
     ) -> Result<Answered<Order>, ShopError> {
         retrying(|| {
             self.idempotent(key, 201, async |transaction| {
-                let order_id = insert_order(transaction, user_id, lines, coupon_history_id).await?;
-                Ok(read_order(transaction, order_id, Lock::None)
-                    .await?
-                    .expect("an order is readable in its own transaction"))
+                insert_order(transaction, user_id, lines, coupon_history_id, now).await
             })
         })
         .await
@@ -440,17 +442,19 @@ impl ShopStore {
         read_order(&mut connection, order_id, Lock::None).await
     }
 
-    /// Pays an order in one transaction (see the module documentation); a deadlock is
-    /// retried. The returned events are committed but not yet published.
+    /// `payer` pays an order in one transaction (see the module documentation); a deadlock
+    /// is retried. Only the order's buyer pays it: anyone else is refused on the locked row,
+    /// before any effect. The returned events are committed but not yet published.
     pub async fn pay(
         &self,
         order_id: OrderId,
+        payer: UserId,
         now: DateTime<Utc>,
         key: Option<&IdempotencyKey>,
     ) -> Result<Answered<Changed<Payment>>, ShopError> {
         retrying(|| {
             self.idempotent(key, 200, async |transaction| {
-                pay_in(transaction, order_id, now).await
+                pay_in(transaction, order_id, payer, now).await
             })
         })
         .await
@@ -473,13 +477,15 @@ async fn retrying<T, F: Future<Output = Result<T, ShopError>>>(
     }
 }
 
-/// Inserts an order and its lines; returns its id.
+/// Inserts an order and its lines, created at `now`; returns the order as written (its lines
+/// by product id, as an order is read).
 async fn insert_order(
     transaction: &mut MySqlConnection,
     user_id: UserId,
     lines: &[NewOrderLine],
     coupon_history_id: Option<CouponHistoryId>,
-) -> Result<OrderId, ShopError> {
+    now: DateTime<Utc>,
+) -> Result<Order, ShopError> {
     let user_exists =
         sqlx::query_scalar!("SELECT user_id FROM app_user WHERE user_id = ?", user_id)
             .fetch_optional(&mut *transaction)
@@ -491,7 +497,7 @@ async fn insert_order(
         ));
     }
     let ids: Vec<ProductId> = lines.iter().map(|line| line.product_id).collect();
-    let prices: BTreeMap<ProductId, u64> = products_in(transaction, &ids)
+    let prices: BTreeMap<ProductId, u64> = products_in(transaction, &ids, Lock::None)
         .await?
         .into_iter()
         .map(|product| (product.product_id, product.price))
@@ -519,16 +525,22 @@ async fn insert_order(
         Some(history_id) => Some(usable_discount(transaction, history_id, user_id).await??),
     };
     let (total, discount, pay) = order_amounts(total, discount);
+    // As the column keeps it: microseconds.
+    let created_at = now
+        .with_nanosecond(now.nanosecond() / 1_000 * 1_000)
+        .unwrap_or(now);
     let inserted = sqlx::query!(
         "INSERT INTO customer_order \
-             (user_id, status, total_amount, discount_amount, pay_amount, coupon_history_id) \
-             VALUES (?, ?, ?, ?, ?, ?)",
+             (user_id, status, total_amount, discount_amount, pay_amount, coupon_history_id, \
+              created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
         user_id,
         OrderStatus::Pending,
         total,
         discount,
         pay,
         coupon_history_id,
+        created_at,
     )
     .execute(&mut *transaction)
     .await?;
@@ -543,7 +555,27 @@ async fn insert_order(
             .push_bind(prices[&line.product_id]);
     });
     insert.build().execute(&mut *transaction).await?;
-    Ok(order_id)
+    let mut items: Vec<OrderLine> = lines
+        .iter()
+        .map(|line| OrderLine {
+            product_id: line.product_id,
+            quantity: line.quantity,
+            unit_price: prices[&line.product_id],
+        })
+        .collect();
+    items.sort_by_key(|line| line.product_id);
+    Ok(Order {
+        order_id,
+        user_id,
+        status: OrderStatus::Pending,
+        items,
+        total_amount: total,
+        discount_amount: discount,
+        pay_amount: pay,
+        coupon_history_id,
+        created_at,
+        paid_at: None,
+    })
 }
 
 /// Pays an order in the caller's transaction: locks the order (still PENDING), spends its
@@ -553,20 +585,21 @@ async fn insert_order(
 async fn pay_in(
     transaction: &mut OutboxTransaction,
     order_id: OrderId,
+    payer: UserId,
     now: DateTime<Utc>,
 ) -> Result<Payment, ShopError> {
-    let order = lock_pending_order(transaction, order_id).await?;
+    let order = lock_pending_order(transaction, order_id, payer).await?;
     if let Some(history_id) = order.coupon_history_id {
         use_coupon(transaction, history_id, order.user_id, order_id).await??;
     }
     // Products in id order, so payments sharing products lock them in one order.
     let mut lines = order.items.clone();
     lines.sort_by_key(|line| line.product_id);
-    take_product_stock(transaction, &lines).await?;
+    let products = take_product_stock(transaction, &lines).await?;
     debit_balance(transaction, &order).await?;
     let payment_id = insert_payment(transaction, &order, now).await?;
     complete_order(transaction, order_id, now).await?;
-    let events = payment_events(transaction, &order, payment_id, &lines, now).await?;
+    let events = payment_events(&order, payment_id, &products, now);
     transaction.record(events).await?;
     Ok(Payment {
         payment_id,
@@ -576,42 +609,74 @@ async fn pay_in(
     })
 }
 
-/// Reads and locks an order to pay: not found, or refused when it is not PENDING (paid
+/// Reads and locks an order for `payer` to pay: not found; forbidden when it is another
+/// user's (even an admin never pays for a user); refused when it is not PENDING (paid
 /// already).
 async fn lock_pending_order(
     connection: &mut MySqlConnection,
     order_id: OrderId,
+    payer: UserId,
 ) -> Result<Order, ShopError> {
     let order = read_order(connection, order_id, Lock::ForUpdate)
         .await?
         .ok_or_else(|| ShopError::NotFound(format!("order {order_id}")))?;
+    if order.user_id != payer {
+        return Err(ShopError::Forbidden(format!(
+            "the token's user {payer} may not act as user {}",
+            order.user_id
+        )));
+    }
     if order.status != OrderStatus::Pending {
         return Err(PaymentRefusal::OrderNotPending.into());
     }
     Ok(order)
 }
 
-/// Takes each line's quantity from its product's stock, in the order of `lines`; refused
-/// when a product has fewer left.
+/// Takes each line's quantity from its product's stock: one locking read of the lines'
+/// products (in id order, as `lines` is sorted), refused when one has fewer left, then one
+/// `UPDATE … CASE` for them all. Answers the products as they are now (stock taken,
+/// version counted), for their events.
 async fn take_product_stock(
     connection: &mut MySqlConnection,
     lines: &[OrderLine],
-) -> Result<(), ShopError> {
-    for line in lines {
-        let taken = sqlx::query!(
-            "UPDATE product SET stock = stock - ?, version = version + 1, updated_at = NOW(6) \
-                 WHERE product_id = ? AND stock >= ?",
-            line.quantity,
-            line.product_id,
-            line.quantity,
-        )
-        .execute(&mut *connection)
-        .await?;
-        if taken.rows_affected() == 0 {
-            return Err(PaymentRefusal::InsufficientStock.into());
-        }
+) -> Result<Vec<Product>, ShopError> {
+    let ids: Vec<ProductId> = lines.iter().map(|line| line.product_id).collect();
+    let mut products = products_in(connection, &ids, Lock::ForUpdate).await?;
+    let quantities: BTreeMap<ProductId, u32> = lines
+        .iter()
+        .map(|line| (line.product_id, line.quantity))
+        .collect();
+    for product in &mut products {
+        let quantity = quantities[&product.product_id];
+        product.stock = product
+            .stock
+            .checked_sub(quantity)
+            .ok_or(PaymentRefusal::InsufficientStock)?;
+        product.version += 1;
     }
-    Ok(())
+    if products.len() != lines.len() {
+        return Err(PaymentRefusal::InsufficientStock.into());
+    }
+    let mut update = QueryBuilder::new("UPDATE product SET stock = CASE product_id");
+    for line in lines {
+        update
+            .push(" WHEN ")
+            .push_bind(line.product_id)
+            .push(" THEN stock - ")
+            .push_bind(line.quantity);
+    }
+    update.push(" END, version = version + 1, updated_at = NOW(6) WHERE product_id IN (");
+    let mut separated = update.separated(", ");
+    for line in lines {
+        separated.push_bind(line.product_id);
+    }
+    update.push(")");
+    let taken = update.build().execute(&mut *connection).await?;
+    if taken.rows_affected() != lines.len() as u64 {
+        // Not reachable: the rows are locked and their stock checked above.
+        return Err(PaymentRefusal::InsufficientStock.into());
+    }
+    Ok(products)
 }
 
 /// Debits the order's amount to pay from its user's balance; refused when the balance is
@@ -667,21 +732,17 @@ async fn complete_order(
 }
 
 /// The events of a payment: OrderCompleted and PaymentCompleted (keyed by the order), then
-/// a StockChanged product change per product of `lines`, read after the stock was taken.
-async fn payment_events(
-    connection: &mut MySqlConnection,
+/// a StockChanged product change per product, as the payment left it.
+fn payment_events(
     order: &Order,
     payment_id: PaymentId,
-    lines: &[OrderLine],
+    products: &[Product],
     now: DateTime<Utc>,
-) -> Result<Vec<OutboxEvent>, ShopError> {
+) -> Vec<OutboxEvent> {
     let key = order.order_id.partition_key();
-    let ids: Vec<ProductId> = lines.iter().map(|line| line.product_id).collect();
-    let stock_changes = products_in(connection, &ids)
-        .await?
+    let stock_changes = products
         .iter()
-        .map(|product| product.changed(ProductChange::StockChanged))
-        .collect::<Vec<_>>();
+        .map(|product| product.changed(ProductChange::StockChanged));
     let mut events = vec![
         OutboxEvent::new(EventEnvelope::new(
             key.clone(),
@@ -711,13 +772,15 @@ async fn payment_events(
         )),
     ];
     events.extend(stock_changes);
-    Ok(events)
+    events
 }
 
-/// The products among `ids` that exist, by id.
+/// The products among `ids` that exist, by id; locked to the end of the transaction with
+/// [`Lock::ForUpdate`].
 async fn products_in(
     connection: &mut MySqlConnection,
     ids: &[ProductId],
+    lock: Lock,
 ) -> Result<Vec<Product>, ShopError> {
     if ids.is_empty() {
         return Ok(Vec::new());
@@ -729,7 +792,10 @@ async fn products_in(
     for id in ids {
         separated.push_bind(*id);
     }
-    select.push(") ORDER BY product_id");
+    select.push(match lock {
+        Lock::None => ") ORDER BY product_id",
+        Lock::ForUpdate => ") ORDER BY product_id FOR UPDATE",
+    });
     Ok(select.build_query_as().fetch_all(&mut *connection).await?)
 }
 

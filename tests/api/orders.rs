@@ -137,6 +137,60 @@ async fn payments_are_refused_with_a_clear_code_and_change_nothing() {
 }
 
 #[actix_web::test]
+async fn only_the_buyer_pays_an_order_anyone_else_is_refused_before_any_effect() {
+    let app = spawn_app().await;
+    let buyer = app.create_user(100_000).await;
+    let stranger = app.create_user(100_000).await;
+    let product = app.create_product("Keyboard", 5_000, 3).await;
+    let order = app.place_order(buyer, &[(product, 2)]).await;
+
+    let (status, refused) = app.pay_as(stranger, order).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{refused}");
+    assert_eq!(refused["error"]["code"], "FORBIDDEN");
+    let (status, refused) = app
+        .as_admin()
+        .post(&format!("/orders/{order}/pay"), "")
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "an admin never pays for a user: {refused}"
+    );
+    assert_eq!(balance(&app, buyer).await, 100_000);
+    assert_eq!(balance(&app, stranger).await, 100_000);
+    assert_eq!(stock(&app, product).await, 3);
+    let (_, unpaid) = app.get(&format!("/orders/{order}")).await;
+    assert_eq!(unpaid["status"], "PENDING");
+
+    let (status, payment) = app.pay_as(buyer, order).await;
+    assert_eq!(status, StatusCode::OK, "{payment}");
+    assert_eq!(balance(&app, buyer).await, 90_000);
+    assert_eq!(stock(&app, product).await, 1);
+}
+
+#[actix_web::test]
+async fn an_order_is_answered_as_it_reads_back_later() {
+    let app = spawn_app().await;
+    let buyer = app.create_user(100_000).await;
+    let keyboard = app.create_product("Keyboard", 30_000, 10).await;
+    let mouse = app.create_product("Mouse", 5_000, 10).await;
+    // Lines in another order than the product ids: an order is shown by product id.
+    let (status, created) = create_order(
+        &app,
+        json!({"userId": buyer, "items": [
+            {"productId": mouse, "quantity": 1},
+            {"productId": keyboard, "quantity": 2},
+        ]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let order_id = created["orderId"].as_u64().unwrap();
+    let (status, read) = app.get(&format!("/orders/{order_id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(created, read, "the answer is what a read finds");
+}
+
+#[actix_web::test]
 async fn bad_orders_are_refused_with_400() {
     let app = spawn_app().await;
     let user_id = app.create_user(0).await;
