@@ -7,6 +7,9 @@
 //! a file or the environment only has to name what it changes.
 
 mod paths;
+mod unknown;
+
+pub use unknown::{IGNORE_VARIABLE, UnknownSetting};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -25,6 +28,8 @@ pub enum SettingsError {
     Load(#[from] config::ConfigError),
     #[error("invalid setting {key}: {reason}")]
     Invalid { key: &'static str, reason: String },
+    #[error(transparent)]
+    Unknown(#[from] UnknownSetting),
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -55,6 +60,9 @@ impl Settings {
     /// a map or a list is one setting.
     pub fn paths() -> Vec<String> {
         paths::setting_paths::<Settings>()
+            .into_iter()
+            .map(|setting| setting.path)
+            .collect()
     }
 
     /// Loads defaults, then the optional file, then `APP_` environment variables.
@@ -71,6 +79,7 @@ impl Settings {
         file: &Path,
         environment: Option<HashMap<String, String>>,
     ) -> Result<Self, SettingsError> {
+        Self::refuse_unknown(file, environment.as_ref())?;
         let layered = config::Config::builder()
             .add_source(config::File::from(file).required(false))
             .add_source(
@@ -84,6 +93,26 @@ impl Settings {
         let settings: Settings = layered.try_deserialize()?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// Refuses a key of `file` or an `APP_…` variable (of `environment`, else the process's)
+    /// that names no setting (see `config/unknown.rs`).
+    fn refuse_unknown(
+        file: &Path,
+        environment: Option<&HashMap<String, String>>,
+    ) -> Result<(), SettingsError> {
+        let known = unknown::KnownSettings::new(paths::setting_paths::<Settings>());
+        match environment {
+            Some(environment) => known.check_environment(environment)?,
+            None => known.check_environment(&std::env::vars().collect())?,
+        }
+        let written = config::Source::collect(
+            &config::Config::builder()
+                .add_source(config::File::from(file).required(false))
+                .build()?,
+        )?;
+        known.check_file(&file.display().to_string(), &written)?;
+        Ok(())
     }
 
     /// Checks relations between settings that serde cannot express.
@@ -1120,6 +1149,118 @@ mod tests {
         let error =
             Settings::load_from(Path::new("/nonexistent.toml"), Some(environment)).unwrap_err();
         assert!(error.to_string().contains("port"), "{error}");
+    }
+
+    fn variables(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect()
+    }
+
+    fn refused_variables(pairs: &[(&str, &str)]) -> String {
+        Settings::load_from(Path::new("/nonexistent.toml"), Some(variables(pairs)))
+            .unwrap_err()
+            .to_string()
+    }
+
+    /// Loads `text` as the settings file.
+    fn load_file(text: &str) -> Result<Settings, SettingsError> {
+        let file = std::env::temp_dir().join(format!(
+            "commerce-events-{}-{}.toml",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::write(&file, text).unwrap();
+        let loaded = Settings::load_from(&file, Some(HashMap::new()));
+        std::fs::remove_file(&file).unwrap();
+        loaded
+    }
+
+    #[test]
+    fn a_variable_that_names_no_setting_stops_the_start_naming_the_closest_one() {
+        assert_eq!(
+            refused_variables(&[("APP_HTTP__PROT", "9999")]),
+            "APP_HTTP__PROT: no such setting; did you mean http.port?"
+        );
+        assert_eq!(
+            refused_variables(&[("APP_KAFKA__PRODUCER__LINGERMS", "5")]),
+            "APP_KAFKA__PRODUCER__LINGERMS: no such setting; did you mean kafka.producer.linger_ms?"
+        );
+        assert_eq!(
+            refused_variables(&[("APP_NOTHING_LIKE_IT", "1")]),
+            "APP_NOTHING_LIKE_IT: no such setting"
+        );
+        // A section alone is not a setting's value, but it names settings: not refused here.
+        assert!(
+            Settings::load_from(
+                Path::new("/nonexistent.toml"),
+                Some(variables(&[("APP_HTTP__PORT", "9999")]))
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn variables_of_other_tools_pass_when_listed_and_the_file_variable_always() {
+        assert!(
+            refused_variables(&[("APP_OTHER_TOOL", "x")]).starts_with("APP_OTHER_TOOL:"),
+            "not listed: refused"
+        );
+        let listed = variables(&[
+            ("APP_OTHER_TOOL", "x"),
+            ("APP_CONFIG_IGNORE", "APP_OTHER_TOOL, APP_ANOTHER"),
+            ("APP_CONFIG_FILE", "/nonexistent.toml"),
+            ("PATH", "/usr/bin"),
+        ]);
+        assert!(Settings::load_from(Path::new("/nonexistent.toml"), Some(listed)).is_ok());
+    }
+
+    #[test]
+    fn a_file_key_that_names_no_setting_stops_the_start_naming_the_closest_one() {
+        let error = load_file("[http]\nprot = 9999\n").unwrap_err().to_string();
+        assert!(
+            error.ends_with("http.prot: no such setting; did you mean http.port?"),
+            "{error}"
+        );
+        let error = load_file("[kafka.producr]\nlinger_ms = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.ends_with("kafka.producr: no such setting; did you mean kafka.producer?"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_keys_of_a_map_setting_are_the_operators_own() {
+        let settings = load_file(
+            "[kafka.producer.extra]\n\"security.protocol\" = \"SASL_SSL\"\n\
+             [reconcile.after_ms_by_event_type]\nPaymentCompleted = 1000\n",
+        )
+        .unwrap();
+        assert_eq!(
+            settings.kafka.producer.extra["security.protocol"],
+            "SASL_SSL"
+        );
+        assert_eq!(
+            settings.reconcile.after_ms_by_event_type["PaymentCompleted"],
+            1_000
+        );
+    }
+
+    #[test]
+    fn every_setting_of_the_tree_is_known_by_its_variable() {
+        let known = unknown::KnownSettings::new(paths::setting_paths::<Settings>());
+        let every: HashMap<String, String> = Settings::paths()
+            .into_iter()
+            .map(|path| {
+                let name = format!("APP_{}", path.to_uppercase().replace('.', "__"));
+                (name, "x".to_string())
+            })
+            .collect();
+        assert!(every.len() > 100);
+        assert_eq!(known.check_environment(&every), Ok(()));
     }
 
     #[test]

@@ -6,8 +6,17 @@
 
 use serde::de::{self, DeserializeSeed, Deserializer, IntoDeserializer, MapAccess, Visitor};
 
-/// The dotted paths of every setting `T` (a settings struct) has, in declaration order.
-pub fn setting_paths<'de, T: serde::Deserialize<'de>>() -> Vec<String> {
+/// One setting of the tree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SettingPath {
+    /// Its dotted path, `kafka.producer.linger_ms`.
+    pub path: String,
+    /// Whether it is a map, whose keys are the configuration's own (`kafka.producer.extra`).
+    pub is_map: bool,
+}
+
+/// Every setting `T` (a settings struct) has, in declaration order.
+pub fn setting_paths<'de, T: serde::Deserialize<'de>>() -> Vec<SettingPath> {
     let mut paths = Vec::new();
     T::deserialize(PathCollector {
         prefix: String::new(),
@@ -38,12 +47,15 @@ impl de::Error for Unsupported {
 /// a leaf.
 struct PathCollector<'a> {
     prefix: String,
-    paths: &'a mut Vec<String>,
+    paths: &'a mut Vec<SettingPath>,
 }
 
 impl PathCollector<'_> {
     fn leaf(self) {
-        self.paths.push(self.prefix);
+        self.paths.push(SettingPath {
+            path: self.prefix,
+            is_map: false,
+        });
     }
 }
 
@@ -140,7 +152,10 @@ impl<'de> Deserializer<'de> for PathCollector<'_> {
     }
 
     fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Unsupported> {
-        self.leaf();
+        self.paths.push(SettingPath {
+            path: self.prefix,
+            is_map: true,
+        });
         visitor.visit_map(de::value::MapDeserializer::new(
             std::iter::empty::<((), ())>(),
         ))
@@ -178,7 +193,7 @@ impl<'de> Deserializer<'de> for PathCollector<'_> {
 /// A struct's fields, each deserialized one level down.
 struct Fields<'a> {
     prefix: String,
-    paths: &'a mut Vec<String>,
+    paths: &'a mut Vec<SettingPath>,
     fields: std::slice::Iter<'static, &'static str>,
     current: Option<&'static str>,
 }
