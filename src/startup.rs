@@ -71,6 +71,9 @@ const PRODUCT_CACHE_TTL: Duration = Duration::from_secs(3_600);
 const SPANS_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the producer may take to deliver what is queued at shutdown.
 const PRODUCER_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits, once the actors have stopped, for the last handles on the
+/// producer and on each offset client.
+const CLIENT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long shutdown waits for the retry scheduler's running attempts.
 const SCHEDULER_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -620,9 +623,10 @@ impl Wiring {
         (lag, backlog)
     }
 
-    /// The outbox relay, on the main arbiter.
+    /// The outbox relay, on an actors' arbiter.
     fn start_relay(&mut self) -> Addr<OutboxRelay> {
-        let relay = OutboxRelay::new(self.outbox.clone(), &self.settings.outbox).start_supervised();
+        let relay = OutboxRelay::new(self.outbox.clone(), &self.settings.outbox)
+            .start_supervised(&self.arbiters.next());
         self.tree
             .background
             .push(("outboxRelay", relay.clone().recipient()));
@@ -852,15 +856,26 @@ impl Application {
         let _ = http_stopped.await;
         let _ = server.await;
 
+        info!("shutdown: closing the cluster's clients, then the cluster");
         let arbiters = self.arbiters.clone();
         let kafka = self.kafka;
         let publisher = self.publisher;
         let group_offsets = self.group_offsets;
+        let actors = self.actors;
         let _ = tokio::task::spawn_blocking(move || {
-            group_offsets.close_blocking();
-            arbiters.stop_blocking();
+            // Every client goes before the cluster (an embedded one stops when `kafka` is
+            // dropped): a client that outlives it logs a refused connection per broker.
             // Releasing librdkafka handles joins their threads: keep it off the arbiters.
-            drop(publisher);
+            // The actors hold the producer's other handles and use the offset clients (the
+            // lag monitor, the reconciler): they go with their arbiters.
+            arbiters.stop_blocking();
+            drop(actors);
+            if !group_offsets.close_blocking(CLIENT_CLOSE_TIMEOUT) {
+                warn!("an offset client is still in use after the actors stopped");
+            }
+            if !publisher.close_blocking(CLIENT_CLOSE_TIMEOUT) {
+                warn!("the producer is still in use after the actors stopped");
+            }
             drop(kafka);
         })
         .await;

@@ -9,6 +9,8 @@ pub mod producer;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
 use serde::Serialize;
@@ -31,6 +33,20 @@ pub(crate) fn client_config<'a>(
         config.set(key, value);
     }
     config
+}
+
+/// Drops a client once `client` is its last handle, waiting until `deadline` for the others
+/// to go (dropping a librdkafka client joins its threads: call from a blocking thread).
+/// Returns whether it was the last: if not, the client closes with its last handle, later.
+pub(crate) fn close_when_unshared<T>(client: Arc<T>, deadline: Instant) -> bool {
+    while Arc::strong_count(&client) > 1 {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(client);
+    true
 }
 
 /// One partition of one topic.

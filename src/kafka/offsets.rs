@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -15,6 +15,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use crate::config::KafkaSettings;
+use crate::kafka::close_when_unshared;
 use crate::kafka::consumer::{TracingContext, consumer_config};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -44,7 +45,8 @@ impl PartitionPosition {
 pub struct GroupOffsets {
     bootstrap_servers: String,
     settings: KafkaSettings,
-    clients: Mutex<HashMap<String, Arc<BaseConsumer<TracingContext>>>>,
+    /// `None` once closed: no client is created after that.
+    clients: Mutex<Option<HashMap<String, Arc<BaseConsumer<TracingContext>>>>>,
 }
 
 impl GroupOffsets {
@@ -52,12 +54,17 @@ impl GroupOffsets {
         Self {
             bootstrap_servers: bootstrap_servers.to_string(),
             settings: settings.clone(),
-            clients: Mutex::default(),
+            clients: Mutex::new(Some(HashMap::new())),
         }
     }
 
     fn client(&self, group_id: &str) -> Result<Arc<BaseConsumer<TracingContext>>, KafkaError> {
         let mut clients = self.clients.lock().expect("offset clients");
+        let Some(clients) = clients.as_mut() else {
+            return Err(KafkaError::ClientCreation(
+                "the offset clients are closed".into(),
+            ));
+        };
         if let Some(client) = clients.get(group_id) {
             return Ok(client.clone());
         }
@@ -113,9 +120,16 @@ impl GroupOffsets {
             .collect()
     }
 
-    /// Releases the clients (closing one blocks: call from a blocking thread).
-    pub fn close_blocking(&self) {
-        let clients = std::mem::take(&mut *self.clients.lock().expect("offset clients"));
-        drop(clients);
+    /// Releases the clients, each once the calls using it have returned (up to `timeout` for
+    /// all); none is created afterwards. Returns whether every one is closed. Blocks: call
+    /// from a blocking thread.
+    pub fn close_blocking(&self, timeout: Duration) -> bool {
+        let clients = self.clients.lock().expect("offset clients").take();
+        let deadline = Instant::now() + timeout;
+        clients
+            .unwrap_or_default()
+            .into_values()
+            .map(|client| close_when_unshared(client, deadline))
+            .fold(true, |closed, this| closed && this)
     }
 }

@@ -13,6 +13,7 @@ use crate::common::error::{Classify, Dependency, ErrorClass};
 use crate::config::KafkaSettings;
 use crate::events::EventEnvelope;
 use crate::kafka::client_config;
+use crate::kafka::close_when_unshared;
 use crate::kafka::consumer::TracingContext;
 
 /// Header carrying the event id, so tools can see it without decoding the value.
@@ -150,6 +151,13 @@ impl EventPublisher {
     /// Waits for every queued record to be delivered. Blocks: call from a blocking thread.
     pub fn flush_blocking(&self, timeout: Duration) -> Result<(), KafkaError> {
         self.producer.flush(timeout)
+    }
+
+    /// Releases the producer once this is its last handle, waiting up to `timeout` for the
+    /// others (the actors that publish) to go. Returns whether it is closed (see
+    /// [`close_when_unshared`]). Blocks: call from a blocking thread.
+    pub fn close_blocking(self, timeout: Duration) -> bool {
+        close_when_unshared(self.producer, std::time::Instant::now() + timeout)
     }
 
     /// Blocks for up to `timeout` asking the cluster for its metadata; used by readiness.

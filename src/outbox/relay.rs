@@ -58,9 +58,10 @@ impl OutboxRelay {
         }
     }
 
-    /// Starts the relay under a `Supervisor` on the current arbiter.
-    pub fn start_supervised(self) -> Addr<Self> {
-        Supervisor::start(move |_| self)
+    /// Starts the relay under a `Supervisor` on `arbiter` (an actors' arbiter, so that it is
+    /// gone, with its producer handle, once the arbiters stop).
+    pub fn start_supervised(self, arbiter: &ArbiterHandle) -> Addr<Self> {
+        Supervisor::start_in_arbiter(arbiter, move |_| self)
     }
 
     fn run_pass(&mut self, ctx: &mut Context<Self>) {

@@ -62,6 +62,10 @@ pub struct Daemon {
     rebalances: Arc<Mutex<Vec<Rebalance>>>,
     /// The ERROR lines it has logged, as they were written.
     errors: Arc<Mutex<Vec<String>>>,
+    /// The WARN and ERROR lines it has logged since it was told to stop.
+    warnings_after_stop: Arc<Mutex<Vec<String>>>,
+    /// The thread reading its log; it ends when the process closes its stdout.
+    log_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 /// How to start the daemon binary: its path and the `APP_…` variables on top of its own
@@ -151,14 +155,17 @@ impl DaemonCommand {
         let (sender, receiver) = std::sync::mpsc::channel::<String>();
         let rebalances = Arc::new(Mutex::new(Vec::new()));
         let errors = Arc::new(Mutex::new(Vec::new()));
-        let log = Log {
+        let warnings_after_stop = Arc::new(Mutex::new(Vec::new()));
+        let mut log = Log {
             address: sender,
             rebalances: rebalances.clone(),
             errors: errors.clone(),
+            stopping: false,
+            warnings_after_stop: warnings_after_stop.clone(),
             echo_warnings: self.echo_warnings,
         };
         // Reads every line for as long as the daemon runs (a full pipe would stall it).
-        std::thread::spawn(move || {
+        let log_reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 log.read(&line);
             }
@@ -173,6 +180,8 @@ impl DaemonCommand {
             address,
             rebalances,
             errors,
+            warnings_after_stop,
+            log_reader: Some(log_reader),
         })
     }
 }
@@ -194,11 +203,14 @@ struct Log {
     address: std::sync::mpsc::Sender<String>,
     rebalances: Arc<Mutex<Vec<Rebalance>>>,
     errors: Arc<Mutex<Vec<String>>>,
+    /// Whether it has logged that a stop signal came.
+    stopping: bool,
+    warnings_after_stop: Arc<Mutex<Vec<String>>>,
     echo_warnings: bool,
 }
 
 impl Log {
-    fn read(&self, line: &str) {
+    fn read(&mut self, line: &str) {
         let Ok(entry) = serde_json::from_str::<Value>(line) else {
             if self.echo_warnings {
                 eprintln!("{line}");
@@ -207,6 +219,18 @@ impl Log {
         };
         if entry["level"] == "ERROR" {
             self.errors.lock().unwrap().push(line.to_string());
+        }
+        if matches!(
+            entry["message"].as_str(),
+            Some("SIGTERM received" | "SIGINT received")
+        ) {
+            self.stopping = true;
+        }
+        if self.stopping && matches!(entry["level"].as_str(), Some("WARN" | "ERROR")) {
+            self.warnings_after_stop
+                .lock()
+                .unwrap()
+                .push(line.to_string());
         }
         if self.echo_warnings && !matches!(entry["level"].as_str(), Some("INFO" | "DEBUG")) {
             eprintln!("{line}");
@@ -360,6 +384,12 @@ impl Daemon {
         self.errors.clone()
     }
 
+    /// The WARN and ERROR lines this daemon logs once it has received SIGTERM or SIGINT
+    /// (all of them, once [`Daemon::exited`] has returned).
+    pub fn warnings_after_stop(&self) -> Arc<Mutex<Vec<String>>> {
+        self.warnings_after_stop.clone()
+    }
+
     /// The assignments and revocations this daemon has logged so far.
     pub fn rebalances(&self) -> Vec<Rebalance> {
         self.rebalances.lock().unwrap().clone()
@@ -391,12 +421,20 @@ impl Daemon {
         assert!(sent.success());
     }
 
-    /// Waits for the process to end; its exit code (`None`: killed by a signal).
+    /// Waits for the process to end and for its last log line to be read; its exit code
+    /// (`None`: killed by a signal).
     pub async fn exited(mut self) -> Option<i32> {
         let mut child = self.child.take().expect("running");
-        actix_rt::task::spawn_blocking(move || child.wait().expect("the daemon ends").code())
-            .await
-            .unwrap()
+        let log_reader = self.log_reader.take();
+        actix_rt::task::spawn_blocking(move || {
+            let code = child.wait().expect("the daemon ends").code();
+            if let Some(reader) = log_reader {
+                reader.join().expect("the log reader ends with the log");
+            }
+            code
+        })
+        .await
+        .unwrap()
     }
 }
 

@@ -1,6 +1,7 @@
 //! The built binary, as an operator runs it.
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -8,7 +9,9 @@ use std::time::{Duration, Instant};
 use actix_web::http::StatusCode;
 use sqlx::Connection;
 
-use testkit::database::TestDatabase;
+use testkit::database::{TEST_JWT_SECRET, TestDatabase};
+use testkit::faults::{Clients, coupon_body, user_rows};
+use testkit::process::Daemon;
 use testkit::wait::eventually;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_commerce-events");
@@ -281,5 +284,49 @@ async fn a_500_logs_one_json_line_with_its_error_chain_and_no_backtrace() {
     assert!(
         !failure.contains("backtrace") && failure.len() < 4_096,
         "no backtrace: {failure}"
+    );
+}
+
+/// A deploy right after a burst: every client of the embedded cluster (producer, group
+/// members, offset clients) is closed before the cluster stops, so the stop logs nothing that
+/// log-based alerting fires on.
+#[actix_web::test]
+async fn a_sigterm_right_after_a_burst_of_requests_logs_no_warning_and_exits_0() {
+    let _slot = testkit::app::DaemonSlot::claim().await;
+    let database = TestDatabase::new();
+    let daemon = Daemon::start(
+        Path::new(BINARY),
+        &database.url(),
+        &format!("{}:", database.name),
+        TEST_JWT_SECRET,
+        None,
+    );
+    let clients = Clients::new(&daemon.address, &database.settings());
+    clients.wait_ready().await;
+    user_rows(&database.url(), 500).await;
+    let (status, coupon) = clients.admin("/coupons", coupon_body(100)).await;
+    assert_eq!(status, StatusCode::CREATED, "{coupon}");
+    let coupon = coupon["couponId"].as_u64().unwrap();
+    clients.load(1..=500, coupon, 32).await;
+    assert_eq!(
+        clients.accepted(),
+        500,
+        "{:?}",
+        clients.ledger.lock().unwrap()
+    );
+
+    let warnings = daemon.warnings_after_stop();
+    daemon.signal("-TERM");
+    assert_eq!(
+        daemon.exited().await,
+        Some(0),
+        "SIGTERM ends the daemon cleanly"
+    );
+    let warnings = warnings.lock().unwrap();
+    assert!(
+        warnings.is_empty(),
+        "{} WARN/ERROR lines after SIGTERM:\n{}",
+        warnings.len(),
+        warnings.join("\n")
     );
 }
