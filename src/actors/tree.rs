@@ -57,17 +57,19 @@ impl ActorTree {
         .filter_map(Result::ok)
         .collect();
         domain_actors.sort_by_key(|state| state.name);
-        let background = join_all(self.background.iter().map(|(name, actor)| async move {
-            actor
-                .send(ObserveBackground)
-                .await
-                .ok()
-                .map(|state| (*name, state))
-        }))
-        .await
-        .into_iter()
-        .flatten()
-        .collect();
+        let mut background: BTreeMap<&'static str, serde_json::Value> =
+            join_all(self.background.iter().map(|(name, actor)| async move {
+                actor
+                    .send(ObserveBackground)
+                    .await
+                    .ok()
+                    .map(|state| (*name, state))
+            }))
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        background.extend(self.views.iter().map(|(name, view)| (*name, view())));
         ActorTreeState {
             consumer_groups,
             domain_actors,

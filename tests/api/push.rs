@@ -9,6 +9,7 @@ use futures::StreamExt;
 use serde_json::Value;
 
 use testkit::app::{TestApp, spawn_app};
+use testkit::wait::eventually;
 
 /// Reads text frames until `count` results arrived (or the deadline passes).
 async fn receive_results<S>(socket: &mut S, count: usize) -> Vec<Value>
@@ -324,4 +325,40 @@ async fn a_user_connected_to_another_instance_gets_the_push_and_is_notified_once
             .unwrap();
     }
     assert_eq!(marked, all_requests.len() as u64);
+}
+
+#[actix_web::test]
+async fn the_actor_tree_counts_the_open_push_sessions() {
+    let app = spawn_app().await;
+    let ws_url = app.address.replace("http://", "ws://");
+    let mut sockets = Vec::new();
+    for user in [1, 1, 2] {
+        let (_, socket) = awc::Client::new()
+            .ws(format!("{ws_url}/ws"))
+            .bearer_auth(app.token(user, false))
+            .connect()
+            .await
+            .unwrap();
+        sockets.push(socket);
+    }
+    let sessions = || async { app.get("/admin/actors").await.1["pushSessions"].clone() };
+    eventually(
+        "three sessions of two users",
+        Duration::from_secs(10),
+        || async {
+            let sessions = sessions().await;
+            sessions["sessions"] == 3 && sessions["users"] == 2
+        },
+    )
+    .await;
+    sockets.truncate(1);
+    eventually(
+        "the closed sessions are gone",
+        Duration::from_secs(10),
+        || async {
+            let sessions = sessions().await;
+            sessions["sessions"] == 1 && sessions["users"] == 1
+        },
+    )
+    .await;
 }
