@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::actors::tree::ObserveBackground;
 use crate::api::auth::Admin;
 use crate::api::error::{ApiError, ErrorBody, parse_object};
-use crate::api::responses::{AdminErrors, BodyErrors, EventLookupErrors, ServerErrors};
+use crate::api::responses::{AdminErrors, BodyErrors, LookupErrors, ServerErrors};
 use crate::api::{AppState, OperationsState};
 use crate::delivery::scheduler::{Replay, Replayed};
 use crate::event_log::progress::{ConsumerProgress, ConsumerSpec, RecordedIn};
@@ -197,7 +197,7 @@ pub struct EventView {
     params(("event_id" = EventId, Path, description = "The event's id.")),
     responses(
         AdminErrors,
-        EventLookupErrors,
+        LookupErrors<EventId>,
         ServerErrors,
         (status = 200, description = "The event.", body = EventView),
     ),
@@ -559,7 +559,7 @@ pub struct ReplayAccepted {
     params(("event_id" = EventId, Path, description = "The dead-lettered event's id.")),
     responses(
         AdminErrors,
-        EventLookupErrors,
+        LookupErrors<EventId>,
         ServerErrors,
         (status = 202, description = "Replayed.", body = ReplayAccepted),
         (status = 409, description = "`ALREADY_COMPLETED` (replaying would deliver it twice), \
@@ -668,7 +668,7 @@ fn not_replayable(event_id: EventId, status: EventStatus) -> ApiError {
 }
 
 /// The event-log row of the event id in `path`: 400 for a malformed id, 404 for no row (as
-/// [`EventLookupErrors`] documents them).
+/// [`LookupErrors`] documents them).
 async fn find_event(state: &AppState, path: &str) -> Result<(EventId, EventRecord), ApiError> {
     let event_id = parse_event_id(path)?;
     let record = state

@@ -11,8 +11,8 @@ use crate::api::error::{ApiError, ErrorBody, JsonObject};
 use crate::api::guard::{idempotency_key, key_reused, limit_user, replay};
 use crate::api::input::{name, storable_instant};
 use crate::api::responses::{
-    ActsAsUserErrors, AdminErrors, Authenticated, BodyErrors, RateLimited, ReadsUserErrors,
-    ServerErrors,
+    ActsAsUserErrors, AdminErrors, Authenticated, BodyErrors, InvalidPathId, LookupErrors,
+    RateLimited, ReadsUserErrors, ServerErrors,
 };
 use crate::common::error::{Classify, ErrorClass};
 use crate::common::ids::{CouponHistoryId, CouponId, RequestId, UserId};
@@ -148,9 +148,7 @@ fn validate_new_coupon(request: CreateCoupon, limits: CouponLimits) -> Result<Ne
         Authenticated,
         ServerErrors,
         (status = 200, description = "The coupon.", body = Coupon),
-        (status = 400, description = "`INVALID_COUPON_ID`: not a positive integer.",
-            body = ErrorBody),
-        (status = 404, description = "`NOT_FOUND`: no such coupon.", body = ErrorBody),
+        LookupErrors<CouponId>,
     ),
     security(("bearerAuth" = []))
 )]
@@ -411,8 +409,7 @@ pub fn request_view(
         ReadsUserErrors,
         ServerErrors,
         (status = 200, description = "The request.", body = RequestView),
-        (status = 400, description = "`INVALID_REQUEST_ID`: not a UUID.", body = ErrorBody),
-        (status = 404, description = "`NOT_FOUND`: no such request.", body = ErrorBody),
+        LookupErrors<RequestId>,
     ),
     security(("bearerAuth" = []))
 )]
@@ -460,8 +457,7 @@ pub async fn request(
         ReadsUserErrors,
         ServerErrors,
         (status = 200, description = "The user's coupons.", body = Vec<HeldCoupon>),
-        (status = 400, description = "`INVALID_USER_ID`: not a positive integer.",
-            body = ErrorBody),
+        InvalidPathId<UserId>,
     ),
     security(("bearerAuth" = []))
 )]

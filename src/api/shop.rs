@@ -14,7 +14,8 @@ use crate::api::guard::{
 };
 use crate::api::input::name;
 use crate::api::responses::{
-    ActsAsUserErrors, AdminErrors, BodyErrors, RateLimited, ReadsUserErrors, ServerErrors,
+    ActsAsUserErrors, AdminErrors, BodyErrors, LookupErrors, RateLimited, ReadsUserErrors,
+    ServerErrors,
 };
 use crate::common::error::Classify;
 use crate::common::ids::{CouponHistoryId, OrderId, ProductId, UserId};
@@ -142,9 +143,7 @@ pub async fn create_user(
         ReadsUserErrors,
         ServerErrors,
         (status = 200, description = "The balance.", body = Balance),
-        (status = 400, description = "`INVALID_USER_ID`: not a positive integer.",
-            body = ErrorBody),
-        (status = 404, description = "`NOT_FOUND`: no such user.", body = ErrorBody),
+        LookupErrors<UserId>,
     ),
     security(("bearerAuth" = []))
 )]
@@ -350,9 +349,7 @@ pub async fn products(
         RateLimited,
         ServerErrors,
         (status = 200, description = "The product.", body = Product),
-        (status = 400, description = "`INVALID_PRODUCT_ID`: not a positive integer.",
-            body = ErrorBody),
-        (status = 404, description = "`NOT_FOUND`: no such product.", body = ErrorBody),
+        LookupErrors<ProductId>,
     )
 )]
 pub async fn product(
@@ -591,9 +588,7 @@ pub async fn create_order(
         ReadsUserErrors,
         ServerErrors,
         (status = 200, description = "The order.", body = Order),
-        (status = 400, description = "`INVALID_ORDER_ID`: not a positive integer.",
-            body = ErrorBody),
-        (status = 404, description = "`NOT_FOUND`: no such order.", body = ErrorBody),
+        LookupErrors<OrderId>,
     ),
     security(("bearerAuth" = []))
 )]
