@@ -27,7 +27,6 @@ use crate::ranking::rebuild::{RebuildError, RebuildReport, rebuild};
 #[utoipa::path(
     get,
     path = "/admin/actors",
-    tag = "admin",
     operation_id = "adminActors",
     responses(
         AdminErrors,
@@ -57,7 +56,6 @@ pub struct GroupFetching {
 #[utoipa::path(
     post,
     path = "/admin/consumer-groups/{group_id}/{action}",
-    tag = "admin",
     operation_id = "setConsumerGroupPaused",
     params(
         ("group_id" = String, Path, description = "The full consumer group id of this instance."),
@@ -115,7 +113,6 @@ pub async fn set_group_paused(
 #[utoipa::path(
     post,
     path = "/admin/reconcile",
-    tag = "admin",
     operation_id = "reconcile",
     responses(
         AdminErrors,
@@ -149,7 +146,6 @@ pub async fn reconcile(
 #[utoipa::path(
     post,
     path = "/admin/ranking/rebuild",
-    tag = "admin",
     operation_id = "rebuildRanking",
     responses(
         AdminErrors,
@@ -192,7 +188,6 @@ pub struct EventView {
 #[utoipa::path(
     get,
     path = "/admin/events/{event_id}",
-    tag = "admin",
     operation_id = "adminEvent",
     params(("event_id" = EventId, Path, description = "The event's id.")),
     responses(
@@ -279,7 +274,6 @@ const MAX_NOTE_CHARS: usize = 1_000;
 #[utoipa::path(
     post,
     path = "/admin/probes",
-    tag = "admin",
     operation_id = "sendProbe",
     request_body(content = Option<ProbeRequest>, content_type = "application/json",
         description = "Optional: no body (or `null`) probes `product-events`."),
@@ -459,7 +453,6 @@ fn parse_cursor(text: &str) -> Option<u64> {
 #[utoipa::path(
     get,
     path = "/admin/events",
-    tag = "admin",
     operation_id = "adminDeadLetters",
     params(EventQuery),
     responses(
@@ -554,7 +547,6 @@ pub struct ReplayAccepted {
 #[utoipa::path(
     post,
     path = "/admin/events/{event_id}/replay",
-    tag = "admin",
     operation_id = "replayEvent",
     params(("event_id" = EventId, Path, description = "The dead-lettered event's id.")),
     responses(

@@ -54,7 +54,6 @@ pub struct CreateCoupon {
 #[utoipa::path(
     post,
     path = "/coupons",
-    tag = "coupons",
     operation_id = "createCoupon",
     request_body = CreateCoupon,
     responses(
@@ -141,7 +140,6 @@ fn validate_new_coupon(request: CreateCoupon, limits: CouponLimits) -> Result<Ne
 #[utoipa::path(
     get,
     path = "/coupons/{coupon_id}",
-    tag = "coupons",
     operation_id = "getCoupon",
     params(("coupon_id" = CouponId, Path, description = "The coupon's id.")),
     responses(
@@ -228,7 +226,6 @@ const ISSUE_ROUTE: &str = "coupon-issue";
 #[utoipa::path(
     post,
     path = "/coupons/issue",
-    tag = "coupons",
     operation_id = "issueCoupon",
     request_body = IssueBody,
     params(("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1,
@@ -402,7 +399,6 @@ pub fn request_view(
 #[utoipa::path(
     get,
     path = "/coupons/requests/{request_id}",
-    tag = "coupons",
     operation_id = "getCouponRequest",
     params(("request_id" = RequestId, Path, description = "The `requestId` of the 202.")),
     responses(
@@ -450,7 +446,6 @@ pub async fn request(
 #[utoipa::path(
     get,
     path = "/users/{user_id}/coupons",
-    tag = "coupons",
     operation_id = "heldCoupons",
     params(("user_id" = UserId, Path, description = "The user's id.")),
     responses(

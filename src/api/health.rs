@@ -40,7 +40,6 @@ pub struct Ready {
 #[utoipa::path(
     get,
     path = "/healthz",
-    tag = "health",
     operation_id = "healthz",
     responses(
         (status = 200, description = "Alive.", body = Alive),
@@ -60,7 +59,6 @@ pub async fn healthz() -> HttpResponse {
 #[utoipa::path(
     get,
     path = "/readyz",
-    tag = "health",
     operation_id = "readyz",
     responses(
         ServerErrors,

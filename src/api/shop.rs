@@ -100,7 +100,6 @@ fn answered<T>(answered: Answered<T>, fresh: impl FnOnce(T) -> HttpResponse) -> 
 #[utoipa::path(
     post,
     path = "/users",
-    tag = "shop",
     operation_id = "createUser",
     request_body = CreateUser,
     responses(
@@ -136,7 +135,6 @@ pub async fn create_user(
 #[utoipa::path(
     get,
     path = "/users/{user_id}/balance",
-    tag = "shop",
     operation_id = "getBalance",
     params(("user_id" = UserId, Path, description = "The user's id.")),
     responses(
@@ -181,7 +179,6 @@ pub struct Charge {
 #[utoipa::path(
     post,
     path = "/users/{user_id}/balance/charge",
-    tag = "shop",
     operation_id = "chargeBalance",
     request_body = Charge,
     params(
@@ -249,7 +246,6 @@ pub struct CreateProduct {
 #[utoipa::path(
     post,
     path = "/products",
-    tag = "shop",
     operation_id = "createProduct",
     request_body = CreateProduct,
     responses(
@@ -307,7 +303,6 @@ pub struct PageQuery {
 #[utoipa::path(
     get,
     path = "/products",
-    tag = "shop",
     operation_id = "listProducts",
     params(PageQuery),
     responses(
@@ -342,7 +337,6 @@ pub async fn products(
 #[utoipa::path(
     get,
     path = "/products/{product_id}",
-    tag = "shop",
     operation_id = "getProduct",
     params(("product_id" = ProductId, Path, description = "The product's id.")),
     responses(
@@ -399,7 +393,6 @@ pub struct UpdateProduct {
 #[utoipa::path(
     patch,
     path = "/products/{product_id}",
-    tag = "shop",
     operation_id = "updateProduct",
     params(("product_id" = ProductId, Path, description = "The product's id.")),
     request_body = UpdateProduct,
@@ -475,7 +468,6 @@ pub struct CreateOrder {
 #[utoipa::path(
     post,
     path = "/orders",
-    tag = "shop",
     operation_id = "createOrder",
     request_body = CreateOrder,
     params(IdempotencyKeyHeader),
@@ -581,7 +573,6 @@ pub async fn create_order(
 #[utoipa::path(
     get,
     path = "/orders/{order_id}",
-    tag = "shop",
     operation_id = "getOrder",
     params(("order_id" = OrderId, Path, description = "The order's id.")),
     responses(
@@ -609,7 +600,6 @@ pub async fn order(
 #[utoipa::path(
     post,
     path = "/orders/{order_id}/pay",
-    tag = "shop",
     operation_id = "payOrder",
     params(
         IdempotencyKeyHeader,
