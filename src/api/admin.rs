@@ -13,7 +13,9 @@ use crate::delivery::scheduler::{Replay, Replayed};
 use crate::event_log::progress::{ConsumerProgress, ConsumerSpec, RecordedIn};
 use crate::event_log::{EventRecord, EventStatus, OutboxEvent};
 use crate::events::topics;
-use crate::events::{EventEnvelope, EventId, EventPayload, PipelineProbe};
+use crate::events::{
+    EventEnvelope, EventId, EventPayload, NamedSchemas, PipelineProbe, add_schema,
+};
 use crate::kafka::dead_letter::DeadLetterRow;
 use crate::outbox::reconciler::ReconcileNow;
 use crate::ranking::RankedOrder;
@@ -412,17 +414,9 @@ impl utoipa::PartialSchema for DeadLetterItem {
 }
 
 impl utoipa::ToSchema for DeadLetterItem {
-    fn schemas(
-        schemas: &mut Vec<(
-            String,
-            utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
-        )>,
-    ) {
-        use utoipa::PartialSchema;
-        schemas.push((EventRecord::name().into_owned(), EventRecord::schema()));
-        EventRecord::schemas(schemas);
-        schemas.push((DeadLetterRow::name().into_owned(), DeadLetterRow::schema()));
-        DeadLetterRow::schemas(schemas);
+    fn schemas(schemas: &mut NamedSchemas) {
+        add_schema::<EventRecord>(schemas);
+        add_schema::<DeadLetterRow>(schemas);
     }
 }
 
