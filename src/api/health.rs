@@ -46,8 +46,8 @@ pub struct Ready {
         ServerErrors,
     )
 )]
-pub async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(Alive { status: "ok" })
+pub async fn healthz() -> web::Json<Alive> {
+    web::Json(Alive { status: "ok" })
 }
 
 /// Readiness: MySQL, Redis, Kafka and the partitions.
