@@ -7,13 +7,15 @@ use serde::{Deserialize, Serialize};
 use crate::actors::tree::ObserveBackground;
 use crate::api::auth::Admin;
 use crate::api::error::{ApiError, ErrorBody, parse_object};
-use crate::api::responses::{AdminErrors, BodyErrors, EventLookupErrors, ServerErrors};
+use crate::api::responses::{AdminErrors, BodyErrors, LookupErrors, ServerErrors};
 use crate::api::{AppState, OperationsState};
 use crate::delivery::scheduler::{Replay, Replayed};
 use crate::event_log::progress::{ConsumerProgress, ConsumerSpec, RecordedIn};
 use crate::event_log::{EventRecord, EventStatus, OutboxEvent};
 use crate::events::topics;
-use crate::events::{EventEnvelope, EventId, EventPayload, PipelineProbe};
+use crate::events::{
+    EventEnvelope, EventId, EventPayload, NamedSchemas, PipelineProbe, add_schema,
+};
 use crate::kafka::dead_letter::DeadLetterRow;
 use crate::outbox::reconciler::ReconcileNow;
 use crate::ranking::RankedOrder;
@@ -27,7 +29,6 @@ use crate::ranking::rebuild::{RebuildError, RebuildReport, rebuild};
 #[utoipa::path(
     get,
     path = "/admin/actors",
-    tag = "admin",
     operation_id = "adminActors",
     responses(
         AdminErrors,
@@ -57,7 +58,6 @@ pub struct GroupFetching {
 #[utoipa::path(
     post,
     path = "/admin/consumer-groups/{group_id}/{action}",
-    tag = "admin",
     operation_id = "setConsumerGroupPaused",
     params(
         ("group_id" = String, Path, description = "The full consumer group id of this instance."),
@@ -115,7 +115,6 @@ pub async fn set_group_paused(
 #[utoipa::path(
     post,
     path = "/admin/reconcile",
-    tag = "admin",
     operation_id = "reconcile",
     responses(
         AdminErrors,
@@ -149,7 +148,6 @@ pub async fn reconcile(
 #[utoipa::path(
     post,
     path = "/admin/ranking/rebuild",
-    tag = "admin",
     operation_id = "rebuildRanking",
     responses(
         AdminErrors,
@@ -192,12 +190,11 @@ pub struct EventView {
 #[utoipa::path(
     get,
     path = "/admin/events/{event_id}",
-    tag = "admin",
     operation_id = "adminEvent",
     params(("event_id" = EventId, Path, description = "The event's id.")),
     responses(
         AdminErrors,
-        EventLookupErrors,
+        LookupErrors<EventId>,
         ServerErrors,
         (status = 200, description = "The event.", body = EventView),
     ),
@@ -279,7 +276,6 @@ const MAX_NOTE_CHARS: usize = 1_000;
 #[utoipa::path(
     post,
     path = "/admin/probes",
-    tag = "admin",
     operation_id = "sendProbe",
     request_body(content = Option<ProbeRequest>, content_type = "application/json",
         description = "Optional: no body (or `null`) probes `product-events`."),
@@ -418,17 +414,9 @@ impl utoipa::PartialSchema for DeadLetterItem {
 }
 
 impl utoipa::ToSchema for DeadLetterItem {
-    fn schemas(
-        schemas: &mut Vec<(
-            String,
-            utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
-        )>,
-    ) {
-        use utoipa::PartialSchema;
-        schemas.push((EventRecord::name().into_owned(), EventRecord::schema()));
-        EventRecord::schemas(schemas);
-        schemas.push((DeadLetterRow::name().into_owned(), DeadLetterRow::schema()));
-        DeadLetterRow::schemas(schemas);
+    fn schemas(schemas: &mut NamedSchemas) {
+        add_schema::<EventRecord>(schemas);
+        add_schema::<DeadLetterRow>(schemas);
     }
 }
 
@@ -459,7 +447,6 @@ fn parse_cursor(text: &str) -> Option<u64> {
 #[utoipa::path(
     get,
     path = "/admin/events",
-    tag = "admin",
     operation_id = "adminDeadLetters",
     params(EventQuery),
     responses(
@@ -554,12 +541,11 @@ pub struct ReplayAccepted {
 #[utoipa::path(
     post,
     path = "/admin/events/{event_id}/replay",
-    tag = "admin",
     operation_id = "replayEvent",
     params(("event_id" = EventId, Path, description = "The dead-lettered event's id.")),
     responses(
         AdminErrors,
-        EventLookupErrors,
+        LookupErrors<EventId>,
         ServerErrors,
         (status = 202, description = "Replayed.", body = ReplayAccepted),
         (status = 409, description = "`ALREADY_COMPLETED` (replaying would deliver it twice), \
@@ -668,7 +654,7 @@ fn not_replayable(event_id: EventId, status: EventStatus) -> ApiError {
 }
 
 /// The event-log row of the event id in `path`: 400 for a malformed id, 404 for no row (as
-/// [`EventLookupErrors`] documents them).
+/// [`LookupErrors`] documents them).
 async fn find_event(state: &AppState, path: &str) -> Result<(EventId, EventRecord), ApiError> {
     let event_id = parse_event_id(path)?;
     let record = state

@@ -11,8 +11,8 @@ use crate::api::error::{ApiError, ErrorBody, JsonObject};
 use crate::api::guard::{idempotency_key, key_reused, limit_user, replay};
 use crate::api::input::{name, storable_instant};
 use crate::api::responses::{
-    ActsAsUserErrors, AdminErrors, Authenticated, BodyErrors, RateLimited, ReadsUserErrors,
-    ServerErrors,
+    ActsAsUserErrors, AdminErrors, Authenticated, BodyErrors, InvalidPathId, LookupErrors,
+    RateLimited, ReadsUserErrors, ServerErrors,
 };
 use crate::common::error::{Classify, ErrorClass};
 use crate::common::ids::{CouponHistoryId, CouponId, RequestId, UserId};
@@ -54,7 +54,6 @@ pub struct CreateCoupon {
 #[utoipa::path(
     post,
     path = "/coupons",
-    tag = "coupons",
     operation_id = "createCoupon",
     request_body = CreateCoupon,
     responses(
@@ -141,16 +140,13 @@ fn validate_new_coupon(request: CreateCoupon, limits: CouponLimits) -> Result<Ne
 #[utoipa::path(
     get,
     path = "/coupons/{coupon_id}",
-    tag = "coupons",
     operation_id = "getCoupon",
     params(("coupon_id" = CouponId, Path, description = "The coupon's id.")),
     responses(
         Authenticated,
         ServerErrors,
         (status = 200, description = "The coupon.", body = Coupon),
-        (status = 400, description = "`INVALID_COUPON_ID`: not a positive integer.",
-            body = ErrorBody),
-        (status = 404, description = "`NOT_FOUND`: no such coupon.", body = ErrorBody),
+        LookupErrors<CouponId>,
     ),
     security(("bearerAuth" = []))
 )]
@@ -230,7 +226,6 @@ const ISSUE_ROUTE: &str = "coupon-issue";
 #[utoipa::path(
     post,
     path = "/coupons/issue",
-    tag = "coupons",
     operation_id = "issueCoupon",
     request_body = IssueBody,
     params(("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1,
@@ -404,15 +399,13 @@ pub fn request_view(
 #[utoipa::path(
     get,
     path = "/coupons/requests/{request_id}",
-    tag = "coupons",
     operation_id = "getCouponRequest",
     params(("request_id" = RequestId, Path, description = "The `requestId` of the 202.")),
     responses(
         ReadsUserErrors,
         ServerErrors,
         (status = 200, description = "The request.", body = RequestView),
-        (status = 400, description = "`INVALID_REQUEST_ID`: not a UUID.", body = ErrorBody),
-        (status = 404, description = "`NOT_FOUND`: no such request.", body = ErrorBody),
+        LookupErrors<RequestId>,
     ),
     security(("bearerAuth" = []))
 )]
@@ -453,15 +446,13 @@ pub async fn request(
 #[utoipa::path(
     get,
     path = "/users/{user_id}/coupons",
-    tag = "coupons",
     operation_id = "heldCoupons",
     params(("user_id" = UserId, Path, description = "The user's id.")),
     responses(
         ReadsUserErrors,
         ServerErrors,
         (status = 200, description = "The user's coupons.", body = Vec<HeldCoupon>),
-        (status = 400, description = "`INVALID_USER_ID`: not a positive integer.",
-            body = ErrorBody),
+        InvalidPathId<UserId>,
     ),
     security(("bearerAuth" = []))
 )]

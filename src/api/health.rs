@@ -40,15 +40,14 @@ pub struct Ready {
 #[utoipa::path(
     get,
     path = "/healthz",
-    tag = "health",
     operation_id = "healthz",
     responses(
         (status = 200, description = "Alive.", body = Alive),
         ServerErrors,
     )
 )]
-pub async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(Alive { status: "ok" })
+pub async fn healthz() -> web::Json<Alive> {
+    web::Json(Alive { status: "ok" })
 }
 
 /// Readiness: MySQL, Redis, Kafka and the partitions.
@@ -60,7 +59,6 @@ pub async fn healthz() -> HttpResponse {
 #[utoipa::path(
     get,
     path = "/readyz",
-    tag = "health",
     operation_id = "readyz",
     responses(
         ServerErrors,

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform};
 use actix_web::{HttpResponse, web};
 
 use crate::api::AppState;
@@ -59,16 +60,12 @@ impl Observed {
     }
 }
 
-impl<S, B> actix_web::dev::Transform<S, actix_web::dev::ServiceRequest> for Observed
+impl<S, B> Transform<S, ServiceRequest> for Observed
 where
-    S: actix_web::dev::Service<
-            actix_web::dev::ServiceRequest,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        > + 'static,
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
     B: 'static,
 {
-    type Response = actix_web::dev::ServiceResponse<B>;
+    type Response = ServiceResponse<B>;
     type Error = actix_web::Error;
     type Transform = ObservedService<S>;
     type InitError = ();
@@ -87,22 +84,18 @@ pub struct ObservedService<S> {
     spans: crate::observability::otlp::Spans,
 }
 
-impl<S, B> actix_web::dev::Service<actix_web::dev::ServiceRequest> for ObservedService<S>
+impl<S, B> Service<ServiceRequest> for ObservedService<S>
 where
-    S: actix_web::dev::Service<
-            actix_web::dev::ServiceRequest,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        > + 'static,
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
     B: 'static,
 {
-    type Response = actix_web::dev::ServiceResponse<B>;
+    type Response = ServiceResponse<B>;
     type Error = actix_web::Error;
     type Future = futures::future::LocalBoxFuture<'static, Result<Self::Response, Self::Error>>;
 
     actix_web::dev::forward_ready!(service);
 
-    fn call(&self, request: actix_web::dev::ServiceRequest) -> Self::Future {
+    fn call(&self, request: ServiceRequest) -> Self::Future {
         use tracing::Instrument as _;
         let started = Instant::now();
         let method = request.method().to_string();

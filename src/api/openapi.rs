@@ -5,6 +5,9 @@
 //! Swagger UI is vendored in `static/swagger-ui/` (see its `VERSION`) and embedded in the
 //! binary: the page loads nothing from elsewhere, at build or at run time.
 //!
+//! An operation's tag is its module's name (utoipa's default for a handler listed as
+//! `module::handler`), unless its annotation names another (`observability`, `docs`).
+//!
 //! The error responses every operation shares are the sets of `responses.rs`. The
 //! `tests/api/openapi.rs` checks that the document covers exactly the route table (`ROUTES`
 //! in `api/mod.rs`).
@@ -19,7 +22,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::responses::ServerErrors;
-use crate::api::uncached;
+use crate::api::{admin, coupons, dashboard, health, metrics, push, ranking, shop, uncached};
 
 /// The name of the bearer security scheme in the document.
 pub const BEARER: &str = "bearerAuth";
@@ -54,39 +57,39 @@ pub const BEARER: &str = "bearerAuth";
         (name = "docs", description = "This document and Swagger UI."),
     ),
     paths(
-        crate::api::health::healthz,
-        crate::api::health::readyz,
-        crate::api::metrics::metrics,
-        crate::api::dashboard::page,
-        crate::api::dashboard::snapshot,
-        crate::api::dashboard::stream,
-        crate::api::admin::actors,
-        crate::api::admin::events,
-        crate::api::admin::event,
-        crate::api::admin::replay,
-        crate::api::admin::send_probe,
-        crate::api::admin::reconcile,
-        crate::api::admin::rebuild_ranking,
-        crate::api::admin::set_group_paused,
-        crate::api::coupons::create,
-        crate::api::coupons::issue,
-        crate::api::coupons::request,
-        crate::api::coupons::find,
-        crate::api::coupons::held,
-        crate::api::push::server_sent_events,
-        crate::api::push::websocket,
-        crate::api::push::ticket,
-        crate::api::shop::create_user,
-        crate::api::shop::balance,
-        crate::api::shop::charge,
-        crate::api::shop::create_product,
-        crate::api::shop::products,
-        crate::api::ranking::ranking,
-        crate::api::shop::product,
-        crate::api::shop::update_product,
-        crate::api::shop::create_order,
-        crate::api::shop::order,
-        crate::api::shop::pay,
+        health::healthz,
+        health::readyz,
+        metrics::metrics,
+        dashboard::page,
+        dashboard::snapshot,
+        dashboard::stream,
+        admin::actors,
+        admin::events,
+        admin::event,
+        admin::replay,
+        admin::send_probe,
+        admin::reconcile,
+        admin::rebuild_ranking,
+        admin::set_group_paused,
+        coupons::create,
+        coupons::issue,
+        coupons::request,
+        coupons::find,
+        coupons::held,
+        push::server_sent_events,
+        push::websocket,
+        push::ticket,
+        shop::create_user,
+        shop::balance,
+        shop::charge,
+        shop::create_product,
+        shop::products,
+        ranking::ranking,
+        shop::product,
+        shop::update_product,
+        shop::create_order,
+        shop::order,
+        shop::pay,
         openapi,
         swagger_ui,
         asset,

@@ -80,7 +80,6 @@ pub struct Ticket {
 #[utoipa::path(
     post,
     path = "/push/tickets",
-    tag = "push",
     operation_id = "pushTicket",
     responses(
         Authenticated,
@@ -218,7 +217,6 @@ impl ResultFeed {
 #[utoipa::path(
     get,
     path = "/ws",
-    tag = "push",
     operation_id = "pushWebSocket",
     params(ChannelQuery, ResumeHeader),
     responses(
@@ -302,7 +300,6 @@ pub async fn websocket(
 #[utoipa::path(
     get,
     path = "/users/{user_id}/events",
-    tag = "push",
     operation_id = "pushEvents",
     params(
         ("user_id" = UserId, Path, description = "The caller's own user id."),

@@ -44,7 +44,6 @@ const MAX_RANKING_LIMIT: u32 = 100;
 #[utoipa::path(
     get,
     path = "/products/ranking",
-    tag = "ranking",
     operation_id = "ranking",
     params(RankingQuery),
     responses(

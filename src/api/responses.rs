@@ -3,9 +3,12 @@
 //! 400/404/409/422 with their codes. The document that gathers them is `openapi.rs`.
 
 use std::collections::BTreeMap;
+use std::marker::PhantomData;
 
 use utoipa::openapi::{self, ContentBuilder, HeaderBuilder, RefOr, ResponseBuilder};
 use utoipa::{IntoResponses, PartialSchema};
+
+use crate::common::ids::IdKind;
 
 type Responses = BTreeMap<String, RefOr<openapi::Response>>;
 
@@ -97,16 +100,34 @@ impl IntoResponses for ActsAsUserErrors {
     }
 }
 
-/// 400 for an event id that is not a UUID and 404 for no such event: what the admin routes
-/// that read one event by the id in their path refuse.
-pub struct EventLookupErrors;
+/// The 400 for an id in the path that does not parse.
+fn invalid_path_id<Id: IdKind>() -> openapi::ResponseBuilder {
+    error_response(&format!("`{}`: not {}.", Id::CODE, Id::EXPECTED))
+}
 
-impl IntoResponses for EventLookupErrors {
+/// 400 for an id in the path that does not parse and 404 for nothing by that id: what the
+/// routes that read one thing by the id in their path refuse.
+pub struct LookupErrors<Id>(PhantomData<Id>);
+
+impl<Id: IdKind> IntoResponses for LookupErrors<Id> {
     fn responses() -> Responses {
+        let thing = Id::WHAT.strip_suffix("Id").unwrap_or(Id::WHAT);
         responses([
-            ("400", error_response("`INVALID_EVENT_ID`: not a UUID.")),
-            ("404", error_response("`NOT_FOUND`: no such event.")),
+            ("400", invalid_path_id::<Id>()),
+            (
+                "404",
+                error_response(&format!("`NOT_FOUND`: no such {thing}.")),
+            ),
         ])
+    }
+}
+
+/// 400 for an id in the path that does not parse, for a route that lists what the id names.
+pub struct InvalidPathId<Id>(PhantomData<Id>);
+
+impl<Id: IdKind> IntoResponses for InvalidPathId<Id> {
+    fn responses() -> Responses {
+        responses([("400", invalid_path_id::<Id>())])
     }
 }
 

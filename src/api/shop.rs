@@ -14,7 +14,8 @@ use crate::api::guard::{
 };
 use crate::api::input::name;
 use crate::api::responses::{
-    ActsAsUserErrors, AdminErrors, BodyErrors, RateLimited, ReadsUserErrors, ServerErrors,
+    ActsAsUserErrors, AdminErrors, BodyErrors, LookupErrors, RateLimited, ReadsUserErrors,
+    ServerErrors,
 };
 use crate::common::error::Classify;
 use crate::common::ids::{CouponHistoryId, OrderId, ProductId, UserId};
@@ -99,7 +100,6 @@ fn answered<T>(answered: Answered<T>, fresh: impl FnOnce(T) -> HttpResponse) -> 
 #[utoipa::path(
     post,
     path = "/users",
-    tag = "shop",
     operation_id = "createUser",
     request_body = CreateUser,
     responses(
@@ -135,16 +135,13 @@ pub async fn create_user(
 #[utoipa::path(
     get,
     path = "/users/{user_id}/balance",
-    tag = "shop",
     operation_id = "getBalance",
     params(("user_id" = UserId, Path, description = "The user's id.")),
     responses(
         ReadsUserErrors,
         ServerErrors,
         (status = 200, description = "The balance.", body = Balance),
-        (status = 400, description = "`INVALID_USER_ID`: not a positive integer.",
-            body = ErrorBody),
-        (status = 404, description = "`NOT_FOUND`: no such user.", body = ErrorBody),
+        LookupErrors<UserId>,
     ),
     security(("bearerAuth" = []))
 )]
@@ -182,7 +179,6 @@ pub struct Charge {
 #[utoipa::path(
     post,
     path = "/users/{user_id}/balance/charge",
-    tag = "shop",
     operation_id = "chargeBalance",
     request_body = Charge,
     params(
@@ -250,7 +246,6 @@ pub struct CreateProduct {
 #[utoipa::path(
     post,
     path = "/products",
-    tag = "shop",
     operation_id = "createProduct",
     request_body = CreateProduct,
     responses(
@@ -308,7 +303,6 @@ pub struct PageQuery {
 #[utoipa::path(
     get,
     path = "/products",
-    tag = "shop",
     operation_id = "listProducts",
     params(PageQuery),
     responses(
@@ -343,16 +337,13 @@ pub async fn products(
 #[utoipa::path(
     get,
     path = "/products/{product_id}",
-    tag = "shop",
     operation_id = "getProduct",
     params(("product_id" = ProductId, Path, description = "The product's id.")),
     responses(
         RateLimited,
         ServerErrors,
         (status = 200, description = "The product.", body = Product),
-        (status = 400, description = "`INVALID_PRODUCT_ID`: not a positive integer.",
-            body = ErrorBody),
-        (status = 404, description = "`NOT_FOUND`: no such product.", body = ErrorBody),
+        LookupErrors<ProductId>,
     )
 )]
 pub async fn product(
@@ -402,7 +393,6 @@ pub struct UpdateProduct {
 #[utoipa::path(
     patch,
     path = "/products/{product_id}",
-    tag = "shop",
     operation_id = "updateProduct",
     params(("product_id" = ProductId, Path, description = "The product's id.")),
     request_body = UpdateProduct,
@@ -478,7 +468,6 @@ pub struct CreateOrder {
 #[utoipa::path(
     post,
     path = "/orders",
-    tag = "shop",
     operation_id = "createOrder",
     request_body = CreateOrder,
     params(IdempotencyKeyHeader),
@@ -584,16 +573,13 @@ pub async fn create_order(
 #[utoipa::path(
     get,
     path = "/orders/{order_id}",
-    tag = "shop",
     operation_id = "getOrder",
     params(("order_id" = OrderId, Path, description = "The order's id.")),
     responses(
         ReadsUserErrors,
         ServerErrors,
         (status = 200, description = "The order.", body = Order),
-        (status = 400, description = "`INVALID_ORDER_ID`: not a positive integer.",
-            body = ErrorBody),
-        (status = 404, description = "`NOT_FOUND`: no such order.", body = ErrorBody),
+        LookupErrors<OrderId>,
     ),
     security(("bearerAuth" = []))
 )]
@@ -614,7 +600,6 @@ pub async fn order(
 #[utoipa::path(
     post,
     path = "/orders/{order_id}/pay",
-    tag = "shop",
     operation_id = "payOrder",
     params(
         IdempotencyKeyHeader,

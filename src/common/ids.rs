@@ -27,6 +27,53 @@ pub struct InvalidId {
     pub code: &'static str,
 }
 
+/// What an identifier is called and what its text must be: for its parse errors, its
+/// schema and the API's documentation of them.
+pub trait IdKind {
+    /// Its name in JSON and in messages (`userId`, …).
+    const WHAT: &'static str;
+    /// What a valid one is: `a UUID` or `a positive integer`.
+    const EXPECTED: &'static str;
+    /// The API's error code for one that does not parse (`INVALID_USER_ID`, …).
+    const CODE: &'static str;
+}
+
+impl InvalidId {
+    /// `value` (as the message shows it) is not an `Id`.
+    fn of<Id: IdKind>(value: String) -> Self {
+        InvalidId {
+            what: Id::WHAT,
+            expected: Id::EXPECTED,
+            value,
+            code: Id::CODE,
+        }
+    }
+}
+
+/// The OpenAPI schema of an `Id`, whose JSON is of type `json_type` in `format`; the
+/// description says what it must be.
+fn id_schema<Id: IdKind>(
+    json_type: utoipa::openapi::schema::Type,
+    format: utoipa::openapi::KnownFormat,
+    description: &str,
+) -> utoipa::openapi::ObjectBuilder {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(json_type)
+        .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(format)))
+        .description(Some(format!("`{}`: {description}.", Id::WHAT)))
+}
+
+/// Says what `$name` is called, what its text must be and the API's error code for it.
+macro_rules! id_kind {
+    ($name:ident, $what:literal, $expected:literal, $code:literal) => {
+        impl IdKind for $name {
+            const WHAT: &'static str = $what;
+            const EXPECTED: &'static str = $expected;
+            const CODE: &'static str = $code;
+        }
+    };
+}
+
 /// A UUID identifier stored as `CHAR(36)` (hyphenated, lower case).
 macro_rules! uuid_id {
     ($(#[$meta:meta])* $name:ident, $what:literal, $code:literal) => {
@@ -34,6 +81,8 @@ macro_rules! uuid_id {
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(transparent)]
         pub struct $name(Uuid);
+
+        id_kind!($name, $what, "a UUID", $code);
 
         impl $name {
             /// A new, time-ordered (UUIDv7) id.
@@ -43,12 +92,9 @@ macro_rules! uuid_id {
 
             /// Accepts a UUID in any of its text forms.
             pub fn parse(text: &str) -> Result<Self, InvalidId> {
-                Uuid::parse_str(text).map(Self).map_err(|_| InvalidId {
-                    what: $what,
-                    expected: "a UUID",
-                    value: format!("{text:?}"),
-                    code: $code,
-                })
+                Uuid::parse_str(text)
+                    .map(Self)
+                    .map_err(|_| InvalidId::of::<Self>(format!("{text:?}")))
             }
         }
 
@@ -76,13 +122,12 @@ macro_rules! uuid_id {
         /// OpenAPI: a UUID string.
         impl utoipa::PartialSchema for $name {
             fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-                utoipa::openapi::ObjectBuilder::new()
-                    .schema_type(utoipa::openapi::schema::Type::String)
-                    .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
-                        utoipa::openapi::KnownFormat::Uuid,
-                    )))
-                    .description(Some(concat!("`", $what, "`: a UUID (hyphenated).")))
-                    .examples(["01a20c4d-9946-77b8-9ac2-9e7b856b2318"])
+                id_schema::<Self>(
+                    utoipa::openapi::schema::Type::String,
+                    utoipa::openapi::KnownFormat::Uuid,
+                    "a UUID (hyphenated)",
+                )
+                .examples(["01a20c4d-9946-77b8-9ac2-9e7b856b2318"])
                     .into()
             }
         }
@@ -156,6 +201,8 @@ macro_rules! positive_id {
         #[serde(try_from = "u64", into = "u64")]
         pub struct $name(u64);
 
+        id_kind!($name, $what, "a positive integer", $code);
+
         impl $name {
             /// Accepts positive integers only (as JSON numbers arrive: signed).
             pub fn parse(value: i64) -> Result<Self, InvalidId> {
@@ -176,12 +223,7 @@ macro_rules! positive_id {
             }
 
             fn invalid(value: impl fmt::Display) -> InvalidId {
-                InvalidId {
-                    what: $what,
-                    expected: "a positive integer",
-                    value: value.to_string(),
-                    code: $code,
-                }
+                InvalidId::of::<Self>(value.to_string())
             }
         }
 
@@ -228,14 +270,13 @@ macro_rules! positive_id {
         /// OpenAPI: a positive integer.
         impl utoipa::PartialSchema for $name {
             fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-                utoipa::openapi::ObjectBuilder::new()
-                    .schema_type(utoipa::openapi::schema::Type::Integer)
-                    .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
-                        utoipa::openapi::KnownFormat::Int64,
-                    )))
-                    .minimum(Some(1))
-                    .description(Some(concat!("`", $what, "`: a positive integer.")))
-                    .examples([1])
+                id_schema::<Self>(
+                    utoipa::openapi::schema::Type::Integer,
+                    utoipa::openapi::KnownFormat::Int64,
+                    Self::EXPECTED,
+                )
+                .minimum(Some(1))
+                .examples([1])
                     .into()
             }
         }

@@ -125,6 +125,11 @@ mod tests {
         }
     }
 
+    /// The users who hold the coupon already: `user` alone.
+    fn holders(user: i64) -> BTreeSet<UserId> {
+        BTreeSet::from([UserId::parse(user).unwrap()])
+    }
+
     use IssueDecision::{Issue, Refuse};
     use RefusalReason::*;
 
@@ -140,10 +145,9 @@ mod tests {
 
     #[test]
     fn a_user_gets_one_coupon_whatever_the_number_of_requests() {
-        let holders = BTreeSet::from([UserId::parse(1).unwrap()]);
         let decisions = decide_issues(
             Some(&coupon(10, 1)),
-            &holders,
+            &holders(1),
             &[request(1, 10), request(2, 10), request(2, 11)],
         );
         assert_eq!(
@@ -173,10 +177,9 @@ mod tests {
 
     #[test]
     fn a_sold_out_coupon_still_reports_duplicates_as_duplicates() {
-        let holders = BTreeSet::from([UserId::parse(1).unwrap()]);
         let decisions = decide_issues(
             Some(&coupon(1, 1)),
-            &holders,
+            &holders(1),
             &[request(1, 10), request(2, 10)],
         );
         assert_eq!(decisions, vec![Refuse(AlreadyIssued), Refuse(OutOfStock)]);

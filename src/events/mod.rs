@@ -285,29 +285,27 @@ impl utoipa::PartialSchema for EventPayload {
 }
 
 impl utoipa::ToSchema for EventPayload {
-    fn schemas(
-        schemas: &mut Vec<(
-            String,
-            utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
-        )>,
-    ) {
-        use utoipa::ToSchema;
-        fn add<T: ToSchema>(
-            schemas: &mut Vec<(
-                String,
-                utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
-            )>,
-        ) {
-            schemas.push((T::name().into_owned(), T::schema()));
-            T::schemas(schemas);
-        }
-        add::<PipelineProbe>(schemas);
-        add::<CouponRequested>(schemas);
-        add::<CouponResult>(schemas);
-        add::<PaymentCompleted>(schemas);
-        add::<OrderCompleted>(schemas);
-        add::<ProductChanged>(schemas);
+    fn schemas(schemas: &mut NamedSchemas) {
+        add_schema::<PipelineProbe>(schemas);
+        add_schema::<CouponRequested>(schemas);
+        add_schema::<CouponResult>(schemas);
+        add_schema::<PaymentCompleted>(schemas);
+        add_schema::<OrderCompleted>(schemas);
+        add_schema::<ProductChanged>(schemas);
     }
+}
+
+/// The schemas a `ToSchema::schemas` adds to the document's components, by name.
+pub type NamedSchemas = Vec<(
+    String,
+    utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+)>;
+
+/// Adds `T`'s schema, and those it refers to, to the components of the document: for a
+/// hand-written `ToSchema::schemas` whose schema refers to others by name.
+pub fn add_schema<T: utoipa::ToSchema>(schemas: &mut NamedSchemas) {
+    schemas.push((T::name().into_owned(), T::schema()));
+    T::schemas(schemas);
 }
 
 /// One decoded event.

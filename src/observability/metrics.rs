@@ -79,137 +79,184 @@ pub fn render() -> String {
     text
 }
 
-/// Describes every metric (the `# HELP` lines), by area.
+/// What a metric is, for its `# TYPE` line.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric's `# HELP` line, by area.
+const DESCRIPTIONS: &[(Kind, &str, &str)] = {
+    use Kind::*;
+    &[
+        // Kafka: each partition's lag and offsets, records produced, and what consumers settle.
+        (
+            Gauge,
+            "kafka_consumergroup_lag",
+            "Records not yet processed: the partition's high watermark minus the next offset to process",
+        ),
+        (
+            Gauge,
+            "kafka_consumergroup_lag_seconds",
+            "Age of the oldest record of the partition not yet processed",
+        ),
+        (
+            Gauge,
+            "kafka_consumergroup_current_offset",
+            "The group's committed offset",
+        ),
+        (
+            Gauge,
+            "kafka_topic_partition_current_offset",
+            "The partition's high watermark",
+        ),
+        (
+            Counter,
+            "kafka_records_produced_total",
+            "Records the broker acknowledged, by topic",
+        ),
+        (
+            Counter,
+            "consumer_records_total",
+            "Records settled, by outcome",
+        ),
+        (
+            Histogram,
+            "consumer_batch_duration_seconds",
+            "Time to settle one batch of a partition",
+        ),
+        // How long events take to take effect, end to end, and the coupon decisions.
+        (
+            Histogram,
+            "coupon_request_decided_seconds",
+            "From a coupon request accepted to its decision",
+        ),
+        (
+            Histogram,
+            "coupon_request_pushed_seconds",
+            "From a coupon request accepted to its result pushed to a session",
+        ),
+        (Counter, "coupon_decisions_total", "Coupon requests decided"),
+        (
+            Histogram,
+            "payment_ranking_applied_seconds",
+            "From a payment committed to the ranking counting it",
+        ),
+        (
+            Histogram,
+            "webhook_delivered_seconds",
+            "From the event to its webhook delivered (the first attempt follows the event within the consumer lag)",
+        ),
+        // The outbox, retries, dead letters, outage alerts and actor restarts.
+        (
+            Gauge,
+            "outbox_pending_rows",
+            "Event rows written but not yet published",
+        ),
+        (
+            Gauge,
+            "outbox_oldest_pending_age_seconds",
+            "Age of the oldest unpublished event row",
+        ),
+        (
+            Counter,
+            "outbox_republished_total",
+            "Events the outbox relay published",
+        ),
+        (
+            Counter,
+            "retry_scheduled_total",
+            "Deliveries scheduled for a later attempt",
+        ),
+        (
+            Gauge,
+            "retry_due",
+            "Scheduled deliveries whose time has come",
+        ),
+        (
+            Counter,
+            "retry_attempts_total",
+            "Scheduled attempts, by result",
+        ),
+        (
+            Counter,
+            "webhook_attempts_total",
+            "Webhook attempts, by attempt and result",
+        ),
+        (
+            Counter,
+            "dead_letters_total",
+            "Records sent to a dead-letter topic, by source topic",
+        ),
+        (Counter, "alerts_raised_total", "Outage alerts raised"),
+        (
+            Counter,
+            "actor_restarts_total",
+            "Supervised actors restarted",
+        ),
+        // Push sessions and HTTP requests.
+        (
+            Gauge,
+            "push_sessions_open",
+            "Open push sessions (WebSocket and SSE)",
+        ),
+        (
+            Counter,
+            "pushes_sent_total",
+            "Results queued to a push session",
+        ),
+        (
+            Counter,
+            "pushes_dropped_total",
+            "Results dropped for a session that was too slow",
+        ),
+        (Counter, "http_requests_total", "HTTP requests answered"),
+        (
+            Histogram,
+            "http_request_duration_seconds",
+            "HTTP request handling time",
+        ),
+        // MySQL pools, Redis, and the trace exporter.
+        (
+            Gauge,
+            "db_pool_connections",
+            "MySQL pool connections, by state",
+        ),
+        (Gauge, "db_pool_max_connections", "MySQL pool size limit"),
+        (
+            Gauge,
+            "redis_up",
+            "Whether Redis answered the scrape's ping (its multiplexed connection is up)",
+        ),
+        (
+            Gauge,
+            "redis_ping_seconds",
+            "How long the scrape's Redis ping took",
+        ),
+        (
+            Counter,
+            "otlp_spans_exported_total",
+            "Spans a trace collector took",
+        ),
+        (
+            Counter,
+            "otlp_spans_dropped_total",
+            "Spans not exported, by reason (queue_full, export_failed)",
+        ),
+    ]
+};
+
+/// Describes every metric (the `# HELP` lines).
 fn describe() {
-    describe_kafka();
-    describe_latencies();
-    describe_recovery();
-    describe_serving();
-    describe_dependencies();
-}
-
-/// Kafka: each partition's lag and offsets, records produced, and what consumers settle.
-fn describe_kafka() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram};
-    describe_gauge!(
-        "kafka_consumergroup_lag",
-        "Records not yet processed: the partition's high watermark minus the next offset to process"
-    );
-    describe_gauge!(
-        "kafka_consumergroup_lag_seconds",
-        "Age of the oldest record of the partition not yet processed"
-    );
-    describe_gauge!(
-        "kafka_consumergroup_current_offset",
-        "The group's committed offset"
-    );
-    describe_gauge!(
-        "kafka_topic_partition_current_offset",
-        "The partition's high watermark"
-    );
-    describe_counter!(
-        "kafka_records_produced_total",
-        "Records the broker acknowledged, by topic"
-    );
-    describe_counter!("consumer_records_total", "Records settled, by outcome");
-    describe_histogram!(
-        "consumer_batch_duration_seconds",
-        "Time to settle one batch of a partition"
-    );
-}
-
-/// How long events take to take effect, end to end, and the coupon decisions.
-fn describe_latencies() {
-    use metrics::{describe_counter, describe_histogram};
-    describe_histogram!(
-        "coupon_request_decided_seconds",
-        "From a coupon request accepted to its decision"
-    );
-    describe_histogram!(
-        "coupon_request_pushed_seconds",
-        "From a coupon request accepted to its result pushed to a session"
-    );
-    describe_counter!("coupon_decisions_total", "Coupon requests decided");
-    describe_histogram!(
-        "payment_ranking_applied_seconds",
-        "From a payment committed to the ranking counting it"
-    );
-    describe_histogram!(
-        "webhook_delivered_seconds",
-        "From the event to its webhook delivered (the first attempt follows the event within the consumer lag)"
-    );
-}
-
-/// The outbox, retries, dead letters, outage alerts and actor restarts.
-fn describe_recovery() {
-    use metrics::{describe_counter, describe_gauge};
-    describe_gauge!(
-        "outbox_pending_rows",
-        "Event rows written but not yet published"
-    );
-    describe_gauge!(
-        "outbox_oldest_pending_age_seconds",
-        "Age of the oldest unpublished event row"
-    );
-    describe_counter!(
-        "outbox_republished_total",
-        "Events the outbox relay published"
-    );
-    describe_counter!(
-        "retry_scheduled_total",
-        "Deliveries scheduled for a later attempt"
-    );
-    describe_gauge!("retry_due", "Scheduled deliveries whose time has come");
-    describe_counter!("retry_attempts_total", "Scheduled attempts, by result");
-    describe_counter!(
-        "webhook_attempts_total",
-        "Webhook attempts, by attempt and result"
-    );
-    describe_counter!(
-        "dead_letters_total",
-        "Records sent to a dead-letter topic, by source topic"
-    );
-    describe_counter!("alerts_raised_total", "Outage alerts raised");
-    describe_counter!("actor_restarts_total", "Supervised actors restarted");
-}
-
-/// Push sessions and HTTP requests.
-fn describe_serving() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram};
-    describe_gauge!(
-        "push_sessions_open",
-        "Open push sessions (WebSocket and SSE)"
-    );
-    describe_counter!("pushes_sent_total", "Results queued to a push session");
-    describe_counter!(
-        "pushes_dropped_total",
-        "Results dropped for a session that was too slow"
-    );
-    describe_counter!("http_requests_total", "HTTP requests answered");
-    describe_histogram!(
-        "http_request_duration_seconds",
-        "HTTP request handling time"
-    );
-}
-
-/// MySQL pools, Redis, and the trace exporter.
-fn describe_dependencies() {
-    use metrics::{describe_counter, describe_gauge};
-    describe_gauge!("db_pool_connections", "MySQL pool connections, by state");
-    describe_gauge!("db_pool_max_connections", "MySQL pool size limit");
-    describe_gauge!(
-        "redis_up",
-        "Whether Redis answered the scrape's ping (its multiplexed connection is up)"
-    );
-    describe_gauge!(
-        "redis_ping_seconds",
-        "How long the scrape's Redis ping took"
-    );
-    describe_counter!("otlp_spans_exported_total", "Spans a trace collector took");
-    describe_counter!(
-        "otlp_spans_dropped_total",
-        "Spans not exported, by reason (queue_full, export_failed)"
-    );
+    for &(kind, name, help) in DESCRIPTIONS {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(name, help),
+            Kind::Gauge => metrics::describe_gauge!(name, help),
+            Kind::Histogram => metrics::describe_histogram!(name, help),
+        }
+    }
 }
 
 /// What a partition actor settled in one batch.
@@ -438,4 +485,18 @@ fn process() -> String {
         );
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_described_once() {
+        let mut names: Vec<&str> = DESCRIPTIONS.iter().map(|(_, name, _)| *name).collect();
+        let described = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), described, "a metric described twice");
+    }
 }

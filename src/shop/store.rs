@@ -226,14 +226,13 @@ impl ShopStore {
     }
 
     pub async fn user(&self, user_id: UserId) -> Result<Option<User>, ShopError> {
-        let user = sqlx::query_as!(
+        Ok(sqlx::query_as!(
             User,
             r#"SELECT user_id AS "user_id: UserId", name, balance FROM app_user WHERE user_id = ?"#,
             user_id,
         )
         .fetch_optional(self.pool())
-        .await?;
-        Ok(user)
+        .await?)
     }
 
     /// Adds `amount` to the balance unless that would pass `max_balance`.
@@ -372,15 +371,14 @@ impl ShopStore {
     }
 
     pub async fn product(&self, product_id: ProductId) -> Result<Option<Product>, ShopError> {
-        let product = sqlx::query_as!(
+        Ok(sqlx::query_as!(
             Product,
             r#"SELECT product_id AS "product_id: ProductId", name, price, stock, version
                FROM product WHERE product_id = ?"#,
             product_id,
         )
         .fetch_optional(self.pool())
-        .await?;
-        Ok(product)
+        .await?)
     }
 
     /// The names of the products among `ids` that exist.
