@@ -130,6 +130,9 @@ impl GroupOffsets {
             .unwrap_or_default()
             .into_values()
             .map(|client| close_when_unshared(client, deadline))
-            .fold(true, |closed, this| closed && this)
+            // Every client is closed, so count the failures rather than stop at the first.
+            .filter(|closed| !closed)
+            .count()
+            == 0
     }
 }
