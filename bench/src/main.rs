@@ -12,6 +12,7 @@ mod load;
 mod payments;
 mod pipeline;
 mod progress;
+mod push_sessions;
 mod ranking;
 mod report;
 mod scale;
@@ -54,6 +55,9 @@ enum Scenario {
     /// The coupon flow through 1, 2 and 3 daemon processes in one consumer group on one
     /// separate broker process.
     Scale(scale::Options),
+    /// Many idle WebSocket sessions on the daemon binary: memory per session, `/healthz`
+    /// while they are open, one message to all, memory returned once they close.
+    PushSessions(push_sessions::Options),
 }
 
 /// Settings for a scenario on the embedded cluster, that cluster (with `topic` and its
@@ -93,6 +97,7 @@ impl Scenario {
             Scenario::Webhooks(_) => "webhooks",
             Scenario::Faults(_) => "faults",
             Scenario::Scale(_) => "scale",
+            Scenario::PushSessions(_) => "push-sessions",
         }
     }
 }
@@ -109,6 +114,9 @@ fn main() -> anyhow::Result<()> {
         Scenario::Webhooks(options) => system.block_on(webhooks::run(options, &mut report)),
         Scenario::Faults(options) => system.block_on(faults::run(options, &mut report)),
         Scenario::Scale(options) => system.block_on(scale::run(options, &mut report)),
+        Scenario::PushSessions(options) => {
+            system.block_on(push_sessions::run(options, &mut report))
+        }
     };
     // What was measured before a failure is reported too.
     report.finish();
