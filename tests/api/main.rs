@@ -2,6 +2,7 @@
 //! and embedded Kafka cluster.
 
 mod admin;
+mod connections;
 mod coupons;
 mod daemon;
 mod errors;
