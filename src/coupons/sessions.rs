@@ -5,13 +5,18 @@
 //! dropping the [`Subscription`] unregisters it. A session that does not keep up loses
 //! messages rather than slowing the push for everyone (counted); every pushed message is
 //! also readable later through the API.
+//!
+//! Most sessions wait, idle, for one message (a sale's crowd waiting for its results), so an
+//! empty queue holds no allocation: a [`Mailbox`] is a lock around a `VecDeque` and a
+//! [`Notify`], about a hundred bytes, where a channel would allocate a block of 32 slots.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::common::connections::{RedisConnection, RedisConnectionError};
@@ -43,7 +48,38 @@ struct SessionsInner {
 
 struct Subscriber {
     id: u64,
-    sender: mpsc::Sender<PushMessage>,
+    mailbox: Arc<Mailbox>,
+}
+
+/// One session's queued messages.
+#[derive(Default)]
+struct Mailbox {
+    queue: Mutex<VecDeque<PushMessage>>,
+    arrived: Notify,
+}
+
+impl Mailbox {
+    /// Queues `message` unless [`SESSION_QUEUE`] are waiting already; whether it did.
+    fn offer(&self, message: PushMessage) -> bool {
+        let mut queue = self.queue.lock().expect("mailbox lock poisoned");
+        if queue.len() >= SESSION_QUEUE {
+            return false;
+        }
+        queue.push_back(message);
+        drop(queue);
+        self.arrived.notify_one();
+        true
+    }
+
+    /// The oldest queued message; an emptied queue gives its allocation back.
+    fn take(&self) -> Option<PushMessage> {
+        let mut queue = self.queue.lock().expect("mailbox lock poisoned");
+        let message = queue.pop_front();
+        if queue.is_empty() && queue.capacity() > 0 {
+            *queue = VecDeque::new();
+        }
+        message
+    }
 }
 
 /// Counters for the admin view.
@@ -60,17 +96,26 @@ pub struct SessionsState {
 pub struct Subscription {
     user: UserId,
     id: u64,
-    receiver: mpsc::Receiver<PushMessage>,
+    mailbox: Arc<Mailbox>,
     sessions: Sessions,
 }
 
 impl Subscription {
     /// The next message, or `None` once the instance is shutting down.
     pub async fn next(&mut self) -> Option<PushMessage> {
-        tokio::select! {
-            biased;
-            _ = self.sessions.inner.closing.cancelled() => None,
-            message = self.receiver.recv() => message,
+        loop {
+            if self.sessions.inner.closing.is_cancelled() {
+                return None;
+            }
+            if let Some(message) = self.mailbox.take() {
+                return Some(message);
+            }
+            // A message offered since `take` left a permit: `notified` returns at once.
+            tokio::select! {
+                biased;
+                _ = self.sessions.inner.closing.cancelled() => return None,
+                _ = self.mailbox.arrived.notified() => {}
+            }
         }
     }
 
@@ -95,17 +140,20 @@ impl Drop for Subscription {
 
 impl Sessions {
     pub fn subscribe(&self, user: UserId) -> Subscription {
-        let (sender, receiver) = mpsc::channel(SESSION_QUEUE);
+        let mailbox = Arc::new(Mailbox::default());
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         self.inner
             .by_user
             .entry(user)
             .or_default()
-            .push(Subscriber { id, sender });
+            .push(Subscriber {
+                id,
+                mailbox: mailbox.clone(),
+            });
         Subscription {
             user,
             id,
-            receiver,
+            mailbox,
             sessions: self.clone(),
         }
     }
@@ -117,12 +165,11 @@ impl Sessions {
         };
         let mut delivered = 0;
         for subscriber in subscribers.iter() {
-            match subscriber.sender.try_send(message.clone()) {
-                Ok(()) => delivered += 1,
-                Err(_) => {
-                    self.inner.dropped.fetch_add(1, Ordering::Relaxed);
-                    crate::observability::metrics::push_dropped();
-                }
+            if subscriber.mailbox.offer(message.clone()) {
+                delivered += 1;
+            } else {
+                self.inner.dropped.fetch_add(1, Ordering::Relaxed);
+                crate::observability::metrics::push_dropped();
             }
         }
         delivered
@@ -222,11 +269,11 @@ mod tests {
         let sessions = Sessions::default();
         let mut first = sessions.subscribe(user(1));
         let mut second = sessions.subscribe(user(1));
-        let mut other = sessions.subscribe(user(2));
+        let other = sessions.subscribe(user(2));
         assert_eq!(sessions.push(user(1), message("hello")), 2);
         assert_eq!(first.next().await.unwrap().json.as_ref(), "hello");
         assert_eq!(second.next().await.unwrap().json.as_ref(), "hello");
-        assert!(other.receiver.try_recv().is_err());
+        assert_eq!(other.mailbox.take(), None);
     }
 
     #[tokio::test]
@@ -245,6 +292,31 @@ mod tests {
         let mut subscription = sessions.subscribe(user(1));
         sessions.close_all();
         assert_eq!(subscription.next().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_session_wakes_for_a_message_pushed_while_it_waits() {
+        let sessions = Sessions::default();
+        let mut subscription = sessions.subscribe(user(1));
+        let waiting = tokio::spawn(async move { subscription.next().await });
+        tokio::task::yield_now().await;
+        assert_eq!(sessions.push(user(1), message("late")), 1);
+        let received = waiting.await.unwrap().expect("a message");
+        assert_eq!(received.json.as_ref(), "late");
+    }
+
+    #[tokio::test]
+    async fn an_emptied_queue_holds_no_allocation() {
+        let sessions = Sessions::default();
+        let mut subscription = sessions.subscribe(user(1));
+        for _ in 0..10 {
+            sessions.push(user(1), message("x"));
+        }
+        for _ in 0..10 {
+            subscription.next().await.expect("a queued message");
+        }
+        let queue = subscription.mailbox.queue.lock().unwrap();
+        assert_eq!(queue.capacity(), 0);
     }
 
     #[tokio::test]
