@@ -23,7 +23,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use actix_ws::{CloseCode, CloseReason, Message, ProtocolError};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::api::AppState;
 use crate::api::auth::{Caller, bearer_token};
@@ -274,6 +274,12 @@ pub async fn websocket(
                             code: CloseCode::Size,
                             description: Some("frame too large".into()),
                         });
+                    }
+                    // The client went away without a closing frame (a closed tab, a lost
+                    // network): the end of a session, nothing for an operator to act on.
+                    Some(Err(ProtocolError::Io(error))) => {
+                        debug!(%error, "websocket connection lost");
+                        return;
                     }
                     Some(Err(error)) => {
                         warn!(%error, "websocket protocol error");
