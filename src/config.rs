@@ -43,6 +43,7 @@ pub struct Settings {
     pub outbox: OutboxSettings,
     pub reconcile: ReconcileSettings,
     pub coupons: CouponSettings,
+    pub shop: ShopSettings,
     pub ranking: RankingSettings,
     pub analytics: AnalyticsSettings,
     pub external: ExternalSettings,
@@ -712,6 +713,25 @@ impl Default for CouponSettings {
             max_total_quantity: 10_000_000,
             max_discount_amount: 10_000_000,
             stock_shards: 1,
+        }
+    }
+}
+
+/// Orders and payments.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ShopSettings {
+    /// Tasks writing batches of payments (group commit).
+    pub payment_writers: usize,
+    /// Payments one commit may carry.
+    pub payment_max_batch: usize,
+}
+
+impl Default for ShopSettings {
+    fn default() -> Self {
+        Self {
+            payment_writers: 2,
+            payment_max_batch: 100,
         }
     }
 }

@@ -62,6 +62,7 @@ use crate::ranking::rebuild::{RebuildReport, rebuild};
 use crate::ranking::settlement::RankingSettlement;
 use crate::ranking::updater::RankingUpdater;
 use crate::shop::cache::ProductCache;
+use crate::shop::payments::PaymentIntake;
 use crate::shop::product_events::ProductEventProcessor;
 use crate::shop::store::ShopStore;
 
@@ -314,6 +315,7 @@ impl Wiring {
             shop: ShopState {
                 store: ShopStore::new(http_outbox.clone()),
                 cache: started.product_cache,
+                payments: started.payments,
             },
             ranking: RankingState {
                 store: started.ranking,
@@ -440,8 +442,9 @@ impl Wiring {
         ))
     }
 
-    /// The ProductEventProcessor on `product-events`, keeping the product cache.
-    fn start_shop(&mut self) -> anyhow::Result<ProductCache> {
+    /// The ProductEventProcessor on `product-events`, keeping the product cache, and the
+    /// payment intake (group commit, on the actors' outbox as the coupon intake).
+    fn start_shop(&mut self) -> anyhow::Result<(ProductCache, PaymentIntake)> {
         let cache = ProductCache::new(self.redis.clone(), PRODUCT_CACHE_TTL);
         let (processor_cache, event_log) = (cache.clone(), self.event_log().clone());
         self.consume(
@@ -453,7 +456,12 @@ impl Wiring {
             move || ProductEventProcessor::new(processor_cache.clone(), event_log.clone()),
             |_| {},
         )?;
-        Ok(cache)
+        let payments = PaymentIntake::start(
+            self.outbox.clone(),
+            self.settings.shop.payment_writers,
+            self.settings.shop.payment_max_batch,
+        );
+        Ok((cache, payments))
     }
 
     /// The RankingUpdater on `order-completed`.
@@ -638,6 +646,7 @@ impl Wiring {
 struct StartedForHttp {
     intake: CouponIntake,
     product_cache: ProductCache,
+    payments: PaymentIntake,
     ranking: RankingStore,
     scheduler: Addr<RetryScheduler>,
     reconciler: Addr<Reconciler>,
@@ -749,7 +758,7 @@ impl Application {
         wiring.observe_sessions_and_outages(&sessions);
 
         let intake = wiring.start_coupons(&sessions)?;
-        let product_cache = wiring.start_shop()?;
+        let (product_cache, payments) = wiring.start_shop()?;
         let ranking = wiring.start_ranking()?;
         let scheduler = wiring.start_deliveries(deliverer, delivers_externally)?;
         let relay = wiring.start_relay();
@@ -760,6 +769,7 @@ impl Application {
         let started = StartedForHttp {
             intake,
             product_cache,
+            payments,
             ranking,
             scheduler: scheduler.clone(),
             reconciler: reconciler.clone(),

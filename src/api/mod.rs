@@ -63,6 +63,7 @@ use crate::outbox::settlement::Consumers;
 use crate::outbox::{Outbox, OutboxBacklogView};
 use crate::ranking::RankingStore;
 use crate::shop::cache::ProductCache;
+use crate::shop::payments::PaymentIntake;
 use crate::shop::store::ShopStore;
 
 /// What request handlers share, by slice.
@@ -103,6 +104,8 @@ pub struct LimitsState {
 pub struct ShopState {
     pub store: ShopStore,
     pub cache: ProductCache,
+    /// Payments, decided in batches (group commit).
+    pub payments: PaymentIntake,
 }
 
 pub struct RankingState {

@@ -22,6 +22,7 @@ use crate::common::ids::{CouponHistoryId, OrderId, ProductId, UserId};
 use crate::event_log::OutboxEvent;
 use crate::events::EventPayload;
 use crate::outbox::ANSWER_WAIT;
+use crate::shop::payments::PaymentRequest;
 use crate::shop::store::{
     Answered, Balance, NewOrderLine, Order, Payment, Product, ProductPage, ShopError, User,
 };
@@ -595,8 +596,9 @@ pub async fn order(
 
 /// Pays the caller's own order with its balance (and its coupon).
 ///
-/// `POST /orders/{orderId}/pay`: one transaction, then `OrderCompleted` and
-/// `PaymentCompleted` are published (the outbox relay covers a crash in between).
+/// `POST /orders/{orderId}/pay`: decided with the payments waiting at the same time in one
+/// transaction (group commit), then `OrderCompleted` and `PaymentCompleted` are published
+/// (the outbox relay covers a crash in between).
 #[utoipa::path(
     post,
     path = "/orders/{order_id}/pay",
@@ -632,17 +634,17 @@ pub async fn pay(
     let payer = caller.acts_as(None)?;
     let key = idempotency_key(&request, &caller, "pay", order_id.to_string().as_bytes())?;
     limit_user(&state, "pay", &caller, state.limits.settings.payment).await?;
-    match state
-        .shop
-        .store
-        .pay(order_id, payer, state.clock.now(), key.as_ref())
-        .await?
-    {
+    let request = PaymentRequest {
+        order_id,
+        payer,
+        now: state.clock.now(),
+        key,
+    };
+    match state.shop.payments.pay(request).await? {
         Answered::Fresh(paid) => {
             // The cache is written after the answer: the product events repair it anyway.
-            actix_rt::spawn(cache_changes(state.clone(), paid.events.events().to_vec()));
-            paid.events.publish_within(ANSWER_WAIT).await;
-            Ok(HttpResponse::Ok().json(paid.value))
+            actix_rt::spawn(cache_changes(state.clone(), paid.events));
+            Ok(HttpResponse::Ok().json(paid.payment))
         }
         Answered::Replay(answer) => Ok(replay(&answer)),
     }

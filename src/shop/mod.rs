@@ -1,13 +1,16 @@
 //! Users with a balance, products with stock, and orders paid from the balance.
 //!
-//! Paying is one MySQL transaction ([`store::ShopStore::pay`]): the order row is locked first
-//! (so a second payment of the same order waits, then finds it no longer PENDING), the
-//! coupon is marked used, stock is taken and the balance debited with conditional updates,
-//! and the payment row (unique per order) and the outbox rows of `OrderCompleted` and
-//! `PaymentCompleted` are written — all or nothing. The events are published after the
-//! commit.
+//! Payments are decided in batches ([`payments`]: group commit, as the coupon intake): one
+//! transaction locks the batch's orders, coupons, products and buyers in one order, decides
+//! each payment in arrival order against the locked values, and writes the payments made —
+//! coupons spent, stock taken, balances debited, payment rows, orders COMPLETED and the
+//! outbox rows of `OrderCompleted`, `PaymentCompleted` and the products' stock changes — all
+//! or nothing. A batch that cannot be written runs again one payment per transaction
+//! ([`store::ShopStore::pay`]: the order row locked first, so a second payment of the same
+//! order waits, then finds it no longer PENDING). The events are published after the commit.
 
 pub mod cache;
+pub mod payments;
 pub mod product_events;
 pub mod store;
 

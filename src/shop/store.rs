@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::{MySqlConnection, QueryBuilder};
 
 use crate::common::columns::named_enum;
-use crate::common::error::{Classify, ErrorClass};
+use crate::common::error::{Classify, Dependency, ErrorClass};
 use crate::common::ids::{CouponHistoryId, OrderId, PaymentId, ProductId, UserId};
 use crate::coupons::store::{CouponUnusable, usable_discount, use_coupon};
 use crate::event_log::{EventLogError, OutboxEvent};
@@ -41,6 +41,12 @@ pub enum ShopError {
     /// An `Idempotency-Key` sent with another request before.
     #[error("the idempotency key was used with another request")]
     KeyReused,
+    /// The payment intake is shutting down.
+    #[error("the payment intake is shutting down")]
+    Closed,
+    /// A batch's writes did not match its decisions (rows changed under its locks).
+    #[error("{0}")]
+    Inconsistent(String),
 }
 
 impl Classify for ShopError {
@@ -50,6 +56,7 @@ impl Classify for ShopError {
             ShopError::Database(error) if idempotency::is_key_race(error) => ErrorClass::Retryable,
             ShopError::Database(error) => error.class(),
             ShopError::EventLog(error) => error.class(),
+            ShopError::Closed => ErrorClass::Unavailable(Dependency::Mysql),
             _ => ErrorClass::Permanent,
         }
     }
@@ -291,7 +298,29 @@ impl ShopStore {
                 Claim::Mismatch => return Err(ShopError::KeyReused),
             }
         }
-        let value = effect(&mut transaction).await?;
+        let value = match effect(&mut transaction).await {
+            Ok(value) => value,
+            // A refusal may be the mark of the same request, made meanwhile by another
+            // transaction with the key (a claim takes no lock on a key not stored yet, at
+            // READ COMMITTED): that answer, now committed, is replayed instead.
+            Err(refusal) => {
+                let answered_refusal = matches!(
+                    refusal,
+                    ShopError::Refused(_)
+                        | ShopError::NotFound(_)
+                        | ShopError::Forbidden(_)
+                        | ShopError::Invalid { .. }
+                );
+                let Some(key) = key.filter(|_| answered_refusal) else {
+                    return Err(refusal);
+                };
+                return match idempotency::claim(&mut transaction, key).await? {
+                    Claim::First => Err(refusal),
+                    Claim::Replay(answer) => Ok(Answered::Replay(answer)),
+                    Claim::Mismatch => Err(ShopError::KeyReused),
+                };
+            }
+        };
         if let Some(key) = key {
             idempotency::store(&mut transaction, key, &StoredAnswer::json(status, &value)).await?;
         }
@@ -731,7 +760,7 @@ async fn complete_order(
 
 /// The events of a payment: OrderCompleted and PaymentCompleted (keyed by the order), then
 /// a StockChanged product change per product, as the payment left it.
-fn payment_events(
+pub(super) fn payment_events(
     order: &Order,
     payment_id: PaymentId,
     products: &[Product],
@@ -775,7 +804,7 @@ fn payment_events(
 
 /// The products among `ids` that exist, by id; locked to the end of the transaction with
 /// [`Lock::ForUpdate`].
-async fn products_in(
+pub(super) async fn products_in(
     connection: &mut MySqlConnection,
     ids: &[ProductId],
     lock: Lock,
@@ -799,7 +828,7 @@ async fn products_in(
 
 /// Whether reading an order locks it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Lock {
+pub(super) enum Lock {
     None,
     /// The row stays locked to the end of the transaction (paying).
     ForUpdate,

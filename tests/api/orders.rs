@@ -353,6 +353,100 @@ async fn one_order_paid_twenty_times_at_once_is_charged_once() {
     assert_eq!(stock(&app, product).await, 98);
 }
 
+#[actix_web::test]
+async fn one_buyer_paying_many_orders_at_once_pays_those_the_balance_covers_and_no_more() {
+    let app = spawn_app().await;
+    let user = app.create_user(5_000).await;
+    let product = app.create_product("Cable", 1_000, 100).await;
+    let mut orders = Vec::new();
+    for _ in 0..12 {
+        orders.push(app.place_order(user, &[(product, 1)]).await);
+    }
+    let answers = join_all(orders.iter().map(|order| app.pay_as(user, *order))).await;
+    let paid = answers
+        .iter()
+        .filter(|(status, _)| *status == StatusCode::OK)
+        .count();
+    let refused = answers
+        .iter()
+        .filter(|(status, body)| {
+            *status == StatusCode::CONFLICT && body["error"]["code"] == "INSUFFICIENT_BALANCE"
+        })
+        .count();
+    assert_eq!((paid, refused), (5, 7), "{answers:?}");
+    assert_eq!(balance(&app, user).await, 0);
+    assert_eq!(stock(&app, product).await, 95);
+    // A refused payment left its order PENDING, and wrote no payment.
+    let statuses: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT o.status, COUNT(p.payment_id) FROM customer_order o \
+         LEFT JOIN payment p ON p.order_id = o.order_id GROUP BY o.order_id ORDER BY o.order_id",
+    )
+    .fetch_all(app.event_log.pool())
+    .await
+    .unwrap();
+    for ((status, payments), (answer, _)) in statuses.iter().zip(&answers) {
+        let expected = if *answer == StatusCode::OK {
+            ("COMPLETED", 1)
+        } else {
+            ("PENDING", 0)
+        };
+        assert_eq!((status.as_str(), *payments), expected);
+    }
+}
+
+#[actix_web::test]
+async fn a_coupon_named_by_two_orders_paid_at_once_is_used_once() {
+    let app = spawn_app().await;
+    let owner = app.create_user(100_000).await;
+    let product = app.create_product("Keyboard", 20_000, 10).await;
+    let coupon = app.create_coupon(10).await;
+    let request = app.issue(owner, coupon).await;
+    let history = app.wait_until_notified(&request).await["couponHistoryId"]
+        .as_u64()
+        .expect("issued");
+    let with_coupon = json!({"userId": owner, "items": [{"productId": product, "quantity": 1}], "couponHistoryId": history});
+    let mut orders = Vec::new();
+    for _ in 0..4 {
+        let (status, order) = create_order(&app, with_coupon.clone()).await;
+        assert_eq!(status, StatusCode::CREATED, "{order}");
+        orders.push(order["orderId"].as_u64().unwrap());
+    }
+    let answers = join_all(orders.iter().map(|order| app.pay_as(owner, *order))).await;
+    let paid = answers
+        .iter()
+        .filter(|(status, _)| *status == StatusCode::OK)
+        .count();
+    assert_eq!(paid, 1, "{answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|(status, body)| *status == StatusCode::OK
+                || body["error"]["code"] == "COUPON_ALREADY_USED"),
+        "{answers:?}"
+    );
+    assert_eq!(balance(&app, owner).await, 85_000);
+    assert_eq!(stock(&app, product).await, 9);
+}
+
+#[actix_web::test]
+async fn one_payment_sent_many_times_at_once_with_one_key_is_made_once_and_answered_alike() {
+    let app = spawn_app().await;
+    let user = app.create_user(10_000).await;
+    let product = app.create_product("Cable", 1_000, 10).await;
+    let order = app.place_order(user, &[(product, 1)]).await;
+    let buyer = app.as_user(user).await;
+    let key = [("idempotency-key", "pay-at-once")];
+    let path = format!("/orders/{order}/pay");
+    let answers = join_all((0..10).map(|_| buyer.post_with(&path, "", &key))).await;
+    assert_eq!(answers[0].0, StatusCode::OK, "{answers:?}");
+    assert!(
+        answers.iter().all(|answer| *answer == answers[0]),
+        "{answers:?}"
+    );
+    assert_eq!(balance(&app, user).await, 9_000);
+    assert_eq!(stock(&app, product).await, 9);
+}
+
 async fn cached_product(app: &TestApp, product_id: u64) -> Option<Value> {
     let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();

@@ -6,4 +6,5 @@
 //! machine has cores, whatever `--test-threads` says.
 
 mod members;
+mod payments;
 mod scenarios;

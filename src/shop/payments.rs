@@ -1,0 +1,1065 @@
+//! Payments with group commit.
+//!
+//! `POST /orders/{orderId}/pay` authenticates, rate-limits and validates its request, then
+//! hands the payment to the intake and waits. Writer tasks take whatever payments are waiting
+//! (up to `max_batch`; no timer, so batches grow with load) and decide them together in one
+//! transaction:
+//!
+//! 1. claim the batch's `Idempotency-Key`s with one locking read: a key answered before
+//!    replays its answer, a key used with another request is refused; a key sent twice within
+//!    the batch waits for the batch and then runs alone (it replays);
+//! 2. lock what the payments touch, each kind with one read and always in this order, each
+//!    sorted by key, so that two batches never wait on each other in a circle: the orders
+//!    (their lines read with them), the coupons they spend, their products, their buyers;
+//! 3. decide every payment in arrival order against the locked values as the payments before
+//!    it in the batch leave them ([`decide`]): the same checks, in the same order, as one
+//!    payment alone, so a refused payment writes nothing and is answered with its own 409;
+//! 4. write each table with one statement for the whole batch (`UPDATE … CASE`, multi-row
+//!    `INSERT`), checking every statement's row count against the decisions; payment ids are
+//!    read back by their orders (a unique key), never assumed consecutive;
+//! 5. record the events (PENDING, as one payment alone does) and the idempotent answers;
+//!
+//! then commit, publish the events and answer every waiting payment. A batch that fails on a
+//! transient error (a deadlock victim) is tried again; one that fails otherwise runs again one
+//! payment per transaction ([`ShopStore::pay`]), so a payment that cannot be written fails
+//! alone. A payment is answered only once its rows are committed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use sqlx::{MySqlConnection, QueryBuilder};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tracing::warn;
+
+use crate::common::error::{Classify, ErrorClass};
+use crate::common::ids::{CouponHistoryId, OrderId, PaymentId, ProductId, UserId};
+use crate::coupons::store::HeldStatus;
+use crate::event_log::OutboxEvent;
+use crate::guards::idempotency::{IdempotencyKey, StoredAnswer};
+use crate::outbox::{ANSWER_WAIT, Committed, Outbox};
+use crate::shop::PaymentRefusal;
+use crate::shop::store::{
+    Answered, Lock, Order, OrderLine, OrderStatus, Payment, Product, ShopError, ShopStore,
+    payment_events, products_in,
+};
+
+/// How often a batch is tried again after a transient failure before its payments run alone.
+const BATCH_ATTEMPTS: usize = 3;
+
+/// A payment to make: `payer` pays `order_id` at `now`.
+#[derive(Clone, Debug)]
+pub struct PaymentRequest {
+    pub order_id: OrderId,
+    pub payer: UserId,
+    pub now: DateTime<Utc>,
+    pub key: Option<IdempotencyKey>,
+}
+
+/// A payment made, with the events committed with it (published, or left to the relay,
+/// before the answer).
+#[derive(Debug)]
+pub struct Paid {
+    pub payment: Payment,
+    pub events: Vec<OutboxEvent>,
+}
+
+type Answer = Result<Answered<Paid>, ShopError>;
+
+struct Pending {
+    request: PaymentRequest,
+    answer: oneshot::Sender<Answer>,
+}
+
+/// The intake's handle; cheap to clone.
+#[derive(Clone)]
+pub struct PaymentIntake {
+    queue: mpsc::Sender<Pending>,
+}
+
+impl PaymentIntake {
+    /// Starts `writers` writer tasks on the current arbiter, writing through `outbox`.
+    pub fn start(outbox: Outbox, writers: usize, max_batch: usize) -> Self {
+        let (queue, receiver) = mpsc::channel(max_batch.max(1) * writers.max(1) * 4);
+        let receiver = Arc::new(Mutex::new(receiver));
+        for _ in 0..writers.max(1) {
+            actix_rt::spawn(write_batches(
+                receiver.clone(),
+                outbox.clone(),
+                max_batch.max(1),
+            ));
+        }
+        Self { queue }
+    }
+
+    /// Makes the payment (see the module documentation); answers once it is committed and
+    /// its events are published (or `ANSWER_WAIT` has passed).
+    pub async fn pay(&self, request: PaymentRequest) -> Answer {
+        let (answer, answered) = oneshot::channel();
+        self.queue
+            .send(Pending { request, answer })
+            .await
+            .map_err(|_| ShopError::Closed)?;
+        answered.await.map_err(|_| ShopError::Closed)?
+    }
+}
+
+async fn write_batches(
+    receiver: Arc<Mutex<mpsc::Receiver<Pending>>>,
+    outbox: Outbox,
+    max_batch: usize,
+) {
+    let store = ShopStore::new(outbox.clone());
+    loop {
+        let batch = {
+            let mut receiver = receiver.lock().await;
+            let Some(first) = receiver.recv().await else {
+                return;
+            };
+            let mut batch = vec![first];
+            while batch.len() < max_batch {
+                match receiver.try_recv() {
+                    Ok(pending) => batch.push(pending),
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        let (batch, repeated_keys) = split_repeated_keys(batch);
+        let requests: Vec<PaymentRequest> = batch
+            .iter()
+            .map(|pending| pending.request.clone())
+            .collect();
+        match pay_batch(&outbox, &requests).await {
+            Ok((committed, outcomes)) => {
+                actix_rt::spawn(answer_batch(batch, committed, outcomes));
+                for pending in repeated_keys {
+                    actix_rt::spawn(pay_alone(store.clone(), pending));
+                }
+            }
+            Err(error) => {
+                warn!(%error, payments = batch.len(), "payment batch failed; paying one by one");
+                for pending in batch.into_iter().chain(repeated_keys) {
+                    actix_rt::spawn(pay_alone(store.clone(), pending));
+                }
+            }
+        }
+    }
+}
+
+/// Splits off the payments whose `Idempotency-Key` an earlier payment of the batch carries:
+/// they run alone once the batch is committed, and replay its answer.
+fn split_repeated_keys(batch: Vec<Pending>) -> (Vec<Pending>, Vec<Pending>) {
+    let mut seen = BTreeSet::new();
+    batch
+        .into_iter()
+        .partition(|pending| match &pending.request.key {
+            None => true,
+            Some(key) => seen.insert((key.user, key.route, key.key.clone())),
+        })
+}
+
+/// Publishes the batch's events (for `ANSWER_WAIT` at most), then answers every payment.
+async fn answer_batch(batch: Vec<Pending>, committed: Committed, outcomes: Vec<Outcome>) {
+    committed.publish_within(ANSWER_WAIT).await;
+    for (pending, outcome) in batch.into_iter().zip(outcomes) {
+        let _ = pending.answer.send(outcome.into_answer(&pending.request));
+    }
+}
+
+/// Pays one payment in its own transaction, as before group commit.
+async fn pay_alone(store: ShopStore, pending: Pending) {
+    let PaymentRequest {
+        order_id,
+        payer,
+        now,
+        key,
+    } = &pending.request;
+    let answer = match store.pay(*order_id, *payer, *now, key.as_ref()).await {
+        Ok(Answered::Fresh(changed)) => {
+            let events = changed.events.events().to_vec();
+            changed.events.publish_within(ANSWER_WAIT).await;
+            Ok(Answered::Fresh(Paid {
+                payment: changed.value,
+                events,
+            }))
+        }
+        Ok(Answered::Replay(answer)) => Ok(Answered::Replay(answer)),
+        Err(error) => Err(error),
+    };
+    let _ = pending.answer.send(answer);
+}
+
+/// What became of one payment of a batch.
+#[derive(Debug)]
+enum Outcome {
+    Paid(Payment, Vec<OutboxEvent>),
+    Replay(StoredAnswer),
+    KeyReused,
+    NotFound,
+    /// The order is `owner`'s, not the payer's.
+    Forbidden {
+        owner: UserId,
+    },
+    Refused(PaymentRefusal),
+}
+
+impl Outcome {
+    fn into_answer(self, request: &PaymentRequest) -> Answer {
+        match self {
+            Outcome::Paid(payment, events) => Ok(Answered::Fresh(Paid { payment, events })),
+            Outcome::Replay(answer) => Ok(Answered::Replay(answer)),
+            Outcome::KeyReused => Err(ShopError::KeyReused),
+            Outcome::NotFound => Err(ShopError::NotFound(format!("order {}", request.order_id))),
+            Outcome::Forbidden { owner } => Err(ShopError::Forbidden(format!(
+                "the token's user {} may not act as user {owner}",
+                request.payer
+            ))),
+            Outcome::Refused(refusal) => Err(refusal.into()),
+        }
+    }
+}
+
+/// Decides and writes the batch in one transaction, trying again at once after a transient
+/// failure.
+async fn pay_batch(
+    outbox: &Outbox,
+    requests: &[PaymentRequest],
+) -> Result<(Committed, Vec<Outcome>), ShopError> {
+    let mut attempt = 1;
+    loop {
+        let written = async {
+            let mut transaction = outbox.begin().await?;
+            let outcomes = pay_in(&mut transaction, requests).await?;
+            Ok::<_, ShopError>((transaction.commit().await?, outcomes))
+        }
+        .await;
+        match written {
+            Err(error) if attempt < BATCH_ATTEMPTS && error.class() == ErrorClass::Retryable => {
+                warn!(%error, attempt, "payment batch failed; trying again");
+                attempt += 1;
+            }
+            written => return written,
+        }
+    }
+}
+
+/// The batch's steps (see the module documentation), in the caller's transaction.
+async fn pay_in(
+    transaction: &mut crate::outbox::OutboxTransaction,
+    requests: &[PaymentRequest],
+) -> Result<Vec<Outcome>, ShopError> {
+    let claims = claim_keys(transaction, requests).await?;
+    let order_ids: BTreeSet<OrderId> = requests.iter().map(|request| request.order_id).collect();
+    let orders = lock_orders(transaction, &order_ids).await?;
+    let coupon_ids: BTreeSet<CouponHistoryId> = orders
+        .values()
+        .filter_map(|order| order.coupon_history_id)
+        .collect();
+    let coupons = lock_coupons(transaction, &coupon_ids).await?;
+    let product_ids: BTreeSet<ProductId> = orders
+        .values()
+        .flat_map(|order| order.items.iter().map(|line| line.product_id))
+        .collect();
+    let products: BTreeMap<ProductId, Product> = products_in(
+        transaction,
+        &product_ids.into_iter().collect::<Vec<_>>(),
+        Lock::ForUpdate,
+    )
+    .await?
+    .into_iter()
+    .map(|product| (product.product_id, product))
+    .collect();
+    let buyers: BTreeSet<UserId> = orders.values().map(|order| order.user_id).collect();
+    let balances = lock_balances(transaction, &buyers).await?;
+    let mut locked = Locked {
+        orders,
+        coupons,
+        products,
+        balances,
+    };
+    let mut decisions = decide(requests, &claims, &mut locked);
+    recheck_refused_keys(transaction, requests, &mut decisions).await?;
+    let paid: Vec<(&PaymentRequest, &Order, &[Product])> = requests
+        .iter()
+        .zip(&decisions)
+        .filter_map(|(request, decision)| match decision {
+            Decision::Pay(products) => Some((
+                request,
+                &locked.orders[&request.order_id],
+                products.as_slice(),
+            )),
+            _ => None,
+        })
+        .collect();
+    if paid.is_empty() {
+        return Ok(decisions
+            .into_iter()
+            .map(|decision| decision.into_outcome(None))
+            .collect());
+    }
+    use_coupons(transaction, &paid).await?;
+    take_stock(transaction, &locked.products, &paid).await?;
+    debit_balances(transaction, &locked.balances, &paid).await?;
+    let payment_ids = insert_payments(transaction, &paid).await?;
+    complete_orders(transaction, &paid).await?;
+    let mut made = BTreeMap::new();
+    let mut events = Vec::new();
+    let mut answers = Vec::new();
+    for (request, order, products) in &paid {
+        let payment_id = payment_ids[&order.order_id];
+        let payment = Payment {
+            payment_id,
+            order_id: order.order_id,
+            status: OrderStatus::Completed,
+            amount: order.pay_amount,
+        };
+        let payment_events = payment_events(order, payment_id, products, request.now);
+        events.extend(payment_events.iter().cloned());
+        if let Some(key) = &request.key {
+            answers.push((key, StoredAnswer::json(200, &payment)));
+        }
+        made.insert(order.order_id, (payment, payment_events));
+    }
+    transaction.record(events).await?;
+    store_answers(transaction, &answers).await?;
+    Ok(decisions
+        .into_iter()
+        .zip(requests)
+        .map(|(decision, request)| {
+            let made = match decision {
+                Decision::Pay(_) => made.remove(&request.order_id),
+                _ => None,
+            };
+            decision.into_outcome(made)
+        })
+        .collect())
+}
+
+/// The locked rows a batch decides against, as the decisions so far leave them.
+#[derive(Debug)]
+struct Locked {
+    orders: BTreeMap<OrderId, Order>,
+    coupons: BTreeMap<CouponHistoryId, HeldCoupon>,
+    products: BTreeMap<ProductId, Product>,
+    balances: BTreeMap<UserId, u64>,
+}
+
+/// A coupon an order spends, as locked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct HeldCoupon {
+    user_id: UserId,
+    status: HeldStatus,
+}
+
+/// What an idempotency key found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum KeyClaim {
+    First,
+    Replay(StoredAnswer),
+    Mismatch,
+}
+
+/// A payment's decision: pay (with its products as the payment leaves them), or why not.
+#[derive(Debug, PartialEq)]
+enum Decision {
+    Pay(Vec<Product>),
+    Replay(StoredAnswer),
+    KeyReused,
+    NotFound,
+    Forbidden { owner: UserId },
+    Refused(PaymentRefusal),
+}
+
+impl Decision {
+    fn into_outcome(self, made: Option<(Payment, Vec<OutboxEvent>)>) -> Outcome {
+        match self {
+            Decision::Pay(_) => {
+                let (payment, events) = made.expect("every payment decided is made");
+                Outcome::Paid(payment, events)
+            }
+            Decision::Replay(answer) => Outcome::Replay(answer),
+            Decision::KeyReused => Outcome::KeyReused,
+            Decision::NotFound => Outcome::NotFound,
+            Decision::Forbidden { owner } => Outcome::Forbidden { owner },
+            Decision::Refused(refusal) => Outcome::Refused(refusal),
+        }
+    }
+}
+
+/// Decides the payments in arrival order, each against `locked` as the ones before it left
+/// it, with the checks of one payment alone in their order: the key, the order (found, the
+/// payer's, still PENDING), its coupon (the buyer's, unused), the stock of every line, the
+/// balance. A payment decided to be made changes `locked`.
+fn decide(requests: &[PaymentRequest], claims: &[KeyClaim], locked: &mut Locked) -> Vec<Decision> {
+    requests
+        .iter()
+        .zip(claims)
+        .map(|(request, claim)| match claim {
+            KeyClaim::Replay(answer) => Decision::Replay(answer.clone()),
+            KeyClaim::Mismatch => Decision::KeyReused,
+            KeyClaim::First => decide_one(request, locked),
+        })
+        .collect()
+}
+
+fn decide_one(request: &PaymentRequest, locked: &mut Locked) -> Decision {
+    let Some(order) = locked.orders.get(&request.order_id) else {
+        return Decision::NotFound;
+    };
+    if order.user_id != request.payer {
+        return Decision::Forbidden {
+            owner: order.user_id,
+        };
+    }
+    if order.status != OrderStatus::Pending {
+        return Decision::Refused(PaymentRefusal::OrderNotPending);
+    }
+    if let Some(history_id) = order.coupon_history_id {
+        match locked.coupons.get(&history_id) {
+            Some(coupon) if coupon.user_id != order.user_id => {
+                return Decision::Refused(PaymentRefusal::CouponNotOwned);
+            }
+            None => return Decision::Refused(PaymentRefusal::CouponNotOwned),
+            Some(coupon) if coupon.status != HeldStatus::Issued => {
+                return Decision::Refused(PaymentRefusal::CouponAlreadyUsed);
+            }
+            Some(_) => {}
+        }
+    }
+    let has_stock = order.items.iter().all(|line| {
+        locked
+            .products
+            .get(&line.product_id)
+            .is_some_and(|product| product.stock >= line.quantity)
+    });
+    if !has_stock {
+        return Decision::Refused(PaymentRefusal::InsufficientStock);
+    }
+    let balance = locked.balances.get(&order.user_id).copied().unwrap_or(0);
+    if balance < order.pay_amount {
+        return Decision::Refused(PaymentRefusal::InsufficientBalance);
+    }
+    // Made: the locked values as this payment leaves them.
+    let (user_id, pay_amount, coupon) = (order.user_id, order.pay_amount, order.coupon_history_id);
+    let lines = order.items.clone();
+    if let Some(order) = locked.orders.get_mut(&request.order_id) {
+        order.status = OrderStatus::Completed;
+        order.paid_at = Some(request.now);
+    }
+    if let Some(coupon) = coupon.and_then(|id| locked.coupons.get_mut(&id)) {
+        coupon.status = HeldStatus::Used;
+    }
+    locked.balances.insert(user_id, balance - pay_amount);
+    let mut products = Vec::with_capacity(lines.len());
+    for line in &lines {
+        let product = locked
+            .products
+            .get_mut(&line.product_id)
+            .expect("checked above");
+        product.stock -= line.quantity;
+        product.version += 1;
+        products.push(product.clone());
+    }
+    products.sort_by_key(|product| product.product_id);
+    Decision::Pay(products)
+}
+
+/// The stored answers of keys, by `(user, route, key)`: the request hash and the answer.
+type StoredKeys = BTreeMap<(UserId, String, String), (String, StoredAnswer)>;
+
+/// Looks up every key of the batch with one locking read.
+async fn claim_keys(
+    connection: &mut MySqlConnection,
+    requests: &[PaymentRequest],
+) -> Result<Vec<KeyClaim>, ShopError> {
+    let keys: Vec<&IdempotencyKey> = requests.iter().filter_map(|r| r.key.as_ref()).collect();
+    let stored = read_keys(connection, &keys).await?;
+    Ok(requests
+        .iter()
+        .map(|request| match &request.key {
+            None => KeyClaim::First,
+            Some(key) => claim_of(&stored, key),
+        })
+        .collect())
+}
+
+/// Refused payments sent with a key may have met a payment with the same key that another
+/// transaction made meanwhile: claims take no lock on a key not stored yet (sessions run at
+/// READ COMMITTED), and the order's lock waited for that payment's commit. Such a payment
+/// replays that answer instead, as it would have had it come a moment later.
+async fn recheck_refused_keys(
+    connection: &mut MySqlConnection,
+    requests: &[PaymentRequest],
+    decisions: &mut [Decision],
+) -> Result<(), ShopError> {
+    let refused: Vec<(usize, &IdempotencyKey)> = requests
+        .iter()
+        .zip(decisions.iter())
+        .enumerate()
+        .filter_map(|(index, (request, decision))| match decision {
+            Decision::Refused(_) | Decision::NotFound | Decision::Forbidden { .. } => {
+                Some((index, request.key.as_ref()?))
+            }
+            _ => None,
+        })
+        .collect();
+    if refused.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<&IdempotencyKey> = refused.iter().map(|(_, key)| *key).collect();
+    let stored = read_keys(connection, &keys).await?;
+    for (index, key) in refused {
+        match claim_of(&stored, key) {
+            KeyClaim::First => {}
+            KeyClaim::Replay(answer) => decisions[index] = Decision::Replay(answer),
+            KeyClaim::Mismatch => decisions[index] = Decision::KeyReused,
+        }
+    }
+    Ok(())
+}
+
+fn claim_of(stored: &StoredKeys, key: &IdempotencyKey) -> KeyClaim {
+    match stored.get(&(key.user, key.route.to_string(), key.key.clone())) {
+        None => KeyClaim::First,
+        Some((hash, _)) if *hash != key.request_hash => KeyClaim::Mismatch,
+        Some((_, answer)) => KeyClaim::Replay(answer.clone()),
+    }
+}
+
+/// The stored keys among `keys`, locked (one statement).
+async fn read_keys(
+    connection: &mut MySqlConnection,
+    keys: &[&IdempotencyKey],
+) -> Result<StoredKeys, ShopError> {
+    let mut stored = StoredKeys::new();
+    if keys.is_empty() {
+        return Ok(stored);
+    }
+    let mut select = QueryBuilder::new(
+        "SELECT user_id, route, idempotency_key, request_hash, response_status, \
+         response_body FROM idempotency_key WHERE ",
+    );
+    let mut separated = select.separated(" OR ");
+    for key in keys {
+        separated
+            .push("(user_id = ")
+            .push_bind_unseparated(key.user)
+            .push_unseparated(" AND route = ")
+            .push_bind_unseparated(key.route)
+            .push_unseparated(" AND idempotency_key = ")
+            .push_bind_unseparated(key.key.as_str())
+            .push_unseparated(")");
+    }
+    select.push(" ORDER BY user_id, route, idempotency_key FOR UPDATE");
+    let rows: Vec<(UserId, String, String, String, u16, String)> =
+        select.build_query_as().fetch_all(&mut *connection).await?;
+    for (user, route, key, hash, status, body) in rows {
+        stored.insert((user, route, key), (hash, StoredAnswer { status, body }));
+    }
+    Ok(stored)
+}
+
+/// Locks the orders among `ids` that exist (in id order) and reads their lines.
+async fn lock_orders(
+    connection: &mut MySqlConnection,
+    ids: &BTreeSet<OrderId>,
+) -> Result<BTreeMap<OrderId, Order>, ShopError> {
+    #[derive(sqlx::FromRow)]
+    struct OrderRow {
+        order_id: OrderId,
+        user_id: UserId,
+        status: OrderStatus,
+        total_amount: u64,
+        discount_amount: u64,
+        pay_amount: u64,
+        coupon_history_id: Option<CouponHistoryId>,
+        created_at: DateTime<Utc>,
+        paid_at: Option<DateTime<Utc>>,
+    }
+    let mut select = QueryBuilder::new(
+        "SELECT order_id, user_id, status, total_amount, discount_amount, pay_amount, \
+         coupon_history_id, created_at, paid_at FROM customer_order WHERE order_id IN (",
+    );
+    push_list(&mut select, ids);
+    select.push(") ORDER BY order_id FOR UPDATE");
+    let rows: Vec<OrderRow> = select.build_query_as().fetch_all(&mut *connection).await?;
+    let mut orders: BTreeMap<OrderId, Order> = rows
+        .into_iter()
+        .map(|row| {
+            (
+                row.order_id,
+                Order {
+                    order_id: row.order_id,
+                    user_id: row.user_id,
+                    status: row.status,
+                    items: Vec::new(),
+                    total_amount: row.total_amount,
+                    discount_amount: row.discount_amount,
+                    pay_amount: row.pay_amount,
+                    coupon_history_id: row.coupon_history_id,
+                    created_at: row.created_at,
+                    paid_at: row.paid_at,
+                },
+            )
+        })
+        .collect();
+    if orders.is_empty() {
+        return Ok(orders);
+    }
+    let mut select = QueryBuilder::new(
+        "SELECT order_id, product_id, quantity, unit_price FROM order_item WHERE order_id IN (",
+    );
+    push_list(&mut select, orders.keys());
+    select.push(") ORDER BY order_id, product_id");
+    let lines: Vec<(OrderId, ProductId, u32, u64)> =
+        select.build_query_as().fetch_all(&mut *connection).await?;
+    for (order_id, product_id, quantity, unit_price) in lines {
+        if let Some(order) = orders.get_mut(&order_id) {
+            order.items.push(OrderLine {
+                product_id,
+                quantity,
+                unit_price,
+            });
+        }
+    }
+    Ok(orders)
+}
+
+/// Locks the coupons among `ids` (in id order).
+async fn lock_coupons(
+    connection: &mut MySqlConnection,
+    ids: &BTreeSet<CouponHistoryId>,
+) -> Result<BTreeMap<CouponHistoryId, HeldCoupon>, ShopError> {
+    if ids.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let mut select = QueryBuilder::new(
+        "SELECT coupon_history_id, user_id, status FROM coupon_history \
+         WHERE coupon_history_id IN (",
+    );
+    push_list(&mut select, ids);
+    select.push(") ORDER BY coupon_history_id FOR UPDATE");
+    let rows: Vec<(CouponHistoryId, UserId, HeldStatus)> =
+        select.build_query_as().fetch_all(&mut *connection).await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, user_id, status)| (id, HeldCoupon { user_id, status }))
+        .collect())
+}
+
+/// Locks the buyers' rows (in id order); answers their balances.
+async fn lock_balances(
+    connection: &mut MySqlConnection,
+    ids: &BTreeSet<UserId>,
+) -> Result<BTreeMap<UserId, u64>, ShopError> {
+    if ids.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let mut select = QueryBuilder::new("SELECT user_id, balance FROM app_user WHERE user_id IN (");
+    push_list(&mut select, ids);
+    select.push(") ORDER BY user_id FOR UPDATE");
+    let rows: Vec<(UserId, u64)> = select.build_query_as().fetch_all(&mut *connection).await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// A payment decided to be made: its request, its order and its products as it leaves them.
+type Made<'a> = (&'a PaymentRequest, &'a Order, &'a [Product]);
+
+/// Spends the coupons of the payments made: one statement.
+async fn use_coupons(connection: &mut MySqlConnection, paid: &[Made<'_>]) -> Result<(), ShopError> {
+    let spent: Vec<(CouponHistoryId, OrderId)> = paid
+        .iter()
+        .filter_map(|(_, order, _)| Some((order.coupon_history_id?, order.order_id)))
+        .collect();
+    if spent.is_empty() {
+        return Ok(());
+    }
+    let mut update = QueryBuilder::new("UPDATE coupon_history SET status = ");
+    update
+        .push_bind(HeldStatus::Used)
+        .push(", used_order_id = CASE coupon_history_id");
+    for (history_id, order_id) in &spent {
+        update
+            .push(" WHEN ")
+            .push_bind(*history_id)
+            .push(" THEN ")
+            .push_bind(*order_id);
+    }
+    update.push(" END WHERE status = ");
+    update.push_bind(HeldStatus::Issued);
+    update.push(" AND coupon_history_id IN (");
+    push_list(&mut update, spent.iter().map(|(history_id, _)| history_id));
+    update.push(")");
+    expect_rows(update, connection, spent.len(), "coupon_history").await
+}
+
+/// Sets the stock and version of every product the payments made took from: one statement,
+/// to the values the decisions left on the locked rows.
+async fn take_stock(
+    connection: &mut MySqlConnection,
+    products: &BTreeMap<ProductId, Product>,
+    paid: &[Made<'_>],
+) -> Result<(), ShopError> {
+    let taken: BTreeSet<ProductId> = paid
+        .iter()
+        .flat_map(|(_, _, products)| products.iter().map(|product| product.product_id))
+        .collect();
+    let mut update = QueryBuilder::new("UPDATE product SET stock = CASE product_id");
+    for id in &taken {
+        update
+            .push(" WHEN ")
+            .push_bind(*id)
+            .push(" THEN ")
+            .push_bind(products[id].stock);
+    }
+    update.push(" END, version = CASE product_id");
+    for id in &taken {
+        update
+            .push(" WHEN ")
+            .push_bind(*id)
+            .push(" THEN ")
+            .push_bind(products[id].version);
+    }
+    update.push(" END, updated_at = NOW(6) WHERE product_id IN (");
+    push_list(&mut update, &taken);
+    update.push(")");
+    expect_rows(update, connection, taken.len(), "product").await
+}
+
+/// Sets the balance of every buyer who paid something: one statement, to the values the
+/// decisions left on the locked rows.
+async fn debit_balances(
+    connection: &mut MySqlConnection,
+    balances: &BTreeMap<UserId, u64>,
+    paid: &[Made<'_>],
+) -> Result<(), ShopError> {
+    let debited: BTreeSet<UserId> = paid
+        .iter()
+        .filter(|(_, order, _)| order.pay_amount > 0)
+        .map(|(_, order, _)| order.user_id)
+        .collect();
+    if debited.is_empty() {
+        return Ok(());
+    }
+    let mut update = QueryBuilder::new("UPDATE app_user SET balance = CASE user_id");
+    for id in &debited {
+        update
+            .push(" WHEN ")
+            .push_bind(*id)
+            .push(" THEN ")
+            .push_bind(balances[id]);
+    }
+    update.push(" END WHERE user_id IN (");
+    push_list(&mut update, &debited);
+    update.push(")");
+    expect_rows(update, connection, debited.len(), "app_user").await
+}
+
+/// Inserts the payments made (one statement) and reads their ids back by order.
+async fn insert_payments(
+    connection: &mut MySqlConnection,
+    paid: &[Made<'_>],
+) -> Result<BTreeMap<OrderId, PaymentId>, ShopError> {
+    let mut insert = QueryBuilder::new("INSERT INTO payment (order_id, user_id, amount, paid_at) ");
+    insert.push_values(paid, |mut row, (request, order, _)| {
+        row.push_bind(order.order_id)
+            .push_bind(order.user_id)
+            .push_bind(order.pay_amount)
+            .push_bind(request.now);
+    });
+    insert.build().execute(&mut *connection).await?;
+    let mut select =
+        QueryBuilder::new("SELECT order_id, payment_id FROM payment WHERE order_id IN (");
+    push_list(
+        &mut select,
+        paid.iter().map(|(_, order, _)| &order.order_id),
+    );
+    select.push(")");
+    let ids: BTreeMap<OrderId, PaymentId> = select
+        .build_query_as::<(OrderId, PaymentId)>()
+        .fetch_all(&mut *connection)
+        .await?
+        .into_iter()
+        .collect();
+    if ids.len() != paid.len() {
+        return Err(unexpected_rows("payment", paid.len(), ids.len() as u64));
+    }
+    Ok(ids)
+}
+
+/// Marks the orders paid COMPLETED, each paid at its request's time: one statement.
+async fn complete_orders(
+    connection: &mut MySqlConnection,
+    paid: &[Made<'_>],
+) -> Result<(), ShopError> {
+    let mut update = QueryBuilder::new("UPDATE customer_order SET status = ");
+    update
+        .push_bind(OrderStatus::Completed)
+        .push(", paid_at = CASE order_id");
+    for (request, order, _) in paid {
+        update
+            .push(" WHEN ")
+            .push_bind(order.order_id)
+            .push(" THEN ")
+            .push_bind(request.now);
+    }
+    update.push(" END WHERE status = ");
+    update.push_bind(OrderStatus::Pending);
+    update.push(" AND order_id IN (");
+    push_list(
+        &mut update,
+        paid.iter().map(|(_, order, _)| &order.order_id),
+    );
+    update.push(")");
+    expect_rows(update, connection, paid.len(), "customer_order").await
+}
+
+/// Stores the answers of the payments made with a key: one statement. A key stored since the
+/// claim (another batch's first request with it) fails the statement on the primary key, and
+/// the batch runs again one payment at a time, where that payment replays.
+async fn store_answers(
+    connection: &mut MySqlConnection,
+    answers: &[(&IdempotencyKey, StoredAnswer)],
+) -> Result<(), ShopError> {
+    if answers.is_empty() {
+        return Ok(());
+    }
+    let mut insert = QueryBuilder::new(
+        "INSERT INTO idempotency_key \
+         (user_id, route, idempotency_key, request_hash, response_status, response_body) ",
+    );
+    insert.push_values(answers, |mut row, (key, answer)| {
+        row.push_bind(key.user)
+            .push_bind(key.route)
+            .push_bind(key.key.as_str())
+            .push_bind(key.request_hash.as_str())
+            .push_bind(answer.status)
+            .push_bind(answer.body.as_str());
+    });
+    insert.build().execute(&mut *connection).await?;
+    Ok(())
+}
+
+/// Pushes `ids` separated by commas, each bound.
+fn push_list<'a, T>(query: &mut QueryBuilder<sqlx::MySql>, ids: impl IntoIterator<Item = &'a T>)
+where
+    T: 'a + Copy + for<'q> sqlx::Encode<'q, sqlx::MySql> + sqlx::Type<sqlx::MySql> + Send,
+{
+    let mut separated = query.separated(", ");
+    for id in ids {
+        separated.push_bind(*id);
+    }
+}
+
+/// Runs an UPDATE that must change exactly `expected` rows: the rows are locked and the
+/// decisions made against them, so any other count means the batch is not what was decided.
+async fn expect_rows(
+    mut update: QueryBuilder<sqlx::MySql>,
+    connection: &mut MySqlConnection,
+    expected: usize,
+    table: &'static str,
+) -> Result<(), ShopError> {
+    let changed = update.build().execute(&mut *connection).await?;
+    if changed.rows_affected() != expected as u64 {
+        return Err(unexpected_rows(table, expected, changed.rows_affected()));
+    }
+    Ok(())
+}
+
+fn unexpected_rows(table: &'static str, expected: usize, found: u64) -> ShopError {
+    ShopError::Inconsistent(format!(
+        "the payment batch expected {expected} {table} rows, found {found}"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(id: u64) -> UserId {
+        UserId::from_u64(id).unwrap()
+    }
+
+    fn product(id: u64, stock: u32) -> Product {
+        Product {
+            product_id: ProductId::from_u64(id).unwrap(),
+            name: format!("product {id}"),
+            price: 100,
+            stock,
+            version: 1,
+        }
+    }
+
+    fn order(id: u64, buyer: u64, lines: &[(u64, u32)], pay: u64) -> Order {
+        Order {
+            order_id: OrderId::from_u64(id).unwrap(),
+            user_id: user(buyer),
+            status: OrderStatus::Pending,
+            items: lines
+                .iter()
+                .map(|(product, quantity)| OrderLine {
+                    product_id: ProductId::from_u64(*product).unwrap(),
+                    quantity: *quantity,
+                    unit_price: 100,
+                })
+                .collect(),
+            total_amount: pay,
+            discount_amount: 0,
+            pay_amount: pay,
+            coupon_history_id: None,
+            created_at: DateTime::UNIX_EPOCH,
+            paid_at: None,
+        }
+    }
+
+    fn request(order: u64, payer: u64) -> PaymentRequest {
+        PaymentRequest {
+            order_id: OrderId::from_u64(order).unwrap(),
+            payer: user(payer),
+            now: DateTime::UNIX_EPOCH,
+            key: None,
+        }
+    }
+
+    fn locked(orders: Vec<Order>, products: Vec<Product>, balances: &[(u64, u64)]) -> Locked {
+        Locked {
+            orders: orders.into_iter().map(|o| (o.order_id, o)).collect(),
+            coupons: BTreeMap::new(),
+            products: products.into_iter().map(|p| (p.product_id, p)).collect(),
+            balances: balances.iter().map(|(id, b)| (user(*id), *b)).collect(),
+        }
+    }
+
+    fn refusals(decisions: &[Decision]) -> Vec<Option<PaymentRefusal>> {
+        decisions
+            .iter()
+            .map(|decision| match decision {
+                Decision::Refused(refusal) => Some(*refusal),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_stock_goes_to_the_payments_that_arrived_first() {
+        let orders = (1..=4).map(|id| order(id, id, &[(7, 2)], 200)).collect();
+        let mut locked = locked(
+            orders,
+            vec![product(7, 5)],
+            &[(1, 1_000), (2, 1_000), (3, 1_000), (4, 1_000)],
+        );
+        let requests: Vec<_> = [3, 1, 4, 2].map(|id| request(id, id)).into();
+        let decisions = decide(&requests, &vec![KeyClaim::First; 4], &mut locked);
+        assert_eq!(
+            refusals(&decisions),
+            vec![
+                None,
+                None,
+                Some(PaymentRefusal::InsufficientStock),
+                Some(PaymentRefusal::InsufficientStock)
+            ]
+        );
+        let product = &locked.products[&ProductId::from_u64(7).unwrap()];
+        assert_eq!((product.stock, product.version), (1, 3));
+        // Each payment's event shows the product as that payment left it.
+        let Decision::Pay(first) = &decisions[0] else {
+            panic!("paid")
+        };
+        assert_eq!((first[0].stock, first[0].version), (3, 2));
+    }
+
+    #[test]
+    fn a_balance_pays_for_the_first_orders_it_covers_and_never_goes_negative() {
+        let orders = vec![
+            order(1, 9, &[(7, 1)], 600),
+            order(2, 9, &[(7, 1)], 600),
+            order(3, 9, &[(7, 1)], 300),
+        ];
+        let mut locked = locked(orders, vec![product(7, 10)], &[(9, 1_000)]);
+        let requests = vec![request(1, 9), request(2, 9), request(3, 9)];
+        let decisions = decide(&requests, &vec![KeyClaim::First; 3], &mut locked);
+        assert_eq!(
+            refusals(&decisions),
+            vec![None, Some(PaymentRefusal::InsufficientBalance), None]
+        );
+        assert_eq!(locked.balances[&user(9)], 100);
+        // The refused payment took no stock.
+        assert_eq!(locked.products[&ProductId::from_u64(7).unwrap()].stock, 8);
+    }
+
+    #[test]
+    fn an_order_paid_twice_in_one_batch_is_paid_once() {
+        let mut locked = locked(
+            vec![order(1, 9, &[(7, 1)], 100)],
+            vec![product(7, 10)],
+            &[(9, 1_000)],
+        );
+        let requests = vec![request(1, 9), request(1, 9)];
+        let decisions = decide(&requests, &vec![KeyClaim::First; 2], &mut locked);
+        assert_eq!(
+            refusals(&decisions),
+            vec![None, Some(PaymentRefusal::OrderNotPending)]
+        );
+        assert_eq!(locked.balances[&user(9)], 900);
+    }
+
+    #[test]
+    fn a_coupon_named_by_two_orders_is_spent_by_the_first_to_pay() {
+        let history = CouponHistoryId::from_u64(5).unwrap();
+        let mut first = order(1, 9, &[(7, 1)], 100);
+        first.coupon_history_id = Some(history);
+        let mut second = order(2, 9, &[(7, 1)], 100);
+        second.coupon_history_id = Some(history);
+        let mut stranger = order(3, 8, &[(7, 1)], 100);
+        stranger.coupon_history_id = Some(history);
+        let mut locked = locked(
+            vec![first, second, stranger],
+            vec![product(7, 10)],
+            &[(9, 1_000), (8, 1_000)],
+        );
+        locked.coupons.insert(
+            history,
+            HeldCoupon {
+                user_id: user(9),
+                status: HeldStatus::Issued,
+            },
+        );
+        let requests = vec![request(3, 8), request(2, 9), request(1, 9)];
+        let decisions = decide(&requests, &vec![KeyClaim::First; 3], &mut locked);
+        assert_eq!(
+            refusals(&decisions),
+            vec![
+                Some(PaymentRefusal::CouponNotOwned),
+                None,
+                Some(PaymentRefusal::CouponAlreadyUsed)
+            ]
+        );
+    }
+
+    #[test]
+    fn the_order_is_checked_before_its_payment_is_decided() {
+        let mut locked = locked(
+            vec![order(1, 9, &[(7, 1)], 100)],
+            vec![product(7, 10)],
+            &[(9, 1_000)],
+        );
+        let requests = vec![request(2, 9), request(1, 8), request(1, 9)];
+        let claims = vec![KeyClaim::First, KeyClaim::First, KeyClaim::Mismatch];
+        let decisions = decide(&requests, &claims, &mut locked);
+        assert_eq!(
+            decisions,
+            vec![
+                Decision::NotFound,
+                Decision::Forbidden { owner: user(9) },
+                Decision::KeyReused
+            ]
+        );
+        // Nothing was taken.
+        assert_eq!(locked.balances[&user(9)], 1_000);
+        assert_eq!(
+            locked.orders[&OrderId::from_u64(1).unwrap()].status,
+            OrderStatus::Pending
+        );
+    }
+}
