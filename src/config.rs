@@ -721,6 +721,10 @@ impl Default for CouponSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct ShopSettings {
+    /// Tasks writing batches of new orders (group commit).
+    pub order_writers: usize,
+    /// Orders one commit may carry.
+    pub order_max_batch: usize,
     /// Tasks writing batches of payments (group commit).
     pub payment_writers: usize,
     /// Payments one commit may carry.
@@ -730,6 +734,8 @@ pub struct ShopSettings {
 impl Default for ShopSettings {
     fn default() -> Self {
         Self {
+            order_writers: 2,
+            order_max_batch: 100,
             payment_writers: 2,
             payment_max_batch: 100,
         }

@@ -62,6 +62,7 @@ use crate::ranking::rebuild::{RebuildReport, rebuild};
 use crate::ranking::settlement::RankingSettlement;
 use crate::ranking::updater::RankingUpdater;
 use crate::shop::cache::ProductCache;
+use crate::shop::orders::OrderIntake;
 use crate::shop::payments::PaymentIntake;
 use crate::shop::product_events::ProductEventProcessor;
 use crate::shop::store::ShopStore;
@@ -315,6 +316,7 @@ impl Wiring {
             shop: ShopState {
                 store: ShopStore::new(http_outbox.clone()),
                 cache: started.product_cache,
+                orders: started.orders,
                 payments: started.payments,
             },
             ranking: RankingState {
@@ -443,8 +445,8 @@ impl Wiring {
     }
 
     /// The ProductEventProcessor on `product-events`, keeping the product cache, and the
-    /// payment intake (group commit, on the actors' outbox as the coupon intake).
-    fn start_shop(&mut self) -> anyhow::Result<(ProductCache, PaymentIntake)> {
+    /// order and payment intakes (group commit, on the actors' outbox as the coupon intake).
+    fn start_shop(&mut self) -> anyhow::Result<(ProductCache, OrderIntake, PaymentIntake)> {
         let cache = ProductCache::new(self.redis.clone(), PRODUCT_CACHE_TTL);
         let (processor_cache, event_log) = (cache.clone(), self.event_log().clone());
         self.consume(
@@ -456,12 +458,18 @@ impl Wiring {
             move || ProductEventProcessor::new(processor_cache.clone(), event_log.clone()),
             |_| {},
         )?;
+        let shop = &self.settings.shop;
+        let orders = OrderIntake::start(
+            self.outbox.clone(),
+            shop.order_writers,
+            shop.order_max_batch,
+        );
         let payments = PaymentIntake::start(
             self.outbox.clone(),
-            self.settings.shop.payment_writers,
-            self.settings.shop.payment_max_batch,
+            shop.payment_writers,
+            shop.payment_max_batch,
         );
-        Ok((cache, payments))
+        Ok((cache, orders, payments))
     }
 
     /// The RankingUpdater on `order-completed`.
@@ -646,6 +654,7 @@ impl Wiring {
 struct StartedForHttp {
     intake: CouponIntake,
     product_cache: ProductCache,
+    orders: OrderIntake,
     payments: PaymentIntake,
     ranking: RankingStore,
     scheduler: Addr<RetryScheduler>,
@@ -758,7 +767,7 @@ impl Application {
         wiring.observe_sessions_and_outages(&sessions);
 
         let intake = wiring.start_coupons(&sessions)?;
-        let (product_cache, payments) = wiring.start_shop()?;
+        let (product_cache, orders, payments) = wiring.start_shop()?;
         let ranking = wiring.start_ranking()?;
         let scheduler = wiring.start_deliveries(deliverer, delivers_externally)?;
         let relay = wiring.start_relay();
@@ -769,6 +778,7 @@ impl Application {
         let started = StartedForHttp {
             intake,
             product_cache,
+            orders,
             payments,
             ranking,
             scheduler: scheduler.clone(),

@@ -63,6 +63,7 @@ use crate::outbox::settlement::Consumers;
 use crate::outbox::{Outbox, OutboxBacklogView};
 use crate::ranking::RankingStore;
 use crate::shop::cache::ProductCache;
+use crate::shop::orders::OrderIntake;
 use crate::shop::payments::PaymentIntake;
 use crate::shop::store::ShopStore;
 
@@ -104,6 +105,8 @@ pub struct LimitsState {
 pub struct ShopState {
     pub store: ShopStore,
     pub cache: ProductCache,
+    /// New orders, placed in batches (group commit).
+    pub orders: OrderIntake,
     /// Payments, decided in batches (group commit).
     pub payments: PaymentIntake,
 }

@@ -22,6 +22,7 @@ use crate::common::ids::{CouponHistoryId, OrderId, ProductId, UserId};
 use crate::event_log::OutboxEvent;
 use crate::events::EventPayload;
 use crate::outbox::ANSWER_WAIT;
+use crate::shop::orders::OrderRequest;
 use crate::shop::payments::PaymentRequest;
 use crate::shop::store::{
     Answered, Balance, NewOrderLine, Order, Payment, Product, ProductPage, ShopError, User,
@@ -552,14 +553,14 @@ pub async fn create_order(
     .await?;
     let created = state
         .shop
-        .store
-        .create_order(
+        .orders
+        .place(OrderRequest {
             user_id,
-            &lines,
+            lines,
             coupon_history_id,
-            state.clock.now(),
-            key.as_ref(),
-        )
+            now: state.clock.now(),
+            key,
+        })
         .await?;
     Ok(answered(created, |order| {
         HttpResponse::Created()

@@ -147,13 +147,31 @@ pub async fn store_keeping_first(
     connection: &mut MySqlConnection,
     answers: &[(&IdempotencyKey, StoredAnswer)],
 ) -> Result<(), sqlx::Error> {
+    insert_answers(connection, answers, "INSERT IGNORE").await
+}
+
+/// Stores the answers of many first requests at once (one statement), in the caller's
+/// transaction: a key stored meanwhile by another request fails the statement on the
+/// primary key, as [`store`] does.
+pub async fn store_many(
+    connection: &mut MySqlConnection,
+    answers: &[(&IdempotencyKey, StoredAnswer)],
+) -> Result<(), sqlx::Error> {
+    insert_answers(connection, answers, "INSERT").await
+}
+
+async fn insert_answers(
+    connection: &mut MySqlConnection,
+    answers: &[(&IdempotencyKey, StoredAnswer)],
+    insert: &str,
+) -> Result<(), sqlx::Error> {
     if answers.is_empty() {
         return Ok(());
     }
-    let mut insert = sqlx::QueryBuilder::new(
-        "INSERT IGNORE INTO idempotency_key \
-         (user_id, route, idempotency_key, request_hash, response_status, response_body) ",
-    );
+    let mut insert = sqlx::QueryBuilder::new(format!(
+        "{insert} INTO idempotency_key \
+         (user_id, route, idempotency_key, request_hash, response_status, response_body) "
+    ));
     insert.push_values(answers, |mut row, (key, answer)| {
         row.push_bind(key.user)
             .push_bind(key.route)
@@ -164,6 +182,51 @@ pub async fn store_keeping_first(
     });
     insert.build().execute(&mut *connection).await?;
     Ok(())
+}
+
+/// Looks many keys up at once in the caller's transaction (one statement), locking the rows
+/// that exist: what each key found, in the order of `keys`.
+pub async fn claim_many(
+    connection: &mut MySqlConnection,
+    keys: &[&IdempotencyKey],
+) -> Result<Vec<Claim>, sqlx::Error> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut select = sqlx::QueryBuilder::new(
+        "SELECT user_id, route, idempotency_key, request_hash, response_status, \
+         response_body FROM idempotency_key WHERE ",
+    );
+    let mut separated = select.separated(" OR ");
+    for key in keys {
+        separated
+            .push("(user_id = ")
+            .push_bind_unseparated(key.user)
+            .push_unseparated(" AND route = ")
+            .push_bind_unseparated(key.route)
+            .push_unseparated(" AND idempotency_key = ")
+            .push_bind_unseparated(key.key.as_str())
+            .push_unseparated(")");
+    }
+    select.push(" ORDER BY user_id, route, idempotency_key FOR UPDATE");
+    let rows: Vec<(UserId, String, String, String, u16, String)> =
+        select.build_query_as().fetch_all(&mut *connection).await?;
+    let stored: std::collections::BTreeMap<(UserId, String, String), (String, StoredAnswer)> = rows
+        .into_iter()
+        .map(|(user, route, key, hash, status, body)| {
+            ((user, route, key), (hash, StoredAnswer { status, body }))
+        })
+        .collect();
+    Ok(keys
+        .iter()
+        .map(
+            |key| match stored.get(&(key.user, key.route.to_string(), key.key.clone())) {
+                None => Claim::First,
+                Some((hash, _)) if *hash != key.request_hash => Claim::Mismatch,
+                Some((_, answer)) => Claim::Replay(answer.clone()),
+            },
+        )
+        .collect())
 }
 
 #[cfg(test)]

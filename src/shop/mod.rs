@@ -10,6 +10,8 @@
 //! order waits, then finds it no longer PENDING). The events are published after the commit.
 
 pub mod cache;
+pub mod intake;
+pub mod orders;
 pub mod payments;
 pub mod product_events;
 pub mod store;

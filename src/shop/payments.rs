@@ -25,20 +25,19 @@
 //! alone. A payment is answered only once its rows are committed.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use sqlx::{MySqlConnection, QueryBuilder};
-use tokio::sync::{Mutex, mpsc, oneshot};
 use tracing::warn;
 
 use crate::common::error::{Classify, ErrorClass};
 use crate::common::ids::{CouponHistoryId, OrderId, PaymentId, ProductId, UserId};
 use crate::coupons::store::HeldStatus;
 use crate::event_log::OutboxEvent;
-use crate::guards::idempotency::{IdempotencyKey, StoredAnswer};
+use crate::guards::idempotency::{self, Claim, IdempotencyKey, StoredAnswer};
 use crate::outbox::{ANSWER_WAIT, Committed, Outbox};
 use crate::shop::PaymentRefusal;
+use crate::shop::intake::{Intake, Waiting, split_repeated_keys};
 use crate::shop::store::{
     Answered, Lock, Order, OrderLine, OrderStatus, Payment, Product, ShopError, ShopStore,
     payment_events, products_in,
@@ -66,104 +65,62 @@ pub struct Paid {
 
 type Answer = Result<Answered<Paid>, ShopError>;
 
-struct Pending {
-    request: PaymentRequest,
-    answer: oneshot::Sender<Answer>,
-}
+type Pending = Waiting<PaymentRequest, Answer>;
 
 /// The intake's handle; cheap to clone.
 #[derive(Clone)]
 pub struct PaymentIntake {
-    queue: mpsc::Sender<Pending>,
+    intake: Intake<PaymentRequest, Answer>,
 }
 
 impl PaymentIntake {
     /// Starts `writers` writer tasks on the current arbiter, writing through `outbox`.
     pub fn start(outbox: Outbox, writers: usize, max_batch: usize) -> Self {
-        let (queue, receiver) = mpsc::channel(max_batch.max(1) * writers.max(1) * 4);
-        let receiver = Arc::new(Mutex::new(receiver));
-        for _ in 0..writers.max(1) {
-            actix_rt::spawn(write_batches(
-                receiver.clone(),
-                outbox.clone(),
-                max_batch.max(1),
-            ));
-        }
-        Self { queue }
+        let store = ShopStore::new(outbox.clone());
+        let intake = Intake::start(writers, max_batch, move |batch| {
+            write_batch(outbox.clone(), store.clone(), batch)
+        });
+        Self { intake }
     }
 
     /// Makes the payment (see the module documentation); answers once it is committed and
     /// its events are published (or `ANSWER_WAIT` has passed).
     pub async fn pay(&self, request: PaymentRequest) -> Answer {
-        let (answer, answered) = oneshot::channel();
-        self.queue
-            .send(Pending { request, answer })
+        self.intake
+            .submit(request)
             .await
-            .map_err(|_| ShopError::Closed)?;
-        answered.await.map_err(|_| ShopError::Closed)?
+            .unwrap_or(Err(ShopError::Closed))
     }
 }
 
-async fn write_batches(
-    receiver: Arc<Mutex<mpsc::Receiver<Pending>>>,
-    outbox: Outbox,
-    max_batch: usize,
-) {
-    let store = ShopStore::new(outbox.clone());
-    loop {
-        let batch = {
-            let mut receiver = receiver.lock().await;
-            let Some(first) = receiver.recv().await else {
-                return;
-            };
-            let mut batch = vec![first];
-            while batch.len() < max_batch {
-                match receiver.try_recv() {
-                    Ok(pending) => batch.push(pending),
-                    Err(_) => break,
-                }
+async fn write_batch(outbox: Outbox, store: ShopStore, batch: Vec<Pending>) {
+    let (batch, repeated_keys) = split_repeated_keys(batch, |request| request.key.as_ref());
+    let requests: Vec<PaymentRequest> = batch
+        .iter()
+        .map(|pending| pending.request.clone())
+        .collect();
+    match pay_batch(&outbox, &requests).await {
+        Ok((committed, outcomes)) => {
+            actix_rt::spawn(answer_batch(batch, committed, outcomes));
+            for pending in repeated_keys {
+                actix_rt::spawn(pay_alone(store.clone(), pending));
             }
-            batch
-        };
-        let (batch, repeated_keys) = split_repeated_keys(batch);
-        let requests: Vec<PaymentRequest> = batch
-            .iter()
-            .map(|pending| pending.request.clone())
-            .collect();
-        match pay_batch(&outbox, &requests).await {
-            Ok((committed, outcomes)) => {
-                actix_rt::spawn(answer_batch(batch, committed, outcomes));
-                for pending in repeated_keys {
-                    actix_rt::spawn(pay_alone(store.clone(), pending));
-                }
-            }
-            Err(error) => {
-                warn!(%error, payments = batch.len(), "payment batch failed; paying one by one");
-                for pending in batch.into_iter().chain(repeated_keys) {
-                    actix_rt::spawn(pay_alone(store.clone(), pending));
-                }
+        }
+        Err(error) => {
+            warn!(%error, payments = batch.len(), "payment batch failed; paying one by one");
+            for pending in batch.into_iter().chain(repeated_keys) {
+                actix_rt::spawn(pay_alone(store.clone(), pending));
             }
         }
     }
-}
-
-/// Splits off the payments whose `Idempotency-Key` an earlier payment of the batch carries:
-/// they run alone once the batch is committed, and replay its answer.
-fn split_repeated_keys(batch: Vec<Pending>) -> (Vec<Pending>, Vec<Pending>) {
-    let mut seen = BTreeSet::new();
-    batch
-        .into_iter()
-        .partition(|pending| match &pending.request.key {
-            None => true,
-            Some(key) => seen.insert((key.user, key.route, key.key.clone())),
-        })
 }
 
 /// Publishes the batch's events (for `ANSWER_WAIT` at most), then answers every payment.
 async fn answer_batch(batch: Vec<Pending>, committed: Committed, outcomes: Vec<Outcome>) {
     committed.publish_within(ANSWER_WAIT).await;
     for (pending, outcome) in batch.into_iter().zip(outcomes) {
-        let _ = pending.answer.send(outcome.into_answer(&pending.request));
+        let answer = outcome.into_answer(&pending.request);
+        pending.answer(answer);
     }
 }
 
@@ -187,7 +144,7 @@ async fn pay_alone(store: ShopStore, pending: Pending) {
         Ok(Answered::Replay(answer)) => Ok(Answered::Replay(answer)),
         Err(error) => Err(error),
     };
-    let _ = pending.answer.send(answer);
+    pending.answer(answer);
 }
 
 /// What became of one payment of a batch.
@@ -322,7 +279,10 @@ async fn pay_in(
         made.insert(order.order_id, (payment, payment_events));
     }
     transaction.record(events).await?;
-    store_answers(transaction, &answers).await?;
+    // A key stored since the claim (another batch's first request with it) fails the
+    // statement on the primary key: the batch then runs one payment at a time, and that
+    // payment replays.
+    idempotency::store_many(transaction, &answers).await?;
     Ok(decisions
         .into_iter()
         .zip(requests)
@@ -350,14 +310,6 @@ struct Locked {
 struct HeldCoupon {
     user_id: UserId,
     status: HeldStatus,
-}
-
-/// What an idempotency key found.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum KeyClaim {
-    First,
-    Replay(StoredAnswer),
-    Mismatch,
 }
 
 /// A payment's decision: pay (with its products as the payment leaves them), or why not.
@@ -391,14 +343,14 @@ impl Decision {
 /// it, with the checks of one payment alone in their order: the key, the order (found, the
 /// payer's, still PENDING), its coupon (the buyer's, unused), the stock of every line, the
 /// balance. A payment decided to be made changes `locked`.
-fn decide(requests: &[PaymentRequest], claims: &[KeyClaim], locked: &mut Locked) -> Vec<Decision> {
+fn decide(requests: &[PaymentRequest], claims: &[Claim], locked: &mut Locked) -> Vec<Decision> {
     requests
         .iter()
         .zip(claims)
         .map(|(request, claim)| match claim {
-            KeyClaim::Replay(answer) => Decision::Replay(answer.clone()),
-            KeyClaim::Mismatch => Decision::KeyReused,
-            KeyClaim::First => decide_one(request, locked),
+            Claim::Replay(answer) => Decision::Replay(answer.clone()),
+            Claim::Mismatch => Decision::KeyReused,
+            Claim::First => decide_one(request, locked),
         })
         .collect()
 }
@@ -465,21 +417,20 @@ fn decide_one(request: &PaymentRequest, locked: &mut Locked) -> Decision {
     Decision::Pay(products)
 }
 
-/// The stored answers of keys, by `(user, route, key)`: the request hash and the answer.
-type StoredKeys = BTreeMap<(UserId, String, String), (String, StoredAnswer)>;
-
 /// Looks up every key of the batch with one locking read.
 async fn claim_keys(
     connection: &mut MySqlConnection,
     requests: &[PaymentRequest],
-) -> Result<Vec<KeyClaim>, ShopError> {
+) -> Result<Vec<Claim>, ShopError> {
     let keys: Vec<&IdempotencyKey> = requests.iter().filter_map(|r| r.key.as_ref()).collect();
-    let stored = read_keys(connection, &keys).await?;
+    let mut claims = idempotency::claim_many(connection, &keys)
+        .await?
+        .into_iter();
     Ok(requests
         .iter()
         .map(|request| match &request.key {
-            None => KeyClaim::First,
-            Some(key) => claim_of(&stored, key),
+            None => Claim::First,
+            Some(_) => claims.next().expect("a claim per key"),
         })
         .collect())
 }
@@ -504,60 +455,16 @@ async fn recheck_refused_keys(
             _ => None,
         })
         .collect();
-    if refused.is_empty() {
-        return Ok(());
-    }
     let keys: Vec<&IdempotencyKey> = refused.iter().map(|(_, key)| *key).collect();
-    let stored = read_keys(connection, &keys).await?;
-    for (index, key) in refused {
-        match claim_of(&stored, key) {
-            KeyClaim::First => {}
-            KeyClaim::Replay(answer) => decisions[index] = Decision::Replay(answer),
-            KeyClaim::Mismatch => decisions[index] = Decision::KeyReused,
+    let claims = idempotency::claim_many(connection, &keys).await?;
+    for ((index, _), claim) in refused.into_iter().zip(claims) {
+        match claim {
+            Claim::First => {}
+            Claim::Replay(answer) => decisions[index] = Decision::Replay(answer),
+            Claim::Mismatch => decisions[index] = Decision::KeyReused,
         }
     }
     Ok(())
-}
-
-fn claim_of(stored: &StoredKeys, key: &IdempotencyKey) -> KeyClaim {
-    match stored.get(&(key.user, key.route.to_string(), key.key.clone())) {
-        None => KeyClaim::First,
-        Some((hash, _)) if *hash != key.request_hash => KeyClaim::Mismatch,
-        Some((_, answer)) => KeyClaim::Replay(answer.clone()),
-    }
-}
-
-/// The stored keys among `keys`, locked (one statement).
-async fn read_keys(
-    connection: &mut MySqlConnection,
-    keys: &[&IdempotencyKey],
-) -> Result<StoredKeys, ShopError> {
-    let mut stored = StoredKeys::new();
-    if keys.is_empty() {
-        return Ok(stored);
-    }
-    let mut select = QueryBuilder::new(
-        "SELECT user_id, route, idempotency_key, request_hash, response_status, \
-         response_body FROM idempotency_key WHERE ",
-    );
-    let mut separated = select.separated(" OR ");
-    for key in keys {
-        separated
-            .push("(user_id = ")
-            .push_bind_unseparated(key.user)
-            .push_unseparated(" AND route = ")
-            .push_bind_unseparated(key.route)
-            .push_unseparated(" AND idempotency_key = ")
-            .push_bind_unseparated(key.key.as_str())
-            .push_unseparated(")");
-    }
-    select.push(" ORDER BY user_id, route, idempotency_key FOR UPDATE");
-    let rows: Vec<(UserId, String, String, String, u16, String)> =
-        select.build_query_as().fetch_all(&mut *connection).await?;
-    for (user, route, key, hash, status, body) in rows {
-        stored.insert((user, route, key), (hash, StoredAnswer { status, body }));
-    }
-    Ok(stored)
 }
 
 /// Locks the orders among `ids` that exist (in id order) and reads their lines.
@@ -815,32 +722,6 @@ async fn complete_orders(
     expect_rows(update, connection, paid.len(), "customer_order").await
 }
 
-/// Stores the answers of the payments made with a key: one statement. A key stored since the
-/// claim (another batch's first request with it) fails the statement on the primary key, and
-/// the batch runs again one payment at a time, where that payment replays.
-async fn store_answers(
-    connection: &mut MySqlConnection,
-    answers: &[(&IdempotencyKey, StoredAnswer)],
-) -> Result<(), ShopError> {
-    if answers.is_empty() {
-        return Ok(());
-    }
-    let mut insert = QueryBuilder::new(
-        "INSERT INTO idempotency_key \
-         (user_id, route, idempotency_key, request_hash, response_status, response_body) ",
-    );
-    insert.push_values(answers, |mut row, (key, answer)| {
-        row.push_bind(key.user)
-            .push_bind(key.route)
-            .push_bind(key.key.as_str())
-            .push_bind(key.request_hash.as_str())
-            .push_bind(answer.status)
-            .push_bind(answer.body.as_str());
-    });
-    insert.build().execute(&mut *connection).await?;
-    Ok(())
-}
-
 /// Pushes `ids` separated by commas, each bound.
 fn push_list<'a, T>(query: &mut QueryBuilder<sqlx::MySql>, ids: impl IntoIterator<Item = &'a T>)
 where
@@ -950,7 +831,7 @@ mod tests {
             &[(1, 1_000), (2, 1_000), (3, 1_000), (4, 1_000)],
         );
         let requests: Vec<_> = [3, 1, 4, 2].map(|id| request(id, id)).into();
-        let decisions = decide(&requests, &vec![KeyClaim::First; 4], &mut locked);
+        let decisions = decide(&requests, &vec![Claim::First; 4], &mut locked);
         assert_eq!(
             refusals(&decisions),
             vec![
@@ -978,7 +859,7 @@ mod tests {
         ];
         let mut locked = locked(orders, vec![product(7, 10)], &[(9, 1_000)]);
         let requests = vec![request(1, 9), request(2, 9), request(3, 9)];
-        let decisions = decide(&requests, &vec![KeyClaim::First; 3], &mut locked);
+        let decisions = decide(&requests, &vec![Claim::First; 3], &mut locked);
         assert_eq!(
             refusals(&decisions),
             vec![None, Some(PaymentRefusal::InsufficientBalance), None]
@@ -996,7 +877,7 @@ mod tests {
             &[(9, 1_000)],
         );
         let requests = vec![request(1, 9), request(1, 9)];
-        let decisions = decide(&requests, &vec![KeyClaim::First; 2], &mut locked);
+        let decisions = decide(&requests, &vec![Claim::First; 2], &mut locked);
         assert_eq!(
             refusals(&decisions),
             vec![None, Some(PaymentRefusal::OrderNotPending)]
@@ -1026,7 +907,7 @@ mod tests {
             },
         );
         let requests = vec![request(3, 8), request(2, 9), request(1, 9)];
-        let decisions = decide(&requests, &vec![KeyClaim::First; 3], &mut locked);
+        let decisions = decide(&requests, &vec![Claim::First; 3], &mut locked);
         assert_eq!(
             refusals(&decisions),
             vec![
@@ -1045,7 +926,7 @@ mod tests {
             &[(9, 1_000)],
         );
         let requests = vec![request(2, 9), request(1, 8), request(1, 9)];
-        let claims = vec![KeyClaim::First, KeyClaim::First, KeyClaim::Mismatch];
+        let claims = vec![Claim::First, Claim::First, Claim::Mismatch];
         let decisions = decide(&requests, &claims, &mut locked);
         assert_eq!(
             decisions,

@@ -516,19 +516,57 @@ async fn insert_order(
     let user_exists =
         sqlx::query_scalar!("SELECT user_id FROM app_user WHERE user_id = ?", user_id)
             .fetch_optional(&mut *transaction)
-            .await?;
-    if user_exists.is_none() {
-        return Err(invalid(
-            "UNKNOWN_USER",
-            format!("user {user_id} does not exist"),
-        ));
-    }
+            .await?
+            .is_some();
     let ids: Vec<ProductId> = lines.iter().map(|line| line.product_id).collect();
     let prices: BTreeMap<ProductId, u64> = products_in(transaction, &ids, Lock::None)
         .await?
         .into_iter()
         .map(|product| (product.product_id, product.price))
         .collect();
+    // The coupon is read once the rest is known to be valid: a refusal names the first
+    // thing wrong.
+    price_order(user_id, user_exists, lines, &prices, None)?;
+    let discount = match coupon_history_id {
+        None => None,
+        Some(history_id) => Some(usable_discount(transaction, history_id, user_id).await?),
+    };
+    let mut order = price_order(user_id, user_exists, lines, &prices, discount)?.into_order(
+        user_id,
+        lines,
+        &prices,
+        coupon_history_id,
+        now,
+    );
+    write_orders(transaction, std::slice::from_mut(&mut order)).await?;
+    Ok(order)
+}
+
+/// What an order comes to: its amounts (total, discount, to pay).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Priced {
+    total: u64,
+    discount: u64,
+    pay: u64,
+}
+
+/// Decides what an order comes to from what was read, refusing it as placing it alone would,
+/// naming the first thing wrong: the user (exists), the products (exist), the total (fits),
+/// the coupon (`coupon`: its discount, or why it cannot be used; `None` when the order names
+/// none or it is not read yet).
+pub(super) fn price_order(
+    user_id: UserId,
+    user_exists: bool,
+    lines: &[NewOrderLine],
+    prices: &BTreeMap<ProductId, u64>,
+    coupon: Option<Result<u64, CouponUnusable>>,
+) -> Result<Priced, ShopError> {
+    if !user_exists {
+        return Err(invalid(
+            "UNKNOWN_USER",
+            format!("user {user_id} does not exist"),
+        ));
+    }
     let missing: Vec<String> = lines
         .iter()
         .filter(|line| !prices.contains_key(&line.product_id))
@@ -547,62 +585,96 @@ async fn insert_order(
             .and_then(|amount| total.checked_add(amount))
             .ok_or_else(|| invalid("AMOUNT_TOO_LARGE", "the order's total is too large"))?;
     }
-    let discount = match coupon_history_id {
-        None => None,
-        Some(history_id) => Some(usable_discount(transaction, history_id, user_id).await??),
-    };
+    let discount = coupon.transpose()?;
     let (total, discount, pay) = order_amounts(total, discount);
-    // As the column keeps it: microseconds.
-    let created_at = now
-        .with_nanosecond(now.nanosecond() / 1_000 * 1_000)
-        .unwrap_or(now);
-    let inserted = sqlx::query!(
-        "INSERT INTO customer_order \
-             (user_id, status, total_amount, discount_amount, pay_amount, coupon_history_id, \
-              created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
-        user_id,
-        OrderStatus::Pending,
+    Ok(Priced {
         total,
         discount,
         pay,
-        coupon_history_id,
-        created_at,
-    )
-    .execute(&mut *transaction)
-    .await?;
-    let order_id =
-        OrderId::from_u64(inserted.last_insert_id()).expect("AUTO_INCREMENT ids start at 1");
+    })
+}
+
+impl Priced {
+    /// The PENDING order of `user_id` at these amounts, created at `now` (as the column keeps
+    /// it: microseconds), its lines by product id; its id is given when it is written.
+    pub(super) fn into_order(
+        self,
+        user_id: UserId,
+        lines: &[NewOrderLine],
+        prices: &BTreeMap<ProductId, u64>,
+        coupon_history_id: Option<CouponHistoryId>,
+        now: DateTime<Utc>,
+    ) -> Order {
+        let created_at = now
+            .with_nanosecond(now.nanosecond() / 1_000 * 1_000)
+            .unwrap_or(now);
+        let mut items: Vec<OrderLine> = lines
+            .iter()
+            .map(|line| OrderLine {
+                product_id: line.product_id,
+                quantity: line.quantity,
+                unit_price: prices[&line.product_id],
+            })
+            .collect();
+        items.sort_by_key(|line| line.product_id);
+        Order {
+            order_id: OrderId::from_u64(u64::MAX).expect("a placeholder id"),
+            user_id,
+            status: OrderStatus::Pending,
+            items,
+            total_amount: self.total,
+            discount_amount: self.discount,
+            pay_amount: self.pay,
+            coupon_history_id,
+            created_at,
+            paid_at: None,
+        }
+    }
+}
+
+/// Inserts new orders (one statement each, so that each learns its own id: the ids of a
+/// multi-row insert need not be consecutive) and all their lines (one statement), giving
+/// each order its id.
+pub(super) async fn write_orders(
+    connection: &mut MySqlConnection,
+    orders: &mut [Order],
+) -> Result<(), ShopError> {
+    for order in orders.iter_mut() {
+        let inserted = sqlx::query!(
+            "INSERT INTO customer_order \
+                 (user_id, status, total_amount, discount_amount, pay_amount, coupon_history_id, \
+                  created_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+            order.user_id,
+            order.status,
+            order.total_amount,
+            order.discount_amount,
+            order.pay_amount,
+            order.coupon_history_id,
+            order.created_at,
+        )
+        .execute(&mut *connection)
+        .await?;
+        order.order_id =
+            OrderId::from_u64(inserted.last_insert_id()).expect("AUTO_INCREMENT ids start at 1");
+    }
+    let lines: Vec<(OrderId, &OrderLine)> = orders
+        .iter()
+        .flat_map(|order| order.items.iter().map(|line| (order.order_id, line)))
+        .collect();
+    if lines.is_empty() {
+        return Ok(());
+    }
     let mut insert =
         QueryBuilder::new("INSERT INTO order_item (order_id, product_id, quantity, unit_price) ");
-    insert.push_values(lines, |mut row, line| {
+    insert.push_values(lines, |mut row, (order_id, line)| {
         row.push_bind(order_id)
             .push_bind(line.product_id)
             .push_bind(line.quantity)
-            .push_bind(prices[&line.product_id]);
+            .push_bind(line.unit_price);
     });
-    insert.build().execute(&mut *transaction).await?;
-    let mut items: Vec<OrderLine> = lines
-        .iter()
-        .map(|line| OrderLine {
-            product_id: line.product_id,
-            quantity: line.quantity,
-            unit_price: prices[&line.product_id],
-        })
-        .collect();
-    items.sort_by_key(|line| line.product_id);
-    Ok(Order {
-        order_id,
-        user_id,
-        status: OrderStatus::Pending,
-        items,
-        total_amount: total,
-        discount_amount: discount,
-        pay_amount: pay,
-        coupon_history_id,
-        created_at,
-        paid_at: None,
-    })
+    insert.build().execute(&mut *connection).await?;
+    Ok(())
 }
 
 /// Pays an order in the caller's transaction: locks the order (still PENDING), spends its

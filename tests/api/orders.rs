@@ -447,6 +447,84 @@ async fn one_payment_sent_many_times_at_once_with_one_key_is_made_once_and_answe
     assert_eq!(stock(&app, product).await, 9);
 }
 
+#[actix_web::test]
+async fn orders_placed_at_once_are_each_answered_for_themselves() {
+    let app = spawn_app().await;
+    let cheap = app.create_product("Cable", 1_000, 5).await;
+    let dear = app.create_product("Yacht", 100_000_000, 5).await;
+    let mut buyers = Vec::new();
+    for _ in 0..10 {
+        buyers.push(app.create_user(0).await);
+    }
+    // Three kinds at once, interleaved: good orders, an unknown product, a total too large.
+    let bodies: Vec<(Value, Option<&str>)> = buyers
+        .iter()
+        .flat_map(|buyer| {
+            [
+                (
+                    json!({"userId": buyer, "items": [{"productId": cheap, "quantity": 2}]}),
+                    None,
+                ),
+                (
+                    json!({"userId": buyer, "items": [{"productId": cheap, "quantity": 1},
+                                                      {"productId": 987654, "quantity": 1}]}),
+                    Some("UNKNOWN_PRODUCT"),
+                ),
+                (
+                    json!({"userId": buyer, "items": [{"productId": dear, "quantity": 1000},
+                                                      {"productId": cheap, "quantity": 1}]}),
+                    None,
+                ),
+            ]
+        })
+        .collect();
+    let answers = join_all(
+        bodies
+            .iter()
+            .map(|(body, _)| create_order(&app, body.clone())),
+    )
+    .await;
+    let mut placed = Vec::new();
+    for ((body, refusal), (status, answer)) in bodies.iter().zip(&answers) {
+        match refusal {
+            Some(code) => {
+                assert_eq!(status, &StatusCode::BAD_REQUEST, "{body} → {answer}");
+                assert_eq!(answer["error"]["code"], *code, "{body} → {answer}");
+            }
+            None => {
+                assert_eq!(status, &StatusCode::CREATED, "{body} → {answer}");
+                assert_eq!(answer["userId"], body["userId"]);
+                let total: u64 = body["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|line| {
+                        let price = if line["productId"] == dear {
+                            100_000_000
+                        } else {
+                            1_000
+                        };
+                        price * line["quantity"].as_u64().unwrap()
+                    })
+                    .sum();
+                assert_eq!(answer["totalAmount"], total, "{answer}");
+                placed.push(answer.clone());
+            }
+        }
+    }
+    // Exactly the orders answered 201 are there, each as answered.
+    let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM customer_order")
+        .fetch_one(app.event_log.pool())
+        .await
+        .unwrap();
+    assert_eq!(count, placed.len() as i64);
+    for answer in placed {
+        let (status, read) = app.get(&format!("/orders/{}", answer["orderId"])).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(read, answer);
+    }
+}
+
 async fn cached_product(app: &TestApp, product_id: u64) -> Option<Value> {
     let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();

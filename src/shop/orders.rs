@@ -1,0 +1,311 @@
+//! Orders with group commit.
+//!
+//! `POST /orders` authenticates, rate-limits and validates its request, then hands the order
+//! to the intake and waits. Writer tasks take whatever orders are waiting and place them
+//! together in one transaction:
+//!
+//! 1. claim the batch's `Idempotency-Key`s with one locking read (as payments do; a key sent
+//!    twice within the batch runs alone once the batch is committed, and replays);
+//! 2. read, one statement each, which buyers exist, the products' prices and the coupons the
+//!    orders name;
+//! 3. price every order in arrival order ([`price_order`]: the checks of one order alone, in
+//!    their order), so a refused order writes nothing and gets its own answer;
+//! 4. insert the orders (one statement each, so that each learns its own id: the ids of a
+//!    multi-row insert need not be consecutive), all their lines in one statement, and the
+//!    idempotent answers in one;
+//!
+//! then commit and answer. Placing an order takes no lock (nothing it reads is changed by it:
+//! a coupon is spent, and its stock taken, when the order is paid). A batch that fails for a
+//! reason of its own runs again one order per transaction ([`ShopStore::create_order`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use sqlx::{MySqlConnection, QueryBuilder};
+use tracing::warn;
+
+use crate::common::error::{Classify, ErrorClass};
+use crate::common::ids::{CouponHistoryId, ProductId, UserId};
+use crate::coupons::store::{CouponUnusable, HeldStatus};
+use crate::guards::idempotency::{self, Claim, IdempotencyKey, StoredAnswer};
+use crate::outbox::Outbox;
+use crate::shop::intake::{Intake, Waiting, split_repeated_keys};
+use crate::shop::store::{
+    Answered, Lock, NewOrderLine, Order, ShopError, ShopStore, price_order, products_in,
+    write_orders,
+};
+
+/// How often a batch is tried again after a transient failure before its orders run alone.
+const BATCH_ATTEMPTS: usize = 3;
+
+/// An order to place: `user_id` buys `lines`, with a coupon it holds, at `now`.
+#[derive(Clone, Debug)]
+pub struct OrderRequest {
+    pub user_id: UserId,
+    pub lines: Vec<NewOrderLine>,
+    pub coupon_history_id: Option<CouponHistoryId>,
+    pub now: DateTime<Utc>,
+    pub key: Option<IdempotencyKey>,
+}
+
+type Answer = Result<Answered<Order>, ShopError>;
+
+type Pending = Waiting<OrderRequest, Answer>;
+
+/// The intake's handle; cheap to clone.
+#[derive(Clone)]
+pub struct OrderIntake {
+    intake: Intake<OrderRequest, Answer>,
+}
+
+impl OrderIntake {
+    /// Starts `writers` writer tasks on the current arbiter, writing through `outbox`.
+    pub fn start(outbox: Outbox, writers: usize, max_batch: usize) -> Self {
+        let store = ShopStore::new(outbox.clone());
+        let intake = Intake::start(writers, max_batch, move |batch| {
+            write_batch(outbox.clone(), store.clone(), batch)
+        });
+        Self { intake }
+    }
+
+    /// Places the order (see the module documentation); answers once it is committed.
+    pub async fn place(&self, request: OrderRequest) -> Answer {
+        self.intake
+            .submit(request)
+            .await
+            .unwrap_or(Err(ShopError::Closed))
+    }
+}
+
+async fn write_batch(outbox: Outbox, store: ShopStore, batch: Vec<Pending>) {
+    let (batch, repeated_keys) = split_repeated_keys(batch, |request| request.key.as_ref());
+    let requests: Vec<&OrderRequest> = batch.iter().map(|pending| &pending.request).collect();
+    match place_batch(&outbox, &requests).await {
+        Ok(answers) => {
+            for (pending, answer) in batch.into_iter().zip(answers) {
+                pending.answer(answer);
+            }
+            for pending in repeated_keys {
+                actix_rt::spawn(place_alone(store.clone(), pending));
+            }
+        }
+        Err(error) => {
+            warn!(%error, orders = batch.len(), "order batch failed; placing one by one");
+            for pending in batch.into_iter().chain(repeated_keys) {
+                actix_rt::spawn(place_alone(store.clone(), pending));
+            }
+        }
+    }
+}
+
+/// Places one order in its own transaction.
+async fn place_alone(store: ShopStore, pending: Pending) {
+    let OrderRequest {
+        user_id,
+        lines,
+        coupon_history_id,
+        now,
+        key,
+    } = &pending.request;
+    let answer = store
+        .create_order(*user_id, lines, *coupon_history_id, *now, key.as_ref())
+        .await;
+    pending.answer(answer);
+}
+
+/// Places the batch in one transaction, trying again at once after a transient failure.
+async fn place_batch(
+    outbox: &Outbox,
+    requests: &[&OrderRequest],
+) -> Result<Vec<Answer>, ShopError> {
+    let mut attempt = 1;
+    loop {
+        let placed = async {
+            let mut transaction = outbox.begin().await?;
+            let answers = place_in(&mut transaction, requests).await?;
+            transaction.commit().await?.publish().await;
+            Ok::<_, ShopError>(answers)
+        }
+        .await;
+        match placed {
+            Err(error) if attempt < BATCH_ATTEMPTS && error.class() == ErrorClass::Retryable => {
+                warn!(%error, attempt, "order batch failed; trying again");
+                attempt += 1;
+            }
+            placed => return placed,
+        }
+    }
+}
+
+/// The batch's steps (see the module documentation), in the caller's transaction.
+async fn place_in(
+    connection: &mut MySqlConnection,
+    requests: &[&OrderRequest],
+) -> Result<Vec<Answer>, ShopError> {
+    let keys: Vec<&IdempotencyKey> = requests.iter().filter_map(|r| r.key.as_ref()).collect();
+    let mut claims = idempotency::claim_many(connection, &keys)
+        .await?
+        .into_iter();
+    let claims: Vec<Claim> = requests
+        .iter()
+        .map(|request| match &request.key {
+            None => Claim::First,
+            Some(_) => claims.next().expect("a claim per key"),
+        })
+        .collect();
+    let buyers: BTreeSet<UserId> = requests.iter().map(|request| request.user_id).collect();
+    let known = known_users(connection, &buyers).await?;
+    let product_ids: BTreeSet<ProductId> = requests
+        .iter()
+        .flat_map(|request| request.lines.iter().map(|line| line.product_id))
+        .collect();
+    let prices: BTreeMap<ProductId, u64> = products_in(
+        connection,
+        &product_ids.into_iter().collect::<Vec<_>>(),
+        Lock::None,
+    )
+    .await?
+    .into_iter()
+    .map(|product| (product.product_id, product.price))
+    .collect();
+    let coupon_ids: BTreeSet<CouponHistoryId> = requests
+        .iter()
+        .filter_map(|request| request.coupon_history_id)
+        .collect();
+    let coupons = coupons(connection, &coupon_ids).await?;
+
+    let mut decided: Vec<Result<Option<Order>, Answer>> = Vec::with_capacity(requests.len());
+    for (request, claim) in requests.iter().zip(claims) {
+        decided.push(match claim {
+            Claim::Replay(answer) => Err(Ok(Answered::Replay(answer))),
+            Claim::Mismatch => Err(Err(ShopError::KeyReused)),
+            Claim::First => {
+                let coupon = request.coupon_history_id.map(|id| {
+                    coupons
+                        .get(&id)
+                        .ok_or(CouponUnusable::NotOwned)
+                        .and_then(|coupon| coupon.usable_by(request.user_id))
+                });
+                price_order(
+                    request.user_id,
+                    known.contains(&request.user_id),
+                    &request.lines,
+                    &prices,
+                    coupon,
+                )
+                .map(|priced| {
+                    Some(priced.into_order(
+                        request.user_id,
+                        &request.lines,
+                        &prices,
+                        request.coupon_history_id,
+                        request.now,
+                    ))
+                })
+                .map_err(Err)
+            }
+        });
+    }
+    let mut orders: Vec<Order> = decided
+        .iter_mut()
+        .filter_map(|decision| decision.as_mut().ok()?.take())
+        .collect();
+    write_orders(connection, &mut orders).await?;
+    let answers: Vec<(&IdempotencyKey, StoredAnswer)> = requests
+        .iter()
+        .zip(&decided)
+        .filter(|(_, decision)| decision.is_ok())
+        .zip(&orders)
+        .filter_map(|((request, _), order)| {
+            Some((request.key.as_ref()?, StoredAnswer::json(201, order)))
+        })
+        .collect();
+    // A key stored since the claim fails the statement on the primary key: the batch then
+    // runs one order at a time, and that order replays.
+    idempotency::store_many(connection, &answers).await?;
+    let mut orders = orders.into_iter();
+    Ok(decided
+        .into_iter()
+        .map(|decision| match decision {
+            Ok(_) => Ok(Answered::Fresh(
+                orders.next().expect("an order per decision"),
+            )),
+            Err(answer) => answer,
+        })
+        .collect())
+}
+
+/// The buyers among `users` that exist.
+async fn known_users(
+    connection: &mut MySqlConnection,
+    users: &BTreeSet<UserId>,
+) -> Result<BTreeSet<UserId>, ShopError> {
+    let mut select = QueryBuilder::new("SELECT user_id FROM app_user WHERE user_id IN (");
+    let mut separated = select.separated(", ");
+    for user in users {
+        separated.push_bind(*user);
+    }
+    select.push(")");
+    Ok(select
+        .build_query_as::<(UserId,)>()
+        .fetch_all(&mut *connection)
+        .await?
+        .into_iter()
+        .map(|(user,)| user)
+        .collect())
+}
+
+/// A coupon an order names: whose it is, where it stands, its discount.
+struct NamedCoupon {
+    user_id: UserId,
+    status: HeldStatus,
+    discount: u64,
+}
+
+impl NamedCoupon {
+    /// Its discount for an order of `user`, or why it cannot be used.
+    fn usable_by(&self, user: UserId) -> Result<u64, CouponUnusable> {
+        if self.user_id != user {
+            Err(CouponUnusable::NotOwned)
+        } else if self.status != HeldStatus::Issued {
+            Err(CouponUnusable::AlreadyUsed)
+        } else {
+            Ok(self.discount)
+        }
+    }
+}
+
+/// The coupons among `ids` that exist (one statement).
+async fn coupons(
+    connection: &mut MySqlConnection,
+    ids: &BTreeSet<CouponHistoryId>,
+) -> Result<BTreeMap<CouponHistoryId, NamedCoupon>, ShopError> {
+    if ids.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let mut select = QueryBuilder::new(
+        "SELECT h.coupon_history_id, h.user_id, h.status, c.discount_amount \
+         FROM coupon_history h JOIN coupon c ON c.coupon_id = h.coupon_id \
+         WHERE h.coupon_history_id IN (",
+    );
+    let mut separated = select.separated(", ");
+    for id in ids {
+        separated.push_bind(*id);
+    }
+    select.push(")");
+    let rows: Vec<(CouponHistoryId, UserId, HeldStatus, u64)> =
+        select.build_query_as().fetch_all(&mut *connection).await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, user_id, status, discount)| {
+            (
+                id,
+                NamedCoupon {
+                    user_id,
+                    status,
+                    discount,
+                },
+            )
+        })
+        .collect())
+}
