@@ -62,8 +62,8 @@ use crate::ranking::rebuild::{RebuildReport, rebuild};
 use crate::ranking::settlement::RankingSettlement;
 use crate::ranking::updater::RankingUpdater;
 use crate::shop::cache::ProductCache;
-use crate::shop::orders::OrderIntake;
-use crate::shop::payments::PaymentIntake;
+use crate::shop::orders::{OrderIntake, Orders};
+use crate::shop::payments::{PaymentIntake, Payments};
 use crate::shop::product_events::ProductEventProcessor;
 use crate::shop::store::ShopStore;
 
@@ -460,12 +460,12 @@ impl Wiring {
         )?;
         let shop = &self.settings.shop;
         let orders = OrderIntake::start(
-            self.outbox.clone(),
+            Orders::new(self.outbox.clone()),
             shop.order_writers,
             shop.order_max_batch,
         );
         let payments = PaymentIntake::start(
-            self.outbox.clone(),
+            Payments::new(self.outbox.clone()),
             shop.payment_writers,
             shop.payment_max_batch,
         );

@@ -554,7 +554,7 @@ pub async fn create_order(
     let created = state
         .shop
         .orders
-        .place(OrderRequest {
+        .submit(OrderRequest {
             user_id,
             lines,
             coupon_history_id,
@@ -641,7 +641,7 @@ pub async fn pay(
         now: state.clock.now(),
         key,
     };
-    match state.shop.payments.pay(request).await? {
+    match state.shop.payments.submit(request).await? {
         Answered::Fresh(paid) => {
             // The cache is written after the answer: the product events repair it anyway.
             actix_rt::spawn(cache_changes(state.clone(), paid.events));

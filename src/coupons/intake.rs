@@ -199,7 +199,8 @@ async fn record(
     loop {
         let written = async {
             let mut transaction = outbox.begin().await?;
-            let known = known_users(&mut transaction, batch).await?;
+            let users = batch.iter().map(|pending| pending.user).collect();
+            let known = known_users(&mut transaction, &users).await?;
             let claimed = batch
                 .iter()
                 .filter(|pending| known.contains(&pending.user))
@@ -234,15 +235,14 @@ async fn record(
     }
 }
 
-/// The users of the batch that exist.
-async fn known_users(
+/// The users among `users` that exist (one statement).
+pub(crate) async fn known_users(
     connection: &mut MySqlConnection,
-    batch: &[Pending],
+    users: &BTreeSet<UserId>,
 ) -> Result<BTreeSet<UserId>, sqlx::Error> {
-    let users: BTreeSet<UserId> = batch.iter().map(|pending| pending.user).collect();
     let mut select = QueryBuilder::new("SELECT user_id FROM app_user WHERE user_id IN (");
     let mut separated = select.separated(", ");
-    for user in &users {
+    for user in users {
         separated.push_bind(*user);
     }
     select.push(")");

@@ -22,21 +22,17 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
 use sqlx::{MySqlConnection, QueryBuilder};
-use tracing::warn;
 
-use crate::common::error::{Classify, ErrorClass};
 use crate::common::ids::{CouponHistoryId, ProductId, UserId};
+use crate::coupons::intake::known_users;
 use crate::coupons::store::{CouponUnusable, HeldStatus};
 use crate::guards::idempotency::{self, Claim, IdempotencyKey, StoredAnswer};
-use crate::outbox::Outbox;
-use crate::shop::intake::{Intake, Waiting, split_repeated_keys};
+use crate::outbox::{Outbox, OutboxTransaction};
+use crate::shop::intake::{GroupCommit, Intake};
 use crate::shop::store::{
     Answered, Lock, NewOrderLine, Order, ShopError, ShopStore, price_order, products_in,
     write_orders,
 };
-
-/// How often a batch is tried again after a transient failure before its orders run alone.
-const BATCH_ATTEMPTS: usize = 3;
 
 /// An order to place: `user_id` buys `lines`, with a coupon it holds, at `now`.
 #[derive(Clone, Debug)]
@@ -50,97 +46,66 @@ pub struct OrderRequest {
 
 type Answer = Result<Answered<Order>, ShopError>;
 
-type Pending = Waiting<OrderRequest, Answer>;
+/// The orders' intake (see the module documentation).
+pub type OrderIntake = Intake<OrderRequest, Answer>;
 
-/// The intake's handle; cheap to clone.
+/// Orders, group-committed through an outbox (see the module documentation).
 #[derive(Clone)]
-pub struct OrderIntake {
-    intake: Intake<OrderRequest, Answer>,
+pub struct Orders {
+    outbox: Outbox,
+    store: ShopStore,
 }
 
-impl OrderIntake {
-    /// Starts `writers` writer tasks on the current arbiter, writing through `outbox`.
-    pub fn start(outbox: Outbox, writers: usize, max_batch: usize) -> Self {
-        let store = ShopStore::new(outbox.clone());
-        let intake = Intake::start(writers, max_batch, move |batch| {
-            write_batch(outbox.clone(), store.clone(), batch)
-        });
-        Self { intake }
+impl Orders {
+    pub fn new(outbox: Outbox) -> Self {
+        Self {
+            store: ShopStore::new(outbox.clone()),
+            outbox,
+        }
+    }
+}
+
+impl GroupCommit for Orders {
+    type Request = OrderRequest;
+    type Answer = Answer;
+
+    const WHAT: &'static str = "order";
+
+    fn outbox(&self) -> &Outbox {
+        &self.outbox
     }
 
-    /// Places the order (see the module documentation); answers once it is committed.
-    pub async fn place(&self, request: OrderRequest) -> Answer {
-        self.intake
-            .submit(request)
+    fn key(request: &OrderRequest) -> Option<&IdempotencyKey> {
+        request.key.as_ref()
+    }
+
+    async fn write_in(
+        &self,
+        transaction: &mut OutboxTransaction,
+        batch: &[OrderRequest],
+    ) -> Result<Vec<Answer>, ShopError> {
+        place_in(transaction, batch).await
+    }
+
+    /// [`ShopStore::create_order`].
+    async fn alone(&self, request: OrderRequest) -> Answer {
+        let OrderRequest {
+            user_id,
+            lines,
+            coupon_history_id,
+            now,
+            key,
+        } = request;
+        self.store
+            .create_order(user_id, &lines, coupon_history_id, now, key.as_ref())
             .await
-            .unwrap_or(Err(ShopError::Closed))
-    }
-}
-
-async fn write_batch(outbox: Outbox, store: ShopStore, batch: Vec<Pending>) {
-    let (batch, repeated_keys) = split_repeated_keys(batch, |request| request.key.as_ref());
-    let requests: Vec<&OrderRequest> = batch.iter().map(|pending| &pending.request).collect();
-    match place_batch(&outbox, &requests).await {
-        Ok(answers) => {
-            for (pending, answer) in batch.into_iter().zip(answers) {
-                pending.answer(answer);
-            }
-            for pending in repeated_keys {
-                actix_rt::spawn(place_alone(store.clone(), pending));
-            }
-        }
-        Err(error) => {
-            warn!(%error, orders = batch.len(), "order batch failed; placing one by one");
-            for pending in batch.into_iter().chain(repeated_keys) {
-                actix_rt::spawn(place_alone(store.clone(), pending));
-            }
-        }
-    }
-}
-
-/// Places one order in its own transaction.
-async fn place_alone(store: ShopStore, pending: Pending) {
-    let OrderRequest {
-        user_id,
-        lines,
-        coupon_history_id,
-        now,
-        key,
-    } = &pending.request;
-    let answer = store
-        .create_order(*user_id, lines, *coupon_history_id, *now, key.as_ref())
-        .await;
-    pending.answer(answer);
-}
-
-/// Places the batch in one transaction, trying again at once after a transient failure.
-async fn place_batch(
-    outbox: &Outbox,
-    requests: &[&OrderRequest],
-) -> Result<Vec<Answer>, ShopError> {
-    let mut attempt = 1;
-    loop {
-        let placed = async {
-            let mut transaction = outbox.begin().await?;
-            let answers = place_in(&mut transaction, requests).await?;
-            transaction.commit().await?.publish().await;
-            Ok::<_, ShopError>(answers)
-        }
-        .await;
-        match placed {
-            Err(error) if attempt < BATCH_ATTEMPTS && error.class() == ErrorClass::Retryable => {
-                warn!(%error, attempt, "order batch failed; trying again");
-                attempt += 1;
-            }
-            placed => return placed,
-        }
     }
 }
 
 /// The batch's steps (see the module documentation), in the caller's transaction.
 async fn place_in(
     connection: &mut MySqlConnection,
-    requests: &[&OrderRequest],
+    requests: &[OrderRequest],
 ) -> Result<Vec<Answer>, ShopError> {
     let keys: Vec<&IdempotencyKey> = requests.iter().filter_map(|r| r.key.as_ref()).collect();
     let mut claims = idempotency::claim_many(connection, &keys)
@@ -232,26 +197,6 @@ async fn place_in(
             )),
             Err(answer) => answer,
         })
-        .collect())
-}
-
-/// The buyers among `users` that exist.
-async fn known_users(
-    connection: &mut MySqlConnection,
-    users: &BTreeSet<UserId>,
-) -> Result<BTreeSet<UserId>, ShopError> {
-    let mut select = QueryBuilder::new("SELECT user_id FROM app_user WHERE user_id IN (");
-    let mut separated = select.separated(", ");
-    for user in users {
-        separated.push_bind(*user);
-    }
-    select.push(")");
-    Ok(select
-        .build_query_as::<(UserId,)>()
-        .fetch_all(&mut *connection)
-        .await?
-        .into_iter()
-        .map(|(user,)| user)
         .collect())
 }
 

@@ -28,23 +28,18 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
 use sqlx::{MySqlConnection, QueryBuilder};
-use tracing::warn;
 
-use crate::common::error::{Classify, ErrorClass};
 use crate::common::ids::{CouponHistoryId, OrderId, PaymentId, ProductId, UserId};
 use crate::coupons::store::HeldStatus;
 use crate::event_log::OutboxEvent;
 use crate::guards::idempotency::{self, Claim, IdempotencyKey, StoredAnswer};
-use crate::outbox::{ANSWER_WAIT, Committed, Outbox};
+use crate::outbox::{ANSWER_WAIT, Outbox, OutboxTransaction};
 use crate::shop::PaymentRefusal;
-use crate::shop::intake::{Intake, Waiting, split_repeated_keys};
+use crate::shop::intake::{GroupCommit, Intake};
 use crate::shop::store::{
-    Answered, Lock, Order, OrderLine, OrderStatus, Payment, Product, ShopError, ShopStore,
-    payment_events, products_in,
+    Answered, Lock, Order, OrderLine, OrderRow, OrderStatus, Payment, Product, ShopError,
+    ShopStore, payment_events, products_in,
 };
-
-/// How often a batch is tried again after a transient failure before its payments run alone.
-const BATCH_ATTEMPTS: usize = 3;
 
 /// A payment to make: `payer` pays `order_id` at `now`.
 #[derive(Clone, Debug)]
@@ -65,86 +60,72 @@ pub struct Paid {
 
 type Answer = Result<Answered<Paid>, ShopError>;
 
-type Pending = Waiting<PaymentRequest, Answer>;
+/// The payments' intake (see the module documentation).
+pub type PaymentIntake = Intake<PaymentRequest, Answer>;
 
-/// The intake's handle; cheap to clone.
+/// Payments, group-committed through an outbox (see the module documentation).
 #[derive(Clone)]
-pub struct PaymentIntake {
-    intake: Intake<PaymentRequest, Answer>,
+pub struct Payments {
+    outbox: Outbox,
+    store: ShopStore,
 }
 
-impl PaymentIntake {
-    /// Starts `writers` writer tasks on the current arbiter, writing through `outbox`.
-    pub fn start(outbox: Outbox, writers: usize, max_batch: usize) -> Self {
-        let store = ShopStore::new(outbox.clone());
-        let intake = Intake::start(writers, max_batch, move |batch| {
-            write_batch(outbox.clone(), store.clone(), batch)
-        });
-        Self { intake }
-    }
-
-    /// Makes the payment (see the module documentation); answers once it is committed and
-    /// its events are published (or `ANSWER_WAIT` has passed).
-    pub async fn pay(&self, request: PaymentRequest) -> Answer {
-        self.intake
-            .submit(request)
-            .await
-            .unwrap_or(Err(ShopError::Closed))
+impl Payments {
+    pub fn new(outbox: Outbox) -> Self {
+        Self {
+            store: ShopStore::new(outbox.clone()),
+            outbox,
+        }
     }
 }
 
-async fn write_batch(outbox: Outbox, store: ShopStore, batch: Vec<Pending>) {
-    let (batch, repeated_keys) = split_repeated_keys(batch, |request| request.key.as_ref());
-    let requests: Vec<PaymentRequest> = batch
-        .iter()
-        .map(|pending| pending.request.clone())
-        .collect();
-    match pay_batch(&outbox, &requests).await {
-        Ok((committed, outcomes)) => {
-            actix_rt::spawn(answer_batch(batch, committed, outcomes));
-            for pending in repeated_keys {
-                actix_rt::spawn(pay_alone(store.clone(), pending));
+impl GroupCommit for Payments {
+    type Request = PaymentRequest;
+    type Answer = Answer;
+
+    const WHAT: &'static str = "payment";
+
+    fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    fn key(request: &PaymentRequest) -> Option<&IdempotencyKey> {
+        request.key.as_ref()
+    }
+
+    async fn write_in(
+        &self,
+        transaction: &mut OutboxTransaction,
+        batch: &[PaymentRequest],
+    ) -> Result<Vec<Answer>, ShopError> {
+        let outcomes = pay_in(transaction, batch).await?;
+        Ok(outcomes
+            .into_iter()
+            .zip(batch)
+            .map(|(outcome, request)| outcome.into_answer(request))
+            .collect())
+    }
+
+    /// As before group commit: [`ShopStore::pay`], its events published before the answer.
+    async fn alone(&self, request: PaymentRequest) -> Answer {
+        let PaymentRequest {
+            order_id,
+            payer,
+            now,
+            key,
+        } = request;
+        match self.store.pay(order_id, payer, now, key.as_ref()).await? {
+            Answered::Fresh(changed) => {
+                let events = changed.events.events().to_vec();
+                changed.events.publish_within(ANSWER_WAIT).await;
+                Ok(Answered::Fresh(Paid {
+                    payment: changed.value,
+                    events,
+                }))
             }
-        }
-        Err(error) => {
-            warn!(%error, payments = batch.len(), "payment batch failed; paying one by one");
-            for pending in batch.into_iter().chain(repeated_keys) {
-                actix_rt::spawn(pay_alone(store.clone(), pending));
-            }
+            Answered::Replay(answer) => Ok(Answered::Replay(answer)),
         }
     }
-}
-
-/// Publishes the batch's events (for `ANSWER_WAIT` at most), then answers every payment.
-async fn answer_batch(batch: Vec<Pending>, committed: Committed, outcomes: Vec<Outcome>) {
-    committed.publish_within(ANSWER_WAIT).await;
-    for (pending, outcome) in batch.into_iter().zip(outcomes) {
-        let answer = outcome.into_answer(&pending.request);
-        pending.answer(answer);
-    }
-}
-
-/// Pays one payment in its own transaction, as before group commit.
-async fn pay_alone(store: ShopStore, pending: Pending) {
-    let PaymentRequest {
-        order_id,
-        payer,
-        now,
-        key,
-    } = &pending.request;
-    let answer = match store.pay(*order_id, *payer, *now, key.as_ref()).await {
-        Ok(Answered::Fresh(changed)) => {
-            let events = changed.events.events().to_vec();
-            changed.events.publish_within(ANSWER_WAIT).await;
-            Ok(Answered::Fresh(Paid {
-                payment: changed.value,
-                events,
-            }))
-        }
-        Ok(Answered::Replay(answer)) => Ok(Answered::Replay(answer)),
-        Err(error) => Err(error),
-    };
-    pending.answer(answer);
 }
 
 /// What became of one payment of a batch.
@@ -177,33 +158,9 @@ impl Outcome {
     }
 }
 
-/// Decides and writes the batch in one transaction, trying again at once after a transient
-/// failure.
-async fn pay_batch(
-    outbox: &Outbox,
-    requests: &[PaymentRequest],
-) -> Result<(Committed, Vec<Outcome>), ShopError> {
-    let mut attempt = 1;
-    loop {
-        let written = async {
-            let mut transaction = outbox.begin().await?;
-            let outcomes = pay_in(&mut transaction, requests).await?;
-            Ok::<_, ShopError>((transaction.commit().await?, outcomes))
-        }
-        .await;
-        match written {
-            Err(error) if attempt < BATCH_ATTEMPTS && error.class() == ErrorClass::Retryable => {
-                warn!(%error, attempt, "payment batch failed; trying again");
-                attempt += 1;
-            }
-            written => return written,
-        }
-    }
-}
-
 /// The batch's steps (see the module documentation), in the caller's transaction.
 async fn pay_in(
-    transaction: &mut crate::outbox::OutboxTransaction,
+    transaction: &mut OutboxTransaction,
     requests: &[PaymentRequest],
 ) -> Result<Vec<Outcome>, ShopError> {
     let claims = claim_keys(transaction, requests).await?;
@@ -472,18 +429,6 @@ async fn lock_orders(
     connection: &mut MySqlConnection,
     ids: &BTreeSet<OrderId>,
 ) -> Result<BTreeMap<OrderId, Order>, ShopError> {
-    #[derive(sqlx::FromRow)]
-    struct OrderRow {
-        order_id: OrderId,
-        user_id: UserId,
-        status: OrderStatus,
-        total_amount: u64,
-        discount_amount: u64,
-        pay_amount: u64,
-        coupon_history_id: Option<CouponHistoryId>,
-        created_at: DateTime<Utc>,
-        paid_at: Option<DateTime<Utc>>,
-    }
     let mut select = QueryBuilder::new(
         "SELECT order_id, user_id, status, total_amount, discount_amount, pay_amount, \
          coupon_history_id, created_at, paid_at FROM customer_order WHERE order_id IN (",
@@ -493,23 +438,7 @@ async fn lock_orders(
     let rows: Vec<OrderRow> = select.build_query_as().fetch_all(&mut *connection).await?;
     let mut orders: BTreeMap<OrderId, Order> = rows
         .into_iter()
-        .map(|row| {
-            (
-                row.order_id,
-                Order {
-                    order_id: row.order_id,
-                    user_id: row.user_id,
-                    status: row.status,
-                    items: Vec::new(),
-                    total_amount: row.total_amount,
-                    discount_amount: row.discount_amount,
-                    pay_amount: row.pay_amount,
-                    coupon_history_id: row.coupon_history_id,
-                    created_at: row.created_at,
-                    paid_at: row.paid_at,
-                },
-            )
-        })
+        .map(|row| (row.order_id, Order::from(row)))
         .collect();
     if orders.is_empty() {
         return Ok(orders);
@@ -586,13 +515,7 @@ async fn use_coupons(connection: &mut MySqlConnection, paid: &[Made<'_>]) -> Res
     update
         .push_bind(HeldStatus::Used)
         .push(", used_order_id = CASE coupon_history_id");
-    for (history_id, order_id) in &spent {
-        update
-            .push(" WHEN ")
-            .push_bind(*history_id)
-            .push(" THEN ")
-            .push_bind(*order_id);
-    }
+    push_cases(&mut update, spent.iter().copied());
     update.push(" END WHERE status = ");
     update.push_bind(HeldStatus::Issued);
     update.push(" AND coupon_history_id IN (");
@@ -613,21 +536,15 @@ async fn take_stock(
         .flat_map(|(_, _, products)| products.iter().map(|product| product.product_id))
         .collect();
     let mut update = QueryBuilder::new("UPDATE product SET stock = CASE product_id");
-    for id in &taken {
-        update
-            .push(" WHEN ")
-            .push_bind(*id)
-            .push(" THEN ")
-            .push_bind(products[id].stock);
-    }
+    push_cases(
+        &mut update,
+        taken.iter().map(|id| (*id, products[id].stock)),
+    );
     update.push(" END, version = CASE product_id");
-    for id in &taken {
-        update
-            .push(" WHEN ")
-            .push_bind(*id)
-            .push(" THEN ")
-            .push_bind(products[id].version);
-    }
+    push_cases(
+        &mut update,
+        taken.iter().map(|id| (*id, products[id].version)),
+    );
     update.push(" END, updated_at = NOW(6) WHERE product_id IN (");
     push_list(&mut update, &taken);
     update.push(")");
@@ -650,13 +567,7 @@ async fn debit_balances(
         return Ok(());
     }
     let mut update = QueryBuilder::new("UPDATE app_user SET balance = CASE user_id");
-    for id in &debited {
-        update
-            .push(" WHEN ")
-            .push_bind(*id)
-            .push(" THEN ")
-            .push_bind(balances[id]);
-    }
+    push_cases(&mut update, debited.iter().map(|id| (*id, balances[id])));
     update.push(" END WHERE user_id IN (");
     push_list(&mut update, &debited);
     update.push(")");
@@ -704,13 +615,11 @@ async fn complete_orders(
     update
         .push_bind(OrderStatus::Completed)
         .push(", paid_at = CASE order_id");
-    for (request, order, _) in paid {
-        update
-            .push(" WHEN ")
-            .push_bind(order.order_id)
-            .push(" THEN ")
-            .push_bind(request.now);
-    }
+    push_cases(
+        &mut update,
+        paid.iter()
+            .map(|(request, order, _)| (order.order_id, request.now)),
+    );
     update.push(" END WHERE status = ");
     update.push_bind(OrderStatus::Pending);
     update.push(" AND order_id IN (");
@@ -720,6 +629,21 @@ async fn complete_orders(
     );
     update.push(")");
     expect_rows(update, connection, paid.len(), "customer_order").await
+}
+
+/// Pushes ` WHEN key THEN value` for each pair, both bound (the arms of a `CASE key_column`).
+fn push_cases<K, V>(query: &mut QueryBuilder<sqlx::MySql>, pairs: impl IntoIterator<Item = (K, V)>)
+where
+    K: for<'q> sqlx::Encode<'q, sqlx::MySql> + sqlx::Type<sqlx::MySql> + Send,
+    V: for<'q> sqlx::Encode<'q, sqlx::MySql> + sqlx::Type<sqlx::MySql> + Send,
+{
+    for (key, value) in pairs {
+        query
+            .push(" WHEN ")
+            .push_bind(key)
+            .push(" THEN ")
+            .push_bind(value);
+    }
 }
 
 /// Pushes `ids` separated by commas, each bound.

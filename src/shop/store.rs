@@ -906,6 +906,38 @@ pub(super) enum Lock {
     ForUpdate,
 }
 
+/// An order's row (its lines are read apart).
+#[derive(sqlx::FromRow)]
+pub(super) struct OrderRow {
+    pub order_id: OrderId,
+    user_id: UserId,
+    status: OrderStatus,
+    total_amount: u64,
+    discount_amount: u64,
+    pay_amount: u64,
+    coupon_history_id: Option<CouponHistoryId>,
+    created_at: DateTime<Utc>,
+    paid_at: Option<DateTime<Utc>>,
+}
+
+impl From<OrderRow> for Order {
+    /// The order of the row, its lines still to read.
+    fn from(row: OrderRow) -> Self {
+        Order {
+            order_id: row.order_id,
+            user_id: row.user_id,
+            status: row.status,
+            items: Vec::new(),
+            total_amount: row.total_amount,
+            discount_amount: row.discount_amount,
+            pay_amount: row.pay_amount,
+            coupon_history_id: row.coupon_history_id,
+            created_at: row.created_at,
+            paid_at: row.paid_at,
+        }
+    }
+}
+
 async fn read_order(
     connection: &mut MySqlConnection,
     order_id: OrderId,
@@ -913,7 +945,8 @@ async fn read_order(
 ) -> Result<Option<Order>, ShopError> {
     macro_rules! select_order {
         ($suffix:literal) => {
-            sqlx::query!(
+            sqlx::query_as!(
+                OrderRow,
                 r#"SELECT order_id AS "order_id: OrderId", user_id AS "user_id: UserId",
                           status AS "status: OrderStatus", total_amount, discount_amount,
                           pay_amount, coupon_history_id AS "coupon_history_id: CouponHistoryId",
@@ -924,18 +957,7 @@ async fn read_order(
             )
             .fetch_optional(&mut *connection)
             .await?
-            .map(|row| Order {
-                order_id: row.order_id,
-                user_id: row.user_id,
-                status: row.status,
-                items: Vec::new(),
-                total_amount: row.total_amount,
-                discount_amount: row.discount_amount,
-                pay_amount: row.pay_amount,
-                coupon_history_id: row.coupon_history_id,
-                created_at: row.created_at,
-                paid_at: row.paid_at,
-            })
+            .map(Order::from)
         };
     }
     let order = match lock {
