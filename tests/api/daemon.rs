@@ -1,6 +1,6 @@
 //! The built binary, as an operator runs it.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -196,6 +196,40 @@ async fn an_unknown_command_is_refused() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains("unrecognized subcommand 'frobnicate'"),
+        "{stderr}"
+    );
+}
+
+#[actix_web::test]
+async fn a_setting_that_names_nothing_stops_the_start_naming_it_and_the_closest() {
+    let database = TestDatabase::new();
+    let mut child = daemon_command(&database)
+        .env("APP_HTTP__PROT", "9999")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    // A daemon that ignored the setting would serve: it is stopped, and the test fails.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exited = loop {
+        if let Some(status) = child.try_wait().expect("the child's status") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().ok();
+            panic!("the daemon started despite APP_HTTP__PROT");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!exited.success());
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr is piped")
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(
+        stderr.contains("APP_HTTP__PROT: no such setting; did you mean http.port?"),
         "{stderr}"
     );
 }
