@@ -640,6 +640,7 @@ pub async fn pay(
         payer,
         now: state.clock.now(),
         key,
+        trace: crate::observability::trace::current(),
     };
     match state.shop.payments.submit(request).await? {
         Answered::Fresh(paid) => {

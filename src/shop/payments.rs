@@ -33,6 +33,7 @@ use crate::common::ids::{CouponHistoryId, OrderId, PaymentId, ProductId, UserId}
 use crate::coupons::store::HeldStatus;
 use crate::event_log::OutboxEvent;
 use crate::guards::idempotency::{self, Claim, IdempotencyKey, StoredAnswer};
+use crate::observability::trace::{self, TraceParent};
 use crate::outbox::{ANSWER_WAIT, Outbox, OutboxTransaction};
 use crate::shop::PaymentRefusal;
 use crate::shop::intake::{GroupCommit, Intake};
@@ -48,6 +49,9 @@ pub struct PaymentRequest {
     pub payer: UserId,
     pub now: DateTime<Utc>,
     pub key: Option<IdempotencyKey>,
+    /// The trace the request came in (its events carry it on): the handler's
+    /// [`trace::current`], since the batch is written in the writer's task.
+    pub trace: Option<TraceParent>,
 }
 
 /// A payment made, with the events committed with it (published, or left to the relay,
@@ -113,8 +117,14 @@ impl GroupCommit for Payments {
             payer,
             now,
             key,
+            trace,
         } = request;
-        match self.store.pay(order_id, payer, now, key.as_ref()).await? {
+        let paying = self.store.pay(order_id, payer, now, key.as_ref());
+        let paid = match trace {
+            Some(trace) => trace::in_trace(trace, paying).await,
+            None => paying.await,
+        };
+        match paid? {
             Answered::Fresh(changed) => {
                 let events = changed.events.events().to_vec();
                 changed.events.publish_within(ANSWER_WAIT).await;
@@ -228,7 +238,11 @@ async fn pay_in(
             status: OrderStatus::Completed,
             amount: order.pay_amount,
         };
-        let payment_events = payment_events(order, payment_id, products, request.now);
+        let mut payment_events = payment_events(order, payment_id, products, request.now);
+        let traceparent = request.trace.as_ref().map(TraceParent::header_value);
+        for event in &mut payment_events {
+            event.envelope.traceparent = traceparent.clone();
+        }
         events.extend(payment_events.iter().cloned());
         if let Some(key) = &request.key {
             answers.push((key, StoredAnswer::json(200, &payment)));
@@ -724,6 +738,7 @@ mod tests {
             payer: user(payer),
             now: DateTime::UNIX_EPOCH,
             key: None,
+            trace: None,
         }
     }
 
