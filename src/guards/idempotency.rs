@@ -184,21 +184,22 @@ async fn insert_answers(
     Ok(())
 }
 
-/// Looks many keys up at once in the caller's transaction (one statement), locking the rows
-/// that exist: what each key found, in the order of `keys`.
+/// Looks the keys of many requests up at once in the caller's transaction (one statement,
+/// none when no request has a key), locking the rows that exist: what each request's key
+/// found, in order; a request without a key is [`Claim::First`].
 pub async fn claim_many(
     connection: &mut MySqlConnection,
-    keys: &[&IdempotencyKey],
+    keys: &[Option<&IdempotencyKey>],
 ) -> Result<Vec<Claim>, sqlx::Error> {
-    if keys.is_empty() {
-        return Ok(Vec::new());
+    if keys.iter().all(Option::is_none) {
+        return Ok(vec![Claim::First; keys.len()]);
     }
     let mut select = sqlx::QueryBuilder::new(
         "SELECT user_id, route, idempotency_key, request_hash, response_status, \
          response_body FROM idempotency_key WHERE ",
     );
     let mut separated = select.separated(" OR ");
-    for key in keys {
+    for key in keys.iter().flatten() {
         separated
             .push("(user_id = ")
             .push_bind_unseparated(key.user)
@@ -219,13 +220,16 @@ pub async fn claim_many(
         .collect();
     Ok(keys
         .iter()
-        .map(
-            |key| match stored.get(&(key.user, key.route.to_string(), key.key.clone())) {
+        .map(|key| {
+            let Some(key) = key else {
+                return Claim::First;
+            };
+            match stored.get(&(key.user, key.route.to_string(), key.key.clone())) {
                 None => Claim::First,
                 Some((hash, _)) if *hash != key.request_hash => Claim::Mismatch,
                 Some((_, answer)) => Claim::Replay(answer.clone()),
-            },
-        )
+            }
+        })
         .collect())
 }
 

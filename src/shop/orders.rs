@@ -107,17 +107,11 @@ async fn place_in(
     connection: &mut MySqlConnection,
     requests: &[OrderRequest],
 ) -> Result<Vec<Answer>, ShopError> {
-    let keys: Vec<&IdempotencyKey> = requests.iter().filter_map(|r| r.key.as_ref()).collect();
-    let mut claims = idempotency::claim_many(connection, &keys)
-        .await?
-        .into_iter();
-    let claims: Vec<Claim> = requests
+    let keys: Vec<_> = requests
         .iter()
-        .map(|request| match &request.key {
-            None => Claim::First,
-            Some(_) => claims.next().expect("a claim per key"),
-        })
+        .map(|request| request.key.as_ref())
         .collect();
+    let claims = idempotency::claim_many(connection, &keys).await?;
     let buyers: BTreeSet<UserId> = requests.iter().map(|request| request.user_id).collect();
     let known = known_users(connection, &buyers).await?;
     let product_ids: BTreeSet<ProductId> = requests
@@ -139,9 +133,11 @@ async fn place_in(
         .collect();
     let coupons = coupons(connection, &coupon_ids).await?;
 
-    let mut decided: Vec<Result<Option<Order>, Answer>> = Vec::with_capacity(requests.len());
-    for (request, claim) in requests.iter().zip(claims) {
-        decided.push(match claim {
+    // Each order priced, or its answer when it is not placed.
+    let mut decided: Vec<Result<Order, Answer>> = requests
+        .iter()
+        .zip(claims)
+        .map(|(request, claim)| match claim {
             Claim::Replay(answer) => Err(Ok(Answered::Replay(answer))),
             Claim::Mismatch => Err(Err(ShopError::KeyReused)),
             Claim::First => {
@@ -159,44 +155,36 @@ async fn place_in(
                     coupon,
                 )
                 .map(|priced| {
-                    Some(priced.into_order(
+                    priced.into_order(
                         request.user_id,
                         &request.lines,
                         &prices,
                         request.coupon_history_id,
                         request.now,
-                    ))
+                    )
                 })
                 .map_err(Err)
             }
-        });
-    }
-    let mut orders: Vec<Order> = decided
-        .iter_mut()
-        .filter_map(|decision| decision.as_mut().ok()?.take())
+        })
         .collect();
-    write_orders(connection, &mut orders).await?;
+    let mut placed: Vec<&mut Order> = decided.iter_mut().filter_map(|d| d.as_mut().ok()).collect();
+    write_orders(connection, &mut placed).await?;
     let answers: Vec<(&IdempotencyKey, StoredAnswer)> = requests
         .iter()
         .zip(&decided)
-        .filter(|(_, decision)| decision.is_ok())
-        .zip(&orders)
-        .filter_map(|((request, _), order)| {
-            Some((request.key.as_ref()?, StoredAnswer::json(201, order)))
+        .filter_map(|(request, decided)| {
+            Some((
+                request.key.as_ref()?,
+                StoredAnswer::json(201, decided.as_ref().ok()?),
+            ))
         })
         .collect();
     // A key stored since the claim fails the statement on the primary key: the batch then
     // runs one order at a time, and that order replays.
     idempotency::store_many(connection, &answers).await?;
-    let mut orders = orders.into_iter();
     Ok(decided
         .into_iter()
-        .map(|decision| match decision {
-            Ok(_) => Ok(Answered::Fresh(
-                orders.next().expect("an order per decision"),
-            )),
-            Err(answer) => answer,
-        })
+        .map(|decided| decided.map_or_else(|answer| answer, |order| Ok(Answered::Fresh(order))))
         .collect())
 }
 

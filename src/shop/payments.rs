@@ -173,7 +173,11 @@ async fn pay_in(
     transaction: &mut OutboxTransaction,
     requests: &[PaymentRequest],
 ) -> Result<Vec<Outcome>, ShopError> {
-    let claims = claim_keys(transaction, requests).await?;
+    let keys: Vec<_> = requests
+        .iter()
+        .map(|request| request.key.as_ref())
+        .collect();
+    let claims = idempotency::claim_many(transaction, &keys).await?;
     let order_ids: BTreeSet<OrderId> = requests.iter().map(|request| request.order_id).collect();
     let orders = lock_orders(transaction, &order_ids).await?;
     let coupon_ids: BTreeSet<CouponHistoryId> = orders
@@ -388,24 +392,6 @@ fn decide_one(request: &PaymentRequest, locked: &mut Locked) -> Decision {
     Decision::Pay(products)
 }
 
-/// Looks up every key of the batch with one locking read.
-async fn claim_keys(
-    connection: &mut MySqlConnection,
-    requests: &[PaymentRequest],
-) -> Result<Vec<Claim>, ShopError> {
-    let keys: Vec<&IdempotencyKey> = requests.iter().filter_map(|r| r.key.as_ref()).collect();
-    let mut claims = idempotency::claim_many(connection, &keys)
-        .await?
-        .into_iter();
-    Ok(requests
-        .iter()
-        .map(|request| match &request.key {
-            None => Claim::First,
-            Some(_) => claims.next().expect("a claim per key"),
-        })
-        .collect())
-}
-
 /// Refused payments sent with a key may have met a payment with the same key that another
 /// transaction made meanwhile: claims take no lock on a key not stored yet (sessions run at
 /// READ COMMITTED), and the order's lock waited for that payment's commit. Such a payment
@@ -415,24 +401,23 @@ async fn recheck_refused_keys(
     requests: &[PaymentRequest],
     decisions: &mut [Decision],
 ) -> Result<(), ShopError> {
-    let refused: Vec<(usize, &IdempotencyKey)> = requests
+    // The keys of the refused payments only.
+    let keys: Vec<Option<&IdempotencyKey>> = requests
         .iter()
         .zip(decisions.iter())
-        .enumerate()
-        .filter_map(|(index, (request, decision))| match decision {
+        .map(|(request, decision)| match decision {
             Decision::Refused(_) | Decision::NotFound | Decision::Forbidden { .. } => {
-                Some((index, request.key.as_ref()?))
+                request.key.as_ref()
             }
             _ => None,
         })
         .collect();
-    let keys: Vec<&IdempotencyKey> = refused.iter().map(|(_, key)| *key).collect();
     let claims = idempotency::claim_many(connection, &keys).await?;
-    for ((index, _), claim) in refused.into_iter().zip(claims) {
+    for (decision, claim) in decisions.iter_mut().zip(claims) {
         match claim {
             Claim::First => {}
-            Claim::Replay(answer) => decisions[index] = Decision::Replay(answer),
-            Claim::Mismatch => decisions[index] = Decision::KeyReused,
+            Claim::Replay(answer) => *decision = Decision::Replay(answer),
+            Claim::Mismatch => *decision = Decision::KeyReused,
         }
     }
     Ok(())

@@ -41,8 +41,8 @@ pub enum ShopError {
     /// An `Idempotency-Key` sent with another request before.
     #[error("the idempotency key was used with another request")]
     KeyReused,
-    /// The payment intake is shutting down.
-    #[error("the payment intake is shutting down")]
+    /// The order or payment intake is shutting down.
+    #[error("the shop's intake is shutting down")]
     Closed,
     /// A batch's writes did not match its decisions (rows changed under its locks).
     #[error("{0}")]
@@ -524,9 +524,6 @@ async fn insert_order(
         .into_iter()
         .map(|product| (product.product_id, product.price))
         .collect();
-    // The coupon is read once the rest is known to be valid: a refusal names the first
-    // thing wrong.
-    price_order(user_id, user_exists, lines, &prices, None)?;
     let discount = match coupon_history_id {
         None => None,
         Some(history_id) => Some(usable_discount(transaction, history_id, user_id).await?),
@@ -538,7 +535,7 @@ async fn insert_order(
         coupon_history_id,
         now,
     );
-    write_orders(transaction, std::slice::from_mut(&mut order)).await?;
+    write_orders(transaction, &mut [&mut order]).await?;
     Ok(order)
 }
 
@@ -637,7 +634,7 @@ impl Priced {
 /// each order its id.
 pub(super) async fn write_orders(
     connection: &mut MySqlConnection,
-    orders: &mut [Order],
+    orders: &mut [&mut Order],
 ) -> Result<(), ShopError> {
     for order in orders.iter_mut() {
         let inserted = sqlx::query!(
