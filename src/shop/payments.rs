@@ -102,12 +102,7 @@ impl GroupCommit for Payments {
         transaction: &mut OutboxTransaction,
         batch: &[PaymentRequest],
     ) -> Result<Vec<Answer>, ShopError> {
-        let outcomes = pay_in(transaction, batch).await?;
-        Ok(outcomes
-            .into_iter()
-            .zip(batch)
-            .map(|(outcome, request)| outcome.into_answer(request))
-            .collect())
+        pay_in(transaction, batch).await
     }
 
     /// As before group commit: [`ShopStore::pay`], its events published before the answer.
@@ -138,41 +133,11 @@ impl GroupCommit for Payments {
     }
 }
 
-/// What became of one payment of a batch.
-#[derive(Debug)]
-enum Outcome {
-    Paid(Payment, Vec<OutboxEvent>),
-    Replay(StoredAnswer),
-    KeyReused,
-    NotFound,
-    /// The order is `owner`'s, not the payer's.
-    Forbidden {
-        owner: UserId,
-    },
-    Refused(PaymentRefusal),
-}
-
-impl Outcome {
-    fn into_answer(self, request: &PaymentRequest) -> Answer {
-        match self {
-            Outcome::Paid(payment, events) => Ok(Answered::Fresh(Paid { payment, events })),
-            Outcome::Replay(answer) => Ok(Answered::Replay(answer)),
-            Outcome::KeyReused => Err(ShopError::KeyReused),
-            Outcome::NotFound => Err(ShopError::NotFound(format!("order {}", request.order_id))),
-            Outcome::Forbidden { owner } => Err(ShopError::Forbidden(format!(
-                "the token's user {} may not act as user {owner}",
-                request.payer
-            ))),
-            Outcome::Refused(refusal) => Err(refusal.into()),
-        }
-    }
-}
-
 /// The batch's steps (see the module documentation), in the caller's transaction.
 async fn pay_in(
     transaction: &mut OutboxTransaction,
     requests: &[PaymentRequest],
-) -> Result<Vec<Outcome>, ShopError> {
+) -> Result<Vec<Answer>, ShopError> {
     let keys: Vec<_> = requests
         .iter()
         .map(|request| request.key.as_ref())
@@ -208,7 +173,7 @@ async fn pay_in(
     };
     let mut decisions = decide(requests, &claims, &mut locked);
     recheck_refused_keys(transaction, requests, &mut decisions).await?;
-    let paid: Vec<(&PaymentRequest, &Order, &[Product])> = requests
+    let paid: Vec<Made<'_>> = requests
         .iter()
         .zip(&decisions)
         .filter_map(|(request, decision)| match decision {
@@ -220,21 +185,42 @@ async fn pay_in(
             _ => None,
         })
         .collect();
-    if paid.is_empty() {
-        return Ok(decisions
-            .into_iter()
-            .map(|decision| decision.into_outcome(None))
-            .collect());
-    }
-    use_coupons(transaction, &paid).await?;
-    take_stock(transaction, &locked.products, &paid).await?;
-    debit_balances(transaction, &locked.balances, &paid).await?;
-    let payment_ids = insert_payments(transaction, &paid).await?;
-    complete_orders(transaction, &paid).await?;
+    let mut made = if paid.is_empty() {
+        BTreeMap::new()
+    } else {
+        make_payments(transaction, &locked, &paid).await?
+    };
+    Ok(decisions
+        .into_iter()
+        .zip(requests)
+        .map(|(decision, request)| {
+            // Only the payment made takes it: another request may name the same order.
+            let made = match decision {
+                Decision::Pay(_) => made.remove(&request.order_id),
+                _ => None,
+            };
+            decision.into_answer(request, made)
+        })
+        .collect())
+}
+
+/// Writes the payments decided to be made (see the module documentation): one statement per
+/// table, then their events and idempotent answers. Answers each payment and its events, by
+/// order.
+async fn make_payments(
+    transaction: &mut OutboxTransaction,
+    locked: &Locked,
+    paid: &[Made<'_>],
+) -> Result<BTreeMap<OrderId, (Payment, Vec<OutboxEvent>)>, ShopError> {
+    use_coupons(transaction, paid).await?;
+    take_stock(transaction, &locked.products, paid).await?;
+    debit_balances(transaction, &locked.balances, paid).await?;
+    let payment_ids = insert_payments(transaction, paid).await?;
+    complete_orders(transaction, paid).await?;
     let mut made = BTreeMap::new();
     let mut events = Vec::new();
     let mut answers = Vec::new();
-    for (request, order, products) in &paid {
+    for (request, order, products) in paid {
         let payment_id = payment_ids[&order.order_id];
         let payment = Payment {
             payment_id,
@@ -258,17 +244,7 @@ async fn pay_in(
     // statement on the primary key: the batch then runs one payment at a time, and that
     // payment replays.
     idempotency::store_many(transaction, &answers).await?;
-    Ok(decisions
-        .into_iter()
-        .zip(requests)
-        .map(|(decision, request)| {
-            let made = match decision {
-                Decision::Pay(_) => made.remove(&request.order_id),
-                _ => None,
-            };
-            decision.into_outcome(made)
-        })
-        .collect())
+    Ok(made)
 }
 
 /// The locked rows a batch decides against, as the decisions so far leave them.
@@ -299,17 +275,25 @@ enum Decision {
 }
 
 impl Decision {
-    fn into_outcome(self, made: Option<(Payment, Vec<OutboxEvent>)>) -> Outcome {
+    /// The answer to `request`: its payment and events when it was made (`made`).
+    fn into_answer(
+        self,
+        request: &PaymentRequest,
+        made: Option<(Payment, Vec<OutboxEvent>)>,
+    ) -> Answer {
         match self {
             Decision::Pay(_) => {
                 let (payment, events) = made.expect("every payment decided is made");
-                Outcome::Paid(payment, events)
+                Ok(Answered::Fresh(Paid { payment, events }))
             }
-            Decision::Replay(answer) => Outcome::Replay(answer),
-            Decision::KeyReused => Outcome::KeyReused,
-            Decision::NotFound => Outcome::NotFound,
-            Decision::Forbidden { owner } => Outcome::Forbidden { owner },
-            Decision::Refused(refusal) => Outcome::Refused(refusal),
+            Decision::Replay(answer) => Ok(Answered::Replay(answer)),
+            Decision::KeyReused => Err(ShopError::KeyReused),
+            Decision::NotFound => Err(ShopError::NotFound(format!("order {}", request.order_id))),
+            Decision::Forbidden { owner } => Err(ShopError::Forbidden(format!(
+                "the token's user {} may not act as user {owner}",
+                request.payer
+            ))),
+            Decision::Refused(refusal) => Err(refusal.into()),
         }
     }
 }
