@@ -5,4 +5,5 @@ pub mod clock;
 pub mod columns;
 pub mod connections;
 pub mod error;
+pub mod grouped;
 pub mod ids;

@@ -20,7 +20,7 @@ use crate::actors::domain::{Batch, DomainHandler, EventOutcome, HandlerError, St
 use crate::config::{DeliveryOrder, RecordOrdering};
 use crate::delivery::ordering::{self, WaitingBehind};
 use crate::delivery::{Attempt, Deliveries, Held, Settled};
-use crate::event_log::{EventStatus, Move, StatusChange, Transition};
+use crate::event_log::{EventStatus, Move, Provenance, StatusChange, Transition};
 use crate::events::EventEnvelope;
 
 pub struct Forwarder {
@@ -61,12 +61,8 @@ impl Forwarder {
                 event.event_type()
             ))));
         }
-        let take = StatusChange::new(Move::Take)
-            .due_at(deliveries.lease_until())
-            .read_from(partition, offset);
         match deliveries
-            .event_log()
-            .change_status(event.event_id, take)
+            .take(event.event_id, Provenance { partition, offset })
             .await
         {
             Ok(Transition::Applied) => {}

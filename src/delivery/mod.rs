@@ -14,8 +14,8 @@
 //! others exhausts its own attempts and is dead-lettered.
 
 pub mod backoff;
-pub mod completions;
 pub mod forwarder;
+pub mod moves;
 pub mod ordering;
 pub mod scheduler;
 pub mod webhook;
@@ -291,7 +291,8 @@ struct DeliveriesInner {
     alert_url: Option<String>,
     counters: DeliveryCounters,
     circuits: TargetCircuits,
-    completions: completions::Completions,
+    completions: moves::Completions,
+    takes: moves::Takes,
 }
 
 /// What [`Deliveries`] is made of.
@@ -321,7 +322,12 @@ impl Deliveries {
         Self {
             inner: Arc::new(DeliveriesInner {
                 deliverer: wiring.deliverer,
-                completions: completions::Completions::new(wiring.event_log.clone()),
+                completions: moves::Completions::new(wiring.event_log.clone()),
+                takes: moves::Takes::new(
+                    wiring.event_log.clone(),
+                    wiring.clock.clone(),
+                    wiring.lease,
+                ),
                 event_log: wiring.event_log,
                 dead_letters: wiring.dead_letters,
                 policy: wiring.policy,
@@ -361,6 +367,15 @@ impl Deliveries {
     /// A record was parked behind an earlier record of its key.
     pub fn count_parked(&self) {
         DeliveryCounters::add(&self.inner.counters.parked);
+    }
+
+    /// Takes the event read at `source` for its first attempt (with the others taken now).
+    pub async fn take(
+        &self,
+        id: EventId,
+        source: crate::event_log::Provenance,
+    ) -> Result<crate::event_log::Transition, EventLogError> {
+        self.inner.takes.take(id, source).await
     }
 
     /// Until when an attempt starting now holds its event.

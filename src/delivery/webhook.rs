@@ -26,6 +26,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use sha2::Sha256;
 
+use crate::common::grouped::{GroupWrite, Grouped};
 use crate::config::ExternalSettings;
 use crate::events::{EventEnvelope, EventType};
 use crate::observability::otlp::{SpanKind, SpanRecord};
@@ -149,6 +150,8 @@ pub struct WebhookDeliverer {
     timeout: Duration,
     /// Where each attempt's client span goes (see [`crate::observability::otlp`]).
     spans: crate::observability::otlp::Spans,
+    /// Appends to file targets, the lines of concurrent attempts with one `fsync`.
+    files: std::sync::Arc<Grouped<FileAppend>>,
 }
 
 thread_local! {
@@ -223,6 +226,7 @@ impl WebhookDeliverer {
             key,
             timeout,
             spans: Default::default(),
+            files: std::sync::Arc::new(Grouped::new(FileAppend)),
         })
     }
 
@@ -258,7 +262,13 @@ impl WebhookDeliverer {
         let body = webhook_body(event, &id);
         let url = match target {
             Target::Http(url) => url,
-            Target::File(path) => return append_line(path.clone(), body).await,
+            Target::File(path) => {
+                let line = (path.clone(), body);
+                return match self.files.submit(line.clone()).await {
+                    Some(outcome) => outcome,
+                    None => FileAppend.write(vec![line]).await.remove(0),
+                };
+            }
         };
         // The receiver joins the event's trace: one hop further down it.
         let parent = event.traceparent.as_deref().and_then(TraceParent::parse);
@@ -373,38 +383,74 @@ fn attempt_span(
     })
 }
 
-/// Appends `body` and a newline to the file at `path` (created if missing) on a blocking
-/// thread; an I/O failure is retried later.
-async fn append_line(path: PathBuf, mut body: Vec<u8>) -> DeliveryOutcome {
-    body.push(b'\n');
-    let written = tokio::task::spawn_blocking(move || {
-        use std::io::Write;
-        if let Some(directory) = path
-            .parent()
-            .filter(|parent| !parent.as_os_str().is_empty())
-        {
-            std::fs::create_dir_all(directory)?;
+/// Appends lines to files: each write takes the lines waiting, writes each file's lines
+/// with one `write` (in the order they came) and syncs it once, on a blocking thread, before
+/// any of them counts as delivered; an I/O failure is retried later.
+#[derive(Clone, Copy)]
+struct FileAppend;
+
+impl GroupWrite for FileAppend {
+    /// A file and one body, written as a line.
+    type Item = (PathBuf, Vec<u8>);
+    type Answer = DeliveryOutcome;
+
+    const MAX_ITEMS: usize = 1_000;
+
+    async fn write(&self, lines: Vec<(PathBuf, Vec<u8>)>) -> Vec<DeliveryOutcome> {
+        let mut files: BTreeMap<PathBuf, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
+        for (position, (path, body)) in lines.into_iter().enumerate() {
+            let (positions, bytes) = files.entry(path).or_default();
+            positions.push(position);
+            bytes.extend_from_slice(&body);
+            bytes.push(b'\n');
         }
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)?;
-        // One write of the whole line, so concurrent appends do not interleave.
-        file.write_all(&body)?;
-        file.sync_data()
-    })
-    .await;
-    match written {
-        Ok(Ok(())) => DeliveryOutcome::Delivered,
-        Ok(Err(error)) => DeliveryOutcome::Retry {
-            error: format!("cannot append to the file: {error}"),
-            after: None,
-        },
-        Err(error) => DeliveryOutcome::Retry {
-            error: format!("file append did not finish: {error}"),
-            after: None,
-        },
+        let count = files.values().map(|(positions, _)| positions.len()).sum();
+        let written = tokio::task::spawn_blocking(move || {
+            files
+                .into_iter()
+                .map(|(path, (positions, bytes))| (positions, append(&path, &bytes)))
+                .collect::<Vec<_>>()
+        })
+        .await;
+        let mut outcomes = vec![DeliveryOutcome::Delivered; count];
+        match written {
+            Ok(files) => {
+                for (positions, result) in files {
+                    if let Err(error) = result {
+                        for position in positions {
+                            outcomes[position] = DeliveryOutcome::Retry {
+                                error: format!("cannot append to the file: {error}"),
+                                after: None,
+                            };
+                        }
+                    }
+                }
+            }
+            Err(error) => outcomes.fill(DeliveryOutcome::Retry {
+                error: format!("file append did not finish: {error}"),
+                after: None,
+            }),
+        }
+        outcomes
     }
+}
+
+/// Appends `bytes` to the file at `path` (created, with its directory, if missing) with one
+/// write, so concurrent appends do not interleave, and syncs its data.
+fn append(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(directory) = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(directory)?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_data()
 }
 
 #[cfg(test)]
@@ -462,6 +508,37 @@ mod tests {
             Some(Duration::from_secs(42))
         );
         assert_eq!(after(answer("soon")), None);
+    }
+
+    #[actix_rt::test]
+    async fn lines_written_together_land_in_their_own_files_in_the_order_they_came() {
+        let directory = std::env::temp_dir().join(format!("file-append-{}", std::process::id()));
+        let (first, second) = (directory.join("a.jsonl"), directory.join("b/b.jsonl"));
+        let lines = vec![
+            (first.clone(), b"1".to_vec()),
+            (second.clone(), b"2".to_vec()),
+            (first.clone(), b"3".to_vec()),
+        ];
+        let outcomes = FileAppend.write(lines).await;
+        assert_eq!(outcomes, vec![DeliveryOutcome::Delivered; 3]);
+        assert_eq!(std::fs::read_to_string(&first).unwrap(), "1\n3\n");
+        assert_eq!(std::fs::read_to_string(&second).unwrap(), "2\n");
+
+        // A file that cannot be written fails its own lines only.
+        let blocked = first.join("not-a-directory.jsonl");
+        let outcomes = FileAppend
+            .write(vec![
+                (blocked, b"4".to_vec()),
+                (second.clone(), b"5".to_vec()),
+            ])
+            .await;
+        assert!(
+            matches!(outcomes[0], DeliveryOutcome::Retry { .. }),
+            "{outcomes:?}"
+        );
+        assert_eq!(outcomes[1], DeliveryOutcome::Delivered);
+        assert_eq!(std::fs::read_to_string(&second).unwrap(), "2\n5\n");
+        std::fs::remove_dir_all(directory).unwrap();
     }
 
     #[test]

@@ -23,7 +23,7 @@
 
 pub mod progress;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -689,6 +689,57 @@ impl EventLog {
         update.push_bind(change.step.starting_states());
         update.push(")");
         Ok(update.build().execute(connection).await?.rows_affected())
+    }
+
+    /// [`Move::Take`] of many events at once, each read from its own `Provenance`, all
+    /// leased until `lease_until`: one transaction that locks the rows, then moves those
+    /// that can be taken with one statement. The ids taken (the others are
+    /// [`Transition::Skipped`]: taken before, or settled).
+    pub async fn take_many(
+        &self,
+        takes: &[(EventId, Provenance)],
+        lease_until: DateTime<Utc>,
+    ) -> Result<BTreeSet<EventId>, EventLogError> {
+        if takes.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        let mut transaction = self.pool.begin().await?;
+        let ids: Vec<EventId> = takes.iter().map(|(id, _)| *id).collect();
+        let statuses = Self::lock_statuses_in(&mut transaction, &ids).await?;
+        let takeable: Vec<&(EventId, Provenance)> = takes
+            .iter()
+            .filter(|(id, _)| {
+                statuses
+                    .get(id)
+                    .is_some_and(|status| Move::Take.from().contains(status))
+            })
+            .collect();
+        if !takeable.is_empty() {
+            let mut take = sqlx::QueryBuilder::new("UPDATE event_log SET status = ");
+            take.push_bind(Move::Take.to());
+            take.push(", next_attempt_at = ").push_bind(lease_until);
+            take.push(", published_at = COALESCE(published_at, NOW(6))");
+            take.push(", source_partition = CASE event_id");
+            for (id, source) in &takeable {
+                take.push(" WHEN ").push_bind(*id);
+                take.push(" THEN ").push_bind(source.partition);
+            }
+            take.push(" END, source_offset = CASE event_id");
+            for (id, source) in &takeable {
+                take.push(" WHEN ").push_bind(*id);
+                take.push(" THEN ").push_bind(source.offset);
+            }
+            take.push(" END WHERE event_id IN (");
+            let mut separated = take.separated(", ");
+            for (id, _) in &takeable {
+                separated.push_bind(*id);
+            }
+            take.push(")");
+            // The rows are locked: every one of them moves.
+            take.build().execute(&mut *transaction).await?;
+        }
+        transaction.commit().await?;
+        Ok(takeable.into_iter().map(|(id, _)| *id).collect())
     }
 
     /// Locks the rows of `ids` for the caller's transaction and returns their statuses

@@ -1,6 +1,7 @@
+use std::collections::BTreeSet;
 use std::time::Duration;
 
-use commerce_events::event_log::{EventLog, EventStatus, Move, StatusChange};
+use commerce_events::event_log::{EventLog, EventStatus, Move, Provenance, StatusChange};
 
 use testkit::app::{TestApp, spawn_app};
 use testkit::wait::eventually;
@@ -104,4 +105,53 @@ async fn spawn_app_with_slow_relay() -> TestApp {
         .settings(|settings| settings.outbox.republish_after_ms = 60_000)
         .start()
         .await
+}
+
+#[actix_web::test]
+async fn events_taken_together_are_each_taken_once_where_they_were_read() {
+    let app = spawn_app_with_slow_relay().await;
+    let (first, settled, second) = (
+        app.commit_unpublished_probe("first").await,
+        app.commit_unpublished_probe("settled").await,
+        app.commit_unpublished_probe("second").await,
+    );
+    app.event_log
+        .change_status(settled, StatusChange::new(Move::Complete))
+        .await
+        .unwrap();
+    let read_at = |partition, offset| Provenance { partition, offset };
+    let lease = chrono::Utc::now() + chrono::Duration::seconds(30);
+
+    let taken = app
+        .event_log
+        .take_many(
+            &[
+                (first, read_at(0, 10)),
+                (settled, read_at(1, 11)),
+                (second, read_at(2, 12)),
+            ],
+            lease,
+        )
+        .await
+        .unwrap();
+    assert_eq!(taken, BTreeSet::from([first, second]));
+    for (event_id, source) in [(first, read_at(0, 10)), (second, read_at(2, 12))] {
+        let row = app.event(event_id).await.unwrap();
+        assert_eq!(row.status, EventStatus::InProgress);
+        assert_eq!(row.source, Some(source));
+        assert!(
+            row.next_attempt_at
+                .is_some_and(|due| (due - lease).num_milliseconds().abs() < 1)
+        );
+    }
+    let row = app.event(settled).await.unwrap();
+    assert_eq!((row.status, row.source), (EventStatus::Completed, None));
+
+    // A redelivery finds them taken.
+    let again = app
+        .event_log
+        .take_many(&[(first, read_at(0, 10))], lease)
+        .await
+        .unwrap();
+    assert!(again.is_empty());
 }
