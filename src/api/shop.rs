@@ -433,7 +433,7 @@ pub async fn update_product(
         .store
         .update_product(product_id, price, stock)
         .await?;
-    cache_changes(state.clone(), updated.events.events().to_vec()).await;
+    cache_changes(state.clone(), updated.events.events().cloned().collect()).await;
     updated.events.publish_within(ANSWER_WAIT).await;
     Ok(HttpResponse::Ok().json(updated.value))
 }

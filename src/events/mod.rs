@@ -92,13 +92,23 @@ impl EventType {
     }
 
     /// Whether its events are recorded proven (see the outbox): PUBLISHED from their
-    /// insert on, their publication proven by their consumer's progress in the same row.
-    /// Coupon requests: their consumer is one shared group whose committed offsets outlive
-    /// its members. Coupon results have no row at all: each is recorded in its request's row
-    /// (see the coupon slice's `results`), and their notifier's progress, NOTIFIED in that
-    /// row, proves their publication against the notifier member's own positions.
+    /// insert on, their publication proven by the progress of their consumers, shared groups
+    /// whose committed offsets outlive their members. Coupon requests (the issuer, progress
+    /// in the row), orders completed (the ranking, progress in its marks; the analytics
+    /// delivery, in the row), payments completed (the external delivery, in the row) and
+    /// product changes (the product cache, in the row). Coupon results have no row at all:
+    /// each is recorded in its request's row (see the coupon slice's `results`), and their
+    /// notifier's progress, NOTIFIED in that row, proves their publication against the
+    /// notifier member's own positions. Probes stay PENDING until marked: they check the
+    /// path the relay takes.
     pub fn recorded_proven(self) -> bool {
-        matches!(self, EventType::CouponRequested)
+        matches!(
+            self,
+            EventType::CouponRequested
+                | EventType::OrderCompleted
+                | EventType::PaymentCompleted
+                | EventType::ProductChanged
+        )
     }
 }
 

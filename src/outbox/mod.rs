@@ -2,20 +2,23 @@
 //!
 //! A request that causes events opens an [`OutboxTransaction`] ([`Outbox::begin`]), does its
 //! business writes on it, records its events in it ([`OutboxTransaction::record`]: event-log
-//! rows, PENDING), and commits ([`OutboxTransaction::commit`]). What the commit returns,
+//! rows, PENDING unless recorded proven, below), and commits ([`OutboxTransaction::commit`]). What the commit returns,
 //! [`Committed`], is the only way to publish those events, so nothing is published before it
 //! is committed. If the process dies between the commit and the broker's acknowledgement,
 //! the rows stay PENDING and the [`relay`] republishes them once they are older than
 //! `outbox.republish_after_ms`. An event can therefore reach Kafka twice; consumers
 //! deduplicate by event id.
 //!
-//! Events whose consumer (one shared group) records its progress in the event's own row (a
-//! coupon request) are recorded *proven* instead ([`OutboxTransaction::record_proven`]):
-//! PUBLISHED from the insert on, and never marked. Their publication is proven by the
-//! consumer's progress: an event its consumer has not settled although the consumer's group
-//! has read past where the topic ended after the event's commit was not in the log, and
-//! the [reconciler] publishes it again. That saves the PUBLISHED mark, one row write per
-//! event, on the path that carries the most events.
+//! Events whose consumers are shared groups that each keep their own progress (in the
+//! event's row, or in the ranking's marks) are recorded *proven* instead: coupon requests,
+//! orders completed, payments completed and product changes
+//! ([`crate::events::EventType::recorded_proven`]; [`OutboxTransaction::record`] chooses by
+//! type). They are PUBLISHED from the insert on, and never marked. Their publication is
+//! proven by each consumer's progress: an event a consumer has not settled although the
+//! consumer's group has read past where the topic ended after the event's commit was not in
+//! the log, and the [reconciler] publishes it again. That saves the PUBLISHED mark, one row
+//! write per event, on the paths that carry the most events; only probes, which check the
+//! relay's path, are still recorded PENDING and marked.
 //!
 //! Coupon results go one step further: they have no row of their own. The issuer records
 //! each decision, with the id of the result event that announces it, in the request's row
@@ -291,10 +294,20 @@ pub struct OutboxTransaction {
 }
 
 impl OutboxTransaction {
-    /// Writes the events' rows (PENDING) now, in this transaction.
+    /// Writes the events' rows now, in this transaction: PENDING, or PUBLISHED for the
+    /// event types recorded proven ([`crate::events::EventType::recorded_proven`], see the module
+    /// documentation).
     pub async fn record(&mut self, events: Vec<OutboxEvent>) -> Result<(), EventLogError> {
-        EventLog::insert_pending(&mut self.transaction, &events).await?;
-        self.events.extend(events);
+        let (proven, pending): (Vec<_>, Vec<_>) = events
+            .into_iter()
+            .partition(|event| event.envelope.event_type().recorded_proven());
+        if !pending.is_empty() {
+            EventLog::insert_pending(&mut self.transaction, &pending).await?;
+            self.events.extend(pending);
+        }
+        if !proven.is_empty() {
+            self.record_proven(proven).await?;
+        }
         Ok(())
     }
 
@@ -370,9 +383,9 @@ pub struct Committed {
 }
 
 impl Committed {
-    /// The events recorded PENDING (not those recorded proven).
-    pub fn events(&self) -> &[OutboxEvent] {
-        &self.events
+    /// The events committed, those recorded PENDING and those recorded proven.
+    pub fn events(&self) -> impl Iterator<Item = &OutboxEvent> {
+        self.events.iter().chain(&self.proven)
     }
 
     /// Publishes the events in the background and waits for that at most `wait`: a request

@@ -17,7 +17,10 @@
 //! 4. write each table with one statement for the whole batch (`UPDATE … CASE`, multi-row
 //!    `INSERT`), checking every statement's row count against the decisions; payment ids are
 //!    read back by their orders (a unique key), never assumed consecutive;
-//! 5. record the events (PENDING, as one payment alone does) and the idempotent answers;
+//! 5. record the events and the idempotent answers: each payment's OrderCompleted and
+//!    PaymentCompleted, and one ProductChanged per product the batch changed, with the
+//!    product as the batch leaves it (a product's events carry its version, so the cache and
+//!    its readers only ever need the latest);
 //!
 //! then commit, publish the events and answer every waiting payment. A batch that fails on a
 //! transient error (a deadlock victim) is tried again; one that fails otherwise runs again one
@@ -32,6 +35,7 @@ use sqlx::{MySqlConnection, QueryBuilder};
 use crate::common::ids::{CouponHistoryId, OrderId, PaymentId, ProductId, UserId};
 use crate::coupons::store::HeldStatus;
 use crate::event_log::OutboxEvent;
+use crate::events::ProductChange;
 use crate::guards::idempotency::{self, Claim, IdempotencyKey, StoredAnswer};
 use crate::observability::trace::{self, TraceParent};
 use crate::outbox::{ANSWER_WAIT, Outbox, OutboxTransaction};
@@ -121,7 +125,7 @@ impl GroupCommit for Payments {
         };
         match paid? {
             Answered::Fresh(changed) => {
-                let events = changed.events.events().to_vec();
+                let events = changed.events.events().cloned().collect();
                 changed.events.publish_within(ANSWER_WAIT).await;
                 Ok(Answered::Fresh(Paid {
                     payment: changed.value,
@@ -220,6 +224,8 @@ async fn make_payments(
     let mut made = BTreeMap::new();
     let mut events = Vec::new();
     let mut answers = Vec::new();
+    // The trace of the last payment that changed each product.
+    let mut changed: BTreeMap<ProductId, Option<String>> = BTreeMap::new();
     for (request, order, products) in paid {
         let payment_id = payment_ids[&order.order_id];
         let payment = Payment {
@@ -228,16 +234,35 @@ async fn make_payments(
             status: OrderStatus::Completed,
             amount: order.pay_amount,
         };
-        let mut payment_events = payment_events(order, payment_id, products, request.now);
         let traceparent = request.trace.as_ref().map(TraceParent::header_value);
+        let mut payment_events = payment_events(order, payment_id, &[], request.now);
         for event in &mut payment_events {
             event.envelope.traceparent = traceparent.clone();
+        }
+        for product in *products {
+            changed.insert(product.product_id, traceparent.clone());
         }
         events.extend(payment_events.iter().cloned());
         if let Some(key) = &request.key {
             answers.push((key, StoredAnswer::json(200, &payment)));
         }
         made.insert(order.order_id, (payment, payment_events));
+    }
+    // One ProductChanged per product the batch changed, with its state after the batch,
+    // answered with the batch's last payment (whose answer writes them to the cache).
+    let product_events: Vec<OutboxEvent> = changed
+        .into_iter()
+        .map(|(product_id, traceparent)| {
+            let mut event = locked.products[&product_id].changed(ProductChange::StockChanged);
+            event.envelope.traceparent = traceparent;
+            event
+        })
+        .collect();
+    events.extend(product_events.iter().cloned());
+    if let Some((_, last, _)) = paid.last()
+        && let Some((_, last_events)) = made.get_mut(&last.order_id)
+    {
+        last_events.extend(product_events);
     }
     transaction.record(events).await?;
     // A key stored since the claim (another batch's first request with it) fails the

@@ -100,7 +100,7 @@ pub struct Product {
 }
 
 impl Product {
-    fn changed(&self, change: ProductChange) -> OutboxEvent {
+    pub(super) fn changed(&self, change: ProductChange) -> OutboxEvent {
         OutboxEvent::new(EventEnvelope::new(
             self.product_id.partition_key(),
             EventPayload::ProductChanged(ProductChanged {

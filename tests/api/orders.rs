@@ -636,3 +636,80 @@ async fn product_changes_reach_the_cache_that_product_reads_go_through() {
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+#[actix_web::test]
+async fn a_batch_of_payments_records_one_product_change_per_product_with_its_last_state() {
+    use commerce_events::common::ids::{OrderId, UserId};
+    use commerce_events::outbox::Outbox;
+    use commerce_events::shop::intake::GroupCommit;
+    use commerce_events::shop::payments::{PaymentRequest, Payments};
+
+    let app = spawn_app().await;
+    let (keyboard, mouse) = (
+        app.create_product("Keyboard", 100, 50).await,
+        app.create_product("Mouse", 100, 50).await,
+    );
+    let buyer = app.create_user(1_000_000).await;
+    let orders = [
+        app.place_order(buyer, &[(keyboard, 2)]).await,
+        app.place_order(buyer, &[(keyboard, 3), (mouse, 1)]).await,
+        app.place_order(buyer, &[(keyboard, 4)]).await,
+    ];
+    let requests: Vec<PaymentRequest> = orders
+        .iter()
+        .map(|order_id| PaymentRequest {
+            order_id: OrderId::from_u64(*order_id).unwrap(),
+            payer: UserId::from_u64(buyer).unwrap(),
+            now: chrono::Utc::now(),
+            key: None,
+            trace: None,
+        })
+        .collect();
+    let outbox = Outbox::new(app.event_log.clone(), app.publisher.clone());
+    let payments = Payments::new(outbox.clone());
+    let mut transaction = outbox.begin().await.unwrap();
+    let answers = payments
+        .write_in(&mut transaction, &requests)
+        .await
+        .unwrap();
+    assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+    let committed = transaction.commit().await.unwrap();
+
+    let changes: Vec<(ProductId, u32)> = committed
+        .events()
+        .filter_map(|event| match &event.envelope.payload {
+            EventPayload::ProductChanged(change) => Some((change.product_id, change.stock)),
+            _ => None,
+        })
+        .collect();
+    let id = |id| ProductId::from_u64(id).unwrap();
+    assert_eq!(changes, vec![(id(keyboard), 41), (id(mouse), 49)]);
+    let kinds: Vec<&str> = committed
+        .events()
+        .map(|event| event.envelope.event_type().as_str())
+        .collect();
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|kind| **kind == "OrderCompleted")
+            .count(),
+        3
+    );
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|kind| **kind == "PaymentCompleted")
+            .count(),
+        3
+    );
+    committed.publish().await;
+    for (product, stock) in [(keyboard, 41), (mouse, 49)] {
+        let path = format!("/products/{product}");
+        eventually(
+            "the cache has the batch's last state",
+            Duration::from_secs(20),
+            || async { app.get(&path).await.1["stock"] == stock },
+        )
+        .await;
+    }
+}

@@ -7,7 +7,7 @@ use actix_web::http::StatusCode;
 use chrono::{DateTime, Utc};
 use commerce_events::common::clock::{Clock, ManualClock};
 use commerce_events::common::ids::{OrderId, ProductId, UserId};
-use commerce_events::event_log::OutboxEvent;
+use commerce_events::event_log::{EventStatus, OutboxEvent};
 use commerce_events::events::topics;
 use commerce_events::events::{EventEnvelope, EventPayload, OrderCompleted, OrderedProduct};
 use serde_json::{Value, json};
@@ -244,4 +244,55 @@ async fn a_lost_ranking_is_rebuilt_from_mysql_exactly_and_a_rebuild_counts_nothi
         "{event}"
     );
     assert_eq!(event["deadLetters"], serde_json::json!([]));
+}
+
+#[actix_web::test]
+async fn a_completed_order_never_published_reaches_the_ranking_and_analytics_through_the_reconciler()
+ {
+    let app = testkit::app::spawn_app().await;
+    let envelope = EventEnvelope::new(
+        "order:91".to_string(),
+        EventPayload::OrderCompleted(OrderCompleted {
+            order_id: OrderId::from_u64(91).unwrap(),
+            user_id: UserId::from_u64(1).unwrap(),
+            products: vec![OrderedProduct {
+                id: ProductId::from_u64(591).unwrap(),
+                qty: 7,
+            }],
+            total_amount: 7_000,
+        }),
+    );
+    let event_id = envelope.event_id;
+    // Committed as a payment commits it, then lost before it reached Kafka.
+    app.record_in_outbox(&OutboxEvent::new(envelope)).await;
+    assert_eq!(
+        app.event(event_id).await.unwrap().status,
+        EventStatus::Published,
+        "recorded proven: nothing for the relay"
+    );
+
+    eventually(
+        "the ranking counts it and the analytics delivery completed it",
+        WAIT,
+        || async {
+            ranking(&app, "").await == vec![(591, 7)]
+                && app
+                    .event(event_id)
+                    .await
+                    .is_some_and(|row| row.status == EventStatus::Completed)
+        },
+    )
+    .await;
+    let (_, tree) = app.get("/admin/actors").await;
+    assert_eq!(tree["outboxRelay"]["republished"], 0, "{tree}");
+    let redriven = |consumer: &str| {
+        tree["reconciler"]["consumers"][consumer]["redriven"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    assert!(
+        redriven("RankingUpdater") + redriven("OrderAnalytics") >= 1,
+        "{}",
+        tree["reconciler"]
+    );
 }
