@@ -34,6 +34,7 @@ cleanup() {
   kill -TERM "$daemon" 2>/dev/null || true
   wait "$daemon" 2>/dev/null || true
   mysql_q -e "DROP DATABASE IF EXISTS $database" || true
+  [ -n "${userstat_was:-}" ] && mysql_q -e "SET GLOBAL userstat = $userstat_was" || true
   redis-cli --scan --pattern "$database:*" | xargs -r -n 1000 redis-cli del >/dev/null || true
   rm -rf "$work"
 }
@@ -57,27 +58,33 @@ export TOKENS=$work/tokens PRODUCTS=$work/products
 
 mariadb_pid=$(pgrep -o -x mariadbd || pgrep -o -x mysqld)
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-status_of() { mysql_q -e "SHOW GLOBAL STATUS WHERE Variable_name IN ('Questions','Com_commit')" | awk '{printf "%s ", $2}'; }
+status_of() { mysql_q -e "SHOW GLOBAL STATUS WHERE Variable_name IN ('Questions','Com_commit','Innodb_data_fsyncs')" | awk '{printf "%s ", $2}'; }
+# Row writes per table from MariaDB's user statistics (switched on for the run, as it was after).
+userstat_was=$(mysql_q -e "SELECT @@GLOBAL.userstat")
+mysql_q -e "SET GLOBAL userstat = 1"
+row_writes() { mysql_q -e "SELECT TABLE_NAME, ROWS_CHANGED FROM information_schema.TABLE_STATISTICS WHERE TABLE_SCHEMA = '$database'" | tr '\t\n' ': '; }
 hz=$(getconf CLK_TCK)
 
 phase() { # name wrk-script env... ; then prints the counts per unit (unit rows from $count_sql)
   local name=$1 script=$2 count_sql=$3 span_sql=$4
   local before_rows before_status before_daemon before_mariadb
   before_rows=$(mysql_q "$database" -e "$count_sql")
-  read -r before_commit before_questions <<<"$(status_of)"
+  mysql_q -e "FLUSH TABLE_STATISTICS"
+  read -r before_commit before_fsyncs before_questions <<<"$(status_of)"
   before_daemon=$(ticks "$daemon"); before_mariadb=$(ticks "$mariadb_pid")
   WRK_THREADS=$threads wrk -t"$threads" -c"$connections" -d"${seconds}s" --timeout 10s \
     -s "$here/$script" "$base" >"$work/$name.wrk"
-  local rows commit questions daemon_ticks mariadb_ticks span
+  local rows commit fsyncs questions daemon_ticks mariadb_ticks span writes
   rows=$(( $(mysql_q "$database" -e "$count_sql") - before_rows ))
-  read -r commit questions <<<"$(status_of)"
+  read -r commit fsyncs questions <<<"$(status_of)"
+  writes=$(row_writes)
   daemon_ticks=$(( $(ticks "$daemon") - before_daemon ))
   mariadb_ticks=$(( $(ticks "$mariadb_pid") - before_mariadb ))
   span=$(mysql_q "$database" -e "$span_sql")
   python3 - "$name" "$rows" "$span" $((questions - before_questions)) $((commit - before_commit)) \
-    "$daemon_ticks" "$mariadb_ticks" "$hz" "$work/$name.wrk" <<'PY'
+    "$daemon_ticks" "$mariadb_ticks" "$hz" "$work/$name.wrk" $((fsyncs - before_fsyncs)) "$writes" <<'PY'
 import re, sys
-name, rows, span, questions, commits, daemon, mariadb, hz, wrk = sys.argv[1:]
+name, rows, span, questions, commits, daemon, mariadb, hz, wrk, fsyncs, writes = sys.argv[1:]
 rows, span = int(rows), float(span or 0)
 text = open(wrk).read()
 latency = re.search(r"Latency\s+(\S+)\s+(\S+)\s+(\S+)", text)
@@ -90,6 +97,10 @@ print(f"{name}: {rows} rows, {rows / span if span else 0:,.0f}/s over {span:.1f}
       f"MariaDB {per(int(mariadb) / int(hz) * 1e6):.0f} µs; wrk latency avg {latency.group(1) if latency else '?'}; "
       f"non-2xx {errors.group(1) if errors else 0}"
       + (f" ({statuses.group(1)})" if statuses else ""))
+tables = [pair.split(":") for pair in writes.split() if ":" in pair]
+print(f"  {per(fsyncs):.3f} InnoDB fsyncs per {name[:-1]}; row writes per {name[:-1]} (during the phase): "
+      f"{per(sum(int(n) for _, n in tables)):.2f} = "
+      + ", ".join(f"{table} {per(int(n)):.2f}" for table, n in sorted(tables, key=lambda t: -int(t[1]))))
 PY
 }
 
@@ -143,6 +154,27 @@ print(f'consumers caught up {caught - end:.1f} s after the payment phase; CPU pe
       f'daemon {daemon / hz * 1e6 / payments:.0f} µs, MariaDB {mariadb / hz * 1e6 / payments:.0f} µs')
 " "$phase_end" "$caught_up" "$payments" $(( $(ticks "$daemon") - pay_start_daemon )) \
   $(( $(ticks "$mariadb_pid") - pay_start_mariadb )) "$hz"
+# Ranking lag, from each payment's commit to its units in the sorted set (the daemon's
+# histogram, interpolated within its buckets).
+curl -fs "$base/metrics" | python3 -c '
+import re, sys
+buckets = []
+for line in sys.stdin:
+    found = re.match(r"payment_ranking_applied_seconds_bucket\{le=\"([^\"]+)\"\} (\S+)", line)
+    if found:
+        buckets.append((float("inf") if found.group(1) == "+Inf" else float(found.group(1)), float(found.group(2))))
+total = buckets[-1][1] if buckets else 0
+def quantile(q):
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"): return lower
+            return lower + (bound - lower) * (rank - below) / max(count - below, 1)
+        lower, below = bound, count
+    return lower
+within = next((count for bound, count in buckets if bound == 0.1), 0)
+print(f"ranking lag (commit → sorted set) over {total:.0f} payments: p50 {quantile(0.5) * 1e3:.0f} ms, "
+      f"p99 {quantile(0.99) * 1e3:.0f} ms; within 100 ms: {100 * within / max(total, 1):.1f} %")'
 mysql_q "$database" -e "
   SELECT 'stock taken = units paid',
          (SELECT 10000000 * COUNT(*) - SUM(stock) FROM product) = $paid_units;
