@@ -17,8 +17,10 @@ use sqlx::MySqlPool;
 use crate::report::{Cell, Column, Table};
 
 /// The MariaDB counters read: (status variable, table header, JSON key).
-const MYSQL_COUNTERS: [(&str, &str, &str); 8] = [
+const MYSQL_COUNTERS: [(&str, &str, &str); 9] = [
     ("QUESTIONS", "statements", "statements"),
+    // Pings and the protocol's other administrative commands, which `Questions` leaves out.
+    ("COM_ADMIN_COMMANDS", "pings", "pings"),
     ("COM_COMMIT", "commits", "commits"),
     ("HANDLER_WRITE", "row inserts", "row_inserts"),
     ("HANDLER_UPDATE", "row updates", "row_updates"),
@@ -180,6 +182,34 @@ impl Meters {
         Ok(all)
     }
 
+    /// The buckets of histogram `name` (upper bound in seconds, cumulative count), summed
+    /// over every daemon.
+    pub async fn histogram(&self, name: &str) -> anyhow::Result<Histogram> {
+        let exposition = self.scrape().await?;
+        let prefix = format!("{name}_bucket{{");
+        let mut buckets: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
+        for line in exposition.lines().filter(|line| line.starts_with(&prefix)) {
+            let Some(bound) = line
+                .split("le=\"")
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+            else {
+                continue;
+            };
+            let bound = if bound == "+Inf" {
+                f64::INFINITY
+            } else {
+                bound.parse()?
+            };
+            let count: f64 = line.rsplit(' ').next().unwrap_or("0").parse()?;
+            let entry = buckets.entry(bound.to_bits()).or_insert((bound, 0.0));
+            entry.1 += count;
+        }
+        let mut buckets: Vec<(f64, f64)> = buckets.into_values().collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Ok(Histogram(buckets))
+    }
+
     /// Waits until the daemon has nothing left to do: no consumer group lags and no outbox
     /// row waits, in two scrapes a second apart (the lag is refreshed periodically). Asks the
     /// daemon rather than the database, so the wait costs no statements of its own.
@@ -290,6 +320,61 @@ impl Reading {
                 .map(|(later, earlier)| (later - earlier).max(0.0) as u64),
             cpu_us,
         }
+    }
+}
+
+/// A histogram as scraped: (upper bound in seconds, cumulative count), by bound.
+#[derive(Clone, Debug, Default)]
+pub struct Histogram(Vec<(f64, f64)>);
+
+impl Histogram {
+    /// What was observed from `self` to `later`.
+    pub fn until(&self, later: &Histogram) -> Histogram {
+        Histogram(
+            later
+                .0
+                .iter()
+                .map(|(bound, count)| {
+                    let before = self
+                        .0
+                        .iter()
+                        .find(|(earlier, _)| earlier == bound)
+                        .map_or(0.0, |(_, count)| *count);
+                    (*bound, count - before)
+                })
+                .collect(),
+        )
+    }
+
+    pub fn count(&self) -> f64 {
+        self.0.last().map_or(0.0, |(_, count)| *count)
+    }
+
+    /// The `quantile` (0 to 1) in seconds, interpolated linearly within its bucket (the
+    /// bucket's upper bound when it is the last, unbounded one).
+    pub fn quantile(&self, quantile: f64) -> f64 {
+        let rank = quantile * self.count();
+        let (mut lower, mut below) = (0.0, 0.0);
+        for (bound, count) in &self.0 {
+            if *count >= rank && *count > below {
+                if bound.is_infinite() {
+                    return lower;
+                }
+                return lower + (bound - lower) * (rank - below) / (count - below);
+            }
+            (lower, below) = (*bound, *count);
+        }
+        lower
+    }
+
+    /// The share of observations at most `bound` seconds (a bucket's bound).
+    pub fn share_within(&self, bound: f64) -> f64 {
+        let within = self
+            .0
+            .iter()
+            .find(|(upper, _)| *upper >= bound)
+            .map_or(0.0, |(_, count)| *count);
+        within / self.count().max(1.0)
     }
 }
 
@@ -453,6 +538,26 @@ mod tests {
     fn finds_an_info_field() {
         let info = "# Stats\r\ntotal_connections_received:5\r\ntotal_commands_processed:42\r\n";
         assert_eq!(info_field(info, "total_commands_processed"), Some(42));
+    }
+
+    #[test]
+    fn a_histograms_quantiles_are_interpolated_within_the_phases_buckets() {
+        let before = Histogram(vec![(0.01, 10.0), (0.1, 10.0), (f64::INFINITY, 10.0)]);
+        let after = Histogram(vec![(0.01, 60.0), (0.1, 110.0), (f64::INFINITY, 110.0)]);
+        let phase = before.until(&after);
+        assert_eq!(phase.count(), 100.0);
+        assert!(
+            (phase.quantile(0.5) - 0.01).abs() < 1e-9,
+            "{}",
+            phase.quantile(0.5)
+        );
+        assert!(
+            (phase.quantile(0.75) - 0.055).abs() < 1e-9,
+            "{}",
+            phase.quantile(0.75)
+        );
+        assert_eq!(phase.share_within(0.1), 1.0);
+        assert_eq!(phase.share_within(0.01), 0.5);
     }
 
     #[test]

@@ -45,8 +45,8 @@ enum Scenario {
     /// Ranking updates through the RankingUpdater against raw pipelined ZINCRBY, and a
     /// replay that must count nothing.
     Ranking(ranking::Options),
-    /// Orders and payments through the daemon binary: payments/s, pay latency, and the lag
-    /// until the ranking counts them.
+    /// Orders and payments through the daemon binary, by shape (products spread, one hot
+    /// product, coupons, Idempotency-Key): payments/s, latencies, ranking lag, costs.
     Payments(payments::Options),
     /// Webhook deliveries per ordering of `external-event-group`, through the daemon binary.
     Webhooks(webhooks::Options),

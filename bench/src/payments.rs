@@ -3,15 +3,22 @@
 //! this process.
 //!
 //! `buyers` buyers (each charged a large balance) and `products` products (ample stock).
-//! `clients` concurrent clients, for `seconds`: each places an order of one unit of a product
-//! (`POST /orders`) and pays it (`POST /orders/{id}/pay`: stock, balance and outbox in one
-//! transaction), then the next, going round its own share of the buyers and round the
-//! products. Meanwhile the ranking (`GET /products/ranking`) is read every 20 ms; the k-th
-//! unit of a product paid (in the order the payments were answered) is reflected when a
-//! reading first shows k units of it. The lag from a payment's answer to that reading is
-//! the ranking lag, to within the 20 ms of the readings.
+//! Each shape is a phase of `seconds`: `clients` concurrent clients, each placing an order
+//! of one unit (`POST /orders`) and paying it (`POST /orders/{id}/pay`) as one of its own
+//! share of the buyers, then the next:
 //!
-//! At the end the ranking must count every paid unit exactly once. Costs per payment (its
+//! - `spread`: the products in turn;
+//! - `hot`: every order for the first product, so every payment of a batch takes the same
+//!   product row;
+//! - `coupons`: the products in turn, every order spending a coupon its buyer holds (issued
+//!   before the phase through `POST /coupons/issue`, `coupons` of them per buyer); a client
+//!   stops early when its buyers hold no coupon any more;
+//! - `keys`: the products in turn, every payment sent with an `Idempotency-Key`, and every
+//!   tenth sent a second time with the same key, which must replay the same payment.
+//!
+//! After each phase the ranking must count every paid unit exactly once. The ranking lag is
+//! the daemon's own `payment_ranking_applied_seconds`, from each payment's commit to its
+//! units in the sorted set (the reader's HTTP latency is not in it). Costs per payment (its
 //! order included) come from [`crate::costs`].
 
 use std::cell::RefCell;
@@ -23,8 +30,10 @@ use anyhow::{Context, bail};
 use commerce_events::common::connections;
 use commerce_events::config::Settings;
 use commerce_events::guards::tokens::Authenticator;
+use futures::StreamExt;
 use secrecy::SecretString;
 use serde_json::{Value, json};
+use sqlx::MySqlPool;
 
 use crate::chart::nearest_rank;
 use crate::costs::{CostTable, Meters};
@@ -33,34 +42,70 @@ use crate::load;
 use crate::report::{Cell, Column, Report, Table};
 
 const JWT_SECRET: &str = "bench-secret-of-the-payment-scenario";
-/// How often the ranking is read.
-const READING_INTERVAL: Duration = Duration::from_millis(20);
+
+/// How payments are made in a phase (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Shape {
+    Spread,
+    Hot,
+    Coupons,
+    Keys,
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.name())
+    }
+}
+
+impl Shape {
+    fn name(self) -> &'static str {
+        match self {
+            Shape::Spread => "spread",
+            Shape::Hot => "hot",
+            Shape::Coupons => "coupons",
+            Shape::Keys => "keys",
+        }
+    }
+}
 
 #[derive(clap::Args)]
 pub struct Options {
     /// Buyers, shared out among the clients.
-    #[arg(long, default_value_t = 1_000)]
+    #[arg(long, default_value_t = 2_000)]
     pub buyers: u64,
     /// Products bought, in turn (at most 100: the ranking answers up to 100).
     #[arg(long, default_value_t = 100)]
     pub products: u64,
     /// Concurrent clients, each ordering and paying one order after another.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 256)]
     pub clients: usize,
-    /// How long the clients order and pay.
+    /// How long each phase's clients order and pay.
     #[arg(long, default_value_t = 20)]
     pub seconds: u64,
+    /// The phases, in this order.
+    #[arg(long, value_delimiter = ',', default_values_t = [Shape::Spread, Shape::Hot, Shape::Coupons, Shape::Keys])]
+    pub shapes: Vec<Shape>,
+    /// Coupons each buyer holds for the `coupons` phase (one coupon of each of this many).
+    #[arg(long, default_value_t = 20)]
+    pub coupons: u64,
 }
-
-/// Readings of the ranking: when, and the units counted by product.
-type Readings = Vec<(Instant, BTreeMap<u64, u64>)>;
 
 /// One payment as its client saw it.
 struct Paid {
     product: u64,
-    answered: Instant,
     order_ms: f64,
     pay_ms: f64,
+}
+
+/// What a phase's clients saw.
+#[derive(Default)]
+struct Phase {
+    paid: Vec<Paid>,
+    failures: std::cell::Cell<u64>,
+    replays: u64,
+    /// Clients that ran out of coupons before the end.
+    out_of_coupons: u64,
 }
 
 pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
@@ -74,29 +119,39 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
     settings.auth.jwt_secret = SecretString::from(JWT_SECRET);
     let prefix = format!("{database}:");
     let unlimited = "1000000".to_string();
-    let overrides = [
+    let mut overrides = vec![
         ("APP_DATABASE__URL", database_url.clone()),
         ("APP_REDIS__KEY_PREFIX", prefix),
         ("APP_INSTANCE__ID", "bench".to_string()),
         ("APP_AUTH__JWT_SECRET", JWT_SECRET.to_string()),
-        ("APP_LIMITS__ORDER_CREATE__PER_SECOND", unlimited.clone()),
-        ("APP_LIMITS__ORDER_CREATE__BURST", unlimited.clone()),
-        ("APP_LIMITS__PAYMENT__PER_SECOND", unlimited.clone()),
-        ("APP_LIMITS__PAYMENT__BURST", unlimited.clone()),
-        ("APP_LIMITS__CHARGE__PER_SECOND", unlimited.clone()),
-        ("APP_LIMITS__CHARGE__BURST", unlimited.clone()),
-        // The ranking is read anonymously, 50 times a second.
-        ("APP_LIMITS__ANONYMOUS__PER_SECOND", unlimited.clone()),
-        ("APP_LIMITS__ANONYMOUS__BURST", unlimited),
     ];
+    for name in [
+        "APP_LIMITS__ORDER_CREATE__PER_SECOND",
+        "APP_LIMITS__ORDER_CREATE__BURST",
+        "APP_LIMITS__PAYMENT__PER_SECOND",
+        "APP_LIMITS__PAYMENT__BURST",
+        "APP_LIMITS__CHARGE__PER_SECOND",
+        "APP_LIMITS__CHARGE__BURST",
+        "APP_LIMITS__COUPON_ISSUE__PER_SECOND",
+        "APP_LIMITS__COUPON_ISSUE__BURST",
+        // The ranking is read anonymously after each phase.
+        "APP_LIMITS__ANONYMOUS__PER_SECOND",
+        "APP_LIMITS__ANONYMOUS__BURST",
+    ] {
+        overrides.push((name, unlimited.clone()));
+    }
     report.note(format!(
-        "scenario payments: {} buyers over {} products, {} clients for {} s, the ranking read \
-         every {} ms",
+        "scenario payments: {} buyers over {} products, {} clients, {} s per phase ({})",
         options.buyers,
         options.products,
         options.clients,
         options.seconds,
-        READING_INTERVAL.as_millis()
+        options
+            .shapes
+            .iter()
+            .map(|shape| shape.name())
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
     let auth = Authenticator::from_settings(&settings.auth, &settings.kafka)?;
     let daemon = start_daemon(&overrides)?;
@@ -109,147 +164,16 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
         address: daemon.address.clone(),
         auth,
     };
-    let mut products = Vec::new();
-    for number in 0..options.products {
-        let (status, product) = shop
-            .post(
-                1,
-                true,
-                "/products",
-                json!({"name": format!("Product {number}"), "price": 1, "stock": 10_000_000}),
-            )
-            .await?;
-        if status != 201 {
-            bail!("create product: {status} {product}");
-        }
-        products.push(product["productId"].as_u64().context("a product id")?);
-    }
-    let mut buyers = Vec::new();
-    for _ in 0..options.buyers {
-        let (status, user) = shop
-            .post(1, true, "/users", json!({"name": "Buyer"}))
-            .await?;
-        if status != 201 {
-            bail!("create user: {status} {user}");
-        }
-        let buyer = user["userId"].as_u64().context("a user id")?;
-        let (status, charged) = shop
-            .post(
-                buyer,
-                false,
-                &format!("/users/{buyer}/balance/charge"),
-                json!({"amount": 100_000_000u64}),
-            )
-            .await?;
-        if status != 200 {
-            bail!("charge: {status} {charged}");
-        }
-        buyers.push(buyer);
-    }
+    let products = shop.create_products(options.products).await?;
+    let buyers = shop.create_buyers(options.buyers).await?;
     let pool = connections::connect_mysql(&settings.database, 2).await?;
     let meters = Meters::of_daemon(pool.clone(), &settings, &daemon).await?;
     meters.wait_settled().await?;
 
-    let before = meters.read().await?;
-    let readings: Rc<RefCell<Readings>> = Rc::default();
-    let reading = Rc::new(std::cell::Cell::new(true));
-    let reader = actix_rt::spawn({
-        let (shop, readings, reading) = (shop.clone(), readings.clone(), reading.clone());
-        let limit = options.products;
-        async move {
-            let mut ticker = tokio::time::interval(READING_INTERVAL);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            while reading.get() {
-                ticker.tick().await;
-                if let Ok(ranking) = shop.ranking(limit).await {
-                    readings.borrow_mut().push((Instant::now(), ranking));
-                }
-            }
-        }
-    });
-    let paid: Rc<RefCell<Vec<Paid>>> = Rc::default();
-    let failures = Rc::new(std::cell::Cell::new(0u64));
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(options.seconds);
-    let clients = options.clients.max(1);
-    let workers: Vec<_> = (0..clients)
-        .map(|worker| {
-            let own: Vec<u64> = buyers
-                .iter()
-                .copied()
-                .skip(worker)
-                .step_by(clients)
-                .collect();
-            let (shop, products, paid, failures) = (
-                shop.clone(),
-                products.clone(),
-                paid.clone(),
-                failures.clone(),
-            );
-            actix_rt::spawn(async move {
-                if own.is_empty() {
-                    return;
-                }
-                let mut round = worker;
-                while Instant::now() < deadline {
-                    let buyer = own[round % own.len()];
-                    let product = products[round % products.len()];
-                    round += 1;
-                    match shop.order_and_pay(buyer, product).await {
-                        Ok((order_ms, pay_ms)) => paid.borrow_mut().push(Paid {
-                            product,
-                            answered: Instant::now(),
-                            order_ms,
-                            pay_ms,
-                        }),
-                        Err(error) => load::count_failure(&failures, format!("payments: {error}")),
-                    }
-                }
-            })
-        })
-        .collect();
-    futures::future::join_all(workers).await;
-    let elapsed = started.elapsed();
-    let paid = std::mem::take(&mut *paid.borrow_mut());
-    let mut expected: BTreeMap<u64, u64> = BTreeMap::new();
-    for payment in &paid {
-        *expected.entry(payment.product).or_default() += 1;
-    }
-    // Every paid unit in the ranking, exactly once.
-    let settle_deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let last = readings.borrow().last().map(|(_, ranking)| ranking.clone());
-        if last.as_ref() == Some(&expected) {
-            break;
-        }
-        if let Some(last) = &last
-            && last
-                .iter()
-                .any(|(product, units)| *units > expected.get(product).copied().unwrap_or(0))
-        {
-            bail!("the ranking counted more than was paid: {last:?} against {expected:?}");
-        }
-        if Instant::now() > settle_deadline {
-            bail!("the ranking did not reach what was paid: {last:?} against {expected:?}");
-        }
-        tokio::time::sleep(READING_INTERVAL).await;
-    }
-    reading.set(false);
-    reader.await?;
-    meters.wait_settled().await?;
-    let after = meters.read().await?;
-
-    let lags = ranking_lags(&paid, &readings.borrow());
-    let percentile = |values: &mut Vec<f64>, p: f64| {
-        values.sort_by(f64::total_cmp);
-        nearest_rank(values, p)
-    };
-    let mut order_ms: Vec<f64> = paid.iter().map(|payment| payment.order_ms).collect();
-    let mut pay_ms: Vec<f64> = paid.iter().map(|payment| payment.pay_ms).collect();
-    let mut lags = lags;
     let mut table = Table::new(
         "payments",
         vec![
+            Column::left("shape", "shape"),
             Column::right("payments", "payments"),
             Column::right("failed", "failed"),
             Column::right("payments/s", "payments_per_second"),
@@ -259,63 +183,238 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
             Column::right("pay p99 ms", "pay_p99_ms"),
             Column::right("ranking lag p50 ms", "ranking_lag_p50_ms"),
             Column::right("ranking lag p99 ms", "ranking_lag_p99_ms"),
+            Column::right("lag ≤ 100 ms", "ranking_lag_within_100_ms"),
+            Column::right("replays", "replays"),
             Column::left("ranking", "ranking"),
         ],
     );
-    table.row(vec![
-        Cell::count(paid.len() as u64),
-        Cell::count(failures.get()),
-        Cell::number(paid.len() as f64 / elapsed.as_secs_f64(), 0),
-        Cell::number(percentile(&mut order_ms, 50.0), 1),
-        Cell::number(percentile(&mut order_ms, 99.0), 1),
-        Cell::number(percentile(&mut pay_ms, 50.0), 1),
-        Cell::number(percentile(&mut pay_ms, 99.0), 1),
-        Cell::number(percentile(&mut lags, 50.0), 1),
-        Cell::number(percentile(&mut lags, 99.0), 1),
-        Cell::text("every paid unit counted once"),
-    ]);
-    report.table(table);
     let mut costs = CostTable::new();
-    costs.add(
-        "order and payment",
-        "payment",
-        paid.len() as u64,
-        before.until(&after),
-    );
-    report.table(costs.table("costs per payment (its order included)"));
+    let mut ranked: BTreeMap<u64, u64> = BTreeMap::new();
+    for shape in options.shapes.clone() {
+        let holdings = if shape == Shape::Coupons {
+            hold_coupons(&shop, &pool, &buyers, options.coupons).await?
+        } else {
+            BTreeMap::new()
+        };
+        meters.wait_settled().await?;
+        let before = meters.read().await?;
+        let lag_before = meters.histogram("payment_ranking_applied_seconds").await?;
+        let started = Instant::now();
+        let phase = run_phase(&shop, &options, shape, &products, &buyers, holdings).await;
+        let elapsed = started.elapsed();
+        for payment in &phase.paid {
+            *ranked.entry(payment.product).or_default() += 1;
+        }
+        shop.wait_for_ranking(&ranked, options.products).await?;
+        meters.wait_settled().await?;
+        let after = meters.read().await?;
+        let lag = lag_before.until(&meters.histogram("payment_ranking_applied_seconds").await?);
+        let percentile = |values: Vec<f64>, p: f64| {
+            let mut values = values;
+            values.sort_by(f64::total_cmp);
+            nearest_rank(&values, p)
+        };
+        let order_ms: Vec<f64> = phase.paid.iter().map(|payment| payment.order_ms).collect();
+        let pay_ms: Vec<f64> = phase.paid.iter().map(|payment| payment.pay_ms).collect();
+        let mut ranking = "every paid unit counted once".to_string();
+        if phase.out_of_coupons > 0 {
+            ranking.push_str(&format!(
+                "; {} clients ran out of coupons",
+                phase.out_of_coupons
+            ));
+        }
+        table.row(vec![
+            Cell::text(shape.name()),
+            Cell::count(phase.paid.len() as u64),
+            Cell::count(phase.failures.get()),
+            Cell::number(phase.paid.len() as f64 / elapsed.as_secs_f64(), 0),
+            Cell::number(percentile(order_ms.clone(), 50.0), 1),
+            Cell::number(percentile(order_ms, 99.0), 1),
+            Cell::number(percentile(pay_ms.clone(), 50.0), 1),
+            Cell::number(percentile(pay_ms, 99.0), 1),
+            Cell::number(lag.quantile(0.5) * 1_000.0, 1),
+            Cell::number(lag.quantile(0.99) * 1_000.0, 1),
+            Cell::number(lag.share_within(0.1) * 100.0, 1),
+            Cell::count(phase.replays),
+            Cell::text(ranking),
+        ]);
+        costs.add(
+            shape.name(),
+            "payment",
+            phase.paid.len() as u64,
+            before.until(&after),
+        );
+    }
+    report.table(table);
+    report.table(costs.table("costs per payment (its order included), by shape"));
     pool.close().await;
     daemon.stop().await?;
     drop_database(&database).await?;
     Ok(())
 }
 
-/// For each payment, the ms from its answer to the first reading of the ranking that counts
-/// it (the k-th unit of its product answered, against readings of at least k units).
-fn ranking_lags(paid: &[Paid], readings: &Readings) -> Vec<f64> {
-    let mut by_product: BTreeMap<u64, Vec<Instant>> = BTreeMap::new();
-    for payment in paid {
-        by_product
-            .entry(payment.product)
-            .or_default()
-            .push(payment.answered);
-    }
-    let mut lags = Vec::new();
-    for (product, mut answered) in by_product {
-        answered.sort();
-        let mut reading = 0;
-        for (position, at) in answered.iter().enumerate() {
-            let units = position as u64 + 1;
-            while reading < readings.len()
-                && readings[reading].1.get(&product).copied().unwrap_or(0) < units
-            {
-                reading += 1;
-            }
-            if let Some((seen, _)) = readings.get(reading) {
-                lags.push(seen.saturating_duration_since(*at).as_secs_f64() * 1_000.0);
+/// One phase's clients (see the module documentation).
+async fn run_phase(
+    shop: &Shop,
+    options: &Options,
+    shape: Shape,
+    products: &[u64],
+    buyers: &[u64],
+    holdings: BTreeMap<u64, Vec<u64>>,
+) -> Phase {
+    let phase: Rc<RefCell<Phase>> = Rc::default();
+    let holdings = Rc::new(RefCell::new(holdings));
+    let deadline = Instant::now() + Duration::from_secs(options.seconds);
+    let clients = options.clients.max(1);
+    let workers = (0..clients).map(|worker| {
+        let own: Vec<u64> = buyers
+            .iter()
+            .copied()
+            .skip(worker)
+            .step_by(clients)
+            .collect();
+        let (shop, phase, holdings) = (shop.clone(), phase.clone(), holdings.clone());
+        let products = products.to_vec();
+        async move {
+            let mut round = worker;
+            while !own.is_empty() && Instant::now() < deadline {
+                let buyer = own[round % own.len()];
+                let product = match shape {
+                    Shape::Hot => products[0],
+                    _ => products[round % products.len()],
+                };
+                round += 1;
+                let coupon = match shape {
+                    Shape::Coupons => {
+                        let coupon = own
+                            .iter()
+                            .cycle()
+                            .skip(round % own.len())
+                            .take(own.len())
+                            .find_map(|buyer| {
+                                let mut holdings = holdings.borrow_mut();
+                                Some((*buyer, holdings.get_mut(buyer)?.pop()?))
+                            });
+                        match coupon {
+                            Some(held) => Some(held),
+                            None => {
+                                phase.borrow_mut().out_of_coupons += 1;
+                                return;
+                            }
+                        }
+                    }
+                    _ => None,
+                };
+                let (buyer, coupon) = match coupon {
+                    Some((holder, coupon)) => (holder, Some(coupon)),
+                    None => (buyer, None),
+                };
+                let with_key = shape == Shape::Keys;
+                let repeat = with_key && round % 10 == 0;
+                match shop
+                    .order_and_pay(buyer, product, coupon, with_key, repeat)
+                    .await
+                {
+                    Ok((order_ms, pay_ms, replayed)) => {
+                        let mut phase = phase.borrow_mut();
+                        phase.paid.push(Paid {
+                            product,
+                            order_ms,
+                            pay_ms,
+                        });
+                        phase.replays += u64::from(replayed);
+                    }
+                    Err(error) => load::count_failure(
+                        &phase.borrow().failures,
+                        format!("payments ({}): {error}", shape.name()),
+                    ),
+                }
             }
         }
+    });
+    futures::future::join_all(workers.map(actix_rt::spawn)).await;
+    Rc::try_unwrap(phase)
+        .map(RefCell::into_inner)
+        .unwrap_or_default()
+}
+
+/// Issues `coupons` coupons (100,000 units each) to every buyer through the API and waits
+/// until every one is issued: the coupon history ids each buyer holds.
+async fn hold_coupons(
+    shop: &Shop,
+    pool: &MySqlPool,
+    buyers: &[u64],
+    coupons: u64,
+) -> anyhow::Result<BTreeMap<u64, Vec<u64>>> {
+    let mut coupon_ids = Vec::new();
+    for number in 0..coupons {
+        let (status, coupon) = shop
+            .post(
+                1,
+                true,
+                "/coupons",
+                json!({"name": format!("Bench coupon {number}"), "discountAmount": 1,
+                       "totalQuantity": 100_000, "validFrom": "2026-01-01T00:00:00Z",
+                       "validUntil": "2099-01-01T00:00:00Z"}),
+            )
+            .await?;
+        if status != 201 {
+            bail!("create coupon: {status} {coupon}");
+        }
+        coupon_ids.push(coupon["couponId"].as_u64().context("a coupon id")?);
     }
-    lags
+    let requests: Vec<(u64, u64)> = coupon_ids
+        .iter()
+        .flat_map(|coupon| buyers.iter().map(move |buyer| (*buyer, *coupon)))
+        .collect();
+    let expected = requests.len() as i64;
+    let refused: Vec<String> = futures::stream::iter(requests)
+        .map(|(buyer, coupon)| async move {
+            shop.post(
+                buyer,
+                false,
+                "/coupons/issue",
+                json!({"userId": buyer, "couponId": coupon}),
+            )
+            .await
+            .map_or_else(
+                |error| Some(error.to_string()),
+                |(status, body)| (status != 202).then(|| format!("{status} {body}")),
+            )
+        })
+        .buffer_unordered(128)
+        .filter_map(|refused| async move { refused })
+        .collect()
+        .await;
+    if let Some(first) = refused.first() {
+        bail!(
+            "{} coupon requests refused, the first: {first}",
+            refused.len()
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let (issued,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM coupon_history")
+            .fetch_one(pool)
+            .await?;
+        if issued == expected {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{issued} of {expected} coupons issued after 300 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rows: Vec<(u64, u64)> = sqlx::query_as(
+        "SELECT user_id, coupon_history_id FROM coupon_history WHERE status = 'ISSUED'",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut holdings: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for (user, history) in rows {
+        holdings.entry(user).or_default().push(history);
+    }
+    Ok(holdings)
 }
 
 /// The shop's API as the bench's clients use it.
@@ -350,15 +449,80 @@ impl Shop {
         Ok((status, body))
     }
 
-    /// One order of one unit, paid; the ms each request took.
-    async fn order_and_pay(&self, buyer: u64, product: u64) -> anyhow::Result<(f64, f64)> {
+    /// `count` products with ample stock: their ids.
+    async fn create_products(&self, count: u64) -> anyhow::Result<Vec<u64>> {
+        let mut products = Vec::new();
+        for number in 0..count {
+            let (status, product) = self
+                .post(
+                    1,
+                    true,
+                    "/products",
+                    json!({"name": format!("Product {number}"), "price": 100, "stock": 10_000_000}),
+                )
+                .await?;
+            if status != 201 {
+                bail!("create product: {status} {product}");
+            }
+            products.push(product["productId"].as_u64().context("a product id")?);
+        }
+        Ok(products)
+    }
+
+    /// `count` buyers, each charged a large balance: their ids.
+    async fn create_buyers(&self, count: u64) -> anyhow::Result<Vec<u64>> {
+        let created: Vec<anyhow::Result<u64>> = futures::stream::iter(0..count)
+            .map(|_| async {
+                let (status, user) = self
+                    .post(1, true, "/users", json!({"name": "Buyer"}))
+                    .await?;
+                if status != 201 {
+                    bail!("create user: {status} {user}");
+                }
+                let buyer = user["userId"].as_u64().context("a user id")?;
+                let (status, charged) = self
+                    .post(
+                        buyer,
+                        false,
+                        &format!("/users/{buyer}/balance/charge"),
+                        json!({"amount": 100_000_000u64}),
+                    )
+                    .await?;
+                if status != 200 {
+                    bail!("charge: {status} {charged}");
+                }
+                Ok(buyer)
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        let mut buyers = created.into_iter().collect::<anyhow::Result<Vec<u64>>>()?;
+        buyers.sort_unstable();
+        Ok(buyers)
+    }
+
+    /// One order of one unit (spending `coupon` when given), paid (with an
+    /// `Idempotency-Key` when `with_key`, sent twice when `repeat`): the ms each request
+    /// took, and whether a repeat replayed the payment.
+    async fn order_and_pay(
+        &self,
+        buyer: u64,
+        product: u64,
+        coupon: Option<u64>,
+        with_key: bool,
+        repeat: bool,
+    ) -> anyhow::Result<(f64, f64, bool)> {
         let token = self.token(buyer, false);
+        let mut order = json!({"userId": buyer, "items": [{"productId": product, "quantity": 1}]});
+        if let Some(coupon) = coupon {
+            order["couponHistoryId"] = json!(coupon);
+        }
         let sent = Instant::now();
         let mut response = self
             .client
             .post(format!("{}/orders", self.address))
             .bearer_auth(&token)
-            .send_json(&json!({"userId": buyer, "items": [{"productId": product, "quantity": 1}]}))
+            .send_json(&order)
             .await
             .map_err(|error| anyhow::anyhow!("order: {error}"))?;
         let order: Value = response.json().await.unwrap_or(Value::Null);
@@ -367,11 +531,30 @@ impl Shop {
         }
         let order_ms = sent.elapsed().as_secs_f64() * 1_000.0;
         let order_id = order["orderId"].as_u64().context("an order id")?;
+        let key = with_key.then(|| format!("bench-pay-{order_id}"));
         let sent = Instant::now();
-        let mut response = self
+        let payment = self.pay(&token, order_id, key.as_deref()).await?;
+        let pay_ms = sent.elapsed().as_secs_f64() * 1_000.0;
+        if !repeat {
+            return Ok((order_ms, pay_ms, false));
+        }
+        let replayed = self.pay(&token, order_id, key.as_deref()).await?;
+        if replayed != payment {
+            bail!("a repeated payment answered {replayed}, not {payment}");
+        }
+        Ok((order_ms, pay_ms, true))
+    }
+
+    /// Pays `order_id`: the payment answered.
+    async fn pay(&self, token: &str, order_id: u64, key: Option<&str>) -> anyhow::Result<Value> {
+        let mut request = self
             .client
             .post(format!("{}/orders/{order_id}/pay", self.address))
-            .bearer_auth(&token)
+            .bearer_auth(token);
+        if let Some(key) = key {
+            request = request.insert_header(("Idempotency-Key", key));
+        }
+        let mut response = request
             .send()
             .await
             .map_err(|error| anyhow::anyhow!("pay: {error}"))?;
@@ -383,7 +566,33 @@ impl Shop {
                 String::from_utf8_lossy(&body)
             );
         }
-        Ok((order_ms, sent.elapsed().as_secs_f64() * 1_000.0))
+        Ok(serde_json::from_slice(&body)?)
+    }
+
+    /// Waits until the ranking counts exactly `expected` units by product (the sorted set
+    /// is never ahead of the payments: that fails at once).
+    async fn wait_for_ranking(
+        &self,
+        expected: &BTreeMap<u64, u64>,
+        limit: u64,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let ranking = self.ranking(limit).await?;
+            if &ranking == expected {
+                return Ok(());
+            }
+            if ranking
+                .iter()
+                .any(|(product, units)| *units > expected.get(product).copied().unwrap_or(0))
+            {
+                bail!("the ranking counted more than was paid: {ranking:?} against {expected:?}");
+            }
+            if Instant::now() > deadline {
+                bail!("the ranking did not reach what was paid: {ranking:?} against {expected:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Units counted by product in today's ranking.
