@@ -158,7 +158,13 @@ pub async fn run(options: Options, report: &mut Report) -> anyhow::Result<()> {
     daemon.wait_until_ready().await?;
     let shop = Shop {
         client: awc::Client::builder()
-            .connector(awc::Connector::new().limit(options.clients + 64))
+            // Idle connections are dropped before the daemon's keep-alive (5 s) closes
+            // them: between phases they would otherwise fail their next request.
+            .connector(
+                awc::Connector::new()
+                    .limit(options.clients + 64)
+                    .conn_keep_alive(Duration::from_secs(3)),
+            )
             .timeout(Duration::from_secs(60))
             .finish(),
         address: daemon.address.clone(),
