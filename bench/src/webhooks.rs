@@ -5,8 +5,9 @@
 //! receiver's most concurrent requests, the per-key order checked against the offsets the
 //! events were read from, and the costs per delivery.
 //!
-//! The events are written as the payments would write them (PENDING event-log rows, 1,000
-//! per transaction) and published by the daemon's outbox relay, which the bench sets to
+//! The events are written as PENDING event-log rows, 1,000 per transaction (payments record
+//! theirs proven and publish them themselves; the relay is the bench's way to feed the
+//! topic quickly), and published by the daemon's outbox relay, which the bench sets to
 //! publish at once (`outbox.republish_after_ms = 0`, a 20 ms poll, 2,000 rows per pass).
 
 use std::collections::HashMap;
