@@ -1,10 +1,11 @@
 //! The forwarders: the domain actors of `external-events` (ExternalForwarder) and of
 //! `order-completed` in `order-analytics-group` (OrderAnalytics).
 //!
-//! For each event a forwarder takes the event (PENDING, PUBLISHED or FAILED → IN_PROGRESS,
-//! with a lease and the partition and offset it was read from) and makes the first
-//! attempt ([`Deliveries::attempt`]): delivered, it is COMPLETED; failed, the retry
-//! schedule or the dead-letter topic takes it. Either way the event is settled for this
+//! For each event a forwarder takes the event (PENDING or PUBLISHED → IN_PROGRESS, with a
+//! lease and the partition and offset it was read from; taken together with the other first
+//! attempts running, see [`super::moves`]) and makes the first attempt
+//! ([`Deliveries::attempt`]): delivered, it is COMPLETED; failed, the retry schedule or the
+//! dead-letter topic takes it. Either way the event is settled for this
 //! partition, whose offset moves on — a failing receiver never holds the partition. An
 //! event already taken (a redelivery) is a duplicate.
 //!
