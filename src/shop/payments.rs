@@ -58,8 +58,9 @@ pub struct PaymentRequest {
     pub trace: Option<TraceParent>,
 }
 
-/// A payment made, with the events committed with it (published, or left to the relay,
-/// before the answer).
+/// A payment made, with the events committed with it (published, or left to the
+/// reconciler, before the answer): its own, and for the last payment of a batch also the
+/// batch's product changes, which its answer writes to the product cache.
 #[derive(Debug)]
 pub struct Paid {
     pub payment: Payment,
