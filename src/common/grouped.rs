@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 /// What a group writer writes.
 pub trait GroupWrite: Clone + 'static {
     type Item: 'static;
-    type Answer: Clone + 'static;
+    type Answer: 'static;
 
     /// The most items one write takes.
     const MAX_ITEMS: usize;

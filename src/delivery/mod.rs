@@ -309,6 +309,11 @@ pub struct DeliveriesWiring {
     pub outages: Outages,
 }
 
+/// Until when an attempt starting now (on `clock`) holds its event for `lease`.
+fn lease_until(clock: &SharedClock, lease: Duration) -> DateTime<Utc> {
+    clock.now() + chrono::Duration::from_std(lease).expect("a representable lease")
+}
+
 /// An event this instance holds for an attempt (IN_PROGRESS, under its lease).
 pub struct Held<'a> {
     pub envelope: &'a EventEnvelope,
@@ -380,8 +385,7 @@ impl Deliveries {
 
     /// Until when an attempt starting now holds its event.
     pub fn lease_until(&self) -> DateTime<Utc> {
-        self.inner.clock.now()
-            + chrono::Duration::from_std(self.inner.lease).expect("a representable lease")
+        lease_until(&self.inner.clock, self.inner.lease)
     }
 
     /// One attempt at a held event: deliver, class the answer, settle the row.

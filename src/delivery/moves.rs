@@ -15,6 +15,7 @@
 //! Should the shared write fail, each attempt makes its own move, and gets its own error (an
 //! outage is classed as usual).
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use tracing::debug;
@@ -41,7 +42,7 @@ struct TakeWrite {
 
 impl TakeWrite {
     fn lease_until(&self) -> chrono::DateTime<chrono::Utc> {
-        self.clock.now() + chrono::Duration::from_std(self.lease).expect("a representable lease")
+        super::lease_until(&self.clock, self.lease)
     }
 }
 
@@ -60,20 +61,27 @@ impl GroupWrite for TakeWrite {
                     taken = taken.len(),
                     "events taken in one transaction"
                 );
-                takes
-                    .iter()
-                    .map(|(id, _)| {
-                        Some(if taken.contains(id) {
-                            Transition::Applied
-                        } else {
-                            Transition::Skipped
-                        })
-                    })
-                    .collect()
+                transitions(&takes, taken).into_iter().map(Some).collect()
             }
             Err(_) => vec![None; takes.len()],
         }
     }
+}
+
+/// Each take's transition, given the ids `taken`: an event given twice (two records of it
+/// attempted at once) was taken by its first take only, as two takes one after the other
+/// would have it; the second is a duplicate.
+fn transitions(takes: &[(EventId, Provenance)], mut taken: BTreeSet<EventId>) -> Vec<Transition> {
+    takes
+        .iter()
+        .map(|(id, _)| {
+            if taken.remove(id) {
+                Transition::Applied
+            } else {
+                Transition::Skipped
+            }
+        })
+        .collect()
 }
 
 impl Takes {
@@ -155,5 +163,38 @@ impl Completions {
             .change_status(id, StatusChange::new(Move::Complete))
             .await
             .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_taken_twice_at_once_is_applied_once_then_a_duplicate() {
+        let (once, twice, settled) = (
+            EventId::generate(),
+            EventId::generate(),
+            EventId::generate(),
+        );
+        let at = |offset| Provenance {
+            partition: 0,
+            offset,
+        };
+        let takes = [
+            (twice, at(1)),
+            (once, at(2)),
+            (twice, at(3)),
+            (settled, at(4)),
+        ];
+        assert_eq!(
+            transitions(&takes, BTreeSet::from([once, twice])),
+            vec![
+                Transition::Applied,
+                Transition::Applied,
+                Transition::Skipped,
+                Transition::Skipped
+            ]
+        );
     }
 }

@@ -263,10 +263,13 @@ impl WebhookDeliverer {
         let url = match target {
             Target::Http(url) => url,
             Target::File(path) => {
-                let line = (path.clone(), body);
-                return match self.files.submit(line.clone()).await {
+                return match self.files.submit((path.clone(), body)).await {
                     Some(outcome) => outcome,
-                    None => FileAppend.write(vec![line]).await.remove(0),
+                    // The writer is gone (its arbiter stopped): this attempt appends alone.
+                    None => {
+                        let line = (path.clone(), webhook_body(event, &id));
+                        FileAppend.write(vec![line]).await.remove(0)
+                    }
                 };
             }
         };

@@ -694,7 +694,8 @@ impl EventLog {
     /// [`Move::Take`] of many events at once, each read from its own `Provenance`, all
     /// leased until `lease_until`: one transaction that locks the rows, then moves those
     /// that can be taken with one statement. The ids taken (the others are
-    /// [`Transition::Skipped`]: taken before, or settled).
+    /// [`Transition::Skipped`]: taken before, or settled). An id given twice is moved once,
+    /// as read by its first take (`CASE` takes the first match).
     pub async fn take_many(
         &self,
         takes: &[(EventId, Provenance)],

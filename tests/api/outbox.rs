@@ -147,6 +147,16 @@ async fn events_taken_together_are_each_taken_once_where_they_were_read() {
     let row = app.event(settled).await.unwrap();
     assert_eq!((row.status, row.source), (EventStatus::Completed, None));
 
+    // An event given twice in one group is taken once, where its first take read it.
+    let twice = app.commit_unpublished_probe("twice").await;
+    let taken = app
+        .event_log
+        .take_many(&[(twice, read_at(1, 20)), (twice, read_at(1, 21))], lease)
+        .await
+        .unwrap();
+    assert_eq!(taken, BTreeSet::from([twice]));
+    assert_eq!(app.event(twice).await.unwrap().source, Some(read_at(1, 20)));
+
     // A redelivery finds them taken.
     let again = app
         .event_log
