@@ -290,30 +290,24 @@ async fn run_phase(
                     _ => products[round % products.len()],
                 };
                 round += 1;
-                let coupon = match shape {
-                    Shape::Coupons => {
-                        let coupon = own
-                            .iter()
-                            .cycle()
-                            .skip(round % own.len())
-                            .take(own.len())
-                            .find_map(|buyer| {
-                                let mut holdings = holdings.borrow_mut();
-                                Some((*buyer, holdings.get_mut(buyer)?.pop()?))
-                            });
-                        match coupon {
-                            Some(held) => Some(held),
-                            None => {
-                                phase.borrow_mut().out_of_coupons += 1;
-                                return;
-                            }
-                        }
-                    }
-                    _ => None,
-                };
-                let (buyer, coupon) = match coupon {
-                    Some((holder, coupon)) => (holder, Some(coupon)),
-                    None => (buyer, None),
+                // Coupons: the next of its buyers still holding one pays, spending it.
+                let (buyer, coupon) = if shape == Shape::Coupons {
+                    let held = own
+                        .iter()
+                        .cycle()
+                        .skip(round % own.len())
+                        .take(own.len())
+                        .find_map(|buyer| {
+                            let mut holdings = holdings.borrow_mut();
+                            Some((*buyer, holdings.get_mut(buyer)?.pop()?))
+                        });
+                    let Some((holder, coupon)) = held else {
+                        phase.borrow_mut().out_of_coupons += 1;
+                        return;
+                    };
+                    (holder, Some(coupon))
+                } else {
+                    (buyer, None)
                 };
                 let with_key = shape == Shape::Keys;
                 let repeat = with_key && round % 10 == 0;
@@ -354,20 +348,16 @@ async fn hold_coupons(
 ) -> anyhow::Result<BTreeMap<u64, Vec<u64>>> {
     let mut coupon_ids = Vec::new();
     for number in 0..coupons {
-        let (status, coupon) = shop
-            .post(
-                1,
-                true,
+        coupon_ids.push(
+            shop.create(
                 "/coupons",
                 json!({"name": format!("Bench coupon {number}"), "discountAmount": 1,
                        "totalQuantity": 100_000, "validFrom": "2026-01-01T00:00:00Z",
                        "validUntil": "2099-01-01T00:00:00Z"}),
+                "couponId",
             )
-            .await?;
-        if status != 201 {
-            bail!("create coupon: {status} {coupon}");
-        }
-        coupon_ids.push(coupon["couponId"].as_u64().context("a coupon id")?);
+            .await?,
+        );
     }
     let requests: Vec<(u64, u64)> = coupon_ids
         .iter()
@@ -455,22 +445,29 @@ impl Shop {
         Ok((status, body))
     }
 
+    /// Creates what `body` describes at `path`, as an admin: its id, the answer's `id_field`.
+    async fn create(&self, path: &str, body: Value, id_field: &str) -> anyhow::Result<u64> {
+        let (status, created) = self.post(1, true, path, body).await?;
+        if status != 201 {
+            bail!("POST {path}: {status} {created}");
+        }
+        created[id_field]
+            .as_u64()
+            .with_context(|| format!("{id_field} in {created}"))
+    }
+
     /// `count` products with ample stock: their ids.
     async fn create_products(&self, count: u64) -> anyhow::Result<Vec<u64>> {
         let mut products = Vec::new();
         for number in 0..count {
-            let (status, product) = self
-                .post(
-                    1,
-                    true,
+            products.push(
+                self.create(
                     "/products",
                     json!({"name": format!("Product {number}"), "price": 100, "stock": 10_000_000}),
+                    "productId",
                 )
-                .await?;
-            if status != 201 {
-                bail!("create product: {status} {product}");
-            }
-            products.push(product["productId"].as_u64().context("a product id")?);
+                .await?,
+            );
         }
         Ok(products)
     }
@@ -479,13 +476,9 @@ impl Shop {
     async fn create_buyers(&self, count: u64) -> anyhow::Result<Vec<u64>> {
         let created: Vec<anyhow::Result<u64>> = futures::stream::iter(0..count)
             .map(|_| async {
-                let (status, user) = self
-                    .post(1, true, "/users", json!({"name": "Buyer"}))
+                let buyer = self
+                    .create("/users", json!({"name": "Buyer"}), "userId")
                     .await?;
-                if status != 201 {
-                    bail!("create user: {status} {user}");
-                }
-                let buyer = user["userId"].as_u64().context("a user id")?;
                 let (status, charged) = self
                     .post(
                         buyer,
