@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::Addr;
+use actix::{Addr, Supervisor};
 use actix_web::dev::Server;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context as _;
@@ -558,8 +558,8 @@ impl Wiring {
             Duration::from_millis(external.poll_interval_ms.max(1)),
             external.claim_batch,
             key_ordered,
-        )
-        .start_supervised(&self.arbiters.next());
+        );
+        let scheduler = Supervisor::start_in_arbiter(&self.arbiters.next(), move |_| scheduler);
         self.tree
             .background
             .push(("retryScheduler", scheduler.clone().recipient()));
@@ -639,10 +639,11 @@ impl Wiring {
         (lag, backlog)
     }
 
-    /// The outbox relay, on an actors' arbiter.
+    /// The outbox relay, supervised on an actors' arbiter (so that it is gone, with its
+    /// producer handle, once the arbiters stop).
     fn start_relay(&mut self) -> Addr<OutboxRelay> {
-        let relay = OutboxRelay::new(self.outbox.clone(), &self.settings.outbox)
-            .start_supervised(&self.arbiters.next());
+        let relay = OutboxRelay::new(self.outbox.clone(), &self.settings.outbox);
+        let relay = Supervisor::start_in_arbiter(&self.arbiters.next(), move |_| relay);
         self.tree
             .background
             .push(("outboxRelay", relay.clone().recipient()));

@@ -36,6 +36,43 @@ use tracing::error;
 
 use crate::common::error::panic_message;
 
+/// Whether a periodic background actor (the outbox relay, the retry scheduler, the
+/// reconciler) may start a pass: one at a time, and none once it was told to stop.
+#[derive(Debug, Default)]
+pub struct PassGate {
+    running: bool,
+    stopping: bool,
+}
+
+impl PassGate {
+    /// Starts a pass unless one runs or the actor stops: `true` when the caller runs it.
+    pub fn begin(&mut self) -> bool {
+        if self.running || self.stopping {
+            return false;
+        }
+        self.running = true;
+        true
+    }
+
+    /// The pass ended (or panicked and the actor restarts).
+    pub fn end(&mut self) {
+        self.running = false;
+    }
+
+    /// No pass starts from now on (not `ctx.stop()`: the supervisor would restart the actor).
+    pub fn stop(&mut self) {
+        self.stopping = true;
+    }
+
+    pub fn running(&self) -> bool {
+        self.running
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stopping
+    }
+}
+
 /// Runs one pass of a periodic background actor (the outbox relay, the retry scheduler) in
 /// its context and hands its output to `done`. A pass that panics stops the actor instead,
 /// and its `Supervisor` restarts it ([`Supervised::restarting`] resets what the pass left).

@@ -27,8 +27,8 @@ use futures::StreamExt;
 use serde::Serialize;
 use tracing::warn;
 
-use crate::actors::spawn_supervised_pass;
 use crate::actors::tree::ObserveBackground;
+use crate::actors::{PassGate, spawn_supervised_pass};
 use crate::delivery::ordering::{self, WaitingBehind};
 use crate::delivery::{Attempt, Deliveries, DeliveryCounters, DeliveryState, Held, Settled};
 use crate::event_log::{EventLogError, EventRecord, EventStatus, Move, StatusChange, Transition};
@@ -82,8 +82,7 @@ pub struct RetryScheduler {
     poll_interval: Duration,
     claim_batch: u32,
     key_ordered: Arc<HashSet<String>>,
-    busy: bool,
-    stopping: bool,
+    gate: PassGate,
     /// `true` while no pass runs.
     idle: tokio::sync::watch::Sender<bool>,
     restarts: u64,
@@ -104,24 +103,17 @@ impl RetryScheduler {
             poll_interval,
             claim_batch: claim_batch.max(1),
             key_ordered: Arc::new(key_ordered),
-            busy: false,
-            stopping: false,
+            gate: PassGate::default(),
             idle: tokio::sync::watch::Sender::new(true),
             restarts: 0,
         }
     }
 
-    /// Starts the scheduler under a `Supervisor` on `arbiter`.
-    pub fn start_supervised(self, arbiter: &ArbiterHandle) -> Addr<Self> {
-        Supervisor::start_in_arbiter(arbiter, move |_| self)
-    }
-
     /// Claims the due events and attempts each.
     fn run_due(&mut self, ctx: &mut Context<Self>) {
-        if self.busy || self.stopping {
+        if !self.gate.begin() {
             return;
         }
-        self.busy = true;
         self.idle.send_replace(false);
         let pass = Pass {
             deliveries: self.deliveries.clone(),
@@ -134,7 +126,7 @@ impl RetryScheduler {
             "RetryScheduler",
             pass.run(),
             |scheduler: &mut Self, ()| {
-                scheduler.busy = false;
+                scheduler.gate.end();
                 scheduler.idle.send_replace(true);
             },
         );
@@ -324,7 +316,7 @@ impl Actor for RetryScheduler {
 impl Supervised for RetryScheduler {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
         self.restarts += 1;
-        self.busy = false;
+        self.gate.end();
         self.idle.send_replace(true);
         warn!(restarts = self.restarts, "retry scheduler restarting");
     }
@@ -393,7 +385,7 @@ impl Handler<StopScheduler> for RetryScheduler {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, stop: StopScheduler, _ctx: &mut Self::Context) -> Self::Result {
-        self.stopping = true;
+        self.gate.stop();
         let mut idle = self.idle.subscribe();
         Box::pin(async move {
             let waited = tokio::time::timeout(stop.timeout, idle.wait_for(|idle| *idle)).await;

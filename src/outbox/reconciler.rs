@@ -42,8 +42,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::actors::spawn_supervised_pass;
 use crate::actors::tree::ObserveBackground;
+use crate::actors::{PassGate, spawn_supervised_pass};
 use crate::config::ReconcileSettings;
 use crate::event_log::{EventLog, EventLogError, EventRecord};
 use crate::events::EventId;
@@ -154,8 +154,7 @@ struct Inner {
 
 pub struct Reconciler {
     inner: Rc<Inner>,
-    busy: bool,
-    stopping: bool,
+    gate: PassGate,
     /// Callers of [`ReconcileNow`] waiting for a pass that has not started yet, and for the
     /// pass in flight.
     queued: Vec<tokio::sync::oneshot::Sender<()>>,
@@ -176,8 +175,7 @@ impl Reconciler {
                 wiring,
                 memory: RefCell::new(memory),
             }),
-            busy: false,
-            stopping: false,
+            gate: PassGate::default(),
             queued: Vec::new(),
             running: Vec::new(),
         }
@@ -192,10 +190,10 @@ impl Reconciler {
     }
 
     fn run_pass(&mut self, ctx: &mut Context<Self>) {
-        if self.busy {
+        if self.gate.running() {
             return;
         }
-        if self.stopping || !self.inner.wiring.settings.enabled {
+        if self.gate.stopping() || !self.inner.wiring.settings.enabled {
             for waiter in self.queued.drain(..) {
                 let _ = waiter.send(());
             }
@@ -204,12 +202,12 @@ impl Reconciler {
         if !(self.inner.wiring.groups_ready)() {
             return;
         }
-        self.busy = true;
+        self.gate.begin();
         self.running = std::mem::take(&mut self.queued);
         let inner = self.inner.clone();
         let pass = async move { inner.pass().await };
         spawn_supervised_pass(ctx, "Reconciler", pass, |reconciler: &mut Self, ()| {
-            reconciler.busy = false;
+            reconciler.gate.end();
             for waiter in reconciler.running.drain(..) {
                 let _ = waiter.send(());
             }
@@ -561,7 +559,7 @@ impl Actor for Reconciler {
 
 impl Supervised for Reconciler {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
-        self.busy = false;
+        self.gate.end();
         self.running.clear();
         let mut memory = self.inner.memory.borrow_mut();
         memory.state.restarts += 1;
@@ -595,7 +593,7 @@ impl Handler<StopReconciler> for Reconciler {
     type Result = ();
 
     fn handle(&mut self, _: StopReconciler, _ctx: &mut Self::Context) {
-        self.stopping = true;
+        self.gate.stop();
     }
 }
 

@@ -11,8 +11,8 @@ use actix::prelude::*;
 use serde::Serialize;
 use tracing::warn;
 
-use crate::actors::spawn_supervised_pass;
 use crate::actors::tree::ObserveBackground;
+use crate::actors::{PassGate, spawn_supervised_pass};
 use crate::config::OutboxSettings;
 use crate::outbox::Outbox;
 
@@ -40,8 +40,7 @@ pub struct OutboxRelay {
     republish_after: Duration,
     poll_interval: Duration,
     batch_size: u32,
-    busy: bool,
-    stopping: bool,
+    gate: PassGate,
     state: OutboxRelayState,
 }
 
@@ -52,28 +51,20 @@ impl OutboxRelay {
             republish_after: Duration::from_millis(settings.republish_after_ms),
             poll_interval: Duration::from_millis(settings.poll_interval_ms),
             batch_size: settings.batch_size,
-            busy: false,
-            stopping: false,
+            gate: PassGate::default(),
             state: OutboxRelayState::default(),
         }
     }
 
-    /// Starts the relay under a `Supervisor` on `arbiter` (an actors' arbiter, so that it is
-    /// gone, with its producer handle, once the arbiters stop).
-    pub fn start_supervised(self, arbiter: &ArbiterHandle) -> Addr<Self> {
-        Supervisor::start_in_arbiter(arbiter, move |_| self)
-    }
-
     fn run_pass(&mut self, ctx: &mut Context<Self>) {
-        if self.busy || self.stopping {
+        if !self.gate.begin() {
             return;
         }
-        self.busy = true;
         let outbox = self.outbox.clone();
         let (older_than, limit) = (self.republish_after, self.batch_size);
         let pass = async move { outbox.relay_once(older_than, limit).await };
         spawn_supervised_pass(ctx, "OutboxRelay", pass, |relay: &mut Self, result| {
-            relay.busy = false;
+            relay.gate.end();
             relay.state.passes += 1;
             match result {
                 Ok(publication) => {
@@ -101,7 +92,7 @@ impl Actor for OutboxRelay {
 impl Supervised for OutboxRelay {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
         self.state.restarts += 1;
-        self.busy = false;
+        self.gate.end();
         warn!(restarts = self.state.restarts, "outbox relay restarting");
     }
 }
@@ -118,7 +109,6 @@ impl Handler<StopRelay> for OutboxRelay {
     type Result = ();
 
     fn handle(&mut self, _: StopRelay, _ctx: &mut Self::Context) {
-        // Not `ctx.stop()`: the supervisor would restart the relay.
-        self.stopping = true;
+        self.gate.stop();
     }
 }
