@@ -554,10 +554,8 @@ async fn take_stock(
         &mut update,
         taken.iter().map(|id| (*id, products[id].version)),
     );
-    update.push(" END, updated_at = NOW(6) WHERE product_id IN (");
-    push_list(&mut update, &taken);
-    update.push(")");
-    expect_rows(update, connection, taken.len(), "product").await
+    update.push(" END, updated_at = NOW(6)");
+    update_each(update, connection, ("product", "product_id"), &taken).await
 }
 
 /// Sets the balance of every buyer who paid something: one statement, to the values the
@@ -577,10 +575,8 @@ async fn debit_balances(
     }
     let mut update = QueryBuilder::new("UPDATE app_user SET balance = CASE user_id");
     push_cases(&mut update, debited.iter().map(|id| (*id, balances[id])));
-    update.push(" END WHERE user_id IN (");
-    push_list(&mut update, &debited);
-    update.push(")");
-    expect_rows(update, connection, debited.len(), "app_user").await
+    update.push(" END");
+    update_each(update, connection, ("app_user", "user_id"), &debited).await
 }
 
 /// Inserts the payments made (one statement) and reads their ids back by order.
@@ -664,6 +660,23 @@ where
     for id in ids {
         separated.push_bind(*id);
     }
+}
+
+/// Ends an UPDATE of `table` with `WHERE id_column IN (ids)` and runs it: it must change
+/// one row per id.
+async fn update_each<T>(
+    mut update: QueryBuilder<sqlx::MySql>,
+    connection: &mut MySqlConnection,
+    (table, id_column): (&'static str, &'static str),
+    ids: &BTreeSet<T>,
+) -> Result<(), ShopError>
+where
+    T: Copy + for<'q> sqlx::Encode<'q, sqlx::MySql> + sqlx::Type<sqlx::MySql> + Send,
+{
+    update.push(format_args!(" WHERE {id_column} IN ("));
+    push_list(&mut update, ids);
+    update.push(")");
+    expect_rows(update, connection, ids.len(), table).await
 }
 
 /// Runs an UPDATE that must change exactly `expected` rows: the rows are locked and the
