@@ -17,11 +17,10 @@ use serde::Serialize;
 use tracing::warn;
 
 use crate::actors::domain::{Batch, DomainHandler, EventOutcome, HandlerError, Stats};
-use crate::common::ids::RequestId;
+use crate::coupons::IssueDecision;
 use crate::coupons::locks::RedisLocks;
 use crate::coupons::store::{CouponRequest, CouponStore, RequestOutcome};
-use crate::coupons::{IssueDecision, IssueRequest};
-use crate::events::{EventEnvelope, EventPayload};
+use crate::events::EventEnvelope;
 use crate::observability::metrics;
 
 /// Counters shown in the admin view.
@@ -33,6 +32,9 @@ pub struct IssuerStats {
     pub refused: BTreeMap<&'static str, u64>,
     /// Requests delivered again after they were decided.
     pub redelivered: u64,
+    /// Requests decided ahead of their own records, with a later request of the same user
+    /// whose record came first (their records then count as redelivered).
+    pub decided_ahead: u64,
     /// Lock keys another holder had (the database decided anyway).
     pub locks_contended: u64,
     /// Batches decided without locks because Redis did not answer.
@@ -108,6 +110,7 @@ impl DomainHandler for CouponIssuer {
                 }
                 stats.update(|stats| {
                     stats.locks_contended += contended;
+                    stats.decided_ahead += batch.decided_ahead as u64;
                     record(stats, &batch.outcomes);
                 });
                 // Publishing runs beside the next batch: the results are durable once
@@ -131,21 +134,8 @@ impl DomainHandler for CouponIssuer {
 }
 
 fn coupon_request(event: &EventEnvelope) -> Result<CouponRequest, HandlerError> {
-    let EventPayload::CouponRequested(payload) = &event.payload else {
-        return Err(HandlerError::not_for_this_handler(
-            event,
-            "a coupon request",
-        ));
-    };
-    Ok(CouponRequest {
-        coupon_id: payload.coupon_id,
-        request: IssueRequest {
-            request_id: RequestId::of_event(event.event_id),
-            user_id: payload.user_id,
-            requested_at: event.occurred_at,
-        },
-        traceparent: event.traceparent.clone(),
-    })
+    CouponRequest::of_event(event)
+        .ok_or_else(|| HandlerError::not_for_this_handler(event, "a coupon request"))
 }
 
 fn outcome_of(outcome: &RequestOutcome) -> EventOutcome {

@@ -14,7 +14,7 @@ use crate::common::ids::{CouponHistoryId, CouponId, OrderId, RequestId, UserId};
 use crate::coupons::results::RecordedDecision;
 use crate::coupons::{CouponState, IssueDecision, IssueRequest, decide_issues};
 use crate::event_log::{EventLog, EventLogError, EventStatus, Move, OutboxEvent, StatusChange};
-use crate::events::{CouponResult, EventEnvelope, EventId, EventPayload};
+use crate::events::{CouponResult, EventEnvelope, EventId, EventPayload, EventType};
 use crate::outbox::{Committed, Outbox, OutboxTransaction};
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +106,24 @@ pub struct CouponRequest {
     pub traceparent: Option<String>,
 }
 
+impl CouponRequest {
+    /// The request a `CouponRequested` event carries (`None` for any other event).
+    pub fn of_event(event: &EventEnvelope) -> Option<Self> {
+        let EventPayload::CouponRequested(payload) = &event.payload else {
+            return None;
+        };
+        Some(CouponRequest {
+            coupon_id: payload.coupon_id,
+            request: IssueRequest {
+                request_id: RequestId::of_event(event.event_id),
+                user_id: payload.user_id,
+                requested_at: event.occurred_at,
+            },
+            traceparent: event.traceparent.clone(),
+        })
+    }
+}
+
 /// What became of one request of a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "outcome", rename_all = "camelCase")]
@@ -124,7 +142,11 @@ pub enum RequestOutcome {
 /// The effects of one batch: an outcome per request, and the result events committed with
 /// them (to publish).
 pub struct IssuedBatch {
+    /// One per request of the batch, in order.
     pub outcomes: Vec<RequestOutcome>,
+    /// The same users' earlier requests decided ahead of the batch (see
+    /// [`CouponStore::issue`]); their own records later find them decided.
+    pub decided_ahead: usize,
     pub results: Committed,
 }
 
@@ -286,9 +308,14 @@ impl CouponStore {
     ) -> Result<IssuedBatch, CouponStoreError> {
         let mut transaction = self.outbox.begin().await?;
         // On error the transaction is dropped, which rolls it back.
-        let outcomes = issue_in(&mut transaction, batch, locking, home).await?;
+        let sequenced = sequence(&mut transaction, batch).await?;
+        let outcomes = issue_in(&mut transaction, &sequenced.requests, locking, home).await?;
         let results = transaction.commit().await?;
-        Ok(IssuedBatch { outcomes, results })
+        Ok(IssuedBatch {
+            outcomes: sequenced.batch_outcomes(&outcomes),
+            decided_ahead: sequenced.ahead(),
+            results,
+        })
     }
 }
 
@@ -343,6 +370,154 @@ pub async fn use_coupon(
             Ok(_) => Err(CouponUnusable::AlreadyUsed),
         },
     )
+}
+
+/// The states of a request not decided yet.
+const UNDECIDED: [EventStatus; 3] = [
+    EventStatus::Pending,
+    EventStatus::Published,
+    EventStatus::InProgress,
+];
+
+/// A batch put in the order its users' requests were accepted: what to decide, in order
+/// (the batch's requests and the same users' earlier undecided ones), and for each request
+/// of the batch where its outcome is in that order.
+struct Sequenced {
+    requests: Vec<CouponRequest>,
+    place_of_batch: Vec<usize>,
+}
+
+impl Sequenced {
+    /// The outcomes of the batch's requests, in batch order.
+    fn batch_outcomes(&self, outcomes: &[RequestOutcome]) -> Vec<RequestOutcome> {
+        self.place_of_batch
+            .iter()
+            .map(|place| outcomes[*place])
+            .collect()
+    }
+
+    /// Requests decided that were not in the batch.
+    fn ahead(&self) -> usize {
+        self.requests.len() - self.place_of_batch.len()
+    }
+}
+
+/// Puts `batch` in the order its users' requests were accepted, with their earlier
+/// requests not decided yet: one read by key of the event log, in the batch's transaction.
+/// A record can reach its partition after a later request of the same user (two daemons
+/// whose producers run at different speeds, a publication lost after the commit and
+/// published again by the reconciler), in the same batch or an earlier one: deciding in
+/// acceptance order makes a user's requests decided in the order the database accepted
+/// them, whatever order the transport delivers them in. The earlier requests' own records
+/// later find them decided.
+async fn sequence(
+    connection: &mut MySqlConnection,
+    batch: &[CouponRequest],
+) -> Result<Sequenced, CouponStoreError> {
+    let keys: BTreeSet<String> = batch
+        .iter()
+        .map(|item| item.request.user_id.partition_key())
+        .collect();
+    let undecided = EventLog::by_keys_in_acceptance_order_in(
+        connection,
+        EventType::CouponRequested,
+        &keys,
+        &UNDECIDED,
+    )
+    .await?;
+    let earlier: Vec<CouponRequest> = undecided
+        .iter()
+        .filter_map(|record| CouponRequest::of_event(&record.envelope()))
+        .collect();
+    let (order, place_of_batch) = acceptance_order(&ids_of(batch), &ids_of(&earlier));
+    let requests = order
+        .into_iter()
+        .map(|slot| match slot {
+            Slot::Batch(position) => batch[position].clone(),
+            Slot::Ahead(row) => earlier[row].clone(),
+        })
+        .collect();
+    Ok(Sequenced {
+        requests,
+        place_of_batch,
+    })
+}
+
+/// Each request's user key and event id.
+fn ids_of(requests: &[CouponRequest]) -> Vec<(String, EventId)> {
+    requests
+        .iter()
+        .map(|item| {
+            let id = EventId::from(item.request.request_id);
+            (item.request.user_id.partition_key(), id)
+        })
+        .collect()
+}
+
+/// One request to decide: the batch's, or an earlier undecided one (by its row).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    Batch(usize),
+    Ahead(usize),
+}
+
+/// The order to decide `batch` in (each request as its user's key and event id), given its
+/// users' undecided requests in acceptance order (`accepted`): a user's requests, from its
+/// first undecided request in the batch, are decided in acceptance order, with its earlier
+/// undecided requests before them, up to its last request in the batch; everything else
+/// (requests decided before, not recorded, repeated in the batch) stays in batch order.
+/// Also answers, for each request of the batch, its place in that order.
+fn acceptance_order(
+    batch: &[(String, EventId)],
+    accepted: &[(String, EventId)],
+) -> (Vec<Slot>, Vec<usize>) {
+    let in_batch: BTreeMap<EventId, usize> = batch
+        .iter()
+        .enumerate()
+        .map(|(position, (_, id))| (*id, position))
+        .rev()
+        .collect();
+    let last_in_batch: BTreeMap<&str, usize> = accepted
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, id))| in_batch.contains_key(id))
+        .map(|(row, (key, _))| (key.as_str(), row))
+        .collect();
+    let mut by_user: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (row, (key, _)) in accepted.iter().enumerate() {
+        if last_in_batch
+            .get(key.as_str())
+            .is_some_and(|last| row <= *last)
+        {
+            by_user.entry(key.as_str()).or_default().push(row);
+        }
+    }
+    let mut order = Vec::new();
+    let mut placed: BTreeMap<EventId, usize> = BTreeMap::new();
+    let mut place_of_batch = Vec::with_capacity(batch.len());
+    for (position, (key, id)) in batch.iter().enumerate() {
+        let undecided = by_user
+            .get(key.as_str())
+            .is_some_and(|rows| rows.iter().any(|row| accepted[*row].1 == *id));
+        if undecided && let Some(rows) = by_user.remove(key.as_str()) {
+            for row in rows {
+                let row_id = accepted[row].1;
+                placed.insert(row_id, order.len());
+                order.push(match in_batch.get(&row_id) {
+                    Some(first) => Slot::Batch(*first),
+                    None => Slot::Ahead(row),
+                });
+            }
+        }
+        match placed.remove(id) {
+            Some(place) => place_of_batch.push(place),
+            None => {
+                place_of_batch.push(order.len());
+                order.push(Slot::Batch(position));
+            }
+        }
+    }
+    (order, place_of_batch)
 }
 
 /// How a batch reads the coupon rows.
@@ -400,10 +575,9 @@ fn pending_by_coupon(
     let mut pending: BTreeMap<CouponId, Vec<(usize, IssueRequest)>> = BTreeMap::new();
     let mut seen_in_batch = BTreeSet::new();
     for (position, (item, event_id)) in batch.iter().zip(event_ids).enumerate() {
-        let undecided = matches!(
-            statuses.get(event_id),
-            Some(EventStatus::Pending | EventStatus::Published | EventStatus::InProgress)
-        );
+        let undecided = statuses
+            .get(event_id)
+            .is_some_and(|status| UNDECIDED.contains(status));
         if !statuses.contains_key(event_id) {
             outcomes[position] = RequestOutcome::NotRecorded;
         } else if undecided && seen_in_batch.insert(*event_id) {
@@ -418,7 +592,8 @@ fn pending_by_coupon(
 
 /// What deciding a batch's pending requests leaves to write.
 struct Decided {
-    /// The requests issued, a coupon history each.
+    /// The requests issued, a coupon history each, in batch order (so a user's coupon
+    /// histories are numbered in the order the user's requests were decided).
     issued: Vec<(CouponId, IssueRequest)>,
     /// How many units each coupon gives, in coupon order.
     stock_taken: Vec<(CouponId, u32)>,
@@ -437,6 +612,7 @@ async fn decide_pending(
         issued: Vec::new(),
         stock_taken: Vec::new(),
     };
+    let mut issued = Vec::new();
     for (coupon_id, requests) in pending {
         let coupon = coupons.get(coupon_id).map(|read| &read.state);
         let users: Vec<UserId> = requests
@@ -462,10 +638,15 @@ async fn decide_pending(
                 coupon_history_id: None,
             };
             if decision == IssueDecision::Issue {
-                decided.issued.push((*coupon_id, *request));
+                issued.push((*position, *coupon_id, *request));
             }
         }
     }
+    issued.sort_by_key(|(position, _, _)| *position);
+    decided.issued = issued
+        .into_iter()
+        .map(|(_, coupon_id, request)| (coupon_id, request))
+        .collect();
     Ok(decided)
 }
 
@@ -852,6 +1033,58 @@ async fn insert_histories(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ids(rows: &[(&str, u64)]) -> Vec<(String, EventId)> {
+        rows.iter()
+            .map(|(key, id)| {
+                let id = format!("00000000-0000-7000-8000-{id:012}");
+                (key.to_string(), EventId::parse(&id).unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_users_requests_are_decided_in_acceptance_order_with_the_earlier_undecided_first() {
+        // User 1's request 3 reached the partition before request 1, which is not in the
+        // batch; user 2's is alone; request 9 was decided before (not undecided).
+        let batch = ids(&[("user:1", 3), ("user:2", 5), ("user:1", 9)]);
+        let accepted = ids(&[("user:1", 1), ("user:2", 5), ("user:1", 3), ("user:1", 4)]);
+        let (order, places) = acceptance_order(&batch, &accepted);
+        assert_eq!(
+            order,
+            vec![
+                Slot::Ahead(0),
+                Slot::Batch(0),
+                Slot::Batch(1),
+                Slot::Batch(2)
+            ],
+            "request 4, accepted after user 1's last request in the batch, waits for its record"
+        );
+        assert_eq!(places, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn requests_of_one_user_in_one_batch_are_reordered_and_repeats_stay_in_place() {
+        let batch = ids(&[("user:1", 7), ("user:1", 6), ("user:1", 7)]);
+        let accepted = ids(&[("user:1", 6), ("user:1", 7)]);
+        let (order, places) = acceptance_order(&batch, &accepted);
+        assert_eq!(order, vec![Slot::Batch(1), Slot::Batch(0), Slot::Batch(2)]);
+        assert_eq!(
+            places,
+            vec![1, 0, 2],
+            "the repeat of 7 is decided as a repeat"
+        );
+    }
+
+    #[test]
+    fn a_batch_without_earlier_undecided_requests_keeps_its_order() {
+        let batch = ids(&[("user:2", 2), ("user:1", 1)]);
+        let (order, places) = acceptance_order(&batch, &ids(&[("user:1", 1), ("user:2", 2)]));
+        assert_eq!(order, vec![Slot::Batch(0), Slot::Batch(1)]);
+        assert_eq!(places, vec![0, 1]);
+        let (order, _) = acceptance_order(&batch, &[]);
+        assert_eq!(order, vec![Slot::Batch(0), Slot::Batch(1)]);
+    }
 
     #[test]
     fn stock_is_split_evenly_and_never_into_empty_shards() {

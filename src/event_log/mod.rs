@@ -743,6 +743,48 @@ impl EventLog {
         Ok(takeable.into_iter().map(|(id, _)| *id).collect())
     }
 
+    /// The events of `event_type` under any of `keys` whose rows are in one of `statuses`,
+    /// in the order the database accepted them (`accepted_seq`, assigned when the row was
+    /// inserted: a row committed before another was inserted has the smaller number), read
+    /// in the caller's transaction without locks. A row that does not decode is left out
+    /// (logged): its own record dead-letters it.
+    pub async fn by_keys_in_acceptance_order_in(
+        connection: &mut MySqlConnection,
+        event_type: EventType,
+        keys: &BTreeSet<String>,
+        statuses: &[EventStatus],
+    ) -> Result<Vec<EventRecord>, EventLogError> {
+        if keys.is_empty() || statuses.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut select = sqlx::QueryBuilder::new(select_event_columns!());
+        select.push("WHERE event_key IN (");
+        let mut separated = select.separated(", ");
+        for key in keys {
+            separated.push_bind(key);
+        }
+        select
+            .push(") AND event_type = ")
+            .push_bind(event_type.as_str());
+        select.push(" AND status IN (");
+        let mut separated = select.separated(", ");
+        for status in statuses {
+            separated.push_bind(*status);
+        }
+        select.push(") ORDER BY accepted_seq");
+        let rows: Vec<StoredEvent> = select.build_query_as().fetch_all(connection).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| match EventRecord::try_from(row) {
+                Ok(record) => Some(record),
+                Err(error) => {
+                    tracing::warn!(%error, "an undecodable row is left to its own record");
+                    None
+                }
+            })
+            .collect())
+    }
+
     /// Locks the rows of `ids` for the caller's transaction and returns their statuses
     /// (missing rows are absent). A consumer decides which events are new with this, in
     /// the same transaction as their effects.

@@ -164,8 +164,13 @@ impl Clients {
         self.ledger.lock().unwrap().ok
     }
 
-    /// One request of `user` for `coupon`, counted.
+    /// One request of `user` for `coupon`, to the daemon the user's requests go to, counted.
     pub async fn issue(&self, user: u64, coupon: u64) {
+        self.issue_at(&self.address_of(user), user, coupon).await
+    }
+
+    /// One request of `user` for `coupon`, to the daemon at `address`, counted.
+    pub async fn issue_at(&self, address: &str, user: u64, coupon: u64) {
         let token = self
             .auth
             .mint(
@@ -175,7 +180,6 @@ impl Clients {
             )
             .unwrap();
         let _gate = self.pass().await;
-        let address = self.address_of(user);
         let started = Instant::now();
         let answer = awc::Client::builder()
             .timeout(Duration::from_secs(5))

@@ -6,5 +6,6 @@
 //! machine has cores, whatever `--test-threads` says.
 
 mod members;
+mod ordering;
 mod payments;
 mod scenarios;
