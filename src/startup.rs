@@ -225,7 +225,11 @@ async fn connect_kafka(settings: &Settings) -> anyhow::Result<(Arc<KafkaCluster>
     kafka
         .ensure_topics(&topics::all_with_dead_letters(), &settings.kafka)
         .await?;
-    let publisher = EventPublisher::new(kafka.bootstrap_servers(), &settings.kafka)?;
+    let publisher = EventPublisher::new(
+        kafka.bootstrap_servers(),
+        &settings.kafka,
+        &settings.instance.id,
+    )?;
     Ok((kafka, publisher))
 }
 

@@ -75,7 +75,11 @@ fn embedded_bench(
     let cluster = EmbeddedCluster::start(1)?;
     cluster.create_topic(topic, partitions)?;
     cluster.create_topic(&dead_letter_topic(topic), partitions)?;
-    let publisher = EventPublisher::new(cluster.bootstrap_servers(), &settings.kafka)?;
+    let publisher = EventPublisher::new(
+        cluster.bootstrap_servers(),
+        &settings.kafka,
+        &settings.instance.id,
+    )?;
     Ok((settings, cluster, publisher))
 }
 

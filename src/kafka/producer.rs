@@ -20,6 +20,9 @@ use crate::kafka::consumer::TracingContext;
 pub const EVENT_ID_HEADER: &str = "event-id";
 /// Header carrying the event type.
 pub const EVENT_TYPE_HEADER: &str = "event-type";
+/// Header carrying the id of the instance that produced the record (`instance.id`), so a
+/// record that arrived late or twice can be traced to the daemon that sent it.
+pub const PRODUCER_HEADER: &str = "producer-instance";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -58,15 +61,23 @@ pub struct RawRecord<'a> {
 #[derive(Clone)]
 pub struct EventPublisher {
     producer: Arc<FutureProducer<TracingContext>>,
+    /// This instance's id, in every event record's [`PRODUCER_HEADER`].
+    instance: Arc<str>,
 }
 
 impl EventPublisher {
-    pub fn new(bootstrap_servers: &str, settings: &KafkaSettings) -> Result<Self, PublishError> {
+    /// A publisher whose event records name `instance` as their producer.
+    pub fn new(
+        bootstrap_servers: &str,
+        settings: &KafkaSettings,
+        instance: &str,
+    ) -> Result<Self, PublishError> {
         let producer: FutureProducer<TracingContext> = producer_config(bootstrap_servers, settings)
             .create_with_context(TracingContext::new("producer"))
             .map_err(PublishError::Create)?;
         Ok(Self {
             producer: Arc::new(producer),
+            instance: instance.into(),
         })
     }
 
@@ -87,6 +98,10 @@ impl EventPublisher {
             .insert(Header {
                 key: EVENT_TYPE_HEADER,
                 value: Some(envelope.event_type().as_str()),
+            })
+            .insert(Header {
+                key: PRODUCER_HEADER,
+                value: Some(&*self.instance),
             });
         if let Some(traceparent) = &envelope.traceparent {
             headers = headers.insert(Header {
@@ -101,15 +116,19 @@ impl EventPublisher {
         self.send(topic, record).await
     }
 
-    /// Publishes bytes as they are.
+    /// Publishes bytes as they are, with the headers given and [`PRODUCER_HEADER`].
     pub async fn publish_raw(&self, raw: RawRecord<'_>) -> Result<Delivered, PublishError> {
-        let mut headers = OwnedHeaders::new_with_capacity(raw.headers.len());
+        let mut headers = OwnedHeaders::new_with_capacity(raw.headers.len() + 1);
         for (key, value) in &raw.headers {
             headers = headers.insert(Header {
                 key,
                 value: Some(value.as_str()),
             });
         }
+        headers = headers.insert(Header {
+            key: PRODUCER_HEADER,
+            value: Some(&*self.instance),
+        });
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(raw.topic).headers(headers);
         if let Some(partition) = raw.partition {
             record = record.partition(partition);

@@ -73,8 +73,12 @@ impl Pipeline {
         cluster
             .create_topic(&dead_letter_topic(TOPIC), PARTITIONS)
             .expect("dead-letter topic");
-        let publisher =
-            EventPublisher::new(cluster.bootstrap_servers(), &settings.kafka).expect("producer");
+        let publisher = EventPublisher::new(
+            cluster.bootstrap_servers(),
+            &settings.kafka,
+            &settings.instance.id,
+        )
+        .expect("producer");
         Self {
             cluster: Arc::new(cluster),
             publisher,

@@ -255,6 +255,10 @@ async fn a_receiver_that_always_fails_gets_five_attempts_then_the_event_is_dead_
         record.source.unwrap().offset.to_string()
     );
     assert_eq!(letter.headers["dlt-consumer-group"], "external-event-group");
+    assert_eq!(
+        letter.headers["producer-instance"], app.settings.instance.id,
+        "every record names the instance that produced it"
+    );
     assert_eq!(letter.headers["dlt-error-kind"], "retries-exhausted");
     assert_eq!(letter.headers["dlt-error"], "HTTP 500 (after 5 attempts)");
     let value: Value = serde_json::from_slice(letter.value.as_deref().unwrap()).unwrap();
