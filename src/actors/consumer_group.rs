@@ -259,7 +259,14 @@ pub struct ConsumerGroupState {
     /// Fetching stopped by an operator.
     pub paused: bool,
     pub commits_failed: u64,
+    /// Records that arrived on the group queue instead of their partition's; each partition
+    /// was sought back to them.
     pub records_on_group_queue: u64,
+    /// Partitions split off after their assignment, because their records arrived on the
+    /// group queue.
+    pub late_splits: u64,
+    /// Times a partition's queue could not be split even then.
+    pub unsplittable: u64,
     pub partitions: Vec<PartitionActorState>,
 }
 
@@ -362,6 +369,8 @@ impl ConsumerGroup {
             paused: self.health.paused(),
             commits_failed: self.health.commits_failed(),
             records_on_group_queue: self.health.records_on_group_queue(),
+            late_splits: self.health.late_splits(),
+            unsplittable: self.health.unsplittable(),
             partitions,
         }
     }

@@ -14,6 +14,11 @@
 //! (they did, under load: the first record of a partition handed back in a rolling restart
 //! was skipped there, and its user's later requests were decided before it).
 //!
+//! A record that still lands on the group queue (a partition whose queue could not be split
+//! at its assignment) is never dropped: the polling thread splits its partition then, hands
+//! the queue over, and seeks the partition back to the first such record, so the partition
+//! actor reads it in offset order (see [`GroupContext::rescue`]).
+//!
 //! When partitions are revoked (a rebalance, or closing the consumer on shutdown) the
 //! callback asks the listener to drain them and commits the offsets it reports,
 //! synchronously, before librdkafka hands the partitions to another member. The thread is
@@ -103,6 +108,10 @@ pub struct GroupHealth {
     assignments: AtomicU64,
     commits_failed: AtomicU64,
     records_on_main_queue: AtomicU64,
+    /// Partitions split off after their assignment, their records on the group queue.
+    late_splits: AtomicU64,
+    /// Partitions whose queue could not be split even then.
+    unsplittable: AtomicU64,
     /// Whether fetching is meant to be paused (an operator's request).
     paused: AtomicBool,
     /// Whether the polling thread has applied `paused` to the assignment.
@@ -122,6 +131,14 @@ impl GroupHealth {
 
     pub fn records_on_group_queue(&self) -> u64 {
         self.records_on_main_queue.load(Ordering::Relaxed)
+    }
+
+    pub fn late_splits(&self) -> u64 {
+        self.late_splits.load(Ordering::Relaxed)
+    }
+
+    pub fn unsplittable(&self) -> u64 {
+        self.unsplittable.load(Ordering::Relaxed)
     }
 
     pub fn paused(&self) -> bool {
@@ -144,6 +161,8 @@ pub struct GroupContext {
     /// For a group that keeps no offsets: the next offset of each partition this process
     /// has processed, so a partition handed back after a rebalance goes on from there.
     positions: LocalPositions,
+    /// The assigned partitions whose queue is split off (each has a partition actor).
+    split: std::sync::Mutex<std::collections::HashSet<TopicPartition>>,
 }
 
 /// For a group that keeps no offsets (see [`UncommittedStart::End`]): the next offset of
@@ -269,11 +288,77 @@ impl GroupContext {
             .filter_map(|partition| {
                 let queue = consumer.split_partition_queue(&partition.topic, partition.partition);
                 if queue.is_none() {
-                    error!(group = %self.group_id, %partition, "cannot split partition queue");
+                    // Its records land on the group queue, where `rescue` splits it later.
+                    warn!(group = %self.group_id, %partition, "cannot split partition queue at assignment");
+                    return None;
                 }
+                self.split.lock().expect("split lock").insert(partition.clone());
                 queue.map(|queue| (partition, PartitionRecords::new(queue)))
             })
             .collect()
+    }
+
+    /// Records that arrived on the group queue instead of their partition's (`first`, and
+    /// whatever else is waiting there): for each partition still assigned, splits its queue
+    /// off now if it was not, hands the queue to the listener, and seeks the partition back
+    /// to the first such record, so that its partition actor reads it, and what follows, in
+    /// offset order (a seek also discards what was fetched after it). A partition whose
+    /// queue still cannot be split is counted and logged; the reconciler brings back what
+    /// its records carried.
+    fn rescue(&self, consumer: &BaseConsumer<Self>, first: (TopicPartition, i64)) {
+        let mut earliest = std::collections::BTreeMap::from([(first.0, first.1)]);
+        while let Some(Ok(message)) = consumer.poll(Duration::ZERO) {
+            let partition = TopicPartition::new(message.topic(), message.partition());
+            self.health
+                .records_on_main_queue
+                .fetch_add(1, Ordering::Relaxed);
+            let offset = earliest.entry(partition).or_insert(message.offset());
+            *offset = (*offset).min(message.offset());
+        }
+        let assigned = consumer
+            .assignment()
+            .map(|list| partitions_of(&list))
+            .unwrap_or_default();
+        for (partition, offset) in earliest {
+            if !assigned.contains(&partition) {
+                continue;
+            }
+            let was_split = self.split.lock().expect("split lock").contains(&partition);
+            if !was_split {
+                let Some(owner) = self.consumer.get().and_then(Weak::upgrade) else {
+                    return;
+                };
+                let Some(queue) =
+                    owner.split_partition_queue(&partition.topic, partition.partition)
+                else {
+                    self.health.unsplittable.fetch_add(1, Ordering::Relaxed);
+                    error!(group = %self.group_id, %partition, offset, "cannot split partition queue; its records stay on the group queue");
+                    continue;
+                };
+                self.split
+                    .lock()
+                    .expect("split lock")
+                    .insert(partition.clone());
+                self.health.late_splits.fetch_add(1, Ordering::Relaxed);
+                self.listener.assigned(
+                    vec![(partition.clone(), PartitionRecords::new(queue))],
+                    OffsetCommitter { consumer: owner },
+                );
+            }
+            match consumer.seek(
+                &partition.topic,
+                partition.partition,
+                Offset::Offset(offset),
+                Duration::from_secs(10),
+            ) {
+                Ok(()) => {
+                    warn!(group = %self.group_id, %partition, offset, split_now = !was_split, "records arrived on the group queue; partition sought back to the first")
+                }
+                Err(error) => {
+                    error!(group = %self.group_id, %partition, offset, %error, "cannot seek back to a record that arrived on the group queue")
+                }
+            }
+        }
     }
 
     /// Gives the newly assigned partitions' queues to the listener (paused first when the
@@ -319,8 +404,12 @@ impl ConsumerContext for GroupContext {
                 }
                 // Split before assigning: once assigned, a partition's first fetch may
                 // complete at any moment, and what it brings before the split would land on
-                // the group queue, out of its partition's order.
-                let queues = self.split_queues(list);
+                // the group queue (where `rescue` has to bring it back).
+                let queues = if split_at_assignment(&self.group_id) {
+                    self.split_queues(list)
+                } else {
+                    Vec::new()
+                };
                 let assigned = if cooperative {
                     consumer.incremental_assign(list)
                 } else {
@@ -331,6 +420,11 @@ impl ConsumerContext for GroupContext {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 self.pre_rebalance(consumer, &Rebalance::Revoke(list));
+                let mut split = self.split.lock().expect("split lock");
+                for partition in partitions_of(list) {
+                    split.remove(&partition);
+                }
+                drop(split);
                 let unassigned = if cooperative {
                     consumer.incremental_unassign(list)
                 } else {
@@ -495,6 +589,7 @@ impl GroupMember {
             health: health.clone(),
             uncommitted_start,
             positions: positions.clone(),
+            split: Default::default(),
         };
         let consumer: Arc<BaseConsumer<GroupContext>> =
             Arc::new(config.create_with_context(context)?);
@@ -560,6 +655,35 @@ impl Drop for GroupMember {
     }
 }
 
+/// Whether partitions are split off at their assignment: always, but for the groups a test
+/// made split late ([`split_late`]).
+fn split_at_assignment(group_id: &str) -> bool {
+    #[cfg(feature = "test-util")]
+    if SPLIT_LATE
+        .lock()
+        .expect("split-late lock")
+        .iter()
+        .any(|prefix| group_id.starts_with(prefix.as_str()))
+    {
+        return false;
+    }
+    let _ = group_id;
+    true
+}
+
+#[cfg(feature = "test-util")]
+static SPLIT_LATE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Test hook: the groups whose id starts with `group_prefix` no longer split their
+/// partitions' queues at assignment, so their first records land on the group queue.
+#[cfg(feature = "test-util")]
+pub fn split_late(group_prefix: &str) {
+    SPLIT_LATE
+        .lock()
+        .expect("split-late lock")
+        .push(group_prefix.to_string());
+}
+
 fn poll_until_stopped(
     group_id: &str,
     consumer: Arc<BaseConsumer<GroupContext>>,
@@ -579,16 +703,15 @@ fn poll_until_stopped(
             Some(Ok(message)) => {
                 // Every assigned partition is split off in the assignment callback, before
                 // its first fetch can complete, so this is not expected to happen. Should it,
-                // it is counted and shown in the admin view (`recordsOnGroupQueue`) rather
-                // than processed out of order here.
+                // it is counted (`recordsOnGroupQueue` in the admin view) and the partition
+                // is sought back to it, never processed out of order here nor skipped.
                 health.records_on_main_queue.fetch_add(1, Ordering::Relaxed);
-                error!(
-                    group = group_id,
-                    topic = message.topic(),
-                    partition = message.partition(),
-                    offset = message.offset(),
-                    "record arrived on the group queue instead of its partition queue"
+                let first = (
+                    TopicPartition::new(message.topic(), message.partition()),
+                    message.offset(),
                 );
+                drop(message);
+                consumer.context().rescue(&consumer, first);
             }
             Some(Err(error)) => warn!(group = group_id, %error, "consumer error"),
         }

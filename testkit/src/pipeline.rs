@@ -147,7 +147,8 @@ impl Pipeline {
     }
 
     pub async fn committed(&self) -> Vec<Option<i64>> {
-        committed_offsets(self.bootstrap_servers(), GROUP, TOPIC, PARTITIONS).await
+        let group = self.settings.kafka.group_id(GROUP);
+        committed_offsets(self.bootstrap_servers(), &group, TOPIC, PARTITIONS).await
     }
 
     /// Waits until the group committed exactly `expected` per partition.

@@ -4,6 +4,7 @@
 mod coupon_issuer;
 mod failures;
 mod flow;
+mod group_queue;
 mod ranking_updater;
 mod rebalance;
 mod shutdown;
