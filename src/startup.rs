@@ -32,6 +32,7 @@ use crate::coupons::intake::CouponIntake;
 use crate::coupons::issuer::CouponIssuer;
 use crate::coupons::locks::RedisLocks;
 use crate::coupons::notifier::ResultNotifier;
+use crate::coupons::owners::PartitionOwners;
 use crate::coupons::sessions::PushTickets;
 use crate::coupons::sessions::Sessions;
 use crate::coupons::settlement::ResultSettlement;
@@ -402,6 +403,8 @@ impl Wiring {
         let coupons = &self.settings.coupons;
         let lock_ttl = Duration::from_millis(coupons.lock_ttl_ms);
         let (outbox, redis) = (self.outbox.clone(), self.redis.clone());
+        let owners =
+            PartitionOwners::new(self.event_log().pool().clone(), &self.settings.instance.id);
         self.consume(
             Consumer::recording_in_rows(
                 "CouponIssuer",
@@ -412,6 +415,7 @@ impl Wiring {
                 CouponIssuer::new(
                     CouponStore::new(outbox.clone()),
                     RedisLocks::new(redis.clone(), lock_ttl),
+                    owners.clone(),
                 )
             },
             |_| {},

@@ -49,6 +49,10 @@ pub struct ProcessBatch {
 pub struct BatchOrigin {
     pub source: TopicPartition,
     pub offsets: Arc<[i64]>,
+    /// Which assignment of the partition read it: a number this process gives each partition
+    /// actor it starts, increasing. A handler that fences stale owners takes a new owner
+    /// epoch for a newer assignment and refuses batches of an older one.
+    pub assignment: u64,
 }
 
 impl BatchOrigin {
@@ -56,6 +60,7 @@ impl BatchOrigin {
     fn select(&self, positions: &[usize]) -> Self {
         Self {
             source: self.source.clone(),
+            assignment: self.assignment,
             offsets: positions
                 .iter()
                 .map(|position| self.offsets[*position])
@@ -92,6 +97,11 @@ pub enum EventOutcome {
     /// The event had been processed before (redelivery); nothing changed.
     Duplicate,
     Failed(HandlerError),
+    /// The batch came from an owner that lost its partition (its owner epoch is no longer
+    /// the partition's): nothing was decided, and it is no failure of the event. The
+    /// partition actor waits until it is stopped (or, should it still own the partition,
+    /// tries again); the new owner reads the event again.
+    Fenced,
 }
 
 impl EventOutcome {
@@ -338,6 +348,7 @@ impl Counters {
                 EventOutcome::Done => &self.processed,
                 EventOutcome::Duplicate => &self.duplicates,
                 EventOutcome::Failed(_) => &self.failed,
+                EventOutcome::Fenced => continue,
             };
             counter.set(counter.get() + 1);
         }
@@ -532,6 +543,7 @@ impl TracedBatch {
                         Some(EventOutcome::Done) => "done",
                         Some(EventOutcome::Duplicate) => "duplicate",
                         Some(EventOutcome::Failed(_)) => "failed",
+                        Some(EventOutcome::Fenced) => "fenced",
                         None => "unknown",
                     },
                 )
@@ -667,6 +679,7 @@ mod tests {
             origin: BatchOrigin {
                 source: TopicPartition::new("test-events", 0),
                 offsets: (0..keys.len() as i64).collect(),
+                assignment: 1,
             },
             events: keys.iter().map(|key| event(key)).collect(),
         }

@@ -132,8 +132,17 @@ struct LiveState {
     splits: AtomicU64,
 }
 
+/// Numbers the partition actors this process starts (see [`BatchOrigin::assignment`]).
+static ASSIGNMENTS: AtomicU64 = AtomicU64::new(0);
+
+/// How long a fenced batch waits before it is sent again (its actor is normally stopped
+/// first, by the revocation that made it stale).
+const FENCED_RETRY: Duration = Duration::from_secs(1);
+
 pub struct PartitionActor {
     source: TopicPartition,
+    /// This assignment's number (see [`BatchOrigin::assignment`]).
+    assignment: u64,
     records: Arc<PartitionRecords>,
     offsets: OffsetCommitter,
     wiring: PartitionWiring,
@@ -171,6 +180,7 @@ impl PartitionActor {
         };
         Self {
             source,
+            assignment: ASSIGNMENTS.fetch_add(1, Ordering::Relaxed) + 1,
             records: Arc::new(records),
             offsets,
             wiring,
@@ -231,6 +241,7 @@ impl PartitionActor {
         let job = BatchJob {
             waiter: self.source.to_string(),
             source: self.source.clone(),
+            assignment: self.assignment,
             wiring: self.wiring.clone(),
             offsets: self.offsets.clone(),
             live: self.live.clone(),
@@ -373,6 +384,7 @@ struct BatchJob {
     /// How this partition names itself to [`Outages`].
     waiter: String,
     source: TopicPartition,
+    assignment: u64,
     wiring: PartitionWiring,
     offsets: OffsetCommitter,
     live: Arc<LiveState>,
@@ -503,6 +515,10 @@ impl BatchJob {
                     self.live.outage_retries.fetch_add(1, Ordering::Relaxed);
                     delay
                 }
+                NextStep::Fenced { .. } => {
+                    debug!(source = %self.source, "batch fenced: this owner lost the partition");
+                    FENCED_RETRY
+                }
                 NextStep::RetryRest { .. } => {
                     report.retries += 1;
                     delays.next().expect("an attempt is left")
@@ -592,6 +608,7 @@ impl BatchJob {
             origin: BatchOrigin {
                 source: self.source.clone(),
                 offsets: offsets.into(),
+                assignment: self.assignment,
             },
             events,
         };
@@ -646,6 +663,8 @@ impl BatchJob {
                 .await?;
                 report.dead_lettered += 1;
             }
+            // Never settled: `next_step` stops at a fenced outcome.
+            EventOutcome::Fenced => {}
         }
         Ok(())
     }
@@ -703,6 +722,9 @@ impl BatchJob {
 enum NextStep {
     /// Settle every outcome: the batch is done.
     Settle,
+    /// Settle the outcomes before `settled_until`; the batch came from an owner that lost
+    /// the partition: send the rest again after a pause, unless the partition stops first.
+    Fenced { settled_until: usize },
     /// Every event of several failed for its own reason: send each half on its own, so an
     /// event that fails alone fails alone (batch isolation).
     Split,
@@ -729,6 +751,7 @@ impl NextStep {
         match self {
             NextStep::Settle | NextStep::Split => None,
             NextStep::WaitOutOutage { settled_until, .. }
+            | NextStep::Fenced { settled_until }
             | NextStep::RetryRest { settled_until }
             | NextStep::SplitRest { settled_until }
             | NextStep::GiveUpRest { settled_until } => Some(settled_until),
@@ -740,6 +763,12 @@ impl NextStep {
 /// left (`attempts_left`) or not. Outcomes are settled in order up to the first transient
 /// failure; an outage never spends an attempt.
 fn next_step(outcomes: &[EventOutcome], attempts_left: bool) -> NextStep {
+    if let Some(settled_until) = outcomes
+        .iter()
+        .position(|outcome| *outcome == EventOutcome::Fenced)
+    {
+        return NextStep::Fenced { settled_until };
+    }
     let Some(first_transient) = outcomes.iter().position(EventOutcome::is_transient) else {
         if outcomes.len() > 1 && outcomes.iter().all(EventOutcome::is_failure) {
             return NextStep::Split;
@@ -876,6 +905,19 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn a_fenced_batch_is_neither_settled_nor_failed_and_waits_whatever_the_attempts() {
+        let fenced = [EventOutcome::Fenced, EventOutcome::Fenced];
+        for attempts_left in [true, false] {
+            assert_eq!(
+                next_step(&fenced, attempts_left),
+                NextStep::Fenced { settled_until: 0 }
+            );
+        }
+        assert!(!EventOutcome::Fenced.is_failure());
+        assert!(!EventOutcome::Fenced.is_transient());
     }
 
     #[test]

@@ -19,7 +19,8 @@ use tracing::warn;
 use crate::actors::domain::{Batch, DomainHandler, EventOutcome, HandlerError, Stats};
 use crate::coupons::IssueDecision;
 use crate::coupons::locks::RedisLocks;
-use crate::coupons::store::{CouponRequest, CouponStore, RequestOutcome};
+use crate::coupons::owners::{Ownership, PartitionOwners};
+use crate::coupons::store::{CouponRequest, CouponStore, CouponStoreError, RequestOutcome};
 use crate::events::EventEnvelope;
 use crate::observability::metrics;
 
@@ -35,6 +36,9 @@ pub struct IssuerStats {
     /// Requests decided ahead of their own records, with a later request of the same user
     /// whose record came first (their records then count as redelivered).
     pub decided_ahead: u64,
+    /// Batches of an owner that lost its partition, not decided (see
+    /// [`crate::coupons::owners`]).
+    pub batches_fenced: u64,
     /// Lock keys another holder had (the database decided anyway).
     pub locks_contended: u64,
     /// Batches decided without locks because Redis did not answer.
@@ -48,11 +52,16 @@ pub struct IssuerStats {
 pub struct CouponIssuer {
     store: CouponStore,
     locks: RedisLocks,
+    owners: PartitionOwners,
 }
 
 impl CouponIssuer {
-    pub fn new(store: CouponStore, locks: RedisLocks) -> Self {
-        Self { store, locks }
+    pub fn new(store: CouponStore, locks: RedisLocks, owners: PartitionOwners) -> Self {
+        Self {
+            store,
+            locks,
+            owners,
+        }
     }
 }
 
@@ -64,6 +73,14 @@ impl DomainHandler for CouponIssuer {
     }
 
     async fn handle(&self, batch: &Batch, stats: &Stats<IssuerStats>) -> Vec<EventOutcome> {
+        let fence = match self.owners.fence_for(&batch.origin).await {
+            Ok(Ownership::Owner(fence)) => fence,
+            Ok(Ownership::Stale) => return fenced(batch, stats),
+            Err(error) => {
+                let failed = EventOutcome::Failed(HandlerError::from_error(&error));
+                return vec![failed; batch.events.len()];
+            }
+        };
         let parsed: Vec<Result<CouponRequest, HandlerError>> =
             batch.events.iter().map(coupon_request).collect();
         let requests: Vec<CouponRequest> = parsed
@@ -89,7 +106,11 @@ impl DomainHandler for CouponIssuer {
         let contended = held.as_ref().map_or(0, |held| held.contended as u64);
         let issued = self
             .store
-            .issue(&requests, batch.origin.source.partition.unsigned_abs())
+            .issue(
+                &requests,
+                batch.origin.source.partition.unsigned_abs(),
+                Some(&fence),
+            )
             .await;
         if let Some(held) = held
             && let Err(error) = self.locks.release(held).await
@@ -125,12 +146,20 @@ impl DomainHandler for CouponIssuer {
                 });
                 outcomes
             }
+            Err(CouponStoreError::Fenced) => return fenced(batch, stats),
             Err(error) => {
                 vec![EventOutcome::Failed(HandlerError::from_error(&error)); requests.len()]
             }
         };
         merge(parsed, outcomes)
     }
+}
+
+/// A batch from an owner that lost its partition: nothing decided, no failure counted.
+fn fenced(batch: &Batch, stats: &Stats<IssuerStats>) -> Vec<EventOutcome> {
+    warn!(source = %batch.origin.source, "batch of an owner that lost its partition: not decided");
+    stats.update(|stats| stats.batches_fenced += 1);
+    vec![EventOutcome::Fenced; batch.events.len()]
 }
 
 fn coupon_request(event: &EventEnvelope) -> Result<CouponRequest, HandlerError> {

@@ -9,6 +9,7 @@ pub mod intake;
 pub mod issuer;
 pub mod locks;
 pub mod notifier;
+pub mod owners;
 pub mod results;
 pub mod sessions;
 pub mod settlement;

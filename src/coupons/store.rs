@@ -11,6 +11,7 @@ use crate::common::columns::named_enum;
 use crate::common::connections::is_duplicate_key;
 use crate::common::error::{Classify, ErrorClass};
 use crate::common::ids::{CouponHistoryId, CouponId, OrderId, RequestId, UserId};
+use crate::coupons::owners::Fence;
 use crate::coupons::results::RecordedDecision;
 use crate::coupons::{CouponState, IssueDecision, IssueRequest, decide_issues};
 use crate::event_log::{EventLog, EventLogError, EventStatus, Move, OutboxEvent, StatusChange};
@@ -29,6 +30,9 @@ pub enum CouponStoreError {
     /// (another batch took the stock, or issued to the same user first).
     #[error("the decision was made on stale coupon state")]
     StaleDecision,
+    /// The batch's owner no longer owns its partition: nothing was decided.
+    #[error("the batch's owner lost its partition")]
+    Fenced,
 }
 
 impl Classify for CouponStoreError {
@@ -39,7 +43,7 @@ impl Classify for CouponStoreError {
             // The coupon row is locked while deciding, so this means the decision logic is
             // wrong: stop and restart rather than guess.
             CouponStoreError::StockInvariant(_) => ErrorClass::Fatal,
-            CouponStoreError::StaleDecision => ErrorClass::Retryable,
+            CouponStoreError::StaleDecision | CouponStoreError::Fenced => ErrorClass::Retryable,
         }
     }
 }
@@ -287,14 +291,23 @@ impl CouponStore {
     /// batches of different partitions meet on different rows); when that shard cannot
     /// cover the batch, the batch is decided again with every shard of the coupon locked and
     /// takes what its shard lacks from the others.
+    ///
+    /// Under a `fence` (see [`crate::coupons::owners`]) the transaction first checks that
+    /// the batch's owner still owns its partition, and fails with
+    /// [`CouponStoreError::Fenced`] when another took it since.
     pub async fn issue(
         &self,
         batch: &[CouponRequest],
         home: u32,
+        fence: Option<&Fence>,
     ) -> Result<IssuedBatch, CouponStoreError> {
-        match self.issue_with(batch, Locking::Optimistic, home).await {
+        match self
+            .issue_with(batch, Locking::Optimistic, home, fence)
+            .await
+        {
             Err(CouponStoreError::StaleDecision) => {
-                self.issue_with(batch, Locking::Pessimistic, home).await
+                self.issue_with(batch, Locking::Pessimistic, home, fence)
+                    .await
             }
             decided => decided,
         }
@@ -305,9 +318,15 @@ impl CouponStore {
         batch: &[CouponRequest],
         locking: Locking,
         home: u32,
+        fence: Option<&Fence>,
     ) -> Result<IssuedBatch, CouponStoreError> {
         let mut transaction = self.outbox.begin().await?;
         // On error the transaction is dropped, which rolls it back.
+        if let Some(fence) = fence
+            && !fence.holds_in(&mut transaction).await?
+        {
+            return Err(CouponStoreError::Fenced);
+        }
         let sequenced = sequence(&mut transaction, batch).await?;
         let outcomes = issue_in(&mut transaction, &sequenced.requests, locking, home).await?;
         let results = transaction.commit().await?;

@@ -4,11 +4,60 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use commerce_events::common::ids::{CouponId, UserId};
+use chrono::{Duration as Span, Utc};
+use commerce_events::common::ids::{CouponId, RequestId, UserId};
+use commerce_events::coupons::IssueRequest;
+use commerce_events::coupons::store::{CouponRequest, NewCoupon};
+use commerce_events::event_log::OutboxEvent;
 use commerce_events::events::{CouponRequested, EventEnvelope, EventPayload, PipelineProbe};
+use commerce_events::outbox::Outbox;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+/// A coupon of `total_quantity` units, valid from an hour ago to an hour from now.
+pub fn new_coupon(total_quantity: u32) -> NewCoupon {
+    let now = Utc::now();
+    NewCoupon {
+        name: "Hot".into(),
+        discount_amount: 1000,
+        total_quantity,
+        valid_from: now - Span::hours(1),
+        valid_until: now + Span::hours(1),
+    }
+}
+
+/// Requests of `users` for `coupon_id`, recorded as the intake leaves them (one commit, in
+/// `users`' order), as the CouponIssuer's store takes them.
+pub async fn recorded_requests(
+    outbox: &Outbox,
+    coupon_id: CouponId,
+    users: impl IntoIterator<Item = u64>,
+) -> Vec<CouponRequest> {
+    let mut rows = Vec::new();
+    let mut requests = Vec::new();
+    for user in users {
+        let user_id = UserId::from_u64(user).unwrap();
+        let envelope = EventEnvelope::new(
+            user_id.partition_key(),
+            EventPayload::CouponRequested(CouponRequested { user_id, coupon_id }),
+        );
+        requests.push(CouponRequest {
+            coupon_id,
+            request: IssueRequest {
+                request_id: RequestId::of_event(envelope.event_id),
+                user_id,
+                requested_at: envelope.occurred_at,
+            },
+            traceparent: None,
+        });
+        rows.push(OutboxEvent::new(envelope));
+    }
+    let mut transaction = outbox.begin().await.unwrap();
+    transaction.record(rows).await.unwrap();
+    let _unpublished = transaction.commit().await.unwrap();
+    requests
+}
 
 /// A pipeline probe (completed by the domain actor wrapper itself).
 pub fn probe_event(note: &str) -> EventEnvelope {

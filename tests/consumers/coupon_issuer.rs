@@ -13,6 +13,7 @@ use commerce_events::common::connections::RedisConnection;
 use commerce_events::common::ids::UserId;
 use commerce_events::coupons::issuer::CouponIssuer;
 use commerce_events::coupons::locks::RedisLocks;
+use commerce_events::coupons::owners::PartitionOwners;
 use commerce_events::coupons::results::result_event;
 use commerce_events::coupons::store::{CouponStore, NewCoupon};
 use commerce_events::event_log::{EventLog, OutboxEvent};
@@ -127,6 +128,7 @@ async fn the_coupon_issuer_through_success_duplicate_sold_out_expired_and_redeli
     let redis = RedisConnection::new(&pipeline.settings.redis).unwrap();
     redis.connect().await;
     let issuer_store = store.clone();
+    let owners = PartitionOwners::new(event_log.pool().clone(), "test");
     let issuer = DomainActor::start(
         &pipeline.arbiters.next(),
         PipelineProbes::new(event_log.clone()),
@@ -134,6 +136,7 @@ async fn the_coupon_issuer_through_success_duplicate_sold_out_expired_and_redeli
             CouponIssuer::new(
                 issuer_store.clone(),
                 RedisLocks::new(redis.clone(), Duration::from_secs(5)),
+                owners.clone(),
             )
         },
     );
@@ -161,6 +164,7 @@ async fn the_coupon_issuer_through_success_duplicate_sold_out_expired_and_redeli
                 origin: BatchOrigin {
                     source: TopicPartition::new(topics::COUPON_REQUESTS, 0),
                     offsets,
+                    assignment: 1,
                 },
                 events,
             })

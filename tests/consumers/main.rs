@@ -2,6 +2,7 @@
 //! and the real MariaDB.
 
 mod coupon_issuer;
+mod decision_order;
 mod failures;
 mod flow;
 mod group_queue;

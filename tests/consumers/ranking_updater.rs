@@ -113,6 +113,7 @@ async fn the_ranking_updater_through_new_orders_a_redelivery_and_a_foreign_event
                 origin: BatchOrigin {
                     source: TopicPartition::new(topics::ORDER_COMPLETED, 0),
                     offsets,
+                    assignment: 1,
                 },
                 events: events.clone(),
             })

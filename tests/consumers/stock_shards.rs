@@ -2,58 +2,13 @@
 //! different partitions take from different rows, a shard that runs dry borrows from the
 //! others, the total stays exact and `find` answers one `remaining`.
 
-use chrono::{Duration as Span, Utc};
-use commerce_events::common::ids::{CouponId, RequestId, UserId};
-use commerce_events::coupons::IssueRequest;
-use commerce_events::coupons::store::{CouponRequest, CouponStore, NewCoupon, RequestOutcome};
-use commerce_events::event_log::OutboxEvent;
-use commerce_events::events::{CouponRequested, EventEnvelope, EventPayload};
+use commerce_events::common::ids::CouponId;
+use commerce_events::coupons::store::{CouponStore, RequestOutcome};
 use commerce_events::outbox::Outbox;
 use sqlx::MySqlPool;
 
 use testkit::pipeline::Pipeline;
-
-fn new_coupon(total_quantity: u32) -> NewCoupon {
-    let now = Utc::now();
-    NewCoupon {
-        name: "Hot".into(),
-        discount_amount: 1000,
-        total_quantity,
-        valid_from: now - Span::hours(1),
-        valid_until: now + Span::hours(1),
-    }
-}
-
-/// Requests of `users` for `coupon`, recorded as the intake leaves them (PENDING rows).
-async fn recorded_requests(
-    outbox: &Outbox,
-    coupon_id: CouponId,
-    users: impl IntoIterator<Item = u64>,
-) -> Vec<CouponRequest> {
-    let mut rows = Vec::new();
-    let mut requests = Vec::new();
-    for user in users {
-        let user_id = UserId::from_u64(user).unwrap();
-        let envelope = EventEnvelope::new(
-            user_id.partition_key(),
-            EventPayload::CouponRequested(CouponRequested { user_id, coupon_id }),
-        );
-        requests.push(CouponRequest {
-            coupon_id,
-            request: IssueRequest {
-                request_id: RequestId::of_event(envelope.event_id),
-                user_id,
-                requested_at: envelope.occurred_at,
-            },
-            traceparent: None,
-        });
-        rows.push(OutboxEvent::new(envelope));
-    }
-    let mut transaction = outbox.begin().await.unwrap();
-    transaction.record(rows).await.unwrap();
-    let _unpublished = transaction.commit().await.unwrap();
-    requests
-}
+use testkit::records::{new_coupon, recorded_requests};
 
 fn issued(outcomes: &[RequestOutcome]) -> usize {
     outcomes
@@ -112,7 +67,7 @@ async fn batches_of_three_partitions_issue_exactly_the_stock_of_a_sharded_coupon
     }
     let decided = futures::future::join_all(batches.iter().map(|(partition, requests)| {
         let store = store.clone();
-        async move { store.issue(requests, *partition).await.unwrap() }
+        async move { store.issue(requests, *partition, None).await.unwrap() }
     }))
     .await;
     let issued: usize = decided.iter().map(|batch| issued(&batch.outcomes)).sum();
@@ -146,7 +101,7 @@ async fn a_shard_that_runs_dry_borrows_from_the_others() {
 
     // One partition only: its shard (1) has 2; the other 3 come from shards 2 and 0.
     let requests = recorded_requests(&outbox, coupon.coupon_id, 1..=5).await;
-    let batch = store.issue(&requests, 1).await.unwrap();
+    let batch = store.issue(&requests, 1, None).await.unwrap();
     assert_eq!(issued(&batch.outcomes), 5, "five of six issued");
     assert_eq!(
         shards(&pool, coupon.coupon_id).await.0,
@@ -158,7 +113,7 @@ async fn a_shard_that_runs_dry_borrows_from_the_others() {
 
     // The last unit, then sold out.
     let requests = recorded_requests(&outbox, coupon.coupon_id, 6..=7).await;
-    let batch = store.issue(&requests, 1).await.unwrap();
+    let batch = store.issue(&requests, 1, None).await.unwrap();
     assert_eq!(issued(&batch.outcomes), 1);
     assert_eq!(
         shards(&pool, coupon.coupon_id).await.0,
