@@ -437,24 +437,54 @@ async fn sequence(
         .iter()
         .map(|item| item.request.user_id.partition_key())
         .collect();
-    let undecided = EventLog::by_keys_in_acceptance_order_in(
+    let accepted = EventLog::keyed_in_acceptance_order_in(
         connection,
         EventType::CouponRequested,
         &keys,
         &UNDECIDED,
     )
     .await?;
-    let earlier: Vec<CouponRequest> = undecided
+    let batch_ids = ids_of(batch);
+    let (order, place_of_batch) = acceptance_order(&batch_ids, &accepted);
+    let ahead: Vec<EventId> = order
         .iter()
-        .filter_map(|record| CouponRequest::of_event(&record.envelope()))
-        .collect();
-    let (order, place_of_batch) = acceptance_order(&ids_of(batch), &ids_of(&earlier));
-    let requests = order
-        .into_iter()
-        .map(|slot| match slot {
-            Slot::Batch(position) => batch[position].clone(),
-            Slot::Ahead(row) => earlier[row].clone(),
+        .filter_map(|slot| match slot {
+            Slot::Ahead(row) => Some(accepted[*row].1),
+            Slot::Batch(_) => None,
         })
+        .collect();
+    // Rare: the whole rows only of the requests to decide ahead.
+    let earlier: BTreeMap<EventId, CouponRequest> = EventLog::records_in(connection, &ahead)
+        .await?
+        .iter()
+        .filter_map(|record| {
+            Some((
+                record.event_id,
+                CouponRequest::of_event(&record.envelope())?,
+            ))
+        })
+        .collect();
+    let mut requests = Vec::with_capacity(order.len());
+    let mut place_of = Vec::with_capacity(order.len());
+    for slot in order {
+        match slot {
+            Slot::Batch(position) => {
+                place_of.push(Some(requests.len()));
+                requests.push(batch[position].clone());
+            }
+            // A row gone or not a coupon request: nothing to decide ahead.
+            Slot::Ahead(row) => match earlier.get(&accepted[row].1) {
+                Some(request) => {
+                    place_of.push(Some(requests.len()));
+                    requests.push(request.clone());
+                }
+                None => place_of.push(None),
+            },
+        }
+    }
+    let place_of_batch = place_of_batch
+        .into_iter()
+        .map(|place| place_of[place].expect("a batch request is always decided"))
         .collect();
     Ok(Sequenced {
         requests,

@@ -744,21 +744,23 @@ impl EventLog {
     }
 
     /// The events of `event_type` under any of `keys` whose rows are in one of `statuses`,
-    /// in the order the database accepted them (`accepted_seq`, assigned when the row was
-    /// inserted: a row committed before another was inserted has the smaller number), read
-    /// in the caller's transaction without locks. A row that does not decode is left out
-    /// (logged): its own record dead-letters it.
-    pub async fn by_keys_in_acceptance_order_in(
+    /// as (key, event id), in the order the database accepted them (`accepted_seq`,
+    /// assigned when the row was inserted: a row committed before another was inserted has
+    /// the smaller number), read in the caller's transaction without locks. On the key index
+    /// (named: with a long list of keys the optimizer would otherwise scan the table).
+    pub async fn keyed_in_acceptance_order_in(
         connection: &mut MySqlConnection,
         event_type: EventType,
         keys: &BTreeSet<String>,
         statuses: &[EventStatus],
-    ) -> Result<Vec<EventRecord>, EventLogError> {
+    ) -> Result<Vec<(String, EventId)>, EventLogError> {
         if keys.is_empty() || statuses.is_empty() {
             return Ok(Vec::new());
         }
-        let mut select = sqlx::QueryBuilder::new(select_event_columns!());
-        select.push("WHERE event_key IN (");
+        let mut select = sqlx::QueryBuilder::new(
+            "SELECT event_key, event_id FROM event_log FORCE INDEX (event_log_by_key) \
+             WHERE event_key IN (",
+        );
         let mut separated = select.separated(", ");
         for key in keys {
             separated.push_bind(key);
@@ -772,6 +774,26 @@ impl EventLog {
             separated.push_bind(*status);
         }
         select.push(") ORDER BY accepted_seq");
+        Ok(select.build_query_as().fetch_all(connection).await?)
+    }
+
+    /// The rows of `ids` (missing ones absent), read in the caller's transaction without
+    /// locks. A row that does not decode is left out (logged): its own record dead-letters
+    /// it.
+    pub async fn records_in(
+        connection: &mut MySqlConnection,
+        ids: &[EventId],
+    ) -> Result<Vec<EventRecord>, EventLogError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut select = sqlx::QueryBuilder::new(select_event_columns!());
+        select.push("WHERE event_id IN (");
+        let mut separated = select.separated(", ");
+        for id in ids {
+            separated.push_bind(*id);
+        }
+        select.push(")");
         let rows: Vec<StoredEvent> = select.build_query_as().fetch_all(connection).await?;
         Ok(rows
             .into_iter()

@@ -44,6 +44,10 @@ pub struct Ledger {
     pub in_order: BTreeMap<u64, Vec<String>>,
     /// The (user, coupon) requests that got no answer.
     pub unanswered: BTreeSet<(u64, u64)>,
+    /// Requests that got no answer when sent and turned out recorded when asked again
+    /// (200): when they were accepted is known only from their commit (the checker places
+    /// them by it).
+    pub answered_late: BTreeSet<String>,
     /// Refusals whose body was not `{"error": {"code", "message"}}`.
     pub refusals_without_error_body: u64,
 }
@@ -221,16 +225,23 @@ impl Clients {
             let place = Ledger::unanswered_place(coupon);
             let in_order = ledger.in_order.entry(user).or_default();
             let unanswered_at = in_order.iter().position(|request| *request == place);
+            let mut late = false;
             if !in_order.contains(&request_id) {
                 match unanswered_at {
-                    // 200: the request that got no answer had been recorded, when it was
-                    // sent: it keeps that place.
-                    Some(at) if status == StatusCode::OK => in_order[at] = request_id.clone(),
+                    // 200: the request that got no answer had been recorded: it keeps that
+                    // place until the checker places it by its commit.
+                    Some(at) if status == StatusCode::OK => {
+                        in_order[at] = request_id.clone();
+                        late = true;
+                    }
                     // 202: it had not; this one is new, accepted now.
                     _ => in_order.push(request_id.clone()),
                 }
             }
             in_order.retain(|request| *request != place);
+            if late {
+                ledger.answered_late.insert(request_id.clone());
+            }
             ledger.accepted.insert((user, coupon), request_id);
         } else {
             ledger.failed += 1;
@@ -370,8 +381,9 @@ impl Checker {
     }
 
     pub async fn report(&self, ledger: &Ledger, coupons: &[u64]) -> Report {
-        let rows: Vec<(String, String, Option<Value>)> = sqlx::query_as(
-            "SELECT event_id, status, result FROM event_log WHERE event_type = 'CouponRequested'",
+        let rows: Vec<(String, String, Option<Value>, u64)> = sqlx::query_as(
+            "SELECT event_id, status, result, accepted_seq FROM event_log \
+             WHERE event_type = 'CouponRequested'",
         )
         .fetch_all(&self.pool)
         .await
@@ -388,7 +400,11 @@ impl Checker {
             accepted: ledger.accepted.len() as u64,
             ..Report::default()
         };
-        let ids: BTreeSet<&str> = rows.iter().map(|(id, _, _)| id.as_str()).collect();
+        let ids: BTreeSet<&str> = rows.iter().map(|(id, _, _, _)| id.as_str()).collect();
+        let accepted_seq: BTreeMap<String, u64> = rows
+            .iter()
+            .map(|(id, _, _, seq)| (id.clone(), *seq))
+            .collect();
         report.lost = ledger
             .accepted
             .values()
@@ -401,7 +417,7 @@ impl Checker {
                     *counts.entry(request.as_str()).or_default() += 1;
                     counts
                 });
-        for (id, status, result) in &rows {
+        for (id, status, result, _) in &rows {
             match status.as_str() {
                 "NOTIFIED" => {}
                 "COMPLETED" => report.pushes_lost += 1,
@@ -422,7 +438,7 @@ impl Checker {
             *holders.entry((*coupon, *user)).or_default() += 1;
         }
         report.held_twice = holders.values().filter(|count| **count > 1).count() as u64;
-        report.out_of_order = Self::users_out_of_order(ledger, &histories);
+        report.out_of_order = Self::users_out_of_order(ledger, &histories, &accepted_seq);
         for coupon in coupons {
             // The view sums a sharded coupon's shard rows.
             let (total, issued): (u32, u64) = sqlx::query_as(
@@ -445,8 +461,14 @@ impl Checker {
     }
 
     /// The users whose issued requests, in the order of their coupon histories, are not in
-    /// the order the user's requests were accepted.
-    pub fn users_out_of_order(ledger: &Ledger, histories: &[(u64, u64, String)]) -> u64 {
+    /// the order the user's requests were accepted: as the clients saw it, but for requests
+    /// that got no answer when sent (recorded, as asking again showed), which are placed by
+    /// their commit (`accepted_seq`).
+    pub fn users_out_of_order(
+        ledger: &Ledger,
+        histories: &[(u64, u64, String)],
+        accepted_seq: &BTreeMap<String, u64>,
+    ) -> u64 {
         let issued_at: BTreeMap<&str, usize> = histories
             .iter()
             .enumerate()
@@ -456,6 +478,7 @@ impl Checker {
             .in_order
             .values()
             .filter(|requests| {
+                let requests = placed_by_commit(requests, &ledger.answered_late, accepted_seq);
                 let positions: Vec<usize> = requests
                     .iter()
                     .filter_map(|request| issued_at.get(request.as_str()).copied())
@@ -504,6 +527,7 @@ impl Checker {
                 Ledger {
                     accepted: ledger.accepted.clone(),
                     in_order: ledger.in_order.clone(),
+                    answered_late: ledger.answered_late.clone(),
                     ..Ledger::default()
                 }
             };
@@ -514,6 +538,35 @@ impl Checker {
             actix_rt::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// A user's requests in the order the clients saw them accepted, with each request of
+/// `late` (no answer when sent) moved to where its commit puts it: before the first answered
+/// request committed after it.
+fn placed_by_commit(
+    requests: &[String],
+    late: &BTreeSet<String>,
+    accepted_seq: &BTreeMap<String, u64>,
+) -> Vec<String> {
+    let mut placed: Vec<String> = requests
+        .iter()
+        .filter(|request| !late.contains(*request))
+        .cloned()
+        .collect();
+    for request in requests.iter().filter(|request| late.contains(*request)) {
+        let Some(seq) = accepted_seq.get(request) else {
+            placed.push(request.clone());
+            continue;
+        };
+        let at = placed
+            .iter()
+            .position(|other| {
+                !late.contains(other) && accepted_seq.get(other).is_some_and(|other| other > seq)
+            })
+            .unwrap_or(placed.len());
+        placed.insert(at, request.clone());
+    }
+    placed
 }
 
 /// The promise every scenario checks: nothing accepted lost or stranded, nothing issued or
@@ -636,14 +689,40 @@ mod tests {
             .in_order
             .insert(7, vec!["a".into(), "b".into(), "c".into()]);
         ledger.in_order.insert(8, vec!["d".into(), "e".into()]);
+        let seq = BTreeMap::new();
         let in_order = [history("a"), history("b"), history("d"), history("c")];
-        assert_eq!(Checker::users_out_of_order(&ledger, &in_order), 0);
+        assert_eq!(Checker::users_out_of_order(&ledger, &in_order, &seq), 0);
         // A request not issued (refused) says nothing about the order of the others.
         let refused_between = [history("a"), history("c")];
-        assert_eq!(Checker::users_out_of_order(&ledger, &refused_between), 0);
+        assert_eq!(
+            Checker::users_out_of_order(&ledger, &refused_between, &seq),
+            0
+        );
         let swapped = [history("b"), history("a"), history("e"), history("d")];
-        assert_eq!(Checker::users_out_of_order(&ledger, &swapped), 2);
+        assert_eq!(Checker::users_out_of_order(&ledger, &swapped, &seq), 2);
         let last_first = [history("c"), history("a"), history("b"), history("d")];
-        assert_eq!(Checker::users_out_of_order(&ledger, &last_first), 1);
+        assert_eq!(Checker::users_out_of_order(&ledger, &last_first, &seq), 1);
+    }
+
+    #[test]
+    fn a_request_that_got_no_answer_is_placed_by_its_commit() {
+        // "b" got no answer when sent after "a"; asked again after "c" was answered, it
+        // turned out recorded, committed after "c".
+        let mut ledger = Ledger::default();
+        ledger
+            .in_order
+            .insert(7, vec!["a".into(), "b".into(), "c".into()]);
+        ledger.answered_late.insert("b".into());
+        let seq: BTreeMap<String, u64> = [("a", 1), ("c", 2), ("b", 3)]
+            .into_iter()
+            .map(|(request, seq)| (request.to_string(), seq))
+            .collect();
+        let issued = [history("a"), history("c"), history("b")];
+        assert_eq!(Checker::users_out_of_order(&ledger, &issued, &seq), 0);
+        let by_client_order = [history("a"), history("b"), history("c")];
+        assert_eq!(
+            Checker::users_out_of_order(&ledger, &by_client_order, &seq),
+            1
+        );
     }
 }

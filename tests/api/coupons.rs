@@ -230,6 +230,30 @@ async fn an_accepted_request_never_published_is_published_again_by_the_reconcile
 }
 
 #[actix_web::test]
+async fn a_request_whose_publication_was_lost_is_decided_before_the_users_next_one() {
+    // The reconciler is off: only the user's next request can bring the lost one forward.
+    let app = TestApp::builder()
+        .settings(|settings| settings.reconcile.enabled = false)
+        .start()
+        .await;
+    let (first, second) = (app.create_coupon(5).await, app.create_coupon(5).await);
+    // Committed as the intake commits it, answered, and its record never produced.
+    let lost = app.commit_proven_coupon_request(79, first).await;
+    let next = app.issue(79, second).await;
+
+    let next_view = app.wait_until_notified(&next).await;
+    let lost_view = app.wait_until_notified(&lost.to_string()).await;
+    let (lost_history, next_history) = (
+        lost_view["couponHistoryId"].as_u64().expect("issued"),
+        next_view["couponHistoryId"].as_u64().expect("issued"),
+    );
+    assert!(
+        lost_history < next_history,
+        "the earlier request is decided first: {lost_view} {next_view}"
+    );
+}
+
+#[actix_web::test]
 async fn thousands_of_concurrent_requests_never_over_issue_or_double_issue() {
     let app = spawn_app().await;
     let coupon_id = app.create_coupon(100).await;
