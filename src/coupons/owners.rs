@@ -10,6 +10,13 @@
 //! epoch means another owner took the partition since, and the batch rolls back, answered
 //! [`crate::actors::domain::EventOutcome::Fenced`]. The shared lock makes a new owner's epoch
 //! wait for a batch that is already deciding, so the new owner reads its decisions.
+//!
+//! The epoch is taken by an assignment's first batch, not at the assignment itself. A first
+//! batch delayed before it (its domain actor's thread blocked) for longer than a whole
+//! rebalance would take a later epoch than the new owner's, and fence the new owner's
+//! batches until the next rebalance: they wait, nothing is lost, and row locks still decide
+//! each request once. Taking the epoch in the assignment callback, or using the group's
+//! generation as the epoch, would close that window.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

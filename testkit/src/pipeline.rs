@@ -10,7 +10,7 @@ use commerce_events::actors::consumer_group::{
     ConsumerGroup, ConsumerGroupSpec, ConsumerGroupState,
 };
 use commerce_events::actors::domain::{
-    DomainActor, DomainActorState, ObserveDomain, PipelineProbes,
+    DomainActor, DomainActorState, DomainHandler, ObserveDomain, PipelineProbes,
 };
 use commerce_events::common::connections;
 use commerce_events::config::Settings;
@@ -96,10 +96,24 @@ impl Pipeline {
     /// Starts a member of `test-group` whose domain actor runs `handler`.
     pub fn join(&self, handler: ScriptedHandler) -> Member {
         let factory_handler = handler.clone();
+        let (group, domain) = self.join_with(move || factory_handler.clone());
+        Member {
+            group,
+            domain,
+            handler,
+        }
+    }
+
+    /// Starts a member of `test-group` whose domain actor runs the handlers `factory` makes
+    /// (a real one, for example).
+    pub fn join_with<H: DomainHandler>(
+        &self,
+        factory: impl Fn() -> H + Send + 'static,
+    ) -> (Arc<ConsumerGroup>, Addr<DomainActor<H>>) {
         let domain = DomainActor::start(
             &self.arbiters.next(),
             PipelineProbes::new(self.event_log.clone()),
-            move || factory_handler.clone(),
+            factory,
         );
         let spec = ConsumerGroupSpec::from_settings(
             &self.settings,
@@ -111,11 +125,7 @@ impl Pipeline {
             Default::default(),
         );
         let group = ConsumerGroup::start(spec, self.arbiters.clone()).expect("consumer group");
-        Member {
-            group: Arc::new(group),
-            domain,
-            handler,
-        }
+        (Arc::new(group), domain)
     }
 
     /// Commits `event` PENDING in the event log, as the outbox leaves it before publishing.

@@ -5,8 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{Duration as Span, Utc};
-use commerce_events::common::ids::{CouponId, RequestId, UserId};
-use commerce_events::coupons::IssueRequest;
+use commerce_events::common::ids::{CouponId, UserId};
 use commerce_events::coupons::store::{CouponRequest, NewCoupon};
 use commerce_events::event_log::OutboxEvent;
 use commerce_events::events::{CouponRequested, EventEnvelope, EventPayload, PipelineProbe};
@@ -34,29 +33,36 @@ pub async fn recorded_requests(
     coupon_id: CouponId,
     users: impl IntoIterator<Item = u64>,
 ) -> Vec<CouponRequest> {
-    let mut rows = Vec::new();
-    let mut requests = Vec::new();
-    for user in users {
-        let user_id = UserId::from_u64(user).unwrap();
-        let envelope = EventEnvelope::new(
-            user_id.partition_key(),
-            EventPayload::CouponRequested(CouponRequested { user_id, coupon_id }),
-        );
-        requests.push(CouponRequest {
-            coupon_id,
-            request: IssueRequest {
-                request_id: RequestId::of_event(envelope.event_id),
-                user_id,
-                requested_at: envelope.occurred_at,
-            },
-            traceparent: None,
-        });
-        rows.push(OutboxEvent::new(envelope));
-    }
+    recorded_request_events(outbox, coupon_id, users)
+        .await
+        .iter()
+        .map(|event| CouponRequest::of_event(event).expect("a coupon request"))
+        .collect()
+}
+
+/// The same requests as the events the intake publishes.
+pub async fn recorded_request_events(
+    outbox: &Outbox,
+    coupon_id: CouponId,
+    users: impl IntoIterator<Item = u64>,
+) -> Vec<EventEnvelope> {
+    let events: Vec<EventEnvelope> = users
+        .into_iter()
+        .map(|user| {
+            let user_id = UserId::from_u64(user).unwrap();
+            EventEnvelope::new(
+                user_id.partition_key(),
+                EventPayload::CouponRequested(CouponRequested { user_id, coupon_id }),
+            )
+        })
+        .collect();
     let mut transaction = outbox.begin().await.unwrap();
-    transaction.record(rows).await.unwrap();
+    transaction
+        .record(events.iter().cloned().map(OutboxEvent::new).collect())
+        .await
+        .unwrap();
     let _unpublished = transaction.commit().await.unwrap();
-    requests
+    events
 }
 
 /// A pipeline probe (completed by the domain actor wrapper itself).

@@ -1,17 +1,29 @@
-//! The CouponIssuer's store deciding a user's requests in the order they were accepted, and
-//! refusing a batch from an owner that lost its partition.
+//! The CouponIssuer deciding a user's requests in the order they were accepted, and refusing
+//! a batch from an owner that lost its partition (at the store, and as two members of a
+//! group whose old owner's batch outlives its drain).
 
-use commerce_events::actors::domain::BatchOrigin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use commerce_events::actors::domain::{
+    Batch, BatchOrigin, DomainHandler, EventOutcome, ObserveDomain, Stats,
+};
+use commerce_events::common::connections::RedisConnection;
 use commerce_events::common::ids::CouponHistoryId;
+use commerce_events::coupons::issuer::{CouponIssuer, IssuerStats};
+use commerce_events::coupons::locks::RedisLocks;
 use commerce_events::coupons::owners::{Ownership, PartitionOwners};
 use commerce_events::coupons::store::{CouponStore, CouponStoreError, RequestOutcome};
 use commerce_events::event_log::EventStatus;
 use commerce_events::events::EventId;
 use commerce_events::kafka::TopicPartition;
 use commerce_events::outbox::Outbox;
+use tokio::sync::Notify;
 
-use testkit::pipeline::Pipeline;
-use testkit::records::{new_coupon, recorded_requests};
+use testkit::pipeline::{PARTITIONS, Pipeline};
+use testkit::records::{new_coupon, recorded_request_events, recorded_requests};
+use testkit::wait::eventually;
 
 fn history(outcome: &RequestOutcome) -> CouponHistoryId {
     match outcome {
@@ -126,4 +138,148 @@ async fn a_batch_of_an_owner_that_lost_its_partition_decides_nothing() {
         new_owner.fence_for(&origin(1)).await.unwrap(),
         Ownership::Stale
     );
+}
+
+/// The CouponIssuer, whose first batch once `armed` takes its owner epoch and then waits for
+/// `release`: an issuer stuck in a slow transaction, longer than the drain timeout.
+struct HeldIssuer {
+    issuer: CouponIssuer,
+    owners: PartitionOwners,
+    armed: Arc<AtomicBool>,
+    holding: Arc<AtomicBool>,
+    release: Arc<Notify>,
+}
+
+impl DomainHandler for HeldIssuer {
+    type Stats = IssuerStats;
+
+    fn name(&self) -> &'static str {
+        "CouponIssuer"
+    }
+
+    async fn handle(&self, batch: &Batch, stats: &Stats<IssuerStats>) -> Vec<EventOutcome> {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            // As the issuer does first: the epoch of the batch's assignment.
+            self.owners.fence_for(&batch.origin).await.unwrap();
+            self.holding.store(true, Ordering::SeqCst);
+            self.release.notified().await;
+        }
+        self.issuer.handle(batch, stats).await
+    }
+}
+
+#[actix_web::test]
+async fn a_stale_owners_batch_that_outlived_its_drain_is_fenced_and_the_new_owner_decides() {
+    let pipeline = Pipeline::start_with(|settings| {
+        settings.kafka.consumer.drain_timeout_ms = 500;
+    })
+    .await;
+    let pool = pipeline.event_log.pool().clone();
+    let outbox = Outbox::new(pipeline.event_log.clone(), pipeline.publisher.clone());
+    let store = CouponStore::new(outbox.clone());
+    let coupon = store.create(&new_coupon(100)).await.unwrap();
+    let redis = RedisConnection::new(&pipeline.settings.redis).unwrap();
+    redis.connect().await;
+    let (armed, holding, release) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(Notify::new()),
+    );
+    let issuer = |instance: &'static str, armed: Arc<AtomicBool>| {
+        let (store, redis, holding, release) = (
+            store.clone(),
+            redis.clone(),
+            holding.clone(),
+            release.clone(),
+        );
+        let owners = PartitionOwners::new(pool.clone(), instance);
+        move || HeldIssuer {
+            issuer: CouponIssuer::new(
+                store.clone(),
+                RedisLocks::new(redis.clone(), Duration::from_secs(5)),
+                owners.clone(),
+            ),
+            owners: owners.clone(),
+            armed: armed.clone(),
+            holding: holding.clone(),
+            release: release.clone(),
+        }
+    };
+
+    // The old owner takes every partition, then holds a batch.
+    let (old_group, old_issuer) = pipeline.join_with(issuer("old", armed.clone()));
+    eventually(
+        "the old owner holds every partition",
+        Duration::from_secs(30),
+        || async { old_group.observe().await.partitions.len() == PARTITIONS as usize },
+    )
+    .await;
+    armed.store(true, Ordering::SeqCst);
+    let events = recorded_request_events(&outbox, coupon.coupon_id, 1..=6).await;
+    for (position, event) in events.iter().enumerate() {
+        pipeline
+            .publish_to(position as i32 % PARTITIONS, event)
+            .await;
+    }
+    eventually("a batch held", Duration::from_secs(30), || async {
+        holding.load(Ordering::SeqCst)
+    })
+    .await;
+
+    // A new owner joins and the old one leaves, giving up the held batch at the drain
+    // deadline: the new owner reads it again and decides every request.
+    let (new_group, new_issuer) =
+        pipeline.join_with(issuer("new", Arc::new(AtomicBool::new(false))));
+    old_group.shutdown().await;
+    let decided = || async {
+        let (count,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM event_log WHERE event_type = 'CouponRequested' \
+             AND status IN ('COMPLETED', 'NOTIFIED')",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        count
+    };
+    eventually(
+        "the new owner decided every request",
+        Duration::from_secs(30),
+        || async { decided().await == events.len() as i64 },
+    )
+    .await;
+
+    // The old owner's batch goes on: it is fenced, and changes nothing.
+    release.notify_one();
+    let fenced = || async {
+        let state = old_issuer.send(ObserveDomain).await.unwrap();
+        state.details["batchesFenced"].as_u64().unwrap_or(0)
+    };
+    eventually(
+        "the old owner's batch fenced",
+        Duration::from_secs(30),
+        || async { fenced().await >= 1 },
+    )
+    .await;
+    let (histories,): (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM coupon_history WHERE coupon_id = ?")
+            .bind(coupon.coupon_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(histories, 6, "each request issued once");
+    let (old, new) = (
+        old_issuer.send(ObserveDomain).await.unwrap(),
+        new_issuer.send(ObserveDomain).await.unwrap(),
+    );
+    assert_eq!(
+        (old.failed, new.failed),
+        (0, 0),
+        "no failure counted: {old:?} {new:?}"
+    );
+    // The old owner decided the batches of the partitions it did not hold back (two events
+    // each, at most two partitions); the held batch's events were the new owner's.
+    assert!(old.processed <= 4, "{old:?}");
+    assert!(new.processed >= 2, "{new:?}");
+    assert_eq!(new.details["batchesFenced"], 0, "{new:?}");
+    new_group.shutdown().await;
 }
