@@ -878,8 +878,27 @@ impl ConsumedRecord {
 
 /// One partition's own queue, read asynchronously.
 pub struct PartitionRecords {
-    queue: PartitionQueue<GroupContext>,
+    /// Always `Some` until dropped (see the `Drop` implementation).
+    queue: Option<PartitionQueue<GroupContext>>,
     ready: Arc<Notify>,
+}
+
+/// A partition queue holds a handle on its consumer, and the last handle's drop closes the
+/// consumer, which blocks (it revokes the assignment and waits for librdkafka). The polling
+/// thread normally drops the last one; a queue that outlives it (a partition actor whose batch
+/// had not ended when the consumer was closed) is dropped on a thread of its own, never on the
+/// arbiter it was used on, so the arbiter (and a daemon stopping) never waits for the close.
+impl Drop for PartitionRecords {
+    fn drop(&mut self) {
+        if let Some(queue) = self.queue.take() {
+            let spawned = std::thread::Builder::new()
+                .name("kafka-queue-drop".into())
+                .spawn(move || drop(queue));
+            if let Err(error) = spawned {
+                warn!(%error, "cannot drop a partition queue on a thread of its own");
+            }
+        }
+    }
 }
 
 /// Upper bound on how long a partition waits without re-checking its queue. librdkafka
@@ -891,7 +910,10 @@ impl PartitionRecords {
         let ready = Arc::new(Notify::new());
         let signal = ready.clone();
         queue.set_nonempty_callback(move || signal.notify_one());
-        Self { queue, ready }
+        Self {
+            queue: Some(queue),
+            ready,
+        }
     }
 
     /// Waits until at least one record is there, then takes up to `max_records` of those
@@ -913,7 +935,8 @@ impl PartitionRecords {
     fn take_ready(&self, max_records: usize, max_record_bytes: usize) -> Vec<ConsumedRecord> {
         let mut batch = Vec::new();
         while batch.len() < max_records {
-            match self.queue.poll(Duration::ZERO) {
+            let Some(queue) = &self.queue else { break };
+            match queue.poll(Duration::ZERO) {
                 None => break,
                 Some(Ok(message)) => batch.push(ConsumedRecord::decode(&message, max_record_bytes)),
                 Some(Err(error)) => {
