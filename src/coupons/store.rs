@@ -433,10 +433,8 @@ async fn sequence(
     connection: &mut MySqlConnection,
     batch: &[CouponRequest],
 ) -> Result<Sequenced, CouponStoreError> {
-    let keys: BTreeSet<String> = batch
-        .iter()
-        .map(|item| item.request.user_id.partition_key())
-        .collect();
+    let batch_ids = ids_of(batch);
+    let keys: BTreeSet<String> = batch_ids.iter().map(|(key, _)| key.clone()).collect();
     let accepted = EventLog::keyed_in_acceptance_order_in(
         connection,
         EventType::CouponRequested,
@@ -444,7 +442,6 @@ async fn sequence(
         &UNDECIDED,
     )
     .await?;
-    let batch_ids = ids_of(batch);
     let (order, place_of_batch) = acceptance_order(&batch_ids, &accepted);
     let ahead: Vec<EventId> = order
         .iter()

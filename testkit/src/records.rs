@@ -65,6 +65,17 @@ pub async fn recorded_request_events(
     events
 }
 
+/// How many coupon histories (coupons issued) `coupon_id` has.
+pub async fn histories_of(pool: &sqlx::MySqlPool, coupon_id: CouponId) -> i64 {
+    let (histories,): (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM coupon_history WHERE coupon_id = ?")
+            .bind(coupon_id)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    histories
+}
+
 /// A pipeline probe (completed by the domain actor wrapper itself).
 pub fn probe_event(note: &str) -> EventEnvelope {
     let mut envelope = EventEnvelope::new(

@@ -22,7 +22,7 @@ use commerce_events::outbox::Outbox;
 use tokio::sync::Notify;
 
 use testkit::pipeline::{PARTITIONS, Pipeline};
-use testkit::records::{new_coupon, recorded_request_events, recorded_requests};
+use testkit::records::{histories_of, new_coupon, recorded_request_events, recorded_requests};
 use testkit::wait::eventually;
 
 fn history(outcome: &RequestOutcome) -> CouponHistoryId {
@@ -260,13 +260,11 @@ async fn a_stale_owners_batch_that_outlived_its_drain_is_fenced_and_the_new_owne
         || async { fenced().await >= 1 },
     )
     .await;
-    let (histories,): (i64,) =
-        sqlx::query_as("SELECT COUNT(*) FROM coupon_history WHERE coupon_id = ?")
-            .bind(coupon.coupon_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!(histories, 6, "each request issued once");
+    assert_eq!(
+        histories_of(&pool, coupon.coupon_id).await,
+        6,
+        "each request issued once"
+    );
     let (old, new) = (
         old_issuer.send(ObserveDomain).await.unwrap(),
         new_issuer.send(ObserveDomain).await.unwrap(),

@@ -8,7 +8,7 @@ use commerce_events::outbox::Outbox;
 use sqlx::MySqlPool;
 
 use testkit::pipeline::Pipeline;
-use testkit::records::{new_coupon, recorded_requests};
+use testkit::records::{histories_of, new_coupon, recorded_requests};
 
 fn issued(outcomes: &[RequestOutcome]) -> usize {
     outcomes
@@ -80,13 +80,7 @@ async fn batches_of_three_partitions_issue_exactly_the_stock_of_a_sharded_coupon
         "every shard ran dry"
     );
     assert_eq!(coupon_row, 0, "a sharded coupon's own row is not the stock");
-    let (histories,): (i64,) =
-        sqlx::query_as("SELECT COUNT(*) FROM coupon_history WHERE coupon_id = ?")
-            .bind(coupon.coupon_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!(histories, 10);
+    assert_eq!(histories_of(&pool, coupon.coupon_id).await, 10);
     let found = store.find(coupon.coupon_id).await.unwrap().unwrap();
     assert_eq!((found.issued_quantity, found.remaining), (10, 0));
 }
