@@ -411,14 +411,18 @@ impl Wiring {
                 COUPON_REQUEST_GROUP,
                 topics::COUPON_REQUESTS,
             ),
-            move || {
-                CouponIssuer::new(
-                    CouponStore::new(outbox.clone()),
-                    RedisLocks::new(redis.clone(), lock_ttl),
-                    owners.clone(),
-                )
+            {
+                let owners = owners.clone();
+                move || {
+                    CouponIssuer::new(
+                        CouponStore::new(outbox.clone()),
+                        RedisLocks::new(redis.clone(), lock_ttl),
+                        owners.clone(),
+                    )
+                }
             },
-            |_| {},
+            // Each assignment of a partition takes its owner epoch before its first batch.
+            |spec| spec.partitions.on_assigned = Some(Arc::new(owners)),
         )?;
         let (sessions, event_log) = (sessions.clone(), self.event_log().clone());
         let notifier_group = format!(

@@ -239,6 +239,7 @@ impl ConsumerGroupSpec {
                 max_batch_records: consumer.max_batch_records,
                 max_record_bytes: consumer.max_record_bytes,
                 commit_interval: consumer.commit_interval(),
+                on_assigned: None,
             },
             group_id,
             routes,

@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use futures::future::OptionFuture;
+use futures::future::{BoxFuture, OptionFuture};
 use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -101,6 +101,17 @@ pub struct PartitionActorState {
     pub splits: u64,
 }
 
+/// Called when a partition is assigned, before its first batch is taken: a domain that
+/// fences stale owners takes the assignment's owner epoch here (see
+/// [`crate::coupons::owners`]). A failure is an outage: the partition waits and calls again.
+pub trait AssignmentHook: Send + Sync + 'static {
+    fn assigned(
+        &self,
+        source: TopicPartition,
+        assignment: u64,
+    ) -> BoxFuture<'static, Result<(), HandlerError>>;
+}
+
 /// How a partition retries, dead-letters and batches; shared by all partitions of a group.
 #[derive(Clone)]
 pub struct PartitionPolicy {
@@ -111,6 +122,8 @@ pub struct PartitionPolicy {
     pub max_batch_records: usize,
     pub max_record_bytes: usize,
     pub commit_interval: Duration,
+    /// What the group's partitions do when assigned, if anything.
+    pub on_assigned: Option<Arc<dyn AssignmentHook>>,
 }
 
 /// What a partition actor needs besides its queue.
@@ -328,7 +341,31 @@ impl Actor for PartitionActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         debug!(source = %self.source, "partition actor started");
-        self.run_next_batch(ctx);
+        let Some(hook) = self.wiring.policy.on_assigned.clone() else {
+            self.run_next_batch(ctx);
+            return;
+        };
+        let (source, assignment) = (self.source.clone(), self.assignment);
+        let (stop, outage) = (self.stop.clone(), self.wiring.policy.outage);
+        let assigned = async move {
+            let mut delays = outage.delays();
+            loop {
+                let error = match hook.assigned(source.clone(), assignment).await {
+                    Ok(()) => return,
+                    Err(error) => error,
+                };
+                let delay = delays.next().unwrap_or(outage.max);
+                warn!(%source, %error, ?delay, "cannot take the partition's assignment; trying again");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        };
+        ctx.spawn(
+            actix::fut::wrap_future::<_, Self>(assigned)
+                .map(|(), actor, ctx| actor.run_next_batch(ctx)),
+        );
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {

@@ -11,19 +11,26 @@
 //! [`crate::actors::domain::EventOutcome::Fenced`]. The shared lock makes a new owner's epoch
 //! wait for a batch that is already deciding, so the new owner reads its decisions.
 //!
-//! The epoch is taken by an assignment's first batch, not at the assignment itself. A first
-//! batch delayed before it (its domain actor's thread blocked) for longer than a whole
-//! rebalance would take a later epoch than the new owner's, and fence the new owner's
-//! batches until the next rebalance: they wait, nothing is lost, and row locks still decide
-//! each request once. Taking the epoch in the assignment callback, or using the group's
-//! generation as the epoch, would close that window.
+//! The epoch is taken when the partition is assigned, before its actor takes a first batch
+//! (the partition actor's [`AssignmentHook`]), so the new owner's epoch is taken after the
+//! old owner's revocation began, and waits for the old owner's batch that is deciding. What
+//! is left: an epoch statement of the old owner sent before its revocation and held in
+//! MySQL for longer than a whole rebalance would land after the new owner's, and fence the
+//! new owner's batches until the next rebalance: they wait, nothing is lost, and row locks
+//! still decide each request once. Only the group coordinator's generation would close
+//! that; it restarts when a group is re-created, which a stored epoch cannot tell from a
+//! stale owner. A batch whose assignment has no epoch yet (a handler driven without a
+//! partition actor) takes one itself.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use sqlx::{MySqlConnection, MySqlPool};
 
-use crate::actors::domain::BatchOrigin;
+use crate::actors::domain::{BatchOrigin, HandlerError};
+use crate::actors::partition::AssignmentHook;
 use crate::kafka::TopicPartition;
 
 /// The epoch a batch decides under.
@@ -80,23 +87,40 @@ impl PartitionOwners {
     /// The fence of a batch: the epoch taken for its assignment, a new one for a newer
     /// assignment, [`Ownership::Stale`] for an older one.
     pub async fn fence_for(&self, origin: &BatchOrigin) -> Result<Ownership, sqlx::Error> {
-        let source = &origin.source;
-        if let Some(ownership) = self.known(source, origin.assignment) {
+        self.take(&origin.source, origin.assignment).await
+    }
+
+    /// The fence of `assignment` of `source`, its epoch taken if it has none yet.
+    async fn take(
+        &self,
+        source: &TopicPartition,
+        assignment: u64,
+    ) -> Result<Ownership, sqlx::Error> {
+        if let Some(ownership) = self.known(source, assignment) {
             return Ok(ownership);
         }
         let epoch = self.take_epoch(source).await?;
         let mut taken = self.taken.lock().expect("owner epochs lock");
         match taken.get(source) {
             // A newer assignment took its own meanwhile.
-            Some((assignment, _)) if *assignment > origin.assignment => Ok(Ownership::Stale),
+            Some((newer, _)) if *newer > assignment => Ok(Ownership::Stale),
             _ => {
-                taken.insert(source.clone(), (origin.assignment, epoch));
+                taken.insert(source.clone(), (assignment, epoch));
                 Ok(Ownership::Owner(Fence {
                     source: source.clone(),
                     epoch,
                 }))
             }
         }
+    }
+
+    /// The epoch `assignment` of `source` has taken, if any (for tests).
+    pub fn epoch_of(&self, source: &TopicPartition, assignment: u64) -> Option<u64> {
+        let taken = self.taken.lock().expect("owner epochs lock");
+        taken
+            .get(source)
+            .filter(|(known, _)| *known == assignment)
+            .map(|(_, epoch)| *epoch)
     }
 
     fn known(&self, source: &TopicPartition, assignment: u64) -> Option<Ownership> {
@@ -137,5 +161,23 @@ impl PartitionOwners {
         .await?;
         transaction.commit().await?;
         Ok(epoch)
+    }
+}
+
+impl AssignmentHook for PartitionOwners {
+    fn assigned(
+        &self,
+        source: TopicPartition,
+        assignment: u64,
+    ) -> BoxFuture<'static, Result<(), HandlerError>> {
+        let owners = self.clone();
+        async move {
+            owners
+                .take(&source, assignment)
+                .await
+                .map(drop)
+                .map_err(|error| HandlerError::from_error(&error))
+        }
+        .boxed()
     }
 }

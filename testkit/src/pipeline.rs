@@ -110,12 +110,21 @@ impl Pipeline {
         &self,
         factory: impl Fn() -> H + Send + 'static,
     ) -> (Arc<ConsumerGroup>, Addr<DomainActor<H>>) {
+        self.join_customized(factory, |_| {})
+    }
+
+    /// As [`Pipeline::join_with`], the group's spec changed by `customize` first.
+    pub fn join_customized<H: DomainHandler>(
+        &self,
+        factory: impl Fn() -> H + Send + 'static,
+        customize: impl FnOnce(&mut ConsumerGroupSpec),
+    ) -> (Arc<ConsumerGroup>, Addr<DomainActor<H>>) {
         let domain = DomainActor::start(
             &self.arbiters.next(),
             PipelineProbes::new(self.event_log.clone()),
             factory,
         );
-        let spec = ConsumerGroupSpec::from_settings(
+        let mut spec = ConsumerGroupSpec::from_settings(
             &self.settings,
             self.bootstrap_servers(),
             GROUP,
@@ -124,6 +133,7 @@ impl Pipeline {
             self.event_log.clone(),
             Default::default(),
         );
+        customize(&mut spec);
         let group = ConsumerGroup::start(spec, self.arbiters.clone()).expect("consumer group");
         (Arc::new(group), domain)
     }

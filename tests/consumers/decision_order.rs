@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use commerce_events::actors::consumer_group::ConsumerGroupSpec;
 use commerce_events::actors::domain::{
     Batch, BatchOrigin, DomainHandler, EventOutcome, ObserveDomain, Stats,
 };
@@ -140,11 +141,10 @@ async fn a_batch_of_an_owner_that_lost_its_partition_decides_nothing() {
     );
 }
 
-/// The CouponIssuer, whose first batch once `armed` takes its owner epoch and then waits for
-/// `release`: an issuer stuck in a slow transaction, longer than the drain timeout.
+/// The CouponIssuer, whose first batch once `armed` waits for `release` before it decides:
+/// an issuer stuck in a slow transaction, longer than the drain timeout.
 struct HeldIssuer {
     issuer: CouponIssuer,
-    owners: PartitionOwners,
     armed: Arc<AtomicBool>,
     holding: Arc<AtomicBool>,
     release: Arc<Notify>,
@@ -159,8 +159,6 @@ impl DomainHandler for HeldIssuer {
 
     async fn handle(&self, batch: &Batch, stats: &Stats<IssuerStats>) -> Vec<EventOutcome> {
         if self.armed.swap(false, Ordering::SeqCst) {
-            // As the issuer does first: the epoch of the batch's assignment.
-            self.owners.fence_for(&batch.origin).await.unwrap();
             self.holding.store(true, Ordering::SeqCst);
             self.release.notified().await;
         }
@@ -193,21 +191,29 @@ async fn a_stale_owners_batch_that_outlived_its_drain_is_fenced_and_the_new_owne
             release.clone(),
         );
         let owners = PartitionOwners::new(pool.clone(), instance);
-        move || HeldIssuer {
-            issuer: CouponIssuer::new(
-                store.clone(),
-                RedisLocks::new(redis.clone(), Duration::from_secs(5)),
-                owners.clone(),
-            ),
-            owners: owners.clone(),
-            armed: armed.clone(),
-            holding: holding.clone(),
-            release: release.clone(),
-        }
+        let factory = {
+            let owners = owners.clone();
+            move || HeldIssuer {
+                issuer: CouponIssuer::new(
+                    store.clone(),
+                    RedisLocks::new(redis.clone(), Duration::from_secs(5)),
+                    owners.clone(),
+                ),
+                armed: armed.clone(),
+                holding: holding.clone(),
+                release: release.clone(),
+            }
+        };
+        // As the daemon wires it: each assignment takes its epoch before its first batch.
+        let fenced = move |spec: &mut ConsumerGroupSpec| {
+            spec.partitions.on_assigned = Some(Arc::new(owners));
+        };
+        (factory, fenced)
     };
 
     // The old owner takes every partition, then holds a batch.
-    let (old_group, old_issuer) = pipeline.join_with(issuer("old", armed.clone()));
+    let (factory, fenced) = issuer("old", armed.clone());
+    let (old_group, old_issuer) = pipeline.join_customized(factory, fenced);
     eventually(
         "the old owner holds every partition",
         Duration::from_secs(30),
@@ -228,8 +234,8 @@ async fn a_stale_owners_batch_that_outlived_its_drain_is_fenced_and_the_new_owne
 
     // A new owner joins and the old one leaves, giving up the held batch at the drain
     // deadline: the new owner reads it again and decides every request.
-    let (new_group, new_issuer) =
-        pipeline.join_with(issuer("new", Arc::new(AtomicBool::new(false))));
+    let (factory, fenced) = issuer("new", Arc::new(AtomicBool::new(false)));
+    let (new_group, new_issuer) = pipeline.join_customized(factory, fenced);
     old_group.shutdown().await;
     let decided = || async {
         let (count,): (i64,) = sqlx::query_as(
