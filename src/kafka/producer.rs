@@ -1,6 +1,7 @@
 //! The one producer of the process, configured as the design document says.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -63,6 +64,8 @@ pub struct EventPublisher {
     producer: Arc<FutureProducer<TracingContext>>,
     /// This instance's id, in every event record's [`PRODUCER_HEADER`].
     instance: Arc<str>,
+    /// Records whose delivery failed (after librdkafka's own retries).
+    failures: Arc<AtomicU64>,
 }
 
 impl EventPublisher {
@@ -78,7 +81,13 @@ impl EventPublisher {
         Ok(Self {
             producer: Arc::new(producer),
             instance: instance.into(),
+            failures: Arc::default(),
         })
+    }
+
+    /// How many records this publisher failed to deliver since it started.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
     }
 
     /// Publishes an event with its key; resolves once the broker acknowledged it
@@ -160,10 +169,14 @@ impl EventPublisher {
                     offset: delivery.offset,
                 })
             }
-            Err((source, _message)) => Err(PublishError::Delivery {
-                topic: topic.to_string(),
-                source,
-            }),
+            Err((source, _message)) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                crate::observability::metrics::record_produce_failed(topic);
+                Err(PublishError::Delivery {
+                    topic: topic.to_string(),
+                    source,
+                })
+            }
         }
     }
 

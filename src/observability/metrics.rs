@@ -119,6 +119,11 @@ const DESCRIPTIONS: &[(Kind, &str, &str)] = {
         ),
         (
             Counter,
+            "kafka_produce_failures_total",
+            "Records whose delivery failed after the client's retries, by topic",
+        ),
+        (
+            Counter,
             "consumer_records_total",
             "Records settled, by outcome",
         ),
@@ -354,6 +359,10 @@ pub fn outbox_backlog(pending: u64, oldest_age: Option<Duration>) {
 /// A record the broker acknowledged.
 pub fn record_produced(topic: &str) {
     counter!("kafka_records_produced_total", "topic" => topic.to_string()).increment(1);
+}
+
+pub fn record_produce_failed(topic: &str) {
+    counter!("kafka_produce_failures_total", "topic" => topic.to_string()).increment(1);
 }
 
 pub fn outbox_republished(count: u64) {

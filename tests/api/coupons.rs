@@ -6,8 +6,11 @@ use chrono::{Duration as Span, Utc};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
+use commerce_events::common::ids::CouponId;
 use commerce_events::event_log::EventStatus;
+use commerce_events::kafka::cluster::KafkaCluster;
 use testkit::app::{TestApp, domain_actor, replay_from_offset_zero, spawn_app};
+use testkit::records::histories_of;
 use testkit::wait::eventually;
 
 #[actix_web::test]
@@ -251,6 +254,81 @@ async fn a_request_whose_publication_was_lost_is_decided_before_the_users_next_o
         lost_history < next_history,
         "the earlier request is decided first: {lost_view} {next_view}"
     );
+}
+
+#[actix_web::test]
+async fn each_coupon_request_partition_takes_its_owner_epoch_when_assigned() {
+    let app = spawn_app().await;
+    // Before any request: the epoch is the assignment's, not its first batch's.
+    let owned = || async {
+        let (count,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM partition_owner WHERE topic = 'coupon-requests' AND epoch >= 1",
+        )
+        .fetch_one(app.event_log.pool())
+        .await
+        .unwrap();
+        count
+    };
+    eventually("every partition owned", Duration::from_secs(30), || async {
+        owned().await == 3
+    })
+    .await;
+}
+
+#[actix_web::test]
+async fn a_request_whose_record_was_lost_while_the_broker_was_cut_is_decided_before_the_users_next_one()
+ {
+    // The reconciler is off and a delivery gives up after five seconds, so the cut loses the
+    // record for good: only the user's next request can bring the first forward.
+    let app = TestApp::builder()
+        .settings(|settings| {
+            settings.reconcile.enabled = false;
+            settings.kafka.producer.delivery_timeout_ms = 5_000;
+        })
+        .start()
+        .await;
+    let KafkaCluster::Embedded { cluster, .. } = &*app.kafka else {
+        panic!("the test cuts the embedded cluster's broker")
+    };
+    let (first, second) = (app.create_coupon(5).await, app.create_coupon(5).await);
+    app.ensure_users(81, 81).await;
+    let failures = app.publisher.failures();
+
+    // Kafka clients reach a broker at the address it advertises, so the broker itself drops
+    // its connections and refuses new ones (a proxy in front of the bootstrap address would
+    // not cut them).
+    cluster.set_broker_up(1, false).expect("broker down");
+    let lost = app.issue(81, first).await;
+    eventually(
+        "the cut request's delivery failed",
+        Duration::from_secs(30),
+        || async { app.publisher.failures() > failures },
+    )
+    .await;
+    cluster.set_broker_up(1, true).expect("broker up");
+    eventually(
+        "the daemon reaches the broker again",
+        Duration::from_secs(30),
+        || async { app.get("/readyz").await.0 == StatusCode::OK },
+    )
+    .await;
+    let next = app.issue(81, second).await;
+
+    let next_view = app.wait_until_notified(&next).await;
+    let lost_view = app.wait_until_notified(&lost).await;
+    let (lost_history, next_history) = (
+        lost_view["couponHistoryId"].as_u64().expect("issued"),
+        next_view["couponHistoryId"].as_u64().expect("issued"),
+    );
+    assert!(
+        lost_history < next_history,
+        "the earlier request is decided first: {lost_view} {next_view}"
+    );
+    let pool = app.event_log.pool();
+    for coupon in [first, second] {
+        let coupon = CouponId::parse(coupon as i64).expect("a coupon id");
+        assert_eq!(histories_of(pool, coupon).await, 1, "issued once");
+    }
 }
 
 #[actix_web::test]
