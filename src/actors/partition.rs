@@ -102,8 +102,8 @@ pub struct PartitionActorState {
 }
 
 /// Called when a partition is assigned, before its first batch is taken: a domain that
-/// fences stale owners takes the assignment's owner epoch here (see
-/// [`crate::coupons::owners`]). A failure is an outage: the partition waits and calls again.
+/// fences stale owners (the CouponIssuer) takes the assignment's owner epoch here. A
+/// failure is an outage: the partition waits and calls again.
 pub trait AssignmentHook: Send + Sync + 'static {
     fn assigned(
         &self,
