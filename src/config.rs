@@ -692,6 +692,9 @@ pub struct CouponSettings {
     pub intake_writers: usize,
     /// Requests one intake commit may carry.
     pub intake_max_batch: usize,
+    /// Requests waiting for an intake writer, at most. A request that finds the queue full
+    /// is answered `503 UNAVAILABLE` with `Retry-After` at once, recording nothing.
+    pub intake_queue: usize,
     /// Expiry of the advisory `coupon:{couponId}:user:{userId}` Redis locks.
     pub lock_ttl_ms: u64,
     /// Largest stock a coupon may be created with.
@@ -709,6 +712,7 @@ impl Default for CouponSettings {
         Self {
             intake_writers: 2,
             intake_max_batch: 500,
+            intake_queue: 4_000,
             lock_ttl_ms: 5_000,
             max_total_quantity: 10_000_000,
             max_discount_amount: 10_000_000,

@@ -453,6 +453,7 @@ impl Wiring {
             self.outbox.clone(),
             self.settings.coupons.intake_writers,
             self.settings.coupons.intake_max_batch,
+            self.settings.coupons.intake_queue,
         ))
     }
 

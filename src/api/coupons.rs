@@ -250,6 +250,11 @@ const ISSUE_ROUTE: &str = "coupon-issue";
             user has no row).", body = ErrorBody),
         (status = 422, description = "`IDEMPOTENCY_KEY_REUSED`: the key was used with \
             another request.", body = ErrorBody),
+        (status = 503, description = "`UNAVAILABLE`: a dependency (MySQL, Redis, Kafka) \
+            does not answer, or more requests are waiting to be recorded than \
+            `coupons.intake_queue` (answered at once); nothing was recorded. Retry after \
+            `Retry-After`.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before asking again."))),
     ),
     security(("bearerAuth" = []))
 )]

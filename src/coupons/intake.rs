@@ -14,6 +14,11 @@
 //! Under load the batches grow by themselves; one commit then serves hundreds of requests.
 //! A request is answered only once its row is committed.
 //!
+//! The queue of requests waiting for a writer is bounded (`coupons.intake_queue`): a request
+//! that finds it full is refused at once ([`IntakeError::Full`], a 503 with `Retry-After`)
+//! rather than waiting for room, so a crowd larger than the database can take in is answered
+//! instead of piling up in the HTTP workers.
+//!
 //! The rows are written *proven* (see [`crate::outbox`]): PUBLISHED, and never marked.
 //! The CouponIssuer records its progress in the same row (COMPLETED), so a request its group
 //! has read past without deciding it was not in the log; the reconciler publishes it again.
@@ -39,13 +44,16 @@ pub enum IntakeError {
     NotRecorded { message: String, class: ErrorClass },
     #[error("the intake is shutting down")]
     Closed,
+    #[error("too many coupon requests are waiting to be recorded")]
+    Full,
 }
 
 impl Classify for IntakeError {
     fn class(&self) -> ErrorClass {
         match self {
             IntakeError::NotRecorded { class, .. } => *class,
-            IntakeError::Closed => ErrorClass::Unavailable(Dependency::Mysql),
+            // The writers wait for MySQL: the queue fills when it falls behind.
+            IntakeError::Closed | IntakeError::Full => ErrorClass::Unavailable(Dependency::Mysql),
         }
     }
 }
@@ -108,9 +116,10 @@ pub struct CouponIntake {
 }
 
 impl CouponIntake {
-    /// Starts `writers` writer tasks on the current arbiter.
-    pub fn start(outbox: Outbox, writers: usize, max_batch: usize) -> Self {
-        let (queue, receiver) = mpsc::channel(max_batch.max(1) * writers.max(1) * 4);
+    /// Starts `writers` writer tasks on the current arbiter, taking up to `max_batch`
+    /// requests each from a queue of `capacity`.
+    pub fn start(outbox: Outbox, writers: usize, max_batch: usize, capacity: usize) -> Self {
+        let (queue, receiver) = mpsc::channel(capacity.max(1));
         let receiver = Arc::new(Mutex::new(receiver));
         for _ in 0..writers.max(1) {
             actix_rt::spawn(write_batches(
@@ -124,7 +133,8 @@ impl CouponIntake {
 
     /// Records the request (unless the user has one for this coupon already) and publishes
     /// it; answers once its row is committed. With an idempotency key, the answer
-    /// `answer_of` builds is stored with the request.
+    /// `answer_of` builds is stored with the request. Refused with [`IntakeError::Full`] at
+    /// once when the queue is full.
     pub async fn submit(
         &self,
         user: UserId,
@@ -133,10 +143,10 @@ impl CouponIntake {
     ) -> Result<Intake, IntakeError> {
         let (answer, answered) = oneshot::channel();
         let pending = Pending::new(user, coupon, idempotency, answer);
-        self.queue
-            .send(pending)
-            .await
-            .map_err(|_| IntakeError::Closed)?;
+        self.queue.try_send(pending).map_err(|error| match error {
+            mpsc::error::TrySendError::Full(_) => IntakeError::Full,
+            mpsc::error::TrySendError::Closed(_) => IntakeError::Closed,
+        })?;
         answered.await.map_err(|_| IntakeError::Closed)?
     }
 }

@@ -96,6 +96,24 @@ impl Calls<'_> {
         (response.status(), parse(&body))
     }
 
+    /// A `POST` of a JSON body answered as it comes (a 503 is not asked again), with the
+    /// answer's headers.
+    pub async fn post_once(
+        &self,
+        path: &str,
+        body: &str,
+    ) -> (StatusCode, awc::http::header::HeaderMap, Value) {
+        let mut response = self
+            .request_to(awc::http::Method::POST, path)
+            .insert_header(("content-type", "application/json"))
+            .send_body(body.to_string())
+            .await
+            .expect("request sent");
+        let headers = response.headers().clone();
+        let body = response.body().await.expect("body read");
+        (response.status(), headers, parse(&body))
+    }
+
     /// A request with a JSON body. Like any client it asks again after a `503 UNAVAILABLE`
     /// (a pool that had no connection within its acquire timeout on this shared machine),
     /// which changed nothing.

@@ -4,6 +4,7 @@ use std::time::Duration;
 use actix_web::http::StatusCode;
 use chrono::{Duration as Span, Utc};
 use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use serde_json::{Value, json};
 
 use commerce_events::common::ids::CouponId;
@@ -329,6 +330,77 @@ async fn a_request_whose_record_was_lost_while_the_broker_was_cut_is_decided_bef
         let coupon = CouponId::parse(coupon as i64).expect("a coupon id");
         assert_eq!(histories_of(pool, coupon).await, 1, "issued once");
     }
+}
+
+#[actix_web::test]
+async fn a_full_intake_queue_answers_503_with_retry_after_at_once_and_records_nothing() {
+    // One writer taking one request at a time, two requests waiting at most.
+    let app = TestApp::builder()
+        .settings(|settings| {
+            settings.coupons.intake_writers = 1;
+            settings.coupons.intake_max_batch = 1;
+            settings.coupons.intake_queue = 2;
+        })
+        .start()
+        .await;
+    let coupon = app.create_coupon(10).await;
+    let users: Vec<u64> = (91..=94).collect();
+    app.ensure_users(91, 94).await;
+    let mut calls = Vec::new();
+    for user in &users {
+        calls.push(app.as_user(*user).await);
+    }
+    let recorded = || async {
+        let (count,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM event_log WHERE event_type = 'CouponRequested'")
+                .fetch_one(app.event_log.pool())
+                .await
+                .unwrap();
+        count
+    };
+
+    // The test holds the event log, so the writer waits on its first insert.
+    let mut holder = app.event_log.pool().acquire().await.unwrap();
+    sqlx::query("LOCK TABLES event_log WRITE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let mut answers: FuturesUnordered<_> = calls
+        .iter()
+        .zip(&users)
+        .map(|(calls, user)| async move {
+            let body = format!(r#"{{"userId": {user}, "couponId": {coupon}}}"#);
+            (*user, calls.post_once("/coupons/issue", &body).await)
+        })
+        .collect();
+    // At most three fit (one being written, two waiting): the first answer, while the
+    // others wait for the writer, is a refusal.
+    let (user, (status, headers, answer)) = answers.next().await.expect("an answer");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{user}: {answer}");
+    assert_eq!(answer["error"]["code"], "UNAVAILABLE", "{answer}");
+    assert!(headers.contains_key("retry-after"), "{headers:?}");
+
+    sqlx::query("UNLOCK TABLES")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let (mut accepted, mut refused) = (0_i64, 1_i64);
+    while let Some((user, (status, _, answer))) = answers.next().await {
+        match status {
+            StatusCode::ACCEPTED => accepted += 1,
+            StatusCode::SERVICE_UNAVAILABLE => refused += 1,
+            _ => panic!("{user}: {status} {answer}"),
+        }
+    }
+    assert!(
+        accepted >= 2 && accepted + refused == 4,
+        "{accepted} {refused}"
+    );
+    assert_eq!(
+        recorded().await,
+        accepted,
+        "a refused request records nothing"
+    );
 }
 
 #[actix_web::test]
