@@ -324,6 +324,7 @@ impl GroupContext {
                 continue;
             }
             let was_split = self.split.lock().expect("split lock").contains(&partition);
+            let mut late = None;
             if !was_split {
                 let Some(owner) = self.consumer.get().and_then(Weak::upgrade) else {
                     return;
@@ -340,11 +341,11 @@ impl GroupContext {
                     .expect("split lock")
                     .insert(partition.clone());
                 self.health.late_splits.fetch_add(1, Ordering::Relaxed);
-                self.listener.assigned(
-                    vec![(partition.clone(), PartitionRecords::new(queue))],
-                    OffsetCommitter { consumer: owner },
-                );
+                late = Some((queue, owner));
             }
+            // Sought back before its queue is handed over: what was fetched after the first
+            // record and already reached the new queue is discarded by the seek, never read
+            // ahead of the records before it.
             match consumer.seek(
                 &partition.topic,
                 partition.partition,
@@ -357,6 +358,12 @@ impl GroupContext {
                 Err(error) => {
                     error!(group = %self.group_id, %partition, offset, %error, "cannot seek back to a record that arrived on the group queue")
                 }
+            }
+            if let Some((queue, owner)) = late {
+                self.listener.assigned(
+                    vec![(partition.clone(), PartitionRecords::new(queue))],
+                    OffsetCommitter { consumer: owner },
+                );
             }
         }
     }
