@@ -114,15 +114,6 @@ impl PartitionOwners {
         }
     }
 
-    /// The epoch `assignment` of `source` has taken, if any (for tests).
-    pub fn epoch_of(&self, source: &TopicPartition, assignment: u64) -> Option<u64> {
-        let taken = self.taken.lock().expect("owner epochs lock");
-        taken
-            .get(source)
-            .filter(|(known, _)| *known == assignment)
-            .map(|(_, epoch)| *epoch)
-    }
-
     fn known(&self, source: &TopicPartition, assignment: u64) -> Option<Ownership> {
         let taken = self.taken.lock().expect("owner epochs lock");
         let (known, epoch) = *taken.get(source)?;

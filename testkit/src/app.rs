@@ -103,15 +103,7 @@ impl Calls<'_> {
         path: &str,
         body: &str,
     ) -> (StatusCode, awc::http::header::HeaderMap, Value) {
-        let mut response = self
-            .request_to(awc::http::Method::POST, path)
-            .insert_header(("content-type", "application/json"))
-            .send_body(body.to_string())
-            .await
-            .expect("request sent");
-        let headers = response.headers().clone();
-        let body = response.body().await.expect("body read");
-        (response.status(), headers, parse(&body))
+        self.send_json(awc::http::Method::POST, path, body).await
     }
 
     /// A request with a JSON body. Like any client it asks again after a `503 UNAVAILABLE`
@@ -132,14 +124,26 @@ impl Calls<'_> {
         path: &str,
         body: &str,
     ) -> (StatusCode, Value) {
+        let (status, _, body) = self.send_json(method, path, body).await;
+        (status, body)
+    }
+
+    /// One request with a JSON body: its status, headers and body.
+    async fn send_json(
+        &self,
+        method: awc::http::Method,
+        path: &str,
+        body: &str,
+    ) -> (StatusCode, awc::http::header::HeaderMap, Value) {
         let mut response = self
             .request_to(method, path)
             .insert_header(("content-type", "application/json"))
             .send_body(body.to_string())
             .await
             .expect("request sent");
+        let headers = response.headers().clone();
         let body = response.body().await.expect("body read");
-        (response.status(), parse(&body))
+        (response.status(), headers, parse(&body))
     }
 
     /// A `GET` whose answer is text (the metrics, a page).

@@ -245,15 +245,21 @@ async fn a_request_whose_publication_was_lost_is_decided_before_the_users_next_o
     let lost = app.commit_proven_coupon_request(79, first).await;
     let next = app.issue(79, second).await;
 
-    let next_view = app.wait_until_notified(&next).await;
-    let lost_view = app.wait_until_notified(&lost.to_string()).await;
-    let (lost_history, next_history) = (
-        lost_view["couponHistoryId"].as_u64().expect("issued"),
-        next_view["couponHistoryId"].as_u64().expect("issued"),
+    assert_issued_first(&app, &lost.to_string(), &next).await;
+}
+
+/// Waits until both requests are notified and checks that `earlier` was issued first (its
+/// coupon history numbered before `later`'s).
+async fn assert_issued_first(app: &TestApp, earlier: &str, later: &str) {
+    let later_view = app.wait_until_notified(later).await;
+    let earlier_view = app.wait_until_notified(earlier).await;
+    let (earlier_history, later_history) = (
+        earlier_view["couponHistoryId"].as_u64().expect("issued"),
+        later_view["couponHistoryId"].as_u64().expect("issued"),
     );
     assert!(
-        lost_history < next_history,
-        "the earlier request is decided first: {lost_view} {next_view}"
+        earlier_history < later_history,
+        "the earlier request is decided first: {earlier_view} {later_view}"
     );
 }
 
@@ -315,16 +321,7 @@ async fn a_request_whose_record_was_lost_while_the_broker_was_cut_is_decided_bef
     .await;
     let next = app.issue(81, second).await;
 
-    let next_view = app.wait_until_notified(&next).await;
-    let lost_view = app.wait_until_notified(&lost).await;
-    let (lost_history, next_history) = (
-        lost_view["couponHistoryId"].as_u64().expect("issued"),
-        next_view["couponHistoryId"].as_u64().expect("issued"),
-    );
-    assert!(
-        lost_history < next_history,
-        "the earlier request is decided first: {lost_view} {next_view}"
-    );
+    assert_issued_first(&app, &lost, &next).await;
     let pool = app.event_log.pool();
     for coupon in [first, second] {
         let coupon = CouponId::parse(coupon as i64).expect("a coupon id");
